@@ -1,0 +1,156 @@
+"""Ranking, best-of-N and calibration metrics (DESIGN section 6), vectorised over prompts.
+
+Every function takes score matrices of shape (P, R): P prompts, R responses per prompt, row p
+holding the responses of prompt p. Results carry the number of prompts and responses they rest on.
+Randomness comes only from an explicit seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import rankdata, spearmanr
+
+BEST_OF_N = (2, 5, 10, 30, 50, 100, 300, 500)
+# Elements per vectorised block (pairs x prompts, or draws x prompts x responses): ~32 MB of float64.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _check(pred: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    if pred.shape != gold.shape or pred.ndim != 2:
+        raise ValueError(f"pred and gold must be (P, R) of one shape, got {pred.shape} and {gold.shape}")
+    return pred, gold
+
+
+def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Mean over prompts of Spearman's rho between prediction and golden reward within a prompt.
+
+    Average ranks for ties (as ``scipy.stats.spearmanr``); prompts where either row is constant
+    have no defined rho and are excluded, and ``n_prompts_used`` says how many remain.
+    """
+    pred, gold = _check(pred, gold)
+    rank_pred = rankdata(pred, axis=1)
+    rank_gold = rankdata(gold, axis=1)
+    rank_pred -= rank_pred.mean(axis=1, keepdims=True)
+    rank_gold -= rank_gold.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rank_pred**2).sum(axis=1) * (rank_gold**2).sum(axis=1))
+    valid = denom > 0
+    rho = (rank_pred * rank_gold).sum(axis=1)[valid] / denom[valid]
+    return {"mean": float(rho.mean()) if valid.any() else float("nan"),
+            "n_prompts_used": int(valid.sum()), "n_prompts": pred.shape[0],
+            "n_responses": pred.size}
+
+
+def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float:
+    """Spearman's rho over all responses of all prompts pooled."""
+    pred, gold = _check(pred, gold)
+    return float(spearmanr(pred.ravel(), gold.ravel()).statistic)
+
+
+def _pair_scores(pred_diff: np.ndarray, gold_diff: np.ndarray) -> tuple[float, int]:
+    """Sum of pair scores (1 correct order, 1/2 prediction tie, 0 wrong) over gold-untied pairs."""
+    valid = gold_diff != 0
+    score = np.where(pred_diff * gold_diff > 0, 1.0, np.where(pred_diff == 0, 0.5, 0.0))
+    return float(score[valid].sum()), int(valid.sum())
+
+
+def same_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Fraction of same-prompt response pairs with different golden rewards ordered correctly."""
+    pred, gold = _check(pred, gold)
+    n_prompts, n_resp = pred.shape
+    first, second = np.triu_indices(n_resp, k=1)
+    chunk = max(1, _BLOCK_ELEMENTS // max(len(first), 1))
+    total, count = 0.0, 0
+    for start in range(0, n_prompts, chunk):
+        p, g = pred[start:start + chunk], gold[start:start + chunk]
+        s, c = _pair_scores(p[:, first] - p[:, second], g[:, first] - g[:, second])
+        total, count = total + s, count + c
+    return {"accuracy": total / count if count else float("nan"), "n_pairs": count,
+            "n_prompts": n_prompts, "n_responses": pred.size}
+
+
+def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: int,
+                                   seed: int) -> dict:
+    """Accuracy on ``n_pairs`` seeded random pairs of responses from two different prompts."""
+    pred, gold = _check(pred, gold)
+    n_prompts, n_resp = pred.shape
+    if n_prompts < 2:
+        return {"accuracy": float("nan"), "n_pairs": 0, "n_prompts": n_prompts, "n_responses": pred.size}
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC805]))
+    prompt_a = rng.integers(n_prompts, size=n_pairs)
+    prompt_b = (prompt_a + rng.integers(1, n_prompts, size=n_pairs)) % n_prompts  # never == a
+    resp_a, resp_b = rng.integers(n_resp, size=n_pairs), rng.integers(n_resp, size=n_pairs)
+    total, count = _pair_scores(pred[prompt_a, resp_a] - pred[prompt_b, resp_b],
+                                gold[prompt_a, resp_a] - gold[prompt_b, resp_b])
+    return {"accuracy": total / count if count else float("nan"), "n_pairs": count,
+            "n_prompts": n_prompts, "n_responses": pred.size}
+
+
+def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: int, seed: int,
+              ns: Sequence[int] = BEST_OF_N) -> dict:
+    """Best-of-N curves of several predictors on shared random subsets, with oracle and random.
+
+    For each N (<= responses per prompt), ``n_draws`` seeded uniformly random N-subsets are drawn
+    per prompt; each predictor picks the argmax of its prediction in the subset (ties broken
+    uniformly at random by keys shared across predictors, so a predictor's curve does not depend on
+    which others are evaluated beside it). Reported per predictor and N: mean golden reward of the
+    picks, its standard error over prompts (of the per-prompt mean over draws), and the mean
+    quantile of the pick among all of the prompt's responses (0 worst, 1 best, by golden rank).
+    ``oracle`` picks the golden argmax; ``random`` is the expected reward of a uniform pick.
+    """
+    gold = np.asarray(gold, dtype=np.float64)
+    n_prompts, n_resp = gold.shape
+    preds = {name: _check(p, gold)[0] for name, p in predictions.items()}
+    preds["oracle"] = gold
+    quantile = (rankdata(gold, axis=1) - 1) / max(n_resp - 1, 1)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB0F]))
+    curves = {name: {"n": [], "mean": [], "stderr": [], "quantile": []} for name in [*preds, "random"]}
+    for n in [n for n in ns if n <= n_resp]:
+        picked_gold = {name: np.empty(n_prompts) for name in curves}
+        picked_quantile = {name: np.empty(n_prompts) for name in curves}
+        chunk = max(1, _BLOCK_ELEMENTS // (n_draws * n_resp))
+        for start in range(0, n_prompts, chunk):
+            rows = slice(start, min(start + chunk, n_prompts))
+            g, q = gold[rows][:, None, :], quantile[rows][:, None, :]
+            keys = rng.random((g.shape[0], n_draws, n_resp))
+            subset = np.argpartition(keys, n - 1, axis=2)[..., :n]  # (p, draws, n) uniform subset
+            tie_keys = rng.random(subset.shape)
+            sub_gold = np.take_along_axis(np.broadcast_to(g, keys.shape), subset, axis=2)
+            sub_q = np.take_along_axis(np.broadcast_to(q, keys.shape), subset, axis=2)
+            picked_gold["random"][rows] = sub_gold.mean(axis=(1, 2))
+            picked_quantile["random"][rows] = sub_q.mean(axis=(1, 2))
+            for name, p in preds.items():
+                sub_pred = np.take_along_axis(np.broadcast_to(p[rows][:, None, :], keys.shape),
+                                              subset, axis=2)
+                is_max = sub_pred == sub_pred.max(axis=2, keepdims=True)
+                pick = np.argmax(np.where(is_max, tie_keys, -1.0), axis=2)[..., None]
+                picked_gold[name][rows] = np.take_along_axis(sub_gold, pick, axis=2).mean(axis=(1, 2))
+                picked_quantile[name][rows] = np.take_along_axis(sub_q, pick, axis=2).mean(axis=(1, 2))
+        for name, curve in curves.items():
+            per_prompt = picked_gold[name]
+            curve["n"].append(n)
+            curve["mean"].append(float(per_prompt.mean()))
+            curve["stderr"].append(float(per_prompt.std(ddof=1) / np.sqrt(n_prompts))
+                                   if n_prompts > 1 else float("nan"))
+            curve["quantile"].append(float(picked_quantile[name].mean()))
+    return {"curves": curves, "n_draws": n_draws, "n_prompts": n_prompts,
+            "n_responses": gold.size}
+
+
+def calibration_errors(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Mean squared and mean absolute error of predictions on the golden scale."""
+    pred, gold = np.asarray(pred, np.float64).ravel(), np.asarray(gold, np.float64).ravel()
+    err = pred - gold
+    return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err))), "n_responses": err.size}
+
+
+def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
+    """Spearman (per prompt and global) and same-/cross-prompt pairwise accuracy of one predictor."""
+    return {
+        "spearman_per_prompt": per_prompt_spearman(pred, gold),
+        "spearman_global": global_spearman(pred, gold),
+        "pairwise_accuracy_same_prompt": same_prompt_pairwise_accuracy(pred, gold),
+        "pairwise_accuracy_cross_prompt": cross_prompt_pairwise_accuracy(pred, gold, n_cross_pairs, seed),
+    }

@@ -1,0 +1,207 @@
+"""The reward-model network: MLP, losses, training loop with early stopping, checkpoint I/O.
+
+Nothing here knows the data-directory layout: training takes a feature matrix and index arrays.
+Checkpoints are plain ``state_dict``s (keys ``fc1``/``fc2``/``fc3``, as in the seed code) and are
+loaded with ``torch.load(..., weights_only=True)``, which never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cli import InputError
+from rm_data import atomic_path
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("bt", "clf")
+
+
+class MLP(nn.Module):
+    """input_dim -> 1024 -> 512 -> 1 with ReLU; returns (B,) scores for (B, input_dim) inputs."""
+
+    def __init__(self, input_dim: int, hidden: Sequence[int] = (1024, 512),
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(input_dim, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], 1)
+        if generator is not None:
+            self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """PyTorch's default Linear initialisation, drawn from an explicit generator."""
+        for layer in (self.fc1, self.fc2, self.fc3):
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1.0 / math.sqrt(layer.in_features)
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+    @property
+    def input_dim(self) -> int:
+        return self.fc1.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x))))).squeeze(-1)
+
+
+def bt_loss(winner_scores: torch.Tensor, loser_scores: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood, mean of -log sigmoid(r_w - r_l)."""
+    return F.softplus(loser_scores - winner_scores).mean()
+
+
+def clf_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pointwise classification loss: BCE of sigmoid(score) against winner=1, loser=0."""
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def mlp_flops_per_sample(input_dim: int, hidden: Sequence[int] = (1024, 512)) -> int:
+    """Multiply-add FLOPs of one forward pass (x2 per MAC); a train step costs about 3x this."""
+    dims = [input_dim, *hidden, 1]
+    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    learning_rate: float = 1e-3
+    batch_size: int = 256
+    patience: int = 3  # epochs without validation improvement before stopping
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    epochs_run: int
+    best_val_loss: float
+    val_pair_accuracy: float
+    samples_per_second: float
+
+
+def _pair_loss(model: MLP, objective: str, features: torch.Tensor, winners: torch.Tensor,
+               losers: torch.Tensor) -> torch.Tensor:
+    """Objective loss on pairs (winners[i] beat losers[i]); one forward over both sides."""
+    scores = model(features[torch.cat([winners, losers])])
+    winner_scores, loser_scores = scores[: len(winners)], scores[len(winners):]
+    if objective == "bt":
+        return bt_loss(winner_scores, loser_scores)
+    labels = torch.cat([torch.ones_like(winner_scores), torch.zeros_like(loser_scores)])
+    return clf_loss(scores, labels)
+
+
+def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+              val_winners: torch.Tensor, val_losers: torch.Tensor, objective: str,
+              config: TrainConfig, generator: torch.Generator) -> tuple[MLP, TrainResult]:
+    """Train one ORM on preference pairs; early stopping on validation pairs, best weights restored.
+
+    features: (R, D) float32 rows referenced by the index arrays
+    winners, losers: (P,) int64 row indices of the training pairs (winner preferred)
+    val_winners, val_losers: (V,) int64 row indices of the validation pairs
+    objective: 'bt' (one pass per pair, -log sigmoid(r_w - r_l)) or 'clf' (pointwise BCE on the
+        pair's two responses, winner 1, loser 0, shuffled as independent samples)
+    generator: seeds initialisation and shuffling
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    model = MLP(features.shape[1], generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    if objective == "clf":
+        sample_rows = torch.cat([winners, losers])
+        sample_labels = torch.cat([torch.ones(len(winners)), torch.zeros(len(losers))])
+    n_items = len(winners) if objective == "bt" else len(sample_rows)
+
+    best_loss, best_epoch, best_state, epochs_run = math.inf, 0, None, 0
+    samples, train_seconds = 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(n_items, generator=generator)
+        start_time = time.perf_counter()
+        for start in range(0, n_items, config.batch_size):
+            batch = order[start:start + config.batch_size]
+            if objective == "bt":
+                loss = _pair_loss(model, "bt", features, winners[batch], losers[batch])
+            else:
+                loss = clf_loss(model(features[sample_rows[batch]]), sample_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        train_seconds += time.perf_counter() - start_time
+        samples += n_items
+        epochs_run = epoch
+        val_loss = evaluate_pairs(model, objective, features, val_winners, val_losers)[0]
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_loss)
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    _, val_accuracy = evaluate_pairs(model, objective, features, val_winners, val_losers)
+    return model, TrainResult(best_epoch, epochs_run, float(best_loss), val_accuracy,
+                              samples / max(train_seconds, 1e-9))
+
+
+@torch.inference_mode()
+def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor, winners: torch.Tensor,
+                   losers: torch.Tensor) -> tuple[float, float]:
+    """(objective loss, fraction of pairs with r_w > r_l, ties counted 1/2) on the given pairs."""
+    model.eval()
+    loss = float(_pair_loss(model, objective, features, winners, losers))
+    margin = model(features[winners]) - model(features[losers])
+    accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+    return loss, accuracy
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and scoring
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(model: MLP, path: str | Path) -> None:
+    """Save the model's ``state_dict`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+
+
+def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:
+    """Load an MLP ``state_dict`` safely (``weights_only=True``) and check its input size."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or foreign file; never unpickled beyond tensors
+        raise InputError(f"{path}: not a readable weights-only PyTorch checkpoint "
+                         f"({type(err).__name__})") from None
+    expected = {f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+    if not isinstance(state, dict) or set(state) != expected or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: not an MLP checkpoint (expected keys {sorted(expected)})")
+    hidden = (state["fc1.weight"].shape[0], state["fc2.weight"].shape[0])
+    input_dim = state["fc1.weight"].shape[1]
+    if expected_dim is not None and input_dim != expected_dim:
+        raise InputError(f"{path}: checkpoint expects embeddings of size D={input_dim}, "
+                         f"data has D={expected_dim}")
+    model = MLP(input_dim, hidden)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise InputError(f"{path}: inconsistent layer shapes in checkpoint") from None
+    return model.eval()
+
+
+def ensemble_scorer(models: Sequence[MLP]):
+    """A function (B, D) float32 numpy -> (M, B) float32 numpy scoring with every model."""
+    def score(rows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(rows)
+            return torch.stack([model(x) for model in models]).numpy()
+    return score

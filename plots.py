@@ -1,0 +1,48 @@
+"""Paper-ready figures shared by steps 6-8 (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from rm_data import atomic_path  # noqa: E402
+
+REFERENCE_STYLE = {"oracle": dict(color="black", linestyle="--"), "random": dict(color="grey", linestyle=":")}
+
+
+def save_figure(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> None:
+    """One panel per evaluation set: mean golden reward of the pick vs N, +-1 standard error.
+
+    panels: panel title -> ``metrics.best_of_n`` result (its curves include oracle and random).
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (panel_title, result) in zip(axes[0], panels.items()):
+        for name, curve in result["curves"].items():
+            if not curve["n"]:
+                continue
+            style = REFERENCE_STYLE.get(name, {})
+            ax.errorbar(curve["n"], curve["mean"], yerr=curve["stderr"], label=name, marker="o",
+                        markersize=3, capsize=2, **style)
+        ax.set_xscale("log")
+        ax.set_xticks(result["curves"]["oracle"]["n"])
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlabel("N (responses sampled per prompt)")
+        ax.set_ylabel("golden reward of best-of-N pick")
+        ax.set_title(f"{panel_title}, {result['n_draws']} draws/N")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)

@@ -1,0 +1,341 @@
+"""The data-directory contract of steps 5-8 (DESIGN sections 3-4).
+
+A data directory holds, for k = 0..K-1, ``EMBD-TRAIN-split_{k}.npy`` of shape (N, D) (float32 or
+float16; row p is the k-th response to prompt p) and ``rewards_split_{k}.json`` (JSONL, N lines
+``{"reward": float}``), and optionally the same for a test set (``EMBD-TEST-split_{k}.npy`` and
+``rewards_test_split_{k}.json``). Splits are sorted ascending by golden reward within each prompt.
+
+This module is the one door to that data: discovery in numeric split order, validation with one-line
+errors naming the file, memory-mapped chunked reading (a 10 GB directory is never copied into
+memory), the seeded prompt partition of section 4, fingerprints, atomic writes and the run manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cli import InputError
+
+FILE_PATTERNS = {
+    "train": ("EMBD-TRAIN-split_{k}.npy", "rewards_split_{k}.json"),
+    "test": ("EMBD-TEST-split_{k}.npy", "rewards_test_split_{k}.json"),
+}
+ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+PROMPT_ROLES = ("orm_train", "calibration", "student_train", "held_out")
+# Shares of the prompts left after orm_train (DESIGN section 4).
+ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
+# 5-fold isotonic CV needs >= 5 calibration prompts, the student an early-stopping slice, the
+# evaluation a few held-out prompts; 20 leftover prompts give 12/4/4.
+MIN_NON_ORM_PROMPTS = 20
+PARTITION_FILE = "prompt_split.json"
+MANIFEST_FILE = "orm_manifest.json"
+# Rows read per chunk when scanning a memory-mapped split (8192 x 2048 float32 = 64 MiB).
+DEFAULT_CHUNK_ROWS = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as indented JSON with stable key order, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` atomically (through a file handle, so no ``.npy`` suffix is appended)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
+    """Write one ``{"reward": float}`` line per value, atomically."""
+    lines = "".join(json.dumps({"reward": float(r)}) + "\n" for r in np.asarray(rewards).ravel())
+    with atomic_path(path) as tmp:
+        tmp.write_text(lines)
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Create ``path`` if needed and check it is a writable directory, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot create directory ({err.strerror or err})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: not a writable directory")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{what} {path} is not readable JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} {path} must hold a JSON object")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+def read_rewards_jsonl(path: Path) -> np.ndarray:
+    """Golden rewards from a JSONL file: (N,) float64. Every line must be ``{"reward": number}``."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InputError(f"cannot read rewards file {path}: {err.strerror or err}") from None
+    lines = text.splitlines()
+    if lines and not lines[-1].strip():
+        lines = lines[:-1]
+    rewards = np.empty(len(lines), dtype=np.float64)
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(f"{path} line {i + 1}: not valid JSON") from None
+        if not isinstance(record, dict) or "reward" not in record:
+            raise InputError(f'{path} line {i + 1}: expected an object with key "reward"')
+        value = record["reward"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{path} line {i + 1}: reward must be a finite number, got {value!r}")
+        rewards[i] = value
+    return rewards
+
+
+def _open_embeddings(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"cannot read embeddings {path}: {err}") from None
+    if array.ndim != 2:
+        raise InputError(f"{path}: expected a 2-D (N, D) array, got shape {array.shape}")
+    if array.dtype not in ALLOWED_DTYPES:
+        raise InputError(f"{path}: expected float32 or float16 embeddings, got {array.dtype}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{path}: empty array of shape {array.shape}")
+    return array
+
+
+def discover_splits(data_dir: Path, kind: str) -> list[int]:
+    """Split indices present in ``data_dir`` for ``kind`` ('train' or 'test'), numerically sorted.
+
+    Raises on gaps (split_0, split_2 without split_1) and on embeddings without rewards (or the
+    reverse). Returns [] when no file of that kind exists.
+    """
+    emb_pattern, reward_pattern = FILE_PATTERNS[kind]
+    found = {}
+    for pattern in (emb_pattern, reward_pattern):
+        regex = re.compile(re.escape(pattern).replace(re.escape("{k}"), r"(\d+)") + r"\Z")
+        found[pattern] = {int(m.group(1)) for name in os.listdir(data_dir) if (m := regex.match(name))}
+    for pattern, other in ((emb_pattern, reward_pattern), (reward_pattern, emb_pattern)):
+        missing = sorted(found[pattern] - found[other])
+        if missing:
+            path = data_dir / other.format(k=missing[0])
+            raise InputError(f"missing split file {path} (its partner {pattern.format(k=missing[0])} exists)")
+    splits = sorted(found[emb_pattern])
+    if splits and splits != list(range(len(splits))):
+        gap = next(k for k in range(len(splits) + 1) if k not in found[emb_pattern])
+        raise InputError(f"gap in splits: {data_dir / emb_pattern.format(k=gap)} is missing "
+                         f"(found split indices {splits[:12]}{'...' if len(splits) > 12 else ''})")
+    return splits
+
+
+@dataclass
+class EmbeddingSet:
+    """K memory-mapped splits of one data directory ('train' or 'test').
+
+    embeddings: K read-only memmaps, each (N, D) float32/float16
+    rewards: (N, K) float64, golden reward of response k of prompt p
+    """
+
+    kind: str
+    data_dir: Path
+    embedding_paths: list[Path]
+    reward_paths: list[Path]
+    embeddings: list[np.ndarray] = field(repr=False)
+    rewards: np.ndarray = field(repr=False)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.rewards.shape[0]
+
+    @property
+    def n_splits(self) -> int:
+        return self.rewards.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings[0].shape[1]
+
+    def read_rows(self, split: int, prompt_ids: np.ndarray) -> np.ndarray:
+        """Embeddings of response ``split`` of ``prompt_ids``: (len, D) float32, checked finite.
+
+        This is the only place embedding values are read, so every row that reaches a model has
+        been checked, without a separate pass over a 10 GB directory.
+        """
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        order = np.argsort(prompt_ids, kind="stable")  # sorted reads are sequential on disk
+        rows = np.empty((len(prompt_ids), self.dim), dtype=np.float32)
+        rows[order] = self.embeddings[split][prompt_ids[order]]
+        if not np.isfinite(rows).all():
+            bad = int(prompt_ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
+            raise InputError(f"{self.embedding_paths[split]}: non-finite embedding in row {bad}")
+        return rows
+
+    def score(self, prompt_ids: np.ndarray, score_fn: Callable[[np.ndarray], np.ndarray],
+              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+        """Apply ``score_fn`` ((B, D) float32 -> (M, B)) to every response of ``prompt_ids``.
+
+        Returns (M, len(prompt_ids), K) float32, reading one chunk of rows at a time.
+        """
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        out = None
+        for k in range(self.n_splits):
+            for start in range(0, len(prompt_ids), chunk_rows):
+                ids = prompt_ids[start:start + chunk_rows]
+                scores = np.asarray(score_fn(self.read_rows(k, ids)))
+                if out is None:
+                    out = np.empty((scores.shape[0], len(prompt_ids), self.n_splits), np.float32)
+                out[:, start:start + len(ids), k] = scores
+        return out
+
+
+def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
+                       required: bool = True) -> EmbeddingSet | None:
+    """Open and validate the ``kind`` splits of ``data_dir`` (None if absent and not required)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"data directory {data_dir} does not exist")
+    splits = discover_splits(data_dir, kind)
+    emb_pattern, reward_pattern = FILE_PATTERNS[kind]
+    if not splits:
+        if required:
+            raise InputError(f"no {emb_pattern.format(k='*')} files in {data_dir} "
+                             f"(run generate_demo_data.py or convert_embeddings.py)")
+        return None
+    emb_paths = [data_dir / emb_pattern.format(k=k) for k in splits]
+    reward_paths = [data_dir / reward_pattern.format(k=k) for k in splits]
+    embeddings = [_open_embeddings(p) for p in emb_paths]
+    n, d = embeddings[0].shape
+    for path, array in zip(emb_paths, embeddings):
+        if array.shape != (n, d):
+            raise InputError(f"{path}: shape {array.shape} differs from {emb_paths[0].name}'s ({n}, {d})")
+    rewards = np.empty((n, len(splits)), dtype=np.float64)
+    for k, path in enumerate(reward_paths):
+        column = read_rewards_jsonl(path)
+        if len(column) != n:
+            raise InputError(f"{path}: {len(column)} rewards, expected {n} (rows of {emb_paths[k].name})")
+        rewards[:, k] = column
+    if len(splits) < 2:
+        raise InputError(f"{data_dir}: need at least 2 {kind} splits (responses per prompt), found 1")
+    return EmbeddingSet(kind, data_dir, emb_paths, reward_paths, embeddings, rewards)
+
+
+def fingerprint(eset: EmbeddingSet) -> str:
+    """A sha256 over the set's file names, shapes, dtypes, all rewards and sampled embedding bytes.
+
+    Embedding files are sampled (64 blocks of 64 KiB evenly spaced, plus the size) rather than
+    hashed whole: hashing 10 GB would cost more than the step it guards.
+    """
+    digest = hashlib.sha256()
+    digest.update(eset.rewards.tobytes())
+    block, n_blocks = 1 << 16, 64
+    for path in eset.embedding_paths:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            for offset in np.linspace(0, max(size - block, 0), n_blocks).astype(np.int64):
+                handle.seek(int(offset))
+                digest.update(handle.read(block))
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The prompt partition (DESIGN section 4)
+# --------------------------------------------------------------------------------------------
+def make_partition(n_prompts: int, n_sample: int, seed: int) -> dict[str, list[int]]:
+    """Split prompt ids 0..n_prompts-1 into the four disjoint roles, seeded.
+
+    ``orm_train`` gets ``n_sample`` random prompts; the rest go 60/20/20 to ``calibration``,
+    ``student_train`` and ``held_out``. Too few prompts is an error, never an overlap.
+    """
+    rest = n_prompts - n_sample
+    if n_sample < 1 or rest < MIN_NON_ORM_PROMPTS:
+        raise InputError(f"--n_sample {n_sample} with {n_prompts} prompts leaves {rest} for "
+                         f"calibration/student/held-out; need at least {MIN_NON_ORM_PROMPTS} "
+                         f"(use --n_sample <= {n_prompts - MIN_NON_ORM_PROMPTS} or more data)")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A17]))
+    order = rng.permutation(n_prompts)
+    n_cal = int(round(rest * ROLE_SHARES["calibration"]))
+    n_student = int(round(rest * ROLE_SHARES["student_train"]))
+    bounds = np.cumsum([0, n_sample, n_cal, n_student, rest - n_cal - n_student])
+    return {role: sorted(int(p) for p in order[bounds[i]:bounds[i + 1]])
+            for i, role in enumerate(PROMPT_ROLES)}
+
+
+def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[str, np.ndarray]:
+    """Read ``prompt_split.json`` and check it belongs to ``eset`` and is a true partition."""
+    path = Path(output_dir) / PARTITION_FILE
+    record = read_json(path, "prompt partition (written by step5_train_rms.py)")
+    if record.get("n_prompts") != eset.n_prompts or record.get("data_fingerprint") != fingerprint(eset):
+        raise InputError(f"{path} was written for other data than {eset.data_dir} "
+                         f"(rerun step5_train_rms.py on this --data_dir)")
+    try:
+        roles = {role: np.asarray(record[role], dtype=np.int64) for role in PROMPT_ROLES}
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: expected integer lists {', '.join(PROMPT_ROLES)}") from None
+    merged = np.concatenate(list(roles.values()))
+    if len(merged) != eset.n_prompts or not np.array_equal(np.sort(merged), np.arange(eset.n_prompts)):
+        raise InputError(f"{path}: roles must be disjoint and cover prompts 0..{eset.n_prompts - 1}")
+    return roles
+
+
+def load_manifest(output_dir: str | os.PathLike) -> dict:
+    """The ORM run manifest written by step 5 (config, member checkpoints, pair statistics)."""
+    path = Path(output_dir) / MANIFEST_FILE
+    manifest = read_json(path, "ORM manifest (run step5_train_rms.py first)")
+    if not manifest.get("checkpoints"):
+        raise InputError(f"{path}: lists no checkpoints")
+    return manifest
+
+
+def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:
+    return [Path(output_dir) / name for name in manifest["checkpoints"]]
+
+
+def as_index_array(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)

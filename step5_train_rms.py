@@ -1,0 +1,252 @@
+"""Step 5: train an ensemble of ordinal reward models (BT or classification) on simulated preferences.
+
+Story: parse flags; open the data directory; draw the seeded prompt partition (only ``orm_train``
+prompts are read here); build preference pairs (cross-prompt by default, the paper's "XPrompt");
+label them with a simulated annotator p(first wins) = sigmoid(annotation_quality * (r1 - r2) / s);
+train ``--ensemble_number`` MLPs that differ by seed; write checkpoints, ``prompt_split.json`` and
+``orm_manifest.json`` (config, data fingerprint, checkpoint names, pair statistics), which later
+steps and run_all.sh read instead of rebuilding file names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import expit
+from tqdm import tqdm
+
+from cli import ArgumentParser, InputError, finite_float, positive_float, positive_int, run_cli, setup_logging
+from networks import OBJECTIVES, TrainConfig, mlp_flops_per_sample, save_checkpoint, train_orm
+from rm_data import (MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, fingerprint, load_embedding_set,
+                     make_partition, write_json)
+
+log = logging.getLogger("step5")
+# The paper's reward scales s: golden helpful rewards spread ~6x wider than harmless ones.
+TASK_REWARD_SCALE = {"helpful": 6.0, "harmless": 1.0}
+PAIR_MODES = ("xprompt", "same")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Train an ORM ensemble on simulated pairwise preferences.")
+    parser.add_argument("--embed_model_name", default="gemma2b", help="embedding model (recorded in the manifest)")
+    parser.add_argument("--task", default="helpful", choices=sorted(TASK_REWARD_SCALE), help="task; sets s")
+    parser.add_argument("--sft_obj", default="gpt4", help="SFT objective of the generator (recorded)")
+    parser.add_argument("--gen_pref_model_name", default="gemma7b", help="generation model (recorded)")
+    parser.add_argument("--data_dir", default="data", help="folder with EMBD-TRAIN-split_k.npy/rewards_split_k.json")
+    parser.add_argument("--output_dir", default="distill_out", help="where checkpoints and JSON go")
+    parser.add_argument("--rm_objective", default="bt", choices=OBJECTIVES,
+                        help="bt: -log sigmoid(r_w - r_l); clf: pointwise BCE, winner 1, loser 0")
+    parser.add_argument("--consider_first_n", type=int, default=2,
+                        help="candidate responses per prompt: n>0 random n splits, -1 splits {0,K-1} "
+                             "(most diverse), -2 the two middle splits (least diverse)")
+    parser.add_argument("--n_sample", type=positive_int, default=100, help="prompts used for ORM training pairs")
+    parser.add_argument("--n_pairs", type=positive_int, default=1, help="pairs per training prompt")
+    parser.add_argument("--pair_mode", default="xprompt", choices=PAIR_MODES,
+                        help="xprompt: a response of prompt i vs one of another prompt j != i; "
+                             "same: two responses of one prompt")
+    parser.add_argument("--replacement", default="replacement_false",
+                        choices=["replacement_true", "replacement_false"],
+                        help="may a prompt's n_pairs pairs reuse one of its responses (xprompt) or one "
+                             "pair (same)")
+    parser.add_argument("--annotation_quality", type=finite_float, default=10.0,
+                        help="annotator sharpness beta; < 0 gives noise-free labels")
+    parser.add_argument("--reward_scale", type=positive_float, default=None,
+                        help="s in sigmoid(beta (r1 - r2) / s); default 6 for helpful, 1 for harmless")
+    parser.add_argument("--ensemble_number", type=positive_int, default=10, help="members, differing by seed")
+    parser.add_argument("--training_epochs", type=positive_int, default=30, help="maximum epochs per member")
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="share of pairs held out (whole pairs) for early stopping")
+    parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
+    parser.add_argument("--seed", type=int, default=6, help="seeds partition, pairs, labels and members")
+    args = parser.parse_args(argv)
+    if args.consider_first_n == 0 or args.consider_first_n < -2:
+        raise InputError(f"--consider_first_n must be > 0, -1 or -2, got {args.consider_first_n}")
+    if not 0 < args.val_fraction < 1:
+        raise InputError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    if args.reward_scale is None:
+        args.reward_scale = TASK_REWARD_SCALE[args.task]
+    return args
+
+
+def checkpoint_name(args, member: int) -> str:
+    """The seed code's checkpoint naming, one file per ensemble member."""
+    prefix = "XPrompt" if args.pair_mode == "xprompt" else "SamePrompt"
+    replacement = args.replacement == "replacement_true"
+    return (f"{prefix}_mlp_{args.rm_objective}_{member}_seed{args.seed}_firstn_{args.consider_first_n}"
+            f"_n_{args.n_sample}_pair_{args.n_pairs}_replacement_{replacement}"
+            f"_epoch{args.training_epochs}_lr{args.learning_rate}.ckpt")
+
+
+def candidate_splits(n_prompts: int, n_splits: int, consider_first_n: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """(n_prompts, C) split indices each prompt may contribute (splits are sorted by reward)."""
+    if consider_first_n == -1:
+        return np.tile([0, n_splits - 1], (n_prompts, 1))
+    if consider_first_n == -2:
+        return np.tile([n_splits // 2 - 1, n_splits // 2], (n_prompts, 1))
+    if consider_first_n > n_splits:
+        raise InputError(f"--consider_first_n {consider_first_n} exceeds the {n_splits} responses per prompt")
+    return np.argsort(rng.random((n_prompts, n_splits)), axis=1)[:, :consider_first_n]
+
+
+def _distinct_draws(rng: np.random.Generator, n_rows: int, n_options: int, n_draws: int,
+                    replace: bool, what: str) -> np.ndarray:
+    """(n_rows, n_draws) draws from range(n_options) per row, distinct within a row unless replace."""
+    if replace:
+        return rng.integers(n_options, size=(n_rows, n_draws))
+    if n_draws > n_options:
+        raise InputError(f"--n_pairs {n_draws} exceeds the {n_options} {what} available without replacement")
+    if n_options <= 64:
+        return np.argsort(rng.random((n_rows, n_options)), axis=1)[:, :n_draws]
+    draws = rng.integers(n_options, size=(n_rows, n_draws))
+    while True:  # redraw rows holding a repeat; rare when n_draws << n_options
+        ordered = np.sort(draws, axis=1)
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+        if not repeated.any():
+            return draws
+        draws[repeated] = rng.integers(n_options, size=(int(repeated.sum()), n_draws))
+
+
+def build_pairs(orm_prompts: np.ndarray, candidates: np.ndarray, n_pairs: int, pair_mode: str,
+                replacement: bool, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Pairs as four (P * n_pairs,) arrays: first prompt, first split, second prompt, second split.
+
+    xprompt: for each training prompt i, n_pairs of its candidates against candidates of n_pairs
+    distinct other training prompts (never i itself). same: n_pairs pairs of two distinct
+    candidates of prompt i.
+    """
+    n_prompts, n_cand = candidates.shape
+    rows = np.repeat(np.arange(n_prompts), n_pairs)
+    if pair_mode == "xprompt":
+        if n_prompts < 2:
+            raise InputError("--pair_mode xprompt needs --n_sample >= 2")
+        own = _distinct_draws(rng, n_prompts, n_cand, n_pairs, replacement, "candidate responses")
+        offsets = 1 + _distinct_draws(rng, n_prompts, n_prompts - 1, n_pairs, False, "other prompts")
+        partner_rows = (rows + offsets.ravel()) % n_prompts  # offset in 1..P-1: never the same prompt
+        partner_cand = rng.integers(n_cand, size=len(rows))
+        return (orm_prompts[rows], candidates[rows, own.ravel()],
+                orm_prompts[partner_rows], candidates[partner_rows, partner_cand])
+    first_c, second_c = np.triu_indices(n_cand, k=1)
+    if len(first_c) == 0:
+        raise InputError("--pair_mode same needs --consider_first_n >= 2 candidate responses per prompt")
+    combo = _distinct_draws(rng, n_prompts, len(first_c), n_pairs, replacement, "same-prompt pairs").ravel()
+    return (orm_prompts[rows], candidates[rows, first_c[combo]],
+            orm_prompts[rows], candidates[rows, second_c[combo]])
+
+
+def simulate_annotator(first_rewards: np.ndarray, second_rewards: np.ndarray, annotation_quality: float,
+                       reward_scale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(first_wins bool, p(first wins)) with p = sigmoid(quality * (r1 - r2) / s); quality < 0: noise-free."""
+    delta = (first_rewards - second_rewards) / reward_scale
+    if annotation_quality < 0:
+        prob = np.where(delta > 0, 1.0, np.where(delta < 0, 0.0, 0.5))
+    else:
+        prob = expit(annotation_quality * delta)
+    return rng.random(len(delta)) < prob, prob
+
+
+def pair_statistics(first_rewards, second_rewards, first_wins, prob, reward_scale) -> dict:
+    """Realised label-flip rate (winner has the lower golden reward) against sigmoid theory."""
+    delta = first_rewards - second_rewards
+    decided = delta != 0
+    flipped = np.where(first_wins, delta < 0, delta > 0)[decided]
+    expected = np.where(delta > 0, 1 - prob, prob)[decided]
+    return {
+        "n_pairs": int(len(delta)),
+        "n_pairs_with_golden_tie": int((~decided).sum()),
+        "label_flip_rate": float(flipped.mean()) if decided.any() else 0.0,
+        "expected_flip_rate": float(expected.mean()) if decided.any() else 0.0,
+        "mean_abs_delta": float(np.abs(delta).mean()),
+        "mean_abs_scaled_delta": float(np.abs(delta / reward_scale).mean()),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    output_dir = ensure_writable_dir(args.output_dir)
+    data = load_embedding_set(args.data_dir, "train")
+
+    # --- seeding: every random stream derives from --seed through its own SeedSequence ---
+    streams = np.random.SeedSequence(args.seed).spawn(2 + args.ensemble_number)
+    pair_rng = np.random.default_rng(streams[0])
+    label_rng = np.random.default_rng(streams[1])
+    member_seeds = [int(s.generate_state(1)[0]) for s in streams[2:]]
+
+    partition = make_partition(data.n_prompts, args.n_sample, args.seed)
+    orm_prompts = np.asarray(partition["orm_train"], dtype=np.int64)
+    candidates = candidate_splits(len(orm_prompts), data.n_splits, args.consider_first_n, pair_rng)
+    first_p, first_k, second_p, second_k = build_pairs(
+        orm_prompts, candidates, args.n_pairs, args.pair_mode, args.replacement == "replacement_true", pair_rng)
+    first_r, second_r = data.rewards[first_p, first_k], data.rewards[second_p, second_k]
+    first_wins, prob = simulate_annotator(first_r, second_r, args.annotation_quality, args.reward_scale, label_rng)
+    stats = pair_statistics(first_r, second_r, first_wins, prob, args.reward_scale)
+    if stats["n_pairs"] < 2:
+        raise InputError(f"--n_sample {args.n_sample} x --n_pairs {args.n_pairs} gives fewer than 2 pairs")
+    log.info("%d pairs, label flip rate %.3f (theory %.3f)", stats["n_pairs"],
+             stats["label_flip_rate"], stats["expected_flip_rate"])
+
+    # Read each response used in a pair once: features (R, D), pairs as row indices into it.
+    keys = np.concatenate([first_k * data.n_prompts + first_p, second_k * data.n_prompts + second_p])
+    unique_keys, inverse = np.unique(keys, return_inverse=True)
+    features = np.empty((len(unique_keys), data.dim), dtype=np.float32)
+    for k in range(data.n_splits):
+        in_split = unique_keys // data.n_prompts == k
+        features[in_split] = data.read_rows(k, unique_keys[in_split] % data.n_prompts)
+    first_rows, second_rows = np.split(inverse, 2)
+    winners = torch.from_numpy(np.where(first_wins, first_rows, second_rows))
+    losers = torch.from_numpy(np.where(first_wins, second_rows, first_rows))
+    features = torch.from_numpy(features)
+
+    config = TrainConfig(args.training_epochs, args.learning_rate, args.batch_size, args.patience)
+    n_val = min(max(1, int(round(args.val_fraction * len(winners)))), len(winners) - 1)
+    members, checkpoints = [], []
+    flops = 3 * mlp_flops_per_sample(data.dim)  # forward + backward per response
+    for member, member_seed in enumerate(tqdm(member_seeds, desc="ensemble members")):
+        generator = torch.Generator().manual_seed(member_seed)
+        order = torch.randperm(len(winners), generator=generator)
+        val, train = order[:n_val], order[n_val:]
+        start = time.perf_counter()
+        model, result = train_orm(features, winners[train], losers[train], winners[val], losers[val],
+                                  args.rm_objective, config, generator)
+        name = checkpoint_name(args, member)
+        save_checkpoint(model, output_dir / name)
+        responses_per_second = result.samples_per_second * (2 if args.rm_objective == "bt" else 1)
+        log.info("member %d: best epoch %d/%d, val loss %.4f, val acc %.3f, %.0f responses/s "
+                 "(%.1f GFLOP/s), %.2fs", member, result.best_epoch, result.epochs_run, result.best_val_loss,
+                 result.val_pair_accuracy, responses_per_second, responses_per_second * flops / 1e9,
+                 time.perf_counter() - start)
+        checkpoints.append(name)
+        members.append({"member": member, "checkpoint": name, "seed": member_seed,
+                        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                        "val_loss": result.best_val_loss, "val_pair_accuracy": result.val_pair_accuracy,
+                        "train_pairs": len(train), "val_pairs": len(val)})
+
+    data_fingerprint = fingerprint(data)
+    write_json(output_dir / PARTITION_FILE, {"seed": args.seed, "n_prompts": data.n_prompts,
+                                             "n_sample": args.n_sample, "data_fingerprint": data_fingerprint,
+                                             **partition})
+    manifest = {
+        "config": {key: value for key, value in vars(args).items()},
+        "data": {"data_dir": str(Path(args.data_dir)), "fingerprint": data_fingerprint,
+                 "n_prompts": data.n_prompts, "n_splits": data.n_splits, "dim": data.dim,
+                 "dtype": str(data.embeddings[0].dtype)},
+        "prompt_counts": {role: len(ids) for role, ids in partition.items()},
+        "pair_statistics": stats,
+        "checkpoints": checkpoints,
+        "members": members,
+    }
+    write_json(output_dir / MANIFEST_FILE, manifest)  # written last: marks the run complete
+    print(f"step5: trained {len(checkpoints)} {args.rm_objective} members on {stats['n_pairs']} pairs "
+          f"(flip rate {stats['label_flip_rate']:.3f}) -> {output_dir / MANIFEST_FILE}")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,131 @@
+"""Step 6: evaluate the ranking quality of each ORM member and of the ensemble.
+
+Story: read the manifest and the prompt partition written by step 5; score the ``held_out`` prompts
+(and the test set, when the data directory has one) chunk by chunk with every member; report per
+member and per ensemble rule (mean, min, first member, mean minus std) the per-prompt and global
+Spearman, same- and cross-prompt pairwise accuracy, and best-of-N curves against the golden oracle
+and a random pick; write ``eval_results_{objective}.json`` and a best-of-N PNG; print a table.
+No prompt used to train the ORMs is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cli import ArgumentParser, InputError, finite_float, positive_int, run_cli, setup_logging
+from metrics import best_of_n, ranking_report
+from networks import ensemble_scorer, load_checkpoint
+from plots import plot_best_of_n
+from rm_data import (checkpoint_paths, ensure_writable_dir, load_embedding_set, load_manifest,
+                     load_partition, write_json)
+
+log = logging.getLogger("step6")
+# Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
+# they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
+MANIFEST_FLAGS = {"embed_model_name": str, "task": str, "sft_obj": str, "gen_pref_model_name": str,
+                  "rm_objective": str, "consider_first_n": int, "n_sample": int, "training_epochs": int,
+                  "learning_rate": float, "seed": int, "annotation_quality": finite_float,
+                  "ensemble_number": int, "replacement": str}
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Evaluate ORM ranking quality on held-out prompts.")
+    parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
+    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
+    parser.add_argument("--bon_draws", type=positive_int, default=50,
+                        help="random subsets per prompt and N for best-of-N")
+    parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
+                        help="random cross-prompt pairs for cross-prompt accuracy")
+    parser.add_argument("--eval_seed", type=int, default=None, help="seed of evaluation draws (default: run seed)")
+    for flag, kind in MANIFEST_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, default=None, help="checked against the manifest")
+    return parser.parse_args(argv)
+
+
+def check_against_manifest(args, manifest: dict, manifest_path: Path) -> None:
+    for flag in MANIFEST_FLAGS:
+        given, recorded = getattr(args, flag), manifest["config"].get(flag)
+        if given is not None and given != recorded:
+            raise InputError(f"--{flag} {given} does not match the ensemble in {manifest_path} ({recorded})")
+
+
+def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
+    """member_scores (M, P, R) -> each member and the ensemble rules, each (P, R)."""
+    variants = {f"member_{i}": scores for i, scores in enumerate(member_scores)}
+    mean, std = member_scores.mean(axis=0), member_scores.std(axis=0)
+    variants.update({"ensemble_mean": mean, "ensemble_min": member_scores.min(axis=0),
+                     "ensemble_first": member_scores[0], "ensemble_mean_minus_std": mean - std})
+    return variants
+
+
+def evaluate(member_scores: np.ndarray, gold: np.ndarray, args, seed: int) -> dict:
+    variants = ensemble_variants(member_scores)
+    ranking = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
+    ensembles = {name: pred for name, pred in variants.items() if name.startswith("ensemble")}
+    return {"n_prompts": gold.shape[0], "n_responses": gold.size, "ranking": ranking,
+            "best_of_n": best_of_n(gold, ensembles, args.bon_draws, seed)}
+
+
+def print_table(title: str, result: dict) -> None:
+    rows = [name for name in result["ranking"] if name.startswith("ensemble")]
+    rows += [name for name in result["ranking"] if not name.startswith("ensemble")]
+    curves = result["best_of_n"]["curves"]
+    top_n = curves["oracle"]["n"][-1] if curves["oracle"]["n"] else None
+    print(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
+    print(f"{'variant':<26}{'spearman':>9}{'acc same':>9}{'acc cross':>10}{f'BoN@{top_n}':>10}")
+    for name in rows:
+        report = result["ranking"][name]
+        bon = curves[name]["mean"][-1] if name in curves and top_n else float("nan")
+        print(f"{name:<26}{report['spearman_per_prompt']['mean']:>9.3f}"
+              f"{report['pairwise_accuracy_same_prompt']['accuracy']:>9.3f}"
+              f"{report['pairwise_accuracy_cross_prompt']['accuracy']:>10.3f}{bon:>10.3f}")
+    if top_n:
+        print(f"{'(oracle / random)':<54}{curves['oracle']['mean'][-1]:>10.3f}\n"
+              f"{'':<54}{curves['random']['mean'][-1]:>10.3f}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    output_dir = ensure_writable_dir(args.output_dir)
+    manifest = load_manifest(output_dir)
+    check_against_manifest(args, manifest, output_dir / "orm_manifest.json")
+    data_dir = args.data_dir or manifest["data"]["data_dir"]
+    data = load_embedding_set(data_dir, "train")
+    partition = load_partition(output_dir, data)
+    test = load_embedding_set(data_dir, "test", required=False)
+    models = [load_checkpoint(path, data.dim) for path in checkpoint_paths(output_dir, manifest)]
+    seed = manifest["config"]["seed"] if args.eval_seed is None else args.eval_seed
+    objective = manifest["config"]["rm_objective"]
+
+    start = time.perf_counter()
+    held_out = partition["held_out"]
+    results = {"manifest": str(output_dir / "orm_manifest.json"), "eval_seed": seed,
+               "held_out": evaluate(data.score(held_out, ensemble_scorer(models)),
+                                    data.rewards[held_out], args, seed)}
+    if test is not None:
+        test_prompts = np.arange(test.n_prompts)
+        results["test"] = evaluate(test.score(test_prompts, ensemble_scorer(models)), test.rewards, args, seed)
+    log.info("evaluated %d members in %.2fs", len(models), time.perf_counter() - start)
+
+    json_path = output_dir / f"eval_results_{objective}.json"
+    plot_path = output_dir / f"eval_best_of_n_{objective}.png"
+    panels = {f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
+              for name, res in results.items() if name in ("held_out", "test")}
+    plot_best_of_n(panels, plot_path, title=f"ORM ensemble ({objective}, {len(models)} members)")
+    write_json(json_path, results)
+    print_table("held-out prompts", results["held_out"])
+    if "test" in results:
+        print_table("test set", results["test"])
+    held = results["held_out"]["ranking"]["ensemble_mean"]
+    print(f"step6: held-out ensemble-mean Spearman {held['spearman_per_prompt']['mean']:.3f}, "
+          f"pairwise acc {held['pairwise_accuracy_same_prompt']['accuracy']:.3f} -> {json_path}, {plot_path}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
