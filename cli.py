@@ -28,8 +28,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 
 
 def setup_logging() -> None:
+    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S", force=True, stream=sys.stdout)
 
 
 class ArgumentParser(argparse.ArgumentParser):

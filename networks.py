@@ -167,8 +167,10 @@ def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor, winners: 
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(model: MLP, path: str | Path) -> None:
     """Save the model's ``state_dict`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
+    # Through a file handle: torch.save names the archive after a path's stem, which would embed
+    # the random temporary name and break byte-identical reruns.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(model.state_dict(), handle)
 
 
 def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:

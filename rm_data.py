@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,7 +335,3 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
 
 def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:
     return [Path(output_dir) / name for name in manifest["checkpoints"]]
-
-
-def as_index_array(values: Sequence[int]) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64)

@@ -21,8 +21,15 @@ from tqdm import tqdm
 
 from cli import ArgumentParser, InputError, finite_float, positive_float, positive_int, run_cli, setup_logging
 from networks import OBJECTIVES, TrainConfig, mlp_flops_per_sample, save_checkpoint, train_orm
-from rm_data import (MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, fingerprint, load_embedding_set,
-                     make_partition, write_json)
+from rm_data import (
+    MANIFEST_FILE,
+    PARTITION_FILE,
+    ensure_writable_dir,
+    fingerprint,
+    load_embedding_set,
+    make_partition,
+    write_json,
+)
 
 log = logging.getLogger("step5")
 # The paper's reward scales s: golden helpful rewards spread ~6x wider than harmless ones.
@@ -233,7 +240,7 @@ def main(argv=None) -> dict:
                                              "n_sample": args.n_sample, "data_fingerprint": data_fingerprint,
                                              **partition})
     manifest = {
-        "config": {key: value for key, value in vars(args).items()},
+        "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
         "data": {"data_dir": str(Path(args.data_dir)), "fingerprint": data_fingerprint,
                  "n_prompts": data.n_prompts, "n_splits": data.n_splits, "dim": data.dim,
                  "dtype": str(data.embeddings[0].dtype)},

@@ -20,8 +20,7 @@ from cli import ArgumentParser, InputError, finite_float, positive_int, run_cli,
 from metrics import best_of_n, ranking_report
 from networks import ensemble_scorer, load_checkpoint
 from plots import plot_best_of_n
-from rm_data import (checkpoint_paths, ensure_writable_dir, load_embedding_set, load_manifest,
-                     load_partition, write_json)
+from rm_data import checkpoint_paths, ensure_writable_dir, load_embedding_set, load_manifest, load_partition, write_json
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
@@ -96,9 +95,9 @@ def main(argv=None) -> dict:
     check_against_manifest(args, manifest, output_dir / "orm_manifest.json")
     data_dir = args.data_dir or manifest["data"]["data_dir"]
     data = load_embedding_set(data_dir, "train")
+    models = [load_checkpoint(path, data.dim) for path in checkpoint_paths(output_dir, manifest)]
     partition = load_partition(output_dir, data)
     test = load_embedding_set(data_dir, "test", required=False)
-    models = [load_checkpoint(path, data.dim) for path in checkpoint_paths(output_dir, manifest)]
     seed = manifest["config"]["seed"] if args.eval_seed is None else args.eval_seed
     objective = manifest["config"]["rm_objective"]
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small demo data directory and a trained step-5 run on it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import generate_demo_data  # noqa: E402
+import step5_train_rms  # noqa: E402
+
+SMALL_DEMO = ["--n_prompts", "260", "--n_splits", "10", "--emb_dim", "48", "--seed", "1",
+              "--n_test_prompts", "6", "--n_test_responses", "40"]
+
+
+def run_failing(main, argv, capsys) -> str:
+    """Run a step's CLI expecting bad input: exit status 2 and exactly one stderr line."""
+    from cli import run_cli
+
+    capsys.readouterr()  # drop output of earlier calls
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    return err
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_data.main(["--output_dir", str(path), *SMALL_DEMO])
+    return path
+
+
+@pytest.fixture
+def demo_copy(demo_dir, tmp_path) -> Path:
+    """A private, mutable copy of the demo directory."""
+    path = tmp_path / "data"
+    shutil.copytree(demo_dir, path)
+    return path
+
+
+STEP5_FAST = ["--n_sample", "120", "--ensemble_number", "2", "--training_epochs", "3",
+              "--batch_size", "32", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_dir, tmp_path_factory) -> Path:
+    """Output directory of a small step-5 run on the demo data (do not modify; copy it)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    step5_train_rms.main(["--data_dir", str(demo_dir), "--output_dir", str(out), *STEP5_FAST])
+    return out

@@ -1,0 +1,173 @@
+"""The data-directory contract: numeric split order, validation errors, no partial artifacts."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_failing
+
+import rm_data
+import step5_train_rms as step5
+import step6_eval_rms as step6
+
+STEP5_ARGS = ["--n_sample", "100", "--ensemble_number", "1", "--training_epochs", "1"]
+
+
+def step5_error(data_dir, tmp_path, capsys) -> str:
+    out = tmp_path / "out"
+    err = run_failing(step5.main, ["--data_dir", str(data_dir), "--output_dir", str(out), *STEP5_ARGS], capsys)
+    assert not out.exists() or not any(out.iterdir()), "a failed run left artifacts"
+    return err
+
+
+def test_splits_sort_numerically(tmp_path):
+    for k in range(12):
+        np.save(tmp_path / f"EMBD-TRAIN-split_{k}.npy", np.full((3, 2), k, dtype=np.float32))
+        rm_data.write_rewards_jsonl(tmp_path / f"rewards_split_{k}.json", np.arange(3) + k)
+    data = rm_data.load_embedding_set(tmp_path)
+    assert [p.name for p in data.embedding_paths][9:] == [f"EMBD-TRAIN-split_{k}.npy" for k in (9, 10, 11)]
+    assert data.rewards[0].tolist() == list(range(12))
+    assert data.read_rows(10, np.array([2, 0]))[:, 0].tolist() == [10.0, 10.0]
+
+
+def test_missing_split_file(demo_copy, tmp_path, capsys):
+    (demo_copy / "rewards_split_4.json").unlink()
+    err = step5_error(demo_copy, tmp_path, capsys)
+    assert f"missing split file {demo_copy / 'rewards_split_4.json'}" in err
+
+
+def test_gap_in_splits(demo_copy, tmp_path, capsys):
+    for name in ("EMBD-TRAIN-split_3.npy", "rewards_split_3.json"):
+        (demo_copy / name).unlink()
+    err = step5_error(demo_copy, tmp_path, capsys)
+    assert "gap in splits" in err and "EMBD-TRAIN-split_3.npy" in err
+
+
+def test_n_mismatch_between_splits(demo_copy, tmp_path, capsys):
+    np.save(demo_copy / "EMBD-TRAIN-split_2.npy", np.zeros((259, 48), dtype=np.float32))
+    err = step5_error(demo_copy, tmp_path, capsys)
+    assert "EMBD-TRAIN-split_2.npy: shape (259, 48) differs" in err
+
+
+def test_d_mismatch_between_splits(demo_copy, tmp_path, capsys):
+    np.save(demo_copy / "EMBD-TRAIN-split_5.npy", np.zeros((260, 47), dtype=np.float32))
+    assert "EMBD-TRAIN-split_5.npy: shape (260, 47)" in step5_error(demo_copy, tmp_path, capsys)
+
+
+def test_reward_count_differs_from_n(demo_copy, tmp_path, capsys):
+    path = demo_copy / "rewards_split_1.json"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    assert "rewards_split_1.json: 259 rewards, expected 260" in step5_error(demo_copy, tmp_path, capsys)
+
+
+def test_non_finite_embedding(demo_copy, tmp_path, capsys):
+    emb = np.load(demo_copy / "EMBD-TRAIN-split_3.npy")
+    emb[:, 5] = np.nan
+    np.save(demo_copy / "EMBD-TRAIN-split_3.npy", emb)
+    assert "EMBD-TRAIN-split_3.npy: non-finite embedding in row" in step5_error(demo_copy, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"score": 1.0}', 'expected an object with key "reward"'),
+    ('{"reward": "high"}', "reward must be a finite number, got 'high'"),
+    ('{"reward": NaN}', "reward must be a finite number"),
+    ("not json", "not valid JSON"),
+])
+def test_bad_reward_lines(demo_copy, tmp_path, capsys, line, expected):
+    path = demo_copy / "rewards_split_0.json"
+    lines = path.read_text().splitlines()
+    lines[7] = line
+    path.write_text("\n".join(lines) + "\n")
+    err = step5_error(demo_copy, tmp_path, capsys)
+    assert "rewards_split_0.json line 8" in err and expected in err
+
+
+@pytest.mark.parametrize("array,expected", [
+    (np.zeros((260, 48), dtype=np.int64), "expected float32 or float16 embeddings, got int64"),
+    (np.zeros((260, 48, 1), dtype=np.float32), "expected a 2-D (N, D) array"),
+])
+def test_wrong_array_kind(demo_copy, tmp_path, capsys, array, expected):
+    np.save(demo_copy / "EMBD-TRAIN-split_0.npy", array)
+    assert expected in step5_error(demo_copy, tmp_path, capsys)
+
+
+def test_object_and_truncated_npy(demo_copy, tmp_path, capsys):
+    np.save(demo_copy / "EMBD-TRAIN-split_0.npy", np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+    assert "cannot read embeddings" in step5_error(demo_copy, tmp_path, capsys)
+    path = demo_copy / "EMBD-TRAIN-split_1.npy"
+    path.write_bytes(path.read_bytes()[:1000])
+    np.save(demo_copy / "EMBD-TRAIN-split_0.npy", np.zeros((260, 48), dtype=np.float32))
+    assert f"cannot read embeddings {path}" in step5_error(demo_copy, tmp_path, capsys)
+
+
+def test_empty_and_missing_directory(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"no EMBD-TRAIN-split_*.npy files in {empty}" in step5_error(empty, tmp_path, capsys)
+    assert "does not exist" in step5_error(tmp_path / "nope", tmp_path, capsys)
+
+
+def test_bad_flags(demo_dir, tmp_path, capsys):
+    base = ["--data_dir", str(demo_dir), "--output_dir", str(tmp_path / "o")]
+    assert "--consider_first_n must be > 0, -1 or -2" in run_failing(
+        step5.main, [*base, "--consider_first_n", "0"], capsys)
+    assert "expected a finite number" in run_failing(step5.main, [*base, "--annotation_quality", "nan"], capsys)
+    assert "invalid choice: 'foo'" in run_failing(step5.main, [*base, "--rm_objective", "foo"], capsys)
+    assert "expected a positive integer" in run_failing(step5.main, [*base, "--n_sample", "-3"], capsys)
+    assert "leaves" in run_failing(step5.main, [*base, "--n_sample", "250"], capsys)
+
+
+def test_step6_on_data_with_other_embedding_size(trained_run, tmp_path, capsys):
+    other = tmp_path / "wide"
+    from generate_demo_data import main as generate
+
+    generate(["--output_dir", str(other), "--n_prompts", "260", "--emb_dim", "16"])
+    err = run_failing(step6.main, ["--output_dir", str(trained_run), "--data_dir", str(other)], capsys)
+    assert "checkpoint expects embeddings of size D=48, data has D=16" in err
+
+
+def test_step6_refuses_data_the_partition_was_not_made_for(trained_run, demo_copy, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    rm_data.write_rewards_jsonl(demo_copy / "rewards_split_0.json", np.zeros(260))
+    err = run_failing(step6.main, ["--output_dir", str(out), "--data_dir", str(demo_copy)], capsys)
+    assert "prompt_split.json was written for other data" in err
+    assert not list(out.glob("eval_results*"))
+
+
+def test_step6_without_manifest(tmp_path, capsys):
+    assert "ORM manifest (run step5_train_rms.py first) not found" in run_failing(
+        step6.main, ["--output_dir", str(tmp_path)], capsys)
+
+
+def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    manifest = json.loads((out / rm_data.MANIFEST_FILE).read_text())
+    (out / manifest["checkpoints"][0]).write_bytes(b"PK\x03\x04 not a zip")
+    err = run_failing(step6.main, ["--output_dir", str(out)], capsys)
+    assert "not a readable weights-only PyTorch checkpoint" in err
+
+
+def test_unwritable_output_dir(demo_dir, tmp_path, capsys):
+    if os.geteuid() == 0:
+        target = Path("/proc/no_such_dir")  # root ignores permission bits; /proc refuses mkdir
+    else:
+        target = tmp_path / "ro"
+        target.mkdir(mode=0o500)
+    err = run_failing(step5.main, ["--data_dir", str(demo_dir), "--output_dir", str(target), *STEP5_ARGS], capsys)
+    assert "--output_dir" in err
+
+
+def test_cli_script_exit_status_and_single_line(tmp_path):
+    proc = subprocess.run(["python3", str(ROOT / "step5_train_rms.py"), "--data_dir", str(tmp_path / "missing")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'missing'} does not exist"]

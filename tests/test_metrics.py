@@ -1,0 +1,125 @@
+"""Metrics against scipy/sklearn and brute force on small arrays."""
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+import metrics
+
+
+def tied_scores(rng, shape, levels=4):
+    """Scores with many ties, to exercise average ranks and half-credit."""
+    return rng.integers(levels, size=shape).astype(float)
+
+
+def test_per_prompt_spearman_matches_scipy_with_ties_and_constant_rows():
+    rng = np.random.default_rng(0)
+    pred, gold = tied_scores(rng, (30, 7)), rng.normal(size=(30, 7))
+    gold[:, 3] = gold[:, 4]  # gold ties
+    pred[5] = 2.0  # constant prediction row: rho undefined, excluded
+    gold[9] = -1.0  # constant golden row: excluded
+    expected = [spearmanr(p, g).statistic for p, g in zip(pred, gold)]
+    expected = [rho for rho in expected if np.isfinite(rho)]
+    result = metrics.per_prompt_spearman(pred, gold)
+    assert result["n_prompts_used"] == 28 == len(expected)
+    assert result["mean"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert result["n_prompts"] == 30 and result["n_responses"] == 210
+
+
+def test_global_spearman_matches_scipy():
+    rng = np.random.default_rng(1)
+    pred, gold = tied_scores(rng, (12, 5)), rng.normal(size=(12, 5))
+    assert metrics.global_spearman(pred, gold) == pytest.approx(spearmanr(pred.ravel(), gold.ravel()).statistic)
+
+
+def brute_force_pair_accuracy(pairs):
+    scores = []
+    for (p1, g1), (p2, g2) in pairs:
+        if g1 == g2:
+            continue
+        scores.append(0.5 if p1 == p2 else float((p1 - p2) * (g1 - g2) > 0))
+    return np.mean(scores), len(scores)
+
+
+def test_same_prompt_pairwise_accuracy_brute_force():
+    rng = np.random.default_rng(2)
+    pred, gold = tied_scores(rng, (9, 6)), tied_scores(rng, (9, 6), levels=3)
+    pairs = [((pred[p, i], gold[p, i]), (pred[p, j], gold[p, j]))
+             for p in range(9) for i, j in combinations(range(6), 2)]
+    accuracy, count = brute_force_pair_accuracy(pairs)
+    result = metrics.same_prompt_pairwise_accuracy(pred, gold)
+    assert result["n_pairs"] == count
+    assert result["accuracy"] == pytest.approx(accuracy)
+
+
+def test_same_prompt_pairwise_accuracy_chunking_is_exact(monkeypatch):
+    rng = np.random.default_rng(3)
+    pred, gold = rng.normal(size=(50, 8)), rng.normal(size=(50, 8))
+    whole = metrics.same_prompt_pairwise_accuracy(pred, gold)
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 60)  # forces chunks of 2 prompts
+    assert metrics.same_prompt_pairwise_accuracy(pred, gold) == whole
+
+
+def test_cross_prompt_pairwise_accuracy_converges_to_all_cross_pairs():
+    rng = np.random.default_rng(4)
+    pred, gold = tied_scores(rng, (6, 4)), rng.normal(size=(6, 4))
+    pairs = [((pred[a, i], gold[a, i]), (pred[b, j], gold[b, j]))
+             for a in range(6) for b in range(6) if a != b for i in range(4) for j in range(4)]
+    exact, _ = brute_force_pair_accuracy(pairs)
+    result = metrics.cross_prompt_pairwise_accuracy(pred, gold, n_pairs=400_000, seed=0)
+    assert result["accuracy"] == pytest.approx(exact, abs=0.004)  # ~5 standard errors
+    # Same-prompt pairs would be included if prompt_b could equal prompt_a: a predictor that only
+    # orders responses within a prompt correctly, and cross-prompt wrongly, scores 0.
+    gold2 = np.arange(6)[:, None] * 10.0 + np.arange(4)[None, :]
+    pred2 = -np.arange(6)[:, None] * 10.0 + np.arange(4)[None, :]
+    assert metrics.cross_prompt_pairwise_accuracy(pred2, gold2, 10_000, seed=1)["accuracy"] == 0.0
+    assert metrics.cross_prompt_pairwise_accuracy(gold2, gold2, 10_000, seed=1)["accuracy"] == 1.0
+
+
+def exact_best_of_n(pred_row, gold_row, n):
+    """Expected golden reward of the argmax pick over all N-subsets, ties split uniformly."""
+    values = []
+    for subset in combinations(range(len(pred_row)), n):
+        p = pred_row[list(subset)]
+        winners = [subset[i] for i in np.flatnonzero(p == p.max())]
+        values.append(np.mean(gold_row[winners]))
+    return np.mean(values)
+
+
+def test_best_of_n_matches_enumeration_of_all_subsets():
+    rng = np.random.default_rng(5)
+    pred, gold = tied_scores(rng, (4, 6), levels=3), rng.normal(size=(4, 6))
+    result = metrics.best_of_n(gold, {"model": pred}, n_draws=20_000, seed=0, ns=(2, 3, 5, 6))
+    curves = result["curves"]
+    for idx, n in enumerate(curves["model"]["n"]):
+        exact_model = np.mean([exact_best_of_n(pred[p], gold[p], n) for p in range(4)])
+        exact_oracle = np.mean([exact_best_of_n(gold[p], gold[p], n) for p in range(4)])
+        assert curves["model"]["mean"][idx] == pytest.approx(exact_model, abs=0.02)
+        assert curves["oracle"]["mean"][idx] == pytest.approx(exact_oracle, abs=0.02)
+        assert curves["random"]["mean"][idx] == pytest.approx(gold.mean(), abs=0.02)
+    # N = all responses: oracle picks each prompt's maximum exactly, quantile 1.
+    assert curves["oracle"]["mean"][-1] == pytest.approx(gold.max(axis=1).mean())
+    assert curves["oracle"]["quantile"][-1] == 1.0
+    assert np.all(np.diff(curves["oracle"]["mean"]) > 0)
+    assert result["n_prompts"] == 4 and result["n_responses"] == 24
+
+
+def test_best_of_n_is_seeded_and_independent_of_other_predictors():
+    rng = np.random.default_rng(6)
+    pred, other, gold = rng.normal(size=(20, 12)), rng.normal(size=(20, 12)), rng.normal(size=(20, 12))
+    alone = metrics.best_of_n(gold, {"a": pred}, n_draws=30, seed=3)
+    together = metrics.best_of_n(gold, {"b": other, "a": pred}, n_draws=30, seed=3)
+    assert alone["curves"]["a"] == together["curves"]["a"]
+    assert alone["curves"]["a"]["n"] == [2, 5, 10]
+    assert metrics.best_of_n(gold, {"a": pred}, 30, seed=4)["curves"]["a"] != alone["curves"]["a"]
+
+
+def test_calibration_errors_match_sklearn():
+    rng = np.random.default_rng(7)
+    pred, gold = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    result = metrics.calibration_errors(pred, gold)
+    assert result["mse"] == pytest.approx(mean_squared_error(gold.ravel(), pred.ravel()))
+    assert result["mae"] == pytest.approx(mean_absolute_error(gold.ravel(), pred.ravel()))

@@ -1,0 +1,229 @@
+"""Step 5 (pairs, annotator, partition, training) and step 6 (leak-free evaluation)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import STEP5_FAST
+from scipy.special import expit
+
+import networks
+import rm_data
+import step5_train_rms as step5
+import step6_eval_rms as step6
+
+# --------------------------------------------------------------------------------------------
+# Partition
+# --------------------------------------------------------------------------------------------
+
+
+def test_partition_disjoint_covering_seeded():
+    part = rm_data.make_partition(1000, 300, seed=7)
+    sets = [set(part[role]) for role in rm_data.PROMPT_ROLES]
+    assert sum(map(len, sets)) == 1000 and set().union(*sets) == set(range(1000))
+    assert [len(s) for s in sets] == [300, 420, 140, 140]
+    assert part == rm_data.make_partition(1000, 300, seed=7)
+    assert part != rm_data.make_partition(1000, 300, seed=8)
+
+
+def test_partition_refuses_too_few_prompts():
+    with pytest.raises(rm_data.InputError, match="--n_sample 990 with 1000 prompts leaves 10"):
+        rm_data.make_partition(1000, 990, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs and the simulated annotator
+# --------------------------------------------------------------------------------------------
+
+
+def test_consider_first_n_chooses_the_right_splits():
+    rng = np.random.default_rng(0)
+    assert (step5.candidate_splits(5, 10, -1, rng) == [0, 9]).all()
+    assert (step5.candidate_splits(5, 10, -2, rng) == [4, 5]).all()
+    assert (step5.candidate_splits(5, 4, -2, rng) == [1, 2]).all()
+    random_two = step5.candidate_splits(2000, 10, 2, rng)
+    assert random_two.shape == (2000, 2) and (random_two[:, 0] != random_two[:, 1]).all()
+    counts = np.bincount(random_two.ravel(), minlength=10)
+    assert counts.min() > 300  # every split is drawn (expected 400 each)
+    with pytest.raises(rm_data.InputError, match="exceeds the 10 responses"):
+        step5.candidate_splits(5, 10, 11, rng)
+
+
+@pytest.mark.parametrize("n_pairs", [1, 3])
+def test_cross_prompt_pairs_never_pair_a_prompt_with_itself(n_pairs):
+    rng = np.random.default_rng(1)
+    prompts = np.arange(100, 160)
+    cands = step5.candidate_splits(60, 10, 3, rng)
+    first_p, first_k, second_p, second_k = step5.build_pairs(prompts, cands, n_pairs, "xprompt", False, rng)
+    assert len(first_p) == 60 * n_pairs
+    assert (first_p != second_p).all()
+    assert set(first_p) == set(prompts) and set(second_p) <= set(prompts)
+    lookup = dict(zip(prompts, cands))
+    assert all(k in lookup[p] for p, k in zip(first_p, first_k))
+    assert all(k in lookup[p] for p, k in zip(second_p, second_k))
+    partners = second_p.reshape(60, n_pairs)
+    assert all(len(set(row)) == n_pairs for row in partners)  # distinct partners per prompt
+    own = first_k.reshape(60, n_pairs)
+    assert all(len(set(row)) == n_pairs for row in own)  # replacement_false: distinct responses
+
+
+def test_same_prompt_pairs_use_two_distinct_candidates():
+    rng = np.random.default_rng(2)
+    cands = step5.candidate_splits(40, 10, 4, rng)
+    first_p, first_k, second_p, second_k = step5.build_pairs(np.arange(40), cands, 2, "same", False, rng)
+    assert (first_p == second_p).all() and (first_k != second_k).all()
+
+
+@pytest.mark.parametrize("quality,scale", [(10.0, 6.0), (1.0, 1.0), (0.5, 6.0)])
+def test_realised_flip_rate_matches_sigmoid_theory(quality, scale):
+    rng = np.random.default_rng(3)
+    deltas = np.repeat([0.3, 1.0, -2.0, 4.0], 50_000)
+    first_wins, prob = step5.simulate_annotator(deltas, np.zeros_like(deltas), quality, scale, rng)
+    stats = step5.pair_statistics(deltas, np.zeros_like(deltas), first_wins, prob, scale)
+    theory = expit(-quality * np.abs(deltas) / scale).mean()
+    assert stats["expected_flip_rate"] == pytest.approx(theory)
+    assert stats["label_flip_rate"] == pytest.approx(theory, abs=5 * np.sqrt(theory * (1 - theory) / len(deltas)))
+
+
+def test_negative_quality_gives_noise_free_labels():
+    rng = np.random.default_rng(4)
+    first, second = rng.normal(size=1000), rng.normal(size=1000)
+    wins, prob = step5.simulate_annotator(first, second, -1.0, 6.0, rng)
+    assert (wins == (first > second)).all()
+    assert step5.pair_statistics(first, second, wins, prob, 6.0)["label_flip_rate"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Training, checkpoints, determinism
+# --------------------------------------------------------------------------------------------
+
+
+def test_step5_outputs_and_manifest(trained_run, demo_dir):
+    manifest = json.loads((trained_run / rm_data.MANIFEST_FILE).read_text())
+    assert len(manifest["checkpoints"]) == 2
+    assert manifest["checkpoints"][1] == (
+        "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.001.ckpt")
+    assert manifest["pair_statistics"]["n_pairs"] == 120
+    assert 0 <= manifest["pair_statistics"]["label_flip_rate"] < 0.5
+    assert manifest["prompt_counts"] == {"orm_train": 120, "calibration": 84, "student_train": 28, "held_out": 28}
+    for name in manifest["checkpoints"]:
+        model = networks.load_checkpoint(trained_run / name, expected_dim=48)
+        assert model.input_dim == 48
+    partition = json.loads((trained_run / rm_data.PARTITION_FILE).read_text())
+    assert partition["orm_train"] == rm_data.make_partition(260, 120, seed=3)["orm_train"]
+
+
+def test_step5_is_deterministic(trained_run, demo_dir, tmp_path):
+    step5.main(["--data_dir", str(demo_dir), "--output_dir", str(tmp_path), *STEP5_FAST])
+    for path in sorted(trained_run.iterdir()):
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+    other = tmp_path / "other_seed"
+    step5.main(["--data_dir", str(demo_dir), "--output_dir", str(other), *STEP5_FAST[:-1], "4"])
+    a = torch.load(next(trained_run.glob("*_0_seed3_*.ckpt")), weights_only=True)
+    b = torch.load(next(other.glob("*_0_seed4_*.ckpt")), weights_only=True)
+    assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+
+
+def test_bt_loss_feeds_each_pair_once_and_matches_definition():
+    winners, losers = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.0])
+    expected = -torch.log(torch.sigmoid(winners - losers)).mean()
+    assert torch.allclose(networks.bt_loss(winners, losers), expected)
+
+
+def test_checkpoint_input_size_mismatch_is_a_clear_error(trained_run):
+    path = next(trained_run.glob("*.ckpt"))
+    with pytest.raises(rm_data.InputError, match="D=48, data has D=2048"):
+        networks.load_checkpoint(path, expected_dim=2048)
+
+
+# Measured on this demo (n_sample 1000, 5 epochs, D=48): bt and clf reach held-out ensemble-mean
+# Spearman ~0.8; an untrained network gives |rho| < 0.2. 0.6 leaves margin for seeds and BLAS.
+@pytest.mark.parametrize("objective", ["bt", "clf"])
+def test_objective_learns_the_demo(objective, tmp_path, demo_dir, tmp_path_factory):
+    data = tmp_path / "data"
+    from generate_demo_data import main as generate
+
+    generate(["--output_dir", str(data), "--n_prompts", "1100", "--emb_dim", "48", "--seed", "2"])
+    out = tmp_path / "out"
+    step5.main(["--data_dir", str(data), "--output_dir", str(out), "--rm_objective", objective,
+                "--n_sample", "1000", "--ensemble_number", "2", "--training_epochs", "5", "--batch_size", "64"])
+    results = step6.main(["--output_dir", str(out), "--bon_draws", "5", "--n_cross_pairs", "1000"])
+    rho = results["held_out"]["ranking"]["ensemble_mean"]["spearman_per_prompt"]["mean"]
+    assert rho > 0.6, rho
+
+
+# --------------------------------------------------------------------------------------------
+# Step 6: leak-free, deterministic
+# --------------------------------------------------------------------------------------------
+
+
+def test_step6_reads_only_held_out_and_test_prompts(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    read = {"train": set(), "test": set()}
+    original = rm_data.EmbeddingSet.read_rows
+
+    def recording_read_rows(self, split, prompt_ids):
+        read[self.kind].update(np.asarray(prompt_ids).tolist())
+        return original(self, split, prompt_ids)
+
+    monkeypatch.setattr(rm_data.EmbeddingSet, "read_rows", recording_read_rows)
+    results = step6.main(["--output_dir", str(out), "--bon_draws", "5"])
+    partition = json.loads((out / rm_data.PARTITION_FILE).read_text())
+    assert read["train"] == set(partition["held_out"])
+    assert not read["train"] & set(partition["orm_train"])
+    assert read["test"] == set(range(6))
+    held = results["held_out"]
+    assert held["n_prompts"] == 28 and held["n_responses"] == 280
+    assert held["ranking"]["ensemble_first"] == held["ranking"]["member_0"]
+    assert results["test"]["best_of_n"]["curves"]["oracle"]["n"] == [2, 5, 10, 30]
+    assert (out / "eval_best_of_n_bt.png").stat().st_size > 10_000
+
+
+def test_step6_is_deterministic(trained_run, tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        shutil.copytree(trained_run, out)
+        step6.main(["--output_dir", str(out), "--bon_draws", "5"])
+        results = json.loads((out / "eval_results_bt.json").read_text())
+        results.pop("manifest")
+        outputs.append(results)
+    assert outputs[0] == outputs[1]
+
+
+def test_step6_checks_seed_flags_against_manifest(trained_run, capsys):
+    from conftest import run_failing
+
+    err = run_failing(step6.main, ["--output_dir", str(trained_run), "--rm_objective", "clf"], capsys)
+    assert "--rm_objective clf does not match" in err
+
+
+def test_ensemble_variants():
+    scores = np.array([[[1.0, 2.0]], [[3.0, 0.0]]])
+    variants = step6.ensemble_variants(scores)
+    assert np.allclose(variants["ensemble_mean"], [[2.0, 1.0]])
+    assert np.allclose(variants["ensemble_min"], [[1.0, 0.0]])
+    assert np.allclose(variants["ensemble_first"], [[1.0, 2.0]])
+    assert np.allclose(variants["ensemble_mean_minus_std"], [[1.0, 0.0]])
+
+
+def test_score_reads_in_chunks_identically(trained_run, demo_dir):
+    data = rm_data.load_embedding_set(demo_dir)
+    manifest = rm_data.load_manifest(trained_run)
+    models = [networks.load_checkpoint(p) for p in rm_data.checkpoint_paths(trained_run, manifest)]
+    prompts = np.array([5, 3, 200, 17, 44])
+    whole = data.score(prompts, networks.ensemble_scorer(models))
+    chunked = data.score(prompts, networks.ensemble_scorer(models), chunk_rows=2)
+    assert whole.shape == (2, 5, 10)
+    np.testing.assert_allclose(whole, chunked, rtol=1e-5, atol=1e-6)  # BLAS blocking varies with B
+    direct = models[1](torch.from_numpy(np.asarray(data.embeddings[7][[200]], dtype=np.float32)))
+    assert whole[1, 2, 7] == pytest.approx(float(direct[0]), abs=1e-6)
+
+
+def test_paths_are_relative_to_output_dir(trained_run):
+    manifest = rm_data.load_manifest(trained_run)
+    assert all(Path(p).parent == trained_run for p in rm_data.checkpoint_paths(trained_run, manifest))
