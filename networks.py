@@ -192,18 +192,121 @@ def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:
     if expected_dim is not None and input_dim != expected_dim:
         raise InputError(f"{path}: checkpoint expects embeddings of size D={input_dim}, "
                          f"data has D={expected_dim}")
-    model = MLP(input_dim, hidden)
+    with torch.device("meta"):  # no throw-away random initialisation
+        model = MLP(input_dim, hidden)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError:
         raise InputError(f"{path}: inconsistent layer shapes in checkpoint") from None
     return model.eval()
 
 
-def ensemble_scorer(models: Sequence[MLP]):
+class StackedEnsemble:
+    """M MLPs of one shape evaluated together: (B, D) -> (M, B) in three large matrix products.
+
+    The first layer, whose input all members share, is one (B, D) x (D, M * H1) product; the other
+    two are batched over members. This replaces M small forward passes per chunk.
+    """
+
+    def __init__(self, models: Sequence[MLP]):
+        with torch.no_grad():
+            self.w1 = torch.cat([m.fc1.weight for m in models]).T.contiguous()  # (D, M * H1)
+            self.b1 = torch.cat([m.fc1.bias for m in models])  # (M * H1,)
+            self.w2 = torch.stack([m.fc2.weight.T for m in models])  # (M, H1, H2)
+            self.b2 = torch.stack([m.fc2.bias for m in models])[:, None, :]  # (M, 1, H2)
+            self.w3 = torch.stack([m.fc3.weight.T for m in models])  # (M, H2, 1)
+            self.b3 = torch.stack([m.fc3.bias for m in models])[:, None, :]  # (M, 1, 1)
+        self.n_members, self.hidden = len(models), models[0].fc1.out_features
+
+    @torch.inference_mode()
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(rows)
+        h1 = torch.relu(torch.addmm(self.b1, x, self.w1))  # (B, M * H1)
+        h1 = h1.view(len(x), self.n_members, self.hidden).transpose(0, 1)  # (M, B, H1)
+        h2 = torch.relu(torch.baddbmm(self.b2, h1, self.w2))
+        return torch.baddbmm(self.b3, h2, self.w3).squeeze(-1).numpy()  # (M, B)
+
+
+def ensemble_scorer(models: Sequence[MLP]) -> StackedEnsemble:
     """A function (B, D) float32 numpy -> (M, B) float32 numpy scoring with every model."""
-    def score(rows: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(rows)
-            return torch.stack([model(x) for model in models]).numpy()
-    return score
+    return StackedEnsemble(models)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation (step 7): regress a student MLP onto calibrated teacher scores
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    best_epoch: int
+    epochs_run: int
+    best_val_mse: float  # on the targets' scale, of the returned (best) weights
+    train_mse: float  # on the targets' scale, of the returned weights
+    target_mean: float
+    target_std: float
+    samples_per_second: float
+
+
+@torch.inference_mode()
+def predict_rows(model: MLP, features: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Scores (len(rows),) of ``features[rows]``, computed ``chunk`` rows at a time."""
+    model.eval()
+    return torch.cat([model(features[rows[start:start + chunk]]) for start in range(0, len(rows), chunk)])
+
+
+def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: torch.Tensor,
+                  val_rows: torch.Tensor, config: TrainConfig,
+                  generator: torch.Generator) -> tuple[MLP, DistillResult]:
+    """Train an MLP by mean squared error towards ``targets``; early stopping, best weights restored.
+
+    features: (R, D) float32; targets: (R,) float32 on the golden scale
+    train_rows, val_rows: (T,), (V,) int64 row indices (whole prompts on each side: the caller's job)
+    generator: seeds initialisation and shuffling
+
+    Targets are standardised with the training rows' mean and std while fitting (so the learning
+    rate does not depend on the reward scale) and the last layer is rescaled afterwards, so the
+    returned model outputs the targets' scale directly and its checkpoint is a plain MLP.
+    """
+    train_targets = targets[train_rows].double()
+    mean = float(train_targets.mean())
+    std = float(train_targets.std()) if len(train_rows) > 1 else 0.0
+    std = std if std > 0 else 1.0
+    scaled = ((targets.double() - mean) / std).float()
+    model = MLP(features.shape[1], generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+
+    def val_loss() -> float:
+        return float(F.mse_loss(predict_rows(model, features, val_rows), scaled[val_rows]))
+
+    best_loss, best_epoch, best_state, epochs_run = math.inf, 0, None, 0
+    samples, train_seconds = 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+        start_time = time.perf_counter()
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            loss = F.mse_loss(model(features[batch]), scaled[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        train_seconds += time.perf_counter() - start_time
+        samples += len(order)
+        epochs_run = epoch
+        loss = val_loss()
+        if loss < best_loss:
+            best_loss, best_epoch = loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            log.info("early stop at epoch %d (best %d, val mse %.4f std units)", epoch, best_epoch, best_loss)
+            break
+    model.load_state_dict(best_state)
+    with torch.no_grad():  # fold the target standardisation into the output layer
+        model.fc3.weight.mul_(std)
+        model.fc3.bias.mul_(std).add_(mean)
+    model.eval()
+
+    def mse(rows: torch.Tensor) -> float:
+        return float(F.mse_loss(predict_rows(model, features, rows).double(), targets[rows].double()))
+
+    return model, DistillResult(best_epoch, epochs_run, mse(val_rows), mse(train_rows), mean, std,
+                                samples / max(train_seconds, 1e-9))

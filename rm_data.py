@@ -40,8 +40,8 @@ ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
 MIN_NON_ORM_PROMPTS = 20
 PARTITION_FILE = "prompt_split.json"
 MANIFEST_FILE = "orm_manifest.json"
-# Rows read per chunk when scanning a memory-mapped split (8192 x 2048 float32 = 64 MiB).
-DEFAULT_CHUNK_ROWS = 8192
+# Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
+DEFAULT_CHUNK_ROWS = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,17 +220,20 @@ class EmbeddingSet:
               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
         """Apply ``score_fn`` ((B, D) float32 -> (M, B)) to every response of ``prompt_ids``.
 
-        Returns (M, len(prompt_ids), K) float32, reading one chunk of rows at a time.
+        Returns (M, len(prompt_ids), K) float32. Rows are read one chunk of prompts at a time, all
+        K responses of a chunk scored in one call, so batches stay large even for K = 500 test
+        splits of a few prompts each.
         """
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        per_chunk = max(1, chunk_rows // self.n_splits)
         out = None
-        for k in range(self.n_splits):
-            for start in range(0, len(prompt_ids), chunk_rows):
-                ids = prompt_ids[start:start + chunk_rows]
-                scores = np.asarray(score_fn(self.read_rows(k, ids)))
-                if out is None:
-                    out = np.empty((scores.shape[0], len(prompt_ids), self.n_splits), np.float32)
-                out[:, start:start + len(ids), k] = scores
+        for start in range(0, len(prompt_ids), per_chunk):
+            ids = prompt_ids[start:start + per_chunk]
+            rows = np.concatenate([self.read_rows(k, ids) for k in range(self.n_splits)])
+            scores = np.asarray(score_fn(rows))  # (M, K * len(ids)), split-major
+            if out is None:
+                out = np.empty((scores.shape[0], len(prompt_ids), self.n_splits), np.float32)
+            out[:, start:start + len(ids)] = scores.reshape(-1, self.n_splits, len(ids)).transpose(0, 2, 1)
         return out
 
 

@@ -220,7 +220,8 @@ def test_score_reads_in_chunks_identically(trained_run, demo_dir):
     chunked = data.score(prompts, networks.ensemble_scorer(models), chunk_rows=2)
     assert whole.shape == (2, 5, 10)
     np.testing.assert_allclose(whole, chunked, rtol=1e-5, atol=1e-6)  # BLAS blocking varies with B
-    direct = models[1](torch.from_numpy(np.asarray(data.embeddings[7][[200]], dtype=np.float32)))
+    with torch.no_grad():
+        direct = models[1](torch.from_numpy(np.asarray(data.embeddings[7][[200]], dtype=np.float32)))
     assert whole[1, 2, 7] == pytest.approx(float(direct[0]), abs=1e-6)
 
 
