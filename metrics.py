@@ -88,55 +88,60 @@ def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: 
             "n_prompts": n_prompts, "n_responses": pred.size}
 
 
+def _permute(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """values (P, R) reordered by order (P, draws, R) -> (P, draws, R)."""
+    return np.take_along_axis(np.broadcast_to(values[:, None, :], order.shape), order, axis=2)
+
+
 def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: int, seed: int,
               ns: Sequence[int] = BEST_OF_N) -> dict:
     """Best-of-N curves of several predictors on shared random subsets, with oracle and random.
 
-    For each N (<= responses per prompt), ``n_draws`` seeded uniformly random N-subsets are drawn
-    per prompt; each predictor picks the argmax of its prediction in the subset (ties broken
-    uniformly at random by keys shared across predictors, so a predictor's curve does not depend on
-    which others are evaluated beside it). Reported per predictor and N: mean golden reward of the
-    picks, its standard error over prompts (of the per-prompt mean over draws), and the mean
-    quantile of the pick among all of the prompt's responses (0 worst, 1 best, by golden rank).
+    Each draw is a seeded uniformly random ordering of a prompt's responses; its first N responses
+    are the draw's N-subset, so subsets are nested across N (common random numbers: the oracle's
+    curve is monotone and differences between N are not swamped by resampling noise). Each
+    predictor picks the argmax of its prediction in the subset, ties broken uniformly at random by
+    keys shared across predictors (a predictor's curve does not depend on which others are
+    evaluated beside it). Reported per predictor and N (<= responses per prompt): mean golden
+    reward of the picks, its standard error over prompts (of the per-prompt mean over draws), and
+    the mean quantile of the pick among all the prompt's responses (0 worst, 1 best, golden rank).
     ``oracle`` picks the golden argmax; ``random`` is the expected reward of a uniform pick.
     """
     gold = np.asarray(gold, dtype=np.float64)
     n_prompts, n_resp = gold.shape
     preds = {name: _check(p, gold)[0] for name, p in predictions.items()}
     preds["oracle"] = gold
+    ns = [n for n in ns if n <= n_resp]
     quantile = (rankdata(gold, axis=1) - 1) / max(n_resp - 1, 1)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB0F]))
-    curves = {name: {"n": [], "mean": [], "stderr": [], "quantile": []} for name in [*preds, "random"]}
-    for n in [n for n in ns if n <= n_resp]:
-        picked_gold = {name: np.empty(n_prompts) for name in curves}
-        picked_quantile = {name: np.empty(n_prompts) for name in curves}
-        chunk = max(1, _BLOCK_ELEMENTS // (n_draws * n_resp))
-        for start in range(0, n_prompts, chunk):
-            rows = slice(start, min(start + chunk, n_prompts))
-            g, q = gold[rows][:, None, :], quantile[rows][:, None, :]
-            keys = rng.random((g.shape[0], n_draws, n_resp))
-            subset = np.argpartition(keys, n - 1, axis=2)[..., :n]  # (p, draws, n) uniform subset
-            tie_keys = rng.random(subset.shape)
-            sub_gold = np.take_along_axis(np.broadcast_to(g, keys.shape), subset, axis=2)
-            sub_q = np.take_along_axis(np.broadcast_to(q, keys.shape), subset, axis=2)
-            picked_gold["random"][rows] = sub_gold.mean(axis=(1, 2))
-            picked_quantile["random"][rows] = sub_q.mean(axis=(1, 2))
-            for name, p in preds.items():
-                sub_pred = np.take_along_axis(np.broadcast_to(p[rows][:, None, :], keys.shape),
-                                              subset, axis=2)
-                is_max = sub_pred == sub_pred.max(axis=2, keepdims=True)
-                pick = np.argmax(np.where(is_max, tie_keys, -1.0), axis=2)[..., None]
-                picked_gold[name][rows] = np.take_along_axis(sub_gold, pick, axis=2).mean(axis=(1, 2))
-                picked_quantile[name][rows] = np.take_along_axis(sub_q, pick, axis=2).mean(axis=(1, 2))
-        for name, curve in curves.items():
-            per_prompt = picked_gold[name]
-            curve["n"].append(n)
-            curve["mean"].append(float(per_prompt.mean()))
-            curve["stderr"].append(float(per_prompt.std(ddof=1) / np.sqrt(n_prompts))
-                                   if n_prompts > 1 else float("nan"))
-            curve["quantile"].append(float(picked_quantile[name].mean()))
-    return {"curves": curves, "n_draws": n_draws, "n_prompts": n_prompts,
-            "n_responses": gold.size}
+    names = [*preds, "random"]
+    picked_gold = {name: np.empty((len(ns), n_prompts)) for name in names}
+    picked_quantile = {name: np.empty((len(ns), n_prompts)) for name in names}
+    chunk = max(1, _BLOCK_ELEMENTS // (n_draws * n_resp))
+    for start in range(0, n_prompts, chunk):
+        rows = slice(start, min(start + chunk, n_prompts))
+        shape = (rows.stop - rows.start, n_draws, n_resp)
+        order = np.argsort(rng.random(shape), axis=2)  # a random ordering per prompt and draw
+        tie_keys = rng.random(shape)
+        gold_perm, quantile_perm = _permute(gold[rows], order), _permute(quantile[rows], order)
+        for i, n in enumerate(ns):
+            picked_gold["random"][i, rows] = gold_perm[..., :n].mean(axis=(1, 2))
+            picked_quantile["random"][i, rows] = quantile_perm[..., :n].mean(axis=(1, 2))
+        for name, pred in preds.items():
+            pred_perm = _permute(pred[rows], order)
+            for i, n in enumerate(ns):
+                subset = pred_perm[..., :n]
+                is_max = subset == subset.max(axis=2, keepdims=True)
+                pick = np.argmax(np.where(is_max, tie_keys[..., :n], -1.0), axis=2)[..., None]
+                picked_gold[name][i, rows] = np.take_along_axis(gold_perm, pick, axis=2).mean(axis=(1, 2))
+                picked_quantile[name][i, rows] = np.take_along_axis(quantile_perm, pick, axis=2).mean(axis=(1, 2))
+    curves = {}
+    for name in names:
+        per_prompt = picked_gold[name]
+        stderr = per_prompt.std(axis=1, ddof=1) / np.sqrt(n_prompts) if n_prompts > 1 else np.full(len(ns), np.nan)
+        curves[name] = {"n": list(ns), "mean": per_prompt.mean(axis=1).tolist(), "stderr": stderr.tolist(),
+                        "quantile": picked_quantile[name].mean(axis=1).tolist()}
+    return {"curves": curves, "n_draws": n_draws, "n_prompts": n_prompts, "n_responses": gold.size}
 
 
 def calibration_errors(pred: np.ndarray, gold: np.ndarray) -> dict:

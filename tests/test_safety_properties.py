@@ -1,0 +1,84 @@
+"""No code path unpickles; metric properties hold on random inputs (hypothesis)."""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.stats import spearmanr
+
+import metrics
+from conftest import ROOT
+
+UNSAFE = re.compile(r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?![^)]*weights_only=True)|allow_pickle=True")
+
+
+def test_no_source_file_unpickles():
+    offenders = []
+    for path in ROOT.glob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if UNSAFE.search(line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    import pickle
+
+    import networks
+    from cli import InputError
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.ckpt"
+    import torch
+
+    torch.save({"fc1.weight": Exploit()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(InputError, match="not a readable weights-only PyTorch checkpoint"):
+        networks.load_checkpoint(path)
+    assert not marker.exists()
+
+
+score_matrix = st.integers(2, 6).flatmap(lambda r: st.tuples(
+    arrays(np.float64, (4, r), elements=st.integers(-3, 3).map(float)),
+    arrays(np.float64, (4, r), elements=st.floats(-5, 5, allow_nan=False, width=32))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(score_matrix)
+def test_spearman_matches_scipy_property(mats):
+    pred, gold = mats
+    expected = [spearmanr(p, g).statistic for p, g in zip(pred, gold)
+                if np.ptp(p) > 0 and np.ptp(g) > 0]
+    result = metrics.per_prompt_spearman(pred, gold)
+    assert result["n_prompts_used"] == len(expected)
+    if expected:
+        assert result["mean"] == pytest.approx(np.mean(expected), abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(score_matrix)
+def test_pairwise_accuracy_bounds_and_symmetry(mats):
+    pred, gold = mats
+    acc = metrics.same_prompt_pairwise_accuracy(pred, gold)
+    flipped = metrics.same_prompt_pairwise_accuracy(-pred, gold)
+    if acc["n_pairs"]:
+        assert 0.0 <= acc["accuracy"] <= 1.0
+        assert acc["accuracy"] + flipped["accuracy"] == pytest.approx(1.0)  # ties count 1/2 both ways
+        assert metrics.same_prompt_pairwise_accuracy(gold, gold)["accuracy"] == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays(np.float64, (5, 12), elements=st.floats(-5, 5, allow_nan=False, width=32)), st.integers(0, 100))
+def test_oracle_best_of_n_is_monotone_and_dominates(gold, seed):
+    curves = metrics.best_of_n(gold, {"model": gold[:, ::-1].copy()}, n_draws=8, seed=seed, ns=(2, 5, 10))["curves"]
+    oracle = curves["oracle"]["mean"]
+    assert all(b >= a - 1e-12 for a, b in zip(oracle, oracle[1:])) or np.ptp(gold) == 0
+    for name in ("model", "random"):
+        assert all(o >= m - 1e-12 for o, m in zip(oracle, curves[name]["mean"]))
