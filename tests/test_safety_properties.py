@@ -4,13 +4,13 @@ import re
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import spearmanr
 
 import metrics
-from conftest import ROOT
 
 UNSAFE = re.compile(r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?![^)]*weights_only=True)|allow_pickle=True")
 
