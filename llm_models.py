@@ -1,0 +1,457 @@
+"""What the GPU steps 1-4 share: model names and loading, hh-rlhf text handling, the file flow.
+
+File flow. Steps 1-3.5 work inside ``--output_dir`` (default ``distill_out``); step 4 writes the
+data directory of DESIGN section 3 that steps 5-8 read::
+
+  step1_sft.py                {output_dir}/ckpts_SFT/SFT_{model}_{dataset}/  LoRA adapter, sft_run.json
+  step2_gen_sample.py         {gen_dir}/{data_class}_part{k}.jsonl        query, id, response_0.., settings
+                              {gen_dir}/{data_class}_part{k}.summary.json counts, skipped long prompts
+  step3_reward_annotation.py  {gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl  cut responses, rewards
+  step3.5_processing_data.py  {gen_dir}/{data_class}_ranked_{rm}.jsonl    per prompt, sorted ascending
+  step4_gen_embeddings.py     {data_dir}/EMBD-TRAIN-split_{k}.npy + rewards_split_{k}.json
+                              (test: EMBD-TEST-split_{k}.npy + rewards_test_split_{k}.json)
+
+``gen_dir`` = ``{output_dir}/generations/{model}_{adapter}_{dataset}_{eval_dataset}_len{max_len}_temp{T}``;
+steps 2-4 take the same generation flags (``add_generation_args``) so they all find it. ``data_class``
+is ``train`` (10 responses per prompt in the paper) or ``test`` (500, for best-of-N curves); ``k`` is
+one of ``--n_parts`` (5) contiguous parts of the prompt set, so parts can run on separate GPUs.
+
+Text conventions: a response is cut at its first "\\n\\nHuman" (the model starting the next turn
+itself) and stripped; the text scored by the golden reward model in step 3 and embedded in step 4 is
+``scored_text(query, cut_response)``, one function, so both see exactly the same string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import InputError, finite_float, positive_int
+from rm_data import atomic_path
+
+log = logging.getLogger(__name__)
+
+MODEL_IDS = {
+    "gemma2b": "google/gemma-2b",
+    "gemma7b": "google/gemma-7b",
+    "llama38b": "meta-llama/Meta-Llama-3-8B",
+    "rmmistral7b": "weqweasdas/RM-Mistral-7B",
+    "rayharmless": "Ray2333/gpt2-large-harmless-reward_model",
+}
+# The paper's golden reward model per task.
+GOLDEN_RM_FOR_TASK = {"helpful": "rmmistral7b", "harmless": "rayharmless"}
+TASKS = ("helpful", "harmless")
+HH_RLHF_HUB_ID = "Anthropic/hh-rlhf"
+HUMAN_TURN = "\n\nHuman"
+ASSISTANT_TURN = "\n\nAssistant:"
+REPO_ROOT = Path(__file__).resolve().parent
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+# --------------------------------------------------------------------------------------------
+# Names: models, datasets, tasks
+# --------------------------------------------------------------------------------------------
+def resolve_model(name: str, flag: str) -> str:
+    """A short name, an existing local folder or a hub id ``owner/name`` -> what ``from_pretrained`` takes."""
+    if name in MODEL_IDS:
+        return MODEL_IDS[name]
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{flag} {name}: expected a model folder, found a file")
+        return str(path)
+    if _HUB_ID.fullmatch(name) and not name.startswith("."):
+        return name
+    raise InputError(f"{flag} {name}: no such model folder, and not a short name "
+                     f"({', '.join(MODEL_IDS)}) or hub id owner/name")
+
+
+def model_tag(name: str) -> str:
+    """A file-name-safe tag for a model given by short name, folder or hub id."""
+    if name in MODEL_IDS:
+        return name
+    tail = Path(name.rstrip("/")).name or "model"
+    return re.sub(r"[^\w.-]+", "-", tail)
+
+
+def task_of(*dataset_names: str | None) -> str | None:
+    """'helpful' or 'harmless' from the first dataset name that mentions one (hh-rlhf-helpful-gpt4)."""
+    for name in dataset_names:
+        for task in TASKS:
+            if name and task in name:
+                return task
+    return None
+
+
+def default_golden_rm(dataset: str, eval_dataset: str | None) -> str:
+    """The paper's golden reward model for the task named by ``--eval_dataset`` or ``--dataset``."""
+    task = task_of(eval_dataset, dataset)
+    if task is None:
+        raise InputError(f"--reward_model is required: neither --eval_dataset {eval_dataset!r} nor "
+                         f"--dataset {dataset!r} names a task ({', '.join(TASKS)})")
+    return GOLDEN_RM_FOR_TASK[task]
+
+
+# --------------------------------------------------------------------------------------------
+# hh-rlhf text
+# --------------------------------------------------------------------------------------------
+def split_hh_dialogue(text: str) -> tuple[str, str]:
+    """hh-rlhf text -> (prompt up to and including the last "\\n\\nAssistant:", completion = the rest)."""
+    cut = text.rfind(ASSISTANT_TURN)
+    if cut == -1:
+        raise ValueError(f"no {ASSISTANT_TURN!r} in dialogue: {text[:80]!r}")
+    cut += len(ASSISTANT_TURN)
+    return text[:cut], text[cut:]
+
+
+def cut_response(response: str) -> str:
+    """The generated response up to its first "\\n\\nHuman" (where the model starts a new turn), stripped."""
+    cut = response.find(HUMAN_TURN)
+    return (response if cut == -1 else response[:cut]).strip()
+
+
+def scored_text(query: str, cut: str) -> str:
+    """The exact string step 3 scores and step 4 embeds: the hh-rlhf form "...Assistant: response"."""
+    return f"{query} {cut}" if cut else query
+
+
+def gpt4_demo_prompt(query: str) -> str:
+    """Prompt of a GPT-4 demonstration row: the dialogue from its first "Human:" on (the seed CSV's
+    queries open with an instruction preamble, which the seed dropped as ``query[85:]``), ending
+    with "\\n\\nAssistant:"."""
+    start = query.find("Human:")
+    dialogue = query if start == -1 else "\n\n" + query[start:]
+    dialogue = dialogue.rstrip()
+    if dialogue.endswith("Assistant:"):
+        dialogue = dialogue[: -len("Assistant:")].rstrip()
+    return dialogue + ASSISTANT_TURN
+
+
+def load_hh_rlhf(task: str, split: str, flag: str) -> list[str]:
+    """The "chosen" dialogues of Anthropic/hh-rlhf ``{task}-base``, split 'train' or 'test'."""
+    import datasets  # heavy import, only where the hub data set is used
+
+    try:
+        rows = datasets.load_dataset(HH_RLHF_HUB_ID, data_dir=f"{task}-base", split=split)
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot load {HH_RLHF_HUB_ID} {task}-base/{split} ({first_line}); "
+                         f"pass {flag} with a local file instead") from None
+    return list(rows["chosen"])
+
+
+# --------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------
+def read_table(path: str | Path, columns: Sequence[str], flag: str) -> list[dict]:
+    """Rows of a local ``.jsonl`` (one object per line) or ``.csv`` file, checked for ``columns``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: file not found")
+    try:
+        if path.suffix == ".csv":
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        elif path.suffix in (".jsonl", ".json"):
+            rows = read_jsonl(path)
+        else:
+            raise InputError(f"{flag} {path}: expected a .jsonl or .csv file")
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{flag} {path}: cannot read ({err})") from None
+    if not rows:
+        raise InputError(f"{flag} {path}: no rows")
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if not isinstance(row.get(c), str)]
+        if missing:
+            raise InputError(f"{flag} {path} row {i + 1}: missing text column(s) {', '.join(missing)} "
+                             f"(expected columns {', '.join(columns)})")
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """JSON objects, one per line; a bad line is an error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(f"{path} line {i + 1}: not valid JSON") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path} line {i + 1}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
+    """One JSON object per line, written atomically (a rerun replaces the file, never appends)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+
+
+# --------------------------------------------------------------------------------------------
+# Where each step reads and writes
+# --------------------------------------------------------------------------------------------
+def sft_adapter_dir(output_dir: str | Path, model_name: str, dataset: str) -> Path:
+    """Where step 1 saves the LoRA adapter and step 2 (``--adapter_name sft``) finds it."""
+    return Path(output_dir) / "ckpts_SFT" / f"SFT_{model_tag(model_name)}_{dataset}"
+
+
+def add_generation_args(parser, model_aliases: Sequence[str] = ()) -> None:
+    """The flags that name one generation run; steps 2, 3, 3.5 and 4 take them with the same defaults."""
+    parser.add_argument("--model_name", *model_aliases, dest="model_name", default="gemma2b",
+                        help="policy model that generated the responses: short name "
+                             f"({', '.join(list(MODEL_IDS)[:3])}), local folder or hub id")
+    parser.add_argument("--adapter_name", default="sft",
+                        help="'sft' = step 1's adapter for --model_name/--dataset, 'none' = base model, "
+                             "or a LoRA adapter folder")
+    parser.add_argument("--dataset", default="hh-rlhf-helpful-gpt4",
+                        help="SFT data set name (names step 1's adapter; its task picks the golden RM)")
+    parser.add_argument("--eval_dataset", default="hh-rlhf-helpful",
+                        help="prompt source: hh-rlhf-helpful or hh-rlhf-harmless "
+                             "(any label when step 2 reads --prompts_file)")
+    parser.add_argument("--max_len", type=positive_int, default=128, help="max new tokens per response")
+    parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature")
+    parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """The files of one generation run (see the module docstring for the flow)."""
+
+    output_dir: Path
+    model_name: str
+    adapter_name: str
+    dataset: str
+    eval_dataset: str
+    max_len: int
+    temperature: float
+
+    @classmethod
+    def from_args(cls, args) -> GenerationRun:
+        return cls(Path(args.output_dir), args.model_name, args.adapter_name, args.dataset,
+                   args.eval_dataset, args.max_len, args.temperature)
+
+    @property
+    def folder(self) -> Path:
+        name = (f"{model_tag(self.model_name)}_{model_tag(self.adapter_name)}_{self.dataset}_"
+                f"{self.eval_dataset}_len{self.max_len}_temp{self.temperature:g}")
+        return self.output_dir / "generations" / re.sub(r"[^\w.-]+", "-", name)
+
+    def samples_path(self, data_class: str, part: int) -> Path:
+        return self.folder / f"{data_class}_part{part}.jsonl"
+
+    def summary_path(self, data_class: str, part: int) -> Path:
+        return self.folder / f"{data_class}_part{part}.summary.json"
+
+    def scored_path(self, data_class: str, part: int, reward_model: str) -> Path:
+        return self.folder / f"{data_class}_part{part}.scored_{model_tag(reward_model)}.jsonl"
+
+    def ranked_path(self, data_class: str, reward_model: str) -> Path:
+        return self.folder / f"{data_class}_ranked_{model_tag(reward_model)}.jsonl"
+
+    def parts_present(self, data_class: str, reward_model: str | None = None) -> list[int]:
+        """Part indices with a samples file (or, given ``reward_model``, a scored file), ascending."""
+        if reward_model is None:
+            pattern = re.compile(rf"{data_class}_part(\d+)\.jsonl\Z")
+        else:
+            rm_tag = re.escape(model_tag(reward_model))
+            pattern = re.compile(rf"{data_class}_part(\d+)\.scored_{rm_tag}\.jsonl\Z")
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := pattern.match(p.name)))
+
+
+def part_bounds(n_items: int, n_parts: int, part: int) -> tuple[int, int]:
+    """[start, stop) of contiguous part ``part`` of ``n_parts``; the parts cover all items (no remainder
+    is dropped, unlike the seed's ``int(total / 5)`` slices)."""
+    return n_items * part // n_parts, n_items * (part + 1) // n_parts
+
+
+def response_count(record: dict) -> int:
+    """Number of ``response_{i}`` keys of a step-2 record (they must be 0..n-1)."""
+    n = sum(1 for key in record if key.startswith("response_"))
+    if any(f"response_{i}" not in record for i in range(n)):
+        raise ValueError("response keys are not response_0..response_{n-1}")
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, dtypes, models
+# --------------------------------------------------------------------------------------------
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, training: bool = False) -> torch.dtype:
+    """bf16 on GPUs that support it; fp16 on older GPUs for inference only (fp16 training diverges
+    too easily without care, so training falls back to fp32 there); fp32 on CPU."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32 if training else torch.float16
+    return torch.float32
+
+
+def _load_error(flag: str, name: str, what: str, err: Exception) -> InputError:
+    text = str(err).strip()
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    return InputError(f"{flag} {name}: cannot load {what} ({first_line})")
+
+
+def load_tokenizer(name: str, flag: str, padding_side: str | None = None):
+    """The model's tokenizer, with a pad token (eos when it has none, as Llama-3 and Gemma-base need)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _load_error(flag, name, "tokenizer", err) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"{flag} {name}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(name: str, flag: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name, flag)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(flag, name, "causal LM", err) from None
+    return model.to(device)
+
+
+def load_embedding_model(name: str, flag: str, device: torch.device, dtype: torch.dtype):
+    """The backbone alone (``AutoModel``, no LM head): its ``last_hidden_state`` is the final layer's
+    hidden state after the final norm, i.e. ``hidden_states[-1]`` of the full model."""
+    from transformers import AutoModel
+
+    path = resolve_model(name, flag)
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(flag, name, "embedding model", err) from None
+    return model.to(device).eval()
+
+
+def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.dtype, tokenizer):
+    """A one-output ``AutoModelForSequenceClassification``; its pad id is aligned with the tokenizer's,
+    since the model pools the logit at the last token that is not the pad id."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(name, flag)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(flag, name, "sequence-classification reward model", err) from None
+    if model.config.num_labels != 1:
+        raise InputError(f"{flag} {name}: a golden reward model must have one output, "
+                         f"this one has num_labels={model.config.num_labels}")
+    if model.config.pad_token_id != tokenizer.pad_token_id:
+        if model.config.pad_token_id is not None:
+            log.warning("%s: model pad_token_id %s differs from the tokenizer's %s; using the tokenizer's",
+                        name, model.config.pad_token_id, tokenizer.pad_token_id)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Batched forward passes over texts (steps 3 and 4)
+# --------------------------------------------------------------------------------------------
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of each text (with the tokenizer's special tokens), cut to ``max_length``.
+
+    Returns the id lists and a (len(texts),) bool array marking the texts that were cut, so callers
+    can report them.
+    """
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    truncated = np.array([len(seq) > max_length for seq in ids], dtype=bool)
+    return [seq[:max_length] for seq in ids], truncated
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) index of the last real token, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row sees the positions it would
+    see unpadded (models otherwise number pads too)."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str,
+                        batch_size: int, device: torch.device,
+                        desc: str) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield (row indices, model inputs) over batches of similar length, longest first.
+
+    Sorting by length keeps padding small (dynamic padding per batch) and surfaces out-of-memory on
+    the first batch. Inputs hold ``input_ids``, ``attention_mask`` and ``position_ids``, padded on
+    the tokenizer's side.
+    """
+    from tqdm import tqdm
+
+    lengths = np.array([len(seq) for seq in token_ids])
+    order = np.argsort(-lengths, kind="stable")
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
+                      total=math.ceil(len(order) / batch_size)):
+        rows = order[start:start + batch_size]
+        width = int(lengths[rows].max())
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            seq = torch.as_tensor(token_ids[row], dtype=torch.long)
+            span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+            input_ids[i, span] = seq
+            attention_mask[i, span] = 1
+        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                 "position_ids": position_ids_from_mask(attention_mask).to(device)}
+        yield rows, batch
+
+
+# --------------------------------------------------------------------------------------------
+# argparse types local to the GPU steps
+# --------------------------------------------------------------------------------------------
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (temperature 0 means greedy decoding)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def split_arg(text: str) -> int | str:
+    """argparse type for ``--split``: a part index (0, 1, ...) or 'all'."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a part index >= 0 or 'all', got {text!r}")
+    return value

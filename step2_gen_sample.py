@@ -1,0 +1,260 @@
+"""Step 2 (GPU): sample n responses per prompt from the (LoRA-fine-tuned) policy model.
+
+    python3 step2_gen_sample.py --model_name gemma2b --adapter_name sft --dataset hh-rlhf-helpful-gpt4 \\
+        --eval_dataset hh-rlhf-helpful --data_class train --n_samples 10 --max_len 128 --split 0
+
+Prompts: the hh-rlhf ``{task}-base`` split ``--data_class`` (prompt = text up to and including the
+last "\\n\\nAssistant:" of the chosen dialogue), or ``--prompts_file`` (.jsonl/.csv, column prompt).
+``--max_prompts`` keeps the first M prompts (tiny runs); the rest is cut into ``--n_parts``
+contiguous parts and ``--split`` picks one (or ``all``). Prompts longer than ``--max_prompt_len``
+tokens are skipped and counted in the summary file, never dropped silently.
+
+Backends: ``vllm`` (one ``generate`` over all prompts of the run with
+``SamplingParams(n, temperature, top_p=0.95, max_tokens=max_len, seed)``, the LoRA adapter as a
+``LoRARequest``, tensor parallel over the visible GPUs) or ``transformers`` (batched ``generate`` with
+``num_return_sequences``, adapter merged); ``auto`` takes vllm when it is installed and a GPU is
+present. Either way each part is written to ``{gen_dir}/{data_class}_part{k}.jsonl`` (one line per
+prompt: query, id, response_0..response_{n-1}, settings) with a ``.summary.json`` beside it; see
+``llm_models`` for the whole file flow. Files are replaced atomically, so reruns never append.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from llm_models import (
+    GenerationRun,
+    add_generation_args,
+    iter_length_batches,
+    load_causal_lm,
+    load_hh_rlhf,
+    load_tokenizer,
+    part_bounds,
+    pick_device,
+    pick_dtype,
+    read_table,
+    resolve_model,
+    sft_adapter_dir,
+    split_arg,
+    split_hh_dialogue,
+    task_of,
+    write_jsonl,
+)
+from rm_data import ensure_writable_dir, write_json
+
+log = logging.getLogger("step2_gen_sample")
+
+TOP_P = 0.95
+# vllm accepts these LoRA ranks only; the engine is sized for the smallest one >= the adapter's.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_generation_args(parser)
+    parser.add_argument("--data_class", choices=("train", "test"), default="train",
+                        help="which prompts: train (ORM data) or test (best-of-N evaluation)")
+    parser.add_argument("--n_samples", type=positive_int, default=10,
+                        help="responses per prompt (the paper: 10 train, 500 test)")
+    parser.add_argument("--split", type=split_arg, default=0, help="part index 0..n_parts-1, or 'all'")
+    parser.add_argument("--n_parts", type=positive_int, default=5, help="parts the prompt set is cut into")
+    parser.add_argument("--prompts_file", default=None,
+                        help="local .jsonl/.csv with a prompt column, instead of hh-rlhf")
+    parser.add_argument("--max_prompts", type=positive_int, default=None,
+                        help="use only the first M prompts of the set (before it is cut into parts)")
+    parser.add_argument("--max_prompt_len", type=positive_int, default=450,
+                        help="skip (and count) prompts longer than this many tokens")
+    parser.add_argument("--backend", choices=("auto", "vllm", "transformers"), default="auto",
+                        help="vllm if installed and a GPU is present (auto), or the transformers generate loop")
+    parser.add_argument("--batch_size", type=positive_int, default=64,
+                        help="transformers backend: sequences per generate call")
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.7,
+                        help="vllm backend: fraction of GPU memory for the engine")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    args = parser.parse_args(argv)
+    if args.split != "all" and args.split >= args.n_parts:
+        raise InputError(f"--split {args.split}: expected 0..{args.n_parts - 1} or 'all' (--n_parts {args.n_parts})")
+    return args
+
+
+def load_prompts(args) -> list[tuple[int, str]]:
+    """(id, prompt) of the whole prompt set; id is the row in the source."""
+    if args.prompts_file is not None:
+        rows = read_table(args.prompts_file, ("prompt",), "--prompts_file")
+        prompts = [(i, row["prompt"]) for i, row in enumerate(rows)]
+    else:
+        task = task_of(args.eval_dataset)
+        if task is None or not args.eval_dataset.startswith("hh-rlhf"):
+            raise InputError(f"--eval_dataset {args.eval_dataset}: expected hh-rlhf-helpful or "
+                             "hh-rlhf-harmless, or pass --prompts_file")
+        prompts = []
+        for i, dialogue in enumerate(load_hh_rlhf(task, args.data_class, "--prompts_file")):
+            try:
+                prompts.append((i, split_hh_dialogue(dialogue)[0]))
+            except ValueError:
+                log.warning("hh-rlhf %s row %d has no assistant turn; skipped", args.data_class, i)
+    return prompts[:args.max_prompts] if args.max_prompts else prompts
+
+
+def resolve_adapter(args) -> Path | None:
+    """None for the base model, else a folder holding a peft adapter_config.json."""
+    if args.adapter_name == "none":
+        return None
+    if args.adapter_name == "sft":
+        path = sft_adapter_dir(args.output_dir, args.model_name, args.dataset)
+        hint = " (run step1_sft.py with the same --model_name/--dataset/--output_dir, or --adapter_name none)"
+    else:
+        path, hint = Path(args.adapter_name).expanduser(), ""
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"--adapter_name {args.adapter_name}: no LoRA adapter at {path}{hint}")
+    return path
+
+
+def choose_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    try:
+        import vllm  # noqa: F401 - optional dependency, probed only
+    except ImportError:
+        return "transformers"
+    return "vllm" if torch.cuda.is_available() else "transformers"
+
+
+def generate_vllm(model_path: str, adapter: Path | None, prompts: list[str], args,
+                  dtype: torch.dtype) -> list[list[str]]:
+    """n responses per prompt from one vllm ``generate`` call."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise InputError("--backend vllm: vllm is not installed "
+                         "(pip install vllm, or use --backend transformers)") from None
+    if not torch.cuda.is_available():
+        raise InputError("--backend vllm needs a CUDA GPU (use --backend transformers)")
+    engine_args = {}
+    if adapter is not None:
+        rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 32)
+        engine_args = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
+    llm = LLM(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=args.seed,
+              tensor_parallel_size=torch.cuda.device_count(),
+              gpu_memory_utilization=args.gpu_memory_utilization, **engine_args)
+    sampling = SamplingParams(n=args.n_samples, temperature=args.temperature,
+                              top_p=TOP_P if args.temperature > 0 else 1.0,
+                              max_tokens=args.max_len, seed=args.seed)
+    lora = LoRARequest("sft", 1, str(adapter)) if adapter is not None else None
+    outputs = llm.generate(prompts, sampling, lora_request=lora)
+    return [[completion.text for completion in output.outputs] for output in outputs]
+
+
+def generate_transformers(model, tokenizer, prompt_ids: list[list[int]], args,
+                          device: torch.device) -> list[list[str]]:
+    """n responses per prompt from batched ``generate`` calls (prompts left-padded, similar lengths)."""
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": TOP_P, "top_k": 0}
+    decoding = sampling if args.temperature > 0 else {"do_sample": False}
+    samples_per_call = min(args.n_samples, args.batch_size)
+    prompts_per_call = max(1, args.batch_size // args.n_samples)
+    responses: list[list[str]] = [[] for _ in prompt_ids]
+    for rows, batch in iter_length_batches(prompt_ids, tokenizer.pad_token_id, "left", prompts_per_call,
+                                           device, desc="generating"):
+        width = batch["input_ids"].shape[1]
+        for first in range(0, args.n_samples, samples_per_call):
+            count = min(samples_per_call, args.n_samples - first)
+            with torch.inference_mode():
+                sequences = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           num_return_sequences=count, max_new_tokens=args.max_len,
+                                           pad_token_id=tokenizer.pad_token_id, **decoding)
+            texts = tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
+            for j, row in enumerate(rows):  # generate returns each prompt's `count` sequences together
+                responses[row].extend(texts[j * count:(j + 1) * count])
+    return responses
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    run = GenerationRun.from_args(args)
+
+    # ---- inputs, checked before any work ----------------------------------------------------
+    model_path = resolve_model(args.model_name, "--model_name")
+    adapter = resolve_adapter(args)
+    all_prompts = load_prompts(args)
+    parts = range(args.n_parts) if args.split == "all" else [args.split]
+    ensure_writable_dir(run.folder, "--output_dir")
+    backend = choose_backend(args.backend)
+    device = pick_device()
+    dtype = pick_dtype(device)
+    tokenizer = load_tokenizer(args.model_name, "--model_name", padding_side="left")
+
+    part_prompts = {}
+    skipped = {}
+    for part in parts:
+        start, stop = part_bounds(len(all_prompts), args.n_parts, part)
+        kept, too_long = [], []
+        for prompt_id, prompt in all_prompts[start:stop]:
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            (kept if len(ids) <= args.max_prompt_len else too_long).append((prompt_id, prompt, ids))
+        part_prompts[part], skipped[part] = kept, [prompt_id for prompt_id, _, _ in too_long]
+    work = [item for part in parts for item in part_prompts[part]]
+    log.info("%s part(s) %s: %d prompts, %d skipped as longer than %d tokens; backend %s, device %s, %s",
+             args.data_class, list(parts), len(work), sum(map(len, skipped.values())), args.max_prompt_len,
+             backend, device, dtype)
+    if not work:
+        raise InputError(f"no prompts to generate for --split {args.split} "
+                         f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})")
+
+    # ---- generate ---------------------------------------------------------------------------
+    started = time.perf_counter()
+    if backend == "vllm":  # vllm seeds each request with --seed, so a prompt's samples do not depend on its part
+        responses = generate_vllm(model_path, adapter, [prompt for _, prompt, _ in work], args, dtype)
+    else:
+        model = load_causal_lm(args.model_name, "--model_name", device, dtype)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.eval()
+        responses = []
+        for part in parts:  # seeded per part: `--split k` alone reproduces part k of `--split all`
+            torch.manual_seed(int(np.random.SeedSequence([args.seed, part]).generate_state(1)[0]))
+            responses += generate_transformers(model, tokenizer, [ids for _, _, ids in part_prompts[part]],
+                                               args, device)
+    seconds = time.perf_counter() - started
+
+    # ---- write one file per part ------------------------------------------------------------
+    settings = {"model_name": args.model_name, "model_path": model_path, "adapter_name": args.adapter_name,
+                "adapter_path": str(adapter) if adapter else None, "dataset": args.dataset,
+                "eval_dataset": args.eval_dataset, "prompts_file": args.prompts_file,
+                "data_class": args.data_class, "n_samples": args.n_samples, "max_len": args.max_len,
+                "temperature": args.temperature, "top_p": TOP_P if args.temperature > 0 else 1.0,
+                "seed": args.seed, "backend": backend, "n_parts": args.n_parts,
+                "max_prompt_len": args.max_prompt_len, "max_prompts": args.max_prompts}
+    position = 0
+    for part in parts:
+        records = []
+        for prompt_id, prompt, _ in part_prompts[part]:
+            record = {"query": prompt, "id": prompt_id}
+            record.update({f"response_{i}": text for i, text in enumerate(responses[position])})
+            record["settings"] = {**settings, "split": part}
+            records.append(record)
+            position += 1
+        start, stop = part_bounds(len(all_prompts), args.n_parts, part)
+        write_jsonl(run.samples_path(args.data_class, part), records)
+        write_json(run.summary_path(args.data_class, part), {
+            **settings, "split": part, "n_prompts_in_part": stop - start, "n_generated": len(records),
+            "n_skipped_over_length": len(skipped[part]), "skipped_ids": skipped[part],
+        })
+    n_sequences = len(work) * args.n_samples
+    print(f"step2: {len(work)} prompts x {args.n_samples} responses ({args.data_class}, part(s) "
+          f"{','.join(map(str, parts))}) -> {run.folder}; {sum(map(len, skipped.values()))} over-length "
+          f"prompts skipped; {n_sequences / max(seconds, 1e-9):.1f} sequences/s with {backend}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

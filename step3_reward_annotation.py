@@ -1,0 +1,142 @@
+"""Step 3 (GPU): score every generated response with the golden reward model.
+
+    python3 step3_reward_annotation.py --adapter_name sft --model_name gemma2b \\
+        --dataset hh-rlhf-helpful-gpt4 --eval_dataset hh-rlhf-helpful --data_class train --n_samples 10
+
+Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (``--split k`` or ``all``), cuts each response
+at its first "\\n\\nHuman", and scores ``llm_models.scored_text(query, cut)`` with an
+``AutoModelForSequenceClassification`` golden reward model (``--reward_model``; by default the
+paper's for the task: rmmistral7b for helpful, rayharmless for harmless). All responses of a record
+are scored, whatever their number (the seed rescored the first ten for n > 10); texts are batched by
+similar length with dynamic padding. Writes ``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl``:
+query, id, the cut responses, their rewards (same order as step 2's response_i), settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from llm_models import (
+    GenerationRun,
+    add_generation_args,
+    cut_response,
+    default_golden_rm,
+    iter_length_batches,
+    load_reward_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    read_jsonl,
+    resolve_model,
+    response_count,
+    scored_text,
+    split_arg,
+    tokenize_texts,
+    write_jsonl,
+)
+from rm_data import ensure_writable_dir
+
+log = logging.getLogger("step3_reward_annotation")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_generation_args(parser)
+    parser.add_argument("--data_class", choices=("train", "test"), default="train", help="which generations")
+    parser.add_argument("--split", type=split_arg, default=0, help="part index, or 'all' parts present")
+    parser.add_argument("--n_samples", type=positive_int, default=None,
+                        help="expected responses per prompt (checked against the file; default: as generated)")
+    parser.add_argument("--reward_model", default=None,
+                        help="golden RM: rmmistral7b, rayharmless, a local folder or hub id "
+                             "(default: the paper's RM for the task of --eval_dataset/--dataset)")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument("--max_length", type=positive_int, default=1024,
+                        help="tokens per scored text; longer texts are cut at the end and counted")
+    return parser.parse_args(argv)
+
+
+def load_samples(path, n_expected: int | None) -> tuple[list[dict], int]:
+    """Step 2 records of one part and their common number of responses (0 for an empty part)."""
+    if not path.is_file():
+        raise InputError(f"no generations at {path} (run step2_gen_sample.py with the same flags first)")
+    records = read_jsonl(path)
+    if not records:  # a part whose prompts were all over-length (or tiny runs with fewer prompts than parts)
+        return [], 0
+    counts = set()
+    for line, record in enumerate(records, start=1):
+        try:
+            counts.add(response_count(record))
+        except ValueError as err:
+            raise InputError(f"{path} line {line}: {err}") from None
+        if not isinstance(record.get("query"), str) or "id" not in record:
+            raise InputError(f"{path} line {line}: expected keys query and id")
+    if len(counts) != 1 or 0 in counts:
+        raise InputError(f"{path}: records hold different or zero response counts {sorted(counts)}")
+    n = counts.pop()
+    if n_expected is not None and n != n_expected:
+        raise InputError(f"--n_samples {n_expected}: {path} holds {n} responses per prompt")
+    return records, n
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    run = GenerationRun.from_args(args)
+    rm_name = args.reward_model or default_golden_rm(args.dataset, args.eval_dataset)
+
+    # ---- inputs -----------------------------------------------------------------------------
+    resolve_model(rm_name, "--reward_model")
+    parts = run.parts_present(args.data_class) if args.split == "all" else [args.split]
+    if not parts:
+        raise InputError(f"no {args.data_class}_part*.jsonl in {run.folder} (run step2_gen_sample.py first)")
+    ensure_writable_dir(run.folder, "--output_dir")
+    samples = {part: load_samples(run.samples_path(args.data_class, part), args.n_samples) for part in parts}
+    if not any(records for records, _ in samples.values()):
+        raise InputError(f"no generated responses in {run.folder} for --split {args.split}")
+    texts, cuts = [], {}
+    for part, (records, n) in samples.items():
+        cuts[part] = [[cut_response(r[f"response_{i}"]) for i in range(n)] for r in records]
+        texts.extend(scored_text(r["query"], cut) for r, row in zip(records, cuts[part]) for cut in row)
+
+    # ---- score ------------------------------------------------------------------------------
+    device = pick_device()
+    dtype = pick_dtype(device)
+    tokenizer = load_tokenizer(rm_name, "--reward_model")
+    model = load_reward_model(rm_name, "--reward_model", device, dtype, tokenizer)
+    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length)
+    if truncated.any():
+        log.warning("%d of %d texts are longer than --max_length %d tokens and were cut at the end",
+                    truncated.sum(), len(texts), args.max_length)
+    rewards = np.empty(len(texts), dtype=np.float64)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
+                                               args.batch_size, device, desc="scoring"):
+            rewards[rows] = model(**batch).logits[:, 0].float().cpu().numpy()
+    seconds = time.perf_counter() - started
+    if not np.isfinite(rewards).all():
+        raise RuntimeError(f"{rm_name} returned non-finite rewards; check the model and --max_length")
+
+    # ---- write one scored file per part -----------------------------------------------------
+    position = 0
+    for part, (records, n) in samples.items():
+        scored = []
+        for record, cut_row in zip(records, cuts[part]):
+            scored.append({"query": record["query"], "id": record["id"], "responses": cut_row,
+                           "rewards": rewards[position:position + n].tolist(), "reward_model": rm_name,
+                           "n_cut_at_max_length": int(truncated[position:position + n].sum()),
+                           "settings": record.get("settings", {})})
+            position += n
+        write_jsonl(run.scored_path(args.data_class, part, rm_name), scored)
+    print(f"step3: {len(texts)} responses of {sum(len(r) for r, _ in samples.values())} prompts scored by "
+          f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}); mean reward "
+          f"{rewards.mean():.4f}; {len(texts) / max(seconds, 1e-9):.1f} texts/s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

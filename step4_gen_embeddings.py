@@ -1,0 +1,200 @@
+"""Step 4 (GPU): embed every scored response and write the data directory that steps 5-8 read.
+
+    python3 step4_gen_embeddings.py --embed_model_name gemma2b --dataset hh-rlhf-helpful-gpt4 \\
+        --gen_pref_model_name gemma2b --train_test train --n_samples 10 --data_dir data
+
+Reads step 3.5's ``{gen_dir}/{data_class}_ranked_{rm}.jsonl`` (``--train_test train``, ``test`` or
+``both``: train, plus test when it was generated) and embeds exactly the text step 3 scored,
+``llm_models.scored_text(query, cut response)``, with ``--embed_model_name``: the final layer's hidden
+state (after the final norm) at the last real token, whose index comes from the attention mask, so
+left and right padding give the same vector (the seed took position -1 after right padding, a pad
+token). Texts are batched by similar length; bf16 on GPUs that support it, stored as float32 (or
+``--embedding_dtype float16``).
+
+Writes DESIGN section 3's format into ``--data_dir``: ``EMBD-TRAIN-split_{k}.npy`` (N, D) and
+``rewards_split_{k}.json`` for train, ``EMBD-TEST-split_{k}.npy`` and ``rewards_test_split_{k}.json``
+for test, where row p of split k is the k-th lowest-reward response of prompt p. Embeddings are
+filled into memory-mapped temporary files (a 500-response test set does not fit in memory) and all
+renamed into place only once every split is complete; splits left over from an earlier run with
+more responses are removed. ``embedding_info_{train,test}.json`` records where the data came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack
+
+import numpy as np
+import torch
+
+from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from llm_models import (
+    GenerationRun,
+    add_generation_args,
+    default_golden_rm,
+    iter_length_batches,
+    last_token_index,
+    load_embedding_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    read_jsonl,
+    resolve_model,
+    scored_text,
+    tokenize_texts,
+)
+from rm_data import (
+    FILE_PATTERNS,
+    atomic_path,
+    discover_splits,
+    ensure_writable_dir,
+    write_json,
+    write_rewards_jsonl,
+)
+
+log = logging.getLogger("step4_gen_embeddings")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_generation_args(parser, model_aliases=("--gen_pref_model_name",))
+    parser.add_argument("--embed_model_name", default="gemma2b",
+                        help="embedding model: gemma2b, gemma7b, llama38b, a local folder or a hub id")
+    parser.add_argument("--train_test", choices=("train", "test", "both"), default="both",
+                        help="which responses to embed (both: train, and test when step 3.5 wrote it)")
+    parser.add_argument("--reward_model", default=None,
+                        help="golden RM whose ranking to use (default: the paper's RM for the task)")
+    parser.add_argument("--n_samples", type=positive_int, default=None,
+                        help="expected responses per prompt (checked; default: as ranked)")
+    parser.add_argument("--data_dir", default="data", help="data directory for steps 5-8")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument("--max_length", type=positive_int, default=1024,
+                        help="tokens per text; longer texts are cut at the end and counted")
+    parser.add_argument("--embedding_dtype", choices=("float32", "float16"), default="float32",
+                        help="dtype of the stored embeddings")
+    return parser.parse_args(argv)
+
+
+def load_ranked(path, n_expected: int | None) -> tuple[list[dict], int]:
+    """Step 3.5's records and their common number of responses K, checked sorted ascending."""
+    if not path.is_file():
+        raise InputError(f"no ranked responses at {path} (run step3.5_processing_data.py first)")
+    records = read_jsonl(path)
+    if not records:
+        raise InputError(f"{path}: no records")
+    n = None
+    for line, record in enumerate(records, start=1):
+        responses, rewards = record.get("responses_sorted"), record.get("rewards_sorted")
+        if not isinstance(record.get("query"), str) or not isinstance(responses, list) \
+                or not isinstance(rewards, list) or len(responses) != len(rewards):
+            raise InputError(f"{path} line {line}: expected query, responses_sorted and rewards_sorted "
+                             "of equal length (a step 3.5 file)")
+        if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in rewards) \
+                or any(a > b for a, b in zip(rewards, rewards[1:])):
+            raise InputError(f"{path} line {line}: rewards_sorted must be finite and ascending "
+                             "(rerun step3.5_processing_data.py)")
+        if n is None:
+            n = len(rewards)
+        elif len(rewards) != n:
+            raise InputError(f"{path} line {line}: {len(rewards)} responses, line 1 has {n}")
+    if n < 2:
+        raise InputError(f"{path}: need at least 2 responses per prompt for the data directory, found {n}")
+    if n_expected is not None and n != n_expected:
+        raise InputError(f"--n_samples {n_expected}: {path} holds {n} responses per prompt")
+    return records, n
+
+
+def embed_into(paths, model, tokenizer, texts: list[str], n_splits: int, args, device,
+               out_dtype: np.dtype) -> tuple[int, int]:
+    """Embed ``texts`` (prompt-major: text p*K + k is response k of prompt p) into K new .npy files.
+
+    ``paths`` are the K target files; each is filled as a memory-mapped temporary beside it and
+    renamed onto its target only when all K are complete. Returns (D, number of cut texts).
+    """
+    n_prompts = len(texts) // n_splits
+    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length)
+    if truncated.any():
+        log.warning("%d of %d texts are longer than --max_length %d tokens and were cut at the end",
+                    truncated.sum(), len(texts), args.max_length)
+    dim = model.config.get_text_config().hidden_size
+    with ExitStack() as stack:
+        tmp_paths = [stack.enter_context(atomic_path(path)) for path in paths]
+        splits = [np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n_prompts, dim))
+                  for tmp in tmp_paths]
+        with torch.inference_mode():
+            for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
+                                                   args.batch_size, device, desc="embedding"):
+                hidden = model(**batch, use_cache=False).last_hidden_state
+                last = last_token_index(batch["attention_mask"])
+                vectors = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
+                if not np.isfinite(vectors).all():
+                    raise RuntimeError("the embedding model returned non-finite hidden states")
+                prompt_of, split_of = np.divmod(rows, n_splits)
+                for k in np.unique(split_of):
+                    chosen = split_of == k
+                    splits[k][prompt_of[chosen]] = vectors[chosen]
+        for split in splits:
+            split.flush()
+        del splits  # close the memory maps before the temporary files are renamed
+    return dim, int(truncated.sum())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    run = GenerationRun.from_args(args)
+    rm_name = args.reward_model or default_golden_rm(args.dataset, args.eval_dataset)
+
+    # ---- inputs -----------------------------------------------------------------------------
+    resolve_model(args.embed_model_name, "--embed_model_name")
+    kinds = ("train", "test") if args.train_test == "both" else (args.train_test,)
+    if args.train_test == "both" and not run.ranked_path("test", rm_name).is_file():
+        log.info("no ranked test responses in %s; embedding train only", run.folder)
+        kinds = ("train",)
+    ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples) for kind in kinds}
+    data_dir = ensure_writable_dir(args.data_dir, "--data_dir")
+
+    # ---- model ------------------------------------------------------------------------------
+    device = pick_device()
+    dtype = pick_dtype(device)
+    tokenizer = load_tokenizer(args.embed_model_name, "--embed_model_name")
+    model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
+    log.info("embedding with %s on %s in %s (padding side %s)", args.embed_model_name, device, dtype,
+             tokenizer.padding_side)
+
+    # ---- embed and write, one kind at a time ------------------------------------------------
+    summary = []
+    for kind, (records, n_splits) in ranked.items():
+        emb_pattern, reward_pattern = FILE_PATTERNS[kind]
+        texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
+        started = time.perf_counter()
+        dim, n_cut = embed_into([data_dir / emb_pattern.format(k=k) for k in range(n_splits)], model, tokenizer,
+                                texts, n_splits, args, device, np.dtype(args.embedding_dtype))
+        seconds = time.perf_counter() - started
+        rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
+        for k in range(n_splits):
+            write_rewards_jsonl(data_dir / reward_pattern.format(k=k), rewards[:, k])
+        for k in discover_splits(data_dir, kind)[n_splits:]:
+            log.warning("removing %s and its rewards, left from an earlier run with more responses",
+                        emb_pattern.format(k=k))
+            (data_dir / emb_pattern.format(k=k)).unlink()
+            (data_dir / reward_pattern.format(k=k)).unlink()
+        write_json(data_dir / f"embedding_info_{kind}.json", {
+            "embed_model_name": args.embed_model_name,
+            "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
+            "source": str(run.ranked_path(kind, rm_name)), "reward_model": rm_name,
+            "generation_model": args.model_name, "adapter_name": args.adapter_name, "dataset": args.dataset,
+            "eval_dataset": args.eval_dataset, "n_prompts": len(records), "n_splits": n_splits, "dim": dim,
+            "embedding_dtype": args.embedding_dtype, "compute_dtype": str(dtype).removeprefix("torch."),
+            "max_length": args.max_length, "n_cut_at_max_length": n_cut,
+            "padding_side": tokenizer.padding_side, "order": "ascending golden reward within each prompt",
+        })
+        summary.append(f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim} "
+                       f"({len(texts) / max(seconds, 1e-9):.1f} texts/s)")
+    print(f"step4: {'; '.join(summary)} -> {data_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,31 @@
+"""RUN_GPU_STEPS=1 bash run_all.sh end to end on the CPU: tiny local models -> steps 1-4 -> 5-8."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny_models import build_tiny_setup  # noqa: E402
+
+
+def test_gpu_path_flows_into_steps_5_to_8(tmp_path):
+    tiny = build_tiny_setup(tmp_path / "tiny")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RUN_GPU_STEPS": "1",
+           "MODEL_NAME": str(tiny["policy-lm"]), "EMBED_MODEL_NAME": str(tiny["embed-left"]),
+           "GOLDEN_RM": str(tiny["golden-rm"]), "SFT_TRAIN_FILE": str(tiny["train_prompts"]),
+           "SFT_MAX_STEPS": "2", "TRAIN_PROMPTS_FILE": str(tiny["train_prompts"]),
+           "TEST_PROMPTS_FILE": str(tiny["test_prompts"]), "N_TRAIN_SAMPLES": "4", "N_TEST_SAMPLES": "5",
+           "GEN_MAX_LEN": "12", "GEN_BACKEND": "transformers", "N_SAMPLE": "5", "ENSEMBLE_NUMBER": "2",
+           "DISTILL_EPOCHS": "2", "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in ("step 1", "step 2 (train)", "step 2 (test)", "step 3 (train)", "step 3.5", "step 4",
+                 "step 5", "step 6", "step 7", "step 8"):
+        assert f"[{step} took" in proc.stdout
+    manifest = json.loads((tmp_path / "out" / "orm_manifest.json").read_text())
+    assert manifest["data"]["n_splits"] == 4 and manifest["data"]["n_prompts"] == 30
+    results = json.loads((tmp_path / "out" / "eval_results_bt.json").read_text())
+    assert results["test"]["n_responses"] == 6 * 5
