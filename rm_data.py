@@ -84,7 +84,9 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
     """Write one ``{"reward": float}`` line per value, atomically."""
-    lines = "".join(json.dumps({"reward": float(r)}) + "\n" for r in np.asarray(rewards).ravel())
+    # repr of a Python float is valid JSON for finite values (the only ones we write); ~5x faster
+    # than json.dumps per line on a 1M-reward test set.
+    lines = "".join(f'{{"reward": {r!r}}}\n' for r in np.asarray(rewards, dtype=np.float64).ravel().tolist())
     with atomic_path(path) as tmp:
         tmp.write_text(lines)
 
@@ -183,16 +185,19 @@ def discover_splits(data_dir: Path, kind: str) -> list[int]:
 class EmbeddingSet:
     """K memory-mapped splits of one data directory ('train' or 'test').
 
-    embeddings: K read-only memmaps, each (N, D) float32/float16
     rewards: (N, K) float64, golden reward of response k of prompt p
+    Split k's embeddings, (N, D) float32/float16, are read with :meth:`read_rows`, which maps the
+    file afresh for each read: pages of a map that stays open count as resident memory until it is
+    closed, so a long-lived map over a 10 GB file would report ~10 GB peak RSS.
     """
 
     kind: str
     data_dir: Path
     embedding_paths: list[Path]
     reward_paths: list[Path]
-    embeddings: list[np.ndarray] = field(repr=False)
     rewards: np.ndarray = field(repr=False)
+    dim: int
+    dtype: np.dtype
 
     @property
     def n_prompts(self) -> int:
@@ -202,9 +207,14 @@ class EmbeddingSet:
     def n_splits(self) -> int:
         return self.rewards.shape[1]
 
+    def open_split(self, split: int) -> np.ndarray:
+        """A read-only memory map of split ``split``: (N, D). Drop it when done."""
+        return _open_embeddings(self.embedding_paths[split])
+
     @property
-    def dim(self) -> int:
-        return self.embeddings[0].shape[1]
+    def embeddings(self) -> list[np.ndarray]:
+        """Fresh read-only memory maps of all K splits (for inspection; steps use read_rows)."""
+        return [self.open_split(k) for k in range(self.n_splits)]
 
     def read_rows(self, split: int, prompt_ids: np.ndarray) -> np.ndarray:
         """Embeddings of response ``split`` of ``prompt_ids``: (len, D) float32, checked finite.
@@ -215,7 +225,7 @@ class EmbeddingSet:
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         order = np.argsort(prompt_ids, kind="stable")  # sorted reads are sequential on disk
         rows = np.empty((len(prompt_ids), self.dim), dtype=np.float32)
-        rows[order] = self.embeddings[split][prompt_ids[order]]
+        rows[order] = self.open_split(split)[prompt_ids[order]]
         if not np.isfinite(rows).all():
             bad = int(prompt_ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
             raise InputError(f"{self.embedding_paths[split]}: non-finite embedding in row {bad}")
@@ -257,11 +267,11 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
         return None
     emb_paths = [data_dir / emb_pattern.format(k=k) for k in splits]
     reward_paths = [data_dir / reward_pattern.format(k=k) for k in splits]
-    embeddings = [_open_embeddings(p) for p in emb_paths]
-    n, d = embeddings[0].shape
-    for path, array in zip(emb_paths, embeddings):
-        if array.shape != (n, d):
-            raise InputError(f"{path}: shape {array.shape} differs from {emb_paths[0].name}'s ({n}, {d})")
+    shapes_dtypes = [(array.shape, array.dtype) for array in map(_open_embeddings, emb_paths)]
+    (n, d), dtype = shapes_dtypes[0]
+    for path, (shape, _) in zip(emb_paths, shapes_dtypes):
+        if shape != (n, d):
+            raise InputError(f"{path}: shape {shape} differs from {emb_paths[0].name}'s ({n}, {d})")
     rewards = np.empty((n, len(splits)), dtype=np.float64)
     for k, path in enumerate(reward_paths):
         column = read_rewards_jsonl(path)
@@ -270,7 +280,7 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
         rewards[:, k] = column
     if len(splits) < 2:
         raise InputError(f"{data_dir}: need at least 2 {kind} splits (responses per prompt), found 1")
-    return EmbeddingSet(kind, data_dir, emb_paths, reward_paths, embeddings, rewards)
+    return EmbeddingSet(kind, data_dir, emb_paths, reward_paths, rewards, d, dtype)
 
 
 def fingerprint(eset: EmbeddingSet) -> str:

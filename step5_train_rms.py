@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
         "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
         "data": {"data_dir": str(Path(args.data_dir)), "fingerprint": data_fingerprint,
                  "n_prompts": data.n_prompts, "n_splits": data.n_splits, "dim": data.dim,
-                 "dtype": str(data.embeddings[0].dtype)},
+                 "dtype": str(data.dtype)},
         "prompt_counts": {role: len(ids) for role, ids in partition.items()},
         "pair_statistics": stats,
         "checkpoints": checkpoints,

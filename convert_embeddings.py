@@ -1,0 +1,541 @@
+"""Convert published embedding files into the data directory of steps 5-8 (DESIGN section 3).
+
+Input: a ``train`` pair of files and optionally a ``test`` pair, in one of two layouts (N prompts,
+K responses per prompt, D embedding size; embeddings float32 or float16, rewards any real dtype):
+  kn, the seed's:  EMBD_{dataset}_{embed}_{gen}_{split}.npy       (K, N, D)
+                   REWARD_{dataset}_{rm}_{gen}_{split}.npy        (K, N)
+      dataset = hh-rlhf-{task}-gpt4 (hh-rlhf-{task} with --sft_obj none); rm = rmmistral7b for
+      helpful, rayharmless for harmless; e.g. EMBD_hh-rlhf-harmless-gpt4_gemma2b_gemma7b_train.npy
+  nk, the embedding-infrastructure repo's:
+                   embd_{gen}_{embed}_{task}_{split}.npy          (N, K, D)
+                   reward_{gen}_{embed}_{task}_{split}.npy        (N, K, 1)
+Files come from --embd_file/--reward_file (and --test_embd_file/--test_reward_file), or are found
+in --embd_dir under the names above from --task, --sft_obj, --embed_model and --gen_model.
+
+The layout is --layout kn|nk, or else: a 3-D reward is nk; a 2-D reward is read as the file names
+say (EMBD_... kn, embd_... nk) or, under other names, as (K, N) when its first axis is the shorter
+and (N, K) when it is the longer (prompts outnumber responses per prompt); K == N under other names
+is an error that asks for --layout.
+
+Output (--output_dir), for k = 0..K-1: ``EMBD-TRAIN-split_{k}.npy`` (N, D), same dtype as the
+input, and ``rewards_split_{k}.json`` (JSONL ``{"reward": float}``); the test files become
+``EMBD-TEST-split_{k}.npy`` and ``rewards_test_split_{k}.json``. Within each prompt the responses
+are sorted ascending by reward (stable), so split 0 is the worst and split K-1 the best;
+--no_sort keeps the file order. --max_prompts M keeps the first M prompts of each set.
+
+Streaming: every header and all rewards are validated before anything is written. Embeddings are
+then copied one chunk of prompts at a time (--chunk_prompts, by default ~96 MiB of input): each
+chunk is read through a fresh ``np.load(mmap_mode="r")`` map that is closed after the copy, checked
+finite, and written with seek+write into per-split temporary files created by
+``np.lib.format.open_memmap``, which are renamed into place at the end. So resident memory stays
+near one chunk whatever the file size (about 250 MB at the default chunk size).
+
+Reruns: ``conversion.json`` records a fingerprint of the sources (names, sizes, header
+shape/dtype, a hash of 64 evenly spaced 64 KiB blocks of each embedding file, a hash of each whole
+reward file) and of the options. A rerun with the same fingerprint, whose output files are all
+present at their recorded sizes, does nothing. Otherwise the previous conversion's files are
+removed first (a changed K leaves no stale splits, and the disk never holds two copies) and the
+data converted afresh. On any error mid-way the new files are removed as well, so a failed run
+leaves no split files, never a mix; conversion.json marks a conversion in progress, so the next
+run cleans up after a killed one. An output folder holding split files that no conversion.json
+lists (a demo, say) is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from rm_data import (
+    ALLOWED_DTYPES,
+    FILE_PATTERNS,
+    atomic_path,
+    ensure_writable_dir,
+    read_json,
+    write_json,
+    write_rewards_jsonl,
+)
+
+log = logging.getLogger("convert_embeddings")
+
+CONVERSION_FILE = "conversion.json"
+# Bump when the output for the same sources and options changes.
+CONVERTER_VERSION = 1
+LAYOUTS = ("kn", "nk")
+LAYOUT_SHAPES = {"kn": "(K, N, D) embeddings and (K, N) rewards",
+                 "nk": "(N, K, D) embeddings and (N, K, 1) rewards"}
+TASKS = ("helpful", "harmless")
+GOLDEN_REWARD_MODELS = {"helpful": "rmmistral7b", "harmless": "rayharmless"}
+# Input bytes per chunk of prompts: large enough for fast sequential I/O, small beside a laptop's RAM.
+CHUNK_BYTES = 96 << 20
+# Sampled content hash: 64 blocks of 64 KiB read 4 MiB of a 10 GB file.
+HASH_BLOCK_BYTES, HASH_BLOCKS = 1 << 16, 64
+# Upper bound on one JSONL reward line ('{"reward": -0.12345678901234567}\n' is 34 bytes).
+REWARD_LINE_BYTES = 40
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    explicit = parser.add_argument_group("sources given as files")
+    explicit.add_argument("--embd_file", help="training embeddings (.npy, (K, N, D) or (N, K, D))")
+    explicit.add_argument("--reward_file", help="training rewards (.npy, (K, N) or (N, K, 1))")
+    explicit.add_argument("--test_embd_file", help="test embeddings (optional)")
+    explicit.add_argument("--test_reward_file", help="test rewards (optional, with --test_embd_file)")
+    found = parser.add_argument_group("sources found in a repository folder (without --embd_file)")
+    found.add_argument("--embd_dir", default="embd", help="folder holding the repository's .npy files")
+    found.add_argument("--task", choices=TASKS, default="helpful", help="hh-rlhf task")
+    found.add_argument("--sft_obj", choices=("gpt4", "none"), default="gpt4",
+                       help="SFT objective of the generator; 'none' drops the -gpt4 dataset suffix")
+    found.add_argument("--embed_model", default="gemma2b", help="model that produced the embeddings")
+    found.add_argument("--gen_model", default="gemma2b", help="model that generated the responses")
+    conversion = parser.add_argument_group("conversion")
+    conversion.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                            help="kn: (K, N, D) + (K, N); nk: (N, K, D) + (N, K, 1); auto: detect")
+    conversion.add_argument("--max_prompts", type=positive_int, default=None,
+                            help="keep only the first M prompts of each set (default: all)")
+    conversion.add_argument("--no_sort", action="store_true",
+                            help="keep the file's response order instead of sorting by reward")
+    conversion.add_argument("--chunk_prompts", type=positive_int, default=None,
+                            help=f"prompts copied per chunk (default: ~{CHUNK_BYTES >> 20} MiB of input)")
+    conversion.add_argument("--output_dir", default="data", help="data directory to write (DATA_DIR)")
+    args = parser.parse_args(argv)
+    for pair in (("embd_file", "reward_file"), ("test_embd_file", "test_reward_file")):
+        given = [flag for flag in pair if getattr(args, flag) is not None]
+        if len(given) == 1:
+            raise InputError(f"--{given[0]} needs --{(set(pair) - set(given)).pop()}")
+    if args.test_embd_file and not args.embd_file:
+        raise InputError("--test_embd_file needs --embd_file and --reward_file for the training set")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: names, discovery, validation
+# --------------------------------------------------------------------------------------------
+def repo_file_names(layout: str, split: str, task: str, sft_obj: str, embed_model: str,
+                    gen_model: str) -> tuple[str, str]:
+    """(embeddings, rewards) file names of one split ('train' or 'test') in a repository layout."""
+    if layout == "kn":
+        dataset = f"hh-rlhf-{task}" + ("" if sft_obj == "none" else f"-{sft_obj}")
+        return (f"EMBD_{dataset}_{embed_model}_{gen_model}_{split}.npy",
+                f"REWARD_{dataset}_{GOLDEN_REWARD_MODELS[task]}_{gen_model}_{split}.npy")
+    return (f"embd_{gen_model}_{embed_model}_{task}_{split}.npy",
+            f"reward_{gen_model}_{embed_model}_{task}_{split}.npy")
+
+
+def layout_from_name(name: str) -> str | None:
+    if name.startswith("EMBD_"):
+        return "kn"
+    if name.startswith("embd_"):
+        return "nk"
+    return None
+
+
+@dataclass
+class Source:
+    kind: str  # 'train' or 'test'
+    embd_path: Path
+    reward_path: Path
+
+
+def explicit_sources(args) -> list[Source]:
+    sources = [Source("train", Path(args.embd_file), Path(args.reward_file))]
+    if args.test_embd_file:
+        sources.append(Source("test", Path(args.test_embd_file), Path(args.test_reward_file)))
+    for source in sources:
+        prefix = "--" if source.kind == "train" else "--test_"
+        for flag, path in ((f"{prefix}embd_file", source.embd_path),
+                           (f"{prefix}reward_file", source.reward_path)):
+            if not path.is_file():
+                raise InputError(f"{flag} {path}: file not found")
+    return sources
+
+
+def discover_sources(args) -> list[Source]:
+    """The train (required) and test (optional) file pairs in --embd_dir for the chosen setup."""
+    embd_dir = Path(args.embd_dir)
+    if not embd_dir.is_dir():
+        raise InputError(f"--embd_dir {embd_dir} does not exist (or pass --embd_file and --reward_file)")
+    layouts = LAYOUTS if args.layout == "auto" else (args.layout,)
+    setup = dict(task=args.task, sft_obj=args.sft_obj, embed_model=args.embed_model, gen_model=args.gen_model)
+    sources = []
+    for kind in ("train", "test"):
+        found, wanted = [], []
+        for layout in layouts:
+            names = repo_file_names(layout, kind, **setup)
+            wanted.append(" + ".join(names))
+            present = [(embd_dir / name).is_file() for name in names]
+            if present[0] != present[1]:
+                have, lack = names if present[0] else names[::-1]
+                raise InputError(f"{embd_dir / have} has no partner: {lack} is not in {embd_dir}")
+            if present[0]:
+                found.append(Source(kind, embd_dir / names[0], embd_dir / names[1]))
+        if len(found) > 1:
+            raise InputError(f"{embd_dir} holds {kind} files in both layouts ({found[0].embd_path.name}, "
+                             f"{found[1].embd_path.name}); pass --layout kn or --layout nk")
+        if found:
+            sources.append(found[0])
+        elif kind == "train":
+            listing = sorted(os.listdir(embd_dir))
+            shown = ", ".join(listing[:20]) + (f" and {len(listing) - 20} more" if len(listing) > 20 else "")
+            raise InputError(f"no training embeddings in --embd_dir {embd_dir} for --task {args.task} "
+                             f"--sft_obj {args.sft_obj} --embed_model {args.embed_model} --gen_model "
+                             f"{args.gen_model}: looked for {' or '.join(wanted)}; the folder holds "
+                             f"{shown or 'nothing'}")
+    return sources
+
+
+def open_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"cannot read {what} {path}: {err}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise InputError(f"{what} {path} is not a .npy array")
+    return array
+
+
+def detect_layout(forced: str, source: Source, embd_shape: tuple, reward_shape: tuple) -> str:
+    if forced != "auto":
+        return forced
+    by_name = layout_from_name(source.embd_path.name)
+    if len(reward_shape) == 3:
+        if by_name == "kn":
+            raise InputError(f"{source.reward_path}: a 3-D reward {reward_shape} is the nk layout's but "
+                             f"{source.embd_path.name} is named like the kn layout's; pass --layout kn "
+                             f"or --layout nk")
+        return "nk"
+    if by_name:
+        return by_name
+    first, second = reward_shape
+    if first == second:
+        raise InputError(f"{source.reward_path}: cannot tell (K, N) from (N, K) in a 2-D reward of shape "
+                         f"{reward_shape}; pass --layout kn for {LAYOUT_SHAPES['kn'].split(' and')[0]} "
+                         f"or --layout nk for {LAYOUT_SHAPES['nk'].split(' and')[0]}")
+    return "kn" if first < second else "nk"
+
+
+@dataclass
+class SetPlan:
+    """One validated source set, ready to copy.
+
+    rewards: (N, K) float64 in file order (N after --max_prompts)
+    order: (N, K) int64; split k of prompt p is file response order[p, k]
+    """
+
+    source: Source
+    layout: str
+    embd_shape: tuple[int, ...]
+    dtype: np.dtype
+    rewards: np.ndarray
+    order: np.ndarray
+    sort_by_reward: bool
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind
+
+    @property
+    def n_prompts(self) -> int:
+        return self.rewards.shape[0]
+
+    @property
+    def n_responses(self) -> int:
+        return self.rewards.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.embd_shape[2]
+
+    def output_names(self) -> list[str]:
+        emb_pattern, reward_pattern = FILE_PATTERNS[self.kind]
+        return [pattern.format(k=k) for k in range(self.n_responses)
+                for pattern in (emb_pattern, reward_pattern)]
+
+    def output_bytes(self) -> int:
+        """Upper bound on the size of this set's output files."""
+        data = self.n_prompts * self.dim * self.dtype.itemsize + 4096
+        return self.n_responses * (data + self.n_prompts * REWARD_LINE_BYTES)
+
+
+def plan_set(source: Source, args) -> SetPlan:
+    """Validate one source pair from its headers and rewards; nothing is written."""
+    embeddings = open_npy(source.embd_path, "embeddings", mmap=True)
+    embd_shape, dtype = embeddings.shape, embeddings.dtype
+    del embeddings  # only the header was needed
+    if len(embd_shape) != 3:
+        raise InputError(f"{source.embd_path}: expected 3-D embeddings, (K, N, D) or (N, K, D), "
+                         f"got shape {embd_shape}")
+    if dtype not in ALLOWED_DTYPES:
+        raise InputError(f"{source.embd_path}: expected float32 or float16 embeddings, got {dtype}")
+    if 0 in embd_shape:
+        raise InputError(f"{source.embd_path}: empty embeddings of shape {embd_shape}")
+    rewards = open_npy(source.reward_path, "rewards", mmap=False)
+    if rewards.dtype.kind not in "fiu":
+        raise InputError(f"{source.reward_path}: expected real-valued rewards, got dtype {rewards.dtype}")
+    if rewards.ndim not in (2, 3):
+        raise InputError(f"{source.reward_path}: expected 2-D (K, N) or 3-D (N, K, 1) rewards, "
+                         f"got shape {rewards.shape}")
+    layout = detect_layout(args.layout, source, embd_shape, rewards.shape)
+    rewards_nk = reward_matrix(source, layout, embd_shape, rewards)
+    n_prompts, n_responses = rewards_nk.shape
+    if n_responses < 2:
+        raise InputError(f"{source.embd_path}: need at least 2 responses per prompt, found K={n_responses} "
+                         f"(reading it as {LAYOUT_SHAPES[layout]}; --layout changes that)")
+    n_keep = min(n_prompts, args.max_prompts or n_prompts)
+    rewards_nk = rewards_nk[:n_keep].astype(np.float64)
+    finite = np.isfinite(rewards_nk)
+    if not finite.all():
+        prompt, response = np.argwhere(~finite)[0]
+        raise InputError(f"{source.reward_path}: non-finite reward {rewards_nk[prompt, response]} for "
+                         f"prompt {prompt}, response {response}")
+    if args.no_sort:
+        order = np.broadcast_to(np.arange(n_responses), rewards_nk.shape)
+    else:
+        order = np.argsort(rewards_nk, axis=1, kind="stable")
+    return SetPlan(source, layout, tuple(embd_shape), dtype, rewards_nk, order, not args.no_sort)
+
+
+def reward_matrix(source: Source, layout: str, embd_shape: tuple, rewards: np.ndarray) -> np.ndarray:
+    """The rewards as an (N, K) view, after checking they match the embeddings' K and N."""
+    if layout == "kn":
+        n_responses, n_prompts = embd_shape[:2]
+        if rewards.ndim != 2:
+            raise InputError(f"{source.reward_path}: the kn layout needs 2-D (K, N) rewards, got shape "
+                             f"{rewards.shape} (pass --layout nk for (N, K, 1) rewards)")
+        matrix = rewards.T
+    else:
+        n_prompts, n_responses = embd_shape[:2]
+        if rewards.ndim == 3 and rewards.shape[2] != 1:
+            raise InputError(f"{source.reward_path}: reward last dim must be 1 in the nk layout's (N, K, 1), "
+                             f"got shape {rewards.shape}")
+        matrix = rewards.reshape(rewards.shape[:2])
+    if matrix.shape != (n_prompts, n_responses):
+        what = "K (responses per prompt)" if matrix.shape[1] != n_responses else "N (prompts)"
+        got = matrix.shape[1] if matrix.shape[1] != n_responses else matrix.shape[0]
+        want = n_responses if matrix.shape[1] != n_responses else n_prompts
+        raise InputError(f"{source.reward_path}: {what} is {got} but {want} in {source.embd_path.name} "
+                         f"(rewards {rewards.shape}, embeddings {embd_shape}, "
+                         f"read as {LAYOUT_SHAPES[layout]})")
+    return matrix
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint and the previous conversion
+# --------------------------------------------------------------------------------------------
+def sampled_sha256(path: Path) -> str:
+    """sha256 of the file size and 64 evenly spaced 64 KiB blocks (the whole file when small)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= HASH_BLOCK_BYTES * HASH_BLOCKS:
+            digest.update(handle.read())
+        else:
+            for offset in np.linspace(0, size - HASH_BLOCK_BYTES, HASH_BLOCKS).astype(np.int64):
+                handle.seek(int(offset))
+                digest.update(handle.read(HASH_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def conversion_record(plans: list[SetPlan], args) -> dict:
+    """What conversion.json holds for these sources and options (its files are added on success)."""
+    sources = {}
+    for plan in plans:
+        embd, reward = plan.source.embd_path, plan.source.reward_path
+        sources[plan.kind] = {
+            "embd_file": embd.name, "embd_bytes": embd.stat().st_size, "embd_shape": list(plan.embd_shape),
+            "embd_dtype": str(plan.dtype), "embd_sample_sha256": sampled_sha256(embd),
+            "reward_file": reward.name, "reward_bytes": reward.stat().st_size,
+            "reward_sha256": hashlib.sha256(reward.read_bytes()).hexdigest(),
+        }
+    # Prompts kept rather than --max_prompts itself: a limit above N changes nothing.
+    options = {"layout": {plan.kind: plan.layout for plan in plans},
+               "n_prompts": {plan.kind: plan.n_prompts for plan in plans},
+               "sort": not args.no_sort, "converter_version": CONVERTER_VERSION}
+    key = json.dumps({"sources": sources, "options": options}, sort_keys=True)
+    sets = {plan.kind: {"n_prompts": plan.n_prompts, "n_responses": plan.n_responses, "dim": plan.dim,
+                        "dtype": str(plan.dtype), "layout": plan.layout} for plan in plans}
+    return {"status": "complete", "fingerprint": hashlib.sha256(key.encode()).hexdigest(),
+            "sources": sources, "options": options, "sets": sets}
+
+
+def data_files_in(out_dir: Path) -> set[str]:
+    """Names of split files (any kind) present in ``out_dir``."""
+    names = set()
+    for patterns in FILE_PATTERNS.values():
+        for pattern in patterns:
+            names.update(path.name for path in out_dir.glob(pattern.replace("{k}", "*")))
+    return names
+
+
+def previous_conversion(out_dir: Path) -> tuple[dict | None, set[str]]:
+    """The existing conversion.json (or None) and the split files it owns."""
+    path = out_dir / CONVERSION_FILE
+    if not path.exists():
+        return None, set()
+    record = read_json(path, "conversion record")
+    files = record.get("files")
+    if not isinstance(files, (dict, list)) or not all(isinstance(name, str) for name in files):
+        raise InputError(f"{path}: no valid file list; remove it and the split files beside it")
+    return record, set(files)
+
+
+def is_up_to_date(out_dir: Path, old: dict | None, new: dict) -> bool:
+    if not old or old.get("status") != "complete" or old.get("fingerprint") != new["fingerprint"] \
+            or not isinstance(old.get("files"), dict):
+        return False
+    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size == size
+               for name, size in old["files"].items())
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming copy
+# --------------------------------------------------------------------------------------------
+def read_block(path: Path, layout: str, start: int, stop: int) -> np.ndarray:
+    """Copy prompts start:stop of a repository embedding file: (stop - start, K, D), file dtype.
+
+    The map is opened per chunk and dropped after the copy, so pages read for one chunk leave the
+    resident set before the next (a map held open would keep every page read so far resident).
+    """
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    block = np.array(mapped[start:stop] if layout == "nk" else mapped[:, start:stop])
+    del mapped
+    return block if layout == "nk" else block.transpose(1, 0, 2)
+
+
+def all_finite(rows: np.ndarray) -> bool:
+    if rows.dtype == np.float16:
+        # numpy's float16 min/max are ~50x slower than float32's; inf and nan are exactly the
+        # float16 values whose exponent bits are all set.
+        return bool((rows.view(np.uint16) & 0x7C00).max() != 0x7C00)
+    # min and max propagate nan and expose +-inf without a boolean temporary.
+    return bool(np.isfinite(rows.min()) and np.isfinite(rows.max()))
+
+
+def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
+    """Write the set's EMBD-*-split_{k}.npy files, sorted, one chunk of prompts at a time."""
+    emb_pattern = FILE_PATTERNS[plan.kind][0]
+    row_bytes = plan.dim * plan.dtype.itemsize
+    with ExitStack() as stack:  # every split is renamed into place only if all chunks succeed
+        split_paths = [stack.enter_context(atomic_path(out_dir / emb_pattern.format(k=k)))
+                       for k in range(plan.n_responses)]
+        data_offsets = []
+        for path in split_paths:
+            created = np.lib.format.open_memmap(path, mode="w+", dtype=plan.dtype,
+                                                shape=(plan.n_prompts, plan.dim))
+            data_offsets.append(created.offset)
+            del created
+        starts = range(0, plan.n_prompts, chunk_prompts)
+        for start in tqdm(starts, desc=f"convert {plan.kind}", unit="chunk", disable=None, leave=False):
+            stop = min(start + chunk_prompts, plan.n_prompts)
+            block = read_block(plan.source.embd_path, plan.layout, start, stop)
+            prompt_index = np.arange(stop - start)
+            responses = plan.order[start:stop].T  # (K, c): file response of each split
+            # Files are reopened per chunk: K may exceed the open-file limit (test sets have K=500).
+            for path, offset, response in zip(split_paths, data_offsets, responses, strict=True):
+                rows = block[prompt_index, response]  # fancy indexing: a new C-contiguous (c, D)
+                if not all_finite(rows):
+                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]
+                    raise InputError(f"{plan.source.embd_path}: non-finite embedding for prompt "
+                                     f"{start + bad}, response {response[bad]}")
+                with open(path, "r+b") as handle:
+                    handle.seek(offset + start * row_bytes)
+                    handle.write(rows.data)
+            del block, rows  # freed before the next chunk is mapped and copied
+
+
+def write_rewards(plan: SetPlan, out_dir: Path) -> None:
+    reward_pattern = FILE_PATTERNS[plan.kind][1]
+    sorted_rewards = np.take_along_axis(plan.rewards, plan.order, axis=1)
+    for k in range(plan.n_responses):
+        write_rewards_jsonl(out_dir / reward_pattern.format(k=k), sorted_rewards[:, k])
+
+
+def remove_leftover_temps(out_dir: Path) -> None:
+    """Temporary files of an interrupted conversion (atomic_path's '.{name}.*.tmp')."""
+    for patterns in FILE_PATTERNS.values():
+        for pattern in patterns:
+            for path in out_dir.glob(f".{pattern.replace('{k}', '*')}.*.tmp"):
+                path.unlink(missing_ok=True)
+
+
+def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[str],
+            chunk_prompts: int | None) -> None:
+    """Replace the previous conversion in ``out_dir`` by this one; on any error leave no split files."""
+    record_path = out_dir / CONVERSION_FILE
+    targets = [name for plan in plans for name in plan.output_names()]
+    # Marks the folder's files as ours until the conversion completes, so an interrupted run is
+    # cleaned up by the next one instead of being refused as foreign data.
+    write_json(record_path, {"status": "incomplete", "files": sorted(old_files | set(targets))})
+    try:
+        for name in old_files:
+            (out_dir / name).unlink(missing_ok=True)
+        remove_leftover_temps(out_dir)
+        for plan in plans:
+            log.info("%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s", plan.kind, plan.source.embd_path,
+                     plan.layout, plan.n_prompts, plan.n_responses, plan.dim, plan.dtype,
+                     ", sorting responses by reward" if plan.sort_by_reward else "")
+            per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
+            copy_embeddings(plan, out_dir, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))
+            write_rewards(plan, out_dir)
+        files = {name: (out_dir / name).stat().st_size for name in targets}
+        write_json(record_path, {**record, "files": files})
+    except BaseException as err:
+        for name in targets:
+            (out_dir / name).unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise InputError(f"conversion into {out_dir} failed: {err}") from None
+        raise
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    setup_logging()
+    sources = explicit_sources(args) if args.embd_file else discover_sources(args)
+    plans = [plan_set(source, args) for source in sources]
+    if len(plans) == 2 and plans[1].dim != plans[0].dim:
+        raise InputError(f"{plans[1].source.embd_path}: D={plans[1].dim} differs from the training "
+                         f"embeddings' D={plans[0].dim} ({plans[0].source.embd_path.name})")
+    record = conversion_record(plans, args)
+    out_dir = ensure_writable_dir(args.output_dir)
+    old, old_files = previous_conversion(out_dir)
+    foreign = sorted(data_files_in(out_dir) - old_files)
+    if foreign:
+        raise InputError(f"--output_dir {out_dir} holds split files that no {CONVERSION_FILE} lists "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to "
+                         f"overwrite them: choose another --output_dir or remove them")
+    summary = ", ".join(f"{plan.kind} {plan.n_prompts} prompts x K={plan.n_responses}" for plan in plans)
+    if is_up_to_date(out_dir, old, record):
+        print(f"{out_dir} is up to date ({summary}, D={plans[0].dim} {plans[0].dtype}; "
+              f"{CONVERSION_FILE} matches the sources and options): nothing to do")
+        return out_dir
+    needed = sum(plan.output_bytes() for plan in plans)
+    available = shutil.disk_usage(out_dir).free + sum(
+        (out_dir / name).stat().st_size for name in old_files if (out_dir / name).is_file())
+    if needed > available:
+        raise InputError(f"--output_dir {out_dir}: the conversion needs up to {needed / 1e9:.2f} GB, "
+                         f"{available / 1e9:.2f} GB are free")
+
+    started = time.perf_counter()
+    convert(plans, out_dir, record, old_files, args.chunk_prompts)
+    seconds = time.perf_counter() - started
+    copied = sum(plan.n_prompts * plan.n_responses * plan.dim * plan.dtype.itemsize for plan in plans)
+    print(f"converted {summary}, D={plans[0].dim} {plans[0].dtype}: {copied / 1e9:.2f} GB in "
+          f"{seconds:.1f} s ({copied / 1e6 / max(seconds, 1e-9):.0f} MB/s) -> {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)
