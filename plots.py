@@ -46,3 +46,27 @@ def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> 
         ax.legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_calibration(panels: Mapping[str, Mapping[str, dict]], path: str | Path, title: str) -> None:
+    """Reliability diagram, one panel per evaluation set: mean golden reward vs mean prediction per bin.
+
+    panels: panel title -> {variant name -> ``calibration.binned_calibration`` result}; the dashed
+    diagonal is perfect calibration, error bars are +-1 standard error of the bin's golden mean.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (panel_title, curves) in zip(axes[0], panels.items()):
+        values = [v for curve in curves.values() for v in (*curve["pred_mean"], *curve["gold_mean"])]
+        low, high = min(values), max(values)
+        ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="perfect calibration")
+        for name, curve in curves.items():
+            ax.errorbar(curve["pred_mean"], curve["gold_mean"], yerr=curve["gold_stderr"], label=name,
+                        marker="o", markersize=3, capsize=2)
+        n_bins = max(len(curve["count"]) for curve in curves.values())
+        ax.set_xlabel("predicted reward (bin mean)")
+        ax.set_ylabel("golden reward (bin mean)")
+        ax.set_title(f"{panel_title}\n{n_bins} equal-count bins", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, y=1.04)  # above the two-line panel titles
+    save_figure(fig, path)

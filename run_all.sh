@@ -24,9 +24,33 @@ LEARNING_RATE="${LEARNING_RATE:-0.001}"
 ANNOTATION_QUALITY="${ANNOTATION_QUALITY:-10}"
 SEED="${SEED:-6}"
 OUTPUT_DIR="${OUTPUT_DIR:-distill_out}"
-DATA_DIR="${DATA_DIR:-data}"
+REPO_GEN_MODEL="${REPO_GEN_MODEL:-$GEN_PREF_MODEL}"   # generator named in published file names
+DATA_DIR="${DATA_DIR:-}"  # default below: demo data in data/, other sources in a folder per setup
 MAX_PROMPTS="${MAX_PROMPTS:-}"
 EMBD_REPO_DIR="${EMBD_REPO_DIR:-embd/RM-Embeddings}"
+# GPU steps 1-4 (RUN_GPU_STEPS=1); model names may be short names, hub ids or local folders.
+DATASET="${DATASET:-hh-rlhf-helpful-gpt4}"
+EVAL_DATASET="${EVAL_DATASET:-hh-rlhf-helpful}"
+EMBED_MODEL_NAME="${EMBED_MODEL_NAME:-$MODEL_NAME}"
+GOLDEN_RM="${GOLDEN_RM:-}"                      # default: the task's golden RM
+N_TRAIN_SAMPLES="${N_TRAIN_SAMPLES:-10}"        # responses per training prompt
+N_TEST_SAMPLES="${N_TEST_SAMPLES:-500}"         # responses per test prompt
+GEN_MAX_LEN="${GEN_MAX_LEN:-128}"
+GEN_BACKEND="${GEN_BACKEND:-auto}"              # auto | vllm | transformers
+SFT_MAX_STEPS="${SFT_MAX_STEPS:--1}"            # -1: full epochs
+SFT_TRAIN_FILE="${SFT_TRAIN_FILE:-}"            # local JSONL/CSV with prompt/completion columns
+TRAIN_PROMPTS_FILE="${TRAIN_PROMPTS_FILE:-}"
+TEST_PROMPTS_FILE="${TEST_PROMPTS_FILE:-}"
+GPU_MAX_PROMPTS="${GPU_MAX_PROMPTS:-}"
+GPU_MAX_TEST_PROMPTS="${GPU_MAX_TEST_PROMPTS:-$GPU_MAX_PROMPTS}"
+# Converted or generated embeddings default to a folder named after the setup, so setups never
+# overwrite each other (nor the demo data in data/).
+if [[ -z "$DATA_DIR" && "$USE_REPO_EMBD" == 1 ]]; then
+    DATA_DIR="data_${TASK}_${SFT_OBJ}_${MODEL_NAME}_${REPO_GEN_MODEL}${MAX_PROMPTS:+_max${MAX_PROMPTS}}"
+elif [[ -z "$DATA_DIR" && "$RUN_GPU_STEPS" == 1 ]]; then
+    DATA_DIR="data_gpu_${DATASET}_$(basename "$EMBED_MODEL_NAME")"
+fi
+DATA_DIR="${DATA_DIR:-data}"
 # Demo data: prompts beyond N_SAMPLE for the calibration/student/held-out shares, and a test set.
 DEMO_EXTRA_PROMPTS="${DEMO_EXTRA_PROMPTS:-1000}"
 DEMO_EMB_DIM="${DEMO_EMB_DIM:-2048}"
@@ -55,6 +79,14 @@ is_number "$ANNOTATION_QUALITY" || die "ANNOTATION_QUALITY must be a number, got
 is_number "$LEARNING_RATE" && [[ ! "$LEARNING_RATE" =~ ^- ]] && [[ "$LEARNING_RATE" =~ [1-9] ]] \
     || die "LEARNING_RATE must be a positive number, got '$LEARNING_RATE'"
 [[ -z "$MAX_PROMPTS" ]] || is_pos_int "$MAX_PROMPTS" || die "MAX_PROMPTS must be empty or a positive integer, got '$MAX_PROMPTS'"
+if [[ "$RUN_GPU_STEPS" == 1 ]]; then
+    for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN; do need_pos_int "$var"; done
+    for var in GPU_MAX_PROMPTS GPU_MAX_TEST_PROMPTS; do
+        [[ -z "${!var}" ]] || is_pos_int "${!var}" || die "$var must be empty or a positive integer, got '${!var}'"
+    done
+    is_int "$SFT_MAX_STEPS" || die "SFT_MAX_STEPS must be an integer, got '$SFT_MAX_STEPS'"
+    [[ "$GEN_BACKEND" =~ ^(auto|vllm|transformers)$ ]] || die "GEN_BACKEND must be auto, vllm or transformers, got '$GEN_BACKEND'"
+fi
 [[ "$RUN_GPU_STEPS" == 1 && "$USE_REPO_EMBD" == 1 ]] && die "set at most one of RUN_GPU_STEPS=1 and USE_REPO_EMBD=1"
 
 section() { printf '\n=== %s ===\n' "$1"; }
@@ -68,9 +100,34 @@ timed() {  # run a step and report its wall time
 
 # --- data: GPU steps, published embeddings, or demo data ---------------------------------------
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
-    die "RUN_GPU_STEPS=1: steps 1-4 are not wired into run_all.sh yet"
+    GEN_ARGS=(--model_name "$MODEL_NAME" --adapter_name sft --dataset "$DATASET" --eval_dataset "$EVAL_DATASET"
+              --max_len "$GEN_MAX_LEN" --output_dir "$OUTPUT_DIR")
+    RM_ARGS=(${GOLDEN_RM:+--reward_model "$GOLDEN_RM"})
+    section "Step 1: LoRA SFT of $MODEL_NAME on $DATASET"
+    timed "step 1" "$PYTHON" step1_sft.py --model_name "$MODEL_NAME" --dataset "$DATASET" --learning_rate 5e-5 \
+        --epochs 2 --max_steps "$SFT_MAX_STEPS" --output_dir "$OUTPUT_DIR" ${SFT_TRAIN_FILE:+--train_file "$SFT_TRAIN_FILE"}
+    section "Step 2: sample $N_TRAIN_SAMPLES responses per training prompt, $N_TEST_SAMPLES per test prompt"
+    timed "step 2 (train)" "$PYTHON" step2_gen_sample.py "${GEN_ARGS[@]}" --data_class train \
+        --n_samples "$N_TRAIN_SAMPLES" --split all --backend "$GEN_BACKEND" \
+        ${GPU_MAX_PROMPTS:+--max_prompts "$GPU_MAX_PROMPTS"} ${TRAIN_PROMPTS_FILE:+--prompts_file "$TRAIN_PROMPTS_FILE"}
+    timed "step 2 (test)" "$PYTHON" step2_gen_sample.py "${GEN_ARGS[@]}" --data_class test \
+        --n_samples "$N_TEST_SAMPLES" --split all --backend "$GEN_BACKEND" \
+        ${GPU_MAX_TEST_PROMPTS:+--max_prompts "$GPU_MAX_TEST_PROMPTS"} ${TEST_PROMPTS_FILE:+--prompts_file "$TEST_PROMPTS_FILE"}
+    section "Step 3: golden reward annotation"
+    for DATA_CLASS in train test; do
+        timed "step 3 ($DATA_CLASS)" "$PYTHON" step3_reward_annotation.py "${GEN_ARGS[@]}" --data_class "$DATA_CLASS" \
+            --split all "${RM_ARGS[@]}"
+    done
+    section "Step 3.5: sort responses by golden reward"
+    timed "step 3.5" "$PYTHON" step3.5_processing_data.py "${GEN_ARGS[@]}" --data_class both "${RM_ARGS[@]}"
+    section "Step 4: embeddings with $EMBED_MODEL_NAME -> $DATA_DIR"
+    timed "step 4" "$PYTHON" step4_gen_embeddings.py "${GEN_ARGS[@]}" --embed_model_name "$EMBED_MODEL_NAME" \
+        --train_test both --data_dir "$DATA_DIR" "${RM_ARGS[@]}"
 elif [[ "$USE_REPO_EMBD" == 1 ]]; then
-    die "USE_REPO_EMBD=1: convert_embeddings.py is not wired into run_all.sh yet"
+    section "Convert published embeddings from $EMBD_REPO_DIR -> $DATA_DIR"
+    timed "conversion" "$PYTHON" convert_embeddings.py --embd_dir "$EMBD_REPO_DIR" --task "$TASK" \
+        --sft_obj "$SFT_OBJ" --embed_model "$MODEL_NAME" --gen_model "$REPO_GEN_MODEL" \
+        --output_dir "$DATA_DIR" ${MAX_PROMPTS:+--max_prompts "$MAX_PROMPTS"}
 else
     mkdir -p "$DATA_DIR"
     if [[ -f "$DATA_DIR/demo_config.json" ]] || ! compgen -G "$DATA_DIR/EMBD-TRAIN-split_*.npy" >/dev/null; then
@@ -96,6 +153,15 @@ timed "step 5" "$PYTHON" step5_train_rms.py \
 section "Step 6: evaluate ranking quality"
 timed "step 6" "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
 
+section "Step 7: isotonic calibration and distillation"
+timed "step 7" "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" \
+    --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
+    --learning_rate "$LEARNING_RATE" --seed "$SEED"
+
+section "Step 8: validate Teacher, Teacher+Isotonic, Student, Student+Isotonic"
+timed "step 8" "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
+
 section "Done in $((SECONDS - step_start)) s"
-echo "Outputs in $OUTPUT_DIR/ (orm_manifest.json lists the checkpoints):"
-ls "$OUTPUT_DIR"/*.json "$OUTPUT_DIR"/*.png
+echo "Outputs in $OUTPUT_DIR/ (orm_manifest.json lists the ORM checkpoints, distillation_config.json the"
+echo "student and isotonic maps; validation_results.json holds the table above). Plots:"
+ls "$OUTPUT_DIR"/*.png

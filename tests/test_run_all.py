@@ -49,3 +49,26 @@ def test_run_all_rejects_invalid_settings_before_work(tmp_path, env, message):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"run_all.sh: error: {message}"
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+def test_run_all_on_published_embeddings(tmp_path):
+    """USE_REPO_EMBD=1: a small synthetic repository folder is converted, then steps 5-8 run."""
+    repo = tmp_path / "repo"
+    subprocess.run(["python3", str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", str(repo),
+                    "--n_prompts", "320", "--n_responses", "6", "--emb_dim", "24", "--n_test_prompts", "5",
+                    "--n_test_responses", "30", "--task", "harmless", "--gen_model", "gemma2b"],
+                   check=True, capture_output=True)
+    env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "GEN_PREF_MODEL": "gemma2b", "EMBD_REPO_DIR": str(repo),
+           "MAX_PROMPTS": "300"}
+    proc = run_all(tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    conversion = json.loads((tmp_path / "data" / "conversion.json").read_text())
+    assert conversion["status"] == "complete"
+    assert conversion["sets"]["train"]["n_prompts"] == 300 and conversion["sets"]["test"]["n_responses"] == 30
+    manifest = json.loads((tmp_path / "out" / "orm_manifest.json").read_text())
+    assert manifest["data"]["n_prompts"] == 300 and manifest["data"]["n_splits"] == 6
+    results = json.loads((tmp_path / "out" / "eval_results_bt.json").read_text())
+    assert results["test"]["n_prompts"] == 5 and results["test"]["n_responses"] == 150
+    # A rerun finds the conversion up to date.
+    proc = run_all(tmp_path, **env)
+    assert proc.returncode == 0 and "up to date" in proc.stdout

@@ -1,0 +1,228 @@
+"""Step 7: calibrate the teacher with isotonic regression and distil it into one student MLP.
+
+Story: read step 5's manifest and prompt partition; the teacher is the mean of the ensemble members
+(or of ``--teacher_ckpt``). On ``calibration`` prompts, cross-validate the isotonic map
+teacher -> golden reward over folds of prompts (the out-of-fold error is the honest calibration
+error; both isotonic variants are measured), then refit it on all calibration prompts. Train a
+student MLP by MSE on every response of the ``student_train`` prompts towards isotonic(teacher(x))
+(it learns the calibrated teacher, not the golden labels), early-stopping on a slice of whole
+``student_train`` prompts. Fit the student's own isotonic map on the calibration prompts. Write the
+student checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 8 reads) and
+``distillation_config.json``. ``held_out`` prompts are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration import (
+    DEFAULT_VARIANT,
+    DISTILL_CONFIG_FILE,
+    LEGACY_MAP_FILE,
+    SEED_FLAGS,
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
+    VARIANTS,
+    check_manifest_flags,
+    cross_validate,
+    fit_isotonic,
+    prompt_set_record,
+    save_isotonic_map,
+    sidecar_path,
+    student_checkpoint_name,
+    student_scores,
+    teacher_scores,
+)
+from cli import ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
+from networks import OBJECTIVES, TrainConfig, load_checkpoint, mlp_flops_per_sample, save_checkpoint, train_student
+from rm_data import (
+    MANIFEST_FILE,
+    EmbeddingSet,
+    checkpoint_paths,
+    ensure_writable_dir,
+    load_embedding_set,
+    load_manifest,
+    load_partition,
+    write_json,
+)
+
+log = logging.getLogger("step7")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Isotonic calibration of the ORM teacher and distillation into a student.")
+    parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder; artifacts go here")
+    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
+    parser.add_argument("--teacher_ckpt", nargs="+", default=None,
+                        help="teacher checkpoint(s), averaged (default: every member in the manifest)")
+    parser.add_argument("--task", default=None, choices=["helpful", "harmless"],
+                        help="names the student checkpoint (default and check: the manifest's)")
+    parser.add_argument("--rm_objective", default=None, choices=OBJECTIVES,
+                        help="names the student checkpoint (default and check: the manifest's)")
+    for flag in SEED_FLAGS:
+        if flag not in ("task", "rm_objective"):
+            parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
+    parser.add_argument("--isotonic_variant", default=DEFAULT_VARIANT, choices=VARIANTS,
+                        help="standard: sklearn's step function (ties); centered: strictly increasing "
+                             "through the PAV block centres (keeps the teacher's ranking)")
+    parser.add_argument("--cv_folds", type=positive_int, default=5,
+                        help="folds over calibration prompts for the out-of-fold calibration error")
+    parser.add_argument("--distill_epochs", type=positive_int, default=20, help="maximum student epochs")
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
+    parser.add_argument("--batch_size", type=positive_int, default=256, help="responses per student step")
+    parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="share of student_train prompts (whole prompts) used for early stopping")
+    parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
+                        help="cross-prompt pairs in the out-of-fold ranking report")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds folds, student split, init and shuffling (default: step 5's seed)")
+    args = parser.parse_args(argv)
+    if args.cv_folds < 2:
+        raise InputError(f"--cv_folds must be at least 2, got {args.cv_folds}")
+    if not 0 < args.val_fraction < 1:
+        raise InputError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    if args.seed is not None and args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    return args
+
+
+def read_prompt_rows(data: EmbeddingSet, prompt_ids: np.ndarray) -> np.ndarray:
+    """Every response of ``prompt_ids`` as (P * K, D) float32, row p * K + k = response k of prompt p."""
+    features = np.empty((len(prompt_ids), data.n_splits, data.dim), dtype=np.float32)
+    for k in range(data.n_splits):
+        features[:, k] = data.read_rows(k, prompt_ids)
+    return features.reshape(-1, data.dim)
+
+
+def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Generator):
+    """Seeded split of prompts into (fit, early-stopping) sets of whole prompts, both non-empty."""
+    if len(prompt_ids) < 2:
+        raise InputError(f"student_train has {len(prompt_ids)} prompt(s); need 2 to early-stop on whole prompts")
+    order = rng.permutation(len(prompt_ids))
+    n_val = min(max(1, int(round(val_fraction * len(prompt_ids)))), len(prompt_ids) - 1)
+    return np.sort(prompt_ids[order[n_val:]]), np.sort(prompt_ids[order[:n_val]])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    output_dir = ensure_writable_dir(args.output_dir)
+    manifest = load_manifest(output_dir)
+    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE)
+    task = args.task or manifest["config"]["task"]
+    objective = args.rm_objective or manifest["config"]["rm_objective"]
+    seed = manifest["config"]["seed"] if args.seed is None else args.seed
+    data = load_embedding_set(args.data_dir or manifest["data"]["data_dir"], "train")
+    teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
+                     else checkpoint_paths(output_dir, manifest))
+    teacher = [load_checkpoint(path, data.dim) for path in teacher_paths]
+    partition = load_partition(output_dir, data)
+    calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
+    if len(calibration_prompts) < args.cv_folds:
+        raise InputError(f"--cv_folds {args.cv_folds} needs at least {args.cv_folds} calibration prompts, "
+                         f"the partition has {len(calibration_prompts)}")
+
+    # --- seeding: each random stream derives from the seed through its own SeedSequence ---
+    split_stream, torch_stream = np.random.SeedSequence([seed, 0xD157]).spawn(2)
+    split_rng = np.random.default_rng(split_stream)
+    generator = torch.Generator().manual_seed(int(torch_stream.generate_state(1)[0]))
+
+    # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
+    start = time.perf_counter()
+    calibration_gold = data.rewards[calibration_prompts]
+    calibration_teacher = teacher_scores(data, calibration_prompts, teacher)
+    variant_comparison = {variant: cross_validate(calibration_teacher, calibration_gold, args.cv_folds, seed,
+                                                  variant, args.n_cross_pairs) for variant in VARIANTS}
+    teacher_cv = variant_comparison[args.isotonic_variant]
+    teacher_names = [path.name for path in teacher_paths]
+    teacher_fit = prompt_set_record("calibration", calibration_prompts, calibration_gold.size)
+    teacher_map, teacher_estimator = fit_isotonic(
+        calibration_teacher, calibration_gold, args.isotonic_variant,
+        {"input": "teacher", "teacher_checkpoints": teacher_names, **teacher_fit})
+    log.info("teacher isotonic (%s): out-of-fold MSE %.4f, MAE %.4f over %d calibration prompts (%.2fs)",
+             args.isotonic_variant, teacher_cv["calibration"]["mse"], teacher_cv["calibration"]["mae"],
+             len(calibration_prompts), time.perf_counter() - start)
+
+    # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
+    fit_prompts, stop_prompts = split_prompts(student_prompts, args.val_fraction, split_rng)
+    features = torch.from_numpy(read_prompt_rows(data, student_prompts))
+    targets = teacher_map.predict(teacher_scores(data, student_prompts, teacher)).ravel()
+    rows = np.arange(len(student_prompts) * data.n_splits).reshape(len(student_prompts), data.n_splits)
+    is_fit_prompt = np.isin(student_prompts, fit_prompts)
+    start = time.perf_counter()
+    student, result = train_student(features, torch.from_numpy(targets.astype(np.float32)),
+                                    torch.from_numpy(rows[is_fit_prompt].ravel()),
+                                    torch.from_numpy(rows[~is_fit_prompt].ravel()),
+                                    TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size,
+                                                args.patience), generator)
+    del features
+    log.info("student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
+             "(%.1f GFLOP/s), %.2fs", result.best_epoch, result.epochs_run, result.best_val_mse,
+             result.target_std**2, result.samples_per_second,
+             result.samples_per_second * 3 * mlp_flops_per_sample(data.dim) / 1e9, time.perf_counter() - start)
+
+    # --- 3. student -> golden isotonic map on calibration prompts ---
+    student_name = student_checkpoint_name(task, objective)
+    calibration_student = student_scores(data, calibration_prompts, student)
+    student_cv = cross_validate(calibration_student, calibration_gold, args.cv_folds, seed,
+                                args.isotonic_variant, args.n_cross_pairs)
+    student_map, student_estimator = fit_isotonic(
+        calibration_student, calibration_gold, args.isotonic_variant,
+        {"input": "student", "student_checkpoint": student_name, **teacher_fit})
+
+    # --- write: checkpoint, maps (+ JSON sidecars), then the config, which marks the run complete ---
+    save_checkpoint(student, output_dir / student_name)
+    for name, imap, estimator in ((TEACHER_MAP_FILE, teacher_map, teacher_estimator),
+                                  (LEGACY_MAP_FILE, teacher_map, teacher_estimator),
+                                  (STUDENT_MAP_FILE, student_map, student_estimator)):
+        save_isotonic_map(imap, estimator, output_dir / name)
+    n_responses = data.n_splits
+    config = {
+        "config": {key: value for key, value in vars(args).items()},
+        "task": task, "rm_objective": objective, "seed": seed,
+        "manifest": str(output_dir / MANIFEST_FILE),
+        "data": {"data_dir": str(data.data_dir), "n_prompts": data.n_prompts, "n_splits": data.n_splits,
+                 "dim": data.dim},
+        "teacher": {"checkpoints": [str(path) for path in teacher_paths], "n_members": len(teacher),
+                    "source": "--teacher_ckpt" if args.teacher_ckpt else "manifest", "rule": "mean"},
+        "prompt_counts": {role: int(len(ids)) for role, ids in partition.items()},
+        "fits": {  # which prompts reached each fit; held_out reaches none
+            "teacher_isotonic": teacher_fit,
+            "student_training": prompt_set_record("student_train", fit_prompts, len(fit_prompts) * n_responses),
+            "student_early_stopping": prompt_set_record("student_train", stop_prompts,
+                                                        len(stop_prompts) * n_responses),
+            "student_isotonic": teacher_fit,
+        },
+        "isotonic_variant": args.isotonic_variant,
+        "teacher_isotonic": {"out_of_fold": teacher_cv, "n_thresholds": len(teacher_map.x_thresholds),
+                             "n_levels": int(len(np.unique(teacher_map.y_thresholds)))},
+        "isotonic_variant_comparison": {
+            "measured_on": "out-of-fold teacher predictions on calibration prompts "
+                           f"({args.cv_folds} folds over prompts)",
+            "selected": args.isotonic_variant, **variant_comparison},
+        "student": {"checkpoint": student_name, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                    "early_stopping_mse": result.best_val_mse, "train_mse": result.train_mse,
+                    "target_mean": result.target_mean, "target_variance": result.target_std**2,
+                    "responses_per_second": result.samples_per_second},
+        "student_isotonic": {"out_of_fold": student_cv, "n_thresholds": len(student_map.x_thresholds),
+                             "n_levels": int(len(np.unique(student_map.y_thresholds)))},
+        "artifacts": {"student_checkpoint": student_name, "teacher_map": TEACHER_MAP_FILE,
+                      "teacher_map_json": sidecar_path(TEACHER_MAP_FILE).name, "legacy_teacher_map": LEGACY_MAP_FILE,
+                      "student_map": STUDENT_MAP_FILE, "student_map_json": sidecar_path(STUDENT_MAP_FILE).name},
+    }
+    write_json(output_dir / DISTILL_CONFIG_FILE, config)
+    print(f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
+          f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_mse:.4f} "
+          f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
+          f"{output_dir / DISTILL_CONFIG_FILE}")
+    return config
+
+
+if __name__ == "__main__":
+    run_cli(main)

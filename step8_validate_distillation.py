@@ -1,0 +1,221 @@
+"""Step 8: validate the four reward variants: Teacher, Teacher+Isotonic, Student, Student+Isotonic.
+
+Story: read step 5's manifest and prompt partition, the teacher checkpoints, step 7's student and
+the two isotonic maps (from their JSON sidecars: nothing is unpickled); score the ``held_out``
+prompts (and the test set, when the data directory has one); report for every variant the
+per-prompt and global Spearman, same- and cross-prompt pairwise accuracy, best-of-N, MSE and MAE
+to the golden reward, and the number of distinct values; compare with a constant predictor (the
+calibration prompts' mean golden reward) as the floor. Raw teacher scores are not on the golden
+scale, so their MSE is reported but marked not meaningful; the student is trained on the calibrated
+scale, so its MSE is meaningful. Writes ``validation_results.json``, a calibration plot and a
+best-of-N plot, and prints the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from calibration import (
+    BEST_OF_N_PLOT_FILE,
+    CALIBRATION_PLOT_FILE,
+    SEED_FLAGS,
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
+    VALIDATION_FILE,
+    IsotonicMap,
+    binned_calibration,
+    check_manifest_flags,
+    load_isotonic_map,
+    prediction_report,
+    sidecar_path,
+    student_checkpoint_name,
+    student_scores,
+    teacher_scores,
+)
+from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from metrics import best_of_n, calibration_errors
+from networks import MLP, load_checkpoint
+from plots import plot_best_of_n, plot_calibration
+from rm_data import (
+    MANIFEST_FILE,
+    EmbeddingSet,
+    checkpoint_paths,
+    ensure_writable_dir,
+    load_embedding_set,
+    load_manifest,
+    load_partition,
+    write_json,
+)
+
+log = logging.getLogger("step8")
+VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
+# Variants whose values are meant to be on the golden reward scale (MSE is meaningful).
+ON_GOLDEN_SCALE = ("Teacher+Isotonic", "Student", "Student+Isotonic")
+CONSTANT = "Constant"
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Validate teacher, student and their isotonic maps on held-out prompts.")
+    parser.add_argument("--output_dir", default="distill_out", help="folder of steps 5 and 7; results go here")
+    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
+    parser.add_argument("--teacher_ckpt", nargs="+", default=None,
+                        help="teacher checkpoint(s), averaged (default: every member in the manifest)")
+    parser.add_argument("--student_ckpt", default=None,
+                        help="student checkpoint (default: OUTPUT_DIR/distilled_rm_{task}_{objective}.ckpt)")
+    parser.add_argument("--isotonic_model", default=None,
+                        help=f"teacher map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{TEACHER_MAP_FILE})")
+    parser.add_argument("--student_isotonic_model", default=None,
+                        help=f"student map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{STUDENT_MAP_FILE})")
+    for flag in SEED_FLAGS:
+        parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
+    parser.add_argument("--bon_draws", type=positive_int, default=50,
+                        help="random subsets per prompt and N for best-of-N")
+    parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
+                        help="random cross-prompt pairs for cross-prompt accuracy")
+    parser.add_argument("--calibration_bins", type=positive_int, default=15,
+                        help="equal-count bins of the calibration plot")
+    parser.add_argument("--seed", type=int, default=None, help="seed of evaluation draws (default: step 5's seed)")
+    return parser.parse_args(argv)
+
+
+def check_map_provenance(teacher_map: IsotonicMap, teacher_paths: list[Path], student_map: IsotonicMap,
+                         student_path: Path, teacher_map_path: Path, student_map_path: Path) -> None:
+    """A map applied to another model's scores is meaningless: the models must be those it was fitted on."""
+    for imap, path, expected in ((teacher_map, teacher_map_path, "teacher"),
+                                 (student_map, student_map_path, "student")):
+        fitted_input = imap.settings.get("input", expected)
+        if fitted_input != expected:
+            raise InputError(f"{sidecar_path(path)} maps {fitted_input} scores; expected a {expected} map")
+    fitted_teacher = teacher_map.settings.get("teacher_checkpoints")
+    if fitted_teacher is not None and fitted_teacher != [path.name for path in teacher_paths]:
+        raise InputError(f"{sidecar_path(teacher_map_path)} was fitted on teacher {fitted_teacher}, not "
+                         f"{[path.name for path in teacher_paths]} (pass step 7's --teacher_ckpt)")
+    fitted_student = student_map.settings.get("student_checkpoint")
+    if fitted_student is not None and fitted_student != student_path.name:
+        raise InputError(f"{sidecar_path(student_map_path)} was fitted on student {fitted_student}, "
+                         f"not {student_path.name}")
+
+
+def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: list[MLP], student: MLP,
+                   teacher_map: IsotonicMap, student_map: IsotonicMap) -> dict[str, np.ndarray]:
+    """The four variants' (P, R) float64 scores of every response of ``prompt_ids``."""
+    raw_teacher = teacher_scores(data, prompt_ids, teacher).astype(np.float64)
+    raw_student = student_scores(data, prompt_ids, student).astype(np.float64)
+    return {"Teacher": raw_teacher, "Teacher+Isotonic": teacher_map.predict(raw_teacher),
+            "Student": raw_student, "Student+Isotonic": student_map.predict(raw_student)}
+
+
+def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float, args, seed: int) -> dict:
+    reports = {name: prediction_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
+    for name, report in reports.items():
+        report["calibration"]["meaningful"] = name in ON_GOLDEN_SCALE
+    reports["Teacher"]["calibration"]["note"] = "raw teacher scores are not on the golden scale"
+    calibrated = variants["Teacher+Isotonic"]
+    fidelity = calibration_errors(variants["Student"], calibrated)
+    return {
+        "n_prompts": gold.shape[0], "n_responses": gold.size, "variants": reports,
+        "constant_predictor": {"value": constant, **calibration_errors(np.full(gold.shape, constant), gold)},
+        "distillation_fidelity": {  # how well the student reproduces its target, isotonic(teacher)
+            "mse_student_vs_teacher_isotonic": fidelity["mse"], "mae_student_vs_teacher_isotonic": fidelity["mae"],
+            "teacher_isotonic_variance": float(calibrated.var()),
+            "relative_mse": fidelity["mse"] / float(calibrated.var()) if calibrated.var() > 0 else float("nan")},
+        "best_of_n": best_of_n(gold, variants, args.bon_draws, seed),
+        "calibration_curves": {name: binned_calibration(variants[name], gold, args.calibration_bins)
+                               for name in ON_GOLDEN_SCALE},
+    }
+
+
+def print_table(title: str, result: dict) -> None:
+    curves = result["best_of_n"]["curves"]
+    top_n = curves["oracle"]["n"][-1] if curves["oracle"]["n"] else None
+    bon_header = f"BoN@{top_n}" if top_n else "BoN"
+    print(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
+    print(f"{'variant':<18}{'spearman':>9}{'global':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
+          f"{'levels':>8}{bon_header:>9}")
+    for name in VARIANT_NAMES:
+        report = result["variants"][name]
+        errors = report["calibration"]
+        mark = "" if errors["meaningful"] else "*"
+        bon = curves[name]["mean"][-1] if top_n else float("nan")
+        print(f"{name:<18}{report['spearman_per_prompt']['mean']:>9.3f}{report['spearman_global']:>8.3f}"
+              f"{report['pairwise_accuracy_same_prompt']['accuracy']:>9.3f}"
+              f"{report['pairwise_accuracy_cross_prompt']['accuracy']:>10.3f}"
+              f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{bon:>9.3f}")
+    constant = result["constant_predictor"]
+    print(f"{'Constant':<18}{'':>36}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
+    if top_n:
+        print(f"{'(oracle / random)':<79}{curves['oracle']['mean'][-1]:>9.3f}\n"
+              f"{'':<79}{curves['random']['mean'][-1]:>9.3f}")
+    print("* raw teacher scores are not on the golden scale: their MSE is not meaningful")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    output_dir = ensure_writable_dir(args.output_dir)
+    manifest = load_manifest(output_dir)
+    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE)
+    seed = manifest["config"]["seed"] if args.seed is None else args.seed
+    data_dir = args.data_dir or manifest["data"]["data_dir"]
+    data = load_embedding_set(data_dir, "train")
+    test = load_embedding_set(data_dir, "test", required=False)
+    teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
+                     else checkpoint_paths(output_dir, manifest))
+    student_path = Path(args.student_ckpt or output_dir / student_checkpoint_name(
+        manifest["config"]["task"], manifest["config"]["rm_objective"]))
+    teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
+    student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
+    teacher = [load_checkpoint(path, data.dim) for path in teacher_paths]
+    student = load_checkpoint(student_path, data.dim)
+    teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
+    student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
+    check_map_provenance(teacher_map, teacher_paths, student_map, student_path, teacher_map_path, student_map_path)
+    partition = load_partition(output_dir, data)
+    # The constant floor is fitted where the maps are: the calibration prompts' golden rewards.
+    constant = float(data.rewards[partition["calibration"]].mean())
+
+    start = time.perf_counter()
+    held_out = partition["held_out"]
+    results = {
+        "manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed,
+        "models": {"teacher_checkpoints": [str(path) for path in teacher_paths],
+                   "student_checkpoint": str(student_path),
+                   "teacher_map": str(sidecar_path(teacher_map_path)),
+                   "student_map": str(sidecar_path(student_map_path)),
+                   "isotonic_variants": {"teacher": teacher_map.variant, "student": student_map.variant}},
+        "held_out": evaluate(score_variants(data, held_out, teacher, student, teacher_map, student_map),
+                             data.rewards[held_out], constant, args, seed),
+    }
+    if test is not None:
+        test_prompts = np.arange(test.n_prompts)
+        results["test"] = evaluate(score_variants(test, test_prompts, teacher, student, teacher_map, student_map),
+                                   test.rewards, constant, args, seed)
+    log.info("validated four variants in %.2fs", time.perf_counter() - start)
+
+    json_path, calibration_plot = output_dir / VALIDATION_FILE, output_dir / CALIBRATION_PLOT_FILE
+    bon_plot = output_dir / BEST_OF_N_PLOT_FILE
+    evaluated = {name: res for name, res in results.items() if name in ("held_out", "test")}
+    label = {"held_out": "held-out prompts", "test": "test set"}
+    plot_calibration({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":
+                      res["calibration_curves"] for name, res in evaluated.items()},
+                     calibration_plot, title=f"Calibration ({teacher_map.variant} isotonic)")
+    plot_best_of_n({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["best_of_n"]
+                    for name, res in evaluated.items()}, bon_plot,
+                   title=f"Teacher ({len(teacher)} members) vs distilled student")
+    results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
+    write_json(json_path, results)
+    for name, res in evaluated.items():
+        print_table(label[name], res)
+    held = results["held_out"]
+    print(f"step8: held-out MSE Teacher+Isotonic {held['variants']['Teacher+Isotonic']['calibration']['mse']:.3f}, "
+          f"Student+Isotonic {held['variants']['Student+Isotonic']['calibration']['mse']:.3f}, "
+          f"constant {held['constant_predictor']['mse']:.3f} -> {json_path}, {calibration_plot}, {bon_plot}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
