@@ -263,14 +263,6 @@ def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> di
 # --------------------------------------------------------------------------------------------
 # Shared by steps 7 and 8: flags checked against the manifest, the teacher
 # --------------------------------------------------------------------------------------------
-def check_manifest_flags(args, manifest: dict, manifest_path: Path, flags: Sequence[str] = SEED_FLAGS) -> None:
-    """Seed flags given on the command line must match the ORM run recorded in the manifest."""
-    for flag in flags:
-        given, recorded = getattr(args, flag), manifest["config"].get(flag)
-        if given is not None and given != recorded:
-            raise InputError(f"--{flag} {given} does not match the ensemble in {manifest_path} ({recorded})")
-
-
 def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Sequence[MLP]) -> np.ndarray:
     """The teacher's scores (P, R) float32: the mean over its members (step 6's ``ensemble_mean``)."""
     return data.score(prompt_ids, ensemble_scorer(teacher)).mean(axis=0)

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,6 +349,14 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
     if not manifest.get("checkpoints"):
         raise InputError(f"{path}: lists no checkpoints")
     return manifest
+
+
+def check_manifest_flags(args, manifest: dict, manifest_path: Path, flags: Iterable[str]) -> None:
+    """Step 5 flags repeated on a later step's command line must match the run in the manifest."""
+    for flag in flags:
+        given, recorded = getattr(args, flag), manifest["config"].get(flag)
+        if given is not None and given != recorded:
+            raise InputError(f"--{flag} {given} does not match the ensemble in {manifest_path} ({recorded})")
 
 
 def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:

@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser, InputError, finite_float, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, finite_float, positive_int, run_cli, setup_logging
 from metrics import best_of_n, ranking_report
 from networks import ensemble_scorer, load_checkpoint
 from plots import plot_best_of_n
-from rm_data import checkpoint_paths, ensure_writable_dir, load_embedding_set, load_manifest, load_partition, write_json
+from rm_data import (
+    MANIFEST_FILE,
+    check_manifest_flags,
+    checkpoint_paths,
+    ensure_writable_dir,
+    load_embedding_set,
+    load_manifest,
+    load_partition,
+    write_json,
+)
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
@@ -43,13 +51,6 @@ def parse_args(argv=None):
     for flag, kind in MANIFEST_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help="checked against the manifest")
     return parser.parse_args(argv)
-
-
-def check_against_manifest(args, manifest: dict, manifest_path: Path) -> None:
-    for flag in MANIFEST_FLAGS:
-        given, recorded = getattr(args, flag), manifest["config"].get(flag)
-        if given is not None and given != recorded:
-            raise InputError(f"--{flag} {given} does not match the ensemble in {manifest_path} ({recorded})")
 
 
 def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     manifest = load_manifest(output_dir)
-    check_against_manifest(args, manifest, output_dir / "orm_manifest.json")
+    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, MANIFEST_FLAGS)
     data_dir = args.data_dir or manifest["data"]["data_dir"]
     data = load_embedding_set(data_dir, "train")
     models = [load_checkpoint(path, data.dim) for path in checkpoint_paths(output_dir, manifest)]

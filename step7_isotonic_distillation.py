@@ -28,7 +28,6 @@ from calibration import (
     STUDENT_MAP_FILE,
     TEACHER_MAP_FILE,
     VARIANTS,
-    check_manifest_flags,
     cross_validate,
     fit_isotonic,
     prompt_set_record,
@@ -43,6 +42,7 @@ from networks import OBJECTIVES, TrainConfig, load_checkpoint, mlp_flops_per_sam
 from rm_data import (
     MANIFEST_FILE,
     EmbeddingSet,
+    check_manifest_flags,
     checkpoint_paths,
     ensure_writable_dir,
     load_embedding_set,
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     manifest = load_manifest(output_dir)
-    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE)
+    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, SEED_FLAGS)
     task = args.task or manifest["config"]["task"]
     objective = args.rm_objective or manifest["config"]["rm_objective"]
     seed = manifest["config"]["seed"] if args.seed is None else args.seed

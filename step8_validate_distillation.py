@@ -28,7 +28,6 @@ from calibration import (
     VALIDATION_FILE,
     IsotonicMap,
     binned_calibration,
-    check_manifest_flags,
     load_isotonic_map,
     prediction_report,
     sidecar_path,
@@ -43,6 +42,7 @@ from plots import plot_best_of_n, plot_calibration
 from rm_data import (
     MANIFEST_FILE,
     EmbeddingSet,
+    check_manifest_flags,
     checkpoint_paths,
     ensure_writable_dir,
     load_embedding_set,
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     manifest = load_manifest(output_dir)
-    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE)
+    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, SEED_FLAGS)
     seed = manifest["config"]["seed"] if args.seed is None else args.seed
     data_dir = args.data_dir or manifest["data"]["data_dir"]
     data = load_embedding_set(data_dir, "train")
