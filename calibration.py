@@ -31,16 +31,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import joblib
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.model_selection import KFold
 
 from cli import InputError
 from metrics import calibration_errors, ranking_report
 from networks import MLP, ensemble_scorer
 from rm_data import EmbeddingSet, atomic_path, read_json, write_json
+
+if TYPE_CHECKING:  # scikit-learn and joblib are imported where maps are fitted or saved (step 7
+    from sklearn.isotonic import IsotonicRegression  # only), keeping step 8's start-up light.
 
 VARIANTS = ("standard", "centered")
 # Measured on the demo, out of fold on 600 calibration prompts (distillation_config.json's
@@ -156,6 +157,8 @@ def load_isotonic_map(path: str | os.PathLike, what: str = "isotonic map") -> Is
 
 def save_isotonic_map(imap: IsotonicMap, estimator: IsotonicRegression, path: str | os.PathLike) -> None:
     """Write ``path`` (.joblib, the sklearn object) and its JSON sidecar, each atomically."""
+    import joblib
+
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         joblib.dump(estimator, handle)
@@ -185,6 +188,8 @@ def fit_isotonic(scores: np.ndarray, gold: np.ndarray, variant: str,
 
     scores, gold: arrays of one shape (e.g. (P, R) prompts x responses), flattened for the fit.
     """
+    from sklearn.isotonic import IsotonicRegression
+
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     scores = np.asarray(scores, dtype=np.float64).ravel()
@@ -211,6 +216,8 @@ def out_of_fold_predictions(scores: np.ndarray, gold: np.ndarray, n_folds: int, 
     scores, gold: (P, R) prompts x responses; folds are over prompts (rows), seeded.
     Returns (out-of-fold predictions (P, R) float64, fold index of each prompt (P,) int64).
     """
+    from sklearn.model_selection import KFold
+
     scores, gold = np.asarray(scores, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     oof = np.empty(scores.shape, dtype=np.float64)
     fold_of_prompt = np.empty(scores.shape[0], dtype=np.int64)
