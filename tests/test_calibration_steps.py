@@ -24,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import run_failing  # noqa: E402
+
 import calibration  # noqa: E402
 import generate_demo_data  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
-from cli import InputError, run_cli  # noqa: E402
+from cli import InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
 from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
 
@@ -39,17 +41,6 @@ STEP5 = ["--n_sample", "200", "--n_pairs", "5", "--consider_first_n", "10", "--e
          "--training_epochs", "6", "--batch_size", "64", "--seed", "3"]
 STEP7 = ["--distill_epochs", "12", "--batch_size", "64"]
 MAP_FILES = (calibration.TEACHER_MAP_FILE, calibration.STUDENT_MAP_FILE, calibration.LEGACY_MAP_FILE)
-
-
-def run_failing(main, argv, capsys) -> str:
-    """Run a step's CLI expecting bad input: exit status 2 and exactly one stderr line."""
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
 
 
 class WritesMarker:
