@@ -131,7 +131,7 @@ def map_from_json(record: dict, path: Path) -> IsotonicMap:
     if not (np.diff(x) > 0).all():
         i = int(np.flatnonzero(np.diff(x) <= 0)[0])
         raise InputError(f"{path}: x_thresholds must be strictly increasing "
-                         f"(x[{i}]={x[i]!r} >= x[{i + 1}]={x[i + 1]!r})")
+                         f"(x[{i}]={float(x[i])!r} >= x[{i + 1}]={float(x[i + 1])!r})")
     steps = np.diff(y) if record["increasing"] else -np.diff(y)
     if (steps < 0).any():
         raise InputError(f"{path}: y_thresholds are not monotone "
@@ -270,9 +270,15 @@ def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> di
 # --------------------------------------------------------------------------------------------
 # Shared by steps 7 and 8: flags checked against the manifest, the teacher
 # --------------------------------------------------------------------------------------------
-def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Sequence[MLP]) -> np.ndarray:
-    """The teacher's scores (P, R) float32: the mean over its members (step 6's ``ensemble_mean``)."""
-    return data.score(prompt_ids, ensemble_scorer(teacher)).mean(axis=0)
+def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Sequence[MLP],
+                   cache: tuple[Path, Sequence[Path]] | None = None) -> np.ndarray:
+    """The teacher's scores (P, R) float32: the mean over its members (step 6's ``ensemble_mean``).
+
+    cache: (cache folder, the members' checkpoint files) to reuse step 6's member scores.
+    """
+    if cache is None:
+        return data.score(prompt_ids, ensemble_scorer(teacher)).mean(axis=0)
+    return data.score_cached(prompt_ids, ensemble_scorer(teacher), cache[0], list(cache[1])).mean(axis=0)
 
 
 def student_scores(data: EmbeddingSet, prompt_ids: np.ndarray, student: MLP) -> np.ndarray:

@@ -195,11 +195,11 @@ def discover_sources(args) -> list[Source]:
     return sources
 
 
-def open_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
+def open_npy(path: Path, what: str, expected: str, mmap: bool) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"cannot read {what} {path}: {err}") from None
+        raise InputError(f"cannot read {what} {path} (expected a .npy file of {expected}): {err}") from None
     if not isinstance(array, np.ndarray):  # an .npz archive
         array.close()
         raise InputError(f"{what} {path} is not a .npy array")
@@ -271,7 +271,7 @@ class SetPlan:
 
 def plan_set(source: Source, args) -> SetPlan:
     """Validate one source pair from its headers and rewards; nothing is written."""
-    embeddings = open_npy(source.embd_path, "embeddings", mmap=True)
+    embeddings = open_npy(source.embd_path, "embeddings", "float32 or float16 numbers", mmap=True)
     embd_shape, dtype = embeddings.shape, embeddings.dtype
     del embeddings  # only the header was needed
     if len(embd_shape) != 3:
@@ -281,7 +281,7 @@ def plan_set(source: Source, args) -> SetPlan:
         raise InputError(f"{source.embd_path}: expected float32 or float16 embeddings, got {dtype}")
     if 0 in embd_shape:
         raise InputError(f"{source.embd_path}: empty embeddings of shape {embd_shape}")
-    rewards = open_npy(source.reward_path, "rewards", mmap=False)
+    rewards = open_npy(source.reward_path, "rewards", "real numbers", mmap=False)
     if rewards.dtype.kind not in "fiu":
         raise InputError(f"{source.reward_path}: expected real-valued rewards, got dtype {rewards.dtype}")
     if rewards.ndim not in (2, 3):

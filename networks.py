@@ -235,6 +235,17 @@ def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:
     return model.eval()
 
 
+def load_ensemble(paths: Sequence[str | Path], expected_dim: int | None = None) -> list[MLP]:
+    """Load checkpoints scored together (:class:`StackedEnsemble`): they must share one architecture."""
+    models = [load_checkpoint(path, expected_dim) for path in paths]
+    shapes = [(m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) for m in models]
+    for path, shape in zip(paths, shapes):
+        if shape != shapes[0]:
+            raise InputError(f"{path}: layers {'->'.join(map(str, shape))}->1 differ from {Path(paths[0]).name}'s "
+                             f"{'->'.join(map(str, shapes[0]))}->1; checkpoints scored together must share them")
+    return models
+
+
 class StackedEnsemble:
     """M MLPs of one shape evaluated together: (B, D) -> (M, B) in three large matrix products.
 

@@ -40,6 +40,7 @@ ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
 MIN_NON_ORM_PROMPTS = 20
 PARTITION_FILE = "prompt_split.json"
 MANIFEST_FILE = "orm_manifest.json"
+SCORE_CACHE_DIR = "score_cache"  # ensemble scores step 6 computes and step 8 reuses
 # Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
 DEFAULT_CHUNK_ROWS = 4096
 
@@ -147,7 +148,8 @@ def _open_embeddings(path: Path) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"cannot read embeddings {path}: {err}") from None
+        raise InputError(f"cannot read embeddings {path} (expected a .npy file of float32 or float16 "
+                         f"numbers): {err}") from None
     if array.ndim != 2:
         raise InputError(f"{path}: expected a 2-D (N, D) array, got shape {array.shape}")
     if array.dtype not in ALLOWED_DTYPES:
@@ -252,6 +254,34 @@ class EmbeddingSet:
         return out
 
 
+    def score_cached(self, prompt_ids: np.ndarray, score_fn: Callable[[np.ndarray], np.ndarray],
+                     cache_dir: str | os.PathLike, model_files: list[Path]) -> np.ndarray:
+        """:meth:`score`, reusing an earlier step's result when nothing it depends on changed.
+
+        The key hashes the model files' bytes, the prompt ids, the rewards and each embedding
+        file's name, size and mtime (a cache miss costs time; content hashing 10 GB would cost more).
+        Step 6 scores the held-out and test prompts with the ensemble; step 8 reuses them.
+        """
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        digest = hashlib.sha256(self.rewards.tobytes() + prompt_ids.tobytes())
+        for path in model_files:
+            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        for path in self.embedding_paths:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        cache_dir = Path(cache_dir)
+        cache_file = cache_dir / f"scores_{self.kind}_{digest.hexdigest()[:32]}.npy"
+        if cache_file.is_file():
+            cached = np.load(cache_file, allow_pickle=False)
+            if cached.shape == (len(model_files), len(prompt_ids), self.n_splits):
+                return cached
+        scores = self.score(prompt_ids, score_fn)
+        for stale in cache_dir.glob(f"scores_{self.kind}_*.npy"):
+            stale.unlink()
+        write_npy(cache_file, scores)
+        return scores
+
+
 def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
                        required: bool = True) -> EmbeddingSet | None:
     """Open and validate the ``kind`` splits of ``data_dir`` (None if absent and not required)."""
@@ -283,15 +313,26 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
     return EmbeddingSet(kind, data_dir, emb_paths, reward_paths, rewards, d, dtype)
 
 
+def load_test_set(data_dir: str | os.PathLike, train: EmbeddingSet) -> EmbeddingSet | None:
+    """The optional test set of ``data_dir`` (None if absent), checked to have the training set's D."""
+    test = load_embedding_set(data_dir, "test", required=False)
+    if test is not None and test.dim != train.dim:
+        raise InputError(f"{test.embedding_paths[0]}: test embeddings have D={test.dim}, the training "
+                         f"embeddings ({train.embedding_paths[0].name}) D={train.dim}")
+    return test
+
+
 def fingerprint(eset: EmbeddingSet) -> str:
     """A sha256 over the set's file names, shapes, dtypes, all rewards and sampled embedding bytes.
 
-    Embedding files are sampled (64 blocks of 64 KiB evenly spaced, plus the size) rather than
-    hashed whole: hashing 10 GB would cost more than the step it guards.
+    Embedding files are sampled (blocks of 64 KiB evenly spaced, first and last included, plus the
+    size) rather than hashed whole: hashing 10 GB would cost more than the step it guards. The set
+    gets ~640 blocks in all (64 per file for 10 splits, 2 per file for 500 test splits), so a
+    fingerprint reads at most ~40 MB whatever the number of files.
     """
     digest = hashlib.sha256()
     digest.update(eset.rewards.tobytes())
-    block, n_blocks = 1 << 16, 64
+    block, n_blocks = 1 << 16, min(64, max(2, 640 // len(eset.embedding_paths)))
     for path in eset.embedding_paths:
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())

@@ -3,7 +3,10 @@
 #   bash run_all.sh                          # demo data -> steps 5-8 on the CPU
 #   USE_REPO_EMBD=1 TASK=harmless bash run_all.sh   # published embeddings -> steps 5-8
 #   RUN_GPU_STEPS=1 bash run_all.sh          # steps 1-4 on a GPU, then 5-8
+#   FORCE=1 bash run_all.sh                  # redo steps 5-8 even where they are up to date
 # Every value is validated before any work starts; file names come from step 5's manifest.
+# Steps 5-8 resume: a rerun skips each step whose record in $OUTPUT_DIR/.run_state still matches
+# (run_state.py), so a run killed at any point is finished by running it again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -24,6 +27,7 @@ LEARNING_RATE="${LEARNING_RATE:-0.001}"
 ANNOTATION_QUALITY="${ANNOTATION_QUALITY:-10}"
 SEED="${SEED:-6}"
 OUTPUT_DIR="${OUTPUT_DIR:-distill_out}"
+FORCE="${FORCE:-0}"                              # 1: rerun steps 5-8 even if up to date
 REPO_GEN_MODEL="${REPO_GEN_MODEL:-$GEN_PREF_MODEL}"   # generator named in published file names
 DATA_DIR="${DATA_DIR:-}"  # default below: demo data in data/, other sources in a folder per setup
 MAX_PROMPTS="${MAX_PROMPTS:-}"
@@ -66,6 +70,7 @@ need_flag() { [[ "${!1}" == 0 || "${!1}" == 1 ]] || die "$1 must be 0 or 1, got 
 
 need_flag RUN_GPU_STEPS
 need_flag USE_REPO_EMBD
+need_flag FORCE
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
 [[ "$RM_OBJECTIVE" == bt || "$RM_OBJECTIVE" == clf ]] || die "RM_OBJECTIVE must be bt or clf, got '$RM_OBJECTIVE'"
 for var in N_SAMPLE ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_EXTRA_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
@@ -88,6 +93,14 @@ if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     [[ "$GEN_BACKEND" =~ ^(auto|vllm|transformers)$ ]] || die "GEN_BACKEND must be auto, vllm or transformers, got '$GEN_BACKEND'"
 fi
 [[ "$RUN_GPU_STEPS" == 1 && "$USE_REPO_EMBD" == 1 ]] && die "set at most one of RUN_GPU_STEPS=1 and USE_REPO_EMBD=1"
+# The output folder must be usable before any work starts. It stays locked while this script and
+# its steps run, so two runs never interleave their steps in one folder.
+mkdir -p "$OUTPUT_DIR" 2>/dev/null && [[ -d "$OUTPUT_DIR" && -w "$OUTPUT_DIR" ]] \
+    || die "OUTPUT_DIR '$OUTPUT_DIR' is not a writable directory"
+if command -v flock >/dev/null; then
+    exec {output_lock}<"$OUTPUT_DIR"
+    flock -n "$output_lock" || die "OUTPUT_DIR '$OUTPUT_DIR' is in use by another run_all.sh"
+fi
 
 section() { printf '\n=== %s ===\n' "$1"; }
 step_start=$SECONDS
@@ -129,7 +142,7 @@ elif [[ "$USE_REPO_EMBD" == 1 ]]; then
         --sft_obj "$SFT_OBJ" --embed_model "$MODEL_NAME" --gen_model "$REPO_GEN_MODEL" \
         --output_dir "$DATA_DIR" ${MAX_PROMPTS:+--max_prompts "$MAX_PROMPTS"}
 else
-    mkdir -p "$DATA_DIR"
+    mkdir -p "$DATA_DIR" 2>/dev/null || die "DATA_DIR '$DATA_DIR' is not a directory that can be created"
     if [[ -f "$DATA_DIR/demo_config.json" ]] || ! compgen -G "$DATA_DIR/EMBD-TRAIN-split_*.npy" >/dev/null; then
         section "Demo data -> $DATA_DIR"
         timed "demo data" "$PYTHON" generate_demo_data.py --output_dir "$DATA_DIR" \
@@ -140,9 +153,21 @@ else
     fi
 fi
 
-# --- steps 5-8 on the CPU --------------------------------------------------------------------
+# --- steps 5-8 on the CPU, resumable --------------------------------------------------------
+# run_state.py prints "[step N up to date]" instead of running a step whose record matches this
+# command line, the code, the data fingerprint and the previous step's outputs, and whose outputs
+# are unchanged; otherwise it runs the step and prints "[step N took X s]".
+DATA_FINGERPRINT="$("$PYTHON" run_state.py fingerprint --data_dir "$DATA_DIR")"
+FORCE_FLAG=()
+[[ "$FORCE" == 1 ]] && FORCE_FLAG=(--force)
+resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (PREVIOUS_STEP may be empty)
+    local step="$1" after="$2"; shift 2
+    "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" ${after:+--after "$after"} \
+        --data_fingerprint "$DATA_FINGERPRINT" "${FORCE_FLAG[@]}" -- "$@"
+}
+
 section "Step 5: train the ORM ensemble"
-timed "step 5" "$PYTHON" step5_train_rms.py \
+resumable 5 "" "$PYTHON" step5_train_rms.py \
     --embed_model_name "$MODEL_NAME" --task "$TASK" --sft_obj "$SFT_OBJ" \
     --gen_pref_model_name "$GEN_PREF_MODEL" --rm_objective "$RM_OBJECTIVE" \
     --consider_first_n "$CONSIDER_FIRST_N" --n_sample "$N_SAMPLE" \
@@ -151,15 +176,15 @@ timed "step 5" "$PYTHON" step5_train_rms.py \
     --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
 
 section "Step 6: evaluate ranking quality"
-timed "step 6" "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
+resumable 6 5 "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
 
 section "Step 7: isotonic calibration and distillation"
-timed "step 7" "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" \
+resumable 7 6 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" \
     --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
     --learning_rate "$LEARNING_RATE" --seed "$SEED"
 
 section "Step 8: validate Teacher, Teacher+Isotonic, Student, Student+Isotonic"
-timed "step 8" "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
+resumable 8 7 "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
 
 section "Done in $((SECONDS - step_start)) s"
 echo "Outputs in $OUTPUT_DIR/ (orm_manifest.json lists the ORM checkpoints, distillation_config.json the"

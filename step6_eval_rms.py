@@ -17,16 +17,18 @@ import numpy as np
 
 from cli import ArgumentParser, finite_float, positive_int, run_cli, setup_logging
 from metrics import best_of_n, ranking_report
-from networks import ensemble_scorer, load_checkpoint
+from networks import ensemble_scorer, load_ensemble
 from plots import plot_best_of_n
 from rm_data import (
     MANIFEST_FILE,
+    SCORE_CACHE_DIR,
     check_manifest_flags,
     checkpoint_paths,
     ensure_writable_dir,
     load_embedding_set,
     load_manifest,
     load_partition,
+    load_test_set,
     write_json,
 )
 
@@ -96,20 +98,23 @@ def main(argv=None) -> dict:
     check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, MANIFEST_FLAGS)
     data_dir = args.data_dir or manifest["data"]["data_dir"]
     data = load_embedding_set(data_dir, "train")
-    models = [load_checkpoint(path, data.dim) for path in checkpoint_paths(output_dir, manifest)]
+    member_paths = checkpoint_paths(output_dir, manifest)
+    models = load_ensemble(member_paths, data.dim)
     partition = load_partition(output_dir, data)
-    test = load_embedding_set(data_dir, "test", required=False)
+    test = load_test_set(data_dir, data)
     seed = manifest["config"]["seed"] if args.eval_seed is None else args.eval_seed
     objective = manifest["config"]["rm_objective"]
 
     start = time.perf_counter()
     held_out = partition["held_out"]
+    cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
     results = {"manifest": str(output_dir / "orm_manifest.json"), "eval_seed": seed,
-               "held_out": evaluate(data.score(held_out, ensemble_scorer(models)),
+               "held_out": evaluate(data.score_cached(held_out, ensemble_scorer(models), cache_dir, member_paths),
                                     data.rewards[held_out], args, seed)}
     if test is not None:
         test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(test.score(test_prompts, ensemble_scorer(models)), test.rewards, args, seed)
+        results["test"] = evaluate(test.score_cached(test_prompts, ensemble_scorer(models), cache_dir, member_paths),
+                                   test.rewards, args, seed)
     log.info("evaluated %d members in %.2fs", len(models), time.perf_counter() - start)
 
     json_path = output_dir / f"eval_results_{objective}.json"

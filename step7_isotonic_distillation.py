@@ -38,7 +38,7 @@ from calibration import (
     teacher_scores,
 )
 from cli import ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
-from networks import OBJECTIVES, TrainConfig, load_checkpoint, mlp_flops_per_sample, save_checkpoint, train_student
+from networks import OBJECTIVES, TrainConfig, load_ensemble, mlp_flops_per_sample, save_checkpoint, train_student
 from rm_data import (
     MANIFEST_FILE,
     EmbeddingSet,
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     data = load_embedding_set(args.data_dir or manifest["data"]["data_dir"], "train")
     teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
                      else checkpoint_paths(output_dir, manifest))
-    teacher = [load_checkpoint(path, data.dim) for path in teacher_paths]
+    teacher = load_ensemble(teacher_paths, data.dim)
     partition = load_partition(output_dir, data)
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     if len(calibration_prompts) < args.cv_folds:
@@ -208,8 +208,8 @@ def main(argv=None) -> dict:
             "selected": args.isotonic_variant, **variant_comparison},
         "student": {"checkpoint": student_name, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                     "early_stopping_mse": result.best_val_mse, "train_mse": result.train_mse,
-                    "target_mean": result.target_mean, "target_variance": result.target_std**2,
-                    "responses_per_second": result.samples_per_second},
+                    # no throughput here: results are byte-identical across runs (it is logged above)
+                    "target_mean": result.target_mean, "target_variance": result.target_std**2},
         "student_isotonic": {"out_of_fold": student_cv, "n_thresholds": len(student_map.x_thresholds),
                              "n_levels": int(len(np.unique(student_map.y_thresholds)))},
         "artifacts": {"student_checkpoint": student_name, "teacher_map": TEACHER_MAP_FILE,

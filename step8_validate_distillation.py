@@ -37,10 +37,11 @@ from calibration import (
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from metrics import best_of_n, calibration_errors
-from networks import MLP, load_checkpoint
+from networks import MLP, load_checkpoint, load_ensemble
 from plots import plot_best_of_n, plot_calibration
 from rm_data import (
     MANIFEST_FILE,
+    SCORE_CACHE_DIR,
     EmbeddingSet,
     check_manifest_flags,
     checkpoint_paths,
@@ -48,6 +49,7 @@ from rm_data import (
     load_embedding_set,
     load_manifest,
     load_partition,
+    load_test_set,
     write_json,
 )
 
@@ -101,9 +103,10 @@ def check_map_provenance(teacher_map: IsotonicMap, teacher_paths: list[Path], st
 
 
 def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: list[MLP], student: MLP,
-                   teacher_map: IsotonicMap, student_map: IsotonicMap) -> dict[str, np.ndarray]:
+                   teacher_map: IsotonicMap, student_map: IsotonicMap,
+                   teacher_cache: tuple[Path, list[Path]]) -> dict[str, np.ndarray]:
     """The four variants' (P, R) float64 scores of every response of ``prompt_ids``."""
-    raw_teacher = teacher_scores(data, prompt_ids, teacher).astype(np.float64)
+    raw_teacher = teacher_scores(data, prompt_ids, teacher, teacher_cache).astype(np.float64)
     raw_student = student_scores(data, prompt_ids, student).astype(np.float64)
     return {"Teacher": raw_teacher, "Teacher+Isotonic": teacher_map.predict(raw_teacher),
             "Student": raw_student, "Student+Isotonic": student_map.predict(raw_student)}
@@ -162,14 +165,15 @@ def main(argv=None) -> dict:
     seed = manifest["config"]["seed"] if args.seed is None else args.seed
     data_dir = args.data_dir or manifest["data"]["data_dir"]
     data = load_embedding_set(data_dir, "train")
-    test = load_embedding_set(data_dir, "test", required=False)
+    test = load_test_set(data_dir, data)
     teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
                      else checkpoint_paths(output_dir, manifest))
     student_path = Path(args.student_ckpt or output_dir / student_checkpoint_name(
         manifest["config"]["task"], manifest["config"]["rm_objective"]))
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
-    teacher = [load_checkpoint(path, data.dim) for path in teacher_paths]
+    teacher = load_ensemble(teacher_paths, data.dim)
+    teacher_cache = (output_dir / SCORE_CACHE_DIR, teacher_paths)  # step 6's scores of the same members
     student = load_checkpoint(student_path, data.dim)
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
@@ -187,12 +191,13 @@ def main(argv=None) -> dict:
                    "teacher_map": str(sidecar_path(teacher_map_path)),
                    "student_map": str(sidecar_path(student_map_path)),
                    "isotonic_variants": {"teacher": teacher_map.variant, "student": student_map.variant}},
-        "held_out": evaluate(score_variants(data, held_out, teacher, student, teacher_map, student_map),
+        "held_out": evaluate(score_variants(data, held_out, teacher, student, teacher_map, student_map, teacher_cache),
                              data.rewards[held_out], constant, args, seed),
     }
     if test is not None:
         test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(score_variants(test, test_prompts, teacher, student, teacher_map, student_map),
+        results["test"] = evaluate(score_variants(test, test_prompts, teacher, student, teacher_map, student_map,
+                                                  teacher_cache),
                                    test.rewards, constant, args, seed)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 

@@ -1,6 +1,8 @@
-"""No code path unpickles; metric properties hold on random inputs (hypothesis)."""
+"""No code path unpickles; metric and isotonic-map properties hold on random inputs (hypothesis)."""
 
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import spearmanr
+from sklearn.isotonic import IsotonicRegression
 
+import calibration
 import metrics
 
 UNSAFE = re.compile(r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?![^)]*weights_only=True)|allow_pickle=True")
@@ -82,3 +86,33 @@ def test_oracle_best_of_n_is_monotone_and_dominates(gold, seed):
     assert all(b >= a - 1e-12 for a, b in zip(oracle, oracle[1:])) or np.ptp(gold) == 0
     for name in ("model", "random"):
         assert all(o >= m - 1e-12 for o, m in zip(oracle, curves[name]["mean"]))
+
+
+# Scores on a coarse grid, so ties are frequent; golden rewards anywhere.
+grid_scores = arrays(np.float64, st.integers(1, 40), elements=st.integers(-8, 8).map(lambda v: v / 4))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data(), st.sampled_from(calibration.VARIANTS))
+def test_isotonic_json_round_trip_predicts_like_sklearn(data, variant):
+    scores = data.draw(grid_scores, label="scores")
+    gold = data.draw(arrays(np.float64, scores.shape, elements=st.floats(-1e3, 1e3, allow_nan=False)), label="gold")
+    queries = data.draw(arrays(np.float64, st.integers(0, 20), elements=st.integers(-12, 12).map(lambda v: v / 4)),
+                        label="queries")
+    imap, estimator = calibration.fit_isotonic(scores, gold, variant)
+    with tempfile.TemporaryDirectory() as tmp:  # the files steps 7 and 8 write and read
+        calibration.save_isotonic_map(imap, estimator, Path(tmp) / "map.joblib")
+        loaded = calibration.load_isotonic_map(Path(tmp) / "map.joblib")
+    assert loaded.variant == variant
+    assert loaded.x_thresholds.tobytes() == imap.x_thresholds.tobytes()  # JSON floats round-trip exactly
+    assert loaded.y_thresholds.tobytes() == imap.y_thresholds.tobytes()
+    midpoints = (loaded.x_thresholds[1:] + loaded.x_thresholds[:-1]) / 2
+    queries = np.concatenate([queries, scores, loaded.x_thresholds, midpoints, [-1e300, 1e300]])
+    predicted = loaded.predict(queries)
+    assert np.array_equal(predicted, estimator.predict(queries))
+    if variant == "standard":  # the map is sklearn's own fit of the data
+        reference = IsotonicRegression(out_of_bounds="clip").fit(scores, gold)
+        assert np.array_equal(predicted, reference.predict(queries))
+    ordered = loaded.predict(np.sort(queries))
+    assert (np.diff(ordered) >= 0).all()
+    assert ordered.min() >= gold.min() - 1e-9 * abs(gold.min()) and ordered.max() <= gold.max() + 1e-9 * abs(gold.max())

@@ -228,3 +228,29 @@ def test_score_reads_in_chunks_identically(trained_run, demo_dir):
 def test_paths_are_relative_to_output_dir(trained_run):
     manifest = rm_data.load_manifest(trained_run)
     assert all(Path(p).parent == trained_run for p in rm_data.checkpoint_paths(trained_run, manifest))
+
+
+def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, monkeypatch):
+    data = rm_data.load_embedding_set(demo_dir)
+    paths = rm_data.checkpoint_paths(trained_run, rm_data.load_manifest(trained_run))
+    members = [tmp_path / p.name for p in paths]
+    for src, dst in zip(paths, members):
+        shutil.copy(src, dst)
+    scorer = networks.ensemble_scorer(networks.load_ensemble(members))
+    prompts = np.array([4, 9, 30])
+    first = data.score_cached(prompts, scorer, tmp_path / "cache", members)
+    assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again despite a valid cache")
+
+    monkeypatch.setattr(rm_data.EmbeddingSet, "score", no_scoring)
+    np.testing.assert_array_equal(data.score_cached(prompts, scorer, tmp_path / "cache", members), first)
+    monkeypatch.undo()
+    # Other weights in one member's file, or other prompts: the cache must not answer.
+    networks.save_checkpoint(networks.MLP(48, generator=torch.Generator().manual_seed(9)), members[0])
+    changed = networks.ensemble_scorer(networks.load_ensemble(members))
+    again = data.score_cached(prompts, changed, tmp_path / "cache", members)
+    assert not np.array_equal(again[0], first[0]) and np.array_equal(again[1], first[1])
+    assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1  # the stale one is gone
+    assert data.score_cached(prompts[:2], changed, tmp_path / "cache", members).shape == (2, 2, 10)

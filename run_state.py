@@ -1,0 +1,248 @@
+"""Resumable steps for run_all.sh: skip a step whose last successful run still stands.
+
+    python3 run_state.py fingerprint --data_dir DATA_DIR
+    python3 run_state.py run --output_dir OUT --step 6 --after 5 --data_fingerprint FP [--force] -- CMD ...
+
+``run`` runs CMD (one step script) unless ``OUT/.run_state/step{N}.json`` records a finished run
+of the same step with the same key and every output file it recorded still has the recorded
+sha256; then it prints ``[step N up to date]``. The key is a sha256 over the step name, CMD's argv,
+the sha256 of the step script and of the project modules it imports (transitively), the data
+fingerprint (``rm_data.fingerprint`` of the train and test sets, computed once per run_all.sh by
+``fingerprint``) and the previous step's record (its key and output hashes). So a changed flag,
+data set or code reruns the step, and, through the chained keys, every later one; a step rerun
+only because one of its own outputs was changed or deleted leaves later steps up to date when it
+reproduces its recorded outputs byte for byte.
+
+On a run the old record is deleted first, temporary files of interrupted atomic writes
+(``.NAME.*.tmp``, see ``rm_data.atomic_path``) are removed, OUT is snapshotted (size and mtime_ns
+of every file outside :data:`NOT_OUTPUTS`), CMD runs, and on success the files it created or
+changed are hashed into the new record, written atomically and last. A step killed at any point
+therefore leaves no record and reruns; as every artifact is itself written atomically, the rerun
+starts from whole files only. ``--force`` (FORCE=1 in run_all.sh) runs the step whatever the
+record says.
+
+Standard library only (numpy via rm_data for ``fingerprint`` and when a record is written), so
+the check costs a fraction of a step's start-up.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cli import ArgumentParser, InputError, run_cli
+
+STATE_DIR = ".run_state"
+# Folders of OUTPUT_DIR that hold no step outputs: the records, and rm_data.SCORE_CACHE_DIR, scores
+# that step 6 writes and later steps reuse when they would compute the same ones (a hit or a miss
+# gives the same results, so whether a rerun found the cache must not change its record).
+NOT_OUTPUTS = (STATE_DIR, "score_cache")
+# Bump when the record format or the key's ingredients change: every step then reruns once.
+RECORD_VERSION = 1
+HASH_CHUNK = 1 << 20
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="run_state.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command_name", required=True)
+    fingerprint = commands.add_parser("fingerprint", help="print the data fingerprint of a data directory")
+    fingerprint.add_argument("--data_dir", required=True, help="folder with EMBD-TRAIN-split_k.npy etc.")
+    run = commands.add_parser("run", help="run a step unless its record says it is up to date")
+    run.add_argument("--output_dir", required=True, help="the steps' output folder; records go in its .run_state/")
+    run.add_argument("--step", required=True, help="step number, e.g. 5 (record step5.json, label 'step 5')")
+    run.add_argument("--after", default=None, help="the step whose record this one depends on, e.g. 4")
+    run.add_argument("--data_fingerprint", default="", help="output of 'run_state.py fingerprint'")
+    run.add_argument("--force", action="store_true", help="run even if the record says up to date")
+    run.add_argument("command", nargs="+", help="the step's command line (after --)")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes
+# --------------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def json_sha256(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+    """sha256 over ``rm_data.fingerprint`` of the train and (if present) test sets.
+
+    Never fails: an unreadable set contributes its error message, so the key still changes with the
+    data and the step itself reports the problem.
+    """
+    import rm_data  # numpy: imported only here and when a record is written
+
+    parts = {}
+    for kind in ("train", "test"):
+        try:
+            eset = rm_data.load_embedding_set(data_dir, kind, required=False)
+            parts[kind] = rm_data.fingerprint(eset) if eset is not None else None
+        except Exception as err:  # noqa: BLE001 - any failure is the step's to report, with its message
+            parts[kind] = f"unreadable: {type(err).__name__}: {err}"
+    return json_sha256(parts)
+
+
+def code_hashes(command: Sequence[str]) -> dict[str, str]:
+    """sha256 of the command's .py script and of the modules beside it that it imports, transitively."""
+    script = next((Path(arg) for arg in command if arg.endswith(".py") and Path(arg).is_file()), None)
+    if script is None:
+        return {}
+    hashes, todo = {}, [script]
+    while todo:
+        path = todo.pop()
+        if path.name in hashes:
+            continue
+        source = path.read_bytes()
+        hashes[path.name] = hashlib.sha256(source).hexdigest()
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # the step will fail and say so
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            todo += [module for name in modules if (module := script.parent / f"{name.split('.')[0]}.py").is_file()]
+    return dict(sorted(hashes.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+def record_path(output_dir: Path, step: str) -> Path:
+    return output_dir / STATE_DIR / f"step{step}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    """A step's record, or None if absent or not a record (a damaged record means: rerun)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict) \
+            or not isinstance(record.get("inputs"), dict):
+        return None
+    return record
+
+
+def chain_digest(record: dict | None) -> str:
+    """What a later step's key takes from this record: its key and its outputs' hashes."""
+    return "missing" if record is None else json_sha256({"key": record.get("key"), "outputs": record["outputs"]})
+
+
+def stale_reason(record: dict | None, inputs: dict, key: str, output_dir: Path) -> str | None:
+    """Why the step must run (None: its recorded run still stands)."""
+    if record is None:
+        return "no record of a finished run"
+    if record.get("key") != key:
+        changed = [name for name in inputs if record["inputs"].get(name) != inputs[name]]
+        labels = {"argv": "its command line", "code": "its code", "data_fingerprint": "the data",
+                  "after": "the previous step's outputs", "version": "the record format"}
+        return "changed: " + ", ".join(labels.get(name, name) for name in changed or ["key"])
+    for name, digest in record["outputs"].items():
+        path = output_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != digest:
+            return f"{name} changed since the step wrote it"
+    return None
+
+
+def snapshot(output_dir: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``output_dir`` but :data:`NOT_OUTPUTS`, by relative path."""
+    files = {}
+    for root, dirs, names in os.walk(output_dir):
+        if Path(root) == output_dir:
+            dirs[:] = [name for name in dirs if name not in NOT_OUTPUTS]
+        for name in names:
+            path = Path(root, name)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            files[path.relative_to(output_dir).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def remove_interrupted_writes(output_dir: Path) -> None:
+    """Temporary files left by killed atomic writes (``.NAME.*.tmp``) anywhere under OUT."""
+    for path in output_dir.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def run_command(command: Sequence[str]) -> int:
+    """Run the step; Ctrl-C reaches it directly, and its status is returned (128 + signal if killed)."""
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a handler, not SIG_IGN: reset in the child
+    try:
+        status = subprocess.call(list(command))
+    except OSError as err:
+        raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - status if status < 0 else status
+
+
+def run_step(args) -> int:
+    output_dir = Path(args.output_dir)
+    label, path = f"step {args.step}", record_path(output_dir, args.step)
+    previous = read_record(record_path(output_dir, args.after)) if args.after else None
+    inputs = {"version": RECORD_VERSION, "step": args.step, "argv": args.command,
+              "code": code_hashes(args.command), "data_fingerprint": args.data_fingerprint,
+              "after": chain_digest(previous) if args.after else None}
+    key = json_sha256(inputs)
+    record = read_record(path)
+    reason = "FORCE=1" if args.force else stale_reason(record, inputs, key, output_dir)
+    if reason is None:
+        print(f"[{label} up to date]", flush=True)
+        return 0
+    if record is not None:
+        print(f"{label}: running again ({reason})", flush=True)
+    path.unlink(missing_ok=True)  # a record exists only for a finished run
+    if output_dir.is_dir():
+        remove_interrupted_writes(output_dir)
+    before = snapshot(output_dir)
+    start = time.perf_counter()
+    status = run_command(args.command)
+    if status != 0:
+        return status
+    seconds = time.perf_counter() - start
+    after = snapshot(output_dir)
+    outputs = {name: file_sha256(output_dir / name) for name in sorted(after) if before.get(name) != after[name]}
+    from rm_data import write_json  # atomic; imported only now, so up-to-date checks start fast
+
+    write_json(path, {"step": args.step, "key": key, "inputs": inputs, "outputs": outputs,
+                      "seconds": round(seconds, 3)})
+    print(f"[{label} took {seconds:.1f} s]", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.command_name == "fingerprint":
+        print(data_fingerprint(args.data_dir))
+        return 0
+    return run_step(args)
+
+
+if __name__ == "__main__":
+    run_cli(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,612 @@
+"""Bad input to every CPU script and run_all.sh: exit status 2, one line, no partial artifact.
+
+Each case builds its input in a private folder (copies of the shared demo data and step-5 run),
+runs one script, and checks: exit status 2; exactly one stderr line, with no traceback, that names
+the input and what was expected (the case's fragments); every watched folder (outputs, and data
+the script may write to) holds exactly the files it held before, at the same sizes and mtimes.
+Cases marked ``subprocess`` run ``python3 script.py`` for real instead of ``main()`` in-process,
+so each script's ``__main__`` path is covered too.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_failing
+
+import convert_embeddings
+import generate_demo_data
+import step5_train_rms
+import step6_eval_rms
+import step7_isotonic_distillation
+import step8_validate_distillation
+from networks import MLP, save_checkpoint
+
+MAINS = {"generate_demo_data.py": generate_demo_data.main, "step5_train_rms.py": step5_train_rms.main,
+         "step6_eval_rms.py": step6_eval_rms.main, "step7_isotonic_distillation.py": step7_isotonic_distillation.main,
+         "step8_validate_distillation.py": step8_validate_distillation.main,
+         "convert_embeddings.py": convert_embeddings.main}
+# A small valid run_all.sh configuration; each case breaks one thing.
+RUN_ALL_ENV = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "1", "DISTILL_EPOCHS": "1",
+               "DEMO_EXTRA_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
+               "DEMO_TEST_RESPONSES": "12"}
+D = 48  # embedding size of the shared demo data (conftest.SMALL_DEMO)
+
+
+@dataclass
+class Case:
+    script: str
+    argv: list[str]
+    expected: list[str]  # fragments of the one stderr line
+    watched: list[Path]  # folders whose files must be unchanged
+    env: dict[str, str] = field(default_factory=dict)  # run_all.sh only
+    absent: list[Path] = field(default_factory=list)  # folders that must not even be created
+    subprocess: bool = False
+    lock: Path | None = None  # a folder held locked (flock) while the script runs
+
+
+class Workspace:
+    """Private copies of the shared demo data and runs, and helpers to break them."""
+
+    def __init__(self, tmp: Path, demo: Path, run: Path, distilled: Path):
+        self.tmp, self.demo, self._run, self._distilled = tmp, demo, run, distilled
+
+    def data_copy(self) -> Path:
+        return self._copy(self.demo, "data")
+
+    def run_copy(self) -> Path:
+        return self._copy(self._run, "run")
+
+    def distilled_copy(self) -> Path:
+        return self._copy(self._distilled, "distilled")
+
+    def _copy(self, source: Path, name: str) -> Path:
+        target = self.tmp / name
+        shutil.copytree(source, target)
+        return target
+
+    def regular_file(self) -> Path:
+        """A regular file: no folder can be created under it (unlike permission bits, this stops root too)."""
+        path = self.tmp / "a_file"
+        path.write_text("not a folder\n")
+        return path
+
+    def checkpoint(self, name: str, state: dict) -> Path:
+        path = self.tmp / name
+        torch.save(state, path)
+        return path
+
+    def member(self, run: Path, index: int) -> Path:
+        return run / json.loads((run / "orm_manifest.json").read_text())["checkpoints"][index]
+
+    def repo(self, embeddings: np.ndarray, rewards: np.ndarray) -> Path:
+        """A repository folder in the seed's kn layout: (K, N, D) embeddings, (K, N) rewards."""
+        repo = self.tmp / "repo"
+        repo.mkdir(exist_ok=True)
+        np.save(repo / "EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy", embeddings, allow_pickle=True)
+        np.save(repo / "REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy", rewards, allow_pickle=True)
+        return repo
+
+
+def truncate(path: Path, n_bytes: int) -> Path:
+    path.write_bytes(path.read_bytes()[:n_bytes])
+    return path
+
+
+def edit_lines(path: Path, edit: Callable[[list[str]], None]) -> Path:
+    lines = path.read_text().splitlines()
+    edit(lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def edit_json(path: Path, edit: Callable[[dict], None]) -> Path:
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def mlp_state(dim: int, hidden=(1024, 512)) -> dict:
+    return MLP(dim, hidden, generator=torch.Generator().manual_seed(0)).state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The cases
+# --------------------------------------------------------------------------------------------
+def run_all_case(w: Workspace, expected: list[str], settings_error: bool = True, data: Path | None = None,
+                 output: Path | None = None, **env) -> Case:
+    data, output = data or w.tmp / "data", output or w.tmp / "out"
+    return Case("run_all.sh", [], expected, [data, output], env={"DATA_DIR": str(data), "OUTPUT_DIR": str(output),
+                                                                 **env},
+                absent=[data, output] if settings_error else [])
+
+
+def settings_case(variable: str, value: str, message: str) -> Callable[[Workspace], Case]:
+    def make(w: Workspace) -> Case:
+        return run_all_case(w, [f"run_all.sh: error: {variable} {message}, got '{value}'"], **{variable: value})
+    make.__name__ = f"run_all_{variable}_{value}"
+    return make
+
+
+RUN_ALL_SETTINGS = [
+    settings_case("RM_OBJECTIVE", "foo", "must be bt or clf"),
+    settings_case("N_SAMPLE", "-3", "must be a positive integer"),
+    settings_case("N_SAMPLE", "ten", "must be a positive integer"),
+    settings_case("ENSEMBLE_NUMBER", "0", "must be a positive integer"),
+    settings_case("ANNOTATION_QUALITY", "nan", "must be a number"),
+    settings_case("CONSIDER_FIRST_N", "-3", "must be a positive integer, -1 or -2"),
+    settings_case("TASK", "funny", "must be helpful or harmless"),
+    settings_case("LEARNING_RATE", "0", "must be a positive number"),
+    settings_case("SEED", "1.5", "must be an integer"),
+    settings_case("FORCE", "yes", "must be 0 or 1"),
+]
+
+
+def run_all_output_under_file(w):
+    output = w.regular_file() / "out"
+    return run_all_case(w, [f"OUTPUT_DIR '{output}' is not a writable directory"], output=output)
+
+
+def run_all_data_under_file(w):
+    data = w.regular_file() / "data"
+    return run_all_case(w, [f"DATA_DIR '{data}' is not a directory that can be created"], settings_error=False,
+                        data=data)
+
+
+def run_all_output_in_use(w):
+    if shutil.which("flock") is None:
+        pytest.skip("run_all.sh locks OUTPUT_DIR only where util-linux's flock is installed")
+    output = w.tmp / "out"
+    output.mkdir()
+    case = run_all_case(w, [f"OUTPUT_DIR '{output}' is in use by another run_all.sh"], settings_error=False,
+                        output=output)
+    case.lock = output
+    return case
+
+
+def run_all_splits_of_different_d(w):
+    data = w.data_copy()
+    (data / "demo_config.json").unlink()  # real data: used as it is, not regenerated
+    np.save(data / "EMBD-TRAIN-split_4.npy", np.zeros((260, D - 1), np.float32))
+    return run_all_case(w, [f"error: {data / 'EMBD-TRAIN-split_4.npy'}: shape (260, {D - 1}) differs from "
+                            f"EMBD-TRAIN-split_0.npy's (260, {D})"], settings_error=False, data=data)
+
+
+# --- generate_demo_data.py ---
+def demo_one_split(w):
+    out = w.tmp / "data"
+    return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_splits", "1"],
+                ["--n_splits must be at least 2"], [out], subprocess=True)
+
+
+def demo_negative_test_prompts(w):
+    out = w.tmp / "data"
+    return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_test_prompts", "-1"],
+                ["--n_test_prompts must be >= 0, got -1"], [out])
+
+
+def demo_output_under_file(w):
+    out = w.regular_file() / "data"
+    return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_prompts", "30"],
+                [f"--output_dir {out}: cannot create directory (Not a directory)"], [out.parent.parent])
+
+
+def demo_over_real_data(w):
+    data = w.data_copy()
+    (data / "demo_config.json").unlink()
+    return Case("generate_demo_data.py", ["--output_dir", str(data), "--n_prompts", "30"],
+                [f"--output_dir {data} holds embedding data that is not a demo; refusing to overwrite it"], [data])
+
+
+# --- step5_train_rms.py ---
+def step5(w: Workspace, expected: list[str], *flags: str, data: Path | None = None,
+          out: Path | None = None, subprocess: bool = False) -> Case:
+    data, out = data or w.demo, out or w.tmp / "out"
+    return Case("step5_train_rms.py", ["--data_dir", str(data), "--output_dir", str(out), "--ensemble_number", "1",
+                                       "--training_epochs", "1", *flags], expected, [out, data], subprocess=subprocess)
+
+
+def step5_unknown_objective(w):
+    return step5(w, ["argument --rm_objective: invalid choice: 'foo'"], "--rm_objective", "foo", subprocess=True)
+
+
+def step5_non_numeric_n_sample(w):
+    return step5(w, ["argument --n_sample: expected a positive integer, got 'ten'"], "--n_sample", "ten")
+
+
+def step5_negative_n_sample(w):
+    return step5(w, ["argument --n_sample: expected a positive integer, got '-3'"], "--n_sample", "-3")
+
+
+def step5_zero_ensemble(w):
+    return step5(w, ["argument --ensemble_number: expected a positive integer, got '0'"], "--ensemble_number", "0")
+
+
+def step5_nan_annotation_quality(w):
+    return step5(w, ["argument --annotation_quality: expected a finite number, got 'nan'"],
+                 "--annotation_quality", "nan")
+
+
+def step5_consider_first_n_zero(w):
+    return step5(w, ["--consider_first_n must be > 0, -1 or -2, got 0"], "--consider_first_n", "0")
+
+
+def step5_n_sample_leaves_too_few(w):
+    return step5(w, ["--n_sample 250 with 260 prompts leaves 10", "need at least 20"], "--n_sample", "250")
+
+
+def step5_truncated_npy(w):
+    data = w.data_copy()
+    path = truncate(data / "EMBD-TRAIN-split_1.npy", 1000)
+    return step5(w, [f"cannot read embeddings {path}"], data=data)
+
+
+def step5_object_npy(w):
+    data = w.data_copy()
+    path = data / "EMBD-TRAIN-split_0.npy"
+    np.save(path, np.array([{"a": 1}] * 260, dtype=object), allow_pickle=True)
+    return step5(w, [f"cannot read embeddings {path} (expected a .npy file of float32 or float16 numbers)",
+                     "Python objects"], data=data)
+
+
+def step5_int_npy(w):
+    data = w.data_copy()
+    path = data / "EMBD-TRAIN-split_2.npy"
+    np.save(path, np.zeros((260, D), np.int64))
+    return step5(w, [f"{path}: expected float32 or float16 embeddings, got int64"], data=data)
+
+
+def step5_3d_npy(w):
+    data = w.data_copy()
+    path = data / "EMBD-TRAIN-split_0.npy"
+    np.save(path, np.zeros((260, D, 1), np.float32))
+    return step5(w, [f"{path}: expected a 2-D (N, D) array, got shape (260, {D}, 1)"], data=data)
+
+
+def step5_rewards_missing_line(w):
+    data = w.data_copy()
+    path = edit_lines(data / "rewards_split_1.json", lambda lines: lines.pop(100))
+    return step5(w, [f"{path}: 259 rewards, expected 260 (rows of EMBD-TRAIN-split_1.npy)"], data=data)
+
+
+def step5_splits_of_different_d(w):
+    data = w.data_copy()
+    path = data / "EMBD-TRAIN-split_5.npy"
+    np.save(path, np.zeros((260, D - 1), np.float32))
+    return step5(w, [f"{path}: shape (260, {D - 1}) differs from EMBD-TRAIN-split_0.npy's (260, {D})"], data=data)
+
+
+def step5_output_under_file(w):
+    out = w.regular_file() / "out"
+    return step5(w, [f"--output_dir {out}: cannot create directory (Not a directory)"], out=out)
+
+
+def step5_output_in_proc(w):
+    out = Path("/proc/no_such_dir")  # /proc refuses mkdir, even for root
+    return step5(w, [f"--output_dir {out}: cannot create directory"], out=out)
+
+
+# --- step6_eval_rms.py ---
+def step6(w: Workspace, expected: list[str], *flags: str, run: Path | None = None, data: Path | None = None,
+          subprocess: bool = False) -> Case:
+    run = run or w.run_copy()
+    argv = ["--output_dir", str(run), *(["--data_dir", str(data)] if data else []), *flags]
+    return Case("step6_eval_rms.py", argv, expected, [run, *([data] if data else [])], subprocess=subprocess)
+
+
+def step6_foreign_checkpoint(w):
+    run = w.run_copy()
+    path = w.member(run, 1)
+    torch.save(torch.nn.Linear(D, 1).state_dict(), path)  # another architecture's state_dict
+    return step6(w, [f"{path}: not an MLP checkpoint (expected keys ['fc1.bias', 'fc1.weight'"], run=run)
+
+
+def step6_member_of_another_architecture(w):
+    run = w.run_copy()
+    path = w.member(run, 1)
+    torch.save(mlp_state(D, (16, 8)), path)
+    return step6(w, [f"{path}: layers {D}->16->8->1 differ from {w.member(run, 0).name}'s {D}->1024->512->1"],
+                 run=run)
+
+
+def step6_test_set_of_other_d(w):
+    data = w.data_copy()
+    for k in range(40):
+        np.save(data / f"EMBD-TEST-split_{k}.npy", np.zeros((6, 16), np.float32))
+    return step6(w, [f"{data / 'EMBD-TEST-split_0.npy'}: test embeddings have D=16, the training embeddings "
+                     f"(EMBD-TRAIN-split_0.npy) D={D}"], data=data)
+
+
+def step6_truncated_test_npy(w):
+    data = w.data_copy()
+    path = truncate(data / "EMBD-TEST-split_3.npy", 100)
+    return step6(w, [f"cannot read embeddings {path}"], data=data)
+
+
+def step6_test_rewards_missing_line(w):
+    data = w.data_copy()
+    path = edit_lines(data / "rewards_test_split_2.json", lambda lines: lines.pop())
+    return step6(w, [f"{path}: 5 rewards, expected 6"], data=data)
+
+
+def step6_nan_annotation_quality(w):
+    return step6(w, ["argument --annotation_quality: expected a finite number, got 'nan'"],
+                 "--annotation_quality", "nan")
+
+
+def step6_corrupt_manifest(w):
+    run = w.run_copy()
+    path = truncate(run / "orm_manifest.json", 40)
+    return step6(w, [f"ORM manifest (run step5_train_rms.py first) {path} is not readable JSON"], run=run)
+
+
+def step6_zero_bon_draws(w):
+    return step6(w, ["argument --bon_draws: expected a positive integer, got '0'"], "--bon_draws", "0",
+                 subprocess=True)
+
+
+# --- step7_isotonic_distillation.py ---
+def step7(w: Workspace, expected: list[str], *flags: str, run: Path | None = None, data: Path | None = None,
+          subprocess: bool = False) -> Case:
+    run = run or w.run_copy()
+    argv = ["--output_dir", str(run), *(["--data_dir", str(data)] if data else []), "--distill_epochs", "1", *flags]
+    return Case("step7_isotonic_distillation.py", argv, expected, [run, *([data] if data else [])],
+                subprocess=subprocess)
+
+
+def step7_teacher_of_other_embedding_size(w):
+    path = w.checkpoint("teacher16.ckpt", mlp_state(16))
+    return step7(w, [f"{path}: checkpoint expects embeddings of size D=16, data has D={D}"],
+                 "--teacher_ckpt", str(path))
+
+
+def step7_corrupt_teacher(w):
+    path = w.tmp / "corrupt.ckpt"
+    path.write_bytes(b"PK\x03\x04 truncated zip")
+    return step7(w, [f"{path}: not a readable weights-only PyTorch checkpoint"], "--teacher_ckpt", str(path))
+
+
+def step7_teachers_of_two_architectures(w):
+    run = w.run_copy()
+    small = w.checkpoint("small.ckpt", mlp_state(D, (8, 4)))
+    return step7(w, [f"{small}: layers {D}->8->4->1 differ from", f"{D}->1024->512->1"],
+                 "--teacher_ckpt", str(w.member(run, 0)), str(small), run=run)
+
+
+def step7_unknown_isotonic_variant(w):
+    return step7(w, ["argument --isotonic_variant: invalid choice: 'magic'"], "--isotonic_variant", "magic")
+
+
+def step7_one_cv_fold(w):
+    return step7(w, ["--cv_folds must be at least 2, got 1"], "--cv_folds", "1", subprocess=True)
+
+
+def step7_float64_npy(w):
+    data = w.data_copy()
+    path = data / "EMBD-TRAIN-split_9.npy"
+    np.save(path, np.zeros((260, D), np.float64))
+    return step7(w, [f"{path}: expected float32 or float16 embeddings, got float64"], data=data)
+
+
+def step7_reward_string_value(w):
+    data = w.data_copy()
+    path = edit_lines(data / "rewards_split_3.json", lambda lines: lines.__setitem__(7, '{"reward": "high"}'))
+    return step7(w, [f"{path} line 8: reward must be a finite number, got 'high'"], data=data)
+
+
+def step7_negative_seed(w):
+    return step7(w, ["--seed must be >= 0, got -1"], "--seed", "-1")
+
+
+# --- step8_validate_distillation.py ---
+def step8(w: Workspace, expected: list[str], *flags: str, run: Path | None = None, data: Path | None = None,
+          subprocess: bool = False) -> Case:
+    run = run or w.distilled_copy()
+    argv = ["--output_dir", str(run), *(["--data_dir", str(data)] if data else []), *flags]
+    return Case("step8_validate_distillation.py", argv, expected, [run, *([data] if data else [])],
+                subprocess=subprocess)
+
+
+def step8_decreasing_x_thresholds(w):
+    run = w.distilled_copy()
+    path = edit_json(run / "isotonic_student_map.json",
+                     lambda record: record.update(x_thresholds=record["x_thresholds"][::-1]))
+    return step8(w, [f"{path}: x_thresholds must be strictly increasing"], run=run)
+
+
+def step8_decreasing_y_thresholds(w):
+    run = w.distilled_copy()
+    path = edit_json(run / "isotonic_teacher_map.json",
+                     lambda record: record.update(y_thresholds=record["y_thresholds"][::-1]))
+    return step8(w, [f"{path}: y_thresholds are not monotone non-decreasing"], run=run)
+
+
+def step8_truncated_map_json(w):
+    run = w.distilled_copy()
+    path = truncate(run / "isotonic_teacher_map.json", 30)
+    return step8(w, [f"teacher isotonic map (run step7_isotonic_distillation.py) (JSON sidecar) {path} "
+                     f"is not readable JSON"], run=run)
+
+
+def step8_foreign_student(w):
+    path = w.checkpoint("foreign.ckpt", {"weight": torch.zeros(1, D), "bias": torch.zeros(1)})
+    return step8(w, [f"{path}: not an MLP checkpoint"], "--student_ckpt", str(path))
+
+
+def step8_student_of_other_embedding_size(w):
+    path = w.tmp / "student64.ckpt"
+    save_checkpoint(MLP(64, generator=torch.Generator().manual_seed(0)), path)
+    return step8(w, [f"{path}: checkpoint expects embeddings of size D=64, data has D={D}"],
+                 "--student_ckpt", str(path))
+
+
+def step8_object_test_npy(w):
+    data = w.data_copy()
+    path = data / "EMBD-TEST-split_7.npy"
+    np.save(path, np.array([None] * 6, dtype=object), allow_pickle=True)
+    return step8(w, [f"cannot read embeddings {path}"], data=data)
+
+
+def step8_map_of_another_teacher(w):
+    run = w.distilled_copy()
+    member = w.member(run, 0)
+    return step8(w, [f"{run / 'isotonic_teacher_map.json'} was fitted on teacher", member.name,
+                     "pass step 7's --teacher_ckpt"], "--teacher_ckpt", str(member), run=run)
+
+
+def step8_zero_calibration_bins(w):
+    return step8(w, ["argument --calibration_bins: expected a positive integer, got '0'"],
+                 "--calibration_bins", "0", subprocess=True)
+
+
+# --- convert_embeddings.py ---
+def convert(w: Workspace, expected: list[str], repo: Path | None, *flags: str, out: Path | None = None,
+            subprocess: bool = False) -> Case:
+    out = out or w.tmp / "converted"
+    argv = [*(["--embd_dir", str(repo)] if repo else []), "--output_dir", str(out), *flags]
+    return Case("convert_embeddings.py", argv, expected, [out, *([repo] if repo else [])], subprocess=subprocess)
+
+
+def valid_repo_arrays(n_prompts=5, n_responses=3, dim=4):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((n_responses, n_prompts, dim)).astype(np.float32),
+            rng.standard_normal((n_responses, n_prompts)).astype(np.float32))
+
+
+def convert_output_under_file(w):
+    out = w.regular_file() / "converted"
+    return convert(w, [f"--output_dir {out}: cannot create directory (Not a directory)"],
+                   w.repo(*valid_repo_arrays()), out=out)
+
+
+def convert_object_embeddings(w):
+    embeddings, rewards = valid_repo_arrays()
+    repo = w.repo(embeddings.astype(object), rewards)
+    return convert(w, [f"cannot read embeddings {repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'} "
+                       "(expected a .npy file of float32 or float16 numbers)", "Python objects"], repo)
+
+
+def convert_int_embeddings(w):
+    embeddings, rewards = valid_repo_arrays()
+    repo = w.repo(embeddings.astype(np.int32), rewards)
+    return convert(w, [f"{repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'}: expected float32 or "
+                       f"float16 embeddings, got int32"], repo)
+
+
+def convert_string_rewards(w):
+    embeddings, rewards = valid_repo_arrays()
+    repo = w.repo(embeddings, rewards.astype(str))
+    return convert(w, [f"{repo / 'REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy'}: expected "
+                       f"real-valued rewards, got dtype <U"], repo)
+
+
+def convert_truncated_rewards(w):
+    repo = w.repo(*valid_repo_arrays())
+    path = truncate(repo / "REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy", 140)
+    return convert(w, [f"cannot read rewards {path} (expected a .npy file of real numbers)"], repo)
+
+
+def convert_zero_max_prompts(w):
+    return convert(w, ["argument --max_prompts: expected a positive integer, got '0'"],
+                   w.repo(*valid_repo_arrays()), "--max_prompts", "0", subprocess=True)
+
+
+CASES = [
+    *RUN_ALL_SETTINGS, run_all_output_under_file, run_all_data_under_file, run_all_output_in_use,
+    run_all_splits_of_different_d,
+    demo_one_split, demo_negative_test_prompts, demo_output_under_file, demo_over_real_data,
+    step5_unknown_objective, step5_non_numeric_n_sample, step5_negative_n_sample, step5_zero_ensemble,
+    step5_nan_annotation_quality, step5_consider_first_n_zero, step5_n_sample_leaves_too_few, step5_truncated_npy,
+    step5_object_npy, step5_int_npy, step5_3d_npy, step5_rewards_missing_line, step5_splits_of_different_d,
+    step5_output_under_file, step5_output_in_proc,
+    step6_foreign_checkpoint, step6_member_of_another_architecture, step6_test_set_of_other_d,
+    step6_truncated_test_npy, step6_test_rewards_missing_line, step6_nan_annotation_quality, step6_corrupt_manifest,
+    step6_zero_bon_draws,
+    step7_teacher_of_other_embedding_size, step7_corrupt_teacher, step7_teachers_of_two_architectures,
+    step7_unknown_isotonic_variant, step7_one_cv_fold, step7_float64_npy, step7_reward_string_value,
+    step7_negative_seed,
+    step8_decreasing_x_thresholds, step8_decreasing_y_thresholds, step8_truncated_map_json, step8_foreign_student,
+    step8_student_of_other_embedding_size, step8_object_test_npy, step8_map_of_another_teacher,
+    step8_zero_calibration_bins,
+    convert_output_under_file, convert_object_embeddings, convert_int_embeddings, convert_string_rewards,
+    convert_truncated_rewards, convert_zero_max_prompts,
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------------
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``folder``, hidden ones included ({} if absent)."""
+    if not folder.is_dir():
+        return {}
+    return {path.relative_to(folder).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def run_subprocess(case: Case, cwd: Path) -> str:
+    """Run the script for real; return its one stderr line after checking status and traceback."""
+    if case.script == "run_all.sh":
+        command = ["bash", str(ROOT / "run_all.sh")]
+        env = {**os.environ, **RUN_ALL_ENV, **case.env}
+    else:
+        command = [sys.executable, str(ROOT / case.script), *case.argv]
+        env = dict(os.environ)
+    proc = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def distilled_run(trained_run, tmp_path_factory) -> Path:
+    """Step 7 on a copy of the shared step-5 run (for step 8's cases; do not modify, copy it)."""
+    out = tmp_path_factory.mktemp("distilled") / "out"
+    shutil.copytree(trained_run, out)
+    step7_isotonic_distillation.main(["--output_dir", str(out), "--distill_epochs", "2", "--batch_size", "64"])
+    return out
+
+
+@pytest.mark.parametrize("make_case", CASES, ids=lambda make: make.__name__)
+def test_bad_input_exits_2_with_one_line_and_no_artifact(make_case, demo_dir, trained_run, distilled_run,
+                                                         tmp_path, capsys):
+    case = make_case(Workspace(tmp_path, demo_dir, trained_run, distilled_run))
+    before = {folder: listing(folder) for folder in case.watched}
+    lock = None
+    if case.lock is not None:
+        lock = os.open(case.lock, os.O_RDONLY)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        if case.subprocess or case.script == "run_all.sh":
+            err = run_subprocess(case, tmp_path)
+        else:
+            err = run_failing(MAINS[case.script], case.argv, capsys)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    for fragment in case.expected:
+        assert fragment in err, err
+    for folder, files in before.items():
+        assert listing(folder) == files, f"{folder} changed"
+    for folder in case.absent:
+        assert not folder.exists(), f"{folder} was created"
+
+
+def test_the_matrix_covers_every_cpu_script_and_run_all():
+    prefixes = {make.__name__.split("_")[0] for make in CASES}
+    assert prefixes == {"run", "demo", "step5", "step6", "step7", "step8", "convert"}
+    assert len(CASES) >= 20
