@@ -10,11 +10,34 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import rankdata, spearmanr
 
 BEST_OF_N = (2, 5, 10, 30, 50, 100, 300, 500)
 # Elements per vectorised block (pairs x prompts, or draws x prompts x responses): ~32 MB of float64.
 _BLOCK_ELEMENTS = 1 << 22
+
+
+def rankdata(values: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank) along the last axis of a 2-D array.
+
+    Equal to ``scipy.stats.rankdata(values, axis=1)`` (the tests check it). Written here because
+    importing ``scipy.stats`` costs ~0.9 s per step process (measured on the 2-core machine), a
+    tenth of steps 6 and 8 on the demo, and these few lines are all they need from it.
+    """
+    if axis != 1 or values.ndim != 2:
+        raise ValueError("rankdata ranks the rows of a 2-D array")
+    n_cols = values.shape[1]
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    position = np.broadcast_to(np.arange(n_cols), values.shape)
+    starts_group = np.ones(values.shape, dtype=bool)
+    starts_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends_group = np.ones(values.shape, dtype=bool)
+    ends_group[:, :-1] = starts_group[:, 1:]
+    first = np.maximum.accumulate(np.where(starts_group, position, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends_group, position, n_cols - 1)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty(values.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=1)
+    return ranks
 
 
 def _check(pred: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +69,10 @@ def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
 def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float:
     """Spearman's rho over all responses of all prompts pooled."""
     pred, gold = _check(pred, gold)
-    return float(spearmanr(pred.ravel(), gold.ravel()).statistic)
+    rank_pred, rank_gold = rankdata(pred.reshape(1, -1))[0], rankdata(gold.reshape(1, -1))[0]
+    if np.ptp(rank_pred) == 0 or np.ptp(rank_gold) == 0:
+        return float("nan")
+    return float(np.corrcoef(rank_pred, rank_gold)[0, 1])
 
 
 def _pair_scores(pred_diff: np.ndarray, gold_diff: np.ndarray) -> tuple[float, int]:

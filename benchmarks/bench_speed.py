@@ -193,13 +193,12 @@ def bench_run_all() -> None:
         run(["bash", "run_all.sh"], env)  # generates the demo once (not part of the timed run)
         total, stdout = run(["bash", "run_all.sh"], {**env, "FORCE": "1"})  # FORCE: no resumed steps
     steps = re.findall(r"\[(.+?) took ([\d.]+) s\]", stdout)
-    import_time, _ = run([sys.executable, "-c", "import step5_train_rms, step6_eval_rms"], {})
-    bare_python, _ = run([sys.executable, "-c", "pass"], {})
-    startup = len(steps) * (import_time - bare_python) + len(steps) * bare_python
+    modules = ["step5_train_rms", "step6_eval_rms", "step7_isotonic_distillation", "step8_validate_distillation"]
+    startup = sum(run([sys.executable, "-c", f"import {module}"], {})[0] for module in modules)
     report("3. run_all.sh default demo, total", f"{total:.1f} s",
            "target <= 10 s; seed claims ~2 min; " + ", ".join(f"{n} {t} s" for n, t in steps))
     report("   share spent starting Python + imports", f"{startup / total:.0%}",
-           f"{import_time:.2f} s per step process x {len(steps)} steps")
+           f"{startup:.1f} s: python -c 'import stepN' for steps 5-8, each its own process")
 
 
 def bench_real_shape(quick: bool) -> None:
@@ -210,7 +209,7 @@ def bench_real_shape(quick: bool) -> None:
         return
     n_prompts = 1200 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, str(maker), "--output_dir", f"{tmp}/repo", "--n_train_prompts", str(n_prompts),
+        run([sys.executable, str(maker), "--output_dir", f"{tmp}/repo", "--n_prompts", str(n_prompts),
              "--n_test_prompts", "0"], {})
         env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "N_SAMPLE": "1000" if not quick else "300",
                "ENSEMBLE_NUMBER": "3", "GEN_PREF_MODEL": "gemma2b", "MAX_PROMPTS": str(n_prompts),

@@ -123,3 +123,12 @@ def test_calibration_errors_match_sklearn():
     result = metrics.calibration_errors(pred, gold)
     assert result["mse"] == pytest.approx(mean_squared_error(gold.ravel(), pred.ravel()))
     assert result["mae"] == pytest.approx(mean_absolute_error(gold.ravel(), pred.ravel()))
+
+
+def test_rankdata_matches_scipy_with_ties():
+    from scipy.stats import rankdata as scipy_rankdata
+
+    rng = np.random.default_rng(8)
+    for values in (tied_scores(rng, (50, 9), levels=3), rng.normal(size=(7, 30)), np.zeros((2, 4)),
+                   np.array([[np.inf, -np.inf, 1.0, 1.0]])):
+        np.testing.assert_array_equal(metrics.rankdata(values), scipy_rankdata(values, axis=1))
