@@ -210,7 +210,7 @@ def bench_real_shape(quick: bool) -> None:
     n_prompts = 1200 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:
         run([sys.executable, str(maker), "--output_dir", f"{tmp}/repo", "--n_prompts", str(n_prompts),
-             "--n_test_prompts", "0"], {})
+             "--n_test_prompts", "0", "--task", "harmless", "--gen_model", "gemma2b"], {})
         env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "N_SAMPLE": "1000" if not quick else "300",
                "ENSEMBLE_NUMBER": "3", "GEN_PREF_MODEL": "gemma2b", "MAX_PROMPTS": str(n_prompts),
                "EMBD_REPO_DIR": f"{tmp}/repo", "DATA_DIR": f"{tmp}/data", "OUTPUT_DIR": f"{tmp}/out"}
