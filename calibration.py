@@ -60,6 +60,7 @@ STUDENT_MAP_FILE = "isotonic_student_map.joblib"
 LEGACY_MAP_FILE = "isotonic_map.joblib"  # the seed's name for the teacher map
 DISTILL_CONFIG_FILE = "distillation_config.json"
 VALIDATION_FILE = "validation_results.json"
+TABLE_FILE = "validation_table.txt"  # the printed four-variant table
 CALIBRATION_PLOT_FILE = "validation_calibration.png"
 BEST_OF_N_PLOT_FILE = "validation_best_of_n.png"
 # Seed flags that steps 7 and 8 accept and check against step 5's manifest.

@@ -73,8 +73,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write ``obj`` as indented JSON with stable key order, atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.write_text(text)
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -88,8 +92,7 @@ def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
     # repr of a Python float is valid JSON for finite values (the only ones we write); ~5x faster
     # than json.dumps per line on a 1M-reward test set.
     lines = "".join(f'{{"reward": {r!r}}}\n' for r in np.asarray(rewards, dtype=np.float64).ravel().tolist())
-    with atomic_path(path) as tmp:
-        tmp.write_text(lines)
+    write_text(path, lines)
 
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:

@@ -158,6 +158,8 @@ fi
 # command line, the code, the data fingerprint and the previous step's outputs, and whose outputs
 # are unchanged; otherwise it runs the step and prints "[step N took X s]".
 DATA_FINGERPRINT="$("$PYTHON" run_state.py fingerprint --data_dir "$DATA_DIR")"
+STEPS_STARTED="$(mktemp)"  # files the steps write from here on are newer than this marker
+trap 'rm -f "$STEPS_STARTED"' EXIT
 FORCE_FLAG=()
 [[ "$FORCE" == 1 ]] && FORCE_FLAG=(--force)
 resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (PREVIOUS_STEP may be empty)
@@ -185,6 +187,11 @@ resumable 7 6 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR
 
 section "Step 8: validate Teacher, Teacher+Isotonic, Student, Student+Isotonic"
 resumable 8 7 "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
+
+TABLE="$OUTPUT_DIR/validation_table.txt"
+if [[ -f "$TABLE" && ! "$TABLE" -nt "$STEPS_STARTED" ]]; then  # step 8 was up to date: show its table
+    cat "$TABLE"
+fi
 
 section "Done in $((SECONDS - step_start)) s"
 echo "Outputs in $OUTPUT_DIR/ (orm_manifest.json lists the ORM checkpoints, distillation_config.json the"

@@ -24,6 +24,7 @@ from calibration import (
     CALIBRATION_PLOT_FILE,
     SEED_FLAGS,
     STUDENT_MAP_FILE,
+    TABLE_FILE,
     TEACHER_MAP_FILE,
     VALIDATION_FILE,
     IsotonicMap,
@@ -51,6 +52,7 @@ from rm_data import (
     load_partition,
     load_test_set,
     write_json,
+    write_text,
 )
 
 log = logging.getLogger("step8")
@@ -132,28 +134,31 @@ def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float,
     }
 
 
-def print_table(title: str, result: dict) -> None:
+def format_table(title: str, result: dict) -> str:
+    """The four-variant comparison of one evaluation set as printable text."""
+    lines = []
     curves = result["best_of_n"]["curves"]
     top_n = curves["oracle"]["n"][-1] if curves["oracle"]["n"] else None
     bon_header = f"BoN@{top_n}" if top_n else "BoN"
-    print(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
-    print(f"{'variant':<18}{'spearman':>9}{'global':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
+    lines.append(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
+    lines.append(f"{'variant':<18}{'spearman':>9}{'global':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
           f"{'levels':>8}{bon_header:>9}")
     for name in VARIANT_NAMES:
         report = result["variants"][name]
         errors = report["calibration"]
         mark = "" if errors["meaningful"] else "*"
         bon = curves[name]["mean"][-1] if top_n else float("nan")
-        print(f"{name:<18}{report['spearman_per_prompt']['mean']:>9.3f}{report['spearman_global']:>8.3f}"
+        lines.append(f"{name:<18}{report['spearman_per_prompt']['mean']:>9.3f}{report['spearman_global']:>8.3f}"
               f"{report['pairwise_accuracy_same_prompt']['accuracy']:>9.3f}"
               f"{report['pairwise_accuracy_cross_prompt']['accuracy']:>10.3f}"
               f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{bon:>9.3f}")
     constant = result["constant_predictor"]
-    print(f"{'Constant':<18}{'':>36}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
+    lines.append(f"{'Constant':<18}{'':>36}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
     if top_n:
-        print(f"{'(oracle / random)':<79}{curves['oracle']['mean'][-1]:>9.3f}\n"
+        lines.append(f"{'(oracle / random)':<79}{curves['oracle']['mean'][-1]:>9.3f}\n"
               f"{'':<79}{curves['random']['mean'][-1]:>9.3f}")
-    print("* raw teacher scores are not on the golden scale: their MSE is not meaningful")
+    lines.append("* raw teacher scores are not on the golden scale: their MSE is not meaningful")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -213,8 +218,9 @@ def main(argv=None) -> dict:
                    title=f"Teacher ({len(teacher)} members) vs distilled student")
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
     write_json(json_path, results)
-    for name, res in evaluated.items():
-        print_table(label[name], res)
+    table = "\n".join(format_table(label[name], res) for name, res in evaluated.items())
+    write_text(output_dir / TABLE_FILE, table + "\n")  # run_all.sh shows it when step 8 is up to date
+    print(table)
     held = results["held_out"]
     print(f"step8: held-out MSE Teacher+Isotonic {held['variants']['Teacher+Isotonic']['calibration']['mse']:.3f}, "
           f"Student+Isotonic {held['variants']['Student+Isotonic']['calibration']['mse']:.3f}, "

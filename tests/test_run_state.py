@@ -286,8 +286,10 @@ def test_a_finished_run_is_skipped_and_force_redoes_it_bit_for_bit(reference):
     shutil.rmtree(root / "out", ignore_errors=True)
     shutil.copytree(ref, root / "out")
     before = {path: path.stat().st_mtime_ns for path in (root / "out").rglob("*")}
-    assert set(step_lines(run_all(root)).values()) == {"up to date"}
+    stdout = run_all(root)
+    assert set(step_lines(stdout).values()) == {"up to date"}
     assert {path: path.stat().st_mtime_ns for path in (root / "out").rglob("*")} == before  # nothing rewritten
+    assert (root / "out" / "validation_table.txt").read_text() in stdout + "\n"  # the table is still shown
     # FORCE=1: a second full run with the same seed reproduces every file byte for byte.
     assert set(step_lines(run_all(root, FORCE="1")).values()) == {"took"}
     assert_same_outputs(root / "out", ref)
