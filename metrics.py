@@ -16,15 +16,15 @@ BEST_OF_N = (2, 5, 10, 30, 50, 100, 300, 500)
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def rankdata(values: np.ndarray, axis: int = 1) -> np.ndarray:
-    """Average ranks (1-based, ties share their mean rank) along the last axis of a 2-D array.
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank) within each row of a 2-D array.
 
     Equal to ``scipy.stats.rankdata(values, axis=1)`` (the tests check it). Written here because
     importing ``scipy.stats`` costs ~0.9 s per step process (measured on the 2-core machine), a
     tenth of steps 6 and 8 on the demo, and these few lines are all they need from it.
     """
-    if axis != 1 or values.ndim != 2:
-        raise ValueError("rankdata ranks the rows of a 2-D array")
+    if values.ndim != 2:
+        raise ValueError(f"rankdata ranks the rows of a 2-D array, got shape {values.shape}")
     n_cols = values.shape[1]
     order = np.argsort(values, axis=1, kind="stable")
     ordered = np.take_along_axis(values, order, axis=1)
@@ -54,8 +54,8 @@ def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
     have no defined rho and are excluded, and ``n_prompts_used`` says how many remain.
     """
     pred, gold = _check(pred, gold)
-    rank_pred = rankdata(pred, axis=1)
-    rank_gold = rankdata(gold, axis=1)
+    rank_pred = rankdata(pred)
+    rank_gold = rankdata(gold)
     rank_pred -= rank_pred.mean(axis=1, keepdims=True)
     rank_gold -= rank_gold.mean(axis=1, keepdims=True)
     denom = np.sqrt((rank_pred**2).sum(axis=1) * (rank_gold**2).sum(axis=1))
@@ -138,7 +138,7 @@ def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: 
     preds = {name: _check(p, gold)[0] for name, p in predictions.items()}
     preds["oracle"] = gold
     ns = [n for n in ns if n <= n_resp]
-    quantile = (rankdata(gold, axis=1) - 1) / max(n_resp - 1, 1)
+    quantile = (rankdata(gold) - 1) / max(n_resp - 1, 1)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB0F]))
     names = [*preds, "random"]
     picked_gold = {name: np.empty((len(ns), n_prompts)) for name in names}
