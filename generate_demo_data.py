@@ -16,11 +16,13 @@ written sorted ascending by golden reward within each prompt (split 0 lowest, DE
 An optional test set draws fresh prompts with ``--n_test_responses`` responses each.
 
 The folder also gets ``demo_config.json``; rerunning with the same settings is a no-op, and other
-settings regenerate the demo (a folder with non-demo data is never overwritten).
+settings regenerate the demo (a folder with non-demo data is never overwritten). Runs on one folder
+take turns (a lock file, ``.demo.lock``): parallel sweep cells never race to write the demo.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from pathlib import Path
 
@@ -103,6 +105,13 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     setup_logging()
     out_dir = ensure_writable_dir(args.output_dir)
+    with open(out_dir / ".demo.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        return write_demo(args, out_dir)
+
+
+def write_demo(args, out_dir: Path) -> Path:
+    """Write the demo set into ``out_dir`` unless it already holds one with these settings."""
     config = {key: value for key, value in vars(args).items() if key != "output_dir"}
     config["version"] = DEMO_VERSION
     config_path = out_dir / DEMO_CONFIG

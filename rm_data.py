@@ -33,11 +33,12 @@ FILE_PATTERNS = {
 }
 ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 PROMPT_ROLES = ("orm_train", "calibration", "student_train", "held_out")
-# Shares of the prompts left after orm_train (DESIGN section 4).
+# Shares of the evaluation pool (README, "Who sees which prompts").
 ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
 # 5-fold isotonic CV needs >= 5 calibration prompts, the student an early-stopping slice, the
-# evaluation a few held-out prompts; 20 leftover prompts give 12/4/4.
-MIN_NON_ORM_PROMPTS = 20
+# evaluation a few held-out prompts; a pool of 20 prompts gives 12/4/4.
+MIN_EVAL_PROMPTS = 20
+DEFAULT_SPLIT_SEED = 0
 PARTITION_FILE = "prompt_split.json"
 MANIFEST_FILE = "orm_manifest.json"
 SCORE_CACHE_DIR = "score_cache"  # ensemble scores step 6 computes and step 8 reuses
@@ -349,24 +350,40 @@ def fingerprint(eset: EmbeddingSet) -> str:
 # --------------------------------------------------------------------------------------------
 # The prompt partition (DESIGN section 4)
 # --------------------------------------------------------------------------------------------
-def make_partition(n_prompts: int, n_sample: int, seed: int) -> dict[str, list[int]]:
-    """Split prompt ids 0..n_prompts-1 into the four disjoint roles, seeded.
+def default_eval_prompts(n_prompts: int) -> int:
+    """Default size of the evaluation pool: a quarter of the prompts, at least min(1000, half of them).
 
-    ``orm_train`` gets ``n_sample`` random prompts; the rest go 60/20/20 to ``calibration``,
-    ``student_train`` and ``held_out``. Too few prompts is an error, never an overlap.
+    1000 prompts (600/200/200) for data of 2000-4000 prompts (the demo, N_SAMPLE up to 2000), 1250
+    of 5000 (N_SAMPLE up to 3750), 10000 of 40000 (N_SAMPLE up to 30000); never below 20.
     """
-    rest = n_prompts - n_sample
-    if n_sample < 1 or rest < MIN_NON_ORM_PROMPTS:
-        raise InputError(f"--n_sample {n_sample} with {n_prompts} prompts leaves {rest} for "
-                         f"calibration/student/held-out; need at least {MIN_NON_ORM_PROMPTS} "
-                         f"(use --n_sample <= {n_prompts - MIN_NON_ORM_PROMPTS} or more data)")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A17]))
+    return max(MIN_EVAL_PROMPTS, n_prompts // 4, min(1000, n_prompts // 2))
+
+
+def make_partition(n_prompts: int, n_sample: int, split_seed: int,
+                   eval_prompts: int | None = None) -> dict[str, list[int]]:
+    """Split prompt ids 0..n_prompts-1 into the four disjoint roles.
+
+    One permutation drawn from ``split_seed``: its first ``eval_prompts`` prompts (default
+    :func:`default_eval_prompts`) are the evaluation pool, split 60/20/20 into ``calibration``,
+    ``student_train`` and ``held_out``; ``orm_train`` is the next ``n_sample`` prompts. The pool
+    does not depend on ``n_sample`` and the ``orm_train`` sets are nested as ``n_sample`` grows,
+    so runs that differ in anything but the data, ``split_seed`` and ``eval_prompts`` are evaluated
+    on the same prompts. Too few prompts is an error, never an overlap.
+    """
+    pool = default_eval_prompts(n_prompts) if eval_prompts is None else eval_prompts
+    if pool < MIN_EVAL_PROMPTS:
+        raise InputError(f"--eval_prompts (EVAL_PROMPTS) {pool}: need at least {MIN_EVAL_PROMPTS} "
+                         f"prompts for calibration/student/held-out")
+    if n_sample < 1 or n_sample + pool > n_prompts:
+        raise InputError(f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
+                         f"the {n_prompts} prompts of the data; lower one of them or use more prompts")
+    rng = np.random.default_rng(np.random.SeedSequence([split_seed, 0x5A17]))
     order = rng.permutation(n_prompts)
-    n_cal = int(round(rest * ROLE_SHARES["calibration"]))
-    n_student = int(round(rest * ROLE_SHARES["student_train"]))
-    bounds = np.cumsum([0, n_sample, n_cal, n_student, rest - n_cal - n_student])
-    return {role: sorted(int(p) for p in order[bounds[i]:bounds[i + 1]])
-            for i, role in enumerate(PROMPT_ROLES)}
+    n_cal = int(round(pool * ROLE_SHARES["calibration"]))
+    n_student = int(round(pool * ROLE_SHARES["student_train"]))
+    bounds = {"calibration": (0, n_cal), "student_train": (n_cal, n_cal + n_student),
+              "held_out": (n_cal + n_student, pool), "orm_train": (pool, pool + n_sample)}
+    return {role: sorted(int(p) for p in order[slice(*bounds[role])]) for role in PROMPT_ROLES}
 
 
 def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[str, np.ndarray]:
@@ -381,8 +398,8 @@ def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[st
     except (KeyError, TypeError, ValueError):
         raise InputError(f"{path}: expected integer lists {', '.join(PROMPT_ROLES)}") from None
     merged = np.concatenate(list(roles.values()))
-    if len(merged) != eset.n_prompts or not np.array_equal(np.sort(merged), np.arange(eset.n_prompts)):
-        raise InputError(f"{path}: roles must be disjoint and cover prompts 0..{eset.n_prompts - 1}")
+    if len(np.unique(merged)) != len(merged) or merged.min(initial=0) < 0 or merged.max(initial=0) >= eset.n_prompts:
+        raise InputError(f"{path}: roles must be disjoint prompt ids in 0..{eset.n_prompts - 1}")
     return roles
 
 

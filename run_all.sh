@@ -20,6 +20,11 @@ GEN_PREF_MODEL="${GEN_PREF_MODEL:-gemma7b}"
 RM_OBJECTIVE="${RM_OBJECTIVE:-bt}"
 CONSIDER_FIRST_N="${CONSIDER_FIRST_N:-2}"
 N_SAMPLE="${N_SAMPLE:-100}"
+N_PAIRS="${N_PAIRS:-1}"                         # preference pairs per training prompt
+PAIR_MODE="${PAIR_MODE:-xprompt}"               # xprompt | same
+REPLACEMENT="${REPLACEMENT:-0}"                 # 1: a prompt's pairs may reuse a response (or pair)
+SPLIT_SEED="${SPLIT_SEED:-0}"                   # draws the prompt partition; SEED varies training only
+EVAL_PROMPTS="${EVAL_PROMPTS:-}"                # evaluation pool size; default: see step 5 --eval_prompts
 ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-10}"
 TRAINING_EPOCHS="${TRAINING_EPOCHS:-2}"
 DISTILL_EPOCHS="${DISTILL_EPOCHS:-20}"
@@ -28,6 +33,7 @@ ANNOTATION_QUALITY="${ANNOTATION_QUALITY:-10}"
 SEED="${SEED:-6}"
 OUTPUT_DIR="${OUTPUT_DIR:-distill_out}"
 FORCE="${FORCE:-0}"                              # 1: rerun steps 5-8 even if up to date
+DATA_ONLY="${DATA_ONLY:-0}"                      # 1: prepare DATA_DIR (demo or conversion), then stop
 REPO_GEN_MODEL="${REPO_GEN_MODEL:-$GEN_PREF_MODEL}"   # generator named in published file names
 DATA_DIR="${DATA_DIR:-}"  # default below: demo data in data/, other sources in a folder per setup
 MAX_PROMPTS="${MAX_PROMPTS:-}"
@@ -55,8 +61,9 @@ elif [[ -z "$DATA_DIR" && "$RUN_GPU_STEPS" == 1 ]]; then
     DATA_DIR="data_gpu_${DATASET}_$(basename "$EMBED_MODEL_NAME")"
 fi
 DATA_DIR="${DATA_DIR:-data}"
-# Demo data: prompts beyond N_SAMPLE for the calibration/student/held-out shares, and a test set.
-DEMO_EXTRA_PROMPTS="${DEMO_EXTRA_PROMPTS:-1000}"
+# Demo data: a fixed size whatever N_SAMPLE (one data set per sweep), and a test set.
+DEMO_PROMPTS="${DEMO_PROMPTS:-3000}"
+DEMO_SEED="${DEMO_SEED:-0}"
 DEMO_EMB_DIM="${DEMO_EMB_DIM:-2048}"
 DEMO_TEST_PROMPTS="${DEMO_TEST_PROMPTS:-20}"
 DEMO_TEST_RESPONSES="${DEMO_TEST_RESPONSES:-100}"
@@ -71,13 +78,17 @@ need_flag() { [[ "${!1}" == 0 || "${!1}" == 1 ]] || die "$1 must be 0 or 1, got 
 need_flag RUN_GPU_STEPS
 need_flag USE_REPO_EMBD
 need_flag FORCE
+need_flag DATA_ONLY
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
 [[ "$RM_OBJECTIVE" == bt || "$RM_OBJECTIVE" == clf ]] || die "RM_OBJECTIVE must be bt or clf, got '$RM_OBJECTIVE'"
-for var in N_SAMPLE ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_EXTRA_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
+for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
     need_pos_int "$var"
 done
 is_int "$DEMO_TEST_PROMPTS" && (( DEMO_TEST_PROMPTS >= 0 )) || die "DEMO_TEST_PROMPTS must be an integer >= 0, got '$DEMO_TEST_PROMPTS'"
-is_int "$SEED" || die "SEED must be an integer, got '$SEED'"
+for var in SEED SPLIT_SEED DEMO_SEED; do is_int "${!var}" || die "$var must be an integer, got '${!var}'"; done
+[[ "$PAIR_MODE" == xprompt || "$PAIR_MODE" == same ]] || die "PAIR_MODE must be xprompt or same, got '$PAIR_MODE'"
+need_flag REPLACEMENT
+[[ -z "$EVAL_PROMPTS" ]] || is_pos_int "$EVAL_PROMPTS" || die "EVAL_PROMPTS must be empty or a positive integer, got '$EVAL_PROMPTS'"
 is_int "$CONSIDER_FIRST_N" && (( CONSIDER_FIRST_N > 0 || CONSIDER_FIRST_N == -1 || CONSIDER_FIRST_N == -2 )) \
     || die "CONSIDER_FIRST_N must be a positive integer, -1 or -2, got '$CONSIDER_FIRST_N'"
 is_number "$ANNOTATION_QUALITY" || die "ANNOTATION_QUALITY must be a number, got '$ANNOTATION_QUALITY'"
@@ -146,12 +157,13 @@ else
     if [[ -f "$DATA_DIR/demo_config.json" ]] || ! compgen -G "$DATA_DIR/EMBD-TRAIN-split_*.npy" >/dev/null; then
         section "Demo data -> $DATA_DIR"
         timed "demo data" "$PYTHON" generate_demo_data.py --output_dir "$DATA_DIR" \
-            --n_prompts $((N_SAMPLE + DEMO_EXTRA_PROMPTS)) --emb_dim "$DEMO_EMB_DIM" --seed "$SEED" \
+            --n_prompts "$DEMO_PROMPTS" --emb_dim "$DEMO_EMB_DIM" --seed "$DEMO_SEED" \
             --n_test_prompts "$DEMO_TEST_PROMPTS" --n_test_responses "$DEMO_TEST_RESPONSES"
     else
         echo "Using embeddings in $DATA_DIR/"
     fi
 fi
+[[ "$DATA_ONLY" == 1 ]] && exit 0
 
 # --- steps 5-8 on the CPU, resumable --------------------------------------------------------
 # run_state.py prints "[step N up to date]" instead of running a step whose record matches this
@@ -172,7 +184,9 @@ section "Step 5: train the ORM ensemble"
 resumable 5 "" "$PYTHON" step5_train_rms.py \
     --embed_model_name "$MODEL_NAME" --task "$TASK" --sft_obj "$SFT_OBJ" \
     --gen_pref_model_name "$GEN_PREF_MODEL" --rm_objective "$RM_OBJECTIVE" \
-    --consider_first_n "$CONSIDER_FIRST_N" --n_sample "$N_SAMPLE" \
+    --consider_first_n "$CONSIDER_FIRST_N" --n_sample "$N_SAMPLE" ${EVAL_PROMPTS:+--eval_prompts "$EVAL_PROMPTS"} \
+    --split_seed "$SPLIT_SEED" --n_pairs "$N_PAIRS" --pair_mode "$PAIR_MODE" \
+    --replacement "$([[ "$REPLACEMENT" == 1 ]] && echo replacement_true || echo replacement_false)" \
     --training_epochs "$TRAINING_EPOCHS" --learning_rate "$LEARNING_RATE" --seed "$SEED" \
     --annotation_quality "$ANNOTATION_QUALITY" --ensemble_number "$ENSEMBLE_NUMBER" \
     --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"

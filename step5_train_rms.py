@@ -1,7 +1,7 @@
 """Step 5: train an ensemble of ordinal reward models (BT or classification) on simulated preferences.
 
-Story: parse flags; open the data directory; draw the seeded prompt partition (only ``orm_train``
-prompts are read here); build preference pairs (cross-prompt by default, the paper's "XPrompt");
+Story: parse flags; open the data directory; draw the prompt partition from ``--split_seed`` (only
+``orm_train`` prompts are read here); build preference pairs (cross-prompt by default, the paper's "XPrompt");
 label them with a simulated annotator p(first wins) = sigmoid(annotation_quality * (r1 - r2) / s);
 train ``--ensemble_number`` MLPs that differ by seed; write checkpoints, ``prompt_split.json`` and
 ``orm_manifest.json`` (config, data fingerprint, checkpoint names, pair statistics), which later
@@ -22,8 +22,10 @@ from tqdm import tqdm
 from cli import ArgumentParser, InputError, finite_float, positive_float, positive_int, run_cli, setup_logging
 from networks import OBJECTIVES, TrainConfig, mlp_flops_per_sample, save_checkpoint, train_orm
 from rm_data import (
+    DEFAULT_SPLIT_SEED,
     MANIFEST_FILE,
     PARTITION_FILE,
+    default_eval_prompts,
     ensure_writable_dir,
     fingerprint,
     load_embedding_set,
@@ -35,6 +37,8 @@ log = logging.getLogger("step5")
 # The paper's reward scales s: golden helpful rewards spread ~6x wider than harmless ones.
 TASK_REWARD_SCALE = {"helpful": 6.0, "harmless": 1.0}
 PAIR_MODES = ("xprompt", "same")
+RAISE_CANDIDATES = ("raise --consider_first_n (CONSIDER_FIRST_N) or use --replacement replacement_true "
+                    "(REPLACEMENT=1)")
 
 
 def parse_args(argv=None):
@@ -51,6 +55,11 @@ def parse_args(argv=None):
                         help="candidate responses per prompt: n>0 random n splits, -1 splits {0,K-1} "
                              "(most diverse), -2 the two middle splits (least diverse)")
     parser.add_argument("--n_sample", type=positive_int, default=100, help="prompts used for ORM training pairs")
+    parser.add_argument("--eval_prompts", type=positive_int, default=None,
+                        help="size of the evaluation pool (calibration/student_train/held_out 60/20/20); "
+                             "default a quarter of the prompts, at least min(1000, half of them)")
+    parser.add_argument("--split_seed", type=int, default=DEFAULT_SPLIT_SEED,
+                        help="seed of the prompt partition (--seed draws pairs, labels and members)")
     parser.add_argument("--n_pairs", type=positive_int, default=1, help="pairs per training prompt")
     parser.add_argument("--pair_mode", default="xprompt", choices=PAIR_MODES,
                         help="xprompt: a response of prompt i vs one of another prompt j != i; "
@@ -70,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="share of pairs held out (whole pairs) for early stopping")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument("--seed", type=int, default=6, help="seeds partition, pairs, labels and members")
+    parser.add_argument("--seed", type=int, default=6, help="seeds pairs, labels and members")
     args = parser.parse_args(argv)
     if args.consider_first_n == 0 or args.consider_first_n < -2:
         raise InputError(f"--consider_first_n must be > 0, -1 or -2, got {args.consider_first_n}")
@@ -103,12 +112,13 @@ def candidate_splits(n_prompts: int, n_splits: int, consider_first_n: int,
 
 
 def _distinct_draws(rng: np.random.Generator, n_rows: int, n_options: int, n_draws: int,
-                    replace: bool, what: str) -> np.ndarray:
+                    replace: bool, what: str, remedy: str) -> np.ndarray:
     """(n_rows, n_draws) draws from range(n_options) per row, distinct within a row unless replace."""
     if replace:
         return rng.integers(n_options, size=(n_rows, n_draws))
     if n_draws > n_options:
-        raise InputError(f"--n_pairs {n_draws} exceeds the {n_options} {what} available without replacement")
+        raise InputError(f"--n_pairs (N_PAIRS) {n_draws} exceeds the {n_options} {what} available "
+                         f"without replacement; {remedy}")
     if n_options <= 64:
         return np.argsort(rng.random((n_rows, n_options)), axis=1)[:, :n_draws]
     draws = rng.integers(n_options, size=(n_rows, n_draws))
@@ -133,8 +143,10 @@ def build_pairs(orm_prompts: np.ndarray, candidates: np.ndarray, n_pairs: int, p
     if pair_mode == "xprompt":
         if n_prompts < 2:
             raise InputError("--pair_mode xprompt needs --n_sample >= 2")
-        own = _distinct_draws(rng, n_prompts, n_cand, n_pairs, replacement, "candidate responses")
-        offsets = 1 + _distinct_draws(rng, n_prompts, n_prompts - 1, n_pairs, False, "other prompts")
+        own = _distinct_draws(rng, n_prompts, n_cand, n_pairs, replacement, "candidate responses per prompt",
+                              RAISE_CANDIDATES)
+        offsets = 1 + _distinct_draws(rng, n_prompts, n_prompts - 1, n_pairs, False, "other prompts",
+                                      "raise --n_sample (N_SAMPLE)")
         partner_rows = (rows + offsets.ravel()) % n_prompts  # offset in 1..P-1: never the same prompt
         partner_cand = rng.integers(n_cand, size=len(rows))
         return (orm_prompts[rows], candidates[rows, own.ravel()],
@@ -142,7 +154,8 @@ def build_pairs(orm_prompts: np.ndarray, candidates: np.ndarray, n_pairs: int, p
     first_c, second_c = np.triu_indices(n_cand, k=1)
     if len(first_c) == 0:
         raise InputError("--pair_mode same needs --consider_first_n >= 2 candidate responses per prompt")
-    combo = _distinct_draws(rng, n_prompts, len(first_c), n_pairs, replacement, "same-prompt pairs").ravel()
+    combo = _distinct_draws(rng, n_prompts, len(first_c), n_pairs, replacement, "same-prompt pairs per prompt",
+                            RAISE_CANDIDATES).ravel()
     return (orm_prompts[rows], candidates[rows, first_c[combo]],
             orm_prompts[rows], candidates[rows, second_c[combo]])
 
@@ -186,7 +199,9 @@ def main(argv=None) -> dict:
     label_rng = np.random.default_rng(streams[1])
     member_seeds = [int(s.generate_state(1)[0]) for s in streams[2:]]
 
-    partition = make_partition(data.n_prompts, args.n_sample, args.seed)
+    if args.eval_prompts is None:  # record the size used, so the manifest says what was evaluated
+        args.eval_prompts = default_eval_prompts(data.n_prompts)
+    partition = make_partition(data.n_prompts, args.n_sample, args.split_seed, args.eval_prompts)
     orm_prompts = np.asarray(partition["orm_train"], dtype=np.int64)
     candidates = candidate_splits(len(orm_prompts), data.n_splits, args.consider_first_n, pair_rng)
     first_p, first_k, second_p, second_k = build_pairs(
@@ -236,9 +251,10 @@ def main(argv=None) -> dict:
                         "train_pairs": len(train), "val_pairs": len(val)})
 
     data_fingerprint = fingerprint(data)
-    write_json(output_dir / PARTITION_FILE, {"seed": args.seed, "n_prompts": data.n_prompts,
-                                             "n_sample": args.n_sample, "data_fingerprint": data_fingerprint,
-                                             **partition})
+    # What the partition was drawn from: steps 6-8 refuse it for other data.
+    write_json(output_dir / PARTITION_FILE, {
+        "split_seed": args.split_seed, "eval_prompts": args.eval_prompts,
+        "n_prompts": data.n_prompts, "n_sample": args.n_sample, "data_fingerprint": data_fingerprint, **partition})
     manifest = {
         "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
         "data": {"data_dir": str(Path(args.data_dir)), "fingerprint": data_fingerprint,

@@ -39,7 +39,7 @@ MAINS = {"generate_demo_data.py": generate_demo_data.main, "step5_train_rms.py":
          "convert_embeddings.py": convert_embeddings.main}
 # A small valid run_all.sh configuration; each case breaks one thing.
 RUN_ALL_ENV = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "1", "DISTILL_EPOCHS": "1",
-               "DEMO_EXTRA_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
+               "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
                "DEMO_TEST_RESPONSES": "12"}
 D = 48  # embedding size of the shared demo data (conftest.SMALL_DEMO)
 
@@ -148,6 +148,12 @@ RUN_ALL_SETTINGS = [
     settings_case("ANNOTATION_QUALITY", "nan", "must be a number"),
     settings_case("CONSIDER_FIRST_N", "-3", "must be a positive integer, -1 or -2"),
     settings_case("TASK", "funny", "must be helpful or harmless"),
+    settings_case("N_PAIRS", "0", "must be a positive integer"),
+    settings_case("PAIR_MODE", "cross", "must be xprompt or same"),
+    settings_case("REPLACEMENT", "yes", "must be 0 or 1"),
+    settings_case("SPLIT_SEED", "x", "must be an integer"),
+    settings_case("EVAL_PROMPTS", "-5", "must be empty or a positive integer"),
+    settings_case("DEMO_PROMPTS", "0", "must be a positive integer"),
     settings_case("LEARNING_RATE", "0", "must be a positive number"),
     settings_case("SEED", "1.5", "must be an integer"),
     settings_case("FORCE", "yes", "must be 0 or 1"),
@@ -244,7 +250,17 @@ def step5_consider_first_n_zero(w):
 
 
 def step5_n_sample_leaves_too_few(w):
-    return step5(w, ["--n_sample 250 with 260 prompts leaves 10", "need at least 20"], "--n_sample", "250")
+    return step5(w, ["--n_sample (N_SAMPLE) 250 + --eval_prompts (EVAL_PROMPTS) 130 exceed the 260 prompts"],
+                 "--n_sample", "250")
+
+
+def step5_eval_pool_too_small(w):
+    return step5(w, ["--eval_prompts (EVAL_PROMPTS) 10: need at least 20"], "--eval_prompts", "10")
+
+
+def step5_n_pairs_exceed_candidates(w):
+    return step5(w, ["--n_pairs (N_PAIRS) 10 exceeds the 2 candidate responses per prompt",
+                     "raise --consider_first_n (CONSIDER_FIRST_N)"], "--n_pairs", "10")
 
 
 def step5_truncated_npy(w):
@@ -528,7 +544,8 @@ CASES = [
     run_all_splits_of_different_d,
     demo_one_split, demo_negative_test_prompts, demo_output_under_file, demo_over_real_data,
     step5_unknown_objective, step5_non_numeric_n_sample, step5_negative_n_sample, step5_zero_ensemble,
-    step5_nan_annotation_quality, step5_consider_first_n_zero, step5_n_sample_leaves_too_few, step5_truncated_npy,
+    step5_nan_annotation_quality, step5_consider_first_n_zero, step5_n_sample_leaves_too_few,
+    step5_eval_pool_too_small, step5_n_pairs_exceed_candidates, step5_truncated_npy,
     step5_object_npy, step5_int_npy, step5_3d_npy, step5_rewards_missing_line, step5_splits_of_different_d,
     step5_output_under_file, step5_output_in_proc,
     step6_foreign_checkpoint, step6_member_of_another_architecture, step6_test_set_of_other_d,

@@ -37,7 +37,8 @@ from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E4
 
 DEMO = ["--n_prompts", "600", "--n_splits", "10", "--emb_dim", "32", "--seed", "1",
         "--n_test_prompts", "5", "--n_test_responses", "20"]
-STEP5 = ["--n_sample", "200", "--n_pairs", "5", "--consider_first_n", "10", "--ensemble_number", "2",
+STEP5 = ["--n_sample", "200", "--eval_prompts", "400", "--n_pairs", "5", "--consider_first_n", "10",
+         "--ensemble_number", "2",
          "--training_epochs", "6", "--batch_size", "64", "--seed", "3"]
 STEP7 = ["--distill_epochs", "12", "--batch_size", "64"]
 MAP_FILES = (calibration.TEACHER_MAP_FILE, calibration.STUDENT_MAP_FILE, calibration.LEGACY_MAP_FILE)
@@ -326,7 +327,8 @@ def test_step7_refuses_bad_inputs_with_one_line(pipeline, tmp_path, capsys):
 
 def test_run_all_runs_steps_5_to_8_and_prints_the_table(tmp_path):
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out"),
-           "N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "DEMO_EXTRA_PROMPTS": "200", "DEMO_EMB_DIM": "64",
+           "N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200",
+           "DEMO_EMB_DIM": "64",
            "DEMO_TEST_PROMPTS": "5", "DEMO_TEST_RESPONSES": "20", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3"}
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import subprocess
 from conftest import ROOT
 
 SMALL = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3",
-         "DEMO_EXTRA_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
+         "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
          "DEMO_TEST_RESPONSES": "12"}
 
 
@@ -27,10 +27,16 @@ def test_run_all_demo_end_to_end(tmp_path):
     assert results["held_out"]["n_prompts"] == 40 and results["test"]["n_prompts"] == 4
     assert "held-out prompts: 40 prompts, 400 responses" in proc.stdout
     assert "step6: held-out ensemble-mean Spearman" in proc.stdout
-    # A rerun with more prompts regenerates the demo instead of failing on too little data.
-    proc = run_all(tmp_path, N_SAMPLE="300")
+    # The demo has a fixed size: another N_SAMPLE or SEED keeps data/; one that does not fit beside
+    # the evaluation pool is one line naming both variables.
+    data_files = {path: path.stat().st_mtime_ns for path in (tmp_path / "data").iterdir()}
+    proc = run_all(tmp_path, N_SAMPLE="50", SEED="8", OUTPUT_DIR=str(tmp_path / "out2"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "data" / "demo_config.json").read_text())["n_prompts"] == 500
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "data").iterdir()} == data_files
+    proc = run_all(tmp_path, N_SAMPLE="101", OUTPUT_DIR=str(tmp_path / "out3"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --n_sample (N_SAMPLE) 101 + --eval_prompts (EVAL_PROMPTS) 200 exceed "
+                                   "the 300 prompts of the data; lower one of them or use more prompts")
 
 
 def test_run_all_on_published_embeddings(tmp_path):

@@ -20,18 +20,36 @@ import step6_eval_rms as step6
 # --------------------------------------------------------------------------------------------
 
 
-def test_partition_disjoint_covering_seeded():
-    part = rm_data.make_partition(1000, 300, seed=7)
+def test_partition_disjoint_seeded():
+    part = rm_data.make_partition(1000, 300, split_seed=7, eval_prompts=700)
     sets = [set(part[role]) for role in rm_data.PROMPT_ROLES]
     assert sum(map(len, sets)) == 1000 and set().union(*sets) == set(range(1000))
     assert [len(s) for s in sets] == [300, 420, 140, 140]
-    assert part == rm_data.make_partition(1000, 300, seed=7)
-    assert part != rm_data.make_partition(1000, 300, seed=8)
+    assert part == rm_data.make_partition(1000, 300, split_seed=7, eval_prompts=700)
+    assert part != rm_data.make_partition(1000, 300, split_seed=8, eval_prompts=700)
+
+
+def test_partition_pool_fixed_and_orm_train_nested_as_n_sample_grows():
+    parts = [rm_data.make_partition(3000, n, split_seed=0) for n in (1, 100, 1000, 2000)]
+    for part in parts:
+        assert [len(part[role]) for role in rm_data.PROMPT_ROLES[1:]] == [600, 200, 200]
+        assert all(part[role] == parts[0][role] for role in ("calibration", "student_train", "held_out"))
+        assert not set(part["orm_train"]) & set().union(*(part[r] for r in rm_data.PROMPT_ROLES[1:]))
+    for small, large in zip(parts, parts[1:]):
+        assert set(small["orm_train"]) < set(large["orm_train"])
+
+
+@pytest.mark.parametrize(("n_prompts", "pool"), [(30, 20), (260, 130), (3000, 1000), (5000, 1250), (40000, 10000)])
+def test_default_eval_pool(n_prompts, pool):
+    assert rm_data.default_eval_prompts(n_prompts) == pool
 
 
 def test_partition_refuses_too_few_prompts():
-    with pytest.raises(rm_data.InputError, match="--n_sample 990 with 1000 prompts leaves 10"):
-        rm_data.make_partition(1000, 990, seed=0)
+    with pytest.raises(rm_data.InputError, match=r"--n_sample \(N_SAMPLE\) 990 \+ --eval_prompts \(EVAL_PROMPTS\) 20 "
+                                                 "exceed the 1000 prompts"):
+        rm_data.make_partition(1000, 990, split_seed=0, eval_prompts=20)
+    with pytest.raises(rm_data.InputError, match="need at least 20"):
+        rm_data.make_partition(1000, 10, split_seed=0, eval_prompts=19)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,12 +126,13 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
         "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.001.ckpt")
     assert manifest["pair_statistics"]["n_pairs"] == 120
     assert 0 <= manifest["pair_statistics"]["label_flip_rate"] < 0.5
-    assert manifest["prompt_counts"] == {"orm_train": 120, "calibration": 84, "student_train": 28, "held_out": 28}
+    assert manifest["prompt_counts"] == {"orm_train": 120, "calibration": 78, "student_train": 26, "held_out": 26}
     for name in manifest["checkpoints"]:
         model = networks.load_checkpoint(trained_run / name, expected_dim=48)
         assert model.input_dim == 48
     partition = json.loads((trained_run / rm_data.PARTITION_FILE).read_text())
-    assert partition["orm_train"] == rm_data.make_partition(260, 120, seed=3)["orm_train"]
+    assert partition["orm_train"] == rm_data.make_partition(260, 120, split_seed=0)["orm_train"]
+    assert (partition["split_seed"], partition["eval_prompts"], partition["n_prompts"]) == (0, 130, 260)
 
 
 def test_step5_is_deterministic(trained_run, demo_dir, tmp_path):
@@ -149,7 +168,8 @@ def test_objective_learns_the_demo(objective, tmp_path, demo_dir, tmp_path_facto
     generate(["--output_dir", str(data), "--n_prompts", "1100", "--emb_dim", "48", "--seed", "2"])
     out = tmp_path / "out"
     step5.main(["--data_dir", str(data), "--output_dir", str(out), "--rm_objective", objective,
-                "--n_sample", "1000", "--ensemble_number", "2", "--training_epochs", "5", "--batch_size", "64"])
+                "--n_sample", "1000", "--eval_prompts", "100", "--ensemble_number", "2", "--training_epochs", "5",
+                "--batch_size", "64"])
     results = step6.main(["--output_dir", str(out), "--bon_draws", "5", "--n_cross_pairs", "1000"])
     rho = results["held_out"]["ranking"]["ensemble_mean"]["spearman_per_prompt"]["mean"]
     assert rho > 0.6, rho
@@ -177,7 +197,7 @@ def test_step6_reads_only_held_out_and_test_prompts(trained_run, tmp_path, monke
     assert not read["train"] & set(partition["orm_train"])
     assert read["test"] == set(range(6))
     held = results["held_out"]
-    assert held["n_prompts"] == 28 and held["n_responses"] == 280
+    assert held["n_prompts"] == 26 and held["n_responses"] == 260
     assert held["ranking"]["ensemble_first"] == held["ranking"]["member_0"]
     assert results["test"]["best_of_n"]["curves"]["oracle"]["n"] == [2, 5, 10, 30]
     assert (out / "eval_best_of_n_bt.png").stat().st_size > 10_000
