@@ -37,11 +37,14 @@ import numpy as np
 
 from cli import InputError
 from metrics import calibration_errors, ranking_report
-from networks import MLP, ensemble_scorer
 from rm_data import EmbeddingSet, atomic_path, read_json, write_json
 
-if TYPE_CHECKING:  # scikit-learn and joblib are imported where maps are fitted or saved (step 7
-    from sklearn.isotonic import IsotonicRegression  # only), keeping step 8's start-up light.
+# scikit-learn and joblib are imported where maps are fitted or saved (step 7 only), networks
+# (torch) where a model scores: this module loads with numpy alone, so steps' --help stays fast.
+if TYPE_CHECKING:
+    from sklearn.isotonic import IsotonicRegression
+
+    from networks import MLP
 
 VARIANTS = ("standard", "centered")
 # Measured on the demo, out of fold on 600 calibration prompts (distillation_config.json's
@@ -277,6 +280,8 @@ def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Sequence
 
     cache: (cache folder, the members' checkpoint files) to reuse step 6's member scores.
     """
+    from networks import ensemble_scorer
+
     if cache is None:
         return data.score(prompt_ids, ensemble_scorer(teacher)).mean(axis=0)
     return data.score_cached(prompt_ids, ensemble_scorer(teacher), cache[0], list(cache[1])).mean(axis=0)
@@ -284,4 +289,6 @@ def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Sequence
 
 def student_scores(data: EmbeddingSet, prompt_ids: np.ndarray, student: MLP) -> np.ndarray:
     """The student's scores (P, R) float32."""
+    from networks import ensemble_scorer
+
     return data.score(prompt_ids, ensemble_scorer([student]))[0]

@@ -13,6 +13,9 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+# ORM objectives (README, "Step 5"): here, not in networks.py, so steps parse flags before importing torch.
+OBJECTIVES = ("bt", "clf")
+
 
 class InputError(ValueError):
     """A user-facing problem with an input file, flag or environment variable."""

@@ -15,12 +15,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from scipy.special import expit
-from tqdm import tqdm
 
-from cli import ArgumentParser, InputError, finite_float, positive_float, positive_int, run_cli, setup_logging
-from networks import OBJECTIVES, TrainConfig, mlp_flops_per_sample, save_checkpoint, train_orm
+from cli import (
+    OBJECTIVES,
+    ArgumentParser,
+    InputError,
+    finite_float,
+    positive_float,
+    positive_int,
+    run_cli,
+    setup_logging,
+)
 from rm_data import (
     DEFAULT_SPLIT_SEED,
     MANIFEST_FILE,
@@ -167,7 +172,8 @@ def simulate_annotator(first_rewards: np.ndarray, second_rewards: np.ndarray, an
     if annotation_quality < 0:
         prob = np.where(delta > 0, 1.0, np.where(delta < 0, 0.0, 0.5))
     else:
-        prob = expit(annotation_quality * delta)
+        with np.errstate(over="ignore"):  # exp overflow -> inf -> probability 0, as intended
+            prob = 1.0 / (1.0 + np.exp(-annotation_quality * delta))
     return rng.random(len(delta)) < prob, prob
 
 
@@ -189,6 +195,12 @@ def pair_statistics(first_rewards, second_rewards, first_wins, prob, reward_scal
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # torch is imported once the flags are valid: --help and flag errors return at once.
+    import torch
+    from tqdm import tqdm
+
+    from networks import TrainConfig, mlp_train_flops_per_sample, save_checkpoint, train_orm
+
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     data = load_embedding_set(args.data_dir, "train")
@@ -229,7 +241,7 @@ def main(argv=None) -> dict:
     config = TrainConfig(args.training_epochs, args.learning_rate, args.batch_size, args.patience)
     n_val = min(max(1, int(round(args.val_fraction * len(winners)))), len(winners) - 1)
     members, checkpoints = [], []
-    flops = 3 * mlp_flops_per_sample(data.dim)  # forward + backward per response
+    flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
     for member, member_seed in enumerate(tqdm(member_seeds, desc="ensemble members")):
         generator = torch.Generator().manual_seed(member_seed)
         order = torch.randperm(len(winners), generator=generator)

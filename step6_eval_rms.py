@@ -17,7 +17,6 @@ import numpy as np
 
 from cli import ArgumentParser, finite_float, positive_int, run_cli, setup_logging
 from metrics import best_of_n, ranking_report
-from networks import ensemble_scorer, load_ensemble
 from plots import plot_best_of_n
 from rm_data import (
     MANIFEST_FILE,
@@ -92,6 +91,8 @@ def print_table(title: str, result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from networks import ensemble_scorer, load_ensemble  # torch: after the flags, so --help returns at once
+
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     manifest = load_manifest(output_dir)
@@ -108,12 +109,13 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     held_out = partition["held_out"]
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
+    scorer = ensemble_scorer(models)
     results = {"manifest": str(output_dir / "orm_manifest.json"), "eval_seed": seed,
-               "held_out": evaluate(data.score_cached(held_out, ensemble_scorer(models), cache_dir, member_paths),
+               "held_out": evaluate(data.score_cached(held_out, scorer, cache_dir, member_paths),
                                     data.rewards[held_out], args, seed)}
     if test is not None:
         test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(test.score_cached(test_prompts, ensemble_scorer(models), cache_dir, member_paths),
+        results["test"] = evaluate(test.score_cached(test_prompts, scorer, cache_dir, member_paths),
                                    test.rewards, args, seed)
     log.info("evaluated %d members in %.2fs", len(models), time.perf_counter() - start)
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from calibration import (
     DEFAULT_VARIANT,
@@ -37,8 +36,7 @@ from calibration import (
     student_scores,
     teacher_scores,
 )
-from cli import ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
-from networks import OBJECTIVES, TrainConfig, load_ensemble, mlp_flops_per_sample, save_checkpoint, train_student
+from cli import OBJECTIVES, ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
 from rm_data import (
     MANIFEST_FILE,
     EmbeddingSet,
@@ -111,6 +109,11 @@ def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Ge
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # torch is imported once the flags are valid: --help and flag errors return at once.
+    import torch
+
+    from networks import TrainConfig, load_ensemble, mlp_train_flops_per_sample, save_checkpoint, train_student
+
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     manifest = load_manifest(output_dir)
@@ -165,7 +168,7 @@ def main(argv=None) -> dict:
     log.info("student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
              "(%.1f GFLOP/s), %.2fs", result.best_epoch, result.epochs_run, result.best_val_mse,
              result.target_std**2, result.samples_per_second,
-             result.samples_per_second * 3 * mlp_flops_per_sample(data.dim) / 1e9, time.perf_counter() - start)
+             result.samples_per_second * mlp_train_flops_per_sample(data.dim) / 1e9, time.perf_counter() - start)
 
     # --- 3. student -> golden isotonic map on calibration prompts ---
     student_name = student_checkpoint_name(task, objective)

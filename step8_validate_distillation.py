@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,7 +39,6 @@ from calibration import (
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from metrics import best_of_n, calibration_errors
-from networks import MLP, load_checkpoint, load_ensemble
 from plots import plot_best_of_n, plot_calibration
 from rm_data import (
     MANIFEST_FILE,
@@ -54,6 +54,9 @@ from rm_data import (
     write_json,
     write_text,
 )
+
+if TYPE_CHECKING:
+    from networks import MLP
 
 log = logging.getLogger("step8")
 VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
@@ -163,6 +166,8 @@ def format_table(title: str, result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from networks import load_checkpoint, load_ensemble  # torch: after the flags, so --help returns at once
+
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     manifest = load_manifest(output_dir)

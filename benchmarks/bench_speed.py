@@ -1,7 +1,9 @@
-"""Speed of the CPU pipeline against baselines measured in the same run.
+"""Speed of the CPU pipeline against baselines and the machine's floor, measured in the same run.
 
-    python3 benchmarks/bench_speed.py            # all rows (about 5 minutes on 2 cores)
-    python3 benchmarks/bench_speed.py --quick    # smaller sizes, for a smoke test
+    python3 benchmarks/bench_speed.py                   # all rows (~10 minutes on 2 cores)
+    python3 benchmarks/bench_speed.py --only runs       # rows 3-4: whole runs against their floor
+    python3 benchmarks/bench_speed.py --quick           # smaller sizes, for a smoke test
+    python3 benchmarks/bench_speed.py --only runs --step6_scale 0.1   # adds row 5
 
 Rows (each a ratio against a baseline timed in this process, so shared-machine noise cancels):
 1. ORM training: responses/s of ``networks.train_orm`` (gather per batch, forward, backward, Adam,
@@ -11,21 +13,30 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
 2. Evaluation: responses/s of ``EmbeddingSet.score`` with the stacked ensemble scorer (memory-mapped
    reads in chunks, all members) against a bare per-member forward pass on an in-memory tensor;
    and the share of step 6's time spent computing metrics.
-3. ``bash run_all.sh`` on the default demo: wall time per step and in total (target <= 10 s), and
-   the share spent starting Python and importing libraries.
+3. ``FORCE=1 bash run_all.sh`` on the default demo (data present), the best of ``--repeats`` runs,
+   against its floor: 4 step processes x (start Python + import torch, measured here) + the FLOPs
+   the run must do (:func:`pipeline_flops`, counted from its manifests) at the bare GEMM rate
+   measured here. Targets: <= 1.25x the floor and <= 10 s.
 4. The seed's "real embeddings" configuration on synthetic data of the same shape (5000 prompts x 10
-   responses x 2048, N_SAMPLE=1000, ENSEMBLE_NUMBER=3, conversion included): wall time (<= 45 s).
+   responses x 2048, N_SAMPLE=1000, ENSEMBLE_NUMBER=3), conversion included (each repeat converts
+   afresh), against the same floor plus the converter's (start Python + a bare copy of its
+   inputs). Target <= 25 s.
+5. Optional (``--step6_scale``): step 6 on the published test-set shape (500 responses per prompt),
+   a fraction of its prompts, against one process start + its scoring FLOPs at the GEMM rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +188,7 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
 
 
 # --------------------------------------------------------------------------------------------
-# 3-4. Whole runs
+# 3-5. Whole runs against the machine's floor
 # --------------------------------------------------------------------------------------------
 def run(cmd: list[str], env: dict) -> tuple[float, str]:
     start = time.perf_counter()
@@ -187,49 +198,161 @@ def run(cmd: list[str], env: dict) -> tuple[float, str]:
     return time.perf_counter() - start, proc.stdout
 
 
-def bench_run_all() -> None:
+@dataclass
+class Machine:
+    """The floor's ingredients, measured in this run (best of ``repeats``)."""
+
+    torch_start: float  # seconds to start Python and import torch, in a fresh process
+    numpy_start: float  # the same with numpy only (the converter's process)
+    gemm_flops: float  # FLOP/s of a bare float32 matmul, the best of the shapes the steps multiply
+
+
+def measure_machine(repeats: int) -> Machine:
+    def start_time(code: str) -> float:
+        return min(run([sys.executable, "-c", code], {})[0] for _ in range(repeats))
+
+    rates = []
+    for rows, inner, outer in ((4096, 2048, 10240), (4096, 2048, 1024), (256, 2048, 1024)):
+        a, b = torch.randn(rows, inner), torch.randn(inner, outer)
+        n = max(1, int(2e10 // (2 * rows * inner * outer)))  # ~20 GFLOP per timing
+        seconds = best_time(lambda a=a, b=b, n=n: [torch.mm(a, b) for _ in range(n)], repeats)
+        rates.append(2 * rows * inner * outer * n / seconds)
+    machine = Machine(start_time("import torch"), start_time("import numpy"), max(rates))
+    report("   floor: Python + import torch (one process)", f"{machine.torch_start:.2f} s",
+           f"python -c 'import numpy': {machine.numpy_start:.2f} s")
+    report("   floor: bare GEMM rate", f"{machine.gemm_flops / 1e9:.0f} GFLOP/s",
+           "best of (4096x2048)@(2048x{10240,1024}), (256x2048)@(2048x1024): " +
+           ", ".join(f"{r / 1e9:.0f}" for r in rates))
+    return machine
+
+
+def pipeline_flops(out_dir: Path) -> dict[str, float]:
+    """FLOPs steps 5-8 must do for the run in ``out_dir``, from its manifests (2 per multiply-add).
+
+    Counted: ORM training (forward and backward of every training response in every epoch run) and
+    its validation each epoch; step 6 scoring held-out and test responses with every member; step 7
+    scoring calibration and student_train responses with the teacher, the student's training and
+    early-stopping passes, its final training-set error, and the student scoring the calibration
+    responses; step 8 scoring held-out and test responses with the student (the teacher's scores are
+    step 6's). Not counted: element-wise work, metrics, isotonic fits, reading files.
+    """
+    manifest = json.loads((out_dir / rm_data.MANIFEST_FILE).read_text())
+    distill = json.loads((out_dir / "distillation_config.json").read_text())
+    evaluation = json.loads((out_dir / f"eval_results_{manifest['config']['rm_objective']}.json").read_text())
+    dim = manifest["data"]["dim"]
+    forward, train = networks.mlp_flops_per_sample(dim), networks.mlp_train_flops_per_sample(dim)
+    step5 = sum(m["epochs_run"] * 2 * (m["train_pairs"] * train + m["val_pairs"] * forward)
+                for m in manifest["members"])
+    members = len(manifest["members"])
+    scored = [evaluation[name]["n_responses"] for name in ("held_out", "test") if name in evaluation]
+    step6 = sum(scored) * members * forward
+    fits, student = distill["fits"], distill["student"]
+    calibration, fit_rows = fits["teacher_isotonic"]["n_responses"], fits["student_training"]["n_responses"]
+    stop_rows = fits["student_early_stopping"]["n_responses"]
+    step7 = ((calibration + fit_rows + stop_rows) * distill["teacher"]["n_members"] * forward
+             + student["epochs_run"] * (fit_rows * train + stop_rows * forward) + (fit_rows + calibration) * forward)
+    step8 = sum(scored) * forward
+    return {"step 5": step5, "step 6": step6, "step 7": step7, "step 8": step8}
+
+
+def report_against_floor(name: str, seconds: float, floor: float, target: str, note: str) -> None:
+    report(name, f"{seconds:.1f} s", f"floor {floor:.1f} s, ratio {seconds / floor:.2f}; {target}; {note}")
+
+
+def bench_run_all(machine: Machine, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {"DATA_DIR": f"{tmp}/data", "OUTPUT_DIR": f"{tmp}/out"}
-        run(["bash", "run_all.sh"], env)  # generates the demo once (not part of the timed run)
-        total, stdout = run(["bash", "run_all.sh"], {**env, "FORCE": "1"})  # FORCE: no resumed steps
+        run(["bash", "run_all.sh"], env)  # generates the demo once (not part of the timed runs)
+        runs = [run(["bash", "run_all.sh"], {**env, "FORCE": "1"}) for _ in range(repeats)]  # FORCE: no resuming
+        flops = pipeline_flops(Path(tmp) / "out")
+    total, stdout = min(runs)
     steps = re.findall(r"\[(.+?) took ([\d.]+) s\]", stdout)
-    modules = ["step5_train_rms", "step6_eval_rms", "step7_isotonic_distillation", "step8_validate_distillation"]
-    startup = sum(run([sys.executable, "-c", f"import {module}"], {})[0] for module in modules)
-    report("3. run_all.sh default demo, total", f"{total:.1f} s",
-           "target <= 10 s; seed claims ~2 min; " + ", ".join(f"{n} {t} s" for n, t in steps))
-    report("   share spent starting Python + imports", f"{startup / total:.0%}",
-           f"{startup:.1f} s: python -c 'import stepN' for steps 5-8, each its own process")
+    floor = 4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops
+    report_against_floor("3. run_all.sh default demo (FORCE=1)", total, floor, "target <= 10 s and <= 1.25x floor",
+                         ", ".join(f"{n} {t} s" for n, t in steps))
+    report("   floor = 4 x start + FLOPs / GEMM rate", f"{sum(flops.values()) / 1e12:.2f} TFLOP",
+           f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s; " +
+           ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()))
 
 
-def bench_real_shape(quick: bool) -> None:
-    converter = ROOT / "convert_embeddings.py"
-    maker = ROOT / "benchmarks" / "make_synthetic_repo.py"
-    if not converter.exists() or not maker.exists():
-        report("4. seed 'real embeddings' config", "skipped", "convert_embeddings.py not present")
-        return
+def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
+    """The seed's "real embeddings" run (conversion included): each repeat converts and trains afresh."""
     n_prompts = 1200 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, str(maker), "--output_dir", f"{tmp}/repo", "--n_prompts", str(n_prompts),
-             "--n_test_prompts", "0", "--task", "harmless", "--gen_model", "gemma2b"], {})
-        env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "N_SAMPLE": "1000" if not quick else "300",
+        run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", f"{tmp}/repo",
+             "--n_prompts", str(n_prompts), "--n_test_prompts", "0", "--task", "harmless", "--gen_model", "gemma2b"],
+            {})
+        env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "N_SAMPLE": "300" if quick else "1000",
                "ENSEMBLE_NUMBER": "3", "GEN_PREF_MODEL": "gemma2b", "MAX_PROMPTS": str(n_prompts),
                "EMBD_REPO_DIR": f"{tmp}/repo", "DATA_DIR": f"{tmp}/data", "OUTPUT_DIR": f"{tmp}/out"}
-        total, stdout = run(["bash", "run_all.sh"], env)
+        runs = []
+        for _ in range(repeats):
+            shutil.rmtree(f"{tmp}/data", ignore_errors=True)
+            shutil.rmtree(f"{tmp}/out", ignore_errors=True)
+            runs.append(run(["bash", "run_all.sh"], env))
+        flops = pipeline_flops(Path(tmp) / "out")
+        # The converter reads and writes every byte once: its floor is a bare copy of its inputs.
+        sources = sorted(Path(f"{tmp}/repo").glob("*.npy"))
+        copy_seconds = best_time(lambda: [shutil.copyfile(src, Path(tmp) / "copy.npy") for src in sources], repeats)
+    total, stdout = min(runs)
     steps = re.findall(r"\[(.+?) took ([\d.]+) s\]", stdout)
-    report("4. seed 'real embeddings' config, total", f"{total:.1f} s",
-           f"target <= 45 s; seed claims ~5 min; {n_prompts}x10x2048; " + ", ".join(f"{n} {t} s" for n, t in steps))
+    floor = (4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops
+             + machine.numpy_start + copy_seconds)
+    report_against_floor(f"4. seed real config {n_prompts}x10x2048, conversion", total, floor, "target <= 25 s",
+                         ", ".join(f"{n} {t} s" for n, t in steps))
+    report("   floor = 4 x start + FLOPs / GEMM rate + copy", f"{sum(flops.values()) / 1e12:.2f} TFLOP",
+           f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s + conversion "
+           f"{machine.numpy_start:.2f} + {copy_seconds:.1f} s (bare copy of the sources); " +
+           ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()))
+
+
+def bench_step6_published(machine: Machine, scale: float) -> None:
+    """Step 6 on the published test-set shape (500 responses per prompt), scaled in prompts."""
+    n_test = max(2, int(2000 * scale))
+    n_train = max(60, int(40000 * scale))
+    with tempfile.TemporaryDirectory() as tmp:
+        run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", f"{tmp}/repo",
+             "--n_prompts", str(n_train), "--n_test_prompts", str(n_test)], {})
+        run([sys.executable, "convert_embeddings.py", "--embd_dir", f"{tmp}/repo", "--output_dir", f"{tmp}/data"], {})
+        shutil.rmtree(f"{tmp}/repo")
+        out = f"{tmp}/out"
+        run([sys.executable, "step5_train_rms.py", "--data_dir", f"{tmp}/data", "--output_dir", out,
+             "--n_sample", str(max(10, n_train // 4)), "--ensemble_number", "10", "--training_epochs", "1"], {})
+        seconds, stdout = run([sys.executable, "step6_eval_rms.py", "--output_dir", out], {})
+        evaluation = json.loads((Path(out) / "eval_results_bt.json").read_text())
+    responses = sum(evaluation[name]["n_responses"] for name in ("held_out", "test"))
+    flops = responses * 10 * networks.mlp_flops_per_sample(2048)
+    floor = machine.torch_start + flops / machine.gemm_flops
+    report_against_floor(f"5. step 6, published shape x{scale:g} (test {n_test}x500)", seconds, floor,
+                         "10 members", f"{responses:,} responses, {flops / 1e12:.2f} TFLOP; metrics: "
+                         + (re.findall(r"evaluated \d+ members in [\d.]+s", stdout) or ["?"])[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    parser.add_argument("--only", choices=["throughput", "runs"], default=None,
+                        help="throughput: rows 1-2 only; runs: rows 3-4 (and 5 with --step6_scale)")
+    parser.add_argument("--step6_scale", type=float, default=0.0,
+                        help="also run row 5: step 6 on the published test shape at this fraction of its "
+                             "prompts (0.1: 200 x 500 test responses, ~2 GB of temporary files)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     dim = 2048
-    bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
-    bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
-    bench_run_all()
-    bench_real_shape(args.quick)
+    if args.only != "runs":
+        bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
+        bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
+    if args.only != "throughput":
+        machine = measure_machine(args.repeats)
+        bench_run_all(machine, args.repeats)
+        bench_real_shape(machine, args.repeats, args.quick)
+        if args.step6_scale > 0:
+            bench_step6_published(machine, args.step6_scale)
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":

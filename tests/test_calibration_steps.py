@@ -28,6 +28,7 @@ from conftest import run_failing  # noqa: E402
 
 import calibration  # noqa: E402
 import generate_demo_data  # noqa: E402
+import networks  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
@@ -174,10 +175,10 @@ def pipeline(tmp_path_factory):
         student_rows.update(fit=train_rows.numpy().copy(), early_stopping=val_rows.numpy().copy())
         return original_train_student(features, targets, train_rows, val_rows, *args)
 
-    original_train_student = step7.train_student
+    original_train_student = networks.train_student
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EmbeddingSet, "read_rows", recording_read_rows)
-        patch.setattr(step7, "train_student", recording_train_student)
+        patch.setattr(networks, "train_student", recording_train_student)
         config = step7.main(["--output_dir", str(out), *STEP7])
     assert not marker.exists()
     for name in MAP_FILES:  # steps read the JSON sidecars; the .joblib files must never be loaded

@@ -1,0 +1,66 @@
+"""Steps 5-8 import only what their path uses (README, "Performance"): start-up is most of a demo step.
+
+Each check runs in a fresh interpreter, since this test process has imported everything already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("step5_train_rms", "step6_eval_rms", "step7_isotonic_distillation", "step8_validate_distillation")
+HEAVY = ("torch", "torch._dynamo", "sklearn", "scipy", "matplotlib", "matplotlib.pyplot", "pandas")
+
+# Runs the given steps' main() one after another in this interpreter and prints, as JSON, the exit
+# status of each and the heavy modules loaded after it.
+RUNNER = """
+import json, sys
+sys.path.insert(0, {root!r})
+from cli import run_cli
+report = []
+for module, argv in {calls!r}:
+    try:
+        run_cli(__import__(module).main, argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    report.append([status, [name for name in {heavy!r} if name in sys.modules]])
+print(json.dumps(report))
+"""
+
+
+def run_steps(calls: list[tuple[str, list[str]]]) -> list[tuple[int, set[str]]]:
+    code = RUNNER.format(root=str(ROOT), calls=calls, heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [(status, set(loaded)) for status, loaded in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+@pytest.mark.parametrize("step,bad_flag", zip(STEPS, (["--n_sample", "-3"], ["--bon_draws", "0"],
+                                                      ["--cv_folds", "1"], ["--calibration_bins", "x"])))
+def test_help_and_flag_errors_return_before_torch_is_imported(step, bad_flag):
+    (help_status, help_loaded), (error_status, error_loaded) = run_steps([(step, ["--help"]), (step, bad_flag)])
+    assert help_status == 0 and error_status == 2
+    assert help_loaded == error_loaded == set()
+
+
+def test_each_step_imports_only_what_its_path_uses(demo_dir, tmp_path):
+    out = str(tmp_path / "out")
+    steps_5_to_7 = run_steps([
+        ("step5_train_rms", ["--data_dir", str(demo_dir), "--output_dir", out, "--n_sample", "120",
+                             "--ensemble_number", "2", "--training_epochs", "2", "--batch_size", "32"]),
+        ("step6_eval_rms", ["--output_dir", out, "--bon_draws", "5", "--n_cross_pairs", "1000"]),
+        ("step7_isotonic_distillation", ["--output_dir", out, "--distill_epochs", "2", "--n_cross_pairs", "1000"]),
+    ])
+    (step8_status, step8_loaded), = run_steps([("step8_validate_distillation", ["--output_dir", out])])
+    assert [status for status, _ in steps_5_to_7] == [0, 0, 0] and step8_status == 0
+    after5, after6, after7 = (loaded for _, loaded in steps_5_to_7)
+    assert after5 == {"torch"}  # no torch.optim optimizer (constructing one imports torch._dynamo), no scipy
+    assert after6 == {"torch", "matplotlib", "matplotlib.pyplot"}  # pyplot: step 6 draws a plot
+    assert {"sklearn", "scipy"} <= after7 and "torch._dynamo" not in after7  # step 7 fits and saves maps
+    assert step8_loaded == {"torch", "matplotlib", "matplotlib.pyplot"}  # reads maps from JSON: no sklearn
