@@ -1,7 +1,7 @@
 """What the GPU steps 1-4 share: model names and loading, hh-rlhf text handling, the file flow.
 
 File flow. Steps 1-3.5 work inside ``--output_dir`` (default ``distill_out``); step 4 writes the
-data directory of DESIGN section 3 that steps 5-8 read::
+data directory that steps 5-8 read (README, "Data format")::
 
   step1_sft.py                {output_dir}/ckpts_SFT/SFT_{model}_{dataset}/  LoRA adapter, sft_run.json
   step2_gen_sample.py         {gen_dir}/{data_class}_part{k}.jsonl        query, id, response_0.., settings
@@ -28,6 +28,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,25 +56,51 @@ HH_RLHF_HUB_ID = "Anthropic/hh-rlhf"
 HUMAN_TURN = "\n\nHuman"
 ASSISTANT_TURN = "\n\nAssistant:"
 REPO_ROOT = Path(__file__).resolve().parent
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # --------------------------------------------------------------------------------------------
 # Names: models, datasets, tasks
 # --------------------------------------------------------------------------------------------
 def resolve_model(name: str, flag: str) -> str:
-    """A short name, an existing local folder or a hub id ``owner/name`` -> what ``from_pretrained`` takes."""
+    """A short name, an existing local folder or a hub id ``owner/name`` -> what ``from_pretrained`` takes.
+
+    Checked without importing transformers: a folder must hold ``config.json``; a name that can only
+    be a path (it starts with ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a
+    local folder) and does not exist is a missing folder, never a hub id; with ``HF_HUB_OFFLINE=1`` a
+    hub id must be in the local cache.
+    """
     if name in MODEL_IDS:
-        return MODEL_IDS[name]
+        name = MODEL_IDS[name]
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise InputError(f"{flag} {name}: expected a model folder, found a file")
+        if not (path / "config.json").is_file():
+            raise InputError(f"{flag} {name}: folder {path.resolve()} holds no config.json (not a model folder)")
         return str(path)
-    if _HUB_ID.fullmatch(name) and not name.startswith("."):
-        return name
-    raise InputError(f"{flag} {name}: no such model folder, and not a short name "
-                     f"({', '.join(MODEL_IDS)}) or hub id owner/name")
+    first_part = Path(name.split("/")[0]).expanduser()
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or first_part.is_dir():
+        raise InputError(f"{flag} {name}: no such model folder ({path.resolve()})")
+    if name.count("/") != 1 or not _valid_hub_id(name):
+        raise InputError(f"{flag} {name}: no such model folder, and not a short name "
+                         f"({', '.join(MODEL_IDS)}) or hub id owner/name")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise InputError(f"{flag} {name}: no local folder {path.resolve()}, and the hub id is not in the "
+                             "local cache (HF_HUB_OFFLINE=1)")
+    return name
+
+
+def _valid_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def model_tag(name: str) -> str:
@@ -123,6 +150,59 @@ def cut_response(response: str) -> str:
 def scored_text(query: str, cut: str) -> str:
     """The exact string step 3 scores and step 4 embeds: the hh-rlhf form "...Assistant: response"."""
     return f"{query} {cut}" if cut else query
+
+
+_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
+
+
+def dialogue_messages(query: str, response: str) -> list[dict[str, str]]:
+    """An hh-rlhf prompt and a cut response -> alternating chat messages for a chat template.
+
+    "\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:" with response "d" becomes
+    user a, assistant b, user c, assistant d (contents stripped). Text before the first turn marker
+    is kept as the start of the first user message; consecutive turns of one role are joined by a
+    blank line, since most templates require strict alternation. A prompt without markers is one
+    user message.
+    """
+    pieces = _TURN.split(query)
+    messages: list[dict[str, str]] = []
+
+    def add(role: str, content: str) -> None:
+        content = content.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = "\n\n".join(c for c in (messages[-1]["content"], content) if c)
+        else:
+            messages.append({"role": role, "content": content})
+
+    if pieces[0].strip() or len(pieces) == 1:
+        add("user", pieces[0])
+    for marker, content in zip(pieces[1::2], pieces[2::2]):
+        add("user" if marker == "Human" else "assistant", content)
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # the prompt's trailing "Assistant:" opens the turn the response fills
+    add("assistant", response)
+    return messages
+
+
+def rm_texts(tokenizer, queries: Sequence[str], responses: Sequence[str], rm_input_format: str) -> list[str]:
+    """The strings the golden reward model scores, one per (query, cut response).
+
+    ``raw``: ``scored_text(query, response)``, the hh-rlhf form (tokenized with the tokenizer's
+    special tokens). ``chat_template``: ``dialogue_messages`` rendered by the RM tokenizer's chat
+    template (which holds its own special tokens; tokenize with ``add_special_tokens=False``).
+    """
+    if rm_input_format == "raw":
+        return [scored_text(q, r) for q, r in zip(queries, responses)]
+    if rm_input_format != "chat_template":
+        raise ValueError(f"unknown rm_input_format {rm_input_format!r}")
+    return [tokenizer.apply_chat_template(dialogue_messages(q, r), tokenize=False)
+            for q, r in zip(queries, responses)]
+
+
+def response_stats(cut_responses: Sequence[str]) -> dict[str, int]:
+    """Counts for a step's summary: responses, and responses empty after the "\\n\\nHuman" cut
+    (their scored text is the bare prompt)."""
+    return {"n_responses": len(cut_responses), "n_empty_after_cut": sum(not r for r in cut_responses)}
 
 
 def gpt4_demo_prompt(query: str) -> str:
@@ -231,6 +311,37 @@ def add_generation_args(parser, model_aliases: Sequence[str] = ()) -> None:
     parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
 
 
+RM_INPUT_FORMATS = ("raw", "chat_template")
+# The authors' step 3 scored the raw hh-rlhf text (README, "Steps 1-4"), so that is the default.
+DEFAULT_RM_INPUT_FORMAT = "raw"
+
+
+def add_reward_model_args(parser) -> None:
+    """``--reward_model`` and ``--rm_input_format``, taken alike by steps 3, 3.5 and 4."""
+    parser.add_argument("--reward_model", default=None,
+                        help="golden RM: rmmistral7b, rayharmless, a local folder or hub id "
+                             "(default: the paper's RM for the task of --eval_dataset/--dataset)")
+    parser.add_argument("--rm_input_format", choices=RM_INPUT_FORMATS, default=DEFAULT_RM_INPUT_FORMAT,
+                        help="how the golden RM sees a response: raw hh-rlhf text \"...Assistant: response\" "
+                             "(the authors' choice) or the RM tokenizer's chat template over user/assistant "
+                             "turns; recorded by step 3 and checked by steps 3.5 and 4")
+
+
+def check_rm_input_format(record: dict, path: str | Path, line: int, requested: str) -> None:
+    """A scored or ranked record's ``rm_input_format`` (files without one were scored raw) must be
+    the one this run asks for."""
+    found = record.get("rm_input_format", "raw")
+    if found != requested:
+        raise InputError(f"{path} line {line}: scored with --rm_input_format {found}, this run asks for "
+                         f"{requested} (rerun step3_reward_annotation.py --rm_input_format {requested})")
+
+
+def prompt_seed(seed: int, prompt_id: int) -> int:
+    """The sampling seed of one prompt, from the run seed and the prompt's id in its source, so a
+    prompt's samples do not depend on which other prompts share its part, batch or run."""
+    return int(np.random.SeedSequence([seed, prompt_id]).generate_state(1)[0])
+
+
 @dataclass(frozen=True)
 class GenerationRun:
     """The files of one generation run (see the module docstring for the flow)."""
@@ -295,13 +406,19 @@ def response_count(record: dict) -> int:
 # --------------------------------------------------------------------------------------------
 # Devices, dtypes, models
 # --------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def pick_dtype(device: torch.device, training: bool = False) -> torch.dtype:
-    """bf16 on GPUs that support it; fp16 on older GPUs for inference only (fp16 training diverges
-    too easily without care, so training falls back to fp32 there); fp32 on CPU."""
+def pick_dtype(device: torch.device, training: bool = False, requested: str = "auto") -> torch.dtype:
+    """``requested`` (a ``DTYPES`` name) or, for ``auto``: bf16 on GPUs that support it; fp16 on
+    older GPUs for inference only (fp16 training diverges too easily without care, so training
+    falls back to fp32 there); fp32 on CPU."""
+    if requested != "auto":
+        return DTYPES[requested]
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -309,10 +426,36 @@ def pick_dtype(device: torch.device, training: bool = False) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def add_dtype_arg(parser) -> None:
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="compute dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 "
+                             "on CPU); outputs are stored as float32 whatever it is")
+
+
 def _load_error(flag: str, name: str, what: str, err: Exception) -> InputError:
     text = str(err).strip()
     first_line = text.splitlines()[0] if text else type(err).__name__
-    return InputError(f"{flag} {name}: cannot load {what} ({first_line})")
+    if name in MODEL_IDS:
+        where = f" (hub id {MODEL_IDS[name]})"
+    elif Path(name).expanduser().exists():
+        where = ""
+    else:
+        where = f" (no local folder {Path(name).resolve()}; tried it as a hub id)"
+    return InputError(f"{flag} {name}: cannot load {what}{where}: {first_line}")
+
+
+def load_config(name: str, flag: str):
+    """The model's ``AutoConfig`` (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name, flag))
+    except (OSError, ValueError) as err:
+        raise _load_error(flag, name, "model config", err) from None
 
 
 def load_tokenizer(name: str, flag: str, padding_side: str | None = None):
@@ -357,9 +500,44 @@ def load_embedding_model(name: str, flag: str, device: torch.device, dtype: torc
     return model.to(device).eval()
 
 
+def reward_label_index(config, name: str, flag: str, reward_label: str | None) -> int:
+    """Which output of a sequence-classification model is the reward, checked on its config alone.
+
+    A one-output model needs no ``--reward_label`` (or 0). A model with several labels (a sentiment
+    classifier) needs ``--reward_label``, an index or a name from its ``id2label``. A causal LM
+    (``*ForCausalLM`` / ``*LMHeadModel`` without a classification head) is refused: loading it as a
+    classifier would score with an untrained random head.
+    """
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any("ForSequenceClassification" in a for a in architectures) \
+            and any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
+        raise InputError(f"{flag} {name}: this is a causal language model ({architectures[0]}), not a "
+                         "sequence-classification reward model; pass a reward model (e.g. rmmistral7b)")
+    n_labels = int(config.num_labels)
+    labels = {int(i): str(label) for i, label in (getattr(config, "id2label", None) or {}).items()}
+    if reward_label is None:
+        if n_labels == 1:
+            return 0
+        listed = ", ".join(f"{i}={labels.get(i, i)}" for i in range(n_labels))
+        raise InputError(f"{flag} {name}: the model has {n_labels} labels ({listed}); "
+                         "pick the reward with --reward_label")
+    if reward_label.isdigit() and int(reward_label) < n_labels:
+        return int(reward_label)
+    by_name = [i for i in range(n_labels) if labels.get(i) == reward_label]
+    if by_name:
+        return by_name[0]
+    raise InputError(f"--reward_label {reward_label}: {name} has labels "
+                     f"{', '.join(f'{i}={labels.get(i, i)}' for i in range(n_labels))}")
+
+
 def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.dtype, tokenizer):
-    """A one-output ``AutoModelForSequenceClassification``; its pad id is aligned with the tokenizer's,
-    since the model pools the logit at the last token that is not the pad id."""
+    """An ``AutoModelForSequenceClassification`` whose score head runs in float32.
+
+    Its pad id is aligned with the tokenizer's, since the model pools the logit at the last token
+    that is not the pad id. The head (``score`` or ``classifier``, a Linear layer) is kept in float32
+    and fed the final hidden state upcast: in bf16 the rewards would keep ~3 significant digits and
+    tie in step 3.5's sort. Check the config with ``reward_label_index`` first.
+    """
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model(name, flag)
@@ -367,27 +545,44 @@ def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.d
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise _load_error(flag, name, "sequence-classification reward model", err) from None
-    if model.config.num_labels != 1:
-        raise InputError(f"{flag} {name}: a golden reward model must have one output, "
-                         f"this one has num_labels={model.config.num_labels}")
     if model.config.pad_token_id != tokenizer.pad_token_id:
         if model.config.pad_token_id is not None:
             log.warning("%s: model pad_token_id %s differs from the tokenizer's %s; using the tokenizer's",
                         name, model.config.pad_token_id, tokenizer.pad_token_id)
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    head = next((getattr(model, attr) for attr in ("score", "classifier")
+                 if isinstance(getattr(model, attr, None), torch.nn.Linear)), None)
+    if head is None:
+        log.warning("%s: no Linear score head found; rewards keep the compute dtype's precision", name)
+    elif dtype != torch.float32:
+        head.float()
+        head.register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+    return model
+
+
+def rewards_from_logits(logits: torch.Tensor, label: int) -> torch.Tensor:
+    """(B, L) logits -> (B,) float32 rewards: the logit itself for a one-output model, else the
+    log-odds of ``label``, log p(label) - log(1 - p(label)) (shift-invariant, as logits are)."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    others = torch.cat([logits[:, :label], logits[:, label + 1:]], dim=1)
+    return logits[:, label] - torch.logsumexp(others, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
-# Batched forward passes over texts (steps 3 and 4)
+# Batched forward passes over texts (steps 3 and 4, and anyone embedding (prompt, response) texts)
 # --------------------------------------------------------------------------------------------
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """Token ids of each text (with the tokenizer's special tokens), cut to ``max_length``.
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int,
+                   add_special_tokens: bool = True) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of each text (with the tokenizer's special tokens unless told otherwise), cut to
+    ``max_length``.
 
     Returns the id lists and a (len(texts),) bool array marking the texts that were cut, so callers
     can report them.
     """
-    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     truncated = np.array([len(seq) > max_length for seq in ids], dtype=bool)
     return [seq[:max_length] for seq in ids], truncated
 
@@ -433,6 +628,36 @@ def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding
         yield rows, batch
 
 
+def iter_embeddings(model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int,
+                    device: torch.device) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (row indices, (B, D) float32 embeddings): the final layer's hidden state at the last
+    real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure).
+
+    Raises RuntimeError on a non-finite hidden state.
+    """
+    with torch.inference_mode():
+        for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
+                                               batch_size, device, desc="embedding"):
+            hidden = model(**batch, use_cache=False).last_hidden_state
+            last = last_token_index(batch["attention_mask"])
+            vectors = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
+            if not np.isfinite(vectors).all():
+                raise RuntimeError("the embedding model returned non-finite hidden states")
+            yield rows, vectors
+
+
+def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
+                max_length: int = 1024) -> np.ndarray:
+    """(N, D) float32 embeddings of ``texts`` exactly as step 4 computes them (texts cut to
+    ``max_length`` tokens). For a (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``."""
+    device = next(model.parameters()).device
+    token_ids, _ = tokenize_texts(tokenizer, texts, max_length)
+    out = np.empty((len(texts), model.config.get_text_config().hidden_size), dtype=np.float32)
+    for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device):
+        out[rows] = vectors
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # argparse types local to the GPU steps
 # --------------------------------------------------------------------------------------------
@@ -441,6 +666,17 @@ def nonnegative_float(text: str) -> float:
     value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds: numpy's SeedSequence takes no negative entropy)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 

@@ -47,6 +47,8 @@ N_TRAIN_SAMPLES="${N_TRAIN_SAMPLES:-10}"        # responses per training prompt
 N_TEST_SAMPLES="${N_TEST_SAMPLES:-500}"         # responses per test prompt
 GEN_MAX_LEN="${GEN_MAX_LEN:-128}"
 GEN_BACKEND="${GEN_BACKEND:-auto}"              # auto | vllm | transformers
+TP_SIZE="${TP_SIZE:-1}"                         # vllm: GPUs per model (must divide its attention heads)
+RM_INPUT_FORMAT="${RM_INPUT_FORMAT:-raw}"       # raw | chat_template: how the golden RM sees a response
 SFT_MAX_STEPS="${SFT_MAX_STEPS:--1}"            # -1: full epochs
 SFT_TRAIN_FILE="${SFT_TRAIN_FILE:-}"            # local JSONL/CSV with prompt/completion columns
 TRAIN_PROMPTS_FILE="${TRAIN_PROMPTS_FILE:-}"
@@ -96,7 +98,8 @@ is_number "$LEARNING_RATE" && [[ ! "$LEARNING_RATE" =~ ^- ]] && [[ "$LEARNING_RA
     || die "LEARNING_RATE must be a positive number, got '$LEARNING_RATE'"
 [[ -z "$MAX_PROMPTS" ]] || is_pos_int "$MAX_PROMPTS" || die "MAX_PROMPTS must be empty or a positive integer, got '$MAX_PROMPTS'"
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
-    for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN; do need_pos_int "$var"; done
+    for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN TP_SIZE; do need_pos_int "$var"; done
+    [[ "$RM_INPUT_FORMAT" =~ ^(raw|chat_template)$ ]] || die "RM_INPUT_FORMAT must be raw or chat_template, got '$RM_INPUT_FORMAT'"
     for var in GPU_MAX_PROMPTS GPU_MAX_TEST_PROMPTS; do
         [[ -z "${!var}" ]] || is_pos_int "${!var}" || die "$var must be empty or a positive integer, got '${!var}'"
     done
@@ -126,16 +129,16 @@ timed() {  # run a step and report its wall time
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     GEN_ARGS=(--model_name "$MODEL_NAME" --adapter_name sft --dataset "$DATASET" --eval_dataset "$EVAL_DATASET"
               --max_len "$GEN_MAX_LEN" --output_dir "$OUTPUT_DIR")
-    RM_ARGS=(${GOLDEN_RM:+--reward_model "$GOLDEN_RM"})
+    RM_ARGS=(${GOLDEN_RM:+--reward_model "$GOLDEN_RM"} --rm_input_format "$RM_INPUT_FORMAT")
     section "Step 1: LoRA SFT of $MODEL_NAME on $DATASET"
     timed "step 1" "$PYTHON" step1_sft.py --model_name "$MODEL_NAME" --dataset "$DATASET" --learning_rate 5e-5 \
         --epochs 2 --max_steps "$SFT_MAX_STEPS" --output_dir "$OUTPUT_DIR" ${SFT_TRAIN_FILE:+--train_file "$SFT_TRAIN_FILE"}
     section "Step 2: sample $N_TRAIN_SAMPLES responses per training prompt, $N_TEST_SAMPLES per test prompt"
     timed "step 2 (train)" "$PYTHON" step2_gen_sample.py "${GEN_ARGS[@]}" --data_class train \
-        --n_samples "$N_TRAIN_SAMPLES" --split all --backend "$GEN_BACKEND" \
+        --n_samples "$N_TRAIN_SAMPLES" --split all --backend "$GEN_BACKEND" --tensor_parallel_size "$TP_SIZE" \
         ${GPU_MAX_PROMPTS:+--max_prompts "$GPU_MAX_PROMPTS"} ${TRAIN_PROMPTS_FILE:+--prompts_file "$TRAIN_PROMPTS_FILE"}
     timed "step 2 (test)" "$PYTHON" step2_gen_sample.py "${GEN_ARGS[@]}" --data_class test \
-        --n_samples "$N_TEST_SAMPLES" --split all --backend "$GEN_BACKEND" \
+        --n_samples "$N_TEST_SAMPLES" --split all --backend "$GEN_BACKEND" --tensor_parallel_size "$TP_SIZE" \
         ${GPU_MAX_TEST_PROMPTS:+--max_prompts "$GPU_MAX_TEST_PROMPTS"} ${TEST_PROMPTS_FILE:+--prompts_file "$TEST_PROMPTS_FILE"}
     section "Step 3: golden reward annotation"
     for DATA_CLASS in train test; do

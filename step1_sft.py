@@ -27,6 +27,7 @@ import torch
 from cli import ArgumentParser, InputError, finite_float, positive_int, run_cli, setup_logging
 from llm_models import (
     REPO_ROOT,
+    dtype_name,
     gpt4_demo_prompt,
     load_causal_lm,
     load_hh_rlhf,
@@ -84,8 +85,9 @@ def load_sft_pairs(args) -> list[dict]:
     if args.dataset.endswith("-gpt4"):
         csv_path = REPO_ROOT / "data" / f"synthetic_hhrlhf_{task}_expert_gpt4.csv"
         if not csv_path.is_file():
-            raise InputError(f"--dataset {args.dataset}: GPT-4 demonstration file {csv_path} not found "
-                             "(copy the seed's CSV there, or pass --train_file)")
+            raise InputError(f"--dataset {args.dataset}: GPT-4 demonstration file {csv_path} not found (it is not "
+                             "distributed with this code: see README \"Steps 1-4\"; or pass --train_file, "
+                             f"or --dataset hh-rlhf-{task})")
         rows = read_table(csv_path, ("query", "response"), "--dataset")
         # hh-rlhf completions start with a space after "Assistant:"; the CSV responses do not.
         return [{"prompt": gpt4_demo_prompt(r["query"]), "completion": " " + r["response"].strip()}
@@ -103,14 +105,15 @@ def load_sft_pairs(args) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
+
+    # ---- inputs, checked before any work (and before the slow trl/peft imports) -------------
+    resolve_model(args.model_name, "--model_name")
+    pairs = load_sft_pairs(args)
+    output_dir = ensure_writable_dir(args.output_dir)
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    # ---- inputs, checked before any work ----------------------------------------------------
-    resolve_model(args.model_name, "--model_name")
-    pairs = load_sft_pairs(args)
-    output_dir = ensure_writable_dir(args.output_dir)
     adapter_dir = sft_adapter_dir(output_dir, args.model_name, args.dataset)
     trainer_dir = adapter_dir.with_name(adapter_dir.name + "_trainer")
     device = pick_device()
@@ -159,7 +162,7 @@ def main(argv=None):
             "learning_rate": args.learning_rate, "epochs": args.epochs, "max_steps": args.max_steps,
             "global_steps": int(result.global_step), "train_loss": float(result.training_loss),
             "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "max_length": args.max_length, "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
+            "max_length": args.max_length, "seed": args.seed, "dtype": dtype_name(dtype),
             "lora": LORA_SETTINGS, "train_seconds": round(seconds, 2),
         })
         old = adapter_dir.with_name(f".{adapter_dir.name}.old")

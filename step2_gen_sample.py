@@ -9,13 +9,17 @@ last "\\n\\nAssistant:" of the chosen dialogue), or ``--prompts_file`` (.jsonl/.
 contiguous parts and ``--split`` picks one (or ``all``). Prompts longer than ``--max_prompt_len``
 tokens are skipped and counted in the summary file, never dropped silently.
 
-Backends: ``vllm`` (one ``generate`` over all prompts of the run with
-``SamplingParams(n, temperature, top_p=0.95, max_tokens=max_len, seed)``, the LoRA adapter as a
-``LoRARequest``, tensor parallel over the visible GPUs) or ``transformers`` (batched ``generate`` with
-``num_return_sequences``, adapter merged); ``auto`` takes vllm when it is installed and a GPU is
-present. Either way each part is written to ``{gen_dir}/{data_class}_part{k}.jsonl`` (one line per
-prompt: query, id, response_0..response_{n-1}, settings) with a ``.summary.json`` beside it; see
-``llm_models`` for the whole file flow. Files are replaced atomically, so reruns never append.
+Backends: ``vllm`` (one ``generate`` over all prompts of the run, one
+``SamplingParams(n, temperature, top_p=0.95, max_tokens=max_len, seed)`` per prompt, the LoRA adapter
+as a ``LoRARequest``, ``--tensor_parallel_size`` GPUs, ``--max_model_len`` tokens of KV cache per
+sequence) or ``transformers`` (``generate`` with ``num_return_sequences`` per prompt, adapter merged);
+``auto`` takes vllm when it is installed and a GPU is present. Either backend samples prompt ``i`` of
+the source with the seed ``llm_models.prompt_seed(--seed, i)``, so a prompt's samples do not depend
+on ``--split``, ``--n_parts``, ``--max_prompts`` or the other prompts of a batch. Each part is
+written to ``{gen_dir}/{data_class}_part{k}.jsonl`` (one line per prompt: query, id,
+response_0..response_{n-1}, settings) with a ``.summary.json`` beside it (counts, over-length
+prompts, responses empty after the "\\n\\nHuman" cut, dtype); see ``llm_models`` for the whole file
+flow. Files are replaced atomically, so reruns never append.
 """
 
 from __future__ import annotations
@@ -25,22 +29,27 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
+    add_dtype_arg,
     add_generation_args,
-    iter_length_batches,
+    cut_response,
+    dtype_name,
     load_causal_lm,
+    load_config,
     load_hh_rlhf,
     load_tokenizer,
+    nonnegative_int,
     part_bounds,
     pick_device,
     pick_dtype,
+    prompt_seed,
     read_table,
     resolve_model,
+    response_stats,
     sft_adapter_dir,
     split_arg,
     split_hh_dialogue,
@@ -75,10 +84,24 @@ def parse_args(argv=None):
                         help="vllm if installed and a GPU is present (auto), or the transformers generate loop")
     parser.add_argument("--batch_size", type=positive_int, default=64,
                         help="transformers backend: sequences per generate call")
-    parser.add_argument("--gpu_memory_utilization", type=float, default=0.7,
+    parser.add_argument("--gpu_memory_utilization", type=positive_float, default=0.7,
                         help="vllm backend: fraction of GPU memory for the engine")
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    parser.add_argument("--tensor_parallel_size", type=positive_int, default=1,
+                        help="vllm backend: GPUs one model is split over (must divide its attention heads)")
+    parser.add_argument("--max_model_len", type=positive_int, default=None,
+                        help="vllm backend: tokens per sequence the engine reserves KV cache for "
+                             "(default: --max_prompt_len + --max_len)")
+    add_dtype_arg(parser)
+    parser.add_argument("--seed", type=nonnegative_int, default=42,
+                        help="run seed; prompt i is sampled with a seed derived from (seed, i)")
     args = parser.parse_args(argv)
+    if args.gpu_memory_utilization > 1:
+        raise InputError(f"--gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.max_model_len is None:
+        args.max_model_len = args.max_prompt_len + args.max_len
+    elif args.max_model_len < args.max_prompt_len + args.max_len:
+        raise InputError(f"--max_model_len {args.max_model_len} is less than --max_prompt_len + --max_len "
+                         f"({args.max_prompt_len + args.max_len})")
     if args.split != "all" and args.split >= args.n_parts:
         raise InputError(f"--split {args.split}: expected 0..{args.n_parts - 1} or 'all' (--n_parts {args.n_parts})")
     return args
@@ -127,52 +150,67 @@ def choose_backend(requested: str) -> str:
     return "vllm" if torch.cuda.is_available() else "transformers"
 
 
-def generate_vllm(model_path: str, adapter: Path | None, prompts: list[str], args,
-                  dtype: torch.dtype) -> list[list[str]]:
-    """n responses per prompt from one vllm ``generate`` call."""
+def check_vllm_settings(args) -> None:
+    """What the vllm backend needs, checked before any work: vllm, a GPU, a tensor-parallel size
+    that the visible GPUs and the model's attention heads allow."""
     try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
+        import vllm  # noqa: F401 - optional dependency, probed only
     except ImportError:
         raise InputError("--backend vllm: vllm is not installed "
                          "(pip install vllm, or use --backend transformers)") from None
     if not torch.cuda.is_available():
         raise InputError("--backend vllm needs a CUDA GPU (use --backend transformers)")
+    if args.tensor_parallel_size > torch.cuda.device_count():
+        raise InputError(f"--tensor_parallel_size {args.tensor_parallel_size}: only "
+                         f"{torch.cuda.device_count()} GPU(s) visible")
+    heads = load_config(args.model_name, "--model_name").get_text_config().num_attention_heads
+    if heads % args.tensor_parallel_size:
+        raise InputError(f"--tensor_parallel_size {args.tensor_parallel_size} does not divide the "
+                         f"{heads} attention heads of {args.model_name}")
+
+
+def generate_vllm(model_path: str, adapter: Path | None, prompts: list[str], seeds: list[int], args,
+                  dtype: torch.dtype) -> list[list[str]]:
+    """n responses per prompt from one vllm ``generate`` call, prompt i sampled with ``seeds[i]``."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
     engine_args = {}
     if adapter is not None:
         rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 32)
         engine_args = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
-    llm = LLM(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=args.seed,
-              tensor_parallel_size=torch.cuda.device_count(),
+    llm = LLM(model=model_path, dtype=dtype_name(dtype), seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, **engine_args)
-    sampling = SamplingParams(n=args.n_samples, temperature=args.temperature,
-                              top_p=TOP_P if args.temperature > 0 else 1.0,
-                              max_tokens=args.max_len, seed=args.seed)
+    top_p = TOP_P if args.temperature > 0 else 1.0
+    sampling = [SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=top_p,
+                               max_tokens=args.max_len, seed=seed) for seed in seeds]
     lora = LoRARequest("sft", 1, str(adapter)) if adapter is not None else None
     outputs = llm.generate(prompts, sampling, lora_request=lora)
     return [[completion.text for completion in output.outputs] for output in outputs]
 
 
-def generate_transformers(model, tokenizer, prompt_ids: list[list[int]], args,
+def generate_transformers(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], args,
                           device: torch.device) -> list[list[str]]:
-    """n responses per prompt from batched ``generate`` calls (prompts left-padded, similar lengths)."""
+    """n responses per prompt: one ``generate`` call per prompt (``--batch_size`` sequences at most),
+    the RNG seeded with the prompt's seed first, so no prompt's samples depend on another's."""
+    from tqdm import tqdm
+
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": TOP_P, "top_k": 0}
     decoding = sampling if args.temperature > 0 else {"do_sample": False}
-    samples_per_call = min(args.n_samples, args.batch_size)
-    prompts_per_call = max(1, args.batch_size // args.n_samples)
-    responses: list[list[str]] = [[] for _ in prompt_ids]
-    for rows, batch in iter_length_batches(prompt_ids, tokenizer.pad_token_id, "left", prompts_per_call,
-                                           device, desc="generating"):
-        width = batch["input_ids"].shape[1]
-        for first in range(0, args.n_samples, samples_per_call):
-            count = min(samples_per_call, args.n_samples - first)
+    responses: list[list[str]] = []
+    for ids, seed in tqdm(list(zip(prompt_ids, seeds)), desc="generating", unit="prompt"):
+        torch.manual_seed(seed)  # generate draws from the global RNG (CPU and CUDA)
+        input_ids = torch.as_tensor([ids], device=device)
+        texts: list[str] = []
+        for first in range(0, args.n_samples, args.batch_size):
+            count = min(args.batch_size, args.n_samples - first)
             with torch.inference_mode():
-                sequences = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                sequences = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                            num_return_sequences=count, max_new_tokens=args.max_len,
                                            pad_token_id=tokenizer.pad_token_id, **decoding)
-            texts = tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
-            for j, row in enumerate(rows):  # generate returns each prompt's `count` sequences together
-                responses[row].extend(texts[j * count:(j + 1) * count])
+            texts += tokenizer.batch_decode(sequences[:, len(ids):], skip_special_tokens=True)
+        responses.append(texts)
     return responses
 
 
@@ -186,10 +224,11 @@ def main(argv=None):
     adapter = resolve_adapter(args)
     all_prompts = load_prompts(args)
     parts = range(args.n_parts) if args.split == "all" else [args.split]
-    ensure_writable_dir(run.folder, "--output_dir")
     backend = choose_backend(args.backend)
+    if backend == "vllm":
+        check_vllm_settings(args)
     device = pick_device()
-    dtype = pick_dtype(device)
+    dtype = pick_dtype(device, requested=args.dtype)
     tokenizer = load_tokenizer(args.model_name, "--model_name", padding_side="left")
 
     part_prompts = {}
@@ -208,11 +247,13 @@ def main(argv=None):
     if not work:
         raise InputError(f"no prompts to generate for --split {args.split} "
                          f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})")
+    ensure_writable_dir(run.folder, "--output_dir")
 
     # ---- generate ---------------------------------------------------------------------------
+    seeds = [prompt_seed(args.seed, prompt_id) for prompt_id, _, _ in work]
     started = time.perf_counter()
-    if backend == "vllm":  # vllm seeds each request with --seed, so a prompt's samples do not depend on its part
-        responses = generate_vllm(model_path, adapter, [prompt for _, prompt, _ in work], args, dtype)
+    if backend == "vllm":
+        responses = generate_vllm(model_path, adapter, [prompt for _, prompt, _ in work], seeds, args, dtype)
     else:
         model = load_causal_lm(args.model_name, "--model_name", device, dtype)
         if adapter is not None:
@@ -220,11 +261,7 @@ def main(argv=None):
 
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.eval()
-        responses = []
-        for part in parts:  # seeded per part: `--split k` alone reproduces part k of `--split all`
-            torch.manual_seed(int(np.random.SeedSequence([args.seed, part]).generate_state(1)[0]))
-            responses += generate_transformers(model, tokenizer, [ids for _, _, ids in part_prompts[part]],
-                                               args, device)
+        responses = generate_transformers(model, tokenizer, [ids for _, _, ids in work], seeds, args, device)
     seconds = time.perf_counter() - started
 
     # ---- write one file per part ------------------------------------------------------------
@@ -233,8 +270,11 @@ def main(argv=None):
                 "eval_dataset": args.eval_dataset, "prompts_file": args.prompts_file,
                 "data_class": args.data_class, "n_samples": args.n_samples, "max_len": args.max_len,
                 "temperature": args.temperature, "top_p": TOP_P if args.temperature > 0 else 1.0,
-                "seed": args.seed, "backend": backend, "n_parts": args.n_parts,
-                "max_prompt_len": args.max_prompt_len, "max_prompts": args.max_prompts}
+                "seed": args.seed, "seed_rule": "prompt_seed(seed, id)", "backend": backend,
+                "dtype": dtype_name(dtype), "n_parts": args.n_parts, "max_prompt_len": args.max_prompt_len,
+                "max_prompts": args.max_prompts}
+    if backend == "vllm":
+        settings.update(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
     position = 0
     for part in parts:
         records = []
@@ -245,15 +285,21 @@ def main(argv=None):
             records.append(record)
             position += 1
         start, stop = part_bounds(len(all_prompts), args.n_parts, part)
+        stats = response_stats([cut_response(r[f"response_{i}"]) for r in records for i in range(args.n_samples)])
         write_jsonl(run.samples_path(args.data_class, part), records)
         write_json(run.summary_path(args.data_class, part), {
             **settings, "split": part, "n_prompts_in_part": stop - start, "n_generated": len(records),
-            "n_skipped_over_length": len(skipped[part]), "skipped_ids": skipped[part],
+            "n_skipped_over_length": len(skipped[part]), "skipped_ids": skipped[part], **stats,
         })
-    n_sequences = len(work) * args.n_samples
+    texts = [text for row in responses for text in row]
+    n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    n_empty = response_stats([cut_response(text) for text in texts])["n_empty_after_cut"]
+    if n_empty:
+        log.warning("%d of %d responses are empty once cut at the first \"\\n\\nHuman\"", n_empty, len(texts))
     print(f"step2: {len(work)} prompts x {args.n_samples} responses ({args.data_class}, part(s) "
           f"{','.join(map(str, parts))}) -> {run.folder}; {sum(map(len, skipped.values()))} over-length "
-          f"prompts skipped; {n_sequences / max(seconds, 1e-9):.1f} sequences/s with {backend}")
+          f"prompts skipped; {n_empty} responses empty after the cut; {n_tokens} tokens in {seconds:.1f} s = "
+          f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s with {backend} ({dtype_name(dtype)})")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ For each data class (``--data_class train``, ``test`` or ``both``: every class s
 ``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl`` for all parts present, in part order, and writes
 ``{gen_dir}/{data_class}_ranked_{rm}.jsonl``: one line per prompt with ``responses_sorted`` and
 ``rewards_sorted`` (ascending; position k is rank split k, so split 0 is the worst response and
-split K-1 the best, DESIGN section 3) and ``original_index`` (each one's response_i in step 2).
-Ties keep step 2's order (stable sort). The output depends on the inputs alone and replaces the
-file atomically, so a rerun leaves identical bytes.
+split K-1 the best, README "Data format") and ``original_index`` (each one's response_i in step 2).
+Ties keep step 2's order (stable sort). Every scored record must carry ``--rm_input_format``
+(records without one were scored raw); the format is copied into the ranked records. The output
+depends on the inputs alone and replaces the file atomically, so a rerun leaves identical bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import math
 import numpy as np
 
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from llm_models import GenerationRun, add_generation_args, default_golden_rm, read_jsonl, write_jsonl
+from llm_models import (
+    GenerationRun,
+    add_generation_args,
+    add_reward_model_args,
+    check_rm_input_format,
+    default_golden_rm,
+    read_jsonl,
+    write_jsonl,
+)
 from rm_data import read_json
 
 log = logging.getLogger("step3.5_processing_data")
@@ -31,8 +40,7 @@ def parse_args(argv=None):
     add_generation_args(parser)
     parser.add_argument("--data_class", choices=("train", "test", "both"), default="both",
                         help="which scored generations to process (both: every class present)")
-    parser.add_argument("--reward_model", default=None,
-                        help="golden RM whose scores to use (default: the paper's RM for the task)")
+    add_reward_model_args(parser)
     parser.add_argument("--n_samples", type=positive_int, default=None,
                         help="expected responses per prompt (checked; default: as scored)")
     return parser.parse_args(argv)
@@ -50,7 +58,8 @@ def check_scored(record: dict, path, line: int) -> int:
     return len(rewards)
 
 
-def rank_class(run: GenerationRun, data_class: str, rm_name: str, n_expected: int | None) -> tuple[list[dict], list]:
+def rank_class(run: GenerationRun, data_class: str, rm_name: str, n_expected: int | None,
+               rm_input_format: str) -> tuple[list[dict], list]:
     """Sorted records of every scored part of ``data_class``, in part order."""
     scored_parts = run.parts_present(data_class, rm_name)
     unscored = sorted(set(run.parts_present(data_class)) - set(scored_parts))
@@ -66,12 +75,15 @@ def rank_class(run: GenerationRun, data_class: str, rm_name: str, n_expected: in
         path = run.scored_path(data_class, part, rm_name)
         for line, record in enumerate(read_jsonl(path), start=1):
             counts.add(check_scored(record, path, line))
+            check_rm_input_format(record, path, line, rm_input_format)
             rewards = np.asarray(record["rewards"], dtype=np.float64)
             order = np.argsort(rewards, kind="stable")
             ranked.append({"query": record["query"], "id": record.get("id"), "part": part,
                            "responses_sorted": [record["responses"][i] for i in order],
                            "rewards_sorted": rewards[order].tolist(),
-                           "original_index": order.tolist(), "reward_model": rm_name})
+                           "original_index": order.tolist(), "reward_model": rm_name,
+                           "rm_input_format": rm_input_format, "rm_dtype": record.get("rm_dtype"),
+                           "n_empty_after_cut": sum(not r for r in record["responses"])})
     if not ranked:
         raise InputError(f"{data_class}: the scored parts {scored_parts} in {run.folder} hold no prompts")
     if len(counts) != 1:
@@ -95,12 +107,13 @@ def main(argv=None):
         raise InputError(f"no {'/'.join(missing)}_part*.scored_*.jsonl for {rm_name} in {run.folder} "
                          "(run step3_reward_annotation.py first)")
 
-    results = {c: rank_class(run, c, rm_name, args.n_samples) for c in present}
+    results = {c: rank_class(run, c, rm_name, args.n_samples, args.rm_input_format) for c in present}
     for data_class, (ranked, _) in results.items():
         write_jsonl(run.ranked_path(data_class, rm_name), ranked)
     print("step3.5: " + "; ".join(
         f"{c}: {len(ranked)} prompts x {len(ranked[0]['rewards_sorted'])} responses from parts "
-        f"{','.join(map(str, parts))} -> {run.ranked_path(c, rm_name).name}"
+        f"{','.join(map(str, parts))} ({sum(r['n_empty_after_cut'] for r in ranked)} empty after the cut) -> "
+        f"{run.ranked_path(c, rm_name).name}"
         for c, (ranked, parts) in results.items()) + f" in {run.folder}")
 
 

@@ -4,12 +4,16 @@
         --dataset hh-rlhf-helpful-gpt4 --eval_dataset hh-rlhf-helpful --data_class train --n_samples 10
 
 Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (``--split k`` or ``all``), cuts each response
-at its first "\\n\\nHuman", and scores ``llm_models.scored_text(query, cut)`` with an
-``AutoModelForSequenceClassification`` golden reward model (``--reward_model``; by default the
-paper's for the task: rmmistral7b for helpful, rayharmless for harmless). All responses of a record
-are scored, whatever their number (the seed rescored the first ten for n > 10); texts are batched by
-similar length with dynamic padding. Writes ``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl``:
-query, id, the cut responses, their rewards (same order as step 2's response_i), settings.
+at its first "\\n\\nHuman", and scores it with an ``AutoModelForSequenceClassification`` golden reward
+model (``--reward_model``; by default the paper's for the task: rmmistral7b for helpful, rayharmless
+for harmless). ``--rm_input_format raw`` (default, as the authors' pipeline) scores the hh-rlhf text
+``llm_models.scored_text(query, cut)``; ``chat_template`` scores the dialogue as alternating
+user/assistant messages rendered by the RM tokenizer's chat template. A model with several labels
+needs ``--reward_label`` (its reward is that label's log-odds). All responses of a record are scored,
+whatever their number; texts are batched by similar length with dynamic padding; the score head
+runs in float32 whatever ``--dtype``. Writes ``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl``:
+query, id, the cut responses, their rewards (same order as step 2's response_i), the input format,
+label and dtype, and the counts of responses cut at ``--max_length`` or empty after the cut.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import torch
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
+    add_dtype_arg,
     add_generation_args,
+    add_reward_model_args,
     cut_response,
     default_golden_rm,
+    dtype_name,
     iter_length_batches,
+    load_config,
     load_reward_model,
     load_tokenizer,
     pick_device,
@@ -34,7 +42,10 @@ from llm_models import (
     read_jsonl,
     resolve_model,
     response_count,
-    scored_text,
+    response_stats,
+    reward_label_index,
+    rewards_from_logits,
+    rm_texts,
     split_arg,
     tokenize_texts,
     write_jsonl,
@@ -51,9 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--split", type=split_arg, default=0, help="part index, or 'all' parts present")
     parser.add_argument("--n_samples", type=positive_int, default=None,
                         help="expected responses per prompt (checked against the file; default: as generated)")
-    parser.add_argument("--reward_model", default=None,
-                        help="golden RM: rmmistral7b, rayharmless, a local folder or hub id "
-                             "(default: the paper's RM for the task of --eval_dataset/--dataset)")
+    add_reward_model_args(parser)
+    parser.add_argument("--reward_label", default=None,
+                        help="for a golden RM with several labels: the label (index or name) whose "
+                             "log-odds is the reward")
+    add_dtype_arg(parser)
     parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
     parser.add_argument("--max_length", type=positive_int, default=1024,
                         help="tokens per scored text; longer texts are cut at the end and counted")
@@ -89,7 +102,7 @@ def main(argv=None):
     run = GenerationRun.from_args(args)
     rm_name = args.reward_model or default_golden_rm(args.dataset, args.eval_dataset)
 
-    # ---- inputs -----------------------------------------------------------------------------
+    # ---- inputs, checked before the model loads ---------------------------------------------
     resolve_model(rm_name, "--reward_model")
     parts = run.parts_present(args.data_class) if args.split == "all" else [args.split]
     if not parts:
@@ -98,26 +111,37 @@ def main(argv=None):
     samples = {part: load_samples(run.samples_path(args.data_class, part), args.n_samples) for part in parts}
     if not any(records for records, _ in samples.values()):
         raise InputError(f"no generated responses in {run.folder} for --split {args.split}")
-    texts, cuts = [], {}
+    queries, cut_rows = [], {}
     for part, (records, n) in samples.items():
-        cuts[part] = [[cut_response(r[f"response_{i}"]) for i in range(n)] for r in records]
-        texts.extend(scored_text(r["query"], cut) for r, row in zip(records, cuts[part]) for cut in row)
+        cut_rows[part] = [[cut_response(r[f"response_{i}"]) for i in range(n)] for r in records]
+        queries += [r["query"] for r in records for _ in range(n)]
+    cuts = [cut for part in samples for row in cut_rows[part] for cut in row]
+    label = reward_label_index(load_config(rm_name, "--reward_model"), rm_name, "--reward_model", args.reward_label)
+    tokenizer = load_tokenizer(rm_name, "--reward_model")
+    if args.rm_input_format == "chat_template" and not tokenizer.chat_template:
+        raise InputError(f"--rm_input_format chat_template: the tokenizer of {rm_name} has no chat template "
+                         "(use --rm_input_format raw)")
 
     # ---- score ------------------------------------------------------------------------------
     device = pick_device()
-    dtype = pick_dtype(device)
-    tokenizer = load_tokenizer(rm_name, "--reward_model")
+    dtype = pick_dtype(device, requested=args.dtype)
     model = load_reward_model(rm_name, "--reward_model", device, dtype, tokenizer)
-    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length)
+    texts = rm_texts(tokenizer, queries, cuts, args.rm_input_format)
+    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length,
+                                          add_special_tokens=args.rm_input_format == "raw")
     if truncated.any():
         log.warning("%d of %d texts are longer than --max_length %d tokens and were cut at the end",
                     truncated.sum(), len(texts), args.max_length)
-    rewards = np.empty(len(texts), dtype=np.float64)
+    stats = response_stats(cuts)
+    if stats["n_empty_after_cut"]:
+        log.warning("%d of %d responses are empty once cut at the first \"\\n\\nHuman\"; each is scored as its "
+                    "bare prompt", stats["n_empty_after_cut"], len(cuts))
+    rewards = np.empty(len(texts), dtype=np.float32)
     started = time.perf_counter()
     with torch.inference_mode():
         for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
                                                args.batch_size, device, desc="scoring"):
-            rewards[rows] = model(**batch).logits[:, 0].float().cpu().numpy()
+            rewards[rows] = rewards_from_logits(model(**batch).logits, label).cpu().numpy()
     seconds = time.perf_counter() - started
     if not np.isfinite(rewards).all():
         raise RuntimeError(f"{rm_name} returned non-finite rewards; check the model and --max_length")
@@ -126,15 +150,19 @@ def main(argv=None):
     position = 0
     for part, (records, n) in samples.items():
         scored = []
-        for record, cut_row in zip(records, cuts[part]):
+        for record, cut_row in zip(records, cut_rows[part]):
             scored.append({"query": record["query"], "id": record["id"], "responses": cut_row,
                            "rewards": rewards[position:position + n].tolist(), "reward_model": rm_name,
+                           "rm_input_format": args.rm_input_format, "reward_label": label,
+                           "rm_dtype": dtype_name(dtype),
                            "n_cut_at_max_length": int(truncated[position:position + n].sum()),
+                           "n_empty_after_cut": sum(not cut for cut in cut_row),
                            "settings": record.get("settings", {})})
             position += n
         write_jsonl(run.scored_path(args.data_class, part, rm_name), scored)
     print(f"step3: {len(texts)} responses of {sum(len(r) for r, _ in samples.values())} prompts scored by "
-          f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}); mean reward "
+          f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}, {args.rm_input_format} input, "
+          f"{dtype_name(dtype)}); {stats['n_empty_after_cut']} empty after the cut; mean reward "
           f"{rewards.mean():.4f}; {len(texts) / max(seconds, 1e-9):.1f} texts/s")
 
 

@@ -8,10 +8,12 @@ Reads step 3.5's ``{gen_dir}/{data_class}_ranked_{rm}.jsonl`` (``--train_test tr
 ``llm_models.scored_text(query, cut response)``, with ``--embed_model_name``: the final layer's hidden
 state (after the final norm) at the last real token, whose index comes from the attention mask, so
 left and right padding give the same vector (the seed took position -1 after right padding, a pad
-token). Texts are batched by similar length; bf16 on GPUs that support it, stored as float32 (or
-``--embedding_dtype float16``).
+token). Texts are batched by similar length; bf16 on GPUs that support it (``--dtype``), stored as
+float32 (or ``--embedding_dtype float16``). The golden-RM input format of step 3 must match
+``--rm_input_format``; the embedded text is the raw hh-rlhf form whatever that format (a chat template
+belongs to the reward model's tokenizer, not the embedding model's).
 
-Writes DESIGN section 3's format into ``--data_dir``: ``EMBD-TRAIN-split_{k}.npy`` (N, D) and
+Writes the data-directory format (README, "Data format") into ``--data_dir``: ``EMBD-TRAIN-split_{k}.npy`` (N, D) and
 ``rewards_split_{k}.json`` for train, ``EMBD-TEST-split_{k}.npy`` and ``rewards_test_split_{k}.json``
 for test, where row p of split k is the k-th lowest-reward response of prompt p. Embeddings are
 filled into memory-mapped temporary files (a 500-response test set does not fit in memory) and all
@@ -27,15 +29,18 @@ import time
 from contextlib import ExitStack
 
 import numpy as np
-import torch
 
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
+    add_dtype_arg,
     add_generation_args,
+    add_reward_model_args,
+    check_rm_input_format,
     default_golden_rm,
-    iter_length_batches,
-    last_token_index,
+    dtype_name,
+    iter_embeddings,
+    load_config,
     load_embedding_model,
     load_tokenizer,
     pick_device,
@@ -64,8 +69,7 @@ def parse_args(argv=None):
                         help="embedding model: gemma2b, gemma7b, llama38b, a local folder or a hub id")
     parser.add_argument("--train_test", choices=("train", "test", "both"), default="both",
                         help="which responses to embed (both: train, and test when step 3.5 wrote it)")
-    parser.add_argument("--reward_model", default=None,
-                        help="golden RM whose ranking to use (default: the paper's RM for the task)")
+    add_reward_model_args(parser)
     parser.add_argument("--n_samples", type=positive_int, default=None,
                         help="expected responses per prompt (checked; default: as ranked)")
     parser.add_argument("--data_dir", default="data", help="data directory for steps 5-8")
@@ -74,10 +78,11 @@ def parse_args(argv=None):
                         help="tokens per text; longer texts are cut at the end and counted")
     parser.add_argument("--embedding_dtype", choices=("float32", "float16"), default="float32",
                         help="dtype of the stored embeddings")
+    add_dtype_arg(parser)
     return parser.parse_args(argv)
 
 
-def load_ranked(path, n_expected: int | None) -> tuple[list[dict], int]:
+def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[list[dict], int]:
     """Step 3.5's records and their common number of responses K, checked sorted ascending."""
     if not path.is_file():
         raise InputError(f"no ranked responses at {path} (run step3.5_processing_data.py first)")
@@ -95,6 +100,7 @@ def load_ranked(path, n_expected: int | None) -> tuple[list[dict], int]:
                 or any(a > b for a, b in zip(rewards, rewards[1:])):
             raise InputError(f"{path} line {line}: rewards_sorted must be finite and ascending "
                              "(rerun step3.5_processing_data.py)")
+        check_rm_input_format(record, path, line, rm_input_format)
         if n is None:
             n = len(rewards)
         elif len(rewards) != n:
@@ -123,18 +129,11 @@ def embed_into(paths, model, tokenizer, texts: list[str], n_splits: int, args, d
         tmp_paths = [stack.enter_context(atomic_path(path)) for path in paths]
         splits = [np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n_prompts, dim))
                   for tmp in tmp_paths]
-        with torch.inference_mode():
-            for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
-                                                   args.batch_size, device, desc="embedding"):
-                hidden = model(**batch, use_cache=False).last_hidden_state
-                last = last_token_index(batch["attention_mask"])
-                vectors = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
-                if not np.isfinite(vectors).all():
-                    raise RuntimeError("the embedding model returned non-finite hidden states")
-                prompt_of, split_of = np.divmod(rows, n_splits)
-                for k in np.unique(split_of):
-                    chosen = split_of == k
-                    splits[k][prompt_of[chosen]] = vectors[chosen]
+        for rows, vectors in iter_embeddings(model, tokenizer, token_ids, args.batch_size, device):
+            prompt_of, split_of = np.divmod(rows, n_splits)
+            for k in np.unique(split_of):
+                chosen = split_of == k
+                splits[k][prompt_of[chosen]] = vectors[chosen]
         for split in splits:
             split.flush()
         del splits  # close the memory maps before the temporary files are renamed
@@ -147,19 +146,21 @@ def main(argv=None):
     run = GenerationRun.from_args(args)
     rm_name = args.reward_model or default_golden_rm(args.dataset, args.eval_dataset)
 
-    # ---- inputs -----------------------------------------------------------------------------
+    # ---- inputs, checked before the model loads and the data directory is created ------------
     resolve_model(args.embed_model_name, "--embed_model_name")
     kinds = ("train", "test") if args.train_test == "both" else (args.train_test,)
     if args.train_test == "both" and not run.ranked_path("test", rm_name).is_file():
         log.info("no ranked test responses in %s; embedding train only", run.folder)
         kinds = ("train",)
-    ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples) for kind in kinds}
+    ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples, args.rm_input_format)
+              for kind in kinds}
+    load_config(args.embed_model_name, "--embed_model_name")
+    tokenizer = load_tokenizer(args.embed_model_name, "--embed_model_name")
     data_dir = ensure_writable_dir(args.data_dir, "--data_dir")
 
     # ---- model ------------------------------------------------------------------------------
     device = pick_device()
-    dtype = pick_dtype(device)
-    tokenizer = load_tokenizer(args.embed_model_name, "--embed_model_name")
+    dtype = pick_dtype(device, requested=args.dtype)
     model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
     log.info("embedding with %s on %s in %s (padding side %s)", args.embed_model_name, device, dtype,
              tokenizer.padding_side)
@@ -187,12 +188,16 @@ def main(argv=None):
             "source": str(run.ranked_path(kind, rm_name)), "reward_model": rm_name,
             "generation_model": args.model_name, "adapter_name": args.adapter_name, "dataset": args.dataset,
             "eval_dataset": args.eval_dataset, "n_prompts": len(records), "n_splits": n_splits, "dim": dim,
-            "embedding_dtype": args.embedding_dtype, "compute_dtype": str(dtype).removeprefix("torch."),
+            "embedding_dtype": args.embedding_dtype, "compute_dtype": dtype_name(dtype),
+            "rm_input_format": args.rm_input_format,
+            "n_empty_after_cut": sum(not response for r in records for response in r["responses_sorted"]),
             "max_length": args.max_length, "n_cut_at_max_length": n_cut,
             "padding_side": tokenizer.padding_side, "order": "ascending golden reward within each prompt",
         })
-        summary.append(f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim} "
-                       f"({len(texts) / max(seconds, 1e-9):.1f} texts/s)")
+        n_empty = sum(not response for r in records for response in r["responses_sorted"])
+        summary.append(f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
+                       f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
+                       f"{dtype_name(dtype)} stored as {args.embedding_dtype})")
     print(f"step4: {'; '.join(summary)} -> {data_dir}")
 
 

@@ -5,6 +5,8 @@
   text, wrapped as ``PreTrainedTokenizerFast`` (plain, no chat template; pad/eos/bos/unk tokens);
 - ``policy-lm/``: a 2-layer Llama causal LM (hidden size 32) with that tokenizer;
 - ``golden-rm/``: a 2-layer Llama sequence-classification reward model (num_labels=1, pad id set);
+- ``sentiment-rm/``: the same with two labels (NEGATIVE, POSITIVE), a classifier that needs
+  ``--reward_label``;
 - ``embed-left/`` and ``embed-right-padeos/``: the policy LM's weights with a left-padding tokenizer,
   and with a right-padding tokenizer that has no pad token (the loader falls back to eos, as for
   Llama-3), for the last-real-token embedding tests;
@@ -27,6 +29,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+# Role markers a test's chat template can use (plain text never contains them).
+ROLE_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
 TOPICS = ["bake bread", "fix a bike", "learn chess", "plant tomatoes", "write a poem", "save money",
           "train a puppy", "paint a wall", "cook rice", "sleep better", "run a marathon", "tie a knot",
           "brew coffee", "clean a carpet", "start a garden", "study for exams", "read faster",
@@ -56,14 +60,14 @@ def build_tokenizer(padding_side: str = "right", with_pad: bool = True) -> PreTr
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIAL_TOKENS.values()),
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     specials = dict(SPECIAL_TOKENS)
     if not with_pad:
         specials.pop("pad_token")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side=padding_side,
-                                   model_max_length=512, **specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side=padding_side, model_max_length=512,
+                                   additional_special_tokens=ROLE_TOKENS, **specials)
 
 
 def _llama_config(tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:
@@ -81,7 +85,7 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    paths = {name: folder / name for name in ("tokenizer", "policy-lm", "golden-rm", "embed-left",
+    paths = {name: folder / name for name in ("tokenizer", "policy-lm", "golden-rm", "sentiment-rm", "embed-left",
                                               "embed-right-padeos")}
     tokenizer.save_pretrained(paths["tokenizer"])
 
@@ -100,6 +104,13 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
         reward_model.score.weight.mul_(50.0)
     reward_model.save_pretrained(paths["golden-rm"])
     tokenizer.save_pretrained(paths["golden-rm"])
+
+    sentiment = LlamaForSequenceClassification(_llama_config(
+        tokenizer, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    with torch.no_grad():
+        sentiment.score.weight.mul_(50.0)
+    sentiment.save_pretrained(paths["sentiment-rm"])
+    tokenizer.save_pretrained(paths["sentiment-rm"])
 
     rng = random.Random(seed)
     topics = list(TOPICS)
