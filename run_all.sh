@@ -132,13 +132,14 @@ if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     RM_ARGS=(${GOLDEN_RM:+--reward_model "$GOLDEN_RM"} --rm_input_format "$RM_INPUT_FORMAT")
     section "Step 1: LoRA SFT of $MODEL_NAME on $DATASET"
     timed "step 1" "$PYTHON" step1_sft.py --model_name "$MODEL_NAME" --dataset "$DATASET" --learning_rate 5e-5 \
-        --epochs 2 --max_steps "$SFT_MAX_STEPS" --output_dir "$OUTPUT_DIR" ${SFT_TRAIN_FILE:+--train_file "$SFT_TRAIN_FILE"}
+        --epochs 2 --max_steps "$SFT_MAX_STEPS" --seed "$SEED" --output_dir "$OUTPUT_DIR" \
+        ${SFT_TRAIN_FILE:+--train_file "$SFT_TRAIN_FILE"}
     section "Step 2: sample $N_TRAIN_SAMPLES responses per training prompt, $N_TEST_SAMPLES per test prompt"
     timed "step 2 (train)" "$PYTHON" step2_gen_sample.py "${GEN_ARGS[@]}" --data_class train \
-        --n_samples "$N_TRAIN_SAMPLES" --split all --backend "$GEN_BACKEND" --tensor_parallel_size "$TP_SIZE" \
+        --n_samples "$N_TRAIN_SAMPLES" --split all --backend "$GEN_BACKEND" --tensor_parallel_size "$TP_SIZE" --seed "$SEED" \
         ${GPU_MAX_PROMPTS:+--max_prompts "$GPU_MAX_PROMPTS"} ${TRAIN_PROMPTS_FILE:+--prompts_file "$TRAIN_PROMPTS_FILE"}
     timed "step 2 (test)" "$PYTHON" step2_gen_sample.py "${GEN_ARGS[@]}" --data_class test \
-        --n_samples "$N_TEST_SAMPLES" --split all --backend "$GEN_BACKEND" --tensor_parallel_size "$TP_SIZE" \
+        --n_samples "$N_TEST_SAMPLES" --split all --backend "$GEN_BACKEND" --tensor_parallel_size "$TP_SIZE" --seed "$SEED" \
         ${GPU_MAX_TEST_PROMPTS:+--max_prompts "$GPU_MAX_TEST_PROMPTS"} ${TEST_PROMPTS_FILE:+--prompts_file "$TEST_PROMPTS_FILE"}
     section "Step 3: golden reward annotation"
     for DATA_CLASS in train test; do

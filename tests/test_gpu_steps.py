@@ -213,6 +213,7 @@ def test_step35_sorts_and_a_rerun_is_byte_identical(pipeline):
 
 
 def exit_2_message(main, argv, capsys):
+    capsys.readouterr()  # drop the output of earlier calls (progress bars)
     with pytest.raises(SystemExit) as exc:
         run_cli(main, argv)
     assert exc.value.code == 2
@@ -263,3 +264,365 @@ def test_step1_reads_gpt4_demonstrations_and_hh_dialogues(tmp_path, monkeypatch)
         step1_sft.load_sft_pairs(step1_sft.parse_args(["--dataset", "hh-rlhf-helpful-gpt4"]))
     dialogue = "\n\nHuman: A?\n\nAssistant: B.\n\nHuman: C?\n\nAssistant: D, then\n\nAssistant: E."
     assert split_hh_dialogue(dialogue) == (dialogue[:-3], " E.")
+
+
+# --------------------------------------------------------------------------------------------
+# Golden-RM input format
+# --------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+                 "{% endfor %}")
+
+
+def with_chat_template(source: Path, target: Path) -> Path:
+    """A copy of a model folder whose tokenizer has ``CHAT_TEMPLATE``."""
+    import shutil
+
+    shutil.copytree(source, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def test_chat_template_tokens_of_a_two_turn_dialogue(tiny, tmp_path):
+    from llm_models import rm_texts, tokenize_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(with_chat_template(tiny["golden-rm"], tmp_path / "rm"))
+    query = "\n\nHuman: How do I bake bread?\n\nAssistant: Gather the tools.\n\nHuman: Then?\n\nAssistant:"
+    texts = rm_texts(tokenizer, [query], ["Knead the dough."], "chat_template")
+    (ids,), _ = tokenize_texts(tokenizer, texts, 512, add_special_tokens=False)
+
+    def piece(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    user, assistant, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "<|end|>"])
+    expected = ([tokenizer.bos_token_id, user] + piece("How do I bake bread?") + [end, assistant]
+                + piece("Gather the tools.") + [end, user] + piece("Then?") + [end, assistant]
+                + piece("Knead the dough.") + [end])
+    assert ids == expected
+    assert ids.count(tokenizer.bos_token_id) == 1  # the template's bos, not a second one from the tokenizer
+    (raw_ids,), _ = tokenize_texts(tokenizer, rm_texts(tokenizer, [query], ["Knead the dough."], "raw"), 512)
+    assert raw_ids == piece(query + " Knead the dough.")
+
+
+def test_step3_chat_template_scores_are_recorded_and_checked(pipeline, tiny, tmp_path, capsys):
+    """Score with the chat template: rewards equal a direct forward of the rendered dialogue; steps 3.5
+    and 4 refuse the scores when asked for the raw format, and accept them with chat_template."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["out"], out)
+    rm = with_chat_template(tiny["golden-rm"], tmp_path / "chat-rm")
+    gen = [*pipeline["gen"][:-1], str(out)]
+    argv = gen + ["--reward_model", str(rm), "--rm_input_format", "chat_template"]
+    step3_reward_annotation.main(argv + ["--data_class", "train", "--split", "all"])
+    run = GenerationRun(out, str(tiny["policy-lm"]), "sft", "tiny-helpful", "tiny-helpful", MAX_LEN, 1.0)
+    scored = read_lines(run.scored_path("train", 0, str(rm)))
+    assert all(r["rm_input_format"] == "chat_template" for r in scored)
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    record = scored[0]
+    turns = [{"role": "user", "content": record["query"].split("Human:")[1].split("\n\nAssistant:")[0].strip()}]
+    for response, reward in zip(record["responses"], record["rewards"]):
+        text = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
+        with torch.no_grad():
+            direct = model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
+        assert reward == pytest.approx(direct, abs=1e-4)
+
+    before = sorted(p.name for p in run.folder.iterdir())
+    err = exit_2_message(step35_main, gen + ["--reward_model", str(rm), "--data_class", "train"], capsys)
+    assert "scored with --rm_input_format chat_template" in err and "asks for raw" in err
+    assert sorted(p.name for p in run.folder.iterdir()) == before
+    step35_main(argv + ["--data_class", "train"])
+    ranked = read_lines(run.ranked_path("train", str(rm)))
+    assert {r["rm_input_format"] for r in ranked} == {"chat_template"}
+    data = tmp_path / "data"
+    err = exit_2_message(step4_gen_embeddings.main, gen + ["--reward_model", str(rm), "--train_test", "train",
+                                                          "--embed_model_name", str(tiny["embed-left"]),
+                                                          "--data_dir", str(data)], capsys)
+    assert "asks for raw" in err and not data.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling seeds: a prompt's samples do not depend on the other prompts
+# --------------------------------------------------------------------------------------------
+def sample_run(tiny, out, *extra):
+    """Step 2 on the base policy over the test prompts; returns {prompt id: responses}."""
+    argv = ["--model_name", str(tiny["policy-lm"]), "--adapter_name", "none", "--dataset", "tiny-helpful",
+            "--eval_dataset", "tiny-helpful", "--max_len", "6", "--output_dir", str(out), "--n_samples", "3",
+            "--batch_size", "2", "--backend", "transformers", "--prompts_file", str(tiny["test_prompts"]),
+            "--seed", "5", *extra]
+    step2_gen_sample.main(argv)
+    run = GenerationRun(out, str(tiny["policy-lm"]), "none", "tiny-helpful", "tiny-helpful", 6, 1.0)
+    records = [r for k in run.parts_present("train") for r in read_lines(run.samples_path("train", k))]
+    return {r["id"]: [r[f"response_{i}"] for i in range(3)] for r in records}
+
+
+def test_transformers_samples_of_a_prompt_do_not_depend_on_batching(tiny, tmp_path):
+    together = sample_run(tiny, tmp_path / "all", "--split", "all", "--n_parts", "1")
+    assert len(together) == 6
+    alone_first = sample_run(tiny, tmp_path / "first", "--split", "all", "--n_parts", "1", "--max_prompts", "1")
+    alone_fourth = sample_run(tiny, tmp_path / "fourth", "--split", "3", "--n_parts", "6")
+    assert alone_first == {0: together[0]} and alone_fourth == {3: together[3]}
+    assert len({text for texts in together.values() for text in texts}) > 6, "samples should differ"
+    other_seed = sample_run(tiny, tmp_path / "seed6", "--split", "all", "--n_parts", "1", "--max_prompts", "1",
+                            "--seed", "6")
+    assert other_seed[0] != together[0]
+
+
+class FakeVLLM:
+    """Stands in for the vllm package (not installable without CUDA) and records what step 2 asks."""
+
+    def __init__(self):
+        self.engine_kwargs, self.generate_calls = None, []
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engine_kwargs = kwargs
+
+            def generate(self, prompts, sampling, lora_request=None):
+                fake.generate_calls.append((list(prompts), list(sampling), lora_request))
+                return [type("Out", (), {"outputs": [type("C", (), {"text": f" r{params.seed}-{j}"})()
+                                                     for j in range(params.n)]})() for params in sampling]
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+
+        class LoRARequest:
+            def __init__(self, name, lora_id, path):
+                self.name, self.lora_id, self.path = name, lora_id, path
+
+        self.module = type(sys)("vllm")
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        self.lora_module = type(sys)("vllm.lora.request")
+        self.lora_module.LoRARequest = LoRARequest
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.lora", type(sys)("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", fake.lora_module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    return fake
+
+
+def test_vllm_settings_per_prompt_seeds_tp_and_max_model_len(pipeline, tiny, tmp_path, fake_vllm, capsys):
+    from llm_models import prompt_seed
+
+    out = tmp_path / "out"
+    argv = ["--model_name", str(tiny["policy-lm"]), "--adapter_name", "none", "--dataset", "tiny-helpful",
+            "--eval_dataset", "tiny-helpful", "--max_len", "7", "--output_dir", str(out), "--n_samples", "2",
+            "--backend", "vllm", "--prompts_file", str(tiny["test_prompts"]), "--split", "1", "--n_parts", "3",
+            "--seed", "9", "--max_prompt_len", "40"]
+    step2_gen_sample.main(argv + ["--tensor_parallel_size", "2"])
+    kwargs = fake_vllm.engine_kwargs
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 40 + 7
+    assert kwargs["dtype"] == "bfloat16" and "enable_lora" not in kwargs
+    prompts, sampling, lora = fake_vllm.generate_calls[0]
+    assert len(prompts) == 2 and lora is None  # part 1 of 3 of six prompts: ids 2 and 3
+    assert [p.seed for p in sampling] == [prompt_seed(9, 2), prompt_seed(9, 3)]
+    assert {(p.n, p.max_tokens, p.top_p, p.temperature) for p in sampling} == {(2, 7, 0.95, 1.0)}
+    run = GenerationRun(out, str(tiny["policy-lm"]), "none", "tiny-helpful", "tiny-helpful", 7, 1.0)
+    record = read_lines(run.samples_path("train", 1))[1]
+    assert record["id"] == 3 and record["response_1"] == f" r{prompt_seed(9, 3)}-1"
+    summary = json.loads(run.summary_path("train", 1).read_text())
+    assert summary["tensor_parallel_size"] == 2 and summary["dtype"] == "bfloat16"
+    # the tiny model has 4 attention heads: 3 GPUs cannot split it, 8 are not visible
+    bad = tmp_path / "bad"
+    err = exit_2_message(step2_gen_sample.main, [*argv[:11], str(bad), *argv[12:], "--tensor_parallel_size", "3"],
+                         capsys)
+    assert "--tensor_parallel_size 3 does not divide the 4 attention heads" in err and not bad.exists()
+    err = exit_2_message(step2_gen_sample.main, [*argv[:11], str(bad), *argv[12:], "--tensor_parallel_size", "8"],
+                         capsys)
+    assert "only 4 GPU(s) visible" in err and not bad.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# float32 outputs whatever the compute dtype
+# --------------------------------------------------------------------------------------------
+def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["out"], out)
+    gen = [*pipeline["gen"][:-1], str(out)]
+    run = GenerationRun(out, str(tiny["policy-lm"]), "sft", "tiny-helpful", "tiny-helpful", MAX_LEN, 1.0)
+    rm = str(pipeline["rm_path"])
+    fp32 = np.array([r["rewards"] for k in range(5) for r in read_lines(run.scored_path("train", k, rm))])
+    step3_reward_annotation.main(gen + pipeline["rm"] + ["--data_class", "train", "--split", "all",
+                                                         "--dtype", "bfloat16"])
+    scored = [r for k in range(5) for r in read_lines(run.scored_path("train", k, rm))]
+    bf16 = np.array([r["rewards"] for r in scored])
+    assert {r["rm_dtype"] for r in scored} == {"bfloat16"}
+    assert np.array_equal(bf16.astype(np.float32), bf16)  # stored values are float32 numbers
+    np.testing.assert_allclose(bf16, fp32, atol=0.05 * fp32.std())
+    # the score head runs in float32: rewards are not rounded to bf16's ~3 significant digits
+    as_bf16 = torch.tensor(bf16.ravel(), dtype=torch.float32).bfloat16().float().numpy()
+    assert np.mean(as_bf16 != bf16.ravel()) > 0.9
+    assert len(np.unique(bf16)) == len(np.unique(fp32)) == fp32.size
+
+    step35_main(gen + pipeline["rm"])
+    data = tmp_path / "data"
+    step4_gen_embeddings.main(gen + pipeline["rm"] + ["--embed_model_name", str(tiny["embed-left"]), "--data_dir",
+                                                      str(data), "--train_test", "train", "--dtype", "bfloat16"])
+    info = json.loads((data / "embedding_info_train.json").read_text())
+    assert info["compute_dtype"] == "bfloat16" and info["embedding_dtype"] == "float32"
+    embedded = load_embedding_set(data, "train")
+    assert embedded.embeddings[0].dtype == np.float32
+    reference = load_embedding_set(pipeline["data"], "train")  # the fp32 model's embeddings of the same texts
+    ranked = read_lines(run.ranked_path("train", rm))
+    reference_ranked = read_lines(pipeline["run"].ranked_path("train", rm))
+    for p, (record, reference_record) in enumerate(zip(ranked, reference_ranked)):
+        for k, response in enumerate(record["responses_sorted"]):
+            j = reference_record["responses_sorted"].index(response)  # bf16 rewards may order ties differently
+            np.testing.assert_allclose(embedded.embeddings[k][p], reference.embeddings[j][p], rtol=0.05, atol=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs to the GPU steps: exit 2, one stderr line, no traceback, no partial artifact
+# --------------------------------------------------------------------------------------------
+def folder_state(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))} if folder.exists() else {}
+
+
+def gen_flags(tiny, out, adapter="sft"):
+    return ["--model_name", str(tiny["policy-lm"]), "--adapter_name", adapter, "--dataset", "tiny-helpful",
+            "--eval_dataset", "tiny-helpful", "--max_len", str(MAX_LEN), "--output_dir", str(out)]
+
+
+def step2_flags(tiny, out):
+    return gen_flags(tiny, out, "none") + ["--prompts_file", str(tiny["test_prompts"]), "--backend", "transformers"]
+
+
+def no_config_folder(tmp_path):
+    (tmp_path / "half_downloaded").mkdir()
+    (tmp_path / "half_downloaded" / "tokenizer.json").write_text("{}")
+    return str(tmp_path / "half_downloaded")
+
+
+# (id, main, argv builder (tiny, out, tmp_path), fragments of the error line)
+GPU_BAD_INPUTS = [
+    ("relative-model-folder-missing", step2_gen_sample.main,
+     lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], "models/policy", *step2_flags(tiny, out)[2:]],
+     ["--model_name models/policy", "no such model folder"]),
+    ("dot-model-folder-missing", step2_gen_sample.main,
+     lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], "./policy", *step2_flags(tiny, out)[2:]],
+     ["--model_name ./policy", "no such model folder"]),
+    ("hub-id-not-cached-offline", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", "nobody-here/tiny-rm"],
+     ["--reward_model nobody-here/tiny-rm", "not in the local cache (HF_HUB_OFFLINE=1)"]),
+    ("model-folder-without-config", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", no_config_folder(tmp)],
+     ["half_downloaded", "holds no config.json"]),
+    ("causal-lm-as-reward-model", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["policy-lm"])],
+     ["--reward_model", "causal language model (LlamaForCausalLM)", "not a sequence-classification"]),
+    ("several-labels-without-reward-label", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["sentiment-rm"])],
+     ["sentiment-rm", "2 labels (0=NEGATIVE, 1=POSITIVE)", "--reward_label"]),
+    ("unknown-reward-label", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["sentiment-rm"]),
+                                                    "--reward_label", "HAPPY"],
+     ["--reward_label HAPPY", "0=NEGATIVE, 1=POSITIVE"]),
+    ("chat-template-missing", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["golden-rm"]),
+                                                    "--rm_input_format", "chat_template"],
+     ["--rm_input_format chat_template", "has no chat template"]),
+    ("bad-rm-input-format", step3_reward_annotation.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--rm_input_format", "jinja"],
+     ["--rm_input_format", "invalid choice: 'jinja'"]),
+    ("negative-seed", step2_gen_sample.main,
+     lambda tiny, out, tmp: step2_flags(tiny, out) + ["--seed", "-1"],
+     ["--seed", "expected an integer >= 0"]),
+    ("max-model-len-too-small", step2_gen_sample.main,
+     lambda tiny, out, tmp: step2_flags(tiny, out) + ["--max_model_len", "100"],
+     ["--max_model_len 100", "--max_prompt_len + --max_len (462)"]),
+    ("zero-tensor-parallel-size", step2_gen_sample.main,
+     lambda tiny, out, tmp: step2_flags(tiny, out) + ["--tensor_parallel_size", "0"],
+     ["--tensor_parallel_size", "expected a positive integer"]),
+    ("bad-dtype", step4_gen_embeddings.main,
+     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--dtype", "float8"],
+     ["--dtype", "invalid choice: 'float8'"]),
+]
+
+
+@pytest.mark.parametrize("main, make_argv, expected", [case[1:] for case in GPU_BAD_INPUTS],
+                         ids=[case[0] for case in GPU_BAD_INPUTS])
+def test_gpu_bad_input(pipeline, tiny, tmp_path, monkeypatch, capsys, main, make_argv, expected):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["out"], out)
+    (tmp_path / "models").mkdir()  # "models/policy" names a folder under an existing local folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = make_argv(tiny, out, tmp_path)
+    before = folder_state(tmp_path)
+    err = exit_2_message(main, argv, capsys)
+    for fragment in expected:
+        assert fragment in err, err
+    assert "Traceback" not in err
+    assert folder_state(tmp_path) == before
+
+
+def test_step1_reports_a_missing_file_before_loading_trl(tiny, tmp_path):
+    """One line and exit 2 without importing trl/peft (the slow part of step 1's start)."""
+    probe = ("import sys, step1_sft\nfrom cli import run_cli\ntry:\n    run_cli(step1_sft.main, sys.argv[1:])\n"
+             "except SystemExit as exit:\n    print(exit.code, 'trl' in sys.modules, 'peft' in sys.modules)\n")
+    for extra in (["--train_file", str(tmp_path / "missing.jsonl")], ["--dataset", "hh-rlhf-helpful-gpt4"]):
+        result = subprocess.run([sys.executable, "-c", probe, "--model_name", str(tiny["policy-lm"]),
+                                 "--output_dir", str(tmp_path / "out"), *extra],
+                                capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+        assert ("missing.jsonl" in result.stderr) or ("README" in result.stderr)
+        assert not (tmp_path / "out").exists()
+
+
+def test_reward_label_scores_the_log_odds_of_that_label(pipeline, tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["out"], out)
+    rm = tiny["sentiment-rm"]
+    step3_reward_annotation.main(gen_flags(tiny, out) + ["--reward_model", str(rm), "--reward_label", "POSITIVE",
+                                                          "--split", "0"])
+    run = GenerationRun(out, str(tiny["policy-lm"]), "sft", "tiny-helpful", "tiny-helpful", MAX_LEN, 1.0)
+    record = read_lines(run.scored_path("train", 0, str(rm)))[0]
+    assert record["reward_label"] == 1
+    model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    with torch.no_grad():
+        for response, reward in zip(record["responses"], record["rewards"]):
+            logits = model(**tokenizer(independent_text(record["query"], response), return_tensors="pt")).logits[0]
+            assert reward == pytest.approx((logits[1] - logits[0]).item(), abs=1e-4)
+
+
+def test_empty_responses_are_counted_by_every_step(tiny, tmp_path, capsys):
+    """Responses that start a new human turn at once are empty after the cut: each step counts them."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    run = GenerationRun(out, "policy", "none", "tiny-helpful", "tiny-helpful", 128, 1.0)
+    queries = [r["prompt"] for r in read_lines(tiny["test_prompts"])][:3]
+    records = [{"query": q, "id": p, "response_0": " Sure, one step.", "response_1": "\n\nHuman: hello?",
+                "response_2": " " if p == 0 else " Ask a friend.", "settings": {}} for p, q in enumerate(queries)]
+    run.folder.mkdir(parents=True)
+    run.samples_path("train", 0).write_text("".join(json.dumps(r) + "\n" for r in records))
+    flags = ["--model_name", "policy", "--adapter_name", "none", "--dataset", "tiny-helpful", "--eval_dataset",
+             "tiny-helpful", "--output_dir", str(out), "--reward_model", str(tiny["golden-rm"])]
+    step3_reward_annotation.main(flags)
+    assert "; 4 empty after the cut;" in capsys.readouterr().out
+    scored = read_lines(run.scored_path("train", 0, str(tiny["golden-rm"])))
+    assert [r["n_empty_after_cut"] for r in scored] == [2, 1, 1]
+    step35_main(flags)
+    assert "(4 empty after the cut)" in capsys.readouterr().out
+    step4_gen_embeddings.main(flags + ["--embed_model_name", str(tiny["embed-left"]), "--data_dir", str(data)])
+    assert "4 responses empty after the cut" in capsys.readouterr().out
+    assert json.loads((data / "embedding_info_train.json").read_text())["n_empty_after_cut"] == 4

@@ -14,7 +14,7 @@
   ``test_prompts.jsonl`` (prompt column), hh-rlhf formatted, disjoint.
 
 Run as a script to build the setup into a folder for a tiny end-to-end run of ``run_all.sh``:
-``python tests/tiny_models.py /tmp/tiny_gpu_setup`` (prints the paths as shell variables).
+``python tests/tiny_models.py /tmp/tiny_gpu_setup [HIDDEN_SIZE]`` (prints the paths as shell variables).
 """
 
 from __future__ import annotations
@@ -70,17 +70,22 @@ def build_tokenizer(padding_side: str = "right", with_pad: bool = True) -> PreTr
                                    additional_special_tokens=ROLE_TOKENS, **specials)
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:
+def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32, **extra) -> LlamaConfig:
     pad_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["pad_token"])
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=pad_id, tie_word_embeddings=False, **extra)
 
 
 def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 30,
-                     n_test_prompts: int = 6) -> dict[str, Path]:
-    """Write the tiny tokenizer, models and prompt files into ``folder``; return their paths."""
+                     n_test_prompts: int = 6, hidden_size: int = 32) -> dict[str, Path]:
+    """Write the tiny tokenizer, models and prompt files into ``folder``; return their paths.
+
+    ``hidden_size`` (4 attention heads) sets the models' width: 256 gives a head size of 64, which
+    GPU attention kernels (vllm's among them) support; the tests keep 32 for speed.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -89,7 +94,7 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
                                               "embed-right-padeos")}
     tokenizer.save_pretrained(paths["tokenizer"])
 
-    policy = LlamaForCausalLM(_llama_config(tokenizer))
+    policy = LlamaForCausalLM(_llama_config(tokenizer, hidden_size))
     policy.generation_config.pad_token_id = policy.config.pad_token_id
     policy.save_pretrained(paths["policy-lm"])
     tokenizer.save_pretrained(paths["policy-lm"])
@@ -99,14 +104,15 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
     policy.save_pretrained(paths["embed-right-padeos"])
     build_tokenizer(padding_side="right", with_pad=False).save_pretrained(paths["embed-right-padeos"])
 
-    reward_model = LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=1))
+    reward_model = LlamaForSequenceClassification(_llama_config(tokenizer, hidden_size, num_labels=1))
     with torch.no_grad():  # a visible reward spread, so ranks are not decided by rounding noise
         reward_model.score.weight.mul_(50.0)
     reward_model.save_pretrained(paths["golden-rm"])
     tokenizer.save_pretrained(paths["golden-rm"])
 
-    sentiment = LlamaForSequenceClassification(_llama_config(
-        tokenizer, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    sentiment = LlamaForSequenceClassification(_llama_config(tokenizer, hidden_size, num_labels=2,
+                                                             id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                                             label2id={"NEGATIVE": 0, "POSITIVE": 1}))
     with torch.no_grad():
         sentiment.score.weight.mul_(50.0)
     sentiment.save_pretrained(paths["sentiment-rm"])
@@ -128,7 +134,8 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/tiny_models.py OUTPUT_FOLDER")
-    for key, path in build_tiny_setup(sys.argv[1]).items():
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python tests/tiny_models.py OUTPUT_FOLDER [HIDDEN_SIZE]")
+    width = int(sys.argv[2]) if len(sys.argv) == 3 else 32
+    for key, path in build_tiny_setup(sys.argv[1], hidden_size=width).items():
         print(f"{key.upper().replace('-', '_')}={path}")
