@@ -17,8 +17,12 @@ is ``train`` (10 responses per prompt in the paper) or ``test`` (500, for best-o
 one of ``--n_parts`` (5) contiguous parts of the prompt set, so parts can run on separate GPUs.
 
 Text conventions: a response is cut at its first "\\n\\nHuman" (the model starting the next turn
-itself) and stripped; the text scored by the golden reward model in step 3 and embedded in step 4 is
-``scored_text(query, cut_response)``, one function, so both see exactly the same string.
+itself) and stripped (``cut_response``); the text embedded in step 4 is ``scored_text(query, cut)``,
+which is also what step 3 scores with ``--rm_input_format raw`` (the default), so both see exactly the
+same string; ``chat_template`` gives the reward model ``dialogue_messages(query, cut)`` through its
+tokenizer's template instead (``rm_texts``). ``embed_texts`` is step 4's embedding procedure as a
+function (final hidden state at the last real token, float32), for code that embeds other
+(prompt, response) texts the same way.
 """
 
 from __future__ import annotations

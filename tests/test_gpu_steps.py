@@ -196,6 +196,14 @@ def test_step4_embeds_the_last_real_token(pipeline, tiny, tmp_path, embed_model)
             np.testing.assert_allclose(eset.embeddings[k][p], expected, rtol=1e-4, atol=1e-4)
     assert len(lengths) > 1, "texts of one length would not exercise padding"
     np.testing.assert_array_equal(eset.rewards, [r["rewards_sorted"] for r in ranked])
+    # the reusable function gives step 4's vectors for (prompt, response) texts
+    from llm_models import embed_texts, load_embedding_model, load_tokenizer, scored_text
+
+    texts = [scored_text(r["query"], r["responses_sorted"][1]) for r in ranked]
+    vectors = embed_texts(load_embedding_model(str(tiny[embed_model]), "model", torch.device("cpu"), torch.float32),
+                          load_tokenizer(str(tiny[embed_model]), "model"), texts, batch_size=3)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, eset.embeddings[1], rtol=1e-5, atol=1e-5)
 
 
 def test_step35_sorts_and_a_rerun_is_byte_identical(pipeline):
