@@ -634,3 +634,36 @@ def test_empty_responses_are_counted_by_every_step(tiny, tmp_path, capsys):
     step4_gen_embeddings.main(flags + ["--embed_model_name", str(tiny["embed-left"]), "--data_dir", str(data)])
     assert "4 responses empty after the cut" in capsys.readouterr().out
     assert json.loads((data / "embedding_info_train.json").read_text())["n_empty_after_cut"] == 4
+
+
+def test_dialogue_messages_alternate_roles():
+    from llm_models import dialogue_messages
+
+    prompt = "Be kind.\n\nHuman: A?\n\nHuman: B?\n\nAssistant: C.\n\nHuman: D?\n\nAssistant:"
+    assert dialogue_messages(prompt, " E ") == [
+        {"role": "user", "content": "Be kind.\n\nA?\n\nB?"}, {"role": "assistant", "content": "C."},
+        {"role": "user", "content": "D?"}, {"role": "assistant", "content": "E"}]
+    assert dialogue_messages("Human: Hi?\n\nAssistant:", "") == [{"role": "user", "content": "Hi?"},
+                                                                 {"role": "assistant", "content": ""}]
+    assert dialogue_messages("Plain question?", "Answer.") == [{"role": "user", "content": "Plain question?"},
+                                                                {"role": "assistant", "content": "Answer."}]
+
+
+def test_a_hub_failure_names_the_missing_local_folder(tmp_path, monkeypatch):
+    """An owner/name that is neither a local folder nor reachable on the hub: the error says both."""
+    import transformers
+
+    from llm_models import load_tokenizer
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore detail")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(InputError) as err:
+        load_tokenizer("tiny/policy-lm", "--model_name")
+    message = str(err.value)
+    assert message.startswith("--model_name tiny/policy-lm: cannot load tokenizer (no local folder "
+                              f"{tmp_path / 'tiny' / 'policy-lm'}; tried it as a hub id): We couldn't connect")
+    assert "\n" not in message
