@@ -292,3 +292,17 @@ def student_scores(data: EmbeddingSet, prompt_ids: np.ndarray, student: MLP) -> 
     from networks import ensemble_scorer
 
     return data.score(prompt_ids, ensemble_scorer([student]))[0]
+
+
+def check_map_provenance(imap: IsotonicMap, map_path: Path, model: str, checkpoints: Sequence[Path]) -> None:
+    """A map applied to another model's scores is meaningless: ``imap`` (read from ``map_path``) must map
+    ``model`` scores ('teacher' or 'student') and have been fitted on these checkpoints."""
+    fitted_input = imap.settings.get("input", model)
+    if fitted_input != model:
+        raise InputError(f"{sidecar_path(map_path)} maps {fitted_input} scores; expected a {model} map")
+    names = [Path(path).name for path in checkpoints]
+    fitted = imap.settings.get("teacher_checkpoints" if model == "teacher" else "student_checkpoint")
+    expected = names if model == "teacher" else names[0]
+    if fitted is not None and fitted != expected:
+        hint = " (pass step 7's --teacher_ckpt)" if model == "teacher" else ""
+        raise InputError(f"{sidecar_path(map_path)} was fitted on {model} {fitted}, not {expected}{hint}")

@@ -30,10 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from rm_data import DEMO_CONFIG_FILE as DEMO_CONFIG
 from rm_data import FILE_PATTERNS, ensure_writable_dir, read_json, write_json, write_npy, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
-DEMO_CONFIG = "demo_config.json"
 DEMO_VERSION = 1
 
 

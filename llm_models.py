@@ -604,20 +604,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str,
-                        batch_size: int, device: torch.device,
-                        desc: str) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+                        batch_size: int, device: torch.device, desc: str,
+                        progress: bool = True) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """Yield (row indices, model inputs) over batches of similar length, longest first.
 
     Sorting by length keeps padding small (dynamic padding per batch) and surfaces out-of-memory on
     the first batch. Inputs hold ``input_ids``, ``attention_mask`` and ``position_ids``, padded on
-    the tokenizer's side.
+    the tokenizer's side. ``progress``: show a tqdm bar named ``desc``.
     """
     from tqdm import tqdm
 
     lengths = np.array([len(seq) for seq in token_ids])
     order = np.argsort(-lengths, kind="stable")
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
-                      total=math.ceil(len(order) / batch_size)):
+                      total=math.ceil(len(order) / batch_size), disable=not progress):
         rows = order[start:start + batch_size]
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -632,22 +632,23 @@ def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding
         yield rows, batch
 
 
-def iter_embeddings(model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int,
-                    device: torch.device) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_embeddings(model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int, device: torch.device,
+                    progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, (B, D) float32 embeddings): the final layer's hidden state at the last
-    real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure).
+    real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure;
+    ``reward_model.py`` embeds new text with it too). ``progress``: show a tqdm bar.
 
     Raises RuntimeError on a non-finite hidden state.
     """
-    with torch.inference_mode():
-        for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
-                                               batch_size, device, desc="embedding"):
+    for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
+                                           batch_size, device, "embedding", progress):
+        with torch.inference_mode():
             hidden = model(**batch, use_cache=False).last_hidden_state
             last = last_token_index(batch["attention_mask"])
             vectors = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
-            if not np.isfinite(vectors).all():
-                raise RuntimeError("the embedding model returned non-finite hidden states")
-            yield rows, vectors
+        if not np.isfinite(vectors).all():
+            raise RuntimeError("the embedding model returned non-finite hidden states")
+        yield rows, vectors
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16,

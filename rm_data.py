@@ -42,6 +42,8 @@ DEFAULT_SPLIT_SEED = 0
 PARTITION_FILE = "prompt_split.json"
 MANIFEST_FILE = "orm_manifest.json"
 SCORE_CACHE_DIR = "score_cache"  # ensemble scores step 6 computes and step 8 reuses
+EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the model that embedded a set
+DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
 # Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
 DEFAULT_CHUNK_ROWS = 4096
 
@@ -418,6 +420,25 @@ def check_manifest_flags(args, manifest: dict, manifest_path: Path, flags: Itera
         given, recorded = getattr(args, flag), manifest["config"].get(flag)
         if given is not None and given != recorded:
             raise InputError(f"--{flag} {given} does not match the ensemble in {manifest_path} ({recorded})")
+
+
+def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
+    """Which model embedded the training set of ``data_dir``: what step 5 stores in its manifest, so the
+    trained reward model can embed new text the same way (``reward_model.py``).
+
+    Returns ``{"source", "model", "max_length"}``: step 4's record (``embedding_info_train.json``: the
+    resolved model, its ``--max_length``); ``model`` None for synthetic demo data; otherwise
+    ``claimed_model`` (step 5's ``--embed_model_name``, which names the model of converted published files).
+    """
+    data_dir = Path(data_dir)
+    info_path = data_dir / EMBEDDING_INFO_FILE.format(kind="train")
+    if info_path.is_file():
+        info = read_json(info_path, "step 4 embedding record")
+        return {"source": str(info_path), "model": info.get("embed_model_path") or info.get("embed_model_name"),
+                "max_length": info.get("max_length")}
+    if (data_dir / DEMO_CONFIG_FILE).is_file():
+        return {"source": "demo data (synthetic vectors)", "model": None, "max_length": None}
+    return {"source": "--embed_model_name", "model": claimed_model, "max_length": None}
 
 
 def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:

@@ -30,6 +30,7 @@ from calibration import (
     VALIDATION_FILE,
     IsotonicMap,
     binned_calibration,
+    check_map_provenance,
     load_isotonic_map,
     prediction_report,
     sidecar_path,
@@ -37,7 +38,7 @@ from calibration import (
     student_scores,
     teacher_scores,
 )
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, positive_int, run_cli, setup_logging
 from metrics import best_of_n, calibration_errors
 from plots import plot_best_of_n, plot_calibration
 from rm_data import (
@@ -87,24 +88,6 @@ def parse_args(argv=None):
                         help="equal-count bins of the calibration plot")
     parser.add_argument("--seed", type=int, default=None, help="seed of evaluation draws (default: step 5's seed)")
     return parser.parse_args(argv)
-
-
-def check_map_provenance(teacher_map: IsotonicMap, teacher_paths: list[Path], student_map: IsotonicMap,
-                         student_path: Path, teacher_map_path: Path, student_map_path: Path) -> None:
-    """A map applied to another model's scores is meaningless: the models must be those it was fitted on."""
-    for imap, path, expected in ((teacher_map, teacher_map_path, "teacher"),
-                                 (student_map, student_map_path, "student")):
-        fitted_input = imap.settings.get("input", expected)
-        if fitted_input != expected:
-            raise InputError(f"{sidecar_path(path)} maps {fitted_input} scores; expected a {expected} map")
-    fitted_teacher = teacher_map.settings.get("teacher_checkpoints")
-    if fitted_teacher is not None and fitted_teacher != [path.name for path in teacher_paths]:
-        raise InputError(f"{sidecar_path(teacher_map_path)} was fitted on teacher {fitted_teacher}, not "
-                         f"{[path.name for path in teacher_paths]} (pass step 7's --teacher_ckpt)")
-    fitted_student = student_map.settings.get("student_checkpoint")
-    if fitted_student is not None and fitted_student != student_path.name:
-        raise InputError(f"{sidecar_path(student_map_path)} was fitted on student {fitted_student}, "
-                         f"not {student_path.name}")
 
 
 def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: list[MLP], student: MLP,
@@ -187,7 +170,8 @@ def main(argv=None) -> dict:
     student = load_checkpoint(student_path, data.dim)
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
-    check_map_provenance(teacher_map, teacher_paths, student_map, student_path, teacher_map_path, student_map_path)
+    check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)
+    check_map_provenance(student_map, student_map_path, "student", [student_path])
     partition = load_partition(output_dir, data)
     # The constant floor is fitted where the maps are: the calibration prompts' golden rewards.
     constant = float(data.rewards[partition["calibration"]].mean())

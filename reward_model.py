@@ -1,0 +1,296 @@
+"""The trained reward model in use: load a finished OUTPUT_DIR, score embeddings or (prompt, response) texts.
+
+    from reward_model import RewardModel
+
+    rm = RewardModel.load("distill_out")            # every variant; student_iso is the default one
+    rm.score_embeddings(embeddings)                 # (N, D) -> (N,) rewards on the golden scale
+    rm.score_texts(["\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"], ["Mix flour, water and yeast."])
+    reward_fn = rm.trl_reward_function()            # trl.GRPOTrainer(..., reward_funcs=reward_fn)
+
+Variants (the four of step 8's table): ``teacher`` (mean of the ensemble members' raw scores),
+``teacher_iso`` (the teacher through step 7's isotonic map), ``student`` (the distilled MLP) and
+``student_iso`` (the student through its isotonic map; the default). All but ``teacher`` are on the
+golden reward scale. Loading is safe: checkpoints with ``torch.load(weights_only=True)``
+(``networks.load_checkpoint``), isotonic maps from their JSON sidecars (``calibration.load_isotonic_map``),
+and each map is checked to have been fitted on the checkpoints it is applied to.
+
+Texts are embedded exactly as step 4 embeds the responses it writes: the response is cut at its
+first "\\n\\nHuman" and stripped, joined to the prompt by ``llm_models.scored_text``, tokenized with
+the model's special tokens and cut at step 4's ``--max_length``, and embedded by
+``llm_models.iter_embeddings`` (final layer, last real token, either padding side). The
+embedding model is the one step 5's manifest records (step 4's record of the data directory), or
+``embedding_model=`` when given; its hidden size must be the checkpoints' input size D. The
+embedding model runs on ``device``; the reward heads (small MLPs) run on the CPU in float32 with
+the same stacked-ensemble code as steps 6-8, so scores of the same embeddings equal step 8's (bit for
+bit when rows are scored in the same batches: a matrix product's last bit depends on its batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration import (
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
+    check_map_provenance,
+    load_isotonic_map,
+    student_checkpoint_name,
+)
+from cli import InputError
+from llm_models import (
+    ASSISTANT_TURN,
+    HUMAN_TURN,
+    cut_response,
+    iter_embeddings,
+    load_embedding_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+    scored_text,
+    tokenize_texts,
+)
+from networks import ensemble_scorer, load_checkpoint, load_ensemble
+from rm_data import DEFAULT_CHUNK_ROWS, MANIFEST_FILE, checkpoint_paths, embedding_record, load_manifest
+
+log = logging.getLogger("reward_model")
+
+VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
+DEFAULT_VARIANT = "student_iso"
+STEP8_NAMES = dict(zip(VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
+ON_GOLDEN_SCALE = ("teacher_iso", "student", "student_iso")
+DEFAULT_MAX_LENGTH = 1024  # step 4's --max_length default, for manifests that do not record it
+TEXTS_PER_ROUND = 4096  # texts embedded, then scored, at a time: memory stays at ~TEXTS_PER_ROUND x D floats
+
+
+class RewardModel:
+    """The reward variants of one finished OUTPUT_DIR (:meth:`load`), scoring embeddings or texts.
+
+    dim: D, the embedding size the checkpoints take
+    variants: the variants loaded
+    embedding: the manifest's record of the embedding model ({"source", "model", "max_length"})
+    """
+
+    def __init__(self, output_dir: Path, dim: int, variants: Sequence[str], scorers: dict, maps: dict,
+                 embedding: dict):
+        self.output_dir, self.dim, self.variants = output_dir, dim, tuple(variants)
+        self._scorers, self._maps, self.embedding = scorers, maps, embedding
+        self._embedder = None
+
+    @classmethod
+    def load(cls, output_dir: str | os.PathLike, variants: Sequence[str] = VARIANTS) -> RewardModel:
+        """Load what ``variants`` need from ``output_dir`` (the teacher members, the student, their maps).
+
+        Every problem (missing or foreign artifact, a map fitted on other checkpoints) is an
+        :class:`cli.InputError` naming the file.
+        """
+        output_dir = Path(output_dir)
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown or not variants:
+            raise InputError(f"unknown reward variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        if not output_dir.is_dir():
+            raise InputError(f"output directory {output_dir} does not exist (run run_all.sh or steps 5-7 first)")
+        manifest = load_manifest(output_dir)
+        try:
+            dim, task, objective = (manifest["data"]["dim"], manifest["config"]["task"],
+                                    manifest["config"]["rm_objective"])
+        except (KeyError, TypeError):
+            raise InputError(f"{output_dir / MANIFEST_FILE}: expected data.dim, config.task and "
+                             "config.rm_objective (rerun step5_train_rms.py)") from None
+        checkpoints = {"teacher": checkpoint_paths(output_dir, manifest),
+                       "student": [output_dir / student_checkpoint_name(task, objective)]}
+        map_files = {"teacher": TEACHER_MAP_FILE, "student": STUDENT_MAP_FILE}
+        scorers, maps = {}, {}
+        for model in ("teacher", "student"):
+            if model in variants or f"{model}_iso" in variants:
+                members = (load_ensemble(checkpoints[model], dim) if model == "teacher"
+                           else [load_checkpoint(checkpoints[model][0], dim)])
+                scorers[model] = ensemble_scorer(members)
+            if f"{model}_iso" in variants:
+                map_path = output_dir / map_files[model]
+                maps[model] = load_isotonic_map(map_path, f"{model} isotonic map (run step7_isotonic_distillation.py)")
+                check_map_provenance(maps[model], map_path, model, checkpoints[model])
+        embedding = manifest["data"].get("embedding")
+        if not isinstance(embedding, dict):  # a manifest written before step 5 recorded it
+            claimed = manifest["config"].get("embed_model_name")
+            data_dir = manifest["data"].get("data_dir")
+            embedding = (embedding_record(data_dir, claimed) if data_dir else
+                         {"source": "--embed_model_name", "model": claimed, "max_length": None})
+        return cls(output_dir, dim, variants, scorers, maps, embedding)
+
+    # ----------------------------------------------------------------------------------------
+    # Embeddings -> rewards
+    # ----------------------------------------------------------------------------------------
+    def score_embeddings(self, embeddings: np.ndarray, variant: str = DEFAULT_VARIANT) -> np.ndarray:
+        """Rewards (N,) float64 of ``embeddings`` (N, D) float32 or float16."""
+        return self.score_variants(embeddings, [variant])[variant]
+
+    def score_variants(self, embeddings: np.ndarray, variants: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Rewards (N,) float64 of ``embeddings`` (N, D) for each of ``variants`` (default: all loaded).
+
+        As in steps 6-8: rows are cast to float32 and scored ``DEFAULT_CHUNK_ROWS`` at a time; the
+        teacher is the float32 mean over members, then float64 through its map.
+        """
+        variants = self.variants if variants is None else tuple(variants)
+        missing = [v for v in variants if v not in self.variants]
+        if missing:
+            raise InputError(f"variant(s) {missing} not loaded (RewardModel.load(..., variants=...) "
+                             f"loaded {', '.join(self.variants)})")
+        rows = np.asarray(embeddings)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise InputError(f"embeddings of shape {rows.shape}: expected (N, {self.dim})")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if not np.isfinite(rows).all():
+            raise InputError(f"embeddings: non-finite value in row {int(np.flatnonzero(~np.isfinite(rows).all(1))[0])}")
+        raw = {}
+        for model in {variant.removesuffix("_iso") for variant in variants}:
+            scorer = self._scorers[model]
+            scores = np.empty(len(rows), dtype=np.float32)
+            for start in range(0, len(rows), DEFAULT_CHUNK_ROWS):
+                member_scores = scorer(rows[start:start + DEFAULT_CHUNK_ROWS])  # (M, B) float32
+                scores[start:start + len(member_scores[0])] = member_scores.mean(axis=0)
+            raw[model] = scores.astype(np.float64)
+        out = {}
+        for variant in variants:
+            model = variant.removesuffix("_iso")
+            out[variant] = self._maps[model].predict(raw[model]) if variant.endswith("_iso") else raw[model]
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Texts -> embeddings -> rewards
+    # ----------------------------------------------------------------------------------------
+    def load_embedder(self, embedding_model: str | None = None, device: str | torch.device | None = None,
+                      batch_size: int = 16, max_length: int | None = None) -> None:
+        """Load the embedding model (default: the manifest's) on ``device`` (default: a GPU if present).
+
+        Its hidden size must equal D; the compute dtype is step 4's rule (``llm_models.pick_dtype``).
+        ``max_length``: tokens per text (default: step 4's recorded ``--max_length``).
+        """
+        manifest_path = self.output_dir / MANIFEST_FILE
+        name = embedding_model or self.embedding.get("model")
+        if name is None:
+            raise InputError(f"{manifest_path}: the ensemble was trained on {self.embedding.get('source')}, with "
+                             "no embedding model; pass --embedding_model to score texts")
+        flag = "--embedding_model" if embedding_model else f"{manifest_path}: embedding model"
+        path = resolve_model(name, flag)
+        from transformers import AutoConfig
+
+        try:
+            hidden_size = AutoConfig.from_pretrained(path).get_text_config().hidden_size
+        except (OSError, ValueError) as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"{flag} {name}: cannot load its config ({first_line})") from None
+        if hidden_size != self.dim:
+            raise InputError(f"{flag} {name}: hidden size {hidden_size} differs from the reward model's input "
+                             f"size D={self.dim} ({manifest_path})")
+        device = pick_device() if device is None else torch.device(device)
+        tokenizer = load_tokenizer(name, flag)
+        model = load_embedding_model(name, flag, device, pick_dtype(device))
+        max_length = max_length or self.embedding.get("max_length") or DEFAULT_MAX_LENGTH
+        self._embedder = (name, tokenizer, model, device, batch_size, max_length)
+        log.info("embedding texts with %s on %s (max %d tokens, padding side %s)", name, device, max_length,
+                 tokenizer.padding_side)
+
+    def embed_texts(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = True) -> np.ndarray:
+        """Step 4's embeddings (N, D) float32 of the (prompt, response) pairs."""
+        if len(prompts) != len(responses):
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self._embedder is None:
+            self.load_embedder()
+        _, tokenizer, model, device, batch_size, max_length = self._embedder
+        texts = [scored_text(prompt, cut_response(response)) for prompt, response in zip(prompts, responses)]
+        embeddings = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return embeddings
+        token_ids, truncated = tokenize_texts(tokenizer, texts, max_length)
+        if truncated.any():
+            log.warning("%d of %d texts are longer than %d tokens and were cut at the end (as step 4 does)",
+                        truncated.sum(), len(texts), max_length)
+        for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress):
+            embeddings[rows] = vectors
+        return embeddings
+
+    def score_texts(self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT,
+                    progress: bool = True) -> np.ndarray:
+        """Rewards (N,) float64 of (prompt, response) texts, ``TEXTS_PER_ROUND`` texts at a time."""
+        if len(prompts) != len(responses):
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rewards = np.empty(len(prompts), dtype=np.float64)
+        for start in range(0, len(prompts), TEXTS_PER_ROUND):
+            stop = start + TEXTS_PER_ROUND
+            embeddings = self.embed_texts(prompts[start:stop], responses[start:stop], progress)
+            rewards[start:stop] = self.score_embeddings(embeddings, variant)
+        return rewards
+
+    def trl_reward_function(self, variant: str = DEFAULT_VARIANT) -> TRLRewardFunction:
+        """A reward function for TRL's ``GRPOTrainer``/``RLOOTrainer`` (``reward_funcs=``)."""
+        return TRLRewardFunction(self, variant)
+
+
+# --------------------------------------------------------------------------------------------
+# TRL adapter
+# --------------------------------------------------------------------------------------------
+def _message_text(message: dict) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        return "".join(part.get("text", "") for part in content
+                       if isinstance(part, dict) and part.get("type") == "text")
+    raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def hh_rlhf_prompt(messages: Sequence[dict]) -> str:
+    """Chat messages -> the hh-rlhf prompt the pipeline embeds: "\\n\\nHuman: ...\\n\\nAssistant: ...",
+    ending with "\\n\\nAssistant:". System messages are left out (hh-rlhf dialogues have none)."""
+    turns = []
+    for message in messages:
+        role = message.get("role")
+        if role == "user":
+            turns.append(f"{HUMAN_TURN}: {_message_text(message)}")
+        elif role == "assistant":
+            turns.append(f"{ASSISTANT_TURN} {_message_text(message)}")
+        elif role != "system":
+            raise ValueError(f"cannot render a {role!r} message as hh-rlhf text (user, assistant, system only)")
+    return "".join(turns) + ASSISTANT_TURN
+
+
+class TRLRewardFunction:
+    """``reward_func(prompts, completions, **kwargs) -> list[float]``, the custom reward form of TRL's
+    online trainers (``GRPOTrainer``, ``RLOOTrainer``; other keyword arguments are ignored).
+
+    Standard format: ``prompts`` and ``completions`` are strings. Conversational format: each prompt is a
+    list of ``{"role", "content"}`` messages and each completion a list of assistant messages (TRL's
+    ``[{"role": "assistant", "content": ...}]``); they are rendered as hh-rlhf text (:func:`hh_rlhf_prompt`).
+    """
+
+    def __init__(self, reward_model: RewardModel, variant: str = DEFAULT_VARIANT):
+        if variant not in reward_model.variants:
+            raise InputError(f"variant {variant!r} not loaded; loaded: {', '.join(reward_model.variants)}")
+        self.reward_model, self.variant = reward_model, variant
+        self.__name__ = f"embedding_rm_{variant}"  # the name TRL logs this reward under
+
+    def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
+        prompt_texts, response_texts = [], []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            if isinstance(prompt, str):
+                prompt_texts.append(prompt)
+                response_texts.append(completion)
+                continue
+            prompt_texts.append(hh_rlhf_prompt(prompt))
+            if isinstance(completion, str):
+                response_texts.append(completion)
+                continue
+            roles = {message.get("role") for message in completion}
+            if roles - {"assistant"}:
+                raise ValueError(f"completion messages must be assistant messages, got roles {sorted(roles)}")
+            response_texts.append("\n".join(_message_text(message) for message in completion))
+        return self.reward_model.score_texts(prompt_texts, response_texts, self.variant, progress=False).tolist()

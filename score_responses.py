@@ -1,0 +1,155 @@
+"""Score (prompt, response) texts with a trained reward model; optionally keep the best of N per prompt.
+
+    python3 score_responses.py --output_dir distill_out --input responses.jsonl --output rewards.jsonl
+
+Reads JSONL, one object per line, either ``{"prompt": ..., "response": ...}`` or
+``{"prompt": ..., "responses": [...]}`` (other keys are kept), and writes the same lines with
+``"reward"`` (or ``"rewards"``, one per response) added. ``--best_of_n`` writes one line per distinct
+prompt instead: the highest-reward response among all that prompt's responses in the file (ties: the
+first), with ``"best_index"`` (its position among them) and ``"n_candidates"``. Prompts are text in
+the format the policy was prompted with (hh-rlhf: ``"\\n\\nHuman: ...\\n\\nAssistant:"``). Scoring
+is ``reward_model.RewardModel`` (README, "Using the trained reward model"); the output is written
+atomically, and bad input stops the run with one line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from llm_models import pick_device, write_jsonl
+from reward_model import DEFAULT_VARIANT, ON_GOLDEN_SCALE, VARIANTS, RewardModel
+from rm_data import ensure_writable_dir
+
+log = logging.getLogger("score_responses")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--output_dir", default="distill_out",
+                        help="the finished run to load (run_all.sh's OUTPUT_DIR: manifest, checkpoints, maps)")
+    parser.add_argument("--input", required=True, help="JSONL of {prompt, response} or {prompt, responses}")
+    parser.add_argument("--output", required=True, help="JSONL to write (atomically)")
+    parser.add_argument("--variant", choices=VARIANTS, default=DEFAULT_VARIANT,
+                        help="teacher (raw ensemble mean), teacher_iso, student, or student_iso "
+                             "(student + isotonic map; golden scale)")
+    parser.add_argument("--best_of_n", action="store_true",
+                        help="write only the highest-reward response of each prompt (ties: the first)")
+    parser.add_argument("--embedding_model", default=None,
+                        help="embedding model: short name, local folder or hub id (default: the one the "
+                             "manifest records; its hidden size must equal the checkpoints' D)")
+    parser.add_argument("--device", default="auto", help="device of the embedding model: auto, cpu, cuda, cuda:1")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument("--max_length", type=positive_int, default=None,
+                        help="tokens per text (default: step 4's recorded --max_length)")
+    return parser.parse_args(argv)
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device``: 'auto' (a GPU if present) or a torch device that exists here."""
+    if text == "auto":
+        return pick_device()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {text}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"--device {text}: no such CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {text}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def read_requests(path: Path) -> list[tuple[int, dict, list[str]]]:
+    """(line number, record, its responses) per non-blank line; every problem names the file and line."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"--input {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--input {path}: cannot read ({err})") from None
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"{path} line {number}: not valid JSON ({getattr(err, 'msg', err)})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path} line {number}: expected a JSON object")
+        if not isinstance(record.get("prompt"), str):
+            raise InputError(f'{path} line {number}: expected "prompt" as a string')
+        if ("response" in record) == ("responses" in record):
+            raise InputError(f'{path} line {number}: expected exactly one of "response" (a string) '
+                             f'and "responses" (a list of strings)')
+        responses = [record["response"]] if "response" in record else record["responses"]
+        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+            key = "response" if "response" in record else "responses"
+            raise InputError(f'{path} line {number}: "{key}" must be '
+                             f'{"a string" if key == "response" else "a non-empty list of strings"}')
+        requests.append((number, record, responses))
+    if not requests:
+        raise InputError(f"--input {path}: no records")
+    return requests
+
+
+def best_per_prompt(requests: list[tuple[int, dict, list[str]]], rewards: np.ndarray) -> list[dict]:
+    """One record per distinct prompt (in order of first appearance): its highest-reward response."""
+    candidates: dict[str, list[tuple[int, str, dict]]] = {}
+    position = 0
+    for _, record, responses in requests:
+        for response in responses:
+            candidates.setdefault(record["prompt"], []).append((position, response, record))
+            position += 1
+    best = []
+    for prompt, group in candidates.items():
+        index = int(np.argmax(rewards[[pos for pos, _, _ in group]]))  # first maximum on ties
+        pos, response, record = group[index]
+        extra = {k: v for k, v in record.items() if k not in ("prompt", "response", "responses")}
+        best.append({**extra, "prompt": prompt, "response": response, "reward": float(rewards[pos]),
+                     "best_index": index, "n_candidates": len(group)})
+    return best
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    setup_logging()
+    device = parse_device(args.device)
+    output = Path(args.output)
+    if output.is_dir():
+        raise InputError(f"--output {output}: is a directory")
+    ensure_writable_dir(output.parent, "--output")
+    requests = read_requests(Path(args.input))
+    reward_model = RewardModel.load(args.output_dir, variants=[args.variant])
+    prompts = [record["prompt"] for _, record, responses in requests for _ in responses]
+    responses = [response for _, _, responses in requests for response in responses]
+    reward_model.load_embedder(args.embedding_model, device, args.batch_size, args.max_length)
+
+    start = time.perf_counter()
+    rewards = reward_model.score_texts(prompts, responses, args.variant)
+    seconds = time.perf_counter() - start
+    if args.best_of_n:
+        records = best_per_prompt(requests, rewards)
+    else:
+        records, position = [], 0
+        for _, record, texts in requests:
+            values = rewards[position:position + len(texts)].tolist()
+            position += len(texts)
+            records.append({**record, "reward": values[0]} if "response" in record else {**record, "rewards": values})
+    write_jsonl(output, records)
+    scale = "golden scale" if args.variant in ON_GOLDEN_SCALE else "raw ensemble scale"
+    print(f"score_responses: {len(responses)} responses of {len(set(prompts))} prompts scored with {args.variant} "
+          f"({scale}; mean reward {rewards.mean():.4f}; {len(responses) / max(seconds, 1e-9):.1f} texts/s) -> "
+          f"{output}{' (best of N per prompt)' if args.best_of_n else ''}")
+    return records
+
+
+if __name__ == "__main__":
+    run_cli(main)
