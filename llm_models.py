@@ -456,8 +456,9 @@ def load_config(name: str, flag: str):
     """The model's ``AutoConfig`` (config.json only, no weights)."""
     from transformers import AutoConfig
 
+    path = resolve_model(name, flag)  # its own one-line error, not wrapped in the one below
     try:
-        return AutoConfig.from_pretrained(resolve_model(name, flag))
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise _load_error(flag, name, "model config", err) from None
 
@@ -652,13 +653,19 @@ def iter_embeddings(model, tokenizer, token_ids: Sequence[Sequence[int]], batch_
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
-                max_length: int = 1024) -> np.ndarray:
+                max_length: int = 1024, progress: bool = True) -> np.ndarray:
     """(N, D) float32 embeddings of ``texts`` exactly as step 4 computes them (texts cut to
-    ``max_length`` tokens). For a (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``."""
-    device = next(model.parameters()).device
-    token_ids, _ = tokenize_texts(tokenizer, texts, max_length)
+    ``max_length`` tokens, a warning says how many). For a (prompt, response) pair pass
+    ``scored_text(prompt, cut_response(response))``. ``progress``: show a tqdm bar."""
     out = np.empty((len(texts), model.config.get_text_config().hidden_size), dtype=np.float32)
-    for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device):
+    if not len(texts):
+        return out
+    device = next(model.parameters()).device
+    token_ids, truncated = tokenize_texts(tokenizer, texts, max_length)
+    if truncated.any():
+        log.warning("%d of %d texts are longer than %d tokens and were cut at the end",
+                    truncated.sum(), len(texts), max_length)
+    for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress):
         out[rows] = vectors
     return out
 

@@ -17,7 +17,7 @@ and each map is checked to have been fitted on the checkpoints it is applied to.
 Texts are embedded exactly as step 4 embeds the responses it writes: the response is cut at its
 first "\\n\\nHuman" and stripped, joined to the prompt by ``llm_models.scored_text``, tokenized with
 the model's special tokens and cut at step 4's ``--max_length``, and embedded by
-``llm_models.iter_embeddings`` (final layer, last real token, either padding side). The
+``llm_models.embed_texts`` (final layer, last real token, either padding side). The
 embedding model is the one step 5's manifest records (step 4's record of the data directory), or
 ``embedding_model=`` when given; its hidden size must be the checkpoints' input size D. The
 embedding model runs on ``device``; the reward heads (small MLPs) run on the CPU in float32 with
@@ -47,14 +47,13 @@ from llm_models import (
     ASSISTANT_TURN,
     HUMAN_TURN,
     cut_response,
-    iter_embeddings,
+    embed_texts,
+    load_config,
     load_embedding_model,
     load_tokenizer,
     pick_device,
     pick_dtype,
-    resolve_model,
     scored_text,
-    tokenize_texts,
 )
 from networks import ensemble_scorer, load_checkpoint, load_ensemble
 from rm_data import DEFAULT_CHUNK_ROWS, MANIFEST_FILE, checkpoint_paths, embedding_record, load_manifest
@@ -166,11 +165,11 @@ class RewardModel:
     # Texts -> embeddings -> rewards
     # ----------------------------------------------------------------------------------------
     def load_embedder(self, embedding_model: str | None = None, device: str | torch.device | None = None,
-                      batch_size: int = 16, max_length: int | None = None) -> None:
+                      batch_size: int = 16, max_length: int | None = None, dtype: str = "auto") -> None:
         """Load the embedding model (default: the manifest's) on ``device`` (default: a GPU if present).
 
-        Its hidden size must equal D; the compute dtype is step 4's rule (``llm_models.pick_dtype``).
-        ``max_length``: tokens per text (default: step 4's recorded ``--max_length``).
+        Its hidden size must equal D. ``dtype``: compute dtype, 'auto' being step 4's rule
+        (``llm_models.pick_dtype``). ``max_length``: tokens per text (default: step 4's recorded one).
         """
         manifest_path = self.output_dir / MANIFEST_FILE
         name = embedding_model or self.embedding.get("model")
@@ -178,24 +177,17 @@ class RewardModel:
             raise InputError(f"{manifest_path}: the ensemble was trained on {self.embedding.get('source')}, with "
                              "no embedding model; pass --embedding_model to score texts")
         flag = "--embedding_model" if embedding_model else f"{manifest_path}: embedding model"
-        path = resolve_model(name, flag)
-        from transformers import AutoConfig
-
-        try:
-            hidden_size = AutoConfig.from_pretrained(path).get_text_config().hidden_size
-        except (OSError, ValueError) as err:
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise InputError(f"{flag} {name}: cannot load its config ({first_line})") from None
+        hidden_size = load_config(name, flag).get_text_config().hidden_size  # config.json only, no weights
         if hidden_size != self.dim:
             raise InputError(f"{flag} {name}: hidden size {hidden_size} differs from the reward model's input "
                              f"size D={self.dim} ({manifest_path})")
         device = pick_device() if device is None else torch.device(device)
         tokenizer = load_tokenizer(name, flag)
-        model = load_embedding_model(name, flag, device, pick_dtype(device))
+        model = load_embedding_model(name, flag, device, pick_dtype(device, requested=dtype))
         max_length = max_length or self.embedding.get("max_length") or DEFAULT_MAX_LENGTH
-        self._embedder = (name, tokenizer, model, device, batch_size, max_length)
-        log.info("embedding texts with %s on %s (max %d tokens, padding side %s)", name, device, max_length,
-                 tokenizer.padding_side)
+        self._embedder = (name, tokenizer, model, batch_size, max_length)
+        log.info("embedding texts with %s on %s in %s (max %d tokens, padding side %s)", name, device,
+                 model.dtype, max_length, tokenizer.padding_side)
 
     def embed_texts(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = True) -> np.ndarray:
         """Step 4's embeddings (N, D) float32 of the (prompt, response) pairs."""
@@ -203,18 +195,9 @@ class RewardModel:
             raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
         if self._embedder is None:
             self.load_embedder()
-        _, tokenizer, model, device, batch_size, max_length = self._embedder
+        _, tokenizer, model, batch_size, max_length = self._embedder
         texts = [scored_text(prompt, cut_response(response)) for prompt, response in zip(prompts, responses)]
-        embeddings = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return embeddings
-        token_ids, truncated = tokenize_texts(tokenizer, texts, max_length)
-        if truncated.any():
-            log.warning("%d of %d texts are longer than %d tokens and were cut at the end (as step 4 does)",
-                        truncated.sum(), len(texts), max_length)
-        for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress):
-            embeddings[rows] = vectors
-        return embeddings
+        return embed_texts(model, tokenizer, texts, batch_size, max_length, progress)
 
     def score_texts(self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT,
                     progress: bool = True) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from llm_models import pick_device, write_jsonl
+from llm_models import add_dtype_arg, pick_device, write_jsonl
 from reward_model import DEFAULT_VARIANT, ON_GOLDEN_SCALE, VARIANTS, RewardModel
 from rm_data import ensure_writable_dir
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
                         help="embedding model: short name, local folder or hub id (default: the one the "
                              "manifest records; its hidden size must equal the checkpoints' D)")
     parser.add_argument("--device", default="auto", help="device of the embedding model: auto, cpu, cuda, cuda:1")
+    add_dtype_arg(parser)
     parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
     parser.add_argument("--max_length", type=positive_int, default=None,
                         help="tokens per text (default: step 4's recorded --max_length)")
@@ -130,7 +131,7 @@ def main(argv=None) -> list[dict]:
     reward_model = RewardModel.load(args.output_dir, variants=[args.variant])
     prompts = [record["prompt"] for _, record, responses in requests for _ in responses]
     responses = [response for _, _, responses in requests for response in responses]
-    reward_model.load_embedder(args.embedding_model, device, args.batch_size, args.max_length)
+    reward_model.load_embedder(args.embedding_model, device, args.batch_size, args.max_length, args.dtype)
 
     start = time.perf_counter()
     rewards = reward_model.score_texts(prompts, responses, args.variant)
