@@ -79,3 +79,40 @@ def plot_calibration(panels: Mapping[str, Mapping[str, dict]], path: str | Path,
         ax.legend(fontsize=7)
     fig.suptitle(title, y=1.04)  # above the two-line panel titles
     save_figure(fig, path)
+
+
+def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str | Path, title: str,
+               log_x: bool = False) -> None:
+    """Metrics against one swept setting, one panel per metric, one line per curve, +-1 SE bars.
+
+    panels: metric label -> {curve label -> {"x": [...], "mean": [...], "se": [...]}} (None for a
+    missing value; a point without a standard error gets no bar).
+    """
+    n_cols = min(4, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.4 * n_rows), squeeze=False)
+    for ax, (metric, curves) in zip(axes.ravel(), panels.items()):
+        for label, curve in curves.items():
+            points = [(x, m, s) for x, m, s in zip(curve["x"], curve["mean"], curve["se"]) if m is not None]
+            if not points:
+                continue
+            xs, means, ses = zip(*points)
+            ax.errorbar(xs, means, yerr=[0.0 if s is None else s for s in ses], label=label, marker="o",
+                        markersize=3, capsize=2)
+        if log_x:
+            ax.set_xscale("log")
+            ax.set_xticks(sorted({x for curve in curves.values() for x in curve["x"]}))
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlabel(x_name)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center")
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# run_sweep.sh: a grid of run_all.sh runs over seeds, then one summary table and figures
+# (README, "Reproducing the paper's comparisons").
+#   SWEEP=annotation_quality SEEDS="1 2 3" JOBS=2 bash run_sweep.sh
+#   GRID="RM_OBJECTIVE=bt,clf N_PAIRS=1,5" SEEDS="1 2" NAME=my_study bash run_sweep.sh
+#   PRINT=1 SWEEP=n_sample bash run_sweep.sh > cells.txt   # one command per cell, for xargs -P,
+#                                                          # GNU parallel or a SLURM array
+# Every cell is a normal, resumable run_all.sh run in $SWEEP_DIR/$NAME/VAR=value,...,SEED=s; a rerun
+# finishes what is missing. Other run_all.sh variables in the environment apply to every cell.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER_DIR="$PWD"  # relative paths (SWEEP_DIR, DATA_DIR) mean what they mean to the caller
+
+die() { echo "run_sweep.sh: error: $*" >&2; exit 2; }
+SWEEP="${SWEEP:-}"
+JOBS="${JOBS:-1}"
+PRINT="${PRINT:-0}"
+SEEDS="${SEEDS:-1 2 3}"
+SWEEP_DIR="${SWEEP_DIR:-sweeps}"
+PYTHON="${PYTHON:-python3}"
+[[ "$JOBS" =~ ^[0-9]+$ ]] && (( JOBS > 0 )) || die "JOBS must be a positive integer, got '$JOBS'"
+[[ "$PRINT" == 0 || "$PRINT" == 1 ]] || die "PRINT must be 0 or 1, got '$PRINT'"
+CORES="$(nproc 2>/dev/null || echo 1)"
+THREADS="${THREADS:-$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))}"  # torch/BLAS threads per cell
+[[ "$THREADS" =~ ^[0-9]+$ ]] && (( THREADS > 0 )) || die "THREADS must be a positive integer, got '$THREADS'"
+
+# Presets: the seed README's recommended experiments and the paper's pairing-design study. Each
+# crosses its variable with both objectives; GRID overrides a preset's grid, the environment its
+# fixed settings.
+case "$SWEEP" in
+    annotation_quality) PRESET_GRID="RM_OBJECTIVE=bt,clf ANNOTATION_QUALITY=10,1,0.5,0.1" ;;
+    n_sample) PRESET_GRID="RM_OBJECTIVE=bt,clf N_SAMPLE=100,500,1000,2000" ;;
+    objective) PRESET_GRID="RM_OBJECTIVE=bt,clf" ;;
+    embedding)
+        PRESET_GRID="RM_OBJECTIVE=bt,clf MODEL_NAME=gemma2b,gemma7b,llama38b"
+        [[ "${USE_REPO_EMBD:-0}" == 1 ]] || die "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1 (demo data has no embedding model)" ;;
+    pairing)
+        PRESET_GRID="RM_OBJECTIVE=bt,clf PAIR_MODE=xprompt,same N_PAIRS=1,2,5"
+        export CONSIDER_FIRST_N="${CONSIDER_FIRST_N:-10}" ;;  # enough candidates for 5 pairs per prompt
+    "") PRESET_GRID="" ;;
+    *) die "SWEEP must be annotation_quality, n_sample, objective, embedding or pairing (or empty with GRID), got '$SWEEP'" ;;
+esac
+GRID="${GRID:-$PRESET_GRID}"
+NAME="${NAME:-${SWEEP:-custom}}"
+[[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "NAME must be letters, digits, '.', '_' or '-', got '$NAME'"
+[[ "${RUN_GPU_STEPS:-0}" == 0 ]] || die "RUN_GPU_STEPS=1 is not swept: run the GPU steps once with run_all.sh, then sweep with DATA_DIR set to their data"
+read -r -a SEED_LIST <<< "$SEEDS"
+(( ${#SEED_LIST[@]} > 0 )) || die "SEEDS must list at least one integer seed"
+for seed in "${SEED_LIST[@]}"; do [[ "$seed" =~ ^-?[0-9]+$ ]] || die "SEEDS must be integers, got '$seed'"; done
+
+# run_all.sh's variables, read from its NAME="${NAME:-default}" lines: the grid may set any of them.
+mapfile -t RUN_ALL_VARS < <(sed -nE 's/^([A-Z][A-Z0-9_]*)="\$\{\1:-.*/\1/p' "$REPO/run_all.sh" | sort -u)
+is_run_all_var() { [[ " ${RUN_ALL_VARS[*]} " == *" $1 "* ]]; }
+AXES=() AXIS_VALUES=()
+for axis in $GRID; do
+    var="${axis%%=*}" values="${axis#*=}"
+    [[ "$axis" == *=* && -n "$values" ]] || die "GRID entries must be VAR=value1,value2,..., got '$axis'"
+    is_run_all_var "$var" || die "GRID variable $var is not a run_all.sh variable"
+    case "$var" in
+        SEED) die "GRID cannot vary SEED: list the seeds in SEEDS" ;;
+        OUTPUT_DIR | DATA_ONLY | FORCE | RUN_GPU_STEPS) die "GRID cannot vary $var" ;;
+        DEMO_*) die "GRID cannot vary $var: the cells share one demo DATA_DIR (run one sweep per demo setting, each with its own DATA_DIR)" ;;
+    esac
+    [[ "$values" =~ ^[A-Za-z0-9._+-]+(,[A-Za-z0-9._+-]+)*$ ]] || die "GRID values of $var must be plain words separated by commas, got '$values'"
+    AXES+=("$var") AXIS_VALUES+=("$values")
+done
+
+# Settings every cell shares: the run_all.sh variables set in this environment (folders made
+# absolute, so they mean what they mean here wherever a cell runs).
+for var in DATA_DIR EMBD_REPO_DIR; do
+    [[ -n "${!var:-}" && "${!var}" != /* ]] && export "$var=$CALLER_DIR/${!var}"
+done
+FIXED=()
+for var in "${RUN_ALL_VARS[@]}"; do
+    [[ -v "$var" && "$var" != OUTPUT_DIR && "$var" != SEED ]] && FIXED+=("$var=${!var}")
+done
+FIXED+=("OMP_NUM_THREADS=$THREADS" "MKL_NUM_THREADS=$THREADS" "OPENBLAS_NUM_THREADS=$THREADS")
+
+# The cells: the cross product of the axes (first axis slowest), each with every seed.
+COMBOS=("")
+for i in "${!AXES[@]}"; do
+    IFS=, read -r -a values <<< "${AXIS_VALUES[i]}"
+    next=()
+    for combo in "${COMBOS[@]}"; do
+        for value in "${values[@]}"; do next+=("${combo:+$combo,}${AXES[i]}=$value"); done
+    done
+    COMBOS=("${next[@]}")
+done
+[[ "$SWEEP_DIR" == /* ]] || SWEEP_DIR="$CALLER_DIR/$SWEEP_DIR"
+ROOT="$SWEEP_DIR/$NAME"
+quote() {  # shell-quote $1, leaving plain words (paths, VAR=a,b) readable
+    if [[ "$1" =~ ^[A-Za-z0-9_./:=,+-]+$ ]]; then printf '%s' "$1"; else printf '%q' "$1"; fi
+}
+cell_command() {  # cell_command COMBO SEED [DATA_ONLY] -> one shell line
+    local combo="$1" seed="$2" cell="${1:+$1,}SEED=$2" assignments=() setting
+    local output="$ROOT/$cell"
+    IFS=, read -r -a settings <<< "$combo"
+    for setting in "${FIXED[@]}" ${settings[@]+"${settings[@]}"} "SEED=$seed" "OUTPUT_DIR=$output" ${3:+"DATA_ONLY=1"}; do
+        assignments+=("${setting%%=*}=$(quote "${setting#*=}")")
+    done
+    printf 'cd %s && env %s bash %s > %s 2>&1' "$(quote "$CALLER_DIR")" "${assignments[*]}" \
+        "$(quote "$REPO/run_all.sh")" "$(quote "$ROOT/logs/${cell}${3:+.data}.log")"
+}
+COMMANDS=() CELLS=()
+for combo in "${COMBOS[@]}"; do
+    for seed in "${SEED_LIST[@]}"; do
+        COMMANDS+=("$(cell_command "$combo" "$seed")") CELLS+=("$ROOT/${combo:+$combo,}SEED=$seed")
+    done
+done
+mkdir -p "$ROOT/logs" 2>/dev/null || die "SWEEP_DIR '$SWEEP_DIR' is not writable"
+if [[ "$PRINT" == 1 ]]; then
+    printf '%s\n' "${COMMANDS[@]}"
+    exit 0
+fi
+
+echo "sweep $NAME: ${#COMBOS[@]} settings x ${#SEED_LIST[@]} seeds = ${#CELLS[@]} cells, $JOBS at a time," \
+     "$THREADS threads each -> $ROOT"
+start=$SECONDS
+# Data first, once per setting (the seeds share it), so parallel cells never prepare it; this also
+# validates every setting before any training starts.
+for combo in "${COMBOS[@]}"; do
+    command="$(cell_command "$combo" "${SEED_LIST[0]}" data)"
+    bash -c "$command" || die "preparing the data for '${combo:-the cells}' failed: $(tail -n 1 "$ROOT/logs/${combo:+$combo,}SEED=${SEED_LIST[0]}.data.log")"
+done
+FAILED="$ROOT/logs/failed_cells.txt"
+rm -f "$FAILED"
+for i in "${!COMMANDS[@]}"; do
+    cell="$(quote "${CELLS[i]##*/}")"
+    printf 'if %s; then echo "[done $(date +%%T)] "%s; else echo "[FAILED] "%s; echo %s >> %q; fi\0' \
+        "${COMMANDS[i]}" "$cell" "$cell" "$cell" "$FAILED"
+done | xargs -0 -n 1 -P "$JOBS" bash -c || true
+echo "sweep $NAME: ${#CELLS[@]} cells in $((SECONDS - start)) s"
+
+DONE=()
+for cell in "${CELLS[@]}"; do [[ -f "$cell/validation_results.json" ]] && DONE+=("$cell"); done
+if (( ${#DONE[@]} )); then
+    "$PYTHON" "$REPO/summarize_runs.py" --output_dir "$ROOT" "${DONE[@]}"
+fi
+if [[ -s "$FAILED" ]]; then
+    echo "run_sweep.sh: $(wc -l < "$FAILED") of ${#CELLS[@]} cells failed (logs in $ROOT/logs/):" >&2
+    cat "$FAILED" >&2
+    exit 1
+fi

@@ -1,0 +1,308 @@
+"""Gather run_all.sh output folders into one table and the paper-style figures.
+
+    python3 summarize_runs.py sweeps/annotation_quality --output_dir sweeps/annotation_quality
+    python3 summarize_runs.py 'runs/*' distill_out --output_dir summary
+
+Story: find the runs (folders holding ``orm_manifest.json``, given directly, as globs or anywhere
+below a given folder); read each run's own JSON (``orm_manifest.json``, ``prompt_split.json``,
+``eval_results_{objective}.json``, ``validation_results.json``, ``distillation_config.json``);
+group the runs by their configuration minus the seed; refuse to put runs evaluated on different
+held-out prompts in one row or one curve; write ``summary.csv`` and ``summary.md`` (one row per
+configuration: the settings that vary, the seeds, mean and standard error over seeds of each
+metric, on the held-out prompts and on the test set when present) and one figure per swept
+setting among N_SAMPLE, ANNOTATION_QUALITY and N_PAIRS (``summary_vs_{SETTING}.png``, one line per
+objective and other varied settings). A metric a run lacks or left undefined shows as n/a.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cli import ArgumentParser, InputError, run_cli
+from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, read_json, write_text
+
+# Step-5/7 flags under their run_all.sh names (the rest are the flag in capitals).
+SETTING_NAMES = {"embed_model_name": "MODEL_NAME", "gen_pref_model_name": "GEN_PREF_MODEL"}
+NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
+STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
+FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
+EVAL_SETS = {"held_out": "held-out", "test": "test"}
+# Metric column -> (label, where it is read from). The ensemble is the members' mean (step 6's
+# ensemble_mean, step 8's Teacher); best-of-N gain is its pick's golden reward minus a random pick's
+# at the largest N evaluated.
+METRICS = {
+    "spearman_per_prompt": "per-prompt Spearman",
+    "spearman_global": "global Spearman",
+    "acc_same_prompt": "same-prompt pairwise acc.",
+    "acc_cross_prompt": "cross-prompt pairwise acc.",
+    "bon_gain": "best-of-N gain over random",
+    "teacher_iso_mse": "Teacher+Isotonic MSE",
+    "student_iso_mse": "Student+Isotonic MSE",
+    "constant_mse": "constant-predictor MSE",
+}
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders, globs, or folders to search for runs")
+    parser.add_argument("--output_dir", default=".", help="where summary.csv, summary.md and the PNGs go")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Run:
+    path: Path
+    seed: int
+    settings: dict  # run_all.sh name -> value, seed excluded
+    held_out_key: str  # the data and the held-out prompts it was evaluated on
+    metrics: dict  # "{set}_{metric}" -> float or None
+    bon_n: dict  # set -> largest best-of-N N, or None
+
+
+def find_runs(patterns: list[str]) -> list[Path]:
+    """Run folders (holding orm_manifest.json) named by ``patterns``, deduplicated and sorted."""
+    found = set()
+    for pattern in patterns:
+        matches = glob.glob(pattern) or [pattern]
+        for match in map(Path, matches):
+            if (match / MANIFEST_FILE).is_file():
+                found.add(match.resolve())
+            elif match.is_dir():
+                found.update(manifest.parent.resolve() for manifest in match.rglob(MANIFEST_FILE))
+            else:
+                raise InputError(f"{match}: not a run folder (no {MANIFEST_FILE}) nor a folder of runs")
+    if not found:
+        raise InputError(f"no run folders ({MANIFEST_FILE}) in {' '.join(patterns)}")
+    return sorted(found)
+
+
+def number(value) -> float | None:
+    """A finite float, or None for a missing, null or non-finite value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def dig(obj, *keys):
+    """obj[k1][k2]..., or None where a level is missing."""
+    for key in keys:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def read_metrics(evaluation: dict | None, validation: dict | None, eval_set: str) -> tuple[dict, int | None]:
+    """The summary metrics of one evaluation set of one run, and its largest best-of-N N."""
+    ranking = dig(evaluation, eval_set, "ranking", "ensemble_mean")
+    curves = dig(evaluation, eval_set, "best_of_n", "curves") or {}
+    ensemble, random_pick = curves.get("ensemble_mean") or {}, curves.get("random") or {}
+    bon_n, bon_gain = None, None
+    if ensemble.get("n") and random_pick.get("n") and ensemble["n"][-1] == random_pick["n"][-1]:
+        bon_n = ensemble["n"][-1]
+        picked, random_mean = number(ensemble["mean"][-1]), number(random_pick["mean"][-1])
+        bon_gain = None if picked is None or random_mean is None else picked - random_mean
+    variants = dig(validation, eval_set, "variants")
+    values = {
+        "spearman_per_prompt": dig(ranking, "spearman_per_prompt", "mean"),
+        "spearman_global": dig(ranking, "spearman_global"),
+        "acc_same_prompt": dig(ranking, "pairwise_accuracy_same_prompt", "accuracy"),
+        "acc_cross_prompt": dig(ranking, "pairwise_accuracy_cross_prompt", "accuracy"),
+        "bon_gain": bon_gain,
+        "teacher_iso_mse": dig(variants, "Teacher+Isotonic", "calibration", "mse"),
+        "student_iso_mse": dig(variants, "Student+Isotonic", "calibration", "mse"),
+        "constant_mse": dig(validation, eval_set, "constant_predictor", "mse"),
+    }
+    return {f"{eval_set}_{name}": number(value) for name, value in values.items()}, bon_n
+
+
+def optional_json(path: Path) -> dict | None:
+    return read_json(path, "run result") if path.is_file() else None
+
+
+def load_run(path: Path) -> Run:
+    manifest = read_json(path / MANIFEST_FILE, "ORM manifest")
+    split = read_json(path / PARTITION_FILE, "prompt partition")
+    config = manifest.get("config")
+    if not isinstance(config, dict) or "seed" not in config or "rm_objective" not in config:
+        raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with seed and rm_objective")
+    settings = {SETTING_NAMES.get(key, key.upper()): value for key, value in config.items()
+                if key not in NOT_SETTINGS}
+    step7 = dig(optional_json(path / "distillation_config.json"), "config") or {}
+    settings.update({key.upper(): step7[key] for key in STEP7_SETTINGS if key in step7})
+    data_fingerprint = dig(manifest, "data", "fingerprint")
+    settings["DATA"] = str(data_fingerprint)[:12]  # runs on other data are other configurations
+    held_out = split.get("held_out")
+    if not isinstance(held_out, list):
+        raise InputError(f"{path / PARTITION_FILE}: no held_out prompt list")
+    held_out_key = hashlib.sha256(json.dumps([data_fingerprint, sorted(held_out)]).encode()).hexdigest()
+    evaluation = optional_json(path / f"eval_results_{config['rm_objective']}.json")
+    validation = optional_json(path / "validation_results.json")
+    metrics, bon_n = {}, {}
+    for eval_set in EVAL_SETS:
+        values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
+        metrics.update(values)
+    return Run(path, config["seed"], settings, held_out_key, metrics, bon_n)
+
+
+def sort_key(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def check_same_held_out(runs: list[Run], what: str) -> None:
+    """One line if ``runs`` (one row or one curve) were evaluated on different held-out prompts."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.held_out_key != first.held_out_key:
+            raise InputError(f"{first.path} and {run.path} were evaluated on different held-out prompts "
+                             f"(other data, SPLIT_SEED or EVAL_PROMPTS, or runs from before the fixed "
+                             f"evaluation pool); they cannot share {what}")
+
+
+def mean_se(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard error (sample std / sqrt(n)) of the defined values; SE needs two."""
+    defined = np.array([v for v in values if v is not None], dtype=np.float64)
+    if len(defined) == 0:
+        return None, None
+    se = float(defined.std(ddof=1) / np.sqrt(len(defined))) if len(defined) > 1 else None
+    return float(defined.mean()), se
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
+    """Rows of the summary: (varied settings, metric columns, rows, common settings)."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[json.dumps(run.settings, sort_keys=True)].append(run)
+    all_names = sorted({name for run in runs for name in run.settings})
+    varied = [name for name in all_names if len({json.dumps(r.settings.get(name)) for r in runs}) > 1]
+    if "RM_OBJECTIVE" not in varied:
+        varied.insert(0, "RM_OBJECTIVE")
+    common = {name: runs[0].settings.get(name) for name in all_names if name not in varied}
+    sets = [s for s in EVAL_SETS if any(run.metrics[f"{s}_spearman_per_prompt"] is not None for run in runs)]
+    columns = [f"{s}_{metric}" for s in sets for metric in METRICS]
+    rows = []
+    for members in groups.values():
+        check_same_held_out(members, "a row")
+        row = {name: members[0].settings.get(name) for name in varied}
+        row["n_seeds"] = len(members)
+        row["seeds"] = " ".join(str(seed) for seed in sorted(run.seed for run in members))
+        for column in columns:
+            row[f"{column}_mean"], row[f"{column}_se"] = mean_se([run.metrics[column] for run in members])
+        for s in sets:
+            ns = {run.bon_n[s] for run in members}
+            row[f"{s}_bon_n"] = ns.pop() if len(ns) == 1 else None
+        row["_runs"] = members
+        rows.append(row)
+    rows.sort(key=lambda row: [sort_key(row[name]) for name in varied])
+    return varied, columns, rows, common
+
+
+def check_curves(rows: list[dict], varied: list[str]) -> None:
+    """Rows on one figure curve (equal but for one swept setting) share their held-out prompts."""
+    for x_name in (name for name in FIGURE_SETTINGS if name in varied):
+        curves = defaultdict(list)
+        for row in rows:
+            curves[json.dumps([row[name] for name in varied if name != x_name])].extend(row["_runs"])
+        for curve_runs in curves.values():
+            check_same_held_out(curve_runs, f"a curve against {x_name}")
+
+
+def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: list[dict], common: dict) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    extra = [f"{s}_bon_n" for s in EVAL_SETS if f"{s}_spearman_per_prompt" in columns]
+    header = [*varied, "n_seeds", "seeds", *[f"{c}_{stat}" for c in columns for stat in ("mean", "se")], *extra]
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["n/a" if row[name] is None else (f"{row[name]!r}" if isinstance(row[name], float)
+                                                          else row[name]) for name in header])
+    write_text(output_dir / "summary.csv", buffer.getvalue())
+
+    lines = [f"# Summary of {sum(row['n_seeds'] for row in rows)} runs",
+             "", "Mean ± standard error over seeds; the ensemble is the mean of its members.",
+             "Common settings: " + ", ".join(f"{k}={v}" for k, v in common.items()), ""]
+    for eval_set, label in EVAL_SETS.items():
+        set_columns = [c for c in columns if c.startswith(f"{eval_set}_")]
+        if not set_columns:
+            continue
+        bon_ns = {row[f"{eval_set}_bon_n"] for row in rows}
+        bon = f"@N={bon_ns.pop()}" if len(bon_ns) == 1 else "@largest N"
+        names = [METRICS[c.removeprefix(f"{eval_set}_")].replace("best-of-N gain", f"BoN{bon} gain")
+                 for c in set_columns]
+        lines += [f"## {label} prompts", "", "| " + " | ".join([*varied, "n seeds", *names]) + " |",
+                  "|" + "---|" * (len(varied) + 1 + len(names))]
+        for row in rows:
+            cells = [str(row[name]) for name in varied] + [str(row["n_seeds"])]
+            for column in set_columns:
+                mean, se = row[f"{column}_mean"], row[f"{column}_se"]
+                cells.append(fmt(mean) if se is None or mean is None else f"{mean:.3f} ± {se:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    write_text(output_dir / "summary.md", "\n".join(lines))
+
+
+def write_figures(output_dir: Path, varied: list[str], rows: list[dict]) -> list[Path]:
+    """One PNG per swept setting among FIGURE_SETTINGS: held-out metrics against it."""
+    from plots import plot_sweep  # matplotlib only when there is a figure to draw
+
+    paths = []
+    for x_name in (name for name in FIGURE_SETTINGS if name in varied):
+        others = [name for name in varied if name != x_name]
+        curves = defaultdict(list)
+        for row in rows:
+            label = ", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)
+            curves[label].append(row)
+        panels = {}
+        for metric, metric_label in METRICS.items():
+            column = f"held_out_{metric}"
+            panels[metric_label] = {label: {"x": [row[x_name] for row in curve_rows],
+                                            "mean": [row.get(f"{column}_mean") for row in curve_rows],
+                                            "se": [row.get(f"{column}_se") for row in curve_rows]}
+                                    for label, curve_rows in curves.items()}
+        xs = [row[x_name] for row in rows]
+        log_x = all(isinstance(x, (int, float)) and x > 0 for x in xs)
+        path = output_dir / f"summary_vs_{x_name}.png"
+        seeds = sorted({row["n_seeds"] for row in rows})
+        seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        plot_sweep(x_name, panels, path, log_x=log_x,
+                   title=f"held-out prompts ({held_out_count(rows[0]['_runs'][0])}), mean ± SE over "
+                         f"{seeds_text} seeds per point")
+        paths.append(path)
+    return paths
+
+
+def held_out_count(run: Run) -> str:
+    split = read_json(run.path / PARTITION_FILE, "prompt partition")
+    return f"{len(split['held_out'])} prompts"
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    output_dir = ensure_writable_dir(args.output_dir)
+    runs = [load_run(path) for path in find_runs(args.runs)]
+    varied, columns, rows, common = summarize(runs)
+    check_curves(rows, varied)
+    write_tables(output_dir, varied, columns, rows, common)
+    figures = write_figures(output_dir, varied, rows)
+    print((output_dir / "summary.md").read_text())
+    print(f"summarize_runs: {len(runs)} runs in {len(rows)} rows -> {output_dir / 'summary.csv'}, "
+          f"{output_dir / 'summary.md'}" + "".join(f", {path}" for path in figures))
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,177 @@
+"""Comparable experiments: a fixed evaluation pool, the sweep driver and summarize_runs.py."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_failing
+
+import summarize_runs
+
+# Tiny runs: a few seconds per run_all.sh, dominated by Python start-up.
+TINY = {"N_SAMPLE": "40", "EVAL_PROMPTS": "40", "DEMO_PROMPTS": "120", "DEMO_EMB_DIM": "16",
+        "DEMO_TEST_PROMPTS": "3", "DEMO_TEST_RESPONSES": "12", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "1",
+        "DISTILL_EPOCHS": "1", "PYTHON": sys.executable}
+EVAL_ROLES = ("calibration", "student_train", "held_out")
+
+
+def run_script(script: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), **TINY, **env}
+    return subprocess.run(["bash", str(ROOT / script)], env=full_env, capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+
+
+def split_of(folder: Path) -> dict:
+    return json.loads((folder / "prompt_split.json").read_text())
+
+
+def test_evaluation_prompts_do_not_depend_on_n_sample_or_seed(tmp_path):
+    outs = {name: tmp_path / name for name in ("base", "more_prompts", "other_seed")}
+    settings = {"base": {}, "more_prompts": {"N_SAMPLE": "70"}, "other_seed": {"SEED": "7"}}
+    for name, out in outs.items():
+        proc = run_script("run_all.sh", tmp_path, OUTPUT_DIR=str(out), **settings[name])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if name == "base":  # later runs reuse the demo data untouched
+            data_files = {path: path.stat().st_mtime_ns for path in (tmp_path / "data").iterdir()}
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "data").iterdir()} == data_files
+    base, more, other = (split_of(out) for out in outs.values())
+    for role in EVAL_ROLES:
+        assert base[role] == more[role] == other[role], role
+    assert [len(base[role]) for role in EVAL_ROLES] == [24, 8, 8]
+    assert len(base["orm_train"]) == 40 and len(more["orm_train"]) == 70
+    assert set(base["orm_train"]) < set(more["orm_train"])  # nested as N_SAMPLE grows
+    assert base["orm_train"] == other["orm_train"]  # SEED draws pairs, labels and weights only
+    assert (base["split_seed"], base["eval_prompts"], base["n_prompts"]) == (0, 40, 120)
+    base_ckpt = json.loads((outs["base"] / "orm_manifest.json").read_text())["checkpoints"][0]
+    other_ckpt = json.loads((outs["other_seed"] / "orm_manifest.json").read_text())["checkpoints"][0]
+    assert (outs["base"] / base_ckpt).read_bytes() != (outs["other_seed"] / other_ckpt).read_bytes()
+    # summarize_runs.py puts runs with N_SAMPLE 40 and 70 on one curve, but not with other held-out prompts.
+    summarize_runs.main([str(outs["base"]), str(outs["more_prompts"]), "--output_dir", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "summary_vs_N_SAMPLE.png").stat().st_size > 10_000
+    # A run whose held-out prompts moved with N_SAMPLE (as before the fixed pool) cannot join that curve.
+    moved = tmp_path / "moved"
+    shutil.copytree(outs["more_prompts"], moved)
+    (moved / "prompt_split.json").write_text(json.dumps({**more, "held_out": more["held_out"][1:] + [10**6]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "summarize_runs.py"), str(outs["base"]), str(moved),
+                           "--output_dir", str(tmp_path / "s2")], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "were evaluated on different held-out prompts" in proc.stderr
+    assert "a curve against N_SAMPLE" in proc.stderr
+
+
+def ensemble_metrics(run: Path, eval_set: str) -> dict:
+    """The summary's metrics, read straight from a run's own JSON files."""
+    manifest = json.loads((run / "orm_manifest.json").read_text())
+    evaluation = json.loads((run / f"eval_results_{manifest['config']['rm_objective']}.json").read_text())[eval_set]
+    validation = json.loads((run / "validation_results.json").read_text())[eval_set]
+    ranking, curves = evaluation["ranking"]["ensemble_mean"], evaluation["best_of_n"]["curves"]
+    return {"spearman_per_prompt": ranking["spearman_per_prompt"]["mean"],
+            "spearman_global": ranking["spearman_global"],
+            "acc_same_prompt": ranking["pairwise_accuracy_same_prompt"]["accuracy"],
+            "acc_cross_prompt": ranking["pairwise_accuracy_cross_prompt"]["accuracy"],
+            "bon_gain": curves["ensemble_mean"]["mean"][-1] - curves["random"]["mean"][-1],
+            "teacher_iso_mse": validation["variants"]["Teacher+Isotonic"]["calibration"]["mse"],
+            "student_iso_mse": validation["variants"]["Student+Isotonic"]["calibration"]["mse"],
+            "constant_mse": validation["constant_predictor"]["mse"]}
+
+
+def test_sweep_driver_and_summary_match_the_runs(tmp_path):
+    grid = {"GRID": "RM_OBJECTIVE=bt,clf ANNOTATION_QUALITY=10,1", "SEEDS": "1 2", "NAME": "aq",
+            "SWEEP_DIR": "sweeps"}
+    printed = run_script("run_sweep.sh", tmp_path, PRINT="1", JOBS="2", THREADS="1", **grid)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert len(lines) == 8 and all("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1" in line for line in lines)
+    assert "OUTPUT_DIR=" + str(tmp_path / "sweeps" / "aq" / "RM_OBJECTIVE=clf,ANNOTATION_QUALITY=1,SEED=2") in lines[-1]
+    assert not (tmp_path / "data").exists()  # printing runs nothing
+
+    proc = run_script("run_sweep.sh", tmp_path, JOBS="2", **grid)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    root = tmp_path / "sweeps" / "aq"
+    cells = sorted(path for path in root.iterdir() if (path / "orm_manifest.json").is_file())
+    assert [cell.name for cell in cells] == sorted(f"RM_OBJECTIVE={o},ANNOTATION_QUALITY={q},SEED={s}"
+                                                   for o in ("bt", "clf") for q in (10, 1) for s in (1, 2))
+    assert len({json.dumps([split_of(cell)[role] for role in EVAL_ROLES]) for cell in cells}) == 1
+    with open(root / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    for row in rows:
+        quality = float(row["ANNOTATION_QUALITY"])
+        runs = [root / f"RM_OBJECTIVE={row['RM_OBJECTIVE']},ANNOTATION_QUALITY={quality:g},SEED={s}" for s in (1, 2)]
+        assert row["n_seeds"] == "2" and row["seeds"] == "1 2"
+        for eval_set in ("held_out", "test"):
+            per_run = [ensemble_metrics(run, eval_set) for run in runs]
+            for metric in summarize_runs.METRICS:
+                values = np.array([metrics[metric] for metrics in per_run])
+                assert float(row[f"{eval_set}_{metric}_mean"]) == pytest.approx(values.mean(), rel=1e-12)
+                expected_se = values.std(ddof=1) / np.sqrt(2)
+                assert float(row[f"{eval_set}_{metric}_se"]) == pytest.approx(expected_se, rel=1e-9, abs=1e-15)
+    summary_md = (root / "summary.md").read_text()
+    assert "## held-out prompts" in summary_md and "## test prompts" in summary_md
+    assert (root / "summary_vs_ANNOTATION_QUALITY.png").stat().st_size > 10_000
+    # A rerun finds every cell up to date and only summarizes again.
+    proc = run_script("run_sweep.sh", tmp_path, JOBS="2", **grid)
+    assert proc.returncode == 0
+    logs = [(root / "logs" / f"{cell.name}.log").read_text() for cell in cells]
+    assert all(log.count("up to date]") == 4 for log in logs)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"GRID": "ANOTATION_QUALITY=1,10"}, "GRID variable ANOTATION_QUALITY is not a run_all.sh variable"),
+    ({"GRID": "SEED=1,2"}, "GRID cannot vary SEED: list the seeds in SEEDS"),
+    ({"GRID": "DEMO_PROMPTS=100,200"}, "GRID cannot vary DEMO_PROMPTS"),
+    ({"SWEEP": "embedding"}, "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1"),
+    ({"SWEEP": "nope"}, "SWEEP must be annotation_quality, n_sample, objective, embedding or pairing"),
+    ({"SWEEP": "objective", "SEEDS": "1 x"}, "SEEDS must be integers, got 'x'"),
+    ({"SWEEP": "objective", "JOBS": "0"}, "JOBS must be a positive integer, got '0'"),
+    ({"SWEEP": "objective", "PAIR_MODE": "cross"}, "PAIR_MODE must be xprompt or same, got 'cross'"),
+])
+def test_sweep_bad_settings_are_one_line(tmp_path, env, message):
+    proc = run_script("run_sweep.sh", tmp_path, **{"SWEEP_DIR": str(tmp_path / "sweeps"), "SEEDS": "1", **env})
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not any((tmp_path / "sweeps").rglob("orm_manifest.json"))
+
+
+def fake_run(folder: Path, seed: int, held_out: list[int], n_sample: int = 40, metrics: bool = True) -> Path:
+    """A run folder with the JSON summarize_runs.py reads (step 6-8 results optional)."""
+    folder.mkdir(parents=True)
+    config = {"rm_objective": "bt", "seed": seed, "n_sample": n_sample, "annotation_quality": 10.0,
+              "data_dir": "data"}
+    (folder / "orm_manifest.json").write_text(json.dumps({"config": config, "data": {"fingerprint": "f" * 64},
+                                                          "checkpoints": ["a.ckpt"]}))
+    (folder / "prompt_split.json").write_text(json.dumps({"held_out": held_out, "orm_train": [9]}))
+    if metrics:
+        ranking = {"spearman_per_prompt": {"mean": None if seed == 2 else 0.5 + seed / 10},
+                   "spearman_global": 0.3, "pairwise_accuracy_same_prompt": {"accuracy": 0.6},
+                   "pairwise_accuracy_cross_prompt": {"accuracy": 0.7}}
+        (folder / "eval_results_bt.json").write_text(json.dumps(
+            {"held_out": {"ranking": {"ensemble_mean": ranking}, "best_of_n": {"curves": {}}}}))
+    return folder
+
+
+def test_summary_shows_missing_metrics_as_na_and_refuses_mixed_held_out(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs / "a", 1, [1, 2])
+    fake_run(runs / "b", 2, [1, 2])  # its per-prompt Spearman is undefined (null)
+    fake_run(runs / "c", 3, [1, 2])
+    fake_run(runs / "d", 1, [1, 2], n_sample=80, metrics=False)  # steps 6-8 never ran
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        rows = {row["N_SAMPLE"]: row for row in csv.DictReader(handle)}
+    assert rows["40"]["n_seeds"] == "3"
+    assert float(rows["40"]["held_out_spearman_per_prompt_mean"]) == pytest.approx(0.7)  # seeds 1 and 3
+    assert float(rows["40"]["held_out_spearman_per_prompt_se"]) == pytest.approx(0.1)
+    assert rows["40"]["held_out_teacher_iso_mse_mean"] == rows["80"]["held_out_spearman_global_mean"] == "n/a"
+    assert "n/a" in (tmp_path / "out" / "summary.md").read_text()
+    fake_run(runs / "e", 4, [1, 3])  # same configuration as a-c, other held-out prompts
+    err = run_failing(summarize_runs.main, [str(runs / "a"), str(runs / "e"), "--output_dir", str(tmp_path)], capsys)
+    assert "were evaluated on different held-out prompts" in err and "cannot share a row" in err
+    err = run_failing(summarize_runs.main, [str(tmp_path / "nothing*"), "--output_dir", str(tmp_path)], capsys)
+    assert "not a run folder" in err
