@@ -88,9 +88,11 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
     panels: metric label -> {curve label -> {"x": [...], "mean": [...], "se": [...]}} (None for a
     missing value; a point without a standard error gets no bar).
     """
+    from matplotlib import ticker
+
     n_cols = min(4, len(panels))
     n_rows = -(-len(panels) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.4 * n_rows), squeeze=False)
+    fig, axes = _pyplot().subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.4 * n_rows), squeeze=False)
     for ax, (metric, curves) in zip(axes.ravel(), panels.items()):
         for label, curve in curves.items():
             points = [(x, m, s) for x, m, s in zip(curve["x"], curve["mean"], curve["se"]) if m is not None]

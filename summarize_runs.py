@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import ArgumentParser, InputError, run_cli
+from plots import plot_sweep
 from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, read_json, write_text
 
 # Step-5/7 flags under their run_all.sh names (the rest are the flag in capitals).
@@ -257,8 +258,6 @@ def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: 
 
 def write_figures(output_dir: Path, varied: list[str], rows: list[dict]) -> list[Path]:
     """One PNG per swept setting among FIGURE_SETTINGS: held-out metrics against it."""
-    from plots import plot_sweep  # matplotlib only when there is a figure to draw
-
     paths = []
     for x_name in (name for name in FIGURE_SETTINGS if name in varied):
         others = [name for name in varied if name != x_name]
