@@ -189,9 +189,8 @@ def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
     for run in runs:
         groups[json.dumps(run.settings, sort_keys=True)].append(run)
     all_names = sorted({name for run in runs for name in run.settings})
-    varied = [name for name in all_names if len({json.dumps(r.settings.get(name)) for r in runs}) > 1]
-    if "RM_OBJECTIVE" not in varied:
-        varied.insert(0, "RM_OBJECTIVE")
+    varied = ["RM_OBJECTIVE"] + [name for name in all_names if name != "RM_OBJECTIVE"
+                                 and len({json.dumps(r.settings.get(name)) for r in runs}) > 1]
     common = {name: runs[0].settings.get(name) for name in all_names if name not in varied}
     sets = [s for s in EVAL_SETS if any(run.metrics[f"{s}_spearman_per_prompt"] is not None for run in runs)]
     columns = [f"{s}_{metric}" for s in sets for metric in METRICS]
