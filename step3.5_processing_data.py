@@ -112,8 +112,9 @@ def main(argv=None):
         write_jsonl(run.ranked_path(data_class, rm_name), ranked)
     print("step3.5: " + "; ".join(
         f"{c}: {len(ranked)} prompts x {len(ranked[0]['rewards_sorted'])} responses from parts "
-        f"{','.join(map(str, parts))} ({sum(r['n_empty_after_cut'] for r in ranked)} empty after the cut) -> "
-        f"{run.ranked_path(c, rm_name).name}"
+        f"{','.join(map(str, parts))} ({sum(r['n_empty_after_cut'] for r in ranked)} empty after the cut, "
+        f"{sum(len(set(r['rewards_sorted'])) < len(r['rewards_sorted']) for r in ranked)} prompts with "
+        f"tied rewards) -> {run.ranked_path(c, rm_name).name}"
         for c, (ranked, parts) in results.items()) + f" in {run.folder}")
 
 

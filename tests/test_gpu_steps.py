@@ -455,7 +455,7 @@ def test_vllm_settings_per_prompt_seeds_tp_and_max_model_len(pipeline, tiny, tmp
 # --------------------------------------------------------------------------------------------
 # float32 outputs whatever the compute dtype
 # --------------------------------------------------------------------------------------------
-def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_path):
+def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "out"
@@ -476,7 +476,10 @@ def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_pat
     assert np.mean(as_bf16 != bf16.ravel()) > 0.9
     assert len(np.unique(bf16)) == len(np.unique(fp32)) == fp32.size
 
+    capsys.readouterr()
     step35_main(gen + pipeline["rm"])
+    assert "train: 8 prompts x 4 responses from parts 0,1,2,3,4 (0 empty after the cut, 0 prompts with tied rewards)" \
+        in capsys.readouterr().out
     data = tmp_path / "data"
     step4_gen_embeddings.main(gen + pipeline["rm"] + ["--embed_model_name", str(tiny["embed-left"]), "--data_dir",
                                                       str(data), "--train_test", "train", "--dtype", "bfloat16"])
@@ -630,7 +633,7 @@ def test_empty_responses_are_counted_by_every_step(tiny, tmp_path, capsys):
     scored = read_lines(run.scored_path("train", 0, str(tiny["golden-rm"])))
     assert [r["n_empty_after_cut"] for r in scored] == [2, 1, 1]
     step35_main(flags)
-    assert "(4 empty after the cut)" in capsys.readouterr().out
+    assert "(4 empty after the cut, 1 prompts with tied rewards)" in capsys.readouterr().out  # prompt 0's two
     step4_gen_embeddings.main(flags + ["--embed_model_name", str(tiny["embed-left"]), "--data_dir", str(data)])
     assert "4 responses empty after the cut" in capsys.readouterr().out
     assert json.loads((data / "embedding_info_train.json").read_text())["n_empty_after_cut"] == 4
