@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -274,17 +274,17 @@ def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> di
 # --------------------------------------------------------------------------------------------
 # Shared by steps 7 and 8: flags checked against the manifest, the teacher
 # --------------------------------------------------------------------------------------------
-def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Sequence[MLP],
+def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Callable[[np.ndarray], np.ndarray],
                    cache: tuple[Path, Sequence[Path]] | None = None) -> np.ndarray:
     """The teacher's scores (P, R) float32: the mean over its members (step 6's ``ensemble_mean``).
 
+    teacher: the members' scorer, (B, D) -> (M, B) (``networks.ensemble_scorer`` or
+        ``networks.lazy_ensemble_scorer``), built once per step and shared by its calls
     cache: (cache folder, the members' checkpoint files) to reuse step 6's member scores.
     """
-    from networks import ensemble_scorer
-
     if cache is None:
-        return data.score(prompt_ids, ensemble_scorer(teacher)).mean(axis=0)
-    return data.score_cached(prompt_ids, ensemble_scorer(teacher), cache[0], list(cache[1])).mean(axis=0)
+        return data.score(prompt_ids, teacher).mean(axis=0)
+    return data.score_cached(prompt_ids, teacher, cache[0], list(cache[1])).mean(axis=0)
 
 
 def student_scores(data: EmbeddingSet, prompt_ids: np.ndarray, student: MLP) -> np.ndarray:

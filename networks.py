@@ -306,15 +306,36 @@ class StackedEnsemble:
     @torch.inference_mode()
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(rows)
-        h1 = torch.relu(torch.addmm(self.b1, x, self.w1))  # (B, M * H1)
+        h1 = torch.addmm(self.b1, x, self.w1).relu_()  # (B, M * H1); in place: no second (B, M * H1) buffer
         h1 = h1.view(len(x), self.n_members, self.hidden).transpose(0, 1)  # (M, B, H1)
-        h2 = torch.relu(torch.baddbmm(self.b2, h1, self.w2))
+        h2 = torch.baddbmm(self.b2, h1, self.w2).relu_()
         return torch.baddbmm(self.b3, h2, self.w3).squeeze(-1).numpy()  # (M, B)
 
 
 def ensemble_scorer(models: Sequence[MLP]) -> StackedEnsemble:
-    """A function (B, D) float32 numpy -> (M, B) float32 numpy scoring with every model."""
+    """A function (B, D) float32 numpy -> (M, B) float32 numpy scoring with every model.
+
+    Stacking copies every member's weights: build it once per step and reuse it.
+    """
     return StackedEnsemble(models)
+
+
+def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`ensemble_scorer` of the checkpoints ``paths``, loaded (:func:`load_ensemble`) on its first
+    call: step 8 takes the teacher's scores from step 6's cache and then never loads the teacher. A
+    cache hit means these very bytes were scored on this data, so the checks loading does had passed."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"checkpoint not found: {path}")
+    scorer = None
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        nonlocal scorer
+        if scorer is None:
+            scorer = ensemble_scorer(load_ensemble(paths, expected_dim))
+        return scorer(rows)
+
+    return score
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,7 +112,14 @@ def main(argv=None) -> dict:
     # torch is imported once the flags are valid: --help and flag errors return at once.
     import torch
 
-    from networks import TrainConfig, load_ensemble, mlp_train_flops_per_sample, save_checkpoint, train_student
+    from networks import (
+        TrainConfig,
+        ensemble_scorer,
+        load_ensemble,
+        mlp_train_flops_per_sample,
+        save_checkpoint,
+        train_student,
+    )
 
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
@@ -125,6 +132,7 @@ def main(argv=None) -> dict:
     teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
                      else checkpoint_paths(output_dir, manifest))
     teacher = load_ensemble(teacher_paths, data.dim)
+    teacher_scorer = ensemble_scorer(teacher)  # scores calibration and student_train prompts
     partition = load_partition(output_dir, data)
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     if len(calibration_prompts) < args.cv_folds:
@@ -139,7 +147,7 @@ def main(argv=None) -> dict:
     # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
     start = time.perf_counter()
     calibration_gold = data.rewards[calibration_prompts]
-    calibration_teacher = teacher_scores(data, calibration_prompts, teacher)
+    calibration_teacher = teacher_scores(data, calibration_prompts, teacher_scorer)
     variant_comparison = {variant: cross_validate(calibration_teacher, calibration_gold, args.cv_folds, seed,
                                                   variant, args.n_cross_pairs) for variant in VARIANTS}
     teacher_cv = variant_comparison[args.isotonic_variant]
@@ -155,7 +163,7 @@ def main(argv=None) -> dict:
     # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
     fit_prompts, stop_prompts = split_prompts(student_prompts, args.val_fraction, split_rng)
     features = torch.from_numpy(read_prompt_rows(data, student_prompts))
-    targets = teacher_map.predict(teacher_scores(data, student_prompts, teacher)).ravel()
+    targets = teacher_map.predict(teacher_scores(data, student_prompts, teacher_scorer)).ravel()
     rows = np.arange(len(student_prompts) * data.n_splits).reshape(len(student_prompts), data.n_splits)
     is_fit_prompt = np.isin(student_prompts, fit_prompts)
     start = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,8 +91,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: list[MLP], student: MLP,
-                   teacher_map: IsotonicMap, student_map: IsotonicMap,
+def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Callable[[np.ndarray], np.ndarray],
+                   student: MLP, teacher_map: IsotonicMap, student_map: IsotonicMap,
                    teacher_cache: tuple[Path, list[Path]]) -> dict[str, np.ndarray]:
     """The four variants' (P, R) float64 scores of every response of ``prompt_ids``."""
     raw_teacher = teacher_scores(data, prompt_ids, teacher, teacher_cache).astype(np.float64)
@@ -149,7 +150,7 @@ def format_table(title: str, result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from networks import load_checkpoint, load_ensemble  # torch: after the flags, so --help returns at once
+    from networks import lazy_ensemble_scorer, load_checkpoint  # torch: after the flags, so --help returns at once
 
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
@@ -165,7 +166,7 @@ def main(argv=None) -> dict:
         manifest["config"]["task"], manifest["config"]["rm_objective"]))
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
-    teacher = load_ensemble(teacher_paths, data.dim)
+    teacher = lazy_ensemble_scorer(teacher_paths, data.dim)  # loaded only if step 6's cache lacks a score
     teacher_cache = (output_dir / SCORE_CACHE_DIR, teacher_paths)  # step 6's scores of the same members
     student = load_checkpoint(student_path, data.dim)
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
@@ -204,7 +205,7 @@ def main(argv=None) -> dict:
                      calibration_plot, title=f"Calibration ({teacher_map.variant} isotonic)")
     plot_best_of_n({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["best_of_n"]
                     for name, res in evaluated.items()}, bon_plot,
-                   title=f"Teacher ({len(teacher)} members) vs distilled student")
+                   title=f"Teacher ({len(teacher_paths)} members) vs distilled student")
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
     write_json(json_path, results)
     table = "\n".join(format_table(label[name], res) for name, res in evaluated.items())

@@ -235,7 +235,7 @@ def test_student_reproduces_the_calibrated_teacher_on_held_out(pipeline):
     teacher = [load_checkpoint(pipeline["out"] / name, data.dim) for name in manifest["checkpoints"]]
     student = load_checkpoint(pipeline["out"] / "distilled_rm_helpful_bt.ckpt", data.dim)
     teacher_map = calibration.load_isotonic_map(pipeline["out"] / calibration.TEACHER_MAP_FILE)
-    targets = teacher_map.predict(calibration.teacher_scores(data, held_out, teacher))
+    targets = teacher_map.predict(calibration.teacher_scores(data, held_out, networks.ensemble_scorer(teacher)))
     predictions = calibration.student_scores(data, held_out, student)
     mse = float(np.mean((predictions - targets) ** 2))
     assert mse < 0.25 * targets.var()
@@ -343,3 +343,18 @@ def test_run_all_runs_steps_5_to_8_and_prints_the_table(tmp_path):
         assert str(tmp_path / "out" / plot) in last_lines
     results = json.loads((tmp_path / "out" / "validation_results.json").read_text())
     assert set(results["held_out"]["variants"]) == set(step8.VARIANT_NAMES)
+
+
+def test_step8_takes_the_teacher_from_the_cache_without_loading_it(pipeline, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["out"], out)  # step 8 has run there: the score cache holds the teacher's scores
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although its scores were cached")
+
+    monkeypatch.setattr(networks, "load_ensemble", refuse)
+    again = step8.main(["--output_dir", str(out)])
+    assert again["held_out"] == pipeline["results"]["held_out"]
+    missing = out / json.loads((out / "orm_manifest.json").read_text())["checkpoints"][0]
+    missing.unlink()
+    assert run_failing(step8.main, ["--output_dir", str(out)], capsys) == f"error: checkpoint not found: {missing}"
