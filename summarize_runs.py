@@ -290,10 +290,10 @@ def held_out_count(run: Run) -> str:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    output_dir = ensure_writable_dir(args.output_dir)
     runs = [load_run(path) for path in find_runs(args.runs)]
     varied, columns, rows, common = summarize(runs)
     check_curves(rows, varied)
+    output_dir = ensure_writable_dir(args.output_dir)  # only once the runs are known to fit together
     write_tables(output_dir, varied, columns, rows, common)
     figures = write_figures(output_dir, varied, rows)
     print((output_dir / "summary.md").read_text())

@@ -171,7 +171,9 @@ def test_summary_shows_missing_metrics_as_na_and_refuses_mixed_held_out(tmp_path
     assert rows["40"]["held_out_teacher_iso_mse_mean"] == rows["80"]["held_out_spearman_global_mean"] == "n/a"
     assert "n/a" in (tmp_path / "out" / "summary.md").read_text()
     fake_run(runs / "e", 4, [1, 3])  # same configuration as a-c, other held-out prompts
-    err = run_failing(summarize_runs.main, [str(runs / "a"), str(runs / "e"), "--output_dir", str(tmp_path)], capsys)
+    mixed = tmp_path / "mixed"
+    err = run_failing(summarize_runs.main, [str(runs / "a"), str(runs / "e"), "--output_dir", str(mixed)], capsys)
     assert "were evaluated on different held-out prompts" in err and "cannot share a row" in err
+    assert not mixed.exists()  # nothing written
     err = run_failing(summarize_runs.main, [str(tmp_path / "nothing*"), "--output_dir", str(tmp_path)], capsys)
     assert "not a run folder" in err
