@@ -47,6 +47,7 @@ from llm_models import (
     ASSISTANT_TURN,
     HUMAN_TURN,
     cut_response,
+    dtype_name,
     embed_texts,
     load_config,
     load_embedding_model,
@@ -187,7 +188,7 @@ class RewardModel:
         max_length = max_length or self.embedding.get("max_length") or DEFAULT_MAX_LENGTH
         self._embedder = (name, tokenizer, model, batch_size, max_length)
         log.info("embedding texts with %s on %s in %s (max %d tokens, padding side %s)", name, device,
-                 model.dtype, max_length, tokenizer.padding_side)
+                 dtype_name(model.dtype), max_length, tokenizer.padding_side)
 
     def embed_texts(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = True) -> np.ndarray:
         """Step 4's embeddings (N, D) float32 of the (prompt, response) pairs."""
