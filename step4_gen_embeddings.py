@@ -51,6 +51,7 @@ from llm_models import (
     tokenize_texts,
 )
 from rm_data import (
+    EMBEDDING_INFO_FILE,
     FILE_PATTERNS,
     atomic_path,
     discover_splits,
@@ -182,7 +183,7 @@ def main(argv=None):
                         emb_pattern.format(k=k))
             (data_dir / emb_pattern.format(k=k)).unlink()
             (data_dir / reward_pattern.format(k=k)).unlink()
-        write_json(data_dir / f"embedding_info_{kind}.json", {
+        write_json(data_dir / EMBEDDING_INFO_FILE.format(kind=kind), {
             "embed_model_name": args.embed_model_name,
             "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
             "source": str(run.ranked_path(kind, rm_name)), "reward_model": rm_name,
