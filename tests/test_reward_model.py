@@ -38,7 +38,7 @@ import step8_validate_distillation as step8  # noqa: E402
 from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map, student_checkpoint_name  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
-from networks import load_checkpoint, load_ensemble  # noqa: E402
+from networks import lazy_ensemble_scorer, load_checkpoint  # noqa: E402
 from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # noqa: E402
 from rm_data import SCORE_CACHE_DIR, checkpoint_paths, load_embedding_set, load_manifest, load_partition  # noqa: E402
 
@@ -121,7 +121,7 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     assert manifest["data"]["embedding"]["model"] is None  # demo data: synthetic vectors, no model
     teacher_paths = checkpoint_paths(out, manifest)
     student_path = out / student_checkpoint_name("helpful", "bt")
-    expected = step8.score_variants(data, held_out, load_ensemble(teacher_paths, data.dim),
+    expected = step8.score_variants(data, held_out, lazy_ensemble_scorer(teacher_paths, data.dim),
                                     load_checkpoint(student_path, data.dim), load_isotonic_map(out / TEACHER_MAP_FILE),
                                     load_isotonic_map(out / STUDENT_MAP_FILE), (out / SCORE_CACHE_DIR, teacher_paths))
     reward_model = RewardModel.load(out)
