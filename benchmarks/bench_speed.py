@@ -99,7 +99,7 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
 
     t_project, t_bare = best_time(project, 2), best_time(bare, 2)
     responses = 2 * (n_pairs - val) * epochs
-    flops = 3 * networks.mlp_flops_per_sample(dim) * responses
+    flops = networks.mlp_train_flops_per_sample(dim) * responses
     a, b = torch.randn(2 * batch, dim), torch.randn(dim, 1024)
     t_matmul = best_time(lambda: [a @ b for _ in range(20)], 3) / 20
     matmul_gflops = 2 * 2 * batch * dim * 1024 / t_matmul / 1e9
