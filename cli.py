@@ -1,8 +1,10 @@
-"""Command-line plumbing shared by every step script: input errors, exit codes, logging.
+"""Command-line plumbing shared by every step script: input errors, exit codes, flag types, logging.
 
 Bad input raises :class:`InputError` anywhere in the code; :func:`run_cli` turns it into one line
-on stderr and exit status 2 (DESIGN section 7). Scripts validate everything before writing any
+on stderr and exit status 2 (README, "Pipeline"). Scripts validate everything before writing any
 artifact, and write artifacts atomically (``rm_data.atomic_path``), so a failed run leaves none.
+Ctrl-C and SIGTERM end a script with one line and status 130 / 143, after the atomic writers have
+removed their temporary files. Flags are validated at the door by the argparse types below.
 """
 
 from __future__ import annotations
@@ -10,24 +12,74 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 # ORM objectives (README, "Step 5"): here, not in networks.py, so steps parse flags before importing torch.
 OBJECTIVES = ("bt", "clf")
+# Sizes (counts, dimensions) above this are refused: no array here can hold 2**31 rows, and
+# run_all.sh's bash arithmetic stays far from overflow.
+MAX_SIZE = 2**31 - 1
+# Seeds feed numpy's SeedSequence, torch.Generator.manual_seed and sklearn's random_state; the
+# range all of them accept (and that run_all.sh checks) is 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# run_all.sh reports an interrupted step itself; a step run by it then prints nothing more.
+QUIET_INTERRUPT_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
 
 
 class InputError(ValueError):
     """A user-facing problem with an input file, flag or environment variable."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) received: unwinds like KeyboardInterrupt, so atomic writes clean up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    # One signal is enough: Ctrl-C reaches a step from the terminal and again forwarded by its parent.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; report an :class:`InputError` as one stderr line and exit with 2."""
+    """Run ``main(argv)``; report an :class:`InputError` as one stderr line and exit with 2.
+
+    Ctrl-C (SIGINT) and SIGTERM stop the script with one line (no traceback) and status 130 / 143;
+    running out of memory (a size flag far too large) is one line and status 2.
+    """
+    handlers = {}
+    if _main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: run_all.sh starts steps with it ignored
+            handlers[signum] = signal.signal(signum, _raise_interrupted)
     try:
         main(argv)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except MemoryError as err:
+        print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        if not os.environ.get(QUIET_INTERRUPT_ENV):
+            print(f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def setup_logging() -> None:
@@ -43,8 +95,39 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message}")
 
 
+# --------------------------------------------------------------------------------------------
+# argparse types: every numeric flag of every script goes through one of these
+# --------------------------------------------------------------------------------------------
+def _integer(text: str, low: int, high: int, what: str) -> int:
+    """``int(text)`` in low..high; ``what`` names the expectation (with ``high`` added when exceeded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"expected {what} up to {high}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a size, an integer in 1 .. :data:`MAX_SIZE`."""
+    return _integer(text, 1, MAX_SIZE, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a size that may be 0, an integer in 0 .. :data:`MAX_SIZE`."""
+    return _integer(text, 0, MAX_SIZE, "an integer >= 0")
+
+
+def random_seed(text: str) -> int:
+    """argparse type: a random seed, an integer in 0 .. :data:`MAX_SEED`."""
+    return _integer(text, 0, MAX_SEED, "a non-negative integer seed")
+
+
 def finite_float(text: str) -> float:
-    """argparse type: a finite float (rejects nan and inf)."""
+    """argparse type: a finite float (rejects nan, inf and numbers beyond float range such as 1e999)."""
     try:
         value = float(text)
     except ValueError:
@@ -54,20 +137,17 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
+    """argparse type: a finite float > 0 (1e-999, which rounds to 0, is refused)."""
     value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
     return value

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, non_negative_int, positive_int, random_seed, run_cli, setup_logging
 from rm_data import DEMO_CONFIG_FILE as DEMO_CONFIG
 from rm_data import FILE_PATTERNS, ensure_writable_dir, read_json, write_json, write_npy, write_rewards_jsonl
 
@@ -44,14 +44,12 @@ def parse_args(argv=None):
     parser.add_argument("--n_splits", type=positive_int, default=10, help="responses per training prompt (K)")
     parser.add_argument("--emb_dim", type=positive_int, default=2048, help="embedding size D")
     parser.add_argument("--latent_dim", type=positive_int, default=16, help="latent size L per part")
-    parser.add_argument("--n_test_prompts", type=int, default=0, help="test prompts (0: no test set)")
+    parser.add_argument("--n_test_prompts", type=non_negative_int, default=0, help="test prompts (0: no test set)")
     parser.add_argument("--n_test_responses", type=positive_int, default=500, help="responses per test prompt")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=random_seed, default=0, help="random seed")
     args = parser.parse_args(argv)
     if args.n_splits < 2:
         raise InputError("--n_splits must be at least 2 (responses to compare per prompt)")
-    if args.n_test_prompts < 0:
-        raise InputError(f"--n_test_prompts must be >= 0, got {args.n_test_prompts}")
     return args
 
 
@@ -96,7 +94,7 @@ def write_set(out_dir: Path, kind: str, world: DemoWorld, n_prompts: int, n_resp
     rewards = np.take_along_axis(rewards, order, axis=1)
     response_latent = np.take_along_axis(response_latent, order[..., None], axis=1)
     emb_pattern, reward_pattern = FILE_PATTERNS[kind]
-    for k in tqdm(range(n_responses), desc=f"demo {kind} splits", leave=False):
+    for k in tqdm(range(n_responses), desc=f"demo {kind} splits", disable=None, leave=False):
         write_npy(out_dir / emb_pattern.format(k=k), world.embed(prompt_latent, response_latent[:, k], rng))
         write_rewards_jsonl(out_dir / reward_pattern.format(k=k), rewards[:, k])
 

@@ -2,7 +2,9 @@
 
 Every function takes score matrices of shape (P, R): P prompts, R responses per prompt, row p
 holding the responses of prompt p. Results carry the number of prompts and responses they rest on.
-Randomness comes only from an explicit seed.
+Randomness comes only from an explicit seed. A metric that is undefined on the data (every
+prompt's rewards constant, one prompt, a constant predictor) is ``None`` with a ``reason`` key
+beside it, never NaN: results are strict JSON, and tables print it as "n/a" (:func:`fmt`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ def rankdata(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def fmt(value: float | None, width: int, decimals: int = 3) -> str:
+    """A table cell: the number right-aligned in ``width``, or "n/a" for an undefined metric."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{decimals}f}"
+
+
+def _with_reason(**fields) -> dict:
+    """Drop the ``reason`` of defined metrics: ``{"mean": 0.5, "reason": None}`` -> ``{"mean": 0.5}``."""
+    return {key: value for key, value in fields.items() if key != "reason" or value is not None}
+
+
 def _check(pred: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     if pred.shape != gold.shape or pred.ndim != 2:
@@ -61,17 +73,17 @@ def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
     denom = np.sqrt((rank_pred**2).sum(axis=1) * (rank_gold**2).sum(axis=1))
     valid = denom > 0
     rho = (rank_pred * rank_gold).sum(axis=1)[valid] / denom[valid]
-    return {"mean": float(rho.mean()) if valid.any() else float("nan"),
-            "n_prompts_used": int(valid.sum()), "n_prompts": pred.shape[0],
-            "n_responses": pred.size}
+    return _with_reason(mean=float(rho.mean()) if valid.any() else None,
+                     reason=None if valid.any() else "every prompt has constant golden rewards or predictions",
+                     n_prompts_used=int(valid.sum()), n_prompts=pred.shape[0], n_responses=pred.size)
 
 
-def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Spearman's rho over all responses of all prompts pooled."""
+def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float | None:
+    """Spearman's rho over all responses of all prompts pooled (None if either side is constant)."""
     pred, gold = _check(pred, gold)
     rank_pred, rank_gold = rankdata(pred.reshape(1, -1))[0], rankdata(gold.reshape(1, -1))[0]
     if np.ptp(rank_pred) == 0 or np.ptp(rank_gold) == 0:
-        return float("nan")
+        return None
     return float(np.corrcoef(rank_pred, rank_gold)[0, 1])
 
 
@@ -93,8 +105,9 @@ def same_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray) -> dict:
         p, g = pred[start:start + chunk], gold[start:start + chunk]
         s, c = _pair_scores(p[:, first] - p[:, second], g[:, first] - g[:, second])
         total, count = total + s, count + c
-    return {"accuracy": total / count if count else float("nan"), "n_pairs": count,
-            "n_prompts": n_prompts, "n_responses": pred.size}
+    return _with_reason(accuracy=total / count if count else None,
+                     reason=None if count else "no response pair of one prompt has different golden rewards",
+                     n_pairs=count, n_prompts=n_prompts, n_responses=pred.size)
 
 
 def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: int,
@@ -103,15 +116,17 @@ def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: 
     pred, gold = _check(pred, gold)
     n_prompts, n_resp = pred.shape
     if n_prompts < 2:
-        return {"accuracy": float("nan"), "n_pairs": 0, "n_prompts": n_prompts, "n_responses": pred.size}
+        return {"accuracy": None, "reason": "needs at least 2 prompts", "n_pairs": 0, "n_prompts": n_prompts,
+                "n_responses": pred.size}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC805]))
     prompt_a = rng.integers(n_prompts, size=n_pairs)
     prompt_b = (prompt_a + rng.integers(1, n_prompts, size=n_pairs)) % n_prompts  # never == a
     resp_a, resp_b = rng.integers(n_resp, size=n_pairs), rng.integers(n_resp, size=n_pairs)
     total, count = _pair_scores(pred[prompt_a, resp_a] - pred[prompt_b, resp_b],
                                 gold[prompt_a, resp_a] - gold[prompt_b, resp_b])
-    return {"accuracy": total / count if count else float("nan"), "n_pairs": count,
-            "n_prompts": n_prompts, "n_responses": pred.size}
+    return _with_reason(accuracy=total / count if count else None,
+                     reason=None if count else "no sampled pair has different golden rewards",
+                     n_pairs=count, n_prompts=n_prompts, n_responses=pred.size)
 
 
 def _permute(values: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -164,10 +179,13 @@ def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: 
     curves = {}
     for name in names:
         per_prompt = picked_gold[name]
-        stderr = per_prompt.std(axis=1, ddof=1) / np.sqrt(n_prompts) if n_prompts > 1 else np.full(len(ns), np.nan)
-        curves[name] = {"n": list(ns), "mean": per_prompt.mean(axis=1).tolist(), "stderr": stderr.tolist(),
+        stderr = (per_prompt.std(axis=1, ddof=1) / np.sqrt(n_prompts)).tolist() if n_prompts > 1 else [None] * len(ns)
+        curves[name] = {"n": list(ns), "mean": per_prompt.mean(axis=1).tolist(), "stderr": stderr,
                         "quantile": picked_quantile[name].mean(axis=1).tolist()}
-    return {"curves": curves, "n_draws": n_draws, "n_prompts": n_prompts, "n_responses": gold.size}
+    result = {"curves": curves, "n_draws": n_draws, "n_prompts": n_prompts, "n_responses": gold.size}
+    if n_prompts < 2:
+        result["stderr_reason"] = "a standard error over prompts needs at least 2 prompts"
+    return result
 
 
 def calibration_errors(pred: np.ndarray, gold: np.ndarray) -> dict:
@@ -179,9 +197,12 @@ def calibration_errors(pred: np.ndarray, gold: np.ndarray) -> dict:
 
 def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
     """Spearman (per prompt and global) and same-/cross-prompt pairwise accuracy of one predictor."""
+    spearman_global = global_spearman(pred, gold)
     return {
         "spearman_per_prompt": per_prompt_spearman(pred, gold),
-        "spearman_global": global_spearman(pred, gold),
+        "spearman_global": spearman_global,
+        **({"spearman_global_reason": "the golden rewards or the predictions are all equal"}
+           if spearman_global is None else {}),
         "pairwise_accuracy_same_prompt": same_prompt_pairwise_accuracy(pred, gold),
         "pairwise_accuracy_cross_prompt": cross_prompt_pairwise_accuracy(pred, gold, n_cross_pairs, seed),
     }

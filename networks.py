@@ -8,6 +8,7 @@ loaded with ``torch.load(..., weights_only=True)``, which never runs pickled cod
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import time
@@ -179,6 +180,21 @@ class FusedAdam:
                            amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0,
                            eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
+# Training has diverged when its best validation loss stays above this multiple of the untrained
+# model's. Not 1: on a small validation slice (or noisy labels) a sound run's best epoch can be a
+# little worse than the untrained model, whose near-constant scores give BT/BCE loss ~log 2. A
+# diverged run is worse by orders of magnitude (demo, LEARNING_RATE 0.1 / 1 / 10: 39x, 9000x,
+# 7e6x), while its training loss may still fall (huge weights fit the training pairs), so only
+# the validation loss tells.
+DIVERGED_LOSS_RATIO = 2.0
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite, or the validation loss never fell below the untrained model's.
+
+    Callers turn it into an InputError naming their learning-rate flag: nothing is saved.
+    """
+
 
 @dataclass
 class FitSummary:
@@ -196,29 +212,42 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
 
     batch_loss(indices): the loss of a mini-batch, given (B,) int64 indices into range(n_items)
     val_loss(): the validation loss of the current weights
+    Raises :class:`TrainingDiverged` if a training or validation loss is not finite, or if no epoch
+    comes near the untrained model's validation loss (:data:`DIVERGED_LOSS_RATIO`): too high a
+    learning rate, typically.
     """
     optimizer = FusedAdam(model.parameters(), lr=config.learning_rate)
+    untrained_loss = val_loss()
     best_loss, best_epoch, best_state, epochs_run = math.inf, 0, None, 0
     samples, train_seconds = 0, 0.0
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(n_items, generator=generator)
         start_time = time.perf_counter()
+        loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
         for start in range(0, n_items, config.batch_size):
             loss = batch_loss(order[start:start + config.batch_size])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            loss_sum += loss.detach()
         train_seconds += time.perf_counter() - start_time
         samples += n_items
         epochs_run = epoch
+        if not torch.isfinite(loss_sum):
+            raise TrainingDiverged(f"non-finite training loss in epoch {epoch}")
         loss = val_loss()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}")
         if loss < best_loss:
             best_loss, best_epoch = loss, epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= config.patience:
             log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_loss)
             break
+    if best_loss > DIVERGED_LOSS_RATIO * untrained_loss:
+        raise TrainingDiverged(f"best validation loss {best_loss:.4g} in {epochs_run} epoch(s), more than "
+                               f"{DIVERGED_LOSS_RATIO:g}x the untrained model's {untrained_loss:.4g}")
     model.load_state_dict(best_state)
     model.eval()
     return FitSummary(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9))
@@ -241,10 +270,13 @@ def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor, winners: 
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(model: MLP, path: str | Path) -> None:
     """Save the model's ``state_dict`` atomically."""
-    # Through a file handle: torch.save names the archive after a path's stem, which would embed
-    # the random temporary name and break byte-identical reruns.
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(model.state_dict(), handle)
+    # Through a buffer: torch.save names the archive after a path's stem, which would embed the
+    # random temporary name and break byte-identical reruns; and a plain write turns a full disk or
+    # a file-size limit into an OSError, which atomic_path reports (torch's writer raises RuntimeError).
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:

@@ -1,14 +1,13 @@
-"""Paper-ready figures shared by steps 6-8 (matplotlib, Agg backend, written atomically).
+"""Paper-ready figures shared by steps 6-8 (matplotlib, Agg backend; callers write them atomically).
 
 matplotlib is imported when a figure is drawn, not with this module (~0.5-0.9 s of a step's start-up).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
-
-from rm_data import atomic_path
 
 REFERENCE_STYLE = {"oracle": dict(color="black", linestyle="--"), "random": dict(color="grey", linestyle=":")}
 
@@ -24,9 +23,12 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    _pyplot().close(fig)
+    """Write ``fig`` as PNG to ``path``: a temporary path of the caller's ``rm_data.atomic_paths``, which
+    writes a step's plots and JSON results together, so that a failure leaves neither."""
+    try:
+        fig.savefig(path, format="png", dpi=150, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> None:
@@ -42,7 +44,8 @@ def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> 
             if not curve["n"]:
                 continue
             style = REFERENCE_STYLE.get(name, {})
-            ax.errorbar(curve["n"], curve["mean"], yerr=curve["stderr"], label=name, marker="o",
+            stderr = [math.nan if value is None else value for value in curve["stderr"]]  # None: one prompt
+            ax.errorbar(curve["n"], curve["mean"], yerr=stderr, label=name, marker="o",
                         markersize=3, capsize=2, **style)
         ax.set_xscale("log")
         ax.set_xticks(result["curves"]["oracle"]["n"])

@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +58,11 @@ os.umask(_UMASK)
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    An OS error while the block writes (a full disk, a file-size limit, a read-only or forbidden
+    folder: ENOSPC, EFBIG, EROFS, EACCES) becomes one :class:`InputError` naming ``path``.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +75,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several files that belong together (a JSON result and its plots).
+
+    Yields one temporary path per file; all are renamed into place only if the block succeeds, so a
+    failure while computing or writing any of them leaves none.
+    """
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def json_text(obj: object) -> str:
+    """``obj`` as indented strict JSON with stable key order (NaN and inf are refused)."""
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: object) -> None:
-    """Write ``obj`` as indented JSON with stable key order, atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    """Write ``obj`` as :func:`json_text`, atomically."""
+    write_text(path, json_text(obj))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -266,7 +288,7 @@ class EmbeddingSet:
         """:meth:`score`, reusing an earlier step's result when nothing it depends on changed.
 
         The key hashes the model files' bytes, the prompt ids, the rewards and each embedding
-        file's name, size and mtime (a cache miss costs time; content hashing 10 GB would cost more).
+        file's name, size, mtime and inode (a cache miss costs time; content hashing 10 GB would cost more).
         Step 6 scores the held-out and test prompts with the ensemble; step 8 reuses them.
         """
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
@@ -276,13 +298,12 @@ class EmbeddingSet:
             digest.update(_file_sha256(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
         for path in self.embedding_paths:
             stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
         cache_dir = Path(cache_dir)
         cache_file = cache_dir / f"scores_{self.kind}_{digest.hexdigest()[:32]}.npy"
-        if cache_file.is_file():
-            cached = np.load(cache_file, allow_pickle=False)
-            if cached.shape == (len(model_files), len(prompt_ids), self.n_splits):
-                return cached
+        cached = read_score_cache(cache_file, (len(model_files), len(prompt_ids), self.n_splits))
+        if cached is not None:
+            return cached
         scores = self.score(prompt_ids, score_fn)
         for stale in cache_dir.glob(f"scores_{self.kind}_*.npy"):
             stale.unlink()
@@ -295,6 +316,19 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
     """sha256 of a file's bytes, computed once per process while its inode, size and mtime stay the
     same (a step scores held-out and test prompts with the same 10 checkpoints: 2 x 100 MB to hash)."""
     return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def read_score_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A cached score array of ``shape`` (float32, finite), or None: a missing, unreadable,
+    truncated or inconsistent entry is a cache miss, and the scores are computed again."""
+    try:
+        cached = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(cached, np.ndarray) or cached.shape != shape or cached.dtype != np.float32 \
+            or not np.isfinite(cached).all():
+        return None
+    return cached
 
 
 def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
@@ -401,25 +435,50 @@ def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[st
     """Read ``prompt_split.json`` and check it belongs to ``eset`` and is a true partition."""
     path = Path(output_dir) / PARTITION_FILE
     record = read_json(path, "prompt partition (written by step5_train_rms.py)")
-    if record.get("n_prompts") != eset.n_prompts or record.get("data_fingerprint") != fingerprint(eset):
+    require_key(record, "n_prompts", int, path, "an integer")
+    require_key(record, "data_fingerprint", str, path, "a string")
+    roles = {role: np.asarray(require_key(record, role, list, path, "a list of integer prompt ids",
+                                          lambda ids: all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in ids)), dtype=np.int64)
+             for role in PROMPT_ROLES}
+    if record["n_prompts"] != eset.n_prompts or record["data_fingerprint"] != fingerprint(eset):
         raise InputError(f"{path} was written for other data than {eset.data_dir} "
                          f"(rerun step5_train_rms.py on this --data_dir)")
-    try:
-        roles = {role: np.asarray(record[role], dtype=np.int64) for role in PROMPT_ROLES}
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: expected integer lists {', '.join(PROMPT_ROLES)}") from None
     merged = np.concatenate(list(roles.values()))
     if len(np.unique(merged)) != len(merged) or merged.min(initial=0) < 0 or merged.max(initial=0) >= eset.n_prompts:
         raise InputError(f"{path}: roles must be disjoint prompt ids in 0..{eset.n_prompts - 1}")
     return roles
 
 
+def require_key(record: dict, key: str, expected: type | tuple[type, ...], path: Path, what: str,
+                check: Callable[[object], bool] = lambda value: True, within: str = "") -> object:
+    """``record[key]`` if it is an ``expected`` instance passing ``check``, else an InputError naming
+    ``path``, the key (inside object ``within``, if given) and ``what`` was expected."""
+    value = record.get(key)
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if key not in record or (isinstance(value, bool) and bool not in types) or not isinstance(value, types) \
+            or not check(value):
+        found = json.dumps(value)[:60] if key in record else "nothing"
+        name = f"{within!r} -> {key!r}" if within else repr(key)
+        raise InputError(f"{path}: key {name} must be {what}, got {found}")
+    return value
+
+
 def load_manifest(output_dir: str | os.PathLike) -> dict:
-    """The ORM run manifest written by step 5 (config, member checkpoints, pair statistics)."""
+    """The ORM run manifest written by step 5 (config, member checkpoints, pair statistics).
+
+    Every key a later step reads is checked here, so a damaged manifest is one line naming the key.
+    """
     path = Path(output_dir) / MANIFEST_FILE
     manifest = read_json(path, "ORM manifest (run step5_train_rms.py first)")
-    if not manifest.get("checkpoints"):
-        raise InputError(f"{path}: lists no checkpoints")
+    config = require_key(manifest, "config", dict, path, "an object")
+    require_key(config, "seed", int, path, "a non-negative integer seed", lambda v: 0 <= v < 2**32, "config")
+    for key in ("task", "rm_objective"):
+        require_key(config, key, str, path, "a string", within="config")
+    data = require_key(manifest, "data", dict, path, "an object")
+    require_key(data, "data_dir", str, path, "a folder name", bool, "data")
+    require_key(manifest, "checkpoints", list, path, "a non-empty list of checkpoint file names",
+                lambda names: bool(names) and all(isinstance(n, str) and n and Path(n).name == n for n in names))
     return manifest
 
 

@@ -7,7 +7,19 @@
 # Every value is validated before any work starts; file names come from step 5's manifest.
 # Steps 5-8 resume: a rerun skips each step whose record in $OUTPUT_DIR/.run_state still matches
 # (run_state.py), so a run killed at any point is finished by running it again.
+# Relative paths given in variables are relative to the caller's directory; the defaults (data/,
+# distill_out/, embd/...) are folders of this checkout. Ctrl-C or SIGTERM stops the running step
+# cleanly and exits with 130 / 143.
 set -euo pipefail
+CALLER_DIR="$PWD"
+for var in OUTPUT_DIR DATA_DIR EMBD_REPO_DIR SFT_TRAIN_FILE TRAIN_PROMPTS_FILE TEST_PROMPTS_FILE; do
+    if [[ -n "${!var:-}" && "${!var}" != /* ]]; then
+        printf -v "$var" '%s/%s' "$CALLER_DIR" "${!var}"
+    fi
+done
+if [[ "${PYTHON:-}" == */* && "$PYTHON" != /* ]]; then
+    PYTHON="$CALLER_DIR/$PYTHON"
+fi
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON="${PYTHON:-python3}"
@@ -71,10 +83,31 @@ DEMO_TEST_PROMPTS="${DEMO_TEST_PROMPTS:-20}"
 DEMO_TEST_RESPONSES="${DEMO_TEST_RESPONSES:-100}"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
-is_int() { [[ "$1" =~ ^-?[0-9]+$ ]]; }
-is_pos_int() { [[ "$1" =~ ^[0-9]+$ ]] && (( 10#$1 > 0 )); }
+# The checks of cli.py's argparse types, so that bad values stop here, before any work: integers
+# of at most 10 digits (bash arithmetic never overflows), sizes up to 2**31 - 1, seeds up to
+# 2**32 - 1, and decimal numbers that a float64 holds (1e999 would become inf).
+MAX_SIZE=2147483647
+MAX_SEED=4294967295
+is_int() { [[ "$1" =~ ^-?[0-9]{1,10}$ ]]; }
+is_pos_int() { [[ "$1" =~ ^[0-9]{1,10}$ ]] && (( 10#$1 > 0 && 10#$1 <= MAX_SIZE )); }
 is_number() { [[ "$1" =~ ^-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
-need_pos_int() { is_pos_int "${!1}" || die "$1 must be a positive integer, got '${!1}'"; }
+in_float_range() {  # a number (is_number) whose magnitude is 0 or between 1e-300 and 1e300
+    [[ "$1" =~ ^-?0*([0-9]*)\.?([0-9]*)([eE]([-+]?)0*([0-9]*))?$ ]] || return 1
+    local int="${BASH_REMATCH[1]}" frac="${BASH_REMATCH[2]}" sign="${BASH_REMATCH[4]}" exp="${BASH_REMATCH[5]:-0}"
+    local lead_zeros="${frac%%[1-9]*}"
+    [[ "$int$frac" =~ [1-9] ]] || return 0  # zero
+    (( ${#exp} <= 4 )) || return 1
+    exp=$((10#${exp:-0})); [[ "$sign" == - ]] && exp=$((-exp))
+    local order=$(( ${#int} > 0 ? ${#int} - 1 + exp : exp - ${#lead_zeros} - 1 ))
+    (( order >= -300 && order <= 300 ))
+}
+need_pos_int() { is_pos_int "${!1}" || die "$1 must be a positive integer up to $MAX_SIZE, got '${!1}'"; }
+need_number() {  # need_number VAR [positive]
+    is_number "${!1}" || die "$1 must be a ${2:+positive }number, got '${!1}'"
+    in_float_range "${!1}" || die "$1 must be a number between 1e-300 and 1e300 in magnitude, got '${!1}'"
+    [[ -z "${2:-}" ]] || { [[ ! "${!1}" =~ ^- ]] && [[ "${!1}" =~ ^[^eE]*[1-9] ]]; } \
+        || die "$1 must be a positive number, got '${!1}'"
+}
 need_flag() { [[ "${!1}" == 0 || "${!1}" == 1 ]] || die "$1 must be 0 or 1, got '${!1}'"; }
 
 need_flag RUN_GPU_STEPS
@@ -86,16 +119,18 @@ need_flag DATA_ONLY
 for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
     need_pos_int "$var"
 done
-is_int "$DEMO_TEST_PROMPTS" && (( DEMO_TEST_PROMPTS >= 0 )) || die "DEMO_TEST_PROMPTS must be an integer >= 0, got '$DEMO_TEST_PROMPTS'"
-for var in SEED SPLIT_SEED DEMO_SEED; do is_int "${!var}" || die "$var must be an integer, got '${!var}'"; done
+[[ "$DEMO_TEST_PROMPTS" =~ ^[0-9]{1,10}$ ]] && (( 10#$DEMO_TEST_PROMPTS <= MAX_SIZE )) \
+    || die "DEMO_TEST_PROMPTS must be an integer in 0..$MAX_SIZE, got '$DEMO_TEST_PROMPTS'"
+for var in SEED SPLIT_SEED DEMO_SEED; do
+    [[ "${!var}" =~ ^[0-9]{1,10}$ ]] && (( 10#${!var} <= MAX_SEED )) || die "$var must be an integer in 0..$MAX_SEED, got '${!var}'"
+done
 [[ "$PAIR_MODE" == xprompt || "$PAIR_MODE" == same ]] || die "PAIR_MODE must be xprompt or same, got '$PAIR_MODE'"
 need_flag REPLACEMENT
 [[ -z "$EVAL_PROMPTS" ]] || is_pos_int "$EVAL_PROMPTS" || die "EVAL_PROMPTS must be empty or a positive integer, got '$EVAL_PROMPTS'"
 is_int "$CONSIDER_FIRST_N" && (( CONSIDER_FIRST_N > 0 || CONSIDER_FIRST_N == -1 || CONSIDER_FIRST_N == -2 )) \
     || die "CONSIDER_FIRST_N must be a positive integer, -1 or -2, got '$CONSIDER_FIRST_N'"
-is_number "$ANNOTATION_QUALITY" || die "ANNOTATION_QUALITY must be a number, got '$ANNOTATION_QUALITY'"
-is_number "$LEARNING_RATE" && [[ ! "$LEARNING_RATE" =~ ^- ]] && [[ "$LEARNING_RATE" =~ [1-9] ]] \
-    || die "LEARNING_RATE must be a positive number, got '$LEARNING_RATE'"
+need_number ANNOTATION_QUALITY
+need_number LEARNING_RATE positive
 [[ -z "$MAX_PROMPTS" ]] || is_pos_int "$MAX_PROMPTS" || die "MAX_PROMPTS must be empty or a positive integer, got '$MAX_PROMPTS'"
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN TP_SIZE; do need_pos_int "$var"; done
@@ -111,21 +146,74 @@ fi
 # its steps run, so two runs never interleave their steps in one folder.
 mkdir -p "$OUTPUT_DIR" 2>/dev/null && [[ -d "$OUTPUT_DIR" && -w "$OUTPUT_DIR" ]] \
     || die "OUTPUT_DIR '$OUTPUT_DIR' is not a writable directory"
-if command -v flock >/dev/null; then
+HAVE_FLOCK=0
+command -v flock >/dev/null && HAVE_FLOCK=1
+LOCKS=()  # file descriptors of held locks; steps never inherit them
+if [[ "$HAVE_FLOCK" == 1 ]]; then
     exec {output_lock}<"$OUTPUT_DIR"
     flock -n "$output_lock" || die "OUTPUT_DIR '$OUTPUT_DIR' is in use by another run_all.sh"
+    LOCKS+=("$output_lock")
 fi
 
-section() { printf '\n=== %s ===\n' "$1"; }
+# Steps run in the background while this script waits for them, so that a SIGTERM sent to this
+# script alone (a scheduler's) is forwarded to the running step instead of leaving it orphaned.
+# Steps report an interrupt through this script's one line, not their own.
+export RUN_ALL_REPORTS_INTERRUPTS=1
+CHILD=""
+CURRENT="setup"
+run_child() {  # run_child COMMAND...: run it in the background without our lock descriptors, wait
+    (
+        for fd in ${LOCKS[@]+"${LOCKS[@]}"}; do eval "exec $fd<&-"; done
+        exec "$@"
+    ) &
+    CHILD=$!
+    local status=0
+    wait "$CHILD" || status=$?
+    CHILD=""
+    return "$status"
+}
+on_signal() {  # on_signal NAME STATUS: forward to the running step, wait for it, exit with one line
+    trap '' INT TERM
+    if [[ -n "$CHILD" ]]; then
+        kill -"$1" "$CHILD" 2>/dev/null || true
+        wait "$CHILD" 2>/dev/null || true
+    fi
+    echo "run_all.sh: stopped by SIG$1 during $CURRENT; run the same command again to resume" >&2
+    exit "$2"
+}
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+
+section() { printf '\n=== %s ===\n' "$1"; CURRENT="$1"; }
 step_start=$SECONDS
 timed() {  # run a step and report its wall time
     local name="$1"; shift
     local t0=$SECONDS
-    "$@"
+    run_child "$@"
     echo "[$name took $((SECONDS - t0)) s]"
+}
+lock_data_dir() {  # hold DATA_DIR while data is written into it: two runs never both write it
+    mkdir -p "$DATA_DIR" 2>/dev/null && [[ -d "$DATA_DIR" ]] || die "DATA_DIR '$DATA_DIR' is not a directory that can be created"
+    [[ "$HAVE_FLOCK" == 1 ]] || return 0
+    exec {data_lock}<"$DATA_DIR"
+    if ! flock -n "$data_lock"; then
+        CURRENT="the wait for DATA_DIR"
+        echo "Waiting for another run_all.sh that is writing DATA_DIR '$DATA_DIR' ..."
+        flock "$data_lock" &  # in the background: a signal must not wait for the lock
+        CHILD=$!
+        wait "$CHILD"
+        CHILD=""
+    fi
+    LOCKS+=("$data_lock")
+}
+unlock_data_dir() {
+    [[ "$HAVE_FLOCK" == 1 ]] || return 0
+    LOCKS=("$output_lock")
+    exec {data_lock}<&-
 }
 
 # --- data: GPU steps, published embeddings, or demo data ---------------------------------------
+lock_data_dir
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     GEN_ARGS=(--model_name "$MODEL_NAME" --adapter_name sft --dataset "$DATASET" --eval_dataset "$EVAL_DATASET"
               --max_len "$GEN_MAX_LEN" --output_dir "$OUTPUT_DIR")
@@ -157,7 +245,6 @@ elif [[ "$USE_REPO_EMBD" == 1 ]]; then
         --sft_obj "$SFT_OBJ" --embed_model "$MODEL_NAME" --gen_model "$REPO_GEN_MODEL" \
         --output_dir "$DATA_DIR" ${MAX_PROMPTS:+--max_prompts "$MAX_PROMPTS"}
 else
-    mkdir -p "$DATA_DIR" 2>/dev/null || die "DATA_DIR '$DATA_DIR' is not a directory that can be created"
     if [[ -f "$DATA_DIR/demo_config.json" ]] || ! compgen -G "$DATA_DIR/EMBD-TRAIN-split_*.npy" >/dev/null; then
         section "Demo data -> $DATA_DIR"
         timed "demo data" "$PYTHON" generate_demo_data.py --output_dir "$DATA_DIR" \
@@ -167,20 +254,21 @@ else
         echo "Using embeddings in $DATA_DIR/"
     fi
 fi
+unlock_data_dir
 [[ "$DATA_ONLY" == 1 ]] && exit 0
 
 # --- steps 5-8 on the CPU, resumable --------------------------------------------------------
 # run_state.py prints "[step N up to date]" instead of running a step whose record matches this
 # command line, the code, the data fingerprint and the previous step's outputs, and whose outputs
 # are unchanged; otherwise it runs the step and prints "[step N took X s]".
-DATA_FINGERPRINT="$("$PYTHON" run_state.py fingerprint --data_dir "$DATA_DIR")"
+DATA_FINGERPRINT="$("$PYTHON" run_state.py fingerprint --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")"
 STEPS_STARTED="$(mktemp)"  # files the steps write from here on are newer than this marker
 trap 'rm -f "$STEPS_STARTED"' EXIT
 FORCE_FLAG=()
 [[ "$FORCE" == 1 ]] && FORCE_FLAG=(--force)
 resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (PREVIOUS_STEP may be empty)
     local step="$1" after="$2"; shift 2
-    "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" ${after:+--after "$after"} \
+    run_child "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" ${after:+--after "$after"} \
         --data_fingerprint "$DATA_FINGERPRINT" "${FORCE_FLAG[@]}" -- "$@"
 }
 

@@ -1,14 +1,14 @@
 """Resumable steps for run_all.sh: skip a step whose last successful run still stands.
 
-    python3 run_state.py fingerprint --data_dir DATA_DIR
+    python3 run_state.py fingerprint --data_dir DATA_DIR [--output_dir OUT]
     python3 run_state.py run --output_dir OUT --step 6 --after 5 --data_fingerprint FP [--force] -- CMD ...
 
 ``run`` runs CMD (one step script) unless ``OUT/.run_state/step{N}.json`` records a finished run
 of the same step with the same key and every output file it recorded still has the recorded
 sha256; then it prints ``[step N up to date]``. The key is a sha256 over the step name, CMD's argv,
 the sha256 of the step script and of the project modules it imports (transitively), the data
-fingerprint (``rm_data.fingerprint`` of the train and test sets, computed once per run_all.sh by
-``fingerprint``) and the previous step's record (its key and output hashes). So a changed flag,
+fingerprint (computed once per run_all.sh by ``fingerprint``, see :func:`data_fingerprint`) and the
+previous step's record (its key and output hashes). So a changed flag,
 data set or code reruns the step, and, through the chained keys, every later one; a step rerun
 only because one of its own outputs was changed or deleted leaves later steps up to date when it
 reproduces its recorded outputs byte for byte.
@@ -31,6 +31,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,9 @@ NOT_OUTPUTS = (STATE_DIR, "score_cache")
 # Bump when the record format or the key's ingredients change: every step then reruns once.
 RECORD_VERSION = 1
 HASH_CHUNK = 1 << 20
+FINGERPRINT_CACHE = "data_fingerprint.json"  # in STATE_DIR: the content hash and the stat info it belongs to
+# The data files of rm_data.FILE_PATTERNS (train and test embeddings and rewards).
+DATA_FILE = re.compile(r"(EMBD-(TRAIN|TEST)-split|rewards(_test)?_split)_\d+\.(npy|json)\Z")
 
 
 def parse_args(argv=None):
@@ -55,6 +59,9 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command_name", required=True)
     fingerprint = commands.add_parser("fingerprint", help="print the data fingerprint of a data directory")
     fingerprint.add_argument("--data_dir", required=True, help="folder with EMBD-TRAIN-split_k.npy etc.")
+    fingerprint.add_argument("--output_dir", default=None,
+                             help="reuse and keep the content hash in OUTPUT_DIR/.run_state/ while the files' "
+                                  "size, mtime and inode are unchanged")
     run = commands.add_parser("run", help="run a step unless its record says it is up to date")
     run.add_argument("--output_dir", required=True, help="the steps' output folder; records go in its .run_state/")
     run.add_argument("--step", required=True, help="step number, e.g. 5 (record step5.json, label 'step 5')")
@@ -80,22 +87,67 @@ def json_sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def data_fingerprint(data_dir: str | os.PathLike) -> str:
-    """sha256 over ``rm_data.fingerprint`` of the train and (if present) test sets.
+def data_file_stats(data_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """[size, mtime_ns, inode] of each embedding and reward file (train and test) in ``data_dir``."""
+    stats = {}
+    try:
+        entries = list(os.scandir(data_dir))
+    except OSError:
+        return {}
+    for entry in entries:
+        if DATA_FILE.match(entry.name):
+            try:
+                stat = entry.stat()
+            except OSError:
+                continue
+            stats[entry.name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return dict(sorted(stats.items()))
 
-    Never fails: an unreadable set contributes its error message, so the key still changes with the
-    data and the step itself reports the problem.
+
+def data_fingerprint(data_dir: str | os.PathLike, cache: Path | None = None) -> str:
+    """sha256 over the data files' stat info and their sampled content, as build tools do.
+
+    Stat info (size, mtime_ns, inode of every embedding and reward file) notices any rewrite or
+    in-place edit, even of bytes between the blocks that the content hash samples; the content hash
+    (``rm_data.fingerprint`` of the train and test sets: every reward, sampled embedding blocks)
+    notices a change that kept the stat info. The content hash is reused from ``cache`` (written by
+    the previous call, in OUT/.run_state/) while the stat info is unchanged, so an unchanged data
+    directory costs a few stat calls. Never fails: an unreadable set contributes its error message,
+    so the key still changes with the data and the step itself reports the problem.
     """
+    stats = data_file_stats(data_dir)
+    where = str(Path(data_dir).resolve())
+    try:
+        cached = json.loads(cache.read_text()) if cache else None
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("data_dir") == where and cached.get("files") == stats \
+            and isinstance(cached.get("content"), str):
+        content = cached["content"]
+    else:
+        content, readable = content_fingerprint(data_dir)
+        if cache is not None and readable:
+            from rm_data import write_json
+
+            try:
+                write_json(cache, {"data_dir": where, "files": stats, "content": content})
+            except InputError:
+                pass  # a cache that cannot be written only costs time; the steps report the folder
+    return json_sha256({"files": stats, "content": content})
+
+
+def content_fingerprint(data_dir: str | os.PathLike) -> tuple[str, bool]:
+    """(sha256 over ``rm_data.fingerprint`` of the train and test sets, whether both were readable)."""
     import rm_data  # numpy: imported only here and when a record is written
 
-    parts = {}
+    parts, readable = {}, True
     for kind in ("train", "test"):
         try:
             eset = rm_data.load_embedding_set(data_dir, kind, required=False)
             parts[kind] = rm_data.fingerprint(eset) if eset is not None else None
         except Exception as err:  # noqa: BLE001 - any failure is the step's to report, with its message
-            parts[kind] = f"unreadable: {type(err).__name__}: {err}"
-    return json_sha256(parts)
+            parts[kind], readable = f"unreadable: {type(err).__name__}: {err}", False
+    return json_sha256(parts), readable
 
 
 def code_hashes(command: Sequence[str]) -> dict[str, str]:
@@ -191,14 +243,22 @@ def remove_interrupted_writes(output_dir: Path) -> None:
 
 
 def run_command(command: Sequence[str]) -> int:
-    """Run the step; Ctrl-C reaches it directly, and its status is returned (128 + signal if killed)."""
-    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a handler, not SIG_IGN: reset in the child
+    """Run the step and return its status (128 + signal if killed).
+
+    SIGINT and SIGTERM received meanwhile are forwarded to the step (run_all.sh forwards them here),
+    which stops cleanly; this process waits for it, so it never leaves the step running alone.
+    """
     try:
-        status = subprocess.call(list(command))
+        process = subprocess.Popen(list(command))
     except OSError as err:
         raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
+    forward = {signum: signal.signal(signum, lambda signum, _frame: process.send_signal(signum))
+               for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = process.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in forward.items():
+            signal.signal(signum, handler)
     return 128 - status if status < 0 else status
 
 
@@ -239,7 +299,8 @@ def run_step(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command_name == "fingerprint":
-        print(data_fingerprint(args.data_dir))
+        cache = Path(args.output_dir) / STATE_DIR / FINGERPRINT_CACHE if args.output_dir else None
+        print(data_fingerprint(args.data_dir, cache))
         return 0
     return run_step(args)
 

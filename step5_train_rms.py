@@ -21,8 +21,10 @@ from cli import (
     ArgumentParser,
     InputError,
     finite_float,
+    fraction,
     positive_float,
     positive_int,
+    random_seed,
     run_cli,
     setup_logging,
 )
@@ -64,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_prompts", type=positive_int, default=None,
                         help="size of the evaluation pool (calibration/student_train/held_out 60/20/20); "
                              "default a quarter of the prompts, at least min(1000, half of them)")
-    parser.add_argument("--split_seed", type=int, default=DEFAULT_SPLIT_SEED,
+    parser.add_argument("--split_seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
                         help="seed of the prompt partition (--seed draws pairs, labels and members)")
     parser.add_argument("--n_pairs", type=positive_int, default=1, help="pairs per training prompt")
     parser.add_argument("--pair_mode", default="xprompt", choices=PAIR_MODES,
@@ -82,15 +84,13 @@ def parse_args(argv=None):
     parser.add_argument("--training_epochs", type=positive_int, default=30, help="maximum epochs per member")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
+    parser.add_argument("--val_fraction", type=fraction, default=0.1,
                         help="share of pairs held out (whole pairs) for early stopping")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument("--seed", type=int, default=6, help="seeds pairs, labels and members")
+    parser.add_argument("--seed", type=random_seed, default=6, help="seeds pairs, labels and members")
     args = parser.parse_args(argv)
     if args.consider_first_n == 0 or args.consider_first_n < -2:
         raise InputError(f"--consider_first_n must be > 0, -1 or -2, got {args.consider_first_n}")
-    if not 0 < args.val_fraction < 1:
-        raise InputError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
     if args.reward_scale is None:
         args.reward_scale = TASK_REWARD_SCALE[args.task]
     return args
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from networks import TrainConfig, mlp_train_flops_per_sample, save_checkpoint, train_orm
+    from networks import TrainConfig, TrainingDiverged, mlp_train_flops_per_sample, save_checkpoint, train_orm
 
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
@@ -241,17 +241,21 @@ def main(argv=None) -> dict:
 
     config = TrainConfig(args.training_epochs, args.learning_rate, args.batch_size, args.patience)
     n_val = min(max(1, int(round(args.val_fraction * len(winners)))), len(winners) - 1)
-    members, checkpoints = [], []
+    members, checkpoints, models = [], [], []
     flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
-    for member, member_seed in enumerate(tqdm(member_seeds, desc="ensemble members")):
+    for member, member_seed in enumerate(tqdm(member_seeds, desc="ensemble members", disable=None)):
         generator = torch.Generator().manual_seed(member_seed)
         order = torch.randperm(len(winners), generator=generator)
         val, train = order[:n_val], order[n_val:]
         start = time.perf_counter()
-        model, result = train_orm(features, winners[train], losers[train], winners[val], losers[val],
-                                  args.rm_objective, config, generator)
+        try:
+            model, result = train_orm(features, winners[train], losers[train], winners[val], losers[val],
+                                      args.rm_objective, config, generator)
+        except TrainingDiverged as err:
+            raise InputError(f"ORM member {member} diverged ({err}); lower --learning_rate "
+                             f"(LEARNING_RATE in run_all.sh), now {args.learning_rate:g}") from None
         name = checkpoint_name(args, member)
-        save_checkpoint(model, output_dir / name)
+        models.append(model)  # saved once every member has trained: a diverged one leaves no files
         responses_per_second = result.samples_per_second * (2 if args.rm_objective == "bt" else 1)
         log.info("member %d: best epoch %d/%d, val loss %.4f, val acc %.3f, %.0f responses/s "
                  "(%.1f GFLOP/s), %.2fs", member, result.best_epoch, result.epochs_run, result.best_val_loss,
@@ -263,6 +267,8 @@ def main(argv=None) -> dict:
                         "val_loss": result.best_val_loss, "val_pair_accuracy": result.val_pair_accuracy,
                         "train_pairs": len(train), "val_pairs": len(val)})
 
+    for name, model in zip(checkpoints, models):
+        save_checkpoint(model, output_dir / name)
     data_fingerprint = fingerprint(data)
     # What the partition was drawn from: steps 6-8 refuse it for other data.
     write_json(output_dir / PARTITION_FILE, {

@@ -15,20 +15,21 @@ import time
 
 import numpy as np
 
-from cli import ArgumentParser, finite_float, positive_int, run_cli, setup_logging
-from metrics import best_of_n, ranking_report
+from cli import ArgumentParser, finite_float, positive_int, random_seed, run_cli, setup_logging
+from metrics import best_of_n, fmt, ranking_report
 from plots import plot_best_of_n
 from rm_data import (
     MANIFEST_FILE,
     SCORE_CACHE_DIR,
+    atomic_paths,
     check_manifest_flags,
     checkpoint_paths,
     ensure_writable_dir,
+    json_text,
     load_embedding_set,
     load_manifest,
     load_partition,
     load_test_set,
-    write_json,
 )
 
 log = logging.getLogger("step6")
@@ -36,7 +37,7 @@ log = logging.getLogger("step6")
 # they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
 MANIFEST_FLAGS = {"embed_model_name": str, "task": str, "sft_obj": str, "gen_pref_model_name": str,
                   "rm_objective": str, "consider_first_n": int, "n_sample": int, "training_epochs": int,
-                  "learning_rate": float, "seed": int, "annotation_quality": finite_float,
+                  "learning_rate": float, "seed": random_seed, "annotation_quality": finite_float,
                   "ensemble_number": int, "replacement": str}
 
 
@@ -48,7 +49,8 @@ def parse_args(argv=None):
                         help="random subsets per prompt and N for best-of-N")
     parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
                         help="random cross-prompt pairs for cross-prompt accuracy")
-    parser.add_argument("--eval_seed", type=int, default=None, help="seed of evaluation draws (default: run seed)")
+    parser.add_argument("--eval_seed", type=random_seed, default=None,
+                        help="seed of evaluation draws (default: run seed)")
     for flag, kind in MANIFEST_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help="checked against the manifest")
     return parser.parse_args(argv)
@@ -80,10 +82,10 @@ def print_table(title: str, result: dict) -> None:
     print(f"{'variant':<26}{'spearman':>9}{'acc same':>9}{'acc cross':>10}{f'BoN@{top_n}':>10}")
     for name in rows:
         report = result["ranking"][name]
-        bon = curves[name]["mean"][-1] if name in curves and top_n else float("nan")
-        print(f"{name:<26}{report['spearman_per_prompt']['mean']:>9.3f}"
-              f"{report['pairwise_accuracy_same_prompt']['accuracy']:>9.3f}"
-              f"{report['pairwise_accuracy_cross_prompt']['accuracy']:>10.3f}{bon:>10.3f}")
+        bon = curves[name]["mean"][-1] if name in curves and top_n else None
+        print(f"{name:<26}{fmt(report['spearman_per_prompt']['mean'], 9)}"
+              f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
+              f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}{fmt(bon, 10)}")
     if top_n:
         print(f"{'(oracle / random)':<54}{curves['oracle']['mean'][-1]:>10.3f}\n"
               f"{'':<54}{curves['random']['mean'][-1]:>10.3f}")
@@ -123,14 +125,15 @@ def main(argv=None) -> dict:
     plot_path = output_dir / f"eval_best_of_n_{objective}.png"
     panels = {f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
               for name, res in results.items() if name in ("held_out", "test")}
-    plot_best_of_n(panels, plot_path, title=f"ORM ensemble ({objective}, {len(models)} members)")
-    write_json(json_path, results)
+    with atomic_paths(json_path, plot_path) as (json_tmp, plot_tmp):  # both files or neither
+        json_tmp.write_text(json_text(results))
+        plot_best_of_n(panels, plot_tmp, title=f"ORM ensemble ({objective}, {len(models)} members)")
     print_table("held-out prompts", results["held_out"])
     if "test" in results:
         print_table("test set", results["test"])
     held = results["held_out"]["ranking"]["ensemble_mean"]
-    print(f"step6: held-out ensemble-mean Spearman {held['spearman_per_prompt']['mean']:.3f}, "
-          f"pairwise acc {held['pairwise_accuracy_same_prompt']['accuracy']:.3f} -> {json_path}, {plot_path}")
+    print(f"step6: held-out ensemble-mean Spearman {fmt(held['spearman_per_prompt']['mean'], 0)}, "
+          f"pairwise acc {fmt(held['pairwise_accuracy_same_prompt']['accuracy'], 0)} -> {json_path}, {plot_path}")
     return results
 
 

@@ -14,6 +14,7 @@ student checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from calibration import (
     STUDENT_MAP_FILE,
     TEACHER_MAP_FILE,
     VARIANTS,
+    IsotonicMap,
     cross_validate,
     fit_isotonic,
     prompt_set_record,
@@ -36,7 +38,18 @@ from calibration import (
     student_scores,
     teacher_scores,
 )
-from cli import OBJECTIVES, ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
+from cli import (
+    OBJECTIVES,
+    ArgumentParser,
+    InputError,
+    fraction,
+    positive_float,
+    positive_int,
+    random_seed,
+    run_cli,
+    setup_logging,
+)
+from metrics import global_spearman, per_prompt_spearman
 from rm_data import (
     MANIFEST_FILE,
     EmbeddingSet,
@@ -74,19 +87,15 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="responses per student step")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
+    parser.add_argument("--val_fraction", type=fraction, default=0.1,
                         help="share of student_train prompts (whole prompts) used for early stopping")
     parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
                         help="cross-prompt pairs in the out-of-fold ranking report")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=random_seed, default=None,
                         help="seeds folds, student split, init and shuffling (default: step 5's seed)")
     args = parser.parse_args(argv)
     if args.cv_folds < 2:
         raise InputError(f"--cv_folds must be at least 2, got {args.cv_folds}")
-    if not 0 < args.val_fraction < 1:
-        raise InputError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
-    if args.seed is not None and args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
     return args
 
 
@@ -107,6 +116,26 @@ def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Ge
     return np.sort(prompt_ids[order[n_val:]]), np.sort(prompt_ids[order[:n_val]])
 
 
+def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMap) -> dict:
+    """How the teacher ranks the calibration prompts, with a warning for each sign of a useless teacher.
+
+    A teacher that ranks backwards (negative Spearman) makes the increasing isotonic map collapse
+    towards a constant, which scores every response alike: the student then learns nothing.
+    """
+    spearman = per_prompt_spearman(teacher, gold)["mean"]
+    spearman_global = global_spearman(teacher, gold)
+    n_levels = int(len(np.unique(teacher_map.y_thresholds)))
+    warnings = []
+    if n_levels == 1:
+        warnings.append(f"the teacher's isotonic map is a constant ({teacher_map.y_thresholds[0]:.4g}): it gives "
+                        "every response the same reward (the teacher does not rank the calibration prompts)")
+    for name, value in (("per-prompt", spearman), ("global", spearman_global)):
+        if value is not None and value < 0:
+            warnings.append(f"the teacher ranks the calibration prompts backwards ({name} Spearman {value:.3f})")
+    return {"calibration_spearman_per_prompt": spearman, "calibration_spearman_global": spearman_global,
+            "isotonic_levels": n_levels, "warnings": warnings}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # torch is imported once the flags are valid: --help and flag errors return at once.
@@ -114,6 +143,7 @@ def main(argv=None) -> dict:
 
     from networks import (
         TrainConfig,
+        TrainingDiverged,
         ensemble_scorer,
         load_ensemble,
         mlp_train_flops_per_sample,
@@ -159,6 +189,9 @@ def main(argv=None) -> dict:
     log.info("teacher isotonic (%s): out-of-fold MSE %.4f, MAE %.4f over %d calibration prompts (%.2fs)",
              args.isotonic_variant, teacher_cv["calibration"]["mse"], teacher_cv["calibration"]["mae"],
              len(calibration_prompts), time.perf_counter() - start)
+    teacher_check = check_teacher(calibration_teacher, calibration_gold, teacher_map)
+    for warning in teacher_check["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
 
     # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
     fit_prompts, stop_prompts = split_prompts(student_prompts, args.val_fraction, split_rng)
@@ -167,11 +200,15 @@ def main(argv=None) -> dict:
     rows = np.arange(len(student_prompts) * data.n_splits).reshape(len(student_prompts), data.n_splits)
     is_fit_prompt = np.isin(student_prompts, fit_prompts)
     start = time.perf_counter()
-    student, result = train_student(features, torch.from_numpy(targets.astype(np.float32)),
-                                    torch.from_numpy(rows[is_fit_prompt].ravel()),
-                                    torch.from_numpy(rows[~is_fit_prompt].ravel()),
-                                    TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size,
-                                                args.patience), generator)
+    try:
+        student, result = train_student(features, torch.from_numpy(targets.astype(np.float32)),
+                                        torch.from_numpy(rows[is_fit_prompt].ravel()),
+                                        torch.from_numpy(rows[~is_fit_prompt].ravel()),
+                                        TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size,
+                                                    args.patience), generator)
+    except TrainingDiverged as err:
+        raise InputError(f"student diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), "
+                         f"now {args.learning_rate:g}") from None
     del features
     log.info("student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
              "(%.1f GFLOP/s), %.2fs", result.best_epoch, result.epochs_run, result.best_val_mse,
@@ -211,6 +248,7 @@ def main(argv=None) -> dict:
             "student_isotonic": teacher_fit,
         },
         "isotonic_variant": args.isotonic_variant,
+        "teacher_check": teacher_check,  # warnings: a constant map or a backwards-ranking teacher
         "teacher_isotonic": {"out_of_fold": teacher_cv, "n_thresholds": len(teacher_map.x_thresholds),
                              "n_levels": int(len(np.unique(teacher_map.y_thresholds)))},
         "isotonic_variant_comparison": {

@@ -39,22 +39,22 @@ from calibration import (
     student_scores,
     teacher_scores,
 )
-from cli import ArgumentParser, positive_int, run_cli, setup_logging
-from metrics import best_of_n, calibration_errors
+from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
+from metrics import best_of_n, calibration_errors, fmt
 from plots import plot_best_of_n, plot_calibration
 from rm_data import (
     MANIFEST_FILE,
     SCORE_CACHE_DIR,
     EmbeddingSet,
+    atomic_paths,
     check_manifest_flags,
     checkpoint_paths,
     ensure_writable_dir,
+    json_text,
     load_embedding_set,
     load_manifest,
     load_partition,
     load_test_set,
-    write_json,
-    write_text,
 )
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ def parse_args(argv=None):
                         help="random cross-prompt pairs for cross-prompt accuracy")
     parser.add_argument("--calibration_bins", type=positive_int, default=15,
                         help="equal-count bins of the calibration plot")
-    parser.add_argument("--seed", type=int, default=None, help="seed of evaluation draws (default: step 5's seed)")
+    parser.add_argument("--seed", type=random_seed, default=None,
+                        help="seed of evaluation draws (default: step 5's seed)")
     return parser.parse_args(argv)
 
 
@@ -114,7 +115,8 @@ def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float,
         "distillation_fidelity": {  # how well the student reproduces its target, isotonic(teacher)
             "mse_student_vs_teacher_isotonic": fidelity["mse"], "mae_student_vs_teacher_isotonic": fidelity["mae"],
             "teacher_isotonic_variance": float(calibrated.var()),
-            "relative_mse": fidelity["mse"] / float(calibrated.var()) if calibrated.var() > 0 else float("nan")},
+            "relative_mse": fidelity["mse"] / float(calibrated.var()) if calibrated.var() > 0 else None,
+            **({} if calibrated.var() > 0 else {"relative_mse_reason": "Teacher+Isotonic is constant"})},
         "best_of_n": best_of_n(gold, variants, args.bon_draws, seed),
         "calibration_curves": {name: binned_calibration(variants[name], gold, args.calibration_bins)
                                for name in ON_GOLDEN_SCALE},
@@ -134,11 +136,11 @@ def format_table(title: str, result: dict) -> str:
         report = result["variants"][name]
         errors = report["calibration"]
         mark = "" if errors["meaningful"] else "*"
-        bon = curves[name]["mean"][-1] if top_n else float("nan")
-        lines.append(f"{name:<18}{report['spearman_per_prompt']['mean']:>9.3f}{report['spearman_global']:>8.3f}"
-              f"{report['pairwise_accuracy_same_prompt']['accuracy']:>9.3f}"
-              f"{report['pairwise_accuracy_cross_prompt']['accuracy']:>10.3f}"
-              f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{bon:>9.3f}")
+        bon = curves[name]["mean"][-1] if top_n else None
+        lines.append(f"{name:<18}{fmt(report['spearman_per_prompt']['mean'], 9)}{fmt(report['spearman_global'], 8)}"
+              f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
+              f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}"
+              f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{fmt(bon, 9)}")
     constant = result["constant_predictor"]
     lines.append(f"{'Constant':<18}{'':>36}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
     if top_n:
@@ -200,16 +202,18 @@ def main(argv=None) -> dict:
     bon_plot = output_dir / BEST_OF_N_PLOT_FILE
     evaluated = {name: res for name, res in results.items() if name in ("held_out", "test")}
     label = {"held_out": "held-out prompts", "test": "test set"}
-    plot_calibration({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":
-                      res["calibration_curves"] for name, res in evaluated.items()},
-                     calibration_plot, title=f"Calibration ({teacher_map.variant} isotonic)")
-    plot_best_of_n({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["best_of_n"]
-                    for name, res in evaluated.items()}, bon_plot,
-                   title=f"Teacher ({len(teacher_paths)} members) vs distilled student")
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
-    write_json(json_path, results)
     table = "\n".join(format_table(label[name], res) for name, res in evaluated.items())
-    write_text(output_dir / TABLE_FILE, table + "\n")  # run_all.sh shows it when step 8 is up to date
+    # All four files or none: a failure in any (a plot, a full disk) leaves no half of the results.
+    with atomic_paths(json_path, output_dir / TABLE_FILE, calibration_plot, bon_plot) as tmp_paths:
+        tmp_paths[0].write_text(json_text(results))
+        tmp_paths[1].write_text(table + "\n")  # run_all.sh shows it when step 8 is up to date
+        plot_calibration({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":
+                          res["calibration_curves"] for name, res in evaluated.items()},
+                         tmp_paths[2], title=f"Calibration ({teacher_map.variant} isotonic)")
+        plot_best_of_n({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":
+                        res["best_of_n"] for name, res in evaluated.items()}, tmp_paths[3],
+                       title=f"Teacher ({len(teacher_paths)} members) vs distilled student")
     print(table)
     held = results["held_out"]
     print(f"step8: held-out MSE Teacher+Isotonic {held['variants']['Teacher+Isotonic']['calibration']['mse']:.3f}, "

@@ -4,8 +4,9 @@ Each case builds its input in a private folder (copies of the shared demo data a
 runs one script, and checks: exit status 2; exactly one stderr line, with no traceback, that names
 the input and what was expected (the case's fragments); every watched folder (outputs, and data
 the script may write to) holds exactly the files it held before, at the same sizes and mtimes.
-Cases marked ``subprocess`` run ``python3 script.py`` for real instead of ``main()`` in-process,
-so each script's ``__main__`` path is covered too.
+Cases marked ``subprocess`` run ``sys.executable script.py`` for real instead of ``main()``
+in-process, so each script's ``__main__`` path is covered too; run_all.sh gets ``PYTHON`` set to the
+same interpreter (its default, ``python3`` on PATH, may be another Python without the packages).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -54,6 +56,10 @@ class Case:
     absent: list[Path] = field(default_factory=list)  # folders that must not even be created
     subprocess: bool = False
     lock: Path | None = None  # a folder held locked (flock) while the script runs
+    file_size_limit: int | None = None  # RLIMIT_FSIZE in bytes (subprocess): writes beyond it fail with EFBIG
+    # The same script run again with the input fixed (argv, or env for run_all.sh): must exit 0.
+    recovery: list[str] | dict[str, str] | None = None
+    fix: Callable[[], None] = lambda: None  # repairs a damaged input before the recovery run
 
 
 class Workspace:
@@ -142,9 +148,10 @@ def settings_case(variable: str, value: str, message: str) -> Callable[[Workspac
 
 RUN_ALL_SETTINGS = [
     settings_case("RM_OBJECTIVE", "foo", "must be bt or clf"),
-    settings_case("N_SAMPLE", "-3", "must be a positive integer"),
-    settings_case("N_SAMPLE", "ten", "must be a positive integer"),
-    settings_case("ENSEMBLE_NUMBER", "0", "must be a positive integer"),
+    settings_case("N_SAMPLE", "-3", "must be a positive integer up to 2147483647"),
+    settings_case("N_SAMPLE", "ten", "must be a positive integer up to 2147483647"),
+    settings_case("N_SAMPLE", "99999999999999999999", "must be a positive integer up to 2147483647"),
+    settings_case("ENSEMBLE_NUMBER", "0", "must be a positive integer up to 2147483647"),
     settings_case("ANNOTATION_QUALITY", "nan", "must be a number"),
     settings_case("CONSIDER_FIRST_N", "-3", "must be a positive integer, -1 or -2"),
     settings_case("TASK", "funny", "must be helpful or harmless"),
@@ -155,7 +162,13 @@ RUN_ALL_SETTINGS = [
     settings_case("EVAL_PROMPTS", "-5", "must be empty or a positive integer"),
     settings_case("DEMO_PROMPTS", "0", "must be a positive integer"),
     settings_case("LEARNING_RATE", "0", "must be a positive number"),
-    settings_case("SEED", "1.5", "must be an integer"),
+    settings_case("SEED", "1.5", "must be an integer in 0..4294967295"),
+    settings_case("SEED", "-1", "must be an integer in 0..4294967295"),
+    settings_case("SEED", "4294967296", "must be an integer in 0..4294967295"),
+    settings_case("LEARNING_RATE", "1e999", "must be a number between 1e-300 and 1e300 in magnitude"),
+    settings_case("LEARNING_RATE", "1e-400", "must be a number between 1e-300 and 1e300 in magnitude"),
+    settings_case("ANNOTATION_QUALITY", "-1e400", "must be a number between 1e-300 and 1e300 in magnitude"),
+    settings_case("DEMO_TEST_PROMPTS", "-1", "must be an integer in 0..2147483647"),
     settings_case("FORCE", "yes", "must be 0 or 1"),
 ]
 
@@ -200,7 +213,7 @@ def demo_one_split(w):
 def demo_negative_test_prompts(w):
     out = w.tmp / "data"
     return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_test_prompts", "-1"],
-                ["--n_test_prompts must be >= 0, got -1"], [out])
+                ["argument --n_test_prompts: expected an integer >= 0, got '-1'"], [out])
 
 
 def demo_output_under_file(w):
@@ -423,7 +436,7 @@ def step7_reward_string_value(w):
 
 
 def step7_negative_seed(w):
-    return step7(w, ["--seed must be >= 0, got -1"], "--seed", "-1")
+    return step7(w, ["argument --seed: expected a non-negative integer seed, got '-1'"], "--seed", "-1")
 
 
 # --- step8_validate_distillation.py ---
@@ -539,6 +552,142 @@ def convert_zero_max_prompts(w):
                    w.repo(*valid_repo_arrays()), "--max_prompts", "0", subprocess=True)
 
 
+# --- new classes: seeds and numbers out of range, divergence, damaged artifacts, write errors ---
+def step5_negative_seed(w):
+    return step5(w, ["argument --seed: expected a non-negative integer seed, got '-1'"], "--seed", "-1",
+                 subprocess=True)
+
+
+def step5_huge_ensemble(w):
+    return step5(w, ["argument --ensemble_number: expected a positive integer up to 2147483647, got '99999999999'"],
+                 "--ensemble_number", "99999999999")
+
+
+def step5_learning_rate_beyond_float_range(w):
+    return step5(w, ["argument --learning_rate: expected a finite number, got '1e999'"], "--learning_rate", "1e999")
+
+
+def step5_val_fraction_one(w):
+    return step5(w, ["argument --val_fraction: expected a number strictly between 0 and 1, got '1'"],
+                 "--val_fraction", "1")
+
+
+def step5_diverges(w):
+    case = step5(w, ["error: ORM member 0 diverged (best validation loss", "more than 2x the untrained model's",
+                     "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10"],
+                 "--learning_rate", "10", "--n_sample", "120", subprocess=True)
+    case.recovery = case.argv[:-4] + ["--n_sample", "120"]
+    return case
+
+
+def step5_file_size_limit(w):
+    """A full disk or a file-size limit while a checkpoint is written: one line naming the file."""
+    out = w.tmp / "out"
+    case = step5(w, [f"error: cannot write {out}/XPrompt_mlp_bt_0_seed6_", ".ckpt: File too large"], out=out,
+                 subprocess=True)
+    case.file_size_limit, case.recovery = 100_000, case.argv
+    return case
+
+
+def demo_negative_seed(w):
+    out = w.tmp / "data"
+    return Case("generate_demo_data.py", ["--output_dir", str(out), "--seed", "-1"],
+                ["argument --seed: expected a non-negative integer seed, got '-1'"], [out], absent=[out])
+
+
+def step6_negative_eval_seed(w):
+    return step6(w, ["argument --eval_seed: expected a non-negative integer seed, got '-5'"], "--eval_seed", "-5")
+
+
+def step6_manifest_without_config(w):
+    run = w.run_copy()
+    path = edit_json(run / "orm_manifest.json", lambda record: record.pop("config"))
+    case = step6(w, [f"{path}: key 'config' must be an object, got nothing"], run=run)
+    case.recovery = ["--output_dir", str(run)]
+    case.fix = lambda: shutil.copy(w._run / "orm_manifest.json", path)
+    return case
+
+
+def step6_partition_with_a_string_role(w):
+    run = w.run_copy()
+    path = edit_json(run / "prompt_split.json", lambda record: record.update(held_out="all"))
+    return step6(w, [f"{path}: key 'held_out' must be a list of integer prompt ids, got \"all\""], run=run)
+
+
+def step6_partition_with_nested_ids(w):
+    run = w.run_copy()
+    path = edit_json(run / "prompt_split.json", lambda record: record.update(held_out=[record["held_out"]]))
+    return step6(w, [f"{path}: key 'held_out' must be a list of integer prompt ids, got [["], run=run)
+
+
+def step6_plot_beyond_file_size_limit(w):
+    """JSON and plot are written together: a write error in either leaves neither (and no traceback)."""
+    run = w.run_copy()
+    step6_eval_rms.main(["--output_dir", str(run), "--bon_draws", "5"])  # scores cached; then drop the results
+    for name in ("eval_results_bt.json", "eval_best_of_n_bt.png"):
+        (run / name).unlink()
+    case = step6(w, [f"error: cannot write {run}/eval_", ": File too large"], "--bon_draws", "5", run=run,
+                 subprocess=True)
+    case.file_size_limit, case.recovery = 40_000, case.argv
+    return case
+
+
+def step7_manifest_config_is_a_list(w):
+    run = w.run_copy()
+    path = edit_json(run / "orm_manifest.json", lambda record: record.update(config=[1, 2]))
+    return step7(w, [f"{path}: key 'config' must be an object, got [1, 2]"], run=run)
+
+
+def step7_manifest_seed_is_a_string(w):
+    run = w.run_copy()
+    path = edit_json(run / "orm_manifest.json", lambda record: record["config"].update(seed="6"))
+    return step7(w, [f"{path}: key 'config' -> 'seed' must be a non-negative integer seed, got \"6\""], run=run)
+
+
+def step7_student_diverges(w):
+    case = step7(w, ["error: student diverged (best validation loss", "lower --learning_rate (LEARNING_RATE in "
+                     "run_all.sh), now 10"], "--learning_rate", "10", subprocess=True)
+    case.recovery = case.argv[:-2]
+    return case
+
+
+def step8_manifest_checkpoints_of_wrong_type(w):
+    run = w.distilled_copy()
+    path = edit_json(run / "orm_manifest.json", lambda record: record.update(checkpoints=5))
+    return step8(w, [f"{path}: key 'checkpoints' must be a non-empty list of checkpoint file names, got 5"],
+                 run=run)
+
+
+def step8_manifest_checkpoint_outside_the_folder(w):
+    run = w.distilled_copy()
+    path = edit_json(run / "orm_manifest.json", lambda record: record.update(checkpoints=["../x.ckpt"]))
+    return step8(w, [f"{path}: key 'checkpoints' must be a non-empty list of checkpoint file names"], run=run)
+
+
+def step8_seed_beyond_range(w):
+    return step8(w, ["argument --seed: expected a non-negative integer seed up to 4294967295, got '4294967296'"],
+                 "--seed", "4294967296")
+
+
+def run_all_learning_rate_10_diverges(w):
+    data = w.data_copy()
+    (data / "demo_config.json").unlink()  # real data: used as it is
+    case = run_all_case(w, ["error: ORM member 0 diverged", "lower --learning_rate (LEARNING_RATE in run_all.sh), "
+                            "now 10"], settings_error=False, data=data, LEARNING_RATE="10")
+    case.recovery = {"LEARNING_RATE": "0.001"}
+    return case
+
+
+NEW_CASES = [
+    step5_negative_seed, step5_huge_ensemble, step5_learning_rate_beyond_float_range, step5_val_fraction_one,
+    step5_diverges, step5_file_size_limit, demo_negative_seed, step6_negative_eval_seed,
+    step6_manifest_without_config, step6_partition_with_a_string_role, step6_partition_with_nested_ids,
+    step6_plot_beyond_file_size_limit, step7_manifest_config_is_a_list, step7_manifest_seed_is_a_string,
+    step7_student_diverges, step8_manifest_checkpoints_of_wrong_type, step8_manifest_checkpoint_outside_the_folder,
+    step8_seed_beyond_range, run_all_learning_rate_10_diverges,
+]
+
+
 CASES = [
     *RUN_ALL_SETTINGS, run_all_output_under_file, run_all_data_under_file, run_all_output_in_use,
     run_all_splits_of_different_d,
@@ -559,29 +708,44 @@ CASES = [
     step8_zero_calibration_bins,
     convert_output_under_file, convert_object_embeddings, convert_int_embeddings, convert_string_rewards,
     convert_truncated_rewards, convert_zero_max_prompts,
+    *NEW_CASES,
 ]
 
 
 # --------------------------------------------------------------------------------------------
 # The check
 # --------------------------------------------------------------------------------------------
+# Not an artifact: run_state.py's record of the data's content hash (it only saves time).
+NOT_ARTIFACTS = {".run_state/data_fingerprint.json"}
+
+
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file under ``folder``, hidden ones included ({} if absent)."""
     if not folder.is_dir():
         return {}
-    return {path.relative_to(folder).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in folder.rglob("*") if path.is_file()}
+    return {name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")
+            if path.is_file() and (name := path.relative_to(folder).as_posix()) not in NOT_ARTIFACTS}
+
+
+def run_script(case: Case, cwd: Path, argv: list[str], env: dict[str, str],
+               file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    if case.script == "run_all.sh":
+        command = ["bash", str(ROOT / "run_all.sh")]
+        env = {**os.environ, "PYTHON": sys.executable, **RUN_ALL_ENV, **env}
+    else:
+        command = [sys.executable, str(ROOT / case.script), *argv]
+        env = dict(os.environ)
+
+    def limit_file_size():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size if file_size_limit else None)
 
 
 def run_subprocess(case: Case, cwd: Path) -> str:
     """Run the script for real; return its one stderr line after checking status and traceback."""
-    if case.script == "run_all.sh":
-        command = ["bash", str(ROOT / "run_all.sh")]
-        env = {**os.environ, **RUN_ALL_ENV, **case.env}
-    else:
-        command = [sys.executable, str(ROOT / case.script), *case.argv]
-        env = dict(os.environ)
-    proc = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = run_script(case, cwd, case.argv, case.env, case.file_size_limit)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -621,6 +785,14 @@ def test_bad_input_exits_2_with_one_line_and_no_artifact(make_case, demo_dir, tr
         assert listing(folder) == files, f"{folder} changed"
     for folder in case.absent:
         assert not folder.exists(), f"{folder} was created"
+    if case.recovery is not None:  # the same command with the input fixed succeeds
+        case.fix()
+        if isinstance(case.recovery, dict):
+            proc = run_script(case, tmp_path, [], {**case.env, **case.recovery})
+        else:
+            proc = run_script(case, tmp_path, case.recovery, {})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_the_matrix_covers_every_cpu_script_and_run_all():

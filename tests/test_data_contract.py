@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
 
 
 def test_cli_script_exit_status_and_single_line(tmp_path):
-    proc = subprocess.run(["python3", str(ROOT / "step5_train_rms.py"), "--data_dir", str(tmp_path / "missing")],
+    proc = subprocess.run([sys.executable, str(ROOT / "step5_train_rms.py"), "--data_dir", str(tmp_path / "missing")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'missing'} does not exist"]

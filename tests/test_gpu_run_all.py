@@ -13,7 +13,7 @@ from tiny_models import build_tiny_setup  # noqa: E402
 
 def test_gpu_path_flows_into_steps_5_to_8(tmp_path):
     tiny = build_tiny_setup(tmp_path / "tiny")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RUN_GPU_STEPS": "1",
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RUN_GPU_STEPS": "1",
            "MODEL_NAME": str(tiny["policy-lm"]), "EMBED_MODEL_NAME": str(tiny["embed-left"]),
            "GOLDEN_RM": str(tiny["golden-rm"]), "SFT_TRAIN_FILE": str(tiny["train_prompts"]),
            "SFT_MAX_STEPS": "2", "TRAIN_PROMPTS_FILE": str(tiny["train_prompts"]),

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -12,8 +13,8 @@ SMALL = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DIS
 
 
 def run_all(tmp_path, **env):
-    full_env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out"),
-                **SMALL, **env}
+    full_env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"),
+                "OUTPUT_DIR": str(tmp_path / "out"), **SMALL, **env}
     return subprocess.run(["bash", str(ROOT / "run_all.sh")], env=full_env, capture_output=True,
                           text=True, timeout=600)
 
@@ -42,7 +43,7 @@ def test_run_all_demo_end_to_end(tmp_path):
 def test_run_all_on_published_embeddings(tmp_path):
     """USE_REPO_EMBD=1: a small synthetic repository folder is converted, then steps 5-8 run."""
     repo = tmp_path / "repo"
-    subprocess.run(["python3", str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", str(repo),
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", str(repo),
                     "--n_prompts", "320", "--n_responses", "6", "--emb_dim", "24", "--n_test_prompts", "5",
                     "--n_test_responses", "30", "--task", "harmless", "--gen_model", "gemma2b"],
                    check=True, capture_output=True)

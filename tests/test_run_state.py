@@ -168,23 +168,62 @@ def test_the_key_covers_the_step_script_and_the_modules_it_imports(tmp_path, ste
 def test_data_fingerprint_follows_train_and_test_sets(demo_copy):
     first = run_state.data_fingerprint(demo_copy)
     assert run_state.data_fingerprint(demo_copy) == first
+    content = run_state.content_fingerprint(demo_copy)
     path = demo_copy / "rewards_test_split_0.json"
-    path.write_text(path.read_text().replace("}", " }", 1))  # same value, other bytes: no change
-    assert run_state.data_fingerprint(demo_copy) == first
+    path.write_text(path.read_text().replace("}", " }", 1))  # same value, other bytes
+    assert run_state.content_fingerprint(demo_copy) == content  # the content hash reads values...
+    second = run_state.data_fingerprint(demo_copy)
+    assert second != first  # ...but a rewritten file has new stat info, so the steps rerun
     lines = path.read_text().splitlines()
     lines[0] = '{"reward": 123.0}'
     path.write_text("\n".join(lines) + "\n")
-    second = run_state.data_fingerprint(demo_copy)
-    assert second != first
+    assert run_state.content_fingerprint(demo_copy) != content
+    third = run_state.data_fingerprint(demo_copy)
+    assert third not in (first, second)
     (demo_copy / "EMBD-TRAIN-split_0.npy").write_bytes(b"broken")  # unreadable: still a fingerprint
-    assert run_state.data_fingerprint(demo_copy) not in (first, second)
+    assert run_state.data_fingerprint(demo_copy) not in (first, second, third)
+
+
+def test_an_in_place_edit_between_sampled_blocks_changes_the_fingerprint(tmp_path, monkeypatch):
+    """The sampled content hash cannot see bytes between its blocks; the files' stat info can."""
+    import numpy as np
+
+    import rm_data
+
+    data, n_prompts, dim = tmp_path / "data", 20_000, 128  # 10 MB per split: 64 blocks of 64 KiB leave gaps
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        np.save(data / f"EMBD-TRAIN-split_{k}.npy", rng.standard_normal((n_prompts, dim), dtype=np.float32))
+        rm_data.write_rewards_jsonl(data / f"rewards_split_{k}.json", rng.standard_normal(n_prompts))
+    cache = tmp_path / "out" / run_state.STATE_DIR / run_state.FINGERPRINT_CACHE
+    before = run_state.data_fingerprint(data, cache)
+    sampled_before = rm_data.fingerprint(rm_data.load_embedding_set(data))
+    # Unchanged stat info: the recorded content hash is reused, nothing is read.
+    monkeypatch.setattr(run_state, "content_fingerprint", lambda data_dir: pytest.fail("content was re-read"))
+    assert run_state.data_fingerprint(data, cache) == before
+    monkeypatch.undo()
+    embeddings = np.load(data / "EMBD-TRAIN-split_1.npy", mmap_mode="r+")
+    size, block, row_bytes = (data / "EMBD-TRAIN-split_1.npy").stat().st_size, 1 << 16, dim * 4
+    starts = np.linspace(0, size - block, 64).astype(np.int64)  # rm_data.fingerprint's sampled blocks
+    first_row = -(-(int(starts[10]) + block - embeddings.offset) // row_bytes)
+    rows = slice(first_row, first_row + 20)  # 20 rows between sampled blocks 10 and 11
+    assert embeddings.offset + rows.stop * row_bytes <= starts[11]
+    embeddings[rows] = -embeddings[rows]
+    embeddings.flush()
+    del embeddings
+    assert rm_data.fingerprint(rm_data.load_embedding_set(data)) == sampled_before  # the sample misses it
+    after = run_state.data_fingerprint(data, cache)
+    assert after != before
+    assert json.loads(cache.read_text())["files"] == run_state.data_file_stats(data)
 
 
 # --------------------------------------------------------------------------------------------
 # run_all.sh: resume, skip, force, determinism
 # --------------------------------------------------------------------------------------------
 def run_all_env(root: Path, **env) -> dict:
-    return {**os.environ, "DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "out"), **TINY, **env}
+    return {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "out"),
+            **TINY, **env}
 
 
 def run_all(root: Path, **env) -> str:
@@ -341,3 +380,24 @@ def test_another_seed_changes_weights_and_results_not_the_partition(reference):
     for name, key in (("isotonic_teacher_map.json", "x_thresholds"), ("eval_results_bt.json", "held_out"),
                       ("validation_results.json", "held_out")):
         assert load(out, name)[key] != load(ref, name)[key], name
+
+
+def test_an_in_place_edit_of_the_data_reruns_every_step(reference):
+    """Negating 20 held-out rows in place (the issue's stale-results case): steps 5-8 run again and
+    step 6 reports on the edited data. Last in this file: it edits the shared tiny demo's data."""
+    import numpy as np
+
+    root, ref = reference
+    shutil.rmtree(root / "out", ignore_errors=True)
+    shutil.copytree(ref, root / "out")
+    held_out = json.loads((ref / "prompt_split.json").read_text())["held_out"][:20]
+    embeddings = np.load(root / "data" / "EMBD-TRAIN-split_9.npy", mmap_mode="r+")
+    embeddings[held_out] = -embeddings[held_out]
+    embeddings.flush()
+    del embeddings
+    stdout = run_all(root)
+    assert step_lines(stdout) == {step: "took" for step in STEPS}
+    assert "step 5: running again (changed: the data)" in stdout
+    spearman = [json.loads((folder / "eval_results_bt.json").read_text())["held_out"]["ranking"]["ensemble_mean"]
+                ["spearman_per_prompt"]["mean"] for folder in (root / "out", ref)]
+    assert spearman[0] != spearman[1]

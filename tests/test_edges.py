@@ -1,0 +1,190 @@
+"""Edges beyond bad input: undefined metrics, a backwards teacher, a corrupt score cache, Ctrl-C in a
+step, and run_all.sh started from another directory, waiting for a locked DATA_DIR and stopped by
+SIGTERM. (Bad input: test_bad_input_matrix.py; in-place data edits: test_run_state.py.)"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, STEP5_FAST
+
+import step5_train_rms
+import step6_eval_rms
+import step7_isotonic_distillation
+import step8_validate_distillation
+from calibration import fit_isotonic
+from rm_data import SCORE_CACHE_DIR, write_rewards_jsonl
+from step7_isotonic_distillation import check_teacher
+
+
+def strict_json(path: Path) -> dict:
+    """Parse JSON refusing NaN and Infinity, as any strict reader would."""
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_undefined_metrics_are_null_with_a_reason_and_n_a_in_tables(demo_copy, tmp_path, capsys):
+    """All golden rewards equal and a one-prompt test set: no NaN anywhere, a reason beside each null."""
+    for path in demo_copy.glob("rewards*_split_*.json"):
+        write_rewards_jsonl(path, np.ones(len(path.read_text().splitlines())))
+    for path in demo_copy.glob("*-TEST-split_*.npy"):
+        np.save(path, np.load(path)[:1])
+    for path in demo_copy.glob("rewards_test_split_*.json"):
+        write_rewards_jsonl(path, np.ones(1))
+    out = str(tmp_path / "out")
+    step5_train_rms.main(["--data_dir", str(demo_copy), "--output_dir", out, *STEP5_FAST])
+    step6_eval_rms.main(["--output_dir", out, "--bon_draws", "5"])
+    printed = capsys.readouterr().out
+    results = strict_json(Path(out) / "eval_results_bt.json")
+    held = results["held_out"]["ranking"]["ensemble_mean"]
+    assert held["spearman_per_prompt"]["mean"] is None
+    assert held["spearman_per_prompt"]["reason"] == "every prompt has constant golden rewards or predictions"
+    assert held["spearman_global"] is None and "all equal" in held["spearman_global_reason"]
+    assert held["pairwise_accuracy_same_prompt"]["accuracy"] is None
+    test = results["test"]
+    assert test["n_prompts"] == 1
+    assert test["ranking"]["ensemble_mean"]["pairwise_accuracy_cross_prompt"] == {
+        "accuracy": None, "reason": "needs at least 2 prompts", "n_pairs": 0, "n_prompts": 1, "n_responses": 40}
+    assert set(test["best_of_n"]["curves"]["ensemble_mean"]["stderr"]) == {None}
+    assert test["best_of_n"]["stderr_reason"] == "a standard error over prompts needs at least 2 prompts"
+    assert "n/a" in printed and "nan" not in printed
+    assert (Path(out) / "eval_best_of_n_bt.png").stat().st_size > 0
+
+    # The isotonic map of constant rewards is a constant: step 7 says so on stderr and in its JSON.
+    step7_isotonic_distillation.main(["--output_dir", out, "--distill_epochs", "2", "--batch_size", "64"])
+    err = capsys.readouterr().err
+    assert "warning: the teacher's isotonic map is a constant (1)" in err
+    check = strict_json(Path(out) / "distillation_config.json")["teacher_check"]
+    assert check["isotonic_levels"] == 1 and check["calibration_spearman_per_prompt"] is None
+    assert len(check["warnings"]) == 1
+
+    step8_validate_distillation.main(["--output_dir", out, "--bon_draws", "5"])
+    printed = capsys.readouterr().out
+    validation = strict_json(Path(out) / "validation_results.json")
+    fidelity = validation["held_out"]["distillation_fidelity"]
+    assert fidelity["relative_mse"] is None and fidelity["relative_mse_reason"] == "Teacher+Isotonic is constant"
+    assert validation["held_out"]["variants"]["Teacher+Isotonic"]["spearman_global"] is None
+    assert "n/a" in printed and "nan" not in printed
+    assert (Path(out) / "validation_table.txt").read_text() in printed + "\n"
+
+
+def test_a_backwards_teacher_is_reported():
+    rng = np.random.default_rng(0)
+    gold = rng.standard_normal((20, 8))
+    teacher = -gold + 0.01 * rng.standard_normal(gold.shape)
+    imap, _ = fit_isotonic(teacher, gold, "centered")
+    check = check_teacher(teacher, gold, imap)
+    assert check["calibration_spearman_per_prompt"] < -0.9
+    assert any("ranks the calibration prompts backwards (per-prompt Spearman -0.9" in w for w in check["warnings"])
+    good = check_teacher(gold, gold, fit_isotonic(gold, gold, "centered")[0])
+    assert good["warnings"] == [] and good["calibration_spearman_per_prompt"] == pytest.approx(1.0)
+
+
+def test_a_corrupt_score_cache_entry_is_a_miss_and_is_recomputed(trained_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    argv = ["--output_dir", str(out), "--bon_draws", "5"]
+    step6_eval_rms.main(argv)
+    expected = (out / "eval_results_bt.json").read_bytes()
+    entries = sorted((out / SCORE_CACHE_DIR).glob("scores_*.npy"))
+    assert [path.name.split("_")[1] for path in entries] == ["test", "train"]
+    good = {path: path.read_bytes() for path in entries}
+    entries[0].write_bytes(good[entries[0]][:200])  # truncated
+    np.save(entries[1], np.zeros((2, 3), np.float32))  # readable, but of the wrong shape
+    step6_eval_rms.main(argv)
+    assert (out / "eval_results_bt.json").read_bytes() == expected
+    assert {path: path.read_bytes() for path in entries} == good  # recomputed and rewritten
+
+
+def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 240) -> list[str]:
+    """Lines of ``process.stdout`` up to the first that contains ``fragment``."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if fragment in line:
+            return lines
+        assert time.monotonic() < deadline, f"no {fragment!r} in {lines[-20:]}"
+    raise AssertionError(f"the process ended without printing {fragment!r}: {lines[-20:]}")
+
+
+def test_ctrl_c_in_a_step_is_one_line_without_traceback(demo_dir, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(ROOT / "step5_train_rms.py"), "--data_dir", str(demo_dir),
+                                "--output_dir", str(out), "--n_sample", "120", "--ensemble_number", "50",
+                                "--training_epochs", "30", "--seed", "3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(process, "label flip rate")  # imports done, training under way
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.strip() == "interrupted by SIGINT; nothing half-written was kept"
+    assert not out.exists() or not any(out.iterdir())  # members are saved only once all have trained
+
+
+def run_all_env(**env) -> dict:
+    small = {"N_SAMPLE": "60", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "2",
+             "DEMO_PROMPTS": "160", "EVAL_PROMPTS": "100", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "3",
+             "DEMO_TEST_RESPONSES": "12"}
+    return {**os.environ, "PYTHON": sys.executable, **small, **env}
+
+
+def start_run_all(cwd: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(ROOT / "run_all.sh")], cwd=cwd, env=run_all_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_unlocked(folder: Path) -> None:
+    """Nothing (no orphaned step) holds run_all.sh's lock on ``folder`` once run_all.sh has exited."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(handle)
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="run_all.sh locks folders with util-linux's flock")
+def test_run_all_from_another_directory_waits_for_data_and_stops_on_sigterm(tmp_path):
+    """Relative OUTPUT_DIR/DATA_DIR are the caller's; a locked DATA_DIR is waited for; SIGTERM to
+    run_all.sh alone stops the running step too (exit 143, one line, no lock left); a rerun resumes."""
+    caller = tmp_path / "caller"
+    (caller / "data").mkdir(parents=True)
+    env = {"OUTPUT_DIR": "out", "DATA_DIR": "data"}
+    # Another run is writing the data: this one waits, and SIGTERM ends the wait.
+    holder = os.open(caller / "data", os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    process = start_run_all(caller, **env)
+    wait_for_line(process, f"Waiting for another run_all.sh that is writing DATA_DIR '{caller}/data'")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    os.close(holder)
+    assert process.returncode == 143, err
+    assert err.strip() == "run_all.sh: stopped by SIGTERM during the wait for DATA_DIR; run the same command " \
+                          "again to resume"
+    # Again, stopped in the middle of step 5: the step stops with it.
+    process = start_run_all(caller, **env)
+    wait_for_line(process, "label flip rate")
+    process.send_signal(signal.SIGTERM)  # to run_all.sh alone, as a scheduler would
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert err.strip() == "run_all.sh: stopped by SIGTERM during Step 5: train the ORM ensemble; run the same " \
+                          "command again to resume"
+    assert_unlocked(caller / "out")
+    assert (caller / "data" / "demo_config.json").is_file() and not (ROOT / "out").exists()
+    assert not (caller / "out" / "orm_manifest.json").exists()
+    # The rerun finishes the job where the caller asked.
+    process = start_run_all(caller, **env)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "demo data in" in out or "up to date" in out
+    assert (caller / "out" / "validation_results.json").is_file()
