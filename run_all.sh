@@ -101,7 +101,11 @@ in_float_range() {  # a number (is_number) whose magnitude is 0 or between 1e-30
     local order=$(( ${#int} > 0 ? ${#int} - 1 + exp : exp - ${#lead_zeros} - 1 ))
     (( order >= -300 && order <= 300 ))
 }
-need_pos_int() { is_pos_int "${!1}" || die "$1 must be a positive integer up to $MAX_SIZE, got '${!1}'"; }
+need_pos_int() {
+    is_pos_int "${!1}" && return 0
+    [[ "${!1}" =~ ^[0-9]+$ && "${!1}" =~ [1-9] ]] && die "$1 must be at most $MAX_SIZE, got '${!1}'"
+    die "$1 must be a positive integer, got '${!1}'"
+}
 need_number() {  # need_number VAR [positive]
     is_number "${!1}" || die "$1 must be a ${2:+positive }number, got '${!1}'"
     in_float_range "${!1}" || die "$1 must be a number between 1e-300 and 1e300 in magnitude, got '${!1}'"

@@ -148,17 +148,17 @@ def settings_case(variable: str, value: str, message: str) -> Callable[[Workspac
 
 RUN_ALL_SETTINGS = [
     settings_case("RM_OBJECTIVE", "foo", "must be bt or clf"),
-    settings_case("N_SAMPLE", "-3", "must be a positive integer up to 2147483647"),
-    settings_case("N_SAMPLE", "ten", "must be a positive integer up to 2147483647"),
-    settings_case("N_SAMPLE", "99999999999999999999", "must be a positive integer up to 2147483647"),
-    settings_case("ENSEMBLE_NUMBER", "0", "must be a positive integer up to 2147483647"),
+    settings_case("N_SAMPLE", "-3", "must be a positive integer"),
+    settings_case("N_SAMPLE", "ten", "must be a positive integer"),
+    settings_case("N_SAMPLE", "99999999999999999999", "must be at most 2147483647"),
+    settings_case("ENSEMBLE_NUMBER", "0", "must be a positive integer"),
     settings_case("ANNOTATION_QUALITY", "nan", "must be a number"),
     settings_case("CONSIDER_FIRST_N", "-3", "must be a positive integer, -1 or -2"),
     settings_case("TASK", "funny", "must be helpful or harmless"),
     settings_case("N_PAIRS", "0", "must be a positive integer"),
     settings_case("PAIR_MODE", "cross", "must be xprompt or same"),
     settings_case("REPLACEMENT", "yes", "must be 0 or 1"),
-    settings_case("SPLIT_SEED", "x", "must be an integer"),
+    settings_case("SPLIT_SEED", "x", "must be an integer in 0..4294967295"),
     settings_case("EVAL_PROMPTS", "-5", "must be empty or a positive integer"),
     settings_case("DEMO_PROMPTS", "0", "must be a positive integer"),
     settings_case("LEARNING_RATE", "0", "must be a positive number"),
@@ -673,7 +673,8 @@ def run_all_learning_rate_10_diverges(w):
     data = w.data_copy()
     (data / "demo_config.json").unlink()  # real data: used as it is
     case = run_all_case(w, ["error: ORM member 0 diverged", "lower --learning_rate (LEARNING_RATE in run_all.sh), "
-                            "now 10"], settings_error=False, data=data, LEARNING_RATE="10")
+                            "now 10"], settings_error=False, data=data, LEARNING_RATE="10",
+                        EVAL_PROMPTS="100")
     case.recovery = {"LEARNING_RATE": "0.001"}
     return case
 
