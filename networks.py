@@ -140,7 +140,7 @@ def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tenso
     def val_loss() -> float:
         return evaluate_pairs(model, objective, features, val_winners, val_losers)[0]
 
-    fit = fit_with_early_stopping(model, n_items, batch_loss, val_loss, config, generator)
+    fit = fit_with_early_stopping(model, n_items, batch_loss, val_loss, config, generator, math.log(2))
     _, val_accuracy = evaluate_pairs(model, objective, features, val_winners, val_losers)
     return model, TrainResult(fit.best_epoch, fit.epochs_run, fit.best_val_loss, val_accuracy,
                               fit.samples_per_second)
@@ -180,12 +180,14 @@ class FusedAdam:
                            amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0,
                            eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
-# Training has diverged when its best validation loss stays above this multiple of the untrained
-# model's. Not 1: on a small validation slice (or noisy labels) a sound run's best epoch can be a
-# little worse than the untrained model, whose near-constant scores give BT/BCE loss ~log 2. A
-# diverged run is worse by orders of magnitude (demo, LEARNING_RATE 0.1 / 1 / 10: 39x, 9000x,
-# 7e6x), while its training loss may still fall (huge weights fit the training pairs), so only
-# the validation loss tells.
+
+# Training has diverged when its best validation loss stays above this multiple of the larger of
+# the untrained model's and a constant predictor's (the latter for a student whose early-stopping
+# targets are nearly constant, where the untrained model is already close). Not 1: on a small
+# validation slice (or noisy labels) a sound run's best epoch can be a little worse than the
+# untrained model, whose near-constant scores give BT/BCE loss ~log 2. A diverged run is worse by
+# orders of magnitude (demo, LEARNING_RATE 0.1 / 1 / 10: 39x, 9000x, 7e6x), while its training loss
+# may still fall (huge weights fit the training pairs), so only the validation loss tells.
 DIVERGED_LOSS_RATIO = 2.0
 
 
@@ -206,15 +208,16 @@ class FitSummary:
 
 def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
                             val_loss: Callable[[], float], config: TrainConfig,
-                            generator: torch.Generator) -> FitSummary:
+                            generator: torch.Generator, constant_loss: float = 0.0) -> FitSummary:
     """Adam over true epochs of shuffled mini-batches; stop after ``config.patience`` epochs without a
     lower validation loss and restore the best weights (the model is left in eval mode).
 
     batch_loss(indices): the loss of a mini-batch, given (B,) int64 indices into range(n_items)
     val_loss(): the validation loss of the current weights
+    constant_loss: the loss of a constant predictor (log 2 for pairs, ~1 for standardised targets)
     Raises :class:`TrainingDiverged` if a training or validation loss is not finite, or if no epoch
-    comes near the untrained model's validation loss (:data:`DIVERGED_LOSS_RATIO`): too high a
-    learning rate, typically.
+    comes near the larger of the untrained model's validation loss and ``constant_loss``
+    (:data:`DIVERGED_LOSS_RATIO`): too high a learning rate, typically.
     """
     optimizer = FusedAdam(model.parameters(), lr=config.learning_rate)
     untrained_loss = val_loss()
@@ -245,9 +248,11 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
         elif epoch - best_epoch >= config.patience:
             log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_loss)
             break
-    if best_loss > DIVERGED_LOSS_RATIO * untrained_loss:
+    reference = max(untrained_loss, constant_loss)
+    if best_loss > DIVERGED_LOSS_RATIO * reference:
+        whose = "the untrained model's" if reference == untrained_loss else "a constant predictor's"
         raise TrainingDiverged(f"best validation loss {best_loss:.4g} in {epochs_run} epoch(s), more than "
-                               f"{DIVERGED_LOSS_RATIO:g}x the untrained model's {untrained_loss:.4g}")
+                               f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}")
     model.load_state_dict(best_state)
     model.eval()
     return FitSummary(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9))
@@ -418,7 +423,7 @@ def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: tor
     def val_loss() -> float:
         return float(F.mse_loss(predict_rows(model, features, val_rows), scaled[val_rows]))
 
-    fit = fit_with_early_stopping(model, len(train_rows), batch_loss, val_loss, config, generator)
+    fit = fit_with_early_stopping(model, len(train_rows), batch_loss, val_loss, config, generator, 1.0)
     with torch.no_grad():  # fold the target standardisation into the output layer
         model.fc3.weight.mul_(std)
         model.fc3.bias.mul_(std).add_(mean)
