@@ -12,7 +12,7 @@ its thresholds, constant outside the fitted range. Two variants:
   teacher's ranking, which best-of-N needs most at the top, where the standard map's last block
   is flat. (After Oron & Flournoy 2017, "Centered isotonic regression".)
 
-Every map is written twice (DESIGN section 7): ``name.joblib`` holds a fitted ``IsotonicRegression``
+Every map is written twice (README, "Reproducibility and safety"): ``name.joblib`` holds a fitted ``IsotonicRegression``
 for users who want the sklearn object (for ``centered``, one fitted on its knots, which predicts the
 same values), and ``name.json`` beside it holds the thresholds and settings. Our steps read only the
 JSON: nothing in this project calls ``joblib.load`` or unpickles anything. :meth:`IsotonicMap.predict`

@@ -1,4 +1,4 @@
-"""Convert published embedding files into the data directory of steps 5-8 (DESIGN section 3).
+"""Convert published embedding files into the data directory of steps 5-8 (README, "Data format").
 
 Input: a ``train`` pair of files and optionally a ``test`` pair, in one of two layouts (N prompts,
 K responses per prompt, D embedding size; embeddings float32 or float16, rewards any real dtype):

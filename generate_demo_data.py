@@ -12,7 +12,7 @@ Generative model (all draws from one seeded generator):
          + c_noise * eps,  eps ~ N(0, 1)                     annotation-free golden noise
 The golden reward is thus a nonlinear function of a dense low-dimensional subspace of the
 embedding (every coordinate carries signal), with prompt- and response-level parts. Responses are
-written sorted ascending by golden reward within each prompt (split 0 lowest, DESIGN section 3).
+written sorted ascending by golden reward within each prompt (split 0 lowest, README "Data format").
 An optional test set draws fresh prompts with ``--n_test_responses`` responses each.
 
 The folder also gets ``demo_config.json``; rerunning with the same settings is a no-op, and other

@@ -1,4 +1,4 @@
-"""Ranking, best-of-N and calibration metrics (DESIGN section 6), vectorised over prompts.
+"""Ranking, best-of-N and calibration metrics (README, "Step 6: evaluation"), vectorised over prompts.
 
 Every function takes score matrices of shape (P, R): P prompts, R responses per prompt, row p
 holding the responses of prompt p. Results carry the number of prompts and responses they rest on.

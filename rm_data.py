@@ -1,4 +1,4 @@
-"""The data-directory contract of steps 5-8 (DESIGN sections 3-4).
+"""The data-directory contract of steps 5-8 (README, "Data format" and "Who sees which prompts").
 
 A data directory holds, for k = 0..K-1, ``EMBD-TRAIN-split_{k}.npy`` of shape (N, D) (float32 or
 float16; row p is the k-th response to prompt p) and ``rewards_split_{k}.json`` (JSONL, N lines
@@ -393,7 +393,7 @@ def fingerprint(eset: EmbeddingSet) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The prompt partition (DESIGN section 4)
+# The prompt partition (README, "Who sees which prompts")
 # --------------------------------------------------------------------------------------------
 def default_eval_prompts(n_prompts: int) -> int:
     """Default size of the evaluation pool: a quarter of the prompts, at least min(1000, half of them).

@@ -20,6 +20,13 @@ done
 if [[ "${PYTHON:-}" == */* && "$PYTHON" != /* ]]; then
     PYTHON="$CALLER_DIR/$PYTHON"
 fi
+# Model variables are short names, hub ids or local folders: a relative value that names a folder
+# of the caller's directory is that folder (as from_pretrained would find it from there).
+for var in MODEL_NAME EMBED_MODEL_NAME GOLDEN_RM; do
+    if [[ -n "${!var:-}" && "${!var}" != /* && -d "$CALLER_DIR/${!var}" ]]; then
+        printf -v "$var" '%s/%s' "$CALLER_DIR" "${!var}"
+    fi
+done
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON="${PYTHON:-python3}"
@@ -278,7 +285,7 @@ resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (PREVIOUS_STEP may be 
 
 section "Step 5: train the ORM ensemble"
 resumable 5 "" "$PYTHON" step5_train_rms.py \
-    --embed_model_name "$MODEL_NAME" --task "$TASK" --sft_obj "$SFT_OBJ" \
+    --embed_model_name "$EMBED_MODEL_NAME" --task "$TASK" --sft_obj "$SFT_OBJ" \
     --gen_pref_model_name "$GEN_PREF_MODEL" --rm_objective "$RM_OBJECTIVE" \
     --consider_first_n "$CONSIDER_FIRST_N" --n_sample "$N_SAMPLE" ${EVAL_PROMPTS:+--eval_prompts "$EVAL_PROMPTS"} \
     --split_seed "$SPLIT_SEED" --n_pairs "$N_PAIRS" --pair_mode "$PAIR_MODE" \
