@@ -185,9 +185,12 @@ run_child() {  # run_child COMMAND...: run it in the background without our lock
 }
 on_signal() {  # on_signal NAME STATUS: forward to the running step, wait for it, exit with one line
     trap '' INT TERM
-    if [[ -n "$CHILD" ]]; then
-        kill -"$1" "$CHILD" 2>/dev/null || true
-        wait "$CHILD" 2>/dev/null || true
+    # Every background job, not only $CHILD: the signal may land between a job's start and CHILD=$!.
+    local jobs_running
+    jobs_running="$(jobs -p)"
+    if [[ -n "$jobs_running" ]]; then
+        kill -"$1" $jobs_running 2>/dev/null || true
+        wait $jobs_running 2>/dev/null || true
     fi
     echo "run_all.sh: stopped by SIG$1 during $CURRENT; run the same command again to resume" >&2
     exit "$2"
@@ -209,9 +212,9 @@ lock_data_dir() {  # hold DATA_DIR while data is written into it: two runs never
     exec {data_lock}<"$DATA_DIR"
     if ! flock -n "$data_lock"; then
         CURRENT="the wait for DATA_DIR"
-        echo "Waiting for another run_all.sh that is writing DATA_DIR '$DATA_DIR' ..."
-        flock "$data_lock" &  # in the background: a signal must not wait for the lock
+        flock "$data_lock" >/dev/null 2>&1 &  # in the background: a signal must not wait for the lock
         CHILD=$!
+        echo "Waiting for another run_all.sh that is writing DATA_DIR '$DATA_DIR' ..."
         wait "$CHILD"
         CHILD=""
     fi

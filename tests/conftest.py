@@ -58,3 +58,22 @@ def trained_run(demo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
     step5_train_rms.main(["--data_dir", str(demo_dir), "--output_dir", str(out), *STEP5_FAST])
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny policy, embedding and reward models with a local tokenizer (tests/tiny_models.py)."""
+    from tiny_models import build_tiny_setup
+
+    return build_tiny_setup(tmp_path_factory.mktemp("tiny_models"))

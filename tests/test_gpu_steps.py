@@ -27,7 +27,6 @@ for folder in (REPO, REPO / "tests"):
         sys.path.insert(0, str(folder))
 
 import torch  # noqa: E402
-from tiny_models import build_tiny_setup  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import step1_sft  # noqa: E402
@@ -43,24 +42,12 @@ N_TRAIN_PROMPTS, N_TRAIN_SAMPLES = 8, 4
 N_TEST_PROMPTS, N_TEST_SAMPLES = 6, 5
 MAX_LEN = 12
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def step35_main(argv):
     """step3.5 cannot be imported by name; load its namespace and call main."""
     return runpy.run_path(str(STEP35))["main"](argv)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy CI box OpenMP spinning costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_setup(tmp_path_factory.mktemp("tiny_models"))
 
 
 @pytest.fixture(scope="module")

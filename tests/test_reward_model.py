@@ -28,7 +28,7 @@ for folder in (REPO, REPO / "tests"):
 
 import torch  # noqa: E402
 from conftest import run_failing  # noqa: E402
-from tiny_models import ANSWERS, TOPICS, build_tiny_setup, hh_prompt  # noqa: E402
+from tiny_models import ANSWERS, TOPICS, hh_prompt  # noqa: E402
 
 import score_responses  # noqa: E402
 import step4_gen_embeddings  # noqa: E402
@@ -49,19 +49,7 @@ N_PROMPTS, N_RESPONSES = 30, 4
 GEN = ["--model_name", "policy", "--adapter_name", "none", "--dataset", "tiny-helpful", "--eval_dataset",
        "tiny-helpful", "--reward_model", "golden"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads (and OpenMP spinning costs 10x on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_setup(tmp_path_factory.mktemp("tiny_models"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
