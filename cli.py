@@ -91,7 +91,7 @@ def setup_logging() -> None:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with errors raised as :class:`InputError` (one line, exit 2, callable in-process)."""
 
-    def error(self, message: str) -> None:  # noqa: D102 - argparse API
+    def error(self, message: str) -> None:
         raise InputError(f"{self.prog}: {message}")
 
 

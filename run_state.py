@@ -145,7 +145,7 @@ def content_fingerprint(data_dir: str | os.PathLike) -> tuple[str, bool]:
         try:
             eset = rm_data.load_embedding_set(data_dir, kind, required=False)
             parts[kind] = rm_data.fingerprint(eset) if eset is not None else None
-        except Exception as err:  # noqa: BLE001 - any failure is the step's to report, with its message
+        except Exception as err:
             parts[kind], readable = f"unreadable: {type(err).__name__}: {err}", False
     return json_sha256(parts), readable
 

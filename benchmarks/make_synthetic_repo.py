@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import ArgumentParser, InputError, positive_int, run_cli  # noqa: E402
-from convert_embeddings import LAYOUTS, TASKS, repo_file_names  # noqa: E402
-from rm_data import atomic_path, ensure_writable_dir, read_json, write_json, write_npy  # noqa: E402
+from cli import ArgumentParser, InputError, positive_int, run_cli
+from convert_embeddings import LAYOUTS, TASKS, repo_file_names
+from rm_data import atomic_path, ensure_writable_dir, read_json, write_json, write_npy
 
 CONFIG_FILE = "synthetic_repo.json"
 BLOCK_BYTES = 64 << 20

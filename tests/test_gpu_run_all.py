@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny_models import build_tiny_setup  # noqa: E402
+from tiny_models import build_tiny_setup
 
 
 def test_gpu_path_flows_into_steps_5_to_8(tmp_path):
