@@ -82,9 +82,18 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
+
+
 def setup_logging() -> None:
-    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars).
+
+    ``LOG_LEVEL=DEBUG`` in the environment adds per-epoch training and validation losses.
+    """
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise InputError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True, stream=sys.stdout)
 
 

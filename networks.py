@@ -92,6 +92,7 @@ class TrainResult:
     best_val_loss: float
     val_pair_accuracy: float
     samples_per_second: float
+    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss
 
 
 def _pair_loss(objective: str, winner_scores: torch.Tensor, loser_scores: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tenso
     fit = fit_with_early_stopping(model, n_items, batch_loss, val_loss, config, generator, math.log(2))
     _, val_accuracy = evaluate_pairs(model, objective, features, val_winners, val_losers)
     return model, TrainResult(fit.best_epoch, fit.epochs_run, fit.best_val_loss, val_accuracy,
-                              fit.samples_per_second)
+                              fit.samples_per_second, fit.history)
 
 
 class FusedAdam:
@@ -204,6 +205,7 @@ class FitSummary:
     epochs_run: int
     best_val_loss: float
     samples_per_second: float
+    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss
 
 
 def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
@@ -222,7 +224,7 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
     optimizer = FusedAdam(model.parameters(), lr=config.learning_rate)
     untrained_loss = val_loss()
     best_loss, best_epoch, best_state, epochs_run = math.inf, 0, None, 0
-    samples, train_seconds = 0, 0.0
+    samples, train_seconds, history = 0, 0.0, []
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(n_items, generator=generator)
@@ -242,6 +244,9 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
         loss = val_loss()
         if not math.isfinite(loss):
             raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}")
+        train_loss = float(loss_sum) / math.ceil(n_items / config.batch_size)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
+        log.debug("epoch %d: train loss %.4f, val loss %.4f", epoch, train_loss, loss)
         if loss < best_loss:
             best_loss, best_epoch = loss, epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -255,7 +260,7 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
                                f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}")
     model.load_state_dict(best_state)
     model.eval()
-    return FitSummary(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9))
+    return FitSummary(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9), history)
 
 
 @torch.inference_mode()
@@ -387,6 +392,7 @@ class DistillResult:
     target_mean: float
     target_std: float
     samples_per_second: float
+    history: list[dict]  # per epoch: epoch, train_loss, val_loss (MSE on the standardised targets)
 
 
 @torch.inference_mode()
@@ -433,4 +439,4 @@ def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: tor
         return float(F.mse_loss(predict_rows(model, features, rows).double(), targets[rows].double()))
 
     return model, DistillResult(fit.best_epoch, fit.epochs_run, mse(val_rows), mse(train_rows), mean, std,
-                                fit.samples_per_second)
+                                fit.samples_per_second, fit.history)

@@ -121,3 +121,28 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, title: str) -> None:
+    """Training and validation loss per epoch, one line per model (the best epoch marked).
+
+    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"}`` (networks.FitSummary).
+    """
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10.4, 4), squeeze=False)
+    for name, history in curves.items():
+        if not history:
+            continue
+        epochs = [record["epoch"] for record in history]
+        val = [record["val_loss"] for record in history]
+        (line,) = axes[0, 0].plot(epochs, [record["train_loss"] for record in history], marker="o", markersize=3,
+                                  label=name)
+        axes[0, 1].plot(epochs, val, marker="o", markersize=3, color=line.get_color(), label=name)
+        best = min(range(len(val)), key=val.__getitem__)
+        axes[0, 1].plot(epochs[best], val[best], marker="*", markersize=10, color=line.get_color())
+    for ax, what in zip(axes[0], ("training loss (mean over mini-batches)", "validation loss (* best epoch)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)

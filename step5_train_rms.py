@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
         members.append({"member": member, "checkpoint": name, "seed": member_seed,
                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                         "val_loss": result.best_val_loss, "val_pair_accuracy": result.val_pair_accuracy,
-                        "train_pairs": len(train), "val_pairs": len(val)})
+                        "train_pairs": len(train), "val_pairs": len(val), "history": result.history})
 
     for name, model in zip(checkpoints, models):
         save_checkpoint(model, output_dir / name)

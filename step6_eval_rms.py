@@ -17,7 +17,7 @@ import numpy as np
 
 from cli import ArgumentParser, finite_float, positive_int, random_seed, run_cli, setup_logging
 from metrics import best_of_n, fmt, ranking_report
-from plots import plot_best_of_n
+from plots import plot_best_of_n, plot_training_curves
 from rm_data import (
     MANIFEST_FILE,
     SCORE_CACHE_DIR,
@@ -125,9 +125,13 @@ def main(argv=None) -> dict:
     plot_path = output_dir / f"eval_best_of_n_{objective}.png"
     panels = {f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
               for name, res in results.items() if name in ("held_out", "test")}
-    with atomic_paths(json_path, plot_path) as (json_tmp, plot_tmp):  # both files or neither
+    curves_path = output_dir / f"training_curves_{objective}.png"
+    curves = {f"member {record.get('member', i)}": record.get("history") or []
+              for i, record in enumerate(manifest.get("members") or [])}
+    with atomic_paths(json_path, plot_path, curves_path) as (json_tmp, plot_tmp, curves_tmp):  # all or none
         json_tmp.write_text(json_text(results))
         plot_best_of_n(panels, plot_tmp, title=f"ORM ensemble ({objective}, {len(models)} members)")
+        plot_training_curves(curves, curves_tmp, title=f"ORM members ({objective}): step 5's training")
     print_table("held-out prompts", results["held_out"])
     if "test" in results:
         print_table("test set", results["test"])

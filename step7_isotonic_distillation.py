@@ -258,7 +258,8 @@ def main(argv=None) -> dict:
         "student": {"checkpoint": student_name, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                     "early_stopping_mse": result.best_val_mse, "train_mse": result.train_mse,
                     # no throughput here: results are byte-identical across runs (it is logged above)
-                    "target_mean": result.target_mean, "target_variance": result.target_std**2},
+                    "target_mean": result.target_mean, "target_variance": result.target_std**2,
+                    "history": result.history},
         "student_isotonic": {"out_of_fold": student_cv, "n_thresholds": len(student_map.x_thresholds),
                              "n_levels": int(len(np.unique(student_map.y_thresholds)))},
         "artifacts": {"student_checkpoint": student_name, "teacher_map": TEACHER_MAP_FILE,

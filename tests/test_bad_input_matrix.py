@@ -624,7 +624,7 @@ def step6_plot_beyond_file_size_limit(w):
     """JSON and plot are written together: a write error in either leaves neither (and no traceback)."""
     run = w.run_copy()
     step6_eval_rms.main(["--output_dir", str(run), "--bon_draws", "5"])  # scores cached; then drop the results
-    for name in ("eval_results_bt.json", "eval_best_of_n_bt.png"):
+    for name in ("eval_results_bt.json", "eval_best_of_n_bt.png", "training_curves_bt.png"):
         (run / name).unlink()
     case = step6(w, [f"error: cannot write {run}/eval_", ": File too large"], "--bon_draws", "5", run=run,
                  subprocess=True)

@@ -63,3 +63,29 @@ def test_flop_counts_match_torch_flop_counter():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     assert counter.get_total_flops() == 8 * networks.mlp_flops_per_sample(64, (32, 16))
+
+
+def test_training_history_records_each_epoch_and_the_best_one():
+    """fit_with_early_stopping's per-epoch record: train loss = mean of the epoch's mini-batch losses."""
+    gen = torch.Generator().manual_seed(0)
+    features, targets = torch.randn(64, 12, generator=gen), torch.randn(64, generator=gen)
+    model = networks.MLP(12, hidden=(8, 4), generator=gen)
+    batch_losses = []
+
+    def batch_loss(batch):
+        loss = torch.nn.functional.mse_loss(model(features[batch]), targets[batch])
+        batch_losses.append(float(loss.detach()))
+        return loss
+
+    def val_loss():
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(features[:16]), targets[:16]))
+
+    config = networks.TrainConfig(epochs=6, learning_rate=1e-2, batch_size=16, patience=10)
+    fit = networks.fit_with_early_stopping(model, 64, batch_loss, val_loss, config, gen)
+    assert [record["epoch"] for record in fit.history] == list(range(1, 7)) and fit.epochs_run == 6
+    for epoch, record in enumerate(fit.history):
+        assert record["train_loss"] == pytest.approx(np.mean(batch_losses[4 * epoch:4 * epoch + 4]), rel=1e-6)
+    val = [record["val_loss"] for record in fit.history]
+    assert fit.best_epoch == val.index(min(val)) + 1 and fit.best_val_loss == min(val)
+    assert val_loss() == min(val)  # the best weights were restored

@@ -130,6 +130,13 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
     for name in manifest["checkpoints"]:
         model = networks.load_checkpoint(trained_run / name, expected_dim=48)
         assert model.input_dim == 48
+    for member in manifest["members"]:  # per-epoch curves: the best epoch is the lowest validation loss
+        history = member["history"]
+        assert [record["epoch"] for record in history] == list(range(1, member["epochs_run"] + 1))
+        val_losses = [record["val_loss"] for record in history]
+        assert val_losses.index(min(val_losses)) + 1 == member["best_epoch"]
+        assert min(val_losses) == member["val_loss"]
+        assert all(0 < record["train_loss"] < 10 for record in history)
     partition = json.loads((trained_run / rm_data.PARTITION_FILE).read_text())
     assert partition["orm_train"] == rm_data.make_partition(260, 120, split_seed=0)["orm_train"]
     assert (partition["split_seed"], partition["eval_prompts"], partition["n_prompts"]) == (0, 130, 260)
@@ -201,6 +208,7 @@ def test_step6_reads_only_held_out_and_test_prompts(trained_run, tmp_path, monke
     assert held["ranking"]["ensemble_first"] == held["ranking"]["member_0"]
     assert results["test"]["best_of_n"]["curves"]["oracle"]["n"] == [2, 5, 10, 30]
     assert (out / "eval_best_of_n_bt.png").stat().st_size > 10_000
+    assert (out / "training_curves_bt.png").stat().st_size > 10_000
 
 
 def test_step6_is_deterministic(trained_run, tmp_path):
