@@ -626,7 +626,7 @@ def step6_plot_beyond_file_size_limit(w):
     step6_eval_rms.main(["--output_dir", str(run), "--bon_draws", "5"])  # scores cached; then drop the results
     for name in ("eval_results_bt.json", "eval_best_of_n_bt.png", "training_curves_bt.png"):
         (run / name).unlink()
-    case = step6(w, [f"error: cannot write {run}/eval_", ": File too large"], "--bon_draws", "5", run=run,
+    case = step6(w, [f"error: cannot write {run}/", ": File too large"], "--bon_draws", "5", run=run,
                  subprocess=True)
     case.file_size_limit, case.recovery = 40_000, case.argv
     return case
