@@ -66,6 +66,7 @@ class Run:
     seed: int
     settings: dict  # run_all.sh name -> value, seed excluded
     held_out_key: str  # the data and the held-out prompts it was evaluated on
+    n_held_out: int
     metrics: dict  # "{set}_{metric}" -> float or None
     bon_n: dict  # set -> largest best-of-N N, or None
 
@@ -153,7 +154,7 @@ def load_run(path: Path) -> Run:
     for eval_set in EVAL_SETS:
         values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
         metrics.update(values)
-    return Run(path, config["seed"], settings, held_out_key, metrics, bon_n)
+    return Run(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n)
 
 
 def sort_key(value) -> tuple:
@@ -277,15 +278,10 @@ def write_figures(output_dir: Path, varied: list[str], rows: list[dict]) -> list
         seeds = sorted({row["n_seeds"] for row in rows})
         seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
         plot_sweep(x_name, panels, path, log_x=log_x,
-                   title=f"held-out prompts ({held_out_count(rows[0]['_runs'][0])}), mean ± SE over "
+                   title=f"held-out prompts ({rows[0]['_runs'][0].n_held_out} prompts), mean ± SE over "
                          f"{seeds_text} seeds per point")
         paths.append(path)
     return paths
-
-
-def held_out_count(run: Run) -> str:
-    split = read_json(run.path / PARTITION_FILE, "prompt partition")
-    return f"{len(split['held_out'])} prompts"
 
 
 def main(argv=None) -> Path:
