@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import InputError, finite_float, positive_int
+from cli import InputError, non_negative_float, positive_int
 from rm_data import atomic_path
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def add_generation_args(parser, model_aliases: Sequence[str] = ()) -> None:
                         help="prompt source: hh-rlhf-helpful or hh-rlhf-harmless "
                              "(any label when step 2 reads --prompts_file)")
     parser.add_argument("--max_len", type=positive_int, default=128, help="max new tokens per response")
-    parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature")
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
 
 
@@ -673,25 +673,6 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
 # --------------------------------------------------------------------------------------------
 # argparse types local to the GPU steps
 # --------------------------------------------------------------------------------------------
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite float >= 0 (temperature 0 means greedy decoding)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (seeds: numpy's SeedSequence takes no negative entropy)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def split_arg(text: str) -> int | str:
     """argparse type for ``--split``: a part index (0, 1, ...) or 'all'."""
     if text == "all":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, InputError, finite_float, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, finite_float, positive_int, random_seed, run_cli, setup_logging
 from llm_models import (
     REPO_ROOT,
     dtype_name,
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_length", type=positive_int, default=512,
                         help="tokens per training sequence (longer ones are cut at the end)")
     parser.add_argument("--save_steps", type=positive_int, default=5000, help="trainer checkpoint interval")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the trainer (data order, LoRA init)")
+    parser.add_argument("--seed", type=random_seed, default=42, help="seed of the trainer (data order, LoRA init)")
     parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
     args = parser.parse_args(argv)
     if args.max_steps == 0 or args.max_steps < -1:

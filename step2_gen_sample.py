@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, InputError, positive_float, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, positive_float, positive_int, random_seed, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
     add_dtype_arg,
@@ -42,7 +42,6 @@ from llm_models import (
     load_config,
     load_hh_rlhf,
     load_tokenizer,
-    nonnegative_int,
     part_bounds,
     pick_device,
     pick_dtype,
@@ -92,7 +91,7 @@ def parse_args(argv=None):
                         help="vllm backend: tokens per sequence the engine reserves KV cache for "
                              "(default: --max_prompt_len + --max_len)")
     add_dtype_arg(parser)
-    parser.add_argument("--seed", type=nonnegative_int, default=42,
+    parser.add_argument("--seed", type=random_seed, default=42,
                         help="run seed; prompt i is sampled with a seed derived from (seed, i)")
     args = parser.parse_args(argv)
     if args.gpu_memory_utilization > 1:

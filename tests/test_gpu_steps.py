@@ -539,7 +539,7 @@ GPU_BAD_INPUTS = [
      ["--rm_input_format", "invalid choice: 'jinja'"]),
     ("negative-seed", step2_gen_sample.main,
      lambda tiny, out, tmp: step2_flags(tiny, out) + ["--seed", "-1"],
-     ["--seed", "expected an integer >= 0"]),
+     ["--seed", "expected a non-negative integer seed, got '-1'"]),
     ("max-model-len-too-small", step2_gen_sample.main,
      lambda tiny, out, tmp: step2_flags(tiny, out) + ["--max_model_len", "100"],
      ["--max_model_len 100", "--max_prompt_len + --max_len (462)"]),
