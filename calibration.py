@@ -66,8 +66,6 @@ VALIDATION_FILE = "validation_results.json"
 TABLE_FILE = "validation_table.txt"  # the printed four-variant table
 CALIBRATION_PLOT_FILE = "validation_calibration.png"
 BEST_OF_N_PLOT_FILE = "validation_best_of_n.png"
-# Seed flags that steps 7 and 8 accept and check against step 5's manifest.
-SEED_FLAGS = ("embed_model_name", "task", "sft_obj", "gen_pref_model_name", "rm_objective")
 
 
 def student_checkpoint_name(task: str, objective: str) -> str:

@@ -482,14 +482,6 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def check_manifest_flags(args, manifest: dict, manifest_path: Path, flags: Iterable[str]) -> None:
-    """Step 5 flags repeated on a later step's command line must match the run in the manifest."""
-    for flag in flags:
-        given, recorded = getattr(args, flag), manifest["config"].get(flag)
-        if given is not None and given != recorded:
-            raise InputError(f"--{flag} {given} does not match the ensemble in {manifest_path} ({recorded})")
-
-
 def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
     """Which model embedded the training set of ``data_dir``: what step 5 stores in its manifest, so the
     trained reward model can embed new text the same way (``reward_model.py``).
@@ -511,3 +503,54 @@ def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
 
 def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:
     return [Path(output_dir) / name for name in manifest["checkpoints"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Opening step 5's run (steps 6-8)
+# --------------------------------------------------------------------------------------------
+# Step 5 flags that steps 7 and 8 accept from the seed's command lines, checked against the manifest.
+SEED_FLAGS = ("embed_model_name", "task", "sft_obj", "gen_pref_model_name", "rm_objective")
+
+
+@dataclass
+class Run:
+    """Step 5's run as steps 6-8 open it (:func:`open_run`).
+
+    checkpoints: the ensemble members' files, or the step's ``--teacher_ckpt`` where given
+    seed: the step's own seed flag where given, else step 5's seed
+    """
+
+    output_dir: Path
+    manifest: dict
+    data: EmbeddingSet
+    checkpoints: list[Path]
+    seed: int
+
+    def partition(self) -> dict[str, np.ndarray]:
+        """:func:`load_partition` of this run, read when the step asks for it (each step keeps its order)."""
+        return load_partition(self.output_dir, self.data)
+
+    def test_set(self) -> EmbeddingSet | None:
+        """The data directory's optional test set (:func:`load_test_set`)."""
+        return load_test_set(self.data.data_dir, self.data)
+
+
+def open_run(args, flags: Iterable[str], seed: int | None = None) -> Run:
+    """Open step 5's run in ``args.output_dir`` for steps 6-8.
+
+    Checked in this order, the order in which a user meets the errors: the output folder is writable,
+    the manifest's keys (:func:`load_manifest`), the step 5 ``flags`` repeated on the command line
+    against the manifest, the training data (``args.data_dir``, by default the folder step 5 recorded).
+    The step then loads checkpoints, partition and test set in its own order (tests/test_error_order.py).
+    """
+    output_dir = ensure_writable_dir(args.output_dir)
+    manifest = load_manifest(output_dir)
+    for flag in flags:
+        given, recorded = getattr(args, flag), manifest["config"].get(flag)
+        if given is not None and given != recorded:
+            raise InputError(f"--{flag} {given} does not match the ensemble in {output_dir / MANIFEST_FILE} "
+                             f"({recorded})")
+    data = load_embedding_set(args.data_dir or manifest["data"]["data_dir"], "train")
+    teacher = getattr(args, "teacher_ckpt", None)
+    checkpoints = [Path(p) for p in teacher] if teacher else checkpoint_paths(output_dir, manifest)
+    return Run(output_dir, manifest, data, checkpoints, manifest["config"]["seed"] if seed is None else seed)

@@ -18,19 +18,7 @@ import numpy as np
 from cli import ArgumentParser, finite_float, positive_int, random_seed, run_cli, setup_logging
 from metrics import best_of_n, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
-from rm_data import (
-    MANIFEST_FILE,
-    SCORE_CACHE_DIR,
-    atomic_paths,
-    check_manifest_flags,
-    checkpoint_paths,
-    ensure_writable_dir,
-    json_text,
-    load_embedding_set,
-    load_manifest,
-    load_partition,
-    load_test_set,
-)
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, atomic_paths, json_text, open_run
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
@@ -96,23 +84,17 @@ def main(argv=None) -> dict:
     from networks import ensemble_scorer, load_ensemble  # torch: after the flags, so --help returns at once
 
     setup_logging()
-    output_dir = ensure_writable_dir(args.output_dir)
-    manifest = load_manifest(output_dir)
-    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, MANIFEST_FLAGS)
-    data_dir = args.data_dir or manifest["data"]["data_dir"]
-    data = load_embedding_set(data_dir, "train")
-    member_paths = checkpoint_paths(output_dir, manifest)
+    run = open_run(args, MANIFEST_FLAGS, seed=args.eval_seed)
+    output_dir, manifest, data, member_paths, seed = run.output_dir, run.manifest, run.data, run.checkpoints, run.seed
     models = load_ensemble(member_paths, data.dim)
-    partition = load_partition(output_dir, data)
-    test = load_test_set(data_dir, data)
-    seed = manifest["config"]["seed"] if args.eval_seed is None else args.eval_seed
+    partition, test = run.partition(), run.test_set()
     objective = manifest["config"]["rm_objective"]
 
     start = time.perf_counter()
     held_out = partition["held_out"]
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
     scorer = ensemble_scorer(models)
-    results = {"manifest": str(output_dir / "orm_manifest.json"), "eval_seed": seed,
+    results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed,
                "held_out": evaluate(data.score_cached(held_out, scorer, cache_dir, member_paths),
                                     data.rewards[held_out], args, seed)}
     if test is not None:

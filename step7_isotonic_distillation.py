@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +23,6 @@ from calibration import (
     DEFAULT_VARIANT,
     DISTILL_CONFIG_FILE,
     LEGACY_MAP_FILE,
-    SEED_FLAGS,
     STUDENT_MAP_FILE,
     TEACHER_MAP_FILE,
     VARIANTS,
@@ -50,17 +48,7 @@ from cli import (
     setup_logging,
 )
 from metrics import global_spearman, per_prompt_spearman
-from rm_data import (
-    MANIFEST_FILE,
-    EmbeddingSet,
-    check_manifest_flags,
-    checkpoint_paths,
-    ensure_writable_dir,
-    load_embedding_set,
-    load_manifest,
-    load_partition,
-    write_json,
-)
+from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run, write_json
 
 log = logging.getLogger("step7")
 
@@ -152,18 +140,13 @@ def main(argv=None) -> dict:
     )
 
     setup_logging()
-    output_dir = ensure_writable_dir(args.output_dir)
-    manifest = load_manifest(output_dir)
-    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, SEED_FLAGS)
-    task = args.task or manifest["config"]["task"]
-    objective = args.rm_objective or manifest["config"]["rm_objective"]
-    seed = manifest["config"]["seed"] if args.seed is None else args.seed
-    data = load_embedding_set(args.data_dir or manifest["data"]["data_dir"], "train")
-    teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
-                     else checkpoint_paths(output_dir, manifest))
+    run = open_run(args, SEED_FLAGS, seed=args.seed)
+    output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
+    task = args.task or run.manifest["config"]["task"]
+    objective = args.rm_objective or run.manifest["config"]["rm_objective"]
     teacher = load_ensemble(teacher_paths, data.dim)
     teacher_scorer = ensemble_scorer(teacher)  # scores calibration and student_train prompts
-    partition = load_partition(output_dir, data)
+    partition = run.partition()
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     if len(calibration_prompts) < args.cv_folds:
         raise InputError(f"--cv_folds {args.cv_folds} needs at least {args.cv_folds} calibration prompts, "

@@ -24,7 +24,6 @@ import numpy as np
 from calibration import (
     BEST_OF_N_PLOT_FILE,
     CALIBRATION_PLOT_FILE,
-    SEED_FLAGS,
     STUDENT_MAP_FILE,
     TABLE_FILE,
     TEACHER_MAP_FILE,
@@ -42,20 +41,7 @@ from calibration import (
 from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
 from metrics import best_of_n, calibration_errors, fmt
 from plots import plot_best_of_n, plot_calibration
-from rm_data import (
-    MANIFEST_FILE,
-    SCORE_CACHE_DIR,
-    EmbeddingSet,
-    atomic_paths,
-    check_manifest_flags,
-    checkpoint_paths,
-    ensure_writable_dir,
-    json_text,
-    load_embedding_set,
-    load_manifest,
-    load_partition,
-    load_test_set,
-)
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, atomic_paths, json_text, open_run
 
 if TYPE_CHECKING:
     from networks import MLP
@@ -155,17 +141,11 @@ def main(argv=None) -> dict:
     from networks import lazy_ensemble_scorer, load_checkpoint  # torch: after the flags, so --help returns at once
 
     setup_logging()
-    output_dir = ensure_writable_dir(args.output_dir)
-    manifest = load_manifest(output_dir)
-    check_manifest_flags(args, manifest, output_dir / MANIFEST_FILE, SEED_FLAGS)
-    seed = manifest["config"]["seed"] if args.seed is None else args.seed
-    data_dir = args.data_dir or manifest["data"]["data_dir"]
-    data = load_embedding_set(data_dir, "train")
-    test = load_test_set(data_dir, data)
-    teacher_paths = ([Path(p) for p in args.teacher_ckpt] if args.teacher_ckpt
-                     else checkpoint_paths(output_dir, manifest))
+    run = open_run(args, SEED_FLAGS, seed=args.seed)
+    output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
+    test = run.test_set()
     student_path = Path(args.student_ckpt or output_dir / student_checkpoint_name(
-        manifest["config"]["task"], manifest["config"]["rm_objective"]))
+        run.manifest["config"]["task"], run.manifest["config"]["rm_objective"]))
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
     teacher = lazy_ensemble_scorer(teacher_paths, data.dim)  # loaded only if step 6's cache lacks a score
@@ -175,7 +155,7 @@ def main(argv=None) -> dict:
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
     check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)
     check_map_provenance(student_map, student_map_path, "student", [student_path])
-    partition = load_partition(output_dir, data)
+    partition = run.partition()
     # The constant floor is fitted where the maps are: the calibration prompts' golden rewards.
     constant = float(data.rewards[partition["calibration"]].mean())
 

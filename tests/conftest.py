@@ -60,6 +60,17 @@ def trained_run(demo_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def distilled_run(trained_run, tmp_path_factory) -> Path:
+    """Step 7 on a copy of the shared step-5 run (for step 8's cases; do not modify, copy it)."""
+    import step7_isotonic_distillation
+
+    out = tmp_path_factory.mktemp("distilled") / "out"
+    shutil.copytree(trained_run, out)
+    step7_isotonic_distillation.main(["--output_dir", str(out), "--distill_epochs", "2", "--batch_size", "64"])
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs 10x."""

@@ -754,15 +754,6 @@ def run_subprocess(case: Case, cwd: Path) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def distilled_run(trained_run, tmp_path_factory) -> Path:
-    """Step 7 on a copy of the shared step-5 run (for step 8's cases; do not modify, copy it)."""
-    out = tmp_path_factory.mktemp("distilled") / "out"
-    shutil.copytree(trained_run, out)
-    step7_isotonic_distillation.main(["--output_dir", str(out), "--distill_epochs", "2", "--batch_size", "64"])
-    return out
-
-
 @pytest.mark.parametrize("make_case", CASES, ids=lambda make: make.__name__)
 def test_bad_input_exits_2_with_one_line_and_no_artifact(make_case, demo_dir, trained_run, distilled_run,
                                                          tmp_path, capsys):
