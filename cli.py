@@ -17,8 +17,6 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-# ORM objectives (README, "Step 5"): here, not in networks.py, so steps parse flags before importing torch.
-OBJECTIVES = ("bt", "clf")
 # Sizes (counts, dimensions) above this are refused: no array here can hold 2**31 rows, and
 # run_all.sh's bash arithmetic stays far from overflow.
 MAX_SIZE = 2**31 - 1

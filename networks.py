@@ -8,6 +8,7 @@ loaded with ``torch.load(..., weights_only=True)``, which never runs pickled cod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 import math
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli import OBJECTIVES, InputError
+from cli import InputError
+from objectives import OBJECTIVES
 from rm_data import atomic_path
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,6 @@ class MLP(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x))))).squeeze(-1)
 
 
-def bt_loss(winner_scores: torch.Tensor, loser_scores: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry negative log-likelihood, mean of -log sigmoid(r_w - r_l)."""
-    return F.softplus(loser_scores - winner_scores).mean()
-
-
-def clf_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pointwise classification loss: BCE of sigmoid(score) against winner=1, loser=0."""
-    return F.binary_cross_entropy_with_logits(logits, labels)
-
-
 def mlp_flops_per_sample(input_dim: int, hidden: Sequence[int] = (1024, 512)) -> int:
     """Multiply-add FLOPs of one forward pass (x2 per MAC)."""
     dims = [input_dim, *hidden, 1]
@@ -86,22 +78,18 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class FitResult:
+    """What an early-stopped fit reports; the fields after ``history`` are set by one trainer each."""
+
     best_epoch: int
     epochs_run: int
-    best_val_loss: float
-    val_pair_accuracy: float
+    best_val_loss: float  # of the returned weights (a student's: MSE on the targets' scale)
     samples_per_second: float
     history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss
-
-
-def _pair_loss(objective: str, winner_scores: torch.Tensor, loser_scores: torch.Tensor) -> torch.Tensor:
-    """Objective loss on pairs given both sides' scores."""
-    if objective == "bt":
-        return bt_loss(winner_scores, loser_scores)
-    scores = torch.cat([winner_scores, loser_scores])
-    labels = torch.cat([torch.ones_like(winner_scores), torch.zeros_like(loser_scores)])
-    return clf_loss(scores, labels)
+    val_pair_accuracy: float | None = None  # ORM: validation pairs with r_w > r_l, ties 1/2
+    train_mse: float | None = None  # student: on the targets' scale, of the returned weights
+    target_mean: float | None = None  # student: the training targets' mean and std (standardisation)
+    target_std: float | None = None
 
 
 def _score_pairs(model: MLP, features: torch.Tensor, winners: torch.Tensor,
@@ -113,38 +101,38 @@ def _score_pairs(model: MLP, features: torch.Tensor, winners: torch.Tensor,
 
 def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
               val_winners: torch.Tensor, val_losers: torch.Tensor, objective: str,
-              config: TrainConfig, generator: torch.Generator) -> tuple[MLP, TrainResult]:
+              config: TrainConfig, generator: torch.Generator) -> tuple[MLP, FitResult]:
     """Train one ORM on preference pairs; early stopping on validation pairs, best weights restored.
 
     features: (R, D) float32 rows referenced by the index arrays
     winners, losers: (P,) int64 row indices of the training pairs (winner preferred)
     val_winners, val_losers: (V,) int64 row indices of the validation pairs
-    objective: 'bt' (one pass per pair, -log sigmoid(r_w - r_l)) or 'clf' (pointwise BCE on the
-        pair's two responses, winner 1, loser 0, shuffled as independent samples)
+    objective: a name in :data:`objectives.OBJECTIVES` (pairwise: one sample per pair; pointwise: the
+        pairs' responses shuffled as independent samples, winner 1, loser 0)
     generator: seeds initialisation and shuffling
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
+    loss = OBJECTIVES[objective].loss
     model = MLP(features.shape[1], generator=generator)
-    if objective == "bt":
-        def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-            return bt_loss(*_score_pairs(model, features, winners[batch], losers[batch]))
-        n_items = len(winners)
-    else:
+    if OBJECTIVES[objective].pointwise:
         sample_rows = torch.cat([winners, losers])
         sample_labels = torch.cat([torch.ones(len(winners)), torch.zeros(len(losers))])
 
         def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-            return clf_loss(model(features[sample_rows[batch]]), sample_labels[batch])
+            return loss(model(features[sample_rows[batch]]), sample_labels[batch])
         n_items = len(sample_rows)
+    else:
+        def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+            return loss(*_score_pairs(model, features, winners[batch], losers[batch]))
+        n_items = len(winners)
 
     def val_loss() -> float:
         return evaluate_pairs(model, objective, features, val_winners, val_losers)[0]
 
     fit = fit_with_early_stopping(model, n_items, batch_loss, val_loss, config, generator, math.log(2))
     _, val_accuracy = evaluate_pairs(model, objective, features, val_winners, val_losers)
-    return model, TrainResult(fit.best_epoch, fit.epochs_run, fit.best_val_loss, val_accuracy,
-                              fit.samples_per_second, fit.history)
+    return model, dataclasses.replace(fit, val_pair_accuracy=val_accuracy)
 
 
 class FusedAdam:
@@ -199,18 +187,9 @@ class TrainingDiverged(RuntimeError):
     """
 
 
-@dataclass
-class FitSummary:
-    best_epoch: int
-    epochs_run: int
-    best_val_loss: float
-    samples_per_second: float
-    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss
-
-
 def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
                             val_loss: Callable[[], float], config: TrainConfig,
-                            generator: torch.Generator, constant_loss: float = 0.0) -> FitSummary:
+                            generator: torch.Generator, constant_loss: float = 0.0) -> FitResult:
     """Adam over true epochs of shuffled mini-batches; stop after ``config.patience`` epochs without a
     lower validation loss and restore the best weights (the model is left in eval mode).
 
@@ -260,7 +239,7 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
                                f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}")
     model.load_state_dict(best_state)
     model.eval()
-    return FitSummary(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9), history)
+    return FitResult(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9), history)
 
 
 @torch.inference_mode()
@@ -269,7 +248,7 @@ def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor, winners: 
     """(objective loss, fraction of pairs with r_w > r_l, ties counted 1/2) on the given pairs."""
     model.eval()
     winner_scores, loser_scores = _score_pairs(model, features, winners, losers)
-    loss = float(_pair_loss(objective, winner_scores, loser_scores))
+    loss = float(OBJECTIVES[objective].pair_loss(winner_scores, loser_scores))
     margin = winner_scores - loser_scores
     accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
     return loss, accuracy
@@ -383,18 +362,6 @@ def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Call
 # --------------------------------------------------------------------------------------------
 # Distillation (step 7): regress a student MLP onto calibrated teacher scores
 # --------------------------------------------------------------------------------------------
-@dataclass
-class DistillResult:
-    best_epoch: int
-    epochs_run: int
-    best_val_mse: float  # on the targets' scale, of the returned (best) weights
-    train_mse: float  # on the targets' scale, of the returned weights
-    target_mean: float
-    target_std: float
-    samples_per_second: float
-    history: list[dict]  # per epoch: epoch, train_loss, val_loss (MSE on the standardised targets)
-
-
 @torch.inference_mode()
 def predict_rows(model: MLP, features: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """Scores (len(rows),) of ``features[rows]``, computed ``chunk`` rows at a time."""
@@ -404,7 +371,7 @@ def predict_rows(model: MLP, features: torch.Tensor, rows: torch.Tensor, chunk: 
 
 def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: torch.Tensor,
                   val_rows: torch.Tensor, config: TrainConfig,
-                  generator: torch.Generator) -> tuple[MLP, DistillResult]:
+                  generator: torch.Generator) -> tuple[MLP, FitResult]:
     """Train an MLP by mean squared error towards ``targets``; early stopping, best weights restored.
 
     features: (R, D) float32; targets: (R,) float32 on the golden scale
@@ -413,7 +380,8 @@ def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: tor
 
     Targets are standardised with the training rows' mean and std while fitting (so the learning
     rate does not depend on the reward scale) and the last layer is rescaled afterwards, so the
-    returned model outputs the targets' scale directly and its checkpoint is a plain MLP.
+    returned model outputs the targets' scale directly and its checkpoint is a plain MLP. The
+    history's losses are MSEs on the standardised targets.
     """
     train_targets = targets[train_rows].double()
     mean = float(train_targets.mean())
@@ -438,5 +406,5 @@ def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: tor
     def mse(rows: torch.Tensor) -> float:
         return float(F.mse_loss(predict_rows(model, features, rows).double(), targets[rows].double()))
 
-    return model, DistillResult(fit.best_epoch, fit.epochs_run, mse(val_rows), mse(train_rows), mean, std,
-                                fit.samples_per_second, fit.history)
+    return model, dataclasses.replace(fit, best_val_loss=mse(val_rows), train_mse=mse(train_rows),
+                                      target_mean=mean, target_std=std)

@@ -126,7 +126,7 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
 def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, title: str) -> None:
     """Training and validation loss per epoch, one line per model (the best epoch marked).
 
-    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"}`` (networks.FitSummary).
+    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"}`` (networks.FitResult).
     """
     fig, axes = _pyplot().subplots(1, 2, figsize=(10.4, 4), squeeze=False)
     for name, history in curves.items():

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from cli import (
-    OBJECTIVES,
     ArgumentParser,
     InputError,
     finite_float,
@@ -28,6 +27,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
+from objectives import OBJECTIVES
 from rm_data import (
     DEFAULT_SPLIT_SEED,
     MANIFEST_FILE,
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", default="data", help="folder with EMBD-TRAIN-split_k.npy/rewards_split_k.json")
     parser.add_argument("--output_dir", default="distill_out", help="where checkpoints and JSON go")
     parser.add_argument("--rm_objective", default="bt", choices=OBJECTIVES,
-                        help="bt: -log sigmoid(r_w - r_l); clf: pointwise BCE, winner 1, loser 0")
+                        help="; ".join(f"{name}: {objective.help}" for name, objective in OBJECTIVES.items()))
     parser.add_argument("--consider_first_n", type=int, default=2,
                         help="candidate responses per prompt: n>0 random n splits, -1 splits {0,K-1} "
                              "(most diverse), -2 the two middle splits (least diverse)")
@@ -83,7 +83,8 @@ def parse_args(argv=None):
     parser.add_argument("--ensemble_number", type=positive_int, default=10, help="members, differing by seed")
     parser.add_argument("--training_epochs", type=positive_int, default=30, help="maximum epochs per member")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
+    parser.add_argument("--batch_size", type=positive_int, default=256,
+                        help="pairs (pairwise objectives, bt) or responses (pointwise, clf) per step")
     parser.add_argument("--val_fraction", type=fraction, default=0.1,
                         help="share of pairs held out (whole pairs) for early stopping")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
@@ -256,7 +257,7 @@ def main(argv=None) -> dict:
                              f"(LEARNING_RATE in run_all.sh), now {args.learning_rate:g}") from None
         name = checkpoint_name(args, member)
         models.append(model)  # saved once every member has trained: a diverged one leaves no files
-        responses_per_second = result.samples_per_second * (2 if args.rm_objective == "bt" else 1)
+        responses_per_second = result.samples_per_second * OBJECTIVES[args.rm_objective].responses_per_sample
         log.info("member %d: best epoch %d/%d, val loss %.4f, val acc %.3f, %.0f responses/s "
                  "(%.1f GFLOP/s), %.2fs", member, result.best_epoch, result.epochs_run, result.best_val_loss,
                  result.val_pair_accuracy, responses_per_second, responses_per_second * flops / 1e9,

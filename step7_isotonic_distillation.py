@@ -37,7 +37,6 @@ from calibration import (
     teacher_scores,
 )
 from cli import (
-    OBJECTIVES,
     ArgumentParser,
     InputError,
     fraction,
@@ -48,6 +47,7 @@ from cli import (
     setup_logging,
 )
 from metrics import global_spearman, per_prompt_spearman
+from objectives import OBJECTIVES
 from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run, write_json
 
 log = logging.getLogger("step7")
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
                          f"now {args.learning_rate:g}") from None
     del features
     log.info("student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
-             "(%.1f GFLOP/s), %.2fs", result.best_epoch, result.epochs_run, result.best_val_mse,
+             "(%.1f GFLOP/s), %.2fs", result.best_epoch, result.epochs_run, result.best_val_loss,
              result.target_std**2, result.samples_per_second,
              result.samples_per_second * mlp_train_flops_per_sample(data.dim) / 1e9, time.perf_counter() - start)
 
@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
                            f"({args.cv_folds} folds over prompts)",
             "selected": args.isotonic_variant, **variant_comparison},
         "student": {"checkpoint": student_name, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                    "early_stopping_mse": result.best_val_mse, "train_mse": result.train_mse,
+                    "early_stopping_mse": result.best_val_loss, "train_mse": result.train_mse,
                     # no throughput here: results are byte-identical across runs (it is logged above)
                     "target_mean": result.target_mean, "target_variance": result.target_std**2,
                     "history": result.history},
@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
     }
     write_json(output_dir / DISTILL_CONFIG_FILE, config)
     print(f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
-          f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_mse:.4f} "
+          f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
           f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
           f"{output_dir / DISTILL_CONFIG_FILE}")
     return config

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import networks  # noqa: E402
+import objectives  # noqa: E402
 import rm_data  # noqa: E402
 import step6_eval_rms  # noqa: E402
 
@@ -125,7 +126,7 @@ def bench_stacked_training(features, winners, losers, dim: int, batch: int, memb
             opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
             for _ in range(steps):
                 scores = model(features[torch.cat([winners[idx], losers[idx]])])
-                loss = networks.bt_loss(scores[:batch], scores[batch:])
+                loss = objectives.bt_loss(scores[:batch], scores[batch:])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -142,7 +143,7 @@ def bench_stacked_training(features, winners, losers, dim: int, batch: int, memb
     def stacked():
         for _ in range(steps):
             scores = torch.vmap(forward)(params, buffers, features[member_rows])  # (M, 2B)
-            loss = networks.bt_loss(scores[:, :batch], scores[:, batch:]) * members
+            loss = objectives.bt_loss(scores[:, :batch], scores[:, batch:]) * members
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -11,6 +11,7 @@ from conftest import STEP5_FAST
 from scipy.special import expit
 
 import networks
+import objectives
 import rm_data
 import step5_train_rms as step5
 import step6_eval_rms as step6
@@ -156,7 +157,7 @@ def test_step5_is_deterministic(trained_run, demo_dir, tmp_path):
 def test_bt_loss_feeds_each_pair_once_and_matches_definition():
     winners, losers = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.0])
     expected = -torch.log(torch.sigmoid(winners - losers)).mean()
-    assert torch.allclose(networks.bt_loss(winners, losers), expected)
+    assert torch.allclose(objectives.bt_loss(winners, losers), expected)
 
 
 def test_checkpoint_input_size_mismatch_is_a_clear_error(trained_run):
