@@ -160,6 +160,22 @@ def test_bt_loss_feeds_each_pair_once_and_matches_definition():
     assert torch.allclose(objectives.bt_loss(winners, losers), expected)
 
 
+def test_a_new_objective_is_one_registry_entry(demo_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def hinge_loss(winner_scores, loser_scores):
+        calls.append(len(winner_scores))
+        return torch.relu(1 - (winner_scores - loser_scores)).mean()
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "hinge", objectives.Objective("max(0, 1 - r_w + r_l)", hinge_loss,
+                                                                           pointwise=False))
+    manifest = step5.main(["--data_dir", str(demo_dir), "--output_dir", str(tmp_path), *STEP5_FAST,
+                           "--rm_objective", "hinge"])
+    assert manifest["config"]["rm_objective"] == "hinge"
+    assert all("_mlp_hinge_" in name and (tmp_path / name).is_file() for name in manifest["checkpoints"])
+    assert max(calls) == 32  # training batches of --batch_size pairs, plus the validation pairs
+
+
 def test_checkpoint_input_size_mismatch_is_a_clear_error(trained_run):
     path = next(trained_run.glob("*.ckpt"))
     with pytest.raises(rm_data.InputError, match="D=48, data has D=2048"):
