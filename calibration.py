@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from artifacts import atomic_path, write_json
 from cli import InputError
 from metrics import calibration_errors, ranking_report
-from rm_data import EmbeddingSet, atomic_path, read_json, write_json
+from rm_data import EmbeddingSet, read_json
 
 # scikit-learn and joblib are imported where maps are fitted or saved (step 7 only), networks
 # (torch) where a model scores: this module loads with numpy alone, so steps' --help stays fast.

@@ -2,7 +2,7 @@
 
 Bad input raises :class:`InputError` anywhere in the code; :func:`run_cli` turns it into one line
 on stderr and exit status 2 (README, "Pipeline"). Scripts validate everything before writing any
-artifact, and write artifacts atomically (``rm_data.atomic_path``), so a failed run leaves none.
+artifact, and write artifacts atomically (``artifacts.atomic_path``), so a failed run leaves none.
 Ctrl-C and SIGTERM end a script with one line and status 130 / 143, after the atomic writers have
 removed their temporary files. Flags are validated at the door by the argparse types below.
 """

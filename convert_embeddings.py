@@ -49,23 +49,15 @@ import logging
 import os
 import shutil
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from artifacts import SAMPLE_BLOCK, atomic_paths, remove_leftover_temps, sampled_blocks, write_json
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from rm_data import (
-    ALLOWED_DTYPES,
-    FILE_PATTERNS,
-    atomic_path,
-    ensure_writable_dir,
-    read_json,
-    write_json,
-    write_rewards_jsonl,
-)
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, ensure_writable_dir, read_json, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 
@@ -80,7 +72,7 @@ GOLDEN_REWARD_MODELS = {"helpful": "rmmistral7b", "harmless": "rayharmless"}
 # Input bytes per chunk of prompts: large enough for fast sequential I/O, small beside a laptop's RAM.
 CHUNK_BYTES = 96 << 20
 # Sampled content hash: 64 blocks of 64 KiB read 4 MiB of a 10 GB file.
-HASH_BLOCK_BYTES, HASH_BLOCKS = 1 << 16, 64
+HASH_BLOCKS = 64  # blocks of SAMPLE_BLOCK bytes sampled from a source's embeddings
 # Upper bound on one JSONL reward line ('{"reward": -0.12345678901234567}\n' is 34 bytes).
 REWARD_LINE_BYTES = 40
 
@@ -338,13 +330,9 @@ def sampled_sha256(path: Path) -> str:
     """sha256 of the file size and 64 evenly spaced 64 KiB blocks (the whole file when small)."""
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as handle:
-        if size <= HASH_BLOCK_BYTES * HASH_BLOCKS:
-            digest.update(handle.read())
-        else:
-            for offset in np.linspace(0, size - HASH_BLOCK_BYTES, HASH_BLOCKS).astype(np.int64):
-                handle.seek(int(offset))
-                digest.update(handle.read(HASH_BLOCK_BYTES))
+    blocks = [path.read_bytes()] if size <= SAMPLE_BLOCK * HASH_BLOCKS else sampled_blocks(path, HASH_BLOCKS)
+    for block in blocks:
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -427,9 +415,8 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
     """Write the set's EMBD-*-split_{k}.npy files, sorted, one chunk of prompts at a time."""
     emb_pattern = FILE_PATTERNS[plan.kind][0]
     row_bytes = plan.dim * plan.dtype.itemsize
-    with ExitStack() as stack:  # every split is renamed into place only if all chunks succeed
-        split_paths = [stack.enter_context(atomic_path(out_dir / emb_pattern.format(k=k)))
-                       for k in range(plan.n_responses)]
+    # every split is renamed into place only if all chunks succeed
+    with atomic_paths(*[out_dir / emb_pattern.format(k=k) for k in range(plan.n_responses)]) as split_paths:
         data_offsets = []
         for path in split_paths:
             created = np.lib.format.open_memmap(path, mode="w+", dtype=plan.dtype,
@@ -462,14 +449,6 @@ def write_rewards(plan: SetPlan, out_dir: Path) -> None:
         write_rewards_jsonl(out_dir / reward_pattern.format(k=k), sorted_rewards[:, k])
 
 
-def remove_leftover_temps(out_dir: Path) -> None:
-    """Temporary files of an interrupted conversion (atomic_path's '.{name}.*.tmp')."""
-    for patterns in FILE_PATTERNS.values():
-        for pattern in patterns:
-            for path in out_dir.glob(f".{pattern.replace('{k}', '*')}.*.tmp"):
-                path.unlink(missing_ok=True)
-
-
 def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[str],
             chunk_prompts: int | None) -> None:
     """Replace the previous conversion in ``out_dir`` by this one; on any error leave no split files."""
@@ -481,7 +460,8 @@ def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[st
     try:
         for name in old_files:
             (out_dir / name).unlink(missing_ok=True)
-        remove_leftover_temps(out_dir)
+        remove_leftover_temps(out_dir, [pattern.format(k="*") for patterns in FILE_PATTERNS.values()
+                                        for pattern in patterns])
         for plan in plans:
             log.info("%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s", plan.kind, plan.source.embd_path,
                      plan.layout, plan.n_prompts, plan.n_responses, plan.dim, plan.dtype,

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from artifacts import atomic_path
 from cli import InputError, non_negative_float, positive_int
-from rm_data import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from artifacts import atomic_path
 from cli import InputError
 from objectives import OBJECTIVES
-from rm_data import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Write ``fig`` as PNG to ``path``: a temporary path of the caller's ``rm_data.atomic_paths``, which
+    """Write ``fig`` as PNG to ``path``: a temporary path of the caller's ``artifacts.atomic_paths``, which
     writes a step's plots and JSON results together, so that a failure leaves neither."""
     try:
         fig.savefig(path, format="png", dpi=150, bbox_inches="tight")

@@ -7,7 +7,7 @@ float16; row p is the k-th response to prompt p) and ``rewards_split_{k}.json`` 
 
 This module is the one door to that data: discovery in numeric split order, validation with one-line
 errors naming the file, memory-mapped chunked reading (a 10 GB directory is never copied into
-memory), the seeded prompt partition of section 4, fingerprints, atomic writes and the run manifest.
+memory), the seeded prompt partition of section 4, fingerprints and the run manifest.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from artifacts import file_sha256, sampled_blocks, write_npy, write_text
 from cli import InputError
 
 FILE_PATTERNS = {
@@ -47,70 +46,6 @@ EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the mod
 DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
 # Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
 DEFAULT_CHUNK_ROWS = 4096
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    An OS error while the block writes (a full disk, a file-size limit, a read-only or forbidden
-    folder: ENOSPC, EFBIG, EROFS, EACCES) becomes one :class:`InputError` naming ``path``.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
-    """:func:`atomic_path` for several files that belong together (a JSON result and its plots).
-
-    Yields one temporary path per file; all are renamed into place only if the block succeeds, so a
-    failure while computing or writing any of them leaves none.
-    """
-    with ExitStack() as stack:
-        yield [stack.enter_context(atomic_path(path)) for path in paths]
-
-
-def json_text(obj: object) -> str:
-    """``obj`` as indented strict JSON with stable key order (NaN and inf are refused)."""
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    """Write ``obj`` as :func:`json_text`, atomically."""
-    write_text(path, json_text(obj))
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` atomically (through a file handle, so no ``.npy`` suffix is appended)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
 
 
 def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
@@ -315,7 +250,7 @@ class EmbeddingSet:
 def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
     """sha256 of a file's bytes, computed once per process while its inode, size and mtime stay the
     same (a step scores held-out and test prompts with the same 10 checkpoints: 2 x 100 MB to hash)."""
-    return hashlib.sha256(Path(path).read_bytes()).digest()
+    return bytes.fromhex(file_sha256(path))
 
 
 def read_score_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -381,14 +316,11 @@ def fingerprint(eset: EmbeddingSet) -> str:
     """
     digest = hashlib.sha256()
     digest.update(eset.rewards.tobytes())
-    block, n_blocks = 1 << 16, min(64, max(2, 640 // len(eset.embedding_paths)))
+    n_blocks = min(64, max(2, 640 // len(eset.embedding_paths)))
     for path in eset.embedding_paths:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as handle:
-            for offset in np.linspace(0, max(size - block, 0), n_blocks).astype(np.int64):
-                handle.seek(int(offset))
-                digest.update(handle.read(block))
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+        for block in sampled_blocks(path, n_blocks):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -14,15 +14,15 @@ only because one of its own outputs was changed or deleted leaves later steps up
 reproduces its recorded outputs byte for byte.
 
 On a run the old record is deleted first, temporary files of interrupted atomic writes
-(``.NAME.*.tmp``, see ``rm_data.atomic_path``) are removed, OUT is snapshotted (size and mtime_ns
+(``.NAME.*.tmp``, see ``artifacts.atomic_path``) are removed, OUT is snapshotted (size and mtime_ns
 of every file outside :data:`NOT_OUTPUTS`), CMD runs, and on success the files it created or
 changed are hashed into the new record, written atomically and last. A step killed at any point
 therefore leaves no record and reruns; as every artifact is itself written atomically, the rerun
 starts from whole files only. ``--force`` (FORCE=1 in run_all.sh) runs the step whatever the
 record says.
 
-Standard library only (numpy via rm_data for ``fingerprint`` and when a record is written), so
-the check costs a fraction of a step's start-up.
+Standard library only (numpy via rm_data for ``fingerprint``), so the check costs a fraction of a
+step's start-up.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from artifacts import file_sha256, remove_leftover_temps, write_json
 from cli import ArgumentParser, InputError, run_cli
 
 STATE_DIR = ".run_state"
@@ -48,7 +49,6 @@ STATE_DIR = ".run_state"
 NOT_OUTPUTS = (STATE_DIR, "score_cache")
 # Bump when the record format or the key's ingredients change: every step then reruns once.
 RECORD_VERSION = 1
-HASH_CHUNK = 1 << 20
 FINGERPRINT_CACHE = "data_fingerprint.json"  # in STATE_DIR: the content hash and the stat info it belongs to
 # The data files of rm_data.FILE_PATTERNS (train and test embeddings and rewards).
 DATA_FILE = re.compile(r"(EMBD-(TRAIN|TEST)-split|rewards(_test)?_split)_\d+\.(npy|json)\Z")
@@ -75,14 +75,6 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Hashes
 # --------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def json_sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -127,8 +119,6 @@ def data_fingerprint(data_dir: str | os.PathLike, cache: Path | None = None) -> 
     else:
         content, readable = content_fingerprint(data_dir)
         if cache is not None and readable:
-            from rm_data import write_json
-
             try:
                 write_json(cache, {"data_dir": where, "files": stats, "content": content})
             except InputError:
@@ -235,13 +225,6 @@ def snapshot(output_dir: Path) -> dict[str, tuple[int, int]]:
     return files
 
 
-def remove_interrupted_writes(output_dir: Path) -> None:
-    """Temporary files left by killed atomic writes (``.NAME.*.tmp``) anywhere under OUT."""
-    for path in output_dir.rglob(".*.tmp"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-
-
 def run_command(command: Sequence[str]) -> int:
     """Run the step and return its status (128 + signal if killed).
 
@@ -279,7 +262,7 @@ def run_step(args) -> int:
         print(f"{label}: running again ({reason})", flush=True)
     path.unlink(missing_ok=True)  # a record exists only for a finished run
     if output_dir.is_dir():
-        remove_interrupted_writes(output_dir)
+        remove_leftover_temps(output_dir, recursive=True)
     before = snapshot(output_dir)
     start = time.perf_counter()
     status = run_command(args.command)
@@ -288,8 +271,6 @@ def run_step(args) -> int:
     seconds = time.perf_counter() - start
     after = snapshot(output_dir)
     outputs = {name: file_sha256(output_dir / name) for name in sorted(after) if before.get(name) != after[name]}
-    from rm_data import write_json  # atomic; imported only now, so up-to-date checks start fast
-
     write_json(path, {"step": args.step, "key": key, "inputs": inputs, "outputs": outputs,
                       "seconds": round(seconds, 3)})
     print(f"[{label} took {seconds:.1f} s]", flush=True)

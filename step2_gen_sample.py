@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from artifacts import write_json
 from cli import ArgumentParser, InputError, positive_float, positive_int, random_seed, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
@@ -55,7 +56,7 @@ from llm_models import (
     task_of,
     write_jsonl,
 )
-from rm_data import ensure_writable_dir, write_json
+from rm_data import ensure_writable_dir
 
 log = logging.getLogger("step2_gen_sample")
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack
 
 import numpy as np
 
+from artifacts import atomic_paths, write_json
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
@@ -50,15 +50,7 @@ from llm_models import (
     scored_text,
     tokenize_texts,
 )
-from rm_data import (
-    EMBEDDING_INFO_FILE,
-    FILE_PATTERNS,
-    atomic_path,
-    discover_splits,
-    ensure_writable_dir,
-    write_json,
-    write_rewards_jsonl,
-)
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("step4_gen_embeddings")
 
@@ -126,8 +118,7 @@ def embed_into(paths, model, tokenizer, texts: list[str], n_splits: int, args, d
         log.warning("%d of %d texts are longer than --max_length %d tokens and were cut at the end",
                     truncated.sum(), len(texts), args.max_length)
     dim = model.config.get_text_config().hidden_size
-    with ExitStack() as stack:
-        tmp_paths = [stack.enter_context(atomic_path(path)) for path in paths]
+    with atomic_paths(*paths) as tmp_paths:
         splits = [np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n_prompts, dim))
                   for tmp in tmp_paths]
         for rows, vectors in iter_embeddings(model, tokenizer, token_ids, args.batch_size, device):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from artifacts import write_json
 from cli import (
     ArgumentParser,
     InputError,
@@ -38,7 +39,6 @@ from rm_data import (
     fingerprint,
     load_embedding_set,
     make_partition,
-    write_json,
 )
 
 log = logging.getLogger("step5")

@@ -15,10 +15,11 @@ import time
 
 import numpy as np
 
+from artifacts import atomic_paths, json_text
 from cli import ArgumentParser, finite_float, positive_int, random_seed, run_cli, setup_logging
 from metrics import best_of_n, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, atomic_paths, json_text, open_run
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, open_run
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from artifacts import write_json
 from calibration import (
     DEFAULT_VARIANT,
     DISTILL_CONFIG_FILE,
@@ -48,7 +49,7 @@ from cli import (
 )
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
-from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run, write_json
+from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run
 
 log = logging.getLogger("step7")
 

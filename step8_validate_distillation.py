@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from artifacts import atomic_paths, json_text
 from calibration import (
     BEST_OF_N_PLOT_FILE,
     CALIBRATION_PLOT_FILE,
@@ -41,7 +42,7 @@ from calibration import (
 from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
 from metrics import best_of_n, calibration_errors, fmt
 from plots import plot_best_of_n, plot_calibration
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, atomic_paths, json_text, open_run
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, open_run
 
 if TYPE_CHECKING:
     from networks import MLP

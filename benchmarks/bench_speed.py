@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import artifacts  # noqa: E402
 import networks  # noqa: E402
 import objectives  # noqa: E402
 import rm_data  # noqa: E402
@@ -160,7 +161,7 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for k in range(n_splits):
-            rm_data.write_npy(Path(tmp) / f"EMBD-TRAIN-split_{k}.npy",
+            artifacts.write_npy(Path(tmp) / f"EMBD-TRAIN-split_{k}.npy",
                               rng.standard_normal((n_prompts, dim), dtype=np.float32))
             rm_data.write_rewards_jsonl(Path(tmp) / f"rewards_split_{k}.json", rng.standard_normal(n_prompts))
         data = rm_data.load_embedding_set(tmp)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_failing
 
+import artifacts
 import convert_embeddings as conv
 import rm_data
 from cli import run_cli
@@ -403,7 +404,7 @@ def test_interrupted_conversion_is_cleaned_up(tmp_path):
     for k in range(6):
         (out / f"EMBD-TRAIN-split_{k}.npy").write_bytes(b"partial")
     (out / ".EMBD-TRAIN-split_0.npy.x1y2.tmp").write_bytes(b"partial")
-    rm_data.write_json(out / conv.CONVERSION_FILE,
+    artifacts.write_json(out / conv.CONVERSION_FILE,
                        {"status": "incomplete", "files": [f"EMBD-TRAIN-split_{k}.npy" for k in range(6)]})
     convert("--embd_dir", repo, "--output_dir", out)
     check_converted(out, "train", *train)

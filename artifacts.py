@@ -1,0 +1,121 @@
+"""Writing and hashing artifacts: atomic writers, leftover-temporary cleanup, file hashes.
+
+Every artifact is written to a temporary file beside its target and renamed onto it only when
+complete (README, "Reproducibility and safety"), so a failed or interrupted write leaves the
+previous file, or none, never half of one. Standard library at import (numpy where an array is
+written or a file sampled), so run_state.py's up-to-date checks start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cli import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+HASH_CHUNK = 1 << 20
+SAMPLE_BLOCK = 1 << 16
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``.NAME.*.tmp``); rename it onto ``path`` only if the
+    block succeeds.
+
+    An OS error while the block writes (a full disk, a file-size limit, a read-only or forbidden
+    folder: ENOSPC, EFBIG, EROFS, EACCES) becomes one :class:`InputError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several files that belong together (a JSON result and its plots).
+
+    Yields one temporary path per file; all are renamed into place only if the block succeeds, so a
+    failure while computing or writing any of them leaves none.
+    """
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def remove_leftover_temps(folder: str | os.PathLike, names: Iterable[str] = ("*",), recursive: bool = False) -> None:
+    """Delete the temporary files that killed atomic writes left for targets matching ``names``
+    (glob patterns) in ``folder`` (and its subfolders if ``recursive``)."""
+    folder = Path(folder)
+    for name in names:
+        for path in (folder.rglob if recursive else folder.glob)(f".{name}.*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def json_text(obj: object) -> str:
+    """``obj`` as indented strict JSON with stable key order (NaN and inf are refused)."""
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as :func:`json_text`, atomically."""
+    write_text(path, json_text(obj))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` atomically (through a file handle, so no ``.npy`` suffix is appended)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sampled_blocks(path: str | os.PathLike, n_blocks: int, block: int = SAMPLE_BLOCK) -> Iterator[bytes]:
+    """``n_blocks`` evenly spaced ``block``-byte blocks of a file, first and last included: the sample
+    a fingerprint hashes where hashing the whole file (10 GB of embeddings) would cost more than the
+    step it guards."""
+    import numpy as np
+
+    size = os.stat(path).st_size
+    with open(path, "rb") as handle:
+        for offset in np.linspace(0, max(size - block, 0), n_blocks).astype(np.int64):
+            handle.seek(int(offset))
+            yield handle.read(block)
