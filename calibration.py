@@ -18,17 +18,12 @@ same values), and ``name.json`` beside it holds the thresholds and settings. Our
 JSON: nothing in this project calls ``joblib.load`` or unpickles anything. :meth:`IsotonicMap.predict`
 reproduces ``IsotonicRegression.predict`` bit for bit: for float64 thresholds scikit-learn clips to
 [X_min_, X_max_] and calls ``scipy.interpolate.interp1d``, which delegates to ``np.interp``.
-
-This module also holds the artifact names and the teacher shared by steps 7 and 8.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,15 +32,13 @@ import numpy as np
 
 from artifacts import atomic_path, write_json
 from cli import InputError
-from metrics import calibration_errors, ranking_report
-from rm_data import EmbeddingSet, read_json
+from metrics import prediction_report
+from rm_data import read_json
 
-# scikit-learn and joblib are imported where maps are fitted or saved (step 7 only), networks
-# (torch) where a model scores: this module loads with numpy alone, so steps' --help stays fast.
+# scikit-learn and joblib are imported where maps are fitted or saved (step 7 only): this module
+# loads with numpy alone, so steps' --help stays fast.
 if TYPE_CHECKING:
     from sklearn.isotonic import IsotonicRegression
-
-    from networks import MLP
 
 VARIANTS = ("standard", "centered")
 # Measured on the demo, out of fold on 600 calibration prompts (distillation_config.json's
@@ -58,19 +51,10 @@ VARIANTS = ("standard", "centered")
 DEFAULT_VARIANT = "centered"
 MAP_FORMAT, MAP_FORMAT_VERSION = "isotonic_map", 1
 
-# Artifacts of steps 7 and 8, all in the output directory (the seed's names).
+# The maps step 7 writes into the output directory (the seed's names).
 TEACHER_MAP_FILE = "isotonic_teacher_map.joblib"
 STUDENT_MAP_FILE = "isotonic_student_map.joblib"
 LEGACY_MAP_FILE = "isotonic_map.joblib"  # the seed's name for the teacher map
-DISTILL_CONFIG_FILE = "distillation_config.json"
-VALIDATION_FILE = "validation_results.json"
-TABLE_FILE = "validation_table.txt"  # the printed four-variant table
-CALIBRATION_PLOT_FILE = "validation_calibration.png"
-BEST_OF_N_PLOT_FILE = "validation_best_of_n.png"
-
-
-def student_checkpoint_name(task: str, objective: str) -> str:
-    return f"distilled_rm_{task}_{objective}.ckpt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,13 +216,6 @@ def out_of_fold_predictions(scores: np.ndarray, gold: np.ndarray, n_folds: int, 
     return oof, fold_of_prompt
 
 
-def prediction_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
-    """Calibration errors, ranking metrics and number of distinct values of (P, R) predictions."""
-    ranking = ranking_report(pred, gold, seed, n_cross_pairs)
-    return {"calibration": calibration_errors(pred, gold), **ranking,
-            "n_distinct_values": int(len(np.unique(pred)))}
-
-
 def cross_validate(scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int, variant: str,
                    n_cross_pairs: int) -> dict:
     """Out-of-fold report of one variant: the honest calibration error of a map fitted on these prompts."""
@@ -246,51 +223,6 @@ def cross_validate(scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int
     return {"variant": variant, "n_folds": n_folds,
             "prompts_per_fold": np.bincount(fold_of_prompt, minlength=n_folds).tolist(),
             **prediction_report(oof, gold, seed, n_cross_pairs)}
-
-
-def binned_calibration(pred: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> dict:
-    """Reliability curve: responses sorted by prediction into ~equal-count bins.
-
-    Returns per bin the mean prediction, mean golden reward, its standard error and the count.
-    """
-    pred, gold = np.asarray(pred, np.float64).ravel(), np.asarray(gold, np.float64).ravel()
-    order = np.argsort(pred, kind="stable")
-    bins = [b for b in np.array_split(order, min(n_bins, len(order))) if len(b)]
-    return {"pred_mean": [float(pred[b].mean()) for b in bins],
-            "gold_mean": [float(gold[b].mean()) for b in bins],
-            "gold_stderr": [float(gold[b].std(ddof=1) / math.sqrt(len(b))) if len(b) > 1 else 0.0
-                            for b in bins],
-            "count": [len(b) for b in bins], "n_responses": int(pred.size)}
-
-
-def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> dict:
-    """Which prompts a fit used: the partition role, the count and a hash of the sorted ids."""
-    ids = np.sort(np.asarray(prompt_ids, dtype=np.int64))
-    return {"role": role, "n_prompts": int(len(ids)), "n_responses": int(n_responses),
-            "prompt_ids_sha256": hashlib.sha256(json.dumps(ids.tolist()).encode()).hexdigest()}
-
-
-# --------------------------------------------------------------------------------------------
-# Shared by steps 7 and 8: flags checked against the manifest, the teacher
-# --------------------------------------------------------------------------------------------
-def teacher_scores(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Callable[[np.ndarray], np.ndarray],
-                   cache: tuple[Path, Sequence[Path]] | None = None) -> np.ndarray:
-    """The teacher's scores (P, R) float32: the mean over its members (step 6's ``ensemble_mean``).
-
-    teacher: the members' scorer, (B, D) -> (M, B) (``networks.ensemble_scorer`` or
-        ``networks.lazy_ensemble_scorer``), built once per step and shared by its calls
-    cache: (cache folder, the members' checkpoint files) to reuse step 6's member scores.
-    """
-    if cache is None:
-        return data.score(prompt_ids, teacher).mean(axis=0)
-    return data.score_cached(prompt_ids, teacher, cache[0], list(cache[1])).mean(axis=0)
-
-
-def student_scores(data: EmbeddingSet, prompt_ids: np.ndarray, student: MLP) -> np.ndarray:
-    """The student's scores (P, R) float32."""
-    from networks import ensemble_scorer
-
-    return data.score(prompt_ids, ensemble_scorer([student]))[0]
 
 
 def check_map_provenance(imap: IsotonicMap, map_path: Path, model: str, checkpoints: Sequence[Path]) -> None:

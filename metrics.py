@@ -1,4 +1,4 @@
-"""Ranking, best-of-N and calibration metrics (README, "Step 6: evaluation"), vectorised over prompts.
+"""Ranking, best-of-N and calibration metrics (README, "Step 6" and "Step 8"), vectorised over prompts.
 
 Every function takes score matrices of shape (P, R): P prompts, R responses per prompt, row p
 holding the responses of prompt p. Results carry the number of prompts and responses they rest on.
@@ -195,6 +195,20 @@ def calibration_errors(pred: np.ndarray, gold: np.ndarray) -> dict:
     return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err))), "n_responses": err.size}
 
 
+def binned_calibration(pred: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> dict:
+    """Reliability curve: responses sorted by prediction into ~equal-count bins.
+
+    Returns per bin the mean prediction, mean golden reward, its standard error and the count.
+    """
+    pred, gold = np.asarray(pred, np.float64).ravel(), np.asarray(gold, np.float64).ravel()
+    order = np.argsort(pred, kind="stable")
+    bins = [b for b in np.array_split(order, min(n_bins, len(order))) if len(b)]
+    return {"pred_mean": [float(pred[b].mean()) for b in bins],
+            "gold_mean": [float(gold[b].mean()) for b in bins],
+            "gold_stderr": [float(gold[b].std(ddof=1) / np.sqrt(len(b))) if len(b) > 1 else 0.0 for b in bins],
+            "count": [len(b) for b in bins], "n_responses": int(pred.size)}
+
+
 def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
     """Spearman (per prompt and global) and same-/cross-prompt pairwise accuracy of one predictor."""
     spearman_global = global_spearman(pred, gold)
@@ -206,3 +220,9 @@ def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs:
         "pairwise_accuracy_same_prompt": same_prompt_pairwise_accuracy(pred, gold),
         "pairwise_accuracy_cross_prompt": cross_prompt_pairwise_accuracy(pred, gold, n_cross_pairs, seed),
     }
+
+
+def prediction_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
+    """Calibration errors, ranking metrics and number of distinct values of (P, R) predictions."""
+    ranking = ranking_report(pred, gold, seed, n_cross_pairs)
+    return {"calibration": calibration_errors(pred, gold), **ranking, "n_distinct_values": int(len(np.unique(pred)))}

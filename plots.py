@@ -63,7 +63,7 @@ def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> 
 def plot_calibration(panels: Mapping[str, Mapping[str, dict]], path: str | Path, title: str) -> None:
     """Reliability diagram, one panel per evaluation set: mean golden reward vs mean prediction per bin.
 
-    panels: panel title -> {variant name -> ``calibration.binned_calibration`` result}; the dashed
+    panels: panel title -> {variant name -> ``metrics.binned_calibration`` result}; the dashed
     diagonal is perfect calibration, error bars are +-1 standard error of the bin's golden mean.
     """
     fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)

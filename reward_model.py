@@ -35,13 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import (
-    STUDENT_MAP_FILE,
-    TEACHER_MAP_FILE,
-    check_map_provenance,
-    load_isotonic_map,
-    student_checkpoint_name,
-)
+from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, check_map_provenance, load_isotonic_map
 from cli import InputError
 from llm_models import (
     ASSISTANT_TURN,
@@ -57,7 +51,14 @@ from llm_models import (
     scored_text,
 )
 from networks import ensemble_scorer, load_checkpoint, load_ensemble
-from rm_data import DEFAULT_CHUNK_ROWS, MANIFEST_FILE, checkpoint_paths, embedding_record, load_manifest
+from rm_data import (
+    DEFAULT_CHUNK_ROWS,
+    MANIFEST_FILE,
+    checkpoint_paths,
+    embedding_record,
+    load_manifest,
+    student_checkpoint_name,
+)
 
 log = logging.getLogger("reward_model")
 

@@ -437,6 +437,11 @@ def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path
     return [Path(output_dir) / name for name in manifest["checkpoints"]]
 
 
+def student_checkpoint_name(task: str, objective: str) -> str:
+    """Step 7's student checkpoint in the output folder (the seed's name)."""
+    return f"distilled_rm_{task}_{objective}.ckpt"
+
+
 # --------------------------------------------------------------------------------------------
 # Opening step 5's run (steps 6-8)
 # --------------------------------------------------------------------------------------------

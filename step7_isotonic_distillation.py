@@ -13,6 +13,8 @@ student checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -22,7 +24,6 @@ import numpy as np
 from artifacts import write_json
 from calibration import (
     DEFAULT_VARIANT,
-    DISTILL_CONFIG_FILE,
     LEGACY_MAP_FILE,
     STUDENT_MAP_FILE,
     TEACHER_MAP_FILE,
@@ -30,12 +31,8 @@ from calibration import (
     IsotonicMap,
     cross_validate,
     fit_isotonic,
-    prompt_set_record,
     save_isotonic_map,
     sidecar_path,
-    student_checkpoint_name,
-    student_scores,
-    teacher_scores,
 )
 from cli import (
     ArgumentParser,
@@ -49,9 +46,10 @@ from cli import (
 )
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
-from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run
+from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run, student_checkpoint_name
 
 log = logging.getLogger("step7")
+CONFIG_FILE = "distillation_config.json"
 
 
 def parse_args(argv=None):
@@ -103,6 +101,13 @@ def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Ge
     order = rng.permutation(len(prompt_ids))
     n_val = min(max(1, int(round(val_fraction * len(prompt_ids)))), len(prompt_ids) - 1)
     return np.sort(prompt_ids[order[n_val:]]), np.sort(prompt_ids[order[:n_val]])
+
+
+def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> dict:
+    """Which prompts a fit used: the partition role, the count and a hash of the sorted ids."""
+    ids = np.sort(np.asarray(prompt_ids, dtype=np.int64))
+    return {"role": role, "n_prompts": int(len(ids)), "n_responses": int(n_responses),
+            "prompt_ids_sha256": hashlib.sha256(json.dumps(ids.tolist()).encode()).hexdigest()}
 
 
 def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMap) -> dict:
@@ -161,7 +166,7 @@ def main(argv=None) -> dict:
     # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
     start = time.perf_counter()
     calibration_gold = data.rewards[calibration_prompts]
-    calibration_teacher = teacher_scores(data, calibration_prompts, teacher_scorer)
+    calibration_teacher = data.score(calibration_prompts, teacher_scorer).mean(axis=0)  # the members' mean
     variant_comparison = {variant: cross_validate(calibration_teacher, calibration_gold, args.cv_folds, seed,
                                                   variant, args.n_cross_pairs) for variant in VARIANTS}
     teacher_cv = variant_comparison[args.isotonic_variant]
@@ -180,7 +185,7 @@ def main(argv=None) -> dict:
     # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
     fit_prompts, stop_prompts = split_prompts(student_prompts, args.val_fraction, split_rng)
     features = torch.from_numpy(read_prompt_rows(data, student_prompts))
-    targets = teacher_map.predict(teacher_scores(data, student_prompts, teacher_scorer)).ravel()
+    targets = teacher_map.predict(data.score(student_prompts, teacher_scorer).mean(axis=0)).ravel()
     rows = np.arange(len(student_prompts) * data.n_splits).reshape(len(student_prompts), data.n_splits)
     is_fit_prompt = np.isin(student_prompts, fit_prompts)
     start = time.perf_counter()
@@ -201,7 +206,7 @@ def main(argv=None) -> dict:
 
     # --- 3. student -> golden isotonic map on calibration prompts ---
     student_name = student_checkpoint_name(task, objective)
-    calibration_student = student_scores(data, calibration_prompts, student)
+    calibration_student = data.score(calibration_prompts, ensemble_scorer([student]))[0]
     student_cv = cross_validate(calibration_student, calibration_gold, args.cv_folds, seed,
                                 args.isotonic_variant, args.n_cross_pairs)
     student_map, student_estimator = fit_isotonic(
@@ -250,11 +255,11 @@ def main(argv=None) -> dict:
                       "teacher_map_json": sidecar_path(TEACHER_MAP_FILE).name, "legacy_teacher_map": LEGACY_MAP_FILE,
                       "student_map": STUDENT_MAP_FILE, "student_map_json": sidecar_path(STUDENT_MAP_FILE).name},
     }
-    write_json(output_dir / DISTILL_CONFIG_FILE, config)
+    write_json(output_dir / CONFIG_FILE, config)
     print(f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
           f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
           f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
-          f"{output_dir / DISTILL_CONFIG_FILE}")
+          f"{output_dir / CONFIG_FILE}")
     return config
 
 

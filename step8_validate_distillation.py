@@ -17,35 +17,22 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from artifacts import atomic_paths, json_text
 from calibration import (
-    BEST_OF_N_PLOT_FILE,
-    CALIBRATION_PLOT_FILE,
     STUDENT_MAP_FILE,
-    TABLE_FILE,
     TEACHER_MAP_FILE,
-    VALIDATION_FILE,
     IsotonicMap,
-    binned_calibration,
     check_map_provenance,
     load_isotonic_map,
-    prediction_report,
     sidecar_path,
-    student_checkpoint_name,
-    student_scores,
-    teacher_scores,
 )
 from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
-from metrics import best_of_n, calibration_errors, fmt
+from metrics import best_of_n, binned_calibration, calibration_errors, fmt, prediction_report
 from plots import plot_best_of_n, plot_calibration
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, open_run
-
-if TYPE_CHECKING:
-    from networks import MLP
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, open_run, student_checkpoint_name
 
 log = logging.getLogger("step8")
 VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
@@ -80,11 +67,15 @@ def parse_args(argv=None):
 
 
 def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Callable[[np.ndarray], np.ndarray],
-                   student: MLP, teacher_map: IsotonicMap, student_map: IsotonicMap,
+                   student: Callable[[np.ndarray], np.ndarray], teacher_map: IsotonicMap, student_map: IsotonicMap,
                    teacher_cache: tuple[Path, list[Path]]) -> dict[str, np.ndarray]:
-    """The four variants' (P, R) float64 scores of every response of ``prompt_ids``."""
-    raw_teacher = teacher_scores(data, prompt_ids, teacher, teacher_cache).astype(np.float64)
-    raw_student = student_scores(data, prompt_ids, student).astype(np.float64)
+    """The four variants' (P, R) float64 scores of every response of ``prompt_ids``.
+
+    teacher, student: scorers (B, D) -> (M, B) (``networks.ensemble_scorer``); the teacher is the
+    members' mean, its member scores taken from step 6's ``teacher_cache`` where present.
+    """
+    raw_teacher = data.score_cached(prompt_ids, teacher, *teacher_cache).mean(axis=0).astype(np.float64)
+    raw_student = data.score(prompt_ids, student)[0].astype(np.float64)
     return {"Teacher": raw_teacher, "Teacher+Isotonic": teacher_map.predict(raw_teacher),
             "Student": raw_student, "Student+Isotonic": student_map.predict(raw_student)}
 
@@ -139,7 +130,7 @@ def format_table(title: str, result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from networks import lazy_ensemble_scorer, load_checkpoint  # torch: after the flags, so --help returns at once
+    from networks import ensemble_scorer, lazy_ensemble_scorer, load_checkpoint  # torch: after the flags (fast --help)
 
     setup_logging()
     run = open_run(args, SEED_FLAGS, seed=args.seed)
@@ -151,7 +142,7 @@ def main(argv=None) -> dict:
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
     teacher = lazy_ensemble_scorer(teacher_paths, data.dim)  # loaded only if step 6's cache lacks a score
     teacher_cache = (output_dir / SCORE_CACHE_DIR, teacher_paths)  # step 6's scores of the same members
-    student = load_checkpoint(student_path, data.dim)
+    student = ensemble_scorer([load_checkpoint(student_path, data.dim)])
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
     check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)
@@ -179,14 +170,14 @@ def main(argv=None) -> dict:
                                    test.rewards, constant, args, seed)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 
-    json_path, calibration_plot = output_dir / VALIDATION_FILE, output_dir / CALIBRATION_PLOT_FILE
-    bon_plot = output_dir / BEST_OF_N_PLOT_FILE
+    json_path, calibration_plot = output_dir / "validation_results.json", output_dir / "validation_calibration.png"
+    bon_plot = output_dir / "validation_best_of_n.png"
     evaluated = {name: res for name, res in results.items() if name in ("held_out", "test")}
     label = {"held_out": "held-out prompts", "test": "test set"}
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
     table = "\n".join(format_table(label[name], res) for name, res in evaluated.items())
     # All four files or none: a failure in any (a plot, a full disk) leaves no half of the results.
-    with atomic_paths(json_path, output_dir / TABLE_FILE, calibration_plot, bon_plot) as tmp_paths:
+    with atomic_paths(json_path, output_dir / "validation_table.txt", calibration_plot, bon_plot) as tmp_paths:
         tmp_paths[0].write_text(json_text(results))
         tmp_paths[1].write_text(table + "\n")  # run_all.sh shows it when step 8 is up to date
         plot_calibration({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":

@@ -125,6 +125,17 @@ def test_calibration_errors_match_sklearn():
     assert result["mae"] == pytest.approx(mean_absolute_error(gold.ravel(), pred.ravel()))
 
 
+def test_binned_calibration_known_answer():
+    pred = np.array([[5.0, 1.0, 3.0], [2.0, 6.0, 4.0]])  # sorted: 1..6, bins of two
+    gold = np.array([[50.0, 10.0, 30.0], [20.0, 60.0, 44.0]])
+    result = metrics.binned_calibration(pred, gold, n_bins=3)
+    assert result["pred_mean"] == [1.5, 3.5, 5.5] and result["count"] == [2, 2, 2]
+    assert result["gold_mean"] == [15.0, 37.0, 55.0] and result["n_responses"] == 6
+    assert result["gold_stderr"] == pytest.approx([np.std([10, 20], ddof=1) / np.sqrt(2),
+                                                   np.std([30, 44], ddof=1) / np.sqrt(2), 5.0])
+    assert metrics.binned_calibration(pred[:1, :1], gold[:1, :1])["gold_stderr"] == [0.0]  # one response, one bin
+
+
 def test_rankdata_matches_scipy_with_ties():
     from scipy.stats import rankdata as scipy_rankdata
 

@@ -35,12 +35,19 @@ import step4_gen_embeddings  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
-from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map, student_checkpoint_name  # noqa: E402
+from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
-from networks import lazy_ensemble_scorer, load_checkpoint  # noqa: E402
+from networks import ensemble_scorer, lazy_ensemble_scorer, load_checkpoint  # noqa: E402
 from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # noqa: E402
-from rm_data import SCORE_CACHE_DIR, checkpoint_paths, load_embedding_set, load_manifest, load_partition  # noqa: E402
+from rm_data import (  # noqa: E402
+    SCORE_CACHE_DIR,
+    checkpoint_paths,
+    load_embedding_set,
+    load_manifest,
+    load_partition,
+    student_checkpoint_name,
+)
 
 DEMO_ENV = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3",
             "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
@@ -110,7 +117,8 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     teacher_paths = checkpoint_paths(out, manifest)
     student_path = out / student_checkpoint_name("helpful", "bt")
     expected = step8.score_variants(data, held_out, lazy_ensemble_scorer(teacher_paths, data.dim),
-                                    load_checkpoint(student_path, data.dim), load_isotonic_map(out / TEACHER_MAP_FILE),
+                                    ensemble_scorer([load_checkpoint(student_path, data.dim)]),
+                                    load_isotonic_map(out / TEACHER_MAP_FILE),
                                     load_isotonic_map(out / STUDENT_MAP_FILE), (out / SCORE_CACHE_DIR, teacher_paths))
     reward_model = RewardModel.load(out)
     rows = prompt_major_rows(data, held_out)
