@@ -7,7 +7,7 @@ float16; row p is the k-th response to prompt p) and ``rewards_split_{k}.json`` 
 
 This module is the one door to that data: discovery in numeric split order, validation with one-line
 errors naming the file, memory-mapped chunked reading (a 10 GB directory is never copied into
-memory), the seeded prompt partition of section 4, fingerprints and the run manifest.
+memory), the seeded prompt partition, fingerprints and the run manifest.
 """
 
 from __future__ import annotations

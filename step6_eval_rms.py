@@ -5,7 +5,7 @@ Story: read the manifest and the prompt partition written by step 5; score the `
 member and per ensemble rule (mean, min, first member, mean minus std) the per-prompt and global
 Spearman, same- and cross-prompt pairwise accuracy, and best-of-N curves against the golden oracle
 and a random pick; write ``eval_results_{objective}.json`` and a best-of-N PNG; print a table.
-No prompt used to train the ORMs is read.
+No prompt used to train the ORMs is read. The metrics are defined in README, "Step 6: evaluation".
 """
 
 from __future__ import annotations

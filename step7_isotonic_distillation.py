@@ -8,7 +8,8 @@ student MLP by MSE on every response of the ``student_train`` prompts towards is
 (it learns the calibrated teacher, not the golden labels), early-stopping on a slice of whole
 ``student_train`` prompts. Fit the student's own isotonic map on the calibration prompts. Write the
 student checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 8 reads) and
-``distillation_config.json``. ``held_out`` prompts are never read.
+``distillation_config.json``. ``held_out`` prompts are never read (README, "Step 7: calibration and
+distillation" and "Who sees which prompts").
 """
 
 from __future__ import annotations

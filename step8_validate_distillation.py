@@ -8,7 +8,7 @@ to the golden reward, and the number of distinct values; compare with a constant
 calibration prompts' mean golden reward) as the floor. Raw teacher scores are not on the golden
 scale, so their MSE is reported but marked not meaningful; the student is trained on the calibrated
 scale, so its MSE is meaningful. Writes ``validation_results.json``, a calibration plot and a
-best-of-N plot, and prints the table.
+best-of-N plot, and prints the table (README, "Step 8: four-variant validation").
 """
 
 from __future__ import annotations
