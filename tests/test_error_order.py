@@ -102,33 +102,29 @@ def map_of_other_checkpoints(model: str) -> Break:
     return damage
 
 
+def opened_run(flag_error: Break, mismatched_flag: Break) -> list[Break]:
+    """A step's own flag error, then what ``rm_data.open_run`` checks, in its order."""
+    return [flag_error, output_dir_under_a_file, manifest_seed_a_string, mismatched_flag, short_train_rewards]
+
+
+SEED_FLAG = flag("embed_model_name", "other", "--embed_model_name other does not match the ensemble in")
 ORDER: dict[str, tuple[Callable, str, list[Break]]] = {
     "step6": (step6_eval_rms.main, "run", [
-        flag("bon_draws", "0", "argument --bon_draws: expected a positive integer"),
-        output_dir_under_a_file,
-        manifest_seed_a_string,
-        flag("rm_objective", "clf", "--rm_objective clf does not match the ensemble in"),
-        short_train_rewards,
+        *opened_run(flag("bon_draws", "0", "argument --bon_draws: expected a positive integer"),
+                    flag("rm_objective", "clf", "--rm_objective clf does not match the ensemble in")),
         member_missing,
         partition_role_a_string,
         short_test_rewards,
     ]),
     "step7": (step7_isotonic_distillation.main, "run", [
-        flag("cv_folds", "1", "--cv_folds must be at least 2, got 1"),
-        output_dir_under_a_file,
-        manifest_seed_a_string,
-        flag("embed_model_name", "other", "--embed_model_name other does not match the ensemble in"),
-        short_train_rewards,
+        *opened_run(flag("cv_folds", "1", "--cv_folds must be at least 2, got 1"), SEED_FLAG),
         member_missing,
         partition_role_a_string,
         flag("cv_folds", "500", "--cv_folds 500 needs at least 500 calibration prompts, the partition has 78"),
     ]),
     "step8": (step8_validate_distillation.main, "distilled", [
-        flag("calibration_bins", "0", "argument --calibration_bins: expected a positive integer"),
-        output_dir_under_a_file,
-        manifest_seed_a_string,
-        flag("embed_model_name", "other", "--embed_model_name other does not match the ensemble in"),
-        short_train_rewards,
+        *opened_run(flag("calibration_bins", "0", "argument --calibration_bins: expected a positive integer"),
+                    SEED_FLAG),
         short_test_rewards,
         member_missing,
         student_corrupt,
