@@ -273,17 +273,17 @@ unlock_data_dir
 
 # --- steps 5-8 on the CPU, resumable --------------------------------------------------------
 # run_state.py prints "[step N up to date]" instead of running a step whose record matches this
-# command line, the code, the data fingerprint and the previous step's outputs, and whose outputs
-# are unchanged; otherwise it runs the step and prints "[step N took X s]".
-DATA_FINGERPRINT="$("$PYTHON" run_state.py fingerprint --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")"
+# command line, the code and the previous step's outputs (step 5: the data's fingerprint), and whose
+# outputs are unchanged; otherwise it runs the step and prints "[step N took X s]".
 STEPS_STARTED="$(mktemp)"  # files the steps write from here on are newer than this marker
 trap 'rm -f "$STEPS_STARTED"' EXIT
 FORCE_FLAG=()
 [[ "$FORCE" == 1 ]] && FORCE_FLAG=(--force)
-resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (PREVIOUS_STEP may be empty)
-    local step="$1" after="$2"; shift 2
-    run_child "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" ${after:+--after "$after"} \
-        --data_fingerprint "$DATA_FINGERPRINT" "${FORCE_FLAG[@]}" -- "$@"
+resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (no PREVIOUS_STEP: the first, keyed on the data)
+    local step="$1" depends=(--after "$2"); shift 2
+    [[ -n "${depends[1]}" ]] || depends=(--data_dir "$DATA_DIR")
+    run_child "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" "${depends[@]}" \
+        "${FORCE_FLAG[@]}" -- "$@"
 }
 
 section "Step 5: train the ORM ensemble"

@@ -1,17 +1,17 @@
 """Resumable steps for run_all.sh: skip a step whose last successful run still stands.
 
-    python3 run_state.py fingerprint --data_dir DATA_DIR [--output_dir OUT]
-    python3 run_state.py run --output_dir OUT --step 6 --after 5 --data_fingerprint FP [--force] -- CMD ...
+    python3 run_state.py run --output_dir OUT --step 5 --data_dir DATA [--force] -- CMD ...
+    python3 run_state.py run --output_dir OUT --step 6 --after 5 [--force] -- CMD ...
 
 ``run`` runs CMD (one step script) unless ``OUT/.run_state/step{N}.json`` records a finished run
 of the same step with the same key and every output file it recorded still has the recorded
 sha256; then it prints ``[step N up to date]``. The key is a sha256 over the step name, CMD's argv,
 the sha256 of the step script and of the project modules it imports (transitively), the data
-fingerprint (computed once per run_all.sh by ``fingerprint``, see :func:`data_fingerprint`) and the
-previous step's record (its key and output hashes). So a changed flag,
-data set or code reruns the step, and, through the chained keys, every later one; a step rerun
-only because one of its own outputs was changed or deleted leaves later steps up to date when it
-reproduces its recorded outputs byte for byte.
+fingerprint of ``--data_dir`` (see :func:`data_fingerprint`; the first step is given it, later
+steps inherit it through the chain) and the previous step's record (its key and output hashes).
+So a changed flag, data set or code reruns the step, and, through the chained keys, every later
+one; a step rerun only because one of its own outputs was changed or deleted leaves later steps up
+to date when it reproduces its recorded outputs byte for byte.
 
 On a run the old record is deleted first, temporary files of interrupted atomic writes
 (``.NAME.*.tmp``, see ``artifacts.atomic_path``) are removed, OUT is snapshotted (size and mtime_ns
@@ -21,7 +21,7 @@ therefore leaves no record and reruns; as every artifact is itself written atomi
 starts from whole files only. ``--force`` (FORCE=1 in run_all.sh) runs the step whatever the
 record says.
 
-Standard library only (numpy via rm_data for ``fingerprint``), so the check costs a fraction of a
+Standard library only (the atomic writers of ``artifacts``), so the check costs a fraction of a
 step's start-up.
 """
 
@@ -48,8 +48,7 @@ STATE_DIR = ".run_state"
 # gives the same results, so whether a rerun found the cache must not change its record).
 NOT_OUTPUTS = (STATE_DIR, "score_cache")
 # Bump when the record format or the key's ingredients change: every step then reruns once.
-RECORD_VERSION = 1
-FINGERPRINT_CACHE = "data_fingerprint.json"  # in STATE_DIR: the content hash and the stat info it belongs to
+RECORD_VERSION = 2
 # The data files of rm_data.FILE_PATTERNS (train and test embeddings and rewards).
 DATA_FILE = re.compile(r"(EMBD-(TRAIN|TEST)-split|rewards(_test)?_split)_\d+\.(npy|json)\Z")
 
@@ -57,16 +56,13 @@ DATA_FILE = re.compile(r"(EMBD-(TRAIN|TEST)-split|rewards(_test)?_split)_\d+\.(n
 def parse_args(argv=None):
     parser = ArgumentParser(prog="run_state.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command_name", required=True)
-    fingerprint = commands.add_parser("fingerprint", help="print the data fingerprint of a data directory")
-    fingerprint.add_argument("--data_dir", required=True, help="folder with EMBD-TRAIN-split_k.npy etc.")
-    fingerprint.add_argument("--output_dir", default=None,
-                             help="reuse and keep the content hash in OUTPUT_DIR/.run_state/ while the files' "
-                                  "size, mtime and inode are unchanged")
     run = commands.add_parser("run", help="run a step unless its record says it is up to date")
     run.add_argument("--output_dir", required=True, help="the steps' output folder; records go in its .run_state/")
     run.add_argument("--step", required=True, help="step number, e.g. 5 (record step5.json, label 'step 5')")
     run.add_argument("--after", default=None, help="the step whose record this one depends on, e.g. 4")
-    run.add_argument("--data_fingerprint", default="", help="output of 'run_state.py fingerprint'")
+    run.add_argument("--data_dir", default=None,
+                     help="data folder whose fingerprint goes into the key (the first step's; later steps "
+                          "inherit it through --after)")
     run.add_argument("--force", action="store_true", help="run even if the record says up to date")
     run.add_argument("command", nargs="+", help="the step's command line (after --)")
     return parser.parse_args(argv)
@@ -96,48 +92,11 @@ def data_file_stats(data_dir: str | os.PathLike) -> dict[str, list[int]]:
     return dict(sorted(stats.items()))
 
 
-def data_fingerprint(data_dir: str | os.PathLike, cache: Path | None = None) -> str:
-    """sha256 over the data files' stat info and their sampled content, as build tools do.
-
-    Stat info (size, mtime_ns, inode of every embedding and reward file) notices any rewrite or
-    in-place edit, even of bytes between the blocks that the content hash samples; the content hash
-    (``rm_data.fingerprint`` of the train and test sets: every reward, sampled embedding blocks)
-    notices a change that kept the stat info. The content hash is reused from ``cache`` (written by
-    the previous call, in OUT/.run_state/) while the stat info is unchanged, so an unchanged data
-    directory costs a few stat calls. Never fails: an unreadable set contributes its error message,
-    so the key still changes with the data and the step itself reports the problem.
-    """
-    stats = data_file_stats(data_dir)
-    where = str(Path(data_dir).resolve())
-    try:
-        cached = json.loads(cache.read_text()) if cache else None
-    except (OSError, ValueError):
-        cached = None
-    if isinstance(cached, dict) and cached.get("data_dir") == where and cached.get("files") == stats \
-            and isinstance(cached.get("content"), str):
-        content = cached["content"]
-    else:
-        content, readable = content_fingerprint(data_dir)
-        if cache is not None and readable:
-            try:
-                write_json(cache, {"data_dir": where, "files": stats, "content": content})
-            except InputError:
-                pass  # a cache that cannot be written only costs time; the steps report the folder
-    return json_sha256({"files": stats, "content": content})
-
-
-def content_fingerprint(data_dir: str | os.PathLike) -> tuple[str, bool]:
-    """(sha256 over ``rm_data.fingerprint`` of the train and test sets, whether both were readable)."""
-    import rm_data  # numpy: imported only here and when a record is written
-
-    parts, readable = {}, True
-    for kind in ("train", "test"):
-        try:
-            eset = rm_data.load_embedding_set(data_dir, kind, required=False)
-            parts[kind] = rm_data.fingerprint(eset) if eset is not None else None
-        except Exception as err:
-            parts[kind], readable = f"unreadable: {type(err).__name__}: {err}", False
-    return json_sha256(parts), readable
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+    """sha256 over the stat info (size, mtime_ns, inode) of every embedding and reward file, as build
+    tools do: any rewrite, copy, touch or in-place edit of a data file reruns the steps. Never fails
+    (an unreadable folder has an empty fingerprint; the step itself reports the problem)."""
+    return json_sha256(data_file_stats(data_dir))
 
 
 def code_hashes(command: Sequence[str]) -> dict[str, str]:
@@ -250,7 +209,8 @@ def run_step(args) -> int:
     label, path = f"step {args.step}", record_path(output_dir, args.step)
     previous = read_record(record_path(output_dir, args.after)) if args.after else None
     inputs = {"version": RECORD_VERSION, "step": args.step, "argv": args.command,
-              "code": code_hashes(args.command), "data_fingerprint": args.data_fingerprint,
+              "code": code_hashes(args.command),
+              "data_fingerprint": data_fingerprint(args.data_dir) if args.data_dir else None,
               "after": chain_digest(previous) if args.after else None}
     key = json_sha256(inputs)
     record = read_record(path)
@@ -278,12 +238,7 @@ def run_step(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.command_name == "fingerprint":
-        cache = Path(args.output_dir) / STATE_DIR / FINGERPRINT_CACHE if args.output_dir else None
-        print(data_fingerprint(args.data_dir, cache))
-        return 0
-    return run_step(args)
+    return run_step(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -716,16 +716,12 @@ CASES = [
 # --------------------------------------------------------------------------------------------
 # The check
 # --------------------------------------------------------------------------------------------
-# Not an artifact: run_state.py's record of the data's content hash (it only saves time).
-NOT_ARTIFACTS = {".run_state/data_fingerprint.json"}
-
-
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file under ``folder``, hidden ones included ({} if absent)."""
     if not folder.is_dir():
         return {}
-    return {name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")
-            if path.is_file() and (name := path.relative_to(folder).as_posix()) not in NOT_ARTIFACTS}
+    return {path.relative_to(folder).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in folder.rglob("*") if path.is_file()}
 
 
 def run_script(case: Case, cwd: Path, argv: list[str], env: dict[str, str],
