@@ -26,6 +26,9 @@ HASH_CHUNK = 1 << 20
 SAMPLE_BLOCK = 1 << 16
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# run_state.py names a file here for the step it runs: each completed write appends its path, so
+# the step's record lists what it wrote, even while another step writes beside it.
+WRITE_LOG_ENV = "RUN_STATE_WRITE_LOG"
 
 
 @contextmanager
@@ -48,6 +51,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
+        if log := os.environ.get(WRITE_LOG_ENV):
+            with open(log, "a") as handle:
+                handle.write(f"{path.resolve()}\n")
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     finally:

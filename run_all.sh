@@ -170,22 +170,20 @@ fi
 # script alone (a scheduler's) is forwarded to the running step instead of leaving it orphaned.
 # Steps report an interrupt through this script's one line, not their own.
 export RUN_ALL_REPORTS_INTERRUPTS=1
-CHILD=""
 CURRENT="setup"
-run_child() {  # run_child COMMAND...: run it in the background without our lock descriptors, wait
+start_child() {  # start_child COMMAND...: run it in the background without our lock descriptors
     (
         for fd in ${LOCKS[@]+"${LOCKS[@]}"}; do eval "exec $fd<&-"; done
         exec "$@"
     ) &
-    CHILD=$!
-    local status=0
-    wait "$CHILD" || status=$?
-    CHILD=""
-    return "$status"
 }
-on_signal() {  # on_signal NAME STATUS: forward to the running step, wait for it, exit with one line
+run_child() {  # run_child COMMAND...: start_child, then wait for it and return its status
+    start_child "$@"
+    wait "$!"
+}
+on_signal() {  # on_signal NAME STATUS: forward to the running steps, wait for them, exit with one line
     trap '' INT TERM
-    # Every background job, not only $CHILD: the signal may land between a job's start and CHILD=$!.
+    # Every background job: steps 6 and 7 run together, and a signal may land as a job starts.
     local jobs_running
     jobs_running="$(jobs -p)"
     if [[ -n "$jobs_running" ]]; then
@@ -213,10 +211,8 @@ lock_data_dir() {  # hold DATA_DIR while data is written into it: two runs never
     if ! flock -n "$data_lock"; then
         CURRENT="the wait for DATA_DIR"
         flock "$data_lock" >/dev/null 2>&1 &  # in the background: a signal must not wait for the lock
-        CHILD=$!
         echo "Waiting for another run_all.sh that is writing DATA_DIR '$DATA_DIR' ..."
-        wait "$CHILD"
-        CHILD=""
+        wait "$!"
     fi
     LOCKS+=("$data_lock")
 }
@@ -279,15 +275,15 @@ STEPS_STARTED="$(mktemp)"  # files the steps write from here on are newer than t
 trap 'rm -f "$STEPS_STARTED"' EXIT
 FORCE_FLAG=()
 [[ "$FORCE" == 1 ]] && FORCE_FLAG=(--force)
-resumable() {  # resumable STEP PREVIOUS_STEP COMMAND...  (no PREVIOUS_STEP: the first, keyed on the data)
-    local step="$1" depends=(--after "$2"); shift 2
+resumable() {  # resumable run_child|start_child STEP PREVIOUS_STEP COMMAND...  (no PREVIOUS_STEP: keyed on the data)
+    local how="$1" step="$2" depends=(--after "$3"); shift 3
     [[ -n "${depends[1]}" ]] || depends=(--data_dir "$DATA_DIR")
-    run_child "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" "${depends[@]}" \
+    "$how" "$PYTHON" run_state.py run --output_dir "$OUTPUT_DIR" --step "$step" "${depends[@]}" \
         "${FORCE_FLAG[@]}" -- "$@"
 }
 
 section "Step 5: train the ORM ensemble"
-resumable 5 "" "$PYTHON" step5_train_rms.py \
+resumable run_child 5 "" "$PYTHON" step5_train_rms.py \
     --embed_model_name "$EMBED_MODEL_NAME" --task "$TASK" --sft_obj "$SFT_OBJ" \
     --gen_pref_model_name "$GEN_PREF_MODEL" --rm_objective "$RM_OBJECTIVE" \
     --consider_first_n "$CONSIDER_FIRST_N" --n_sample "$N_SAMPLE" ${EVAL_PROMPTS:+--eval_prompts "$EVAL_PROMPTS"} \
@@ -297,16 +293,33 @@ resumable 5 "" "$PYTHON" step5_train_rms.py \
     --annotation_quality "$ANNOTATION_QUALITY" --ensemble_number "$ENSEMBLE_NUMBER" \
     --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
 
+# Step 7 reads only step 5's outputs, so it runs beside step 6: their single-threaded phases
+# (start-up, metrics, plots) overlap on two cores. Its output is kept and shown after step 6's; if
+# step 6 fails, step 7 is stopped, as if it had not started.
+STEP7_LOG="$(mktemp)" STEP7_ERR="$(mktemp)"
+trap 'rm -f "$STEPS_STARTED" "$STEP7_LOG" "$STEP7_ERR"' EXIT
+resumable start_child 7 5 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" \
+    --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
+    --learning_rate "$LEARNING_RATE" --seed "$SEED" >"$STEP7_LOG" 2>"$STEP7_ERR"
+STEP7_PID=$!
 section "Step 6: evaluate ranking quality"
-resumable 6 5 "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
+CURRENT="steps 6 and 7"
+STATUS=0
+resumable run_child 6 5 "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" || STATUS=$?
+if (( STATUS != 0 )); then
+    kill -TERM "$STEP7_PID" 2>/dev/null || true
+    wait "$STEP7_PID" || true
+    exit "$STATUS"
+fi
 
 section "Step 7: isotonic calibration and distillation"
-resumable 7 6 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" \
-    --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
-    --learning_rate "$LEARNING_RATE" --seed "$SEED"
+wait "$STEP7_PID" || STATUS=$?
+cat "$STEP7_LOG"
+cat "$STEP7_ERR" >&2
+(( STATUS == 0 )) || exit "$STATUS"
 
 section "Step 8: validate Teacher, Teacher+Isotonic, Student, Student+Isotonic"
-resumable 8 7 "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
+resumable run_child 8 7 "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"
 
 TABLE="$OUTPUT_DIR/validation_table.txt"
 if [[ -f "$TABLE" && ! "$TABLE" -nt "$STEPS_STARTED" ]]; then  # step 8 was up to date: show its table

@@ -13,13 +13,15 @@ So a changed flag, data set or code reruns the step, and, through the chained ke
 one; a step rerun only because one of its own outputs was changed or deleted leaves later steps up
 to date when it reproduces its recorded outputs byte for byte.
 
-On a run the old record is deleted first, temporary files of interrupted atomic writes
-(``.NAME.*.tmp``, see ``artifacts.atomic_path``) are removed, OUT is snapshotted (size and mtime_ns
-of every file outside :data:`NOT_OUTPUTS`), CMD runs, and on success the files it created or
-changed are hashed into the new record, written atomically and last. A step killed at any point
-therefore leaves no record and reruns; as every artifact is itself written atomically, the rerun
-starts from whole files only. ``--force`` (FORCE=1 in run_all.sh) runs the step whatever the
-record says.
+On a run the old record is deleted first and CMD runs with ``artifacts.WRITE_LOG_ENV`` naming a
+file in ``.run_state/``, to which its atomic writers (``artifacts.atomic_path``) append every path
+they complete; on success the files it wrote (but :data:`NOT_OUTPUTS`) are hashed into the new
+record, written atomically and last. So two steps may run side by side (run_all.sh runs 6 and 7
+together) and each records only its own files. A step killed at any point leaves no record and
+reruns; as every artifact is itself written atomically, the rerun starts from whole files only.
+The first step of a run (no ``--after``) first removes the temporary files of interrupted atomic
+writes (``.NAME.*.tmp``) anywhere under OUT; later steps do not, as a step beside them may be
+writing. ``--force`` (FORCE=1 in run_all.sh) runs the step whatever the record says.
 
 Standard library only (the atomic writers of ``artifacts``), so the check costs a fraction of a
 step's start-up.
@@ -39,7 +41,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from artifacts import file_sha256, remove_leftover_temps, write_json
+from artifacts import WRITE_LOG_ENV, file_sha256, remove_leftover_temps, write_json
 from cli import ArgumentParser, InputError, run_cli
 
 STATE_DIR = ".run_state"
@@ -168,30 +170,31 @@ def stale_reason(record: dict | None, inputs: dict, key: str, output_dir: Path) 
     return None
 
 
-def snapshot(output_dir: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every file under ``output_dir`` but :data:`NOT_OUTPUTS`, by relative path."""
-    files = {}
-    for root, dirs, names in os.walk(output_dir):
-        if Path(root) == output_dir:
-            dirs[:] = [name for name in dirs if name not in NOT_OUTPUTS]
-        for name in names:
-            path = Path(root, name)
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            files[path.relative_to(output_dir).as_posix()] = (stat.st_size, stat.st_mtime_ns)
-    return files
+def written_outputs(write_log: Path, output_dir: Path) -> list[str]:
+    """The files under OUT but :data:`NOT_OUTPUTS` that the step wrote (the paths its atomic writers
+    appended to ``write_log``), relative to OUT and sorted."""
+    try:
+        lines = write_log.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    root, names = output_dir.resolve(), set()
+    for line in lines:
+        path = Path(line)
+        if path.is_relative_to(root) and path.is_file():
+            name = path.relative_to(root)
+            if name.parts[0] not in NOT_OUTPUTS:
+                names.add(name.as_posix())
+    return sorted(names)
 
 
-def run_command(command: Sequence[str]) -> int:
-    """Run the step and return its status (128 + signal if killed).
+def run_command(command: Sequence[str], write_log: Path) -> int:
+    """Run the step, its atomic writers logging to ``write_log``; return its status (128 + signal if killed).
 
     SIGINT and SIGTERM received meanwhile are forwarded to the step (run_all.sh forwards them here),
     which stops cleanly; this process waits for it, so it never leaves the step running alone.
     """
     try:
-        process = subprocess.Popen(list(command))
+        process = subprocess.Popen(list(command), env={**os.environ, WRITE_LOG_ENV: str(write_log.resolve())})
     except OSError as err:
         raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
     forward = {signum: signal.signal(signum, lambda signum, _frame: process.send_signal(signum))
@@ -213,6 +216,8 @@ def run_step(args) -> int:
               "data_fingerprint": data_fingerprint(args.data_dir) if args.data_dir else None,
               "after": chain_digest(previous) if args.after else None}
     key = json_sha256(inputs)
+    if not args.after and output_dir.is_dir():  # the first step: no other step is writing yet
+        remove_leftover_temps(output_dir, recursive=True)
     record = read_record(path)
     reason = "FORCE=1" if args.force else stale_reason(record, inputs, key, output_dir)
     if reason is None:
@@ -221,16 +226,18 @@ def run_step(args) -> int:
     if record is not None:
         print(f"{label}: running again ({reason})", flush=True)
     path.unlink(missing_ok=True)  # a record exists only for a finished run
-    if output_dir.is_dir():
-        remove_leftover_temps(output_dir, recursive=True)
-    before = snapshot(output_dir)
-    start = time.perf_counter()
-    status = run_command(args.command)
-    if status != 0:
-        return status
-    seconds = time.perf_counter() - start
-    after = snapshot(output_dir)
-    outputs = {name: file_sha256(output_dir / name) for name in sorted(after) if before.get(name) != after[name]}
+    write_log = path.with_name(f".{path.stem}.writes")
+    write_log.parent.mkdir(parents=True, exist_ok=True)
+    write_log.write_text("")
+    try:
+        start = time.perf_counter()
+        status = run_command(args.command, write_log)
+        if status != 0:
+            return status
+        seconds = time.perf_counter() - start
+        outputs = {name: file_sha256(output_dir / name) for name in written_outputs(write_log, output_dir)}
+    finally:
+        write_log.unlink(missing_ok=True)
     write_json(path, {"step": args.step, "key": key, "inputs": inputs, "outputs": outputs,
                       "seconds": round(seconds, 3)})
     print(f"[{label} took {seconds:.1f} s]", flush=True)

@@ -45,8 +45,10 @@ class Stepper:
         self.out.mkdir()
 
     def command(self, text: str = "hello", status: int = 0, name: str = "result.txt") -> list[str]:
-        code = (f"import pathlib; open({str(self.counter)!r}, 'a').write('x'); "
-                f"pathlib.Path({str(self.out / name)!r}).write_text({text!r}); raise SystemExit({status})")
+        """A step that writes ``text`` to OUT/``name`` with the project's atomic writer."""
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
+                f"open({str(self.counter)!r}, 'a').write('x'); "
+                f"artifacts.write_text({str(self.out / name)!r}, {text!r}); raise SystemExit({status})")
         return [sys.executable, "-c", code]
 
     def run(self, step="6", after="5", data_dir=None, force=False, command=None) -> tuple[int, str]:
@@ -132,14 +134,40 @@ def test_a_failed_step_leaves_no_record_and_passes_its_status_on(stepper):
     assert stepper.run()[0] == 0 and stepper.runs == 3
 
 
-def test_leftovers_of_killed_atomic_writes_are_removed_before_a_run(stepper):
+def test_leftovers_of_killed_atomic_writes_are_removed_by_the_first_step(stepper):
     leftovers = [stepper.out / ".result.txt.abc123.tmp", stepper.out / ".run_state" / ".step6.json.xyz.tmp"]
     leftovers[1].parent.mkdir()
     for path in leftovers:
         path.write_text("partial")
     (stepper.out / ".keep").write_text("not a temporary file")
-    stepper.run()
+    stepper.run()  # step 6 (after 5): a step beside it may be writing, so it leaves them
+    assert all(path.exists() for path in leftovers)
+    stepper.run(step="5", after=None, command=stepper.command(name="five.txt"))
     assert not any(path.exists() for path in leftovers) and (stepper.out / ".keep").exists()
+    stepper.run(step="5", after=None, command=stepper.command(name="five.txt"))  # up to date: cleans too
+    assert not any(path.exists() for path in leftovers)
+
+
+def test_steps_side_by_side_record_only_their_own_writes(stepper, tmp_path):
+    """Steps 6 and 7 run together under run_all.sh: each record lists the files its step wrote, not
+    the files another step wrote meanwhile (nor files changed without the atomic writers)."""
+    started = tmp_path / "started"
+    seven = [sys.executable, "-c", (
+        f"import sys, time, pathlib; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
+        f"pathlib.Path({str(started)!r}).write_text(''); time.sleep(0.5); "
+        f"artifacts.write_text({str(stepper.out / 'seven.txt')!r}, 'seven')")]
+    beside = subprocess.Popen([sys.executable, str(ROOT / "run_state.py"), "run", "--output_dir", str(stepper.out),
+                               "--step", "7", "--after", "5", "--", *seven], cwd=ROOT, stdout=subprocess.DEVNULL)
+    while not started.exists():
+        time.sleep(0.01)
+    (stepper.out / "untracked.txt").write_text("written without the atomic writers")
+    slow = stepper.command()
+    slow[2] = slow[2].replace("raise SystemExit", "import time; time.sleep(1); raise SystemExit")
+    status, _ = stepper.run(command=slow)  # step 6, while step 7 writes seven.txt
+    assert beside.wait(timeout=60) == 0 and status == 0
+    assert list(stepper.record()["outputs"]) == ["result.txt"]
+    assert list(stepper.record("7")["outputs"]) == ["seven.txt"]
+    assert not list((stepper.out / ".run_state").glob(".*writes"))  # the write logs are gone
 
 
 def test_the_score_cache_is_not_a_step_output(stepper):
@@ -148,7 +176,8 @@ def test_the_score_cache_is_not_a_step_output(stepper):
 
     assert rm_data.SCORE_CACHE_DIR in run_state.NOT_OUTPUTS
     cache = stepper.out / rm_data.SCORE_CACHE_DIR / "scores_train_x.npy"
-    write_cache = f"import pathlib; p = pathlib.Path({str(cache)!r}); p.parent.mkdir(exist_ok=True); p.write_text('1')"
+    write_cache = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
+                   f"artifacts.write_text({str(cache)!r}, '1')")
     stepper.run(command=[sys.executable, "-c", f"{write_cache}; {stepper.command()[2]}"])
     assert cache.exists() and list(stepper.record()["outputs"]) == ["result.txt"]
 
