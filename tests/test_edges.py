@@ -1,6 +1,7 @@
 """Edges beyond bad input: undefined metrics, a backwards teacher, a corrupt score cache, Ctrl-C in a
-step, and run_all.sh started from another directory, waiting for a locked DATA_DIR and stopped by
-SIGTERM. (Bad input: test_bad_input_matrix.py; in-place data edits: test_run_state.py.)"""
+step, run_all.sh started from another directory, waiting for a locked DATA_DIR and stopped by
+SIGTERM, and steps 6 and 7 side by side. (Bad input: test_bad_input_matrix.py; in-place data edits:
+test_run_state.py.)"""
 
 from __future__ import annotations
 
@@ -188,3 +189,45 @@ def test_run_all_from_another_directory_waits_for_data_and_stops_on_sigterm(tmp_
     assert process.returncode == 0, err[-3000:]
     assert "demo data in" in out or "up to date" in out
     assert (caller / "out" / "validation_results.json").is_file()
+
+
+def processes_naming(fragment: str) -> list[str]:
+    """Command lines of running processes that contain ``fragment``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in text:
+            found.append(text)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
+def test_steps_6_and_7_run_side_by_side_and_stop_together(tmp_path):
+    """Step 7 runs beside step 6: SIGTERM reaches both (143, one line, no step left running); a
+    failed step 6 stops step 7 (only step 6's error is shown); step 7's output follows step 6's."""
+    out = tmp_path / "out"
+    env = {"OUTPUT_DIR": str(out), "DATA_DIR": str(tmp_path / "data")}
+    process = start_run_all(tmp_path, **env)
+    wait_for_line(process, "=== Step 6")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip() == "run_all.sh: stopped by SIGTERM during steps 6 and 7; run the same command again to resume"
+    assert processes_naming(str(out)) == []
+    assert not any((out / ".run_state").glob("step[67].json"))
+    # Step 6 cannot write its results: its one line, status 2, and step 7 is not reported.
+    (out / "eval_results_bt.json").mkdir()
+    process = start_run_all(tmp_path, **env)
+    stdout, err = process.communicate(timeout=600)
+    assert process.returncode == 2 and err.strip().startswith("error: cannot write ") \
+        and len(err.strip().splitlines()) == 1, err
+    assert "=== Step 7" not in stdout and processes_naming(str(out)) == []
+    (out / "eval_results_bt.json").rmdir()
+    process = start_run_all(tmp_path, **env, FORCE="1")  # step 7 may have finished before step 6 failed
+    stdout, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    step6, step7, step8 = (stdout.index(f"=== Step {n}") for n in (6, 7, 8))
+    assert step6 < stdout.index("step6: held-out") < step7 < stdout.index("step7: teacher isotonic") < step8

@@ -318,10 +318,10 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 def test_killed_runs_resume_to_the_uninterrupted_outputs(reference):
     root, ref = reference
     shutil.rmtree(root / "out", ignore_errors=True)
-    # Kill points: step 5 after its first member's checkpoint; step 6 as it starts; step 7 after the
-    # teacher's isotonic cross-validation (mid student training); step 8 after scoring (mid plots).
+    # Kill points: step 5 after its first member's checkpoint; steps 6 and 7 as they start; step 7
+    # when step 6 is done (it runs beside step 6, its output shown after); step 8 after scoring.
     landed = []
-    for trigger in ("step5: member 0:", "=== Step 6", "step7: teacher isotonic (", "step8: validated"):
+    for trigger in ("step5: member 0:", "=== Step 6", "=== Step 7", "step8: validated"):
         step, stdout = run_all_killed_at(root, trigger)
         for earlier in range(5, landed[-1] if landed else 5):
             assert f"[step {earlier} up to date]" in stdout  # finished steps are not redone
