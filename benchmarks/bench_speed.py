@@ -16,7 +16,8 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
 3. ``FORCE=1 bash run_all.sh`` on the default demo (data present), the best of ``--repeats`` runs,
    against its floor: 4 step processes x (start Python + import torch, measured here) + the FLOPs
    the run must do (:func:`pipeline_flops`, counted from its manifests) at the bare GEMM rate
-   measured here. Targets: <= 1.25x the floor and <= 10 s.
+   measured here (run_all.sh runs steps 6 and 7 side by side, so a run could beat this sum of
+   starts). Targets: <= 1.25x the floor and <= 10 s.
 4. The seed's "real embeddings" configuration on synthetic data of the same shape (5000 prompts x 10
    responses x 2048, N_SAMPLE=1000, ENSEMBLE_NUMBER=3), conversion included (each repeat converts
    afresh), against the same floor plus the converter's (start Python + a bare copy of its
