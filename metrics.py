@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 BEST_OF_N = (2, 5, 10, 30, 50, 100, 300, 500)
-# Elements per vectorised block (pairs x prompts, or draws x prompts x responses): ~32 MB of float64.
+# Elements per vectorised block (prompts x responses x responses booleans, or draws x prompts x
+# responses float64: ~32 MB).
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -95,16 +96,19 @@ def _pair_scores(pred_diff: np.ndarray, gold_diff: np.ndarray) -> tuple[float, i
 
 
 def same_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray) -> dict:
-    """Fraction of same-prompt response pairs with different golden rewards ordered correctly."""
+    """Fraction of same-prompt response pairs with different golden rewards ordered correctly
+    (a tied prediction counts 1/2), counted exactly on (R, R) comparison matrices per prompt."""
     pred, gold = _check(pred, gold)
     n_prompts, n_resp = pred.shape
-    first, second = np.triu_indices(n_resp, k=1)
-    chunk = max(1, _BLOCK_ELEMENTS // max(len(first), 1))
-    total, count = 0.0, 0
+    chunk = max(1, _BLOCK_ELEMENTS // (n_resp * n_resp))
+    correct = ties = count = 0
     for start in range(0, n_prompts, chunk):
         p, g = pred[start:start + chunk], gold[start:start + chunk]
-        s, c = _pair_scores(p[:, first] - p[:, second], g[:, first] - g[:, second])
-        total, count = total + s, count + c
+        gold_lower = g[:, :, None] < g[:, None, :]  # each pair with different golden rewards, once
+        correct += int(np.count_nonzero(gold_lower & (p[:, :, None] < p[:, None, :])))
+        ties += int(np.count_nonzero(gold_lower & (p[:, :, None] == p[:, None, :])))
+        count += int(np.count_nonzero(gold_lower))
+    total = correct + 0.5 * ties
     return _with_reason(accuracy=total / count if count else None,
                      reason=None if count else "no response pair of one prompt has different golden rewards",
                      n_pairs=count, n_prompts=n_prompts, n_responses=pred.size)
