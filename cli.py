@@ -133,6 +133,11 @@ def random_seed(text: str) -> int:
     return _integer(text, 0, MAX_SEED, "a non-negative integer seed")
 
 
+def finite_number(value: object) -> bool:
+    """Whether a value read from JSON is a number a float holds finitely (not a bool, nan, inf or 10**400)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite float (rejects nan, inf and numbers beyond float range such as 1e999)."""
     try:

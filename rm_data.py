@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from artifacts import file_sha256, sampled_blocks, write_npy, write_text
-from cli import InputError
+from cli import InputError, finite_number
 
 FILE_PATTERNS = {
     "train": ("EMBD-TRAIN-split_{k}.npy", "rewards_split_{k}.json"),
@@ -102,7 +101,7 @@ def read_rewards_jsonl(path: Path) -> np.ndarray:
         if not isinstance(record, dict) or "reward" not in record:
             raise InputError(f'{path} line {i + 1}: expected an object with key "reward"')
         value = record["reward"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             raise InputError(f"{path} line {i + 1}: reward must be a finite number, got {value!r}")
         rewards[i] = value
     return rewards

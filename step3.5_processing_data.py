@@ -16,11 +16,10 @@ depends on the inputs alone and replaces the file atomically, so a rerun leaves 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
     add_generation_args,
@@ -53,7 +52,7 @@ def check_scored(record: dict, path, line: int) -> int:
         raise InputError(f"{path} line {line}: expected keys query, responses and rewards (a step-3 file)")
     if len(responses) != len(rewards) or not rewards:
         raise InputError(f"{path} line {line}: {len(responses)} responses but {len(rewards)} rewards")
-    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards):
+    if not all(map(finite_number, rewards)):
         raise InputError(f"{path} line {line}: rewards must be finite numbers")
     return len(rewards)
 

@@ -24,13 +24,12 @@ more responses are removed. ``embedding_info_{train,test}.json`` records where t
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
 
 from artifacts import atomic_paths, write_json
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
     add_dtype_arg,
@@ -89,8 +88,7 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
                 or not isinstance(rewards, list) or len(responses) != len(rewards):
             raise InputError(f"{path} line {line}: expected query, responses_sorted and rewards_sorted "
                              "of equal length (a step 3.5 file)")
-        if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in rewards) \
-                or any(a > b for a, b in zip(rewards, rewards[1:])):
+        if not all(map(finite_number, rewards)) or any(a > b for a, b in zip(rewards, rewards[1:])):
             raise InputError(f"{path} line {line}: rewards_sorted must be finite and ascending "
                              "(rerun step3.5_processing_data.py)")
         check_rm_input_format(record, path, line, rm_input_format)

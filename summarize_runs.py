@@ -21,7 +21,6 @@ import glob
 import hashlib
 import io
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from artifacts import write_text
-from cli import ArgumentParser, InputError, run_cli
+from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
 from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, read_json
 
@@ -91,9 +90,7 @@ def find_runs(patterns: list[str]) -> list[Path]:
 
 def number(value) -> float | None:
     """A finite float, or None for a missing, null or non-finite value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    return float(value) if finite_number(value) else None
 
 
 def dig(obj, *keys):

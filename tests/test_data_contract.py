@@ -11,6 +11,7 @@ from conftest import ROOT, run_failing
 import rm_data
 import step5_train_rms as step5
 import step6_eval_rms as step6
+from cli import finite_number
 
 STEP5_ARGS = ["--n_sample", "100", "--ensemble_number", "1", "--training_epochs", "1"]
 
@@ -58,10 +59,18 @@ def test_non_finite_embedding(demo_copy, tmp_path, capsys):
     assert "EMBD-TRAIN-split_3.npy: non-finite embedding in row" in step5_error(demo_copy, tmp_path, capsys)
 
 
+def test_finite_number_is_a_json_number_a_float_holds():
+    accepted = [0, -3, 1.5, 1e308, 10**308]
+    refused = [True, False, None, "1", float("nan"), float("inf"), -float("inf"), 10**400, [1.0]]
+    assert [finite_number(v) for v in accepted + refused] == [True] * len(accepted) + [False] * len(refused)
+
+
 @pytest.mark.parametrize("line,expected", [
     ('{"score": 1.0}', 'expected an object with key "reward"'),
     ('{"reward": "high"}', "reward must be a finite number, got 'high'"),
     ('{"reward": NaN}', "reward must be a finite number"),
+    ('{"reward": true}', "reward must be a finite number, got True"),
+    ('{"reward": 1%s}' % ("0" * 400), "reward must be a finite number"),  # beyond float range
     ("not json", "not valid JSON"),
 ])
 def test_bad_reward_lines(demo_copy, tmp_path, capsys, line, expected):
