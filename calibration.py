@@ -33,6 +33,7 @@ import numpy as np
 from artifacts import atomic_path, write_json
 from cli import InputError
 from metrics import prediction_report
+from random_streams import int_seed, seed_sequence
 from rm_data import read_json
 
 # scikit-learn and joblib are imported where maps are fitted or saved (step 7 only): this module
@@ -191,11 +192,6 @@ def fit_isotonic(scores: np.ndarray, gold: np.ndarray, variant: str,
     return imap, estimator
 
 
-def fold_random_state(seed: int) -> int:
-    """A KFold ``random_state`` derived from the run seed (its own stream, independent of others)."""
-    return int(np.random.SeedSequence([seed, 0xCF01D]).generate_state(1)[0])
-
-
 def out_of_fold_predictions(scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int,
                             variant: str) -> tuple[np.ndarray, np.ndarray]:
     """Cross-validated calibration: each prompt is predicted by a map fitted on the other folds.
@@ -208,7 +204,7 @@ def out_of_fold_predictions(scores: np.ndarray, gold: np.ndarray, n_folds: int, 
     scores, gold = np.asarray(scores, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     oof = np.empty(scores.shape, dtype=np.float64)
     fold_of_prompt = np.empty(scores.shape[0], dtype=np.int64)
-    kfold = KFold(n_splits=n_folds, shuffle=True, random_state=fold_random_state(seed))
+    kfold = KFold(n_splits=n_folds, shuffle=True, random_state=int_seed(seed_sequence(seed, "cv_folds")))
     for fold, (fit_prompts, predict_prompts) in enumerate(kfold.split(scores)):
         imap, _ = fit_isotonic(scores[fit_prompts], gold[fit_prompts], variant)
         oof[predict_prompts] = imap.predict(scores[predict_prompts])

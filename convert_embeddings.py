@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from artifacts import SAMPLE_BLOCK, atomic_paths, remove_leftover_temps, sampled_blocks, write_json
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, ensure_writable_dir, read_json, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, ensure_writable_dir, read_json, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 
@@ -67,8 +67,6 @@ CONVERTER_VERSION = 1
 LAYOUTS = ("kn", "nk")
 LAYOUT_SHAPES = {"kn": "(K, N, D) embeddings and (K, N) rewards",
                  "nk": "(N, K, D) embeddings and (N, K, 1) rewards"}
-TASKS = ("helpful", "harmless")
-GOLDEN_REWARD_MODELS = {"helpful": "rmmistral7b", "harmless": "rayharmless"}
 # Input bytes per chunk of prompts: large enough for fast sequential I/O, small beside a laptop's RAM.
 CHUNK_BYTES = 96 << 20
 # Sampled content hash: 64 blocks of 64 KiB read 4 MiB of a 10 GB file.
@@ -120,7 +118,7 @@ def repo_file_names(layout: str, split: str, task: str, sft_obj: str, embed_mode
     if layout == "kn":
         dataset = f"hh-rlhf-{task}" + ("" if sft_obj == "none" else f"-{sft_obj}")
         return (f"EMBD_{dataset}_{embed_model}_{gen_model}_{split}.npy",
-                f"REWARD_{dataset}_{GOLDEN_REWARD_MODELS[task]}_{gen_model}_{split}.npy")
+                f"REWARD_{dataset}_{TASKS[task].golden_rm}_{gen_model}_{split}.npy")
     return (f"embd_{gen_model}_{embed_model}_{task}_{split}.npy",
             f"reward_{gen_model}_{embed_model}_{task}_{split}.npy")
 

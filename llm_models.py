@@ -43,6 +43,8 @@ import torch
 
 from artifacts import atomic_path
 from cli import InputError, non_negative_float, positive_int
+from random_streams import int_seed, seed_sequence
+from rm_data import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,6 @@ MODEL_IDS = {
     "rmmistral7b": "weqweasdas/RM-Mistral-7B",
     "rayharmless": "Ray2333/gpt2-large-harmless-reward_model",
 }
-# The paper's golden reward model per task.
-GOLDEN_RM_FOR_TASK = {"helpful": "rmmistral7b", "harmless": "rayharmless"}
-TASKS = ("helpful", "harmless")
 HH_RLHF_HUB_ID = "Anthropic/hh-rlhf"
 HUMAN_TURN = "\n\nHuman"
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -130,7 +129,7 @@ def default_golden_rm(dataset: str, eval_dataset: str | None) -> str:
     if task is None:
         raise InputError(f"--reward_model is required: neither --eval_dataset {eval_dataset!r} nor "
                          f"--dataset {dataset!r} names a task ({', '.join(TASKS)})")
-    return GOLDEN_RM_FOR_TASK[task]
+    return TASKS[task].golden_rm
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +342,7 @@ def check_rm_input_format(record: dict, path: str | Path, line: int, requested: 
 def prompt_seed(seed: int, prompt_id: int) -> int:
     """The sampling seed of one prompt, from the run seed and the prompt's id in its source, so a
     prompt's samples do not depend on which other prompts share its part, batch or run."""
-    return int(np.random.SeedSequence([seed, prompt_id]).generate_state(1)[0])
+    return int_seed(seed_sequence(seed, "sampling", prompt_id))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+import random_streams
 from artifacts import file_sha256, sampled_blocks, write_npy, write_text
 from cli import InputError, finite_number
 
@@ -45,6 +46,17 @@ EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the mod
 DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
 # Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
 DEFAULT_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of the paper (hh-rlhf helpful or harmless)."""
+
+    golden_rm: str  # the paper's golden reward model, which scored the task's responses
+    reward_scale: float  # s of step 5's annotator: golden helpful rewards spread ~6x wider than harmless ones
+
+
+TASKS = {"helpful": Task("rmmistral7b", 6.0), "harmless": Task("rayharmless", 1.0)}
 
 
 def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
@@ -353,7 +365,7 @@ def make_partition(n_prompts: int, n_sample: int, split_seed: int,
     if n_sample < 1 or n_sample + pool > n_prompts:
         raise InputError(f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
                          f"the {n_prompts} prompts of the data; lower one of them or use more prompts")
-    rng = np.random.default_rng(np.random.SeedSequence([split_seed, 0x5A17]))
+    rng = random_streams.rng(split_seed, "partition")
     order = rng.permutation(n_prompts)
     n_cal = int(round(pool * ROLE_SHARES["calibration"]))
     n_student = int(round(pool * ROLE_SHARES["student_train"]))

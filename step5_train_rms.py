@@ -29,10 +29,12 @@ from cli import (
     setup_logging,
 )
 from objectives import OBJECTIVES
+from random_streams import int_seed, seed_sequence
 from rm_data import (
     DEFAULT_SPLIT_SEED,
     MANIFEST_FILE,
     PARTITION_FILE,
+    TASKS,
     default_eval_prompts,
     embedding_record,
     ensure_writable_dir,
@@ -42,8 +44,6 @@ from rm_data import (
 )
 
 log = logging.getLogger("step5")
-# The paper's reward scales s: golden helpful rewards spread ~6x wider than harmless ones.
-TASK_REWARD_SCALE = {"helpful": 6.0, "harmless": 1.0}
 PAIR_MODES = ("xprompt", "same")
 RAISE_CANDIDATES = ("raise --consider_first_n (CONSIDER_FIRST_N) or use --replacement replacement_true "
                     "(REPLACEMENT=1)")
@@ -52,7 +52,7 @@ RAISE_CANDIDATES = ("raise --consider_first_n (CONSIDER_FIRST_N) or use --replac
 def parse_args(argv=None):
     parser = ArgumentParser(description="Train an ORM ensemble on simulated pairwise preferences.")
     parser.add_argument("--embed_model_name", default="gemma2b", help="embedding model (recorded in the manifest)")
-    parser.add_argument("--task", default="helpful", choices=sorted(TASK_REWARD_SCALE), help="task; sets s")
+    parser.add_argument("--task", default="helpful", choices=sorted(TASKS), help="task; sets s")
     parser.add_argument("--sft_obj", default="gpt4", help="SFT objective of the generator (recorded)")
     parser.add_argument("--gen_pref_model_name", default="gemma7b", help="generation model (recorded)")
     parser.add_argument("--data_dir", default="data", help="folder with EMBD-TRAIN-split_k.npy/rewards_split_k.json")
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     if args.consider_first_n == 0 or args.consider_first_n < -2:
         raise InputError(f"--consider_first_n must be > 0, -1 or -2, got {args.consider_first_n}")
     if args.reward_scale is None:
-        args.reward_scale = TASK_REWARD_SCALE[args.task]
+        args.reward_scale = TASKS[args.task].reward_scale
     return args
 
 
@@ -208,10 +208,10 @@ def main(argv=None) -> dict:
     data = load_embedding_set(args.data_dir, "train")
 
     # --- seeding: every random stream derives from --seed through its own SeedSequence ---
-    streams = np.random.SeedSequence(args.seed).spawn(2 + args.ensemble_number)
+    streams = seed_sequence(args.seed, "orm_training").spawn(2 + args.ensemble_number)
     pair_rng = np.random.default_rng(streams[0])
     label_rng = np.random.default_rng(streams[1])
-    member_seeds = [int(s.generate_state(1)[0]) for s in streams[2:]]
+    member_seeds = [int_seed(s) for s in streams[2:]]
 
     if args.eval_prompts is None:  # record the size used, so the manifest says what was evaluated
         args.eval_prompts = default_eval_prompts(data.n_prompts)

@@ -47,7 +47,8 @@ from cli import (
 )
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
-from rm_data import MANIFEST_FILE, SEED_FLAGS, EmbeddingSet, open_run, student_checkpoint_name
+from random_streams import int_seed, seed_sequence
+from rm_data import MANIFEST_FILE, SEED_FLAGS, TASKS, EmbeddingSet, open_run, student_checkpoint_name
 
 log = logging.getLogger("step7")
 CONFIG_FILE = "distillation_config.json"
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
     parser.add_argument("--teacher_ckpt", nargs="+", default=None,
                         help="teacher checkpoint(s), averaged (default: every member in the manifest)")
-    parser.add_argument("--task", default=None, choices=["helpful", "harmless"],
+    parser.add_argument("--task", default=None, choices=TASKS,
                         help="names the student checkpoint (default and check: the manifest's)")
     parser.add_argument("--rm_objective", default=None, choices=OBJECTIVES,
                         help="names the student checkpoint (default and check: the manifest's)")
@@ -160,9 +161,9 @@ def main(argv=None) -> dict:
                          f"the partition has {len(calibration_prompts)}")
 
     # --- seeding: each random stream derives from the seed through its own SeedSequence ---
-    split_stream, torch_stream = np.random.SeedSequence([seed, 0xD157]).spawn(2)
+    split_stream, torch_stream = seed_sequence(seed, "distillation").spawn(2)
     split_rng = np.random.default_rng(split_stream)
-    generator = torch.Generator().manual_seed(int(torch_stream.generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(int_seed(torch_stream))
 
     # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
     start = time.perf_counter()

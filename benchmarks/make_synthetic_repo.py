@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts import atomic_path, write_json, write_npy
 from cli import ArgumentParser, InputError, positive_int, run_cli
-from convert_embeddings import LAYOUTS, TASKS, repo_file_names
-from rm_data import ensure_writable_dir, read_json
+from convert_embeddings import LAYOUTS, repo_file_names
+from rm_data import TASKS, ensure_writable_dir, read_json
 
 CONFIG_FILE = "synthetic_repo.json"
 BLOCK_BYTES = 64 << 20
