@@ -114,6 +114,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def json_sha256(obj: object) -> str:
+    """Hex sha256 of ``obj`` as JSON with sorted keys: a key for a record or a set of ids."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def sampled_blocks(path: str | os.PathLike, n_blocks: int, block: int = SAMPLE_BLOCK) -> Iterator[bytes]:
     """``n_blocks`` evenly spaced ``block``-byte blocks of a file, first and last included: the sample
     a fingerprint hashes where hashing the whole file (10 GB of embeddings) would cost more than the

@@ -44,7 +44,6 @@ lists (a demo, say) is refused rather than overwritten.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -55,7 +54,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from artifacts import SAMPLE_BLOCK, atomic_paths, remove_leftover_temps, sampled_blocks, write_json
+from artifacts import (
+    SAMPLE_BLOCK,
+    atomic_paths,
+    file_sha256,
+    json_sha256,
+    remove_leftover_temps,
+    sampled_blocks,
+    write_json,
+)
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, ensure_writable_dir, read_json, write_rewards_jsonl
 
@@ -343,16 +350,15 @@ def conversion_record(plans: list[SetPlan], args) -> dict:
             "embd_file": embd.name, "embd_bytes": embd.stat().st_size, "embd_shape": list(plan.embd_shape),
             "embd_dtype": str(plan.dtype), "embd_sample_sha256": sampled_sha256(embd),
             "reward_file": reward.name, "reward_bytes": reward.stat().st_size,
-            "reward_sha256": hashlib.sha256(reward.read_bytes()).hexdigest(),
+            "reward_sha256": file_sha256(reward),
         }
     # Prompts kept rather than --max_prompts itself: a limit above N changes nothing.
     options = {"layout": {plan.kind: plan.layout for plan in plans},
                "n_prompts": {plan.kind: plan.n_prompts for plan in plans},
                "sort": not args.no_sort, "converter_version": CONVERTER_VERSION}
-    key = json.dumps({"sources": sources, "options": options}, sort_keys=True)
     sets = {plan.kind: {"n_prompts": plan.n_prompts, "n_responses": plan.n_responses, "dim": plan.dim,
                         "dtype": str(plan.dtype), "layout": plan.layout} for plan in plans}
-    return {"status": "complete", "fingerprint": hashlib.sha256(key.encode()).hexdigest(),
+    return {"status": "complete", "fingerprint": json_sha256({"sources": sources, "options": options}),
             "sources": sources, "options": options, "sets": sets}
 
 

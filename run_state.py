@@ -41,7 +41,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from artifacts import WRITE_LOG_ENV, file_sha256, remove_leftover_temps, write_json
+from artifacts import WRITE_LOG_ENV, file_sha256, json_sha256, remove_leftover_temps, write_json
 from cli import ArgumentParser, InputError, run_cli
 
 STATE_DIR = ".run_state"
@@ -73,10 +73,6 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Hashes
 # --------------------------------------------------------------------------------------------
-def json_sha256(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def data_file_stats(data_dir: str | os.PathLike) -> dict[str, list[int]]:
     """[size, mtime_ns, inode] of each embedding and reward file (train and test) in ``data_dir``."""
     stats = {}

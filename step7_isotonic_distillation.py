@@ -14,15 +14,13 @@ distillation" and "Who sees which prompts").
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
 
 import numpy as np
 
-from artifacts import write_json
+from artifacts import json_sha256, write_json
 from calibration import (
     DEFAULT_VARIANT,
     LEGACY_MAP_FILE,
@@ -109,7 +107,7 @@ def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> di
     """Which prompts a fit used: the partition role, the count and a hash of the sorted ids."""
     ids = np.sort(np.asarray(prompt_ids, dtype=np.int64))
     return {"role": role, "n_prompts": int(len(ids)), "n_responses": int(n_responses),
-            "prompt_ids_sha256": hashlib.sha256(json.dumps(ids.tolist()).encode()).hexdigest()}
+            "prompt_ids_sha256": json_sha256(ids.tolist())}
 
 
 def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMap) -> dict:

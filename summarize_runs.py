@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 from collections import defaultdict
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import write_text
+from artifacts import json_sha256, write_text
 from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
 from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, read_json
@@ -145,7 +144,7 @@ def load_run(path: Path) -> Run:
     held_out = split.get("held_out")
     if not isinstance(held_out, list):
         raise InputError(f"{path / PARTITION_FILE}: no held_out prompt list")
-    held_out_key = hashlib.sha256(json.dumps([data_fingerprint, sorted(held_out)]).encode()).hexdigest()
+    held_out_key = json_sha256([data_fingerprint, sorted(held_out)])
     evaluation = optional_json(path / f"eval_results_{config['rm_objective']}.json")
     validation = optional_json(path / "validation_results.json")
     metrics, bon_n = {}, {}
