@@ -22,7 +22,6 @@ from cli import InputError
 if TYPE_CHECKING:
     import numpy as np
 
-HASH_CHUNK = 1 << 20
 SAMPLE_BLOCK = 1 << 16
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -62,11 +61,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
-    """:func:`atomic_path` for several files that belong together (a JSON result and its plots).
-
-    Yields one temporary path per file; all are renamed into place only if the block succeeds, so a
-    failure while computing or writing any of them leaves none.
-    """
+    """:func:`atomic_path` for files that belong together (a JSON result and its plots): all are
+    renamed into place only if the block succeeds, so a failure while writing any of them leaves none."""
     with ExitStack() as stack:
         yield [stack.enter_context(atomic_path(path)) for path in paths]
 
@@ -106,12 +102,9 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def json_sha256(obj: object) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-import random_streams
+from random_streams import seed_sequence
 
 BEST_OF_N = (2, 5, 10, 30, 50, 100, 300, 500)
 # Elements per vectorised block (prompts x responses x responses booleans, or draws x prompts x
@@ -124,7 +124,7 @@ def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: 
     if n_prompts < 2:
         return {"accuracy": None, "reason": "needs at least 2 prompts", "n_pairs": 0, "n_prompts": n_prompts,
                 "n_responses": pred.size}
-    rng = random_streams.rng(seed, "cross_prompt_pairs")
+    rng = np.random.default_rng(seed_sequence(seed, "cross_prompt_pairs"))
     prompt_a = rng.integers(n_prompts, size=n_pairs)
     prompt_b = (prompt_a + rng.integers(1, n_prompts, size=n_pairs)) % n_prompts  # never == a
     resp_a, resp_b = rng.integers(n_resp, size=n_pairs), rng.integers(n_resp, size=n_pairs)
@@ -160,7 +160,7 @@ def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: 
     preds["oracle"] = gold
     ns = [n for n in ns if n <= n_resp]
     quantile = (rankdata(gold) - 1) / max(n_resp - 1, 1)
-    rng = random_streams.rng(seed, "best_of_n")
+    rng = np.random.default_rng(seed_sequence(seed, "best_of_n"))
     names = [*preds, "random"]
     picked_gold = {name: np.empty((len(ns), n_prompts)) for name in names}
     picked_quantile = {name: np.empty((len(ns), n_prompts)) for name in names}

@@ -1,8 +1,6 @@
-"""ORM training objectives (README, "Step 5"): adding one is one entry in :data:`OBJECTIVES`.
-
-Its name is the ``--rm_objective`` choice and the objective's piece of every checkpoint and result
-file name. This module loads without torch, so steps parse their flags before importing it; the
-losses import torch when called.
+"""ORM training objectives (README, "Step 5"): adding one is one entry in :data:`OBJECTIVES`, whose
+name is the ``--rm_objective`` choice and the objective's piece of checkpoint and result file names.
+Loaded without torch, so steps parse flags before importing it; the losses import torch when called.
 """
 
 from __future__ import annotations

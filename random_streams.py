@@ -25,11 +25,6 @@ def seed_sequence(seed: int, name: str, *ids: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, *STREAMS[name], *ids])
 
 
-def rng(seed: int, name: str) -> np.random.Generator:
-    """A numpy Generator drawing stream ``name`` of ``seed``."""
-    return np.random.default_rng(seed_sequence(seed, name))
-
-
 def int_seed(sequence: np.random.SeedSequence) -> int:
     """One 32-bit integer from ``sequence``, for seeds taken as integers (torch, scikit-learn, samplers)."""
     return int(sequence.generate_state(1)[0])

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-import random_streams
 from artifacts import file_sha256, sampled_blocks, write_npy, write_text
 from cli import InputError, finite_number
+from random_streams import seed_sequence
 
 FILE_PATTERNS = {
     "train": ("EMBD-TRAIN-split_{k}.npy", "rewards_split_{k}.json"),
@@ -365,7 +365,7 @@ def make_partition(n_prompts: int, n_sample: int, split_seed: int,
     if n_sample < 1 or n_sample + pool > n_prompts:
         raise InputError(f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
                          f"the {n_prompts} prompts of the data; lower one of them or use more prompts")
-    rng = random_streams.rng(split_seed, "partition")
+    rng = np.random.default_rng(seed_sequence(split_seed, "partition"))
     order = rng.permutation(n_prompts)
     n_cal = int(round(pool * ROLE_SHARES["calibration"]))
     n_student = int(round(pool * ROLE_SHARES["student_train"]))
