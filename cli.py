@@ -17,6 +17,9 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+# ORM early-stopping schemes (README, "Early stopping and ensemble options"); the first is step 5's
+# default. Here, not in networks.py, so steps parse flags before importing torch.
+EARLY_STOPPING = ("member", "pooled", "none")
 # Sizes (counts, dimensions) above this are refused: no array here can hold 2**31 rows, and
 # run_all.sh's bash arithmetic stays far from overflow.
 MAX_SIZE = 2**31 - 1

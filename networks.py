@@ -75,69 +75,138 @@ class TrainConfig:
     learning_rate: float = 1e-3
     batch_size: int = 256
     patience: int = 3  # epochs without validation improvement before stopping
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; 0 is plain Adam
+    stop_metric: str = "loss"  # early stopping on the validation "loss", or "accuracy" (ties: lower loss)
 
 
 @dataclass
 class FitResult:
-    """What an early-stopped fit reports; the fields after ``history`` are set by one trainer each."""
+    """What a fit reports; the fields after ``history`` are set by one trainer each."""
 
-    best_epoch: int
+    best_epoch: int  # the epoch whose weights were kept (the last one without early stopping)
     epochs_run: int
-    best_val_loss: float  # of the returned weights (a student's: MSE on the targets' scale)
+    best_val_loss: float | None  # of the returned weights (a student's: MSE on the targets' scale); None: no validation
     samples_per_second: float
-    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss
+    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss (or None)
     val_pair_accuracy: float | None = None  # ORM: validation pairs with r_w > r_l, ties 1/2
     train_mse: float | None = None  # student: on the targets' scale, of the returned weights
     target_mean: float | None = None  # student: the training targets' mean and std (standardisation)
     target_std: float | None = None
 
 
-def _score_pairs(model: MLP, features: torch.Tensor, winners: torch.Tensor,
+def _score_pairs(model: MLP, inputs: Callable[[torch.Tensor], torch.Tensor], winners: torch.Tensor,
                  losers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of both sides of the pairs in one forward pass."""
-    scores = model(features[torch.cat([winners, losers])])
+    """Scores of both sides of the pairs in one forward pass; inputs(rows) gives the rows' features."""
+    scores = model(inputs(torch.cat([winners, losers])))
     return scores[: len(winners)], scores[len(winners):]
+
+
+def _rows_of(features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return features.__getitem__
+
+
+@dataclass
+class FitTask:
+    """One model for :func:`fit_models`: its mini-batch loss, validation loss and random stream."""
+    model: MLP
+    n_items: int
+    batch_loss: Callable[[torch.Tensor], torch.Tensor]  # (B,) int64 indices into range(n_items) -> loss
+    val_loss: Callable[[], float] | None  # loss of the current weights on validation data; None: none held out
+    generator: torch.Generator  # shuffling
+    val_weight: float = 1.0  # weight of its validation loss in the pooled loss (its number of validation items)
+    constant_loss: float = 0.0  # a constant predictor's loss (log 2 for pairs, ~1 for standardised targets)
+    val_accuracy: Callable[[], float] | None = None  # for stop_metric "accuracy"
+
+
+class OrmTask:
+    """One ORM member's training set-up (model, losses, optional input standardisation) for :func:`fit_models`.
+
+    features: (R, D) float32 rows referenced by the index arrays
+    winners, losers: (P,) int64 row indices of the training pairs (winner preferred); repeats allowed
+    val_winners, val_losers: (V,) int64 row indices of the validation pairs (V may be 0)
+    objective: a name in :data:`objectives.OBJECTIVES` (pairwise: one sample per pair; pointwise: the
+        pairs' responses shuffled as independent samples, winner 1, loser 0)
+    generator: seeds initialisation and shuffling
+    standardize: train on inputs standardised with the mean and std of the training pairs' responses;
+        :meth:`finish` folds the standardisation into the first layer, so the model takes raw embeddings
+    """
+
+    def __init__(self, features: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+                 val_winners: torch.Tensor, val_losers: torch.Tensor, objective: str,
+                 generator: torch.Generator, standardize: bool = False):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
+        loss = OBJECTIVES[objective].loss
+        self.objective, self.val_winners, self.val_losers = objective, val_winners, val_losers
+        self.features, self.shift, self.scale = features, None, None
+        inputs = _rows_of(features)
+        if standardize:
+            train_rows = features[torch.unique(torch.cat([winners, losers]))].double()
+            std = train_rows.std(dim=0, correction=0) if len(train_rows) > 1 else torch.zeros(features.shape[1])
+            self.shift = train_rows.mean(dim=0).float()
+            self.scale = torch.where(std > 0, std, 1.0).float()
+
+            def inputs(rows: torch.Tensor) -> torch.Tensor:
+                return (features[rows] - self.shift) / self.scale
+        self.inputs = inputs
+        model = MLP(features.shape[1], generator=generator)
+        if OBJECTIVES[objective].pointwise:
+            sample_rows = torch.cat([winners, losers])
+            sample_labels = torch.cat([torch.ones(len(winners)), torch.zeros(len(losers))])
+
+            def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+                return loss(model(inputs(sample_rows[batch])), sample_labels[batch])
+            n_items = len(sample_rows)
+        else:
+            def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+                return loss(*_score_pairs(model, inputs, winners[batch], losers[batch]))
+            n_items = len(winners)
+
+        def val_loss() -> float:
+            return evaluate_pairs(model, objective, inputs, val_winners, val_losers)[0]
+
+        def val_accuracy() -> float:
+            return evaluate_pairs(model, objective, inputs, val_winners, val_losers)[1]
+
+        has_val = len(val_winners) > 0
+        self.task = FitTask(model, n_items, batch_loss, val_loss if has_val else None, generator,
+                            float(len(val_winners)), math.log(2), val_accuracy if has_val else None)
+
+    def finish(self, fit: FitResult) -> tuple[MLP, FitResult]:
+        """The trained model taking raw embeddings (standardisation folded in) and its summary."""
+        model = self.task.model
+        if self.scale is not None:
+            with torch.no_grad():  # W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)
+                model.fc1.weight.div_(self.scale)
+                model.fc1.bias.sub_(model.fc1.weight @ self.shift)
+        val_accuracy = None
+        if len(self.val_winners):
+            val_accuracy = evaluate_pairs(model, self.objective, _rows_of(self.features), self.val_winners,
+                                          self.val_losers)[1]
+        return model.eval(), dataclasses.replace(fit, val_pair_accuracy=val_accuracy)
 
 
 def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
               val_winners: torch.Tensor, val_losers: torch.Tensor, objective: str,
-              config: TrainConfig, generator: torch.Generator) -> tuple[MLP, FitResult]:
-    """Train one ORM on preference pairs; early stopping on validation pairs, best weights restored.
+              config: TrainConfig, generator: torch.Generator, standardize: bool = False,
+              early_stopping: bool = True) -> tuple[MLP, FitResult]:
+    """Train one ORM on preference pairs (see :class:`OrmTask`); early stopping on the validation
+    pairs with the best weights restored, or ``config.epochs`` epochs when ``early_stopping`` is False."""
+    setup = OrmTask(features, winners, losers, val_winners, val_losers, objective, generator, standardize)
+    return setup.finish(fit_models([setup.task], config, early_stopping)[0])
 
-    features: (R, D) float32 rows referenced by the index arrays
-    winners, losers: (P,) int64 row indices of the training pairs (winner preferred)
-    val_winners, val_losers: (V,) int64 row indices of the validation pairs
-    objective: a name in :data:`objectives.OBJECTIVES` (pairwise: one sample per pair; pointwise: the
-        pairs' responses shuffled as independent samples, winner 1, loser 0)
-    generator: seeds initialisation and shuffling
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
-    loss = OBJECTIVES[objective].loss
-    model = MLP(features.shape[1], generator=generator)
-    if OBJECTIVES[objective].pointwise:
-        sample_rows = torch.cat([winners, losers])
-        sample_labels = torch.cat([torch.ones(len(winners)), torch.zeros(len(losers))])
 
-        def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-            return loss(model(features[sample_rows[batch]]), sample_labels[batch])
-        n_items = len(sample_rows)
-    else:
-        def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-            return loss(*_score_pairs(model, features, winners[batch], losers[batch]))
-        n_items = len(winners)
-
-    def val_loss() -> float:
-        return evaluate_pairs(model, objective, features, val_winners, val_losers)[0]
-
-    fit = fit_with_early_stopping(model, n_items, batch_loss, val_loss, config, generator, math.log(2))
-    _, val_accuracy = evaluate_pairs(model, objective, features, val_winners, val_losers)
-    return model, dataclasses.replace(fit, val_pair_accuracy=val_accuracy)
+def train_orms_pooled(setups: Sequence[OrmTask], config: TrainConfig) -> list[tuple[MLP, FitResult]]:
+    """Train ORMs side by side and stop them all at one epoch, the one with the lowest validation loss
+    pooled over every member's validation pairs (README, "Early stopping")."""
+    fits = fit_models([setup.task for setup in setups], config, early_stopping=True)
+    return [setup.finish(fit) for setup, fit in zip(setups, fits)]
 
 
 class FusedAdam:
-    """Adam (no weight decay) through PyTorch's fused kernel: the update ``torch.optim.Adam(fused=True)``
-    makes, bit for bit (tests/test_networks.py checks the weights after many steps).
+    """Adam through PyTorch's fused kernel: the update ``torch.optim.Adam(fused=True)`` makes, bit for
+    bit, or with ``weight_decay > 0`` that of ``torch.optim.AdamW(fused=True, weight_decay=...)``
+    (decoupled weight decay; tests/test_networks.py checks the weights after many steps).
 
     Constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` (~2.3 s of CPU in every step
     process that trains); calling the kernel itself does not. The fused kernel updates all parameters
@@ -145,9 +214,9 @@ class FusedAdam:
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, weight_decay: float = 0.0):
         self.params = list(params)
-        self.lr, self.betas, self.eps = lr, betas, eps
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in self.params]  # torch's fused step dtype
@@ -164,10 +233,11 @@ class FusedAdam:
             return
         steps = [self.steps[i] for i in active]
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_([self.params[i] for i in active], [self.params[i].grad for i in active],
-                           [self.exp_avgs[i] for i in active], [self.exp_avg_sqs[i] for i in active], [], steps,
-                           amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0,
-                           eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
+        kernel = torch._fused_adamw_ if self.weight_decay else torch._fused_adam_
+        kernel([self.params[i] for i in active], [self.params[i].grad for i in active],
+               [self.exp_avgs[i] for i in active], [self.exp_avg_sqs[i] for i in active], [], steps,
+               amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
+               eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
 
 # Training has diverged when its best validation loss stays above this multiple of the larger of
@@ -184,70 +254,133 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite, or the validation loss never fell below the untrained model's.
 
     Callers turn it into an InputError naming their learning-rate flag: nothing is saved.
+    ``index`` is the position of the model that diverged among those trained together (-1: their
+    pooled validation loss).
     """
+
+    def __init__(self, message: str, index: int = 0):
+        super().__init__(message)
+        self.index = index
 
 
 def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
                             val_loss: Callable[[], float], config: TrainConfig,
                             generator: torch.Generator, constant_loss: float = 0.0) -> FitResult:
-    """Adam over true epochs of shuffled mini-batches; stop after ``config.patience`` epochs without a
-    lower validation loss and restore the best weights (the model is left in eval mode).
+    """:func:`fit_models` of one model with early stopping on ``val_loss``."""
+    task = FitTask(model, n_items, batch_loss, val_loss, generator, 1.0, constant_loss)
+    return fit_models([task], config, early_stopping=True)[0]
 
-    batch_loss(indices): the loss of a mini-batch, given (B,) int64 indices into range(n_items)
-    val_loss(): the validation loss of the current weights
-    constant_loss: the loss of a constant predictor (log 2 for pairs, ~1 for standardised targets)
-    Raises :class:`TrainingDiverged` if a training or validation loss is not finite, or if no epoch
-    comes near the larger of the untrained model's validation loss and ``constant_loss``
-    (:data:`DIVERGED_LOSS_RATIO`): too high a learning rate, typically.
+
+def _pooled(tasks: Sequence[FitTask], values: Sequence[float]) -> float:
+    """The tasks' values weighted by their ``val_weight`` (one task: its value, unchanged)."""
+    if len(tasks) == 1:
+        return values[0]
+    return sum(task.val_weight * value for task, value in zip(tasks, values)) / sum(task.val_weight for task in tasks)
+
+
+def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bool = True) -> list[FitResult]:
+    """Adam over true epochs of shuffled mini-batches, the models side by side (each its own optimizer
+    and random stream, so a model's updates do not depend on the others).
+
+    early_stopping: stop after ``config.patience`` epochs without a lower validation loss (or, with
+        ``config.stop_metric`` "accuracy", a higher validation accuracy, ties broken by the loss) and
+        restore every model's weights of the best epoch; with several models the loss and accuracy
+        are their validation values' mean weighted by ``val_weight`` (one stopping epoch for all). False: train
+        ``config.epochs`` epochs and keep the last weights; models need no validation data.
+    Models are left in eval mode. Raises :class:`TrainingDiverged` if a training or validation loss
+    is not finite, or if the lowest (pooled) validation loss of any epoch, or without early stopping a
+    model's last validation loss (training loss without validation data), is above
+    :data:`DIVERGED_LOSS_RATIO` times the larger of the untrained models' (pooled) validation loss and
+    ``constant_loss``: too high a learning rate, typically.
     """
-    optimizer = FusedAdam(model.parameters(), lr=config.learning_rate)
-    untrained_loss = val_loss()
-    best_loss, best_epoch, best_state, epochs_run = math.inf, 0, None, 0
-    samples, train_seconds, history = 0, 0.0, []
+    if early_stopping and any(task.val_loss is None for task in tasks):
+        raise ValueError("early stopping needs validation data for every model")
+    optimizers = [FusedAdam(task.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+                  for task in tasks]
+    untrained = [task.val_loss() if task.val_loss is not None else -math.inf for task in tasks]
+    histories: list[list[dict]] = [[] for _ in tasks]
+    by_accuracy = config.stop_metric == "accuracy"
+    if by_accuracy and any(task.val_accuracy is None for task in tasks):
+        raise ValueError("stop_metric 'accuracy' needs val_accuracy for every model")
+    best_key, lowest_loss, best_epoch, best_states, epochs_run = (math.inf,), math.inf, 0, None, 0
+    samples, train_seconds = [0] * len(tasks), [0.0] * len(tasks)
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(n_items, generator=generator)
-        start_time = time.perf_counter()
-        loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
-        for start in range(0, n_items, config.batch_size):
-            loss = batch_loss(order[start:start + config.batch_size])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-        train_seconds += time.perf_counter() - start_time
-        samples += n_items
         epochs_run = epoch
-        if not torch.isfinite(loss_sum):
-            raise TrainingDiverged(f"non-finite training loss in epoch {epoch}")
-        loss = val_loss()
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}")
-        train_loss = float(loss_sum) / math.ceil(n_items / config.batch_size)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
-        log.debug("epoch %d: train loss %.4f, val loss %.4f", epoch, train_loss, loss)
-        if loss < best_loss:
-            best_loss, best_epoch = loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
+        losses = []
+        for i, (task, optimizer) in enumerate(zip(tasks, optimizers)):
+            task.model.train()
+            order = torch.randperm(task.n_items, generator=task.generator)
+            start_time = time.perf_counter()
+            loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
+            for start in range(0, task.n_items, config.batch_size):
+                loss = task.batch_loss(order[start:start + config.batch_size])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+            train_seconds[i] += time.perf_counter() - start_time
+            samples[i] += task.n_items
+            if not torch.isfinite(loss_sum):
+                raise TrainingDiverged(f"non-finite training loss in epoch {epoch}", i)
+            loss = task.val_loss() if task.val_loss is not None else None
+            if loss is not None and not math.isfinite(loss):
+                raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}", i)
+            train_loss = float(loss_sum) / math.ceil(task.n_items / config.batch_size)
+            histories[i].append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
+            if by_accuracy:
+                histories[i][-1]["val_accuracy"] = task.val_accuracy()
+            log.debug("epoch %d: train loss %.4f, val loss %s", epoch, train_loss,
+                      "n/a" if loss is None else f"{loss:.4f}")
+            losses.append(loss)
+        if not early_stopping:
+            continue
+        pooled = _pooled(tasks, losses)
+        lowest_loss = min(lowest_loss, pooled)
+        # "accuracy": the highest (pooled) validation accuracy, ties broken by the lower loss
+        key = (-_pooled(tasks, [h[-1]["val_accuracy"] for h in histories]), pooled) if by_accuracy else (pooled,)
+        if key < best_key:
+            best_key, best_epoch = key, epoch
+            best_states = [copy.deepcopy(task.model.state_dict()) for task in tasks]
         elif epoch - best_epoch >= config.patience:
-            log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_loss)
+            log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_key[-1])
             break
-    reference = max(untrained_loss, constant_loss)
-    if best_loss > DIVERGED_LOSS_RATIO * reference:
-        whose = "the untrained model's" if reference == untrained_loss else "a constant predictor's"
-        raise TrainingDiverged(f"best validation loss {best_loss:.4g} in {epochs_run} epoch(s), more than "
-                               f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}")
-    model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(best_epoch, epochs_run, float(best_loss), samples / max(train_seconds, 1e-9), history)
+    def check(loss: float, untrained_loss: float, constant_loss: float, what: str, index: int) -> None:
+        reference = max(untrained_loss, constant_loss)
+        if loss > DIVERGED_LOSS_RATIO * reference:
+            whose = "the untrained model's" if reference == untrained_loss else "a constant predictor's"
+            raise TrainingDiverged(f"{what} {loss:.4g} in {epochs_run} epoch(s), more than "
+                                   f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}", index)
+
+    if early_stopping:  # on the loss the epoch was chosen on: a tiny slice of one model alone is too noisy
+        check(lowest_loss, _pooled(tasks, untrained), max(task.constant_loss for task in tasks),
+              "best validation loss" if len(tasks) == 1 else "best pooled validation loss", -1 if len(tasks) > 1 else 0)
+    else:
+        best_epoch = epochs_run
+    fits = []
+    for i, task in enumerate(tasks):
+        record = histories[i][best_epoch - 1]
+        if not early_stopping:
+            monitored = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
+            check(monitored, untrained[i], task.constant_loss,
+                  "validation loss" if record["val_loss"] is not None else "training loss", i)
+        if best_states is not None:
+            task.model.load_state_dict(best_states[i])
+        task.model.eval()
+        fits.append(FitResult(best_epoch, epochs_run, record["val_loss"],
+                               samples[i] / max(train_seconds[i], 1e-9), histories[i]))
+    return fits
 
 
 @torch.inference_mode()
-def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor, winners: torch.Tensor,
-                   losers: torch.Tensor) -> tuple[float, float]:
-    """(objective loss, fraction of pairs with r_w > r_l, ties counted 1/2) on the given pairs."""
+def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                   winners: torch.Tensor, losers: torch.Tensor) -> tuple[float, float]:
+    """(objective loss, fraction of pairs with r_w > r_l, ties counted 1/2) on the given pairs.
+
+    features: (R, D) rows, or a function of row indices giving their (standardised) features
+    """
     model.eval()
-    winner_scores, loser_scores = _score_pairs(model, features, winners, losers)
+    inputs = features if callable(features) else _rows_of(features)
+    winner_scores, loser_scores = _score_pairs(model, inputs, winners, losers)
     loss = float(OBJECTIVES[objective].pair_loss(winner_scores, loser_scores))
     margin = winner_scores - loser_scores
     accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())

@@ -123,26 +123,35 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
     save_figure(fig, path)
 
 
-def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, title: str) -> None:
-    """Training and validation loss per epoch, one line per model (the best epoch marked).
+def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, title: str,
+                         kept_epochs: Mapping[str, int] | None = None) -> None:
+    """Training and validation loss per epoch, one line per model, the epoch whose weights were kept
+    marked (``kept_epochs``; default: the lowest validation loss).
 
-    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"}`` (networks.FitResult).
+    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"}`` (networks.FitResult);
+    a ``val_loss`` of None (no validation data) is not drawn.
     """
     fig, axes = _pyplot().subplots(1, 2, figsize=(10.4, 4), squeeze=False)
     for name, history in curves.items():
         if not history:
             continue
         epochs = [record["epoch"] for record in history]
-        val = [record["val_loss"] for record in history]
         (line,) = axes[0, 0].plot(epochs, [record["train_loss"] for record in history], marker="o", markersize=3,
                                   label=name)
-        axes[0, 1].plot(epochs, val, marker="o", markersize=3, color=line.get_color(), label=name)
-        best = min(range(len(val)), key=val.__getitem__)
-        axes[0, 1].plot(epochs[best], val[best], marker="*", markersize=10, color=line.get_color())
-    for ax, what in zip(axes[0], ("training loss (mean over mini-batches)", "validation loss (* best epoch)")):
+        points = [(record["epoch"], record["val_loss"]) for record in history if record["val_loss"] is not None]
+        if not points:
+            continue
+        axes[0, 1].plot(*zip(*points), marker="o", markersize=3, color=line.get_color(), label=name)
+        kept = (kept_epochs or {}).get(name)
+        best = next((p for p in points if p[0] == kept), None) or min(points, key=lambda p: p[1])
+        axes[0, 1].plot(*best, marker="*", markersize=10, color=line.get_color())
+    for ax, what in zip(axes[0], ("training loss (mean over mini-batches)", "validation loss (* kept epoch)")):
         ax.set_xlabel("epoch")
         ax.set_title(what)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no validation data", transform=ax.transAxes, ha="center", va="center")
     fig.suptitle(title)
     save_figure(fig, path)

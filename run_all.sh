@@ -48,11 +48,17 @@ ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-10}"
 TRAINING_EPOCHS="${TRAINING_EPOCHS:-2}"
 DISTILL_EPOCHS="${DISTILL_EPOCHS:-20}"
 LEARNING_RATE="${LEARNING_RATE:-0.001}"
+EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
+MIN_VAL_PAIRS="${MIN_VAL_PAIRS:-0}"             # fewer validation pairs: no early stopping
+WEIGHT_DECAY="${WEIGHT_DECAY:-0}"               # decoupled (AdamW) weight decay of the ORMs
+BAGGING="${BAGGING:-0}"                         # 1: members train on bootstrap resamples of the pairs
+STANDARDIZE="${STANDARDIZE:-0}"                 # 1: standardise ORM inputs (folded into the checkpoints)
 ANNOTATION_QUALITY="${ANNOTATION_QUALITY:-10}"
 SEED="${SEED:-6}"
 OUTPUT_DIR="${OUTPUT_DIR:-distill_out}"
 FORCE="${FORCE:-0}"                              # 1: rerun steps 5-8 even if up to date
 DATA_ONLY="${DATA_ONLY:-0}"                      # 1: prepare DATA_DIR (demo or conversion), then stop
+LAST_STEP="${LAST_STEP:-8}"                      # 5, 6, 7 or 8: stop after this CPU step
 REPO_GEN_MODEL="${REPO_GEN_MODEL:-$GEN_PREF_MODEL}"   # generator named in published file names
 DATA_DIR="${DATA_DIR:-}"  # default below: demo data in data/, other sources in a folder per setup
 MAX_PROMPTS="${MAX_PROMPTS:-}"
@@ -125,6 +131,7 @@ need_flag RUN_GPU_STEPS
 need_flag USE_REPO_EMBD
 need_flag FORCE
 need_flag DATA_ONLY
+[[ "$LAST_STEP" =~ ^[5-8]$ ]] || die "LAST_STEP must be 5, 6, 7 or 8, got '$LAST_STEP'"
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
 [[ "$RM_OBJECTIVE" == bt || "$RM_OBJECTIVE" == clf ]] || die "RM_OBJECTIVE must be bt or clf, got '$RM_OBJECTIVE'"
 for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
@@ -142,6 +149,13 @@ is_int "$CONSIDER_FIRST_N" && (( CONSIDER_FIRST_N > 0 || CONSIDER_FIRST_N == -1 
     || die "CONSIDER_FIRST_N must be a positive integer, -1 or -2, got '$CONSIDER_FIRST_N'"
 need_number ANNOTATION_QUALITY
 need_number LEARNING_RATE positive
+[[ "$EARLY_STOPPING" =~ ^(member|pooled|none)$ ]] || die "EARLY_STOPPING must be member, pooled or none, got '$EARLY_STOPPING'"
+[[ "$MIN_VAL_PAIRS" =~ ^[0-9]{1,10}$ ]] && (( 10#$MIN_VAL_PAIRS <= MAX_SIZE )) \
+    || die "MIN_VAL_PAIRS must be an integer in 0..$MAX_SIZE, got '$MIN_VAL_PAIRS'"
+need_number WEIGHT_DECAY
+[[ ! "$WEIGHT_DECAY" =~ ^- ]] || die "WEIGHT_DECAY must be a number >= 0, got '$WEIGHT_DECAY'"
+need_flag BAGGING
+need_flag STANDARDIZE
 [[ -z "$MAX_PROMPTS" ]] || is_pos_int "$MAX_PROMPTS" || die "MAX_PROMPTS must be empty or a positive integer, got '$MAX_PROMPTS'"
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN TP_SIZE; do need_pos_int "$var"; done
@@ -291,32 +305,47 @@ resumable run_child 5 "" "$PYTHON" step5_train_rms.py \
     --replacement "$([[ "$REPLACEMENT" == 1 ]] && echo replacement_true || echo replacement_false)" \
     --training_epochs "$TRAINING_EPOCHS" --learning_rate "$LEARNING_RATE" --seed "$SEED" \
     --annotation_quality "$ANNOTATION_QUALITY" --ensemble_number "$ENSEMBLE_NUMBER" \
-    --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
+    --early_stopping "$EARLY_STOPPING" --min_val_pairs "$((10#$MIN_VAL_PAIRS))" --weight_decay "$WEIGHT_DECAY" \
+    --bagging "$BAGGING" --standardize "$STANDARDIZE" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
+stop_after() {  # stop_after N: end the run here when LAST_STEP is N
+    (( LAST_STEP > $1 )) && return 0
+    section "Done in $((SECONDS - step_start)) s (LAST_STEP=$LAST_STEP)"
+    echo "Outputs of steps 5-$LAST_STEP in $OUTPUT_DIR/"
+    exit 0
+}
+stop_after 5
 
 # Step 7 reads only step 5's outputs, so it runs beside step 6: their single-threaded phases
 # (start-up, metrics, plots) overlap on two cores. Its output is kept and shown after step 6's; if
 # step 6 fails, step 7 is stopped, as if it had not started.
 STEP7_LOG="$(mktemp)" STEP7_ERR="$(mktemp)"
 trap 'rm -f "$STEPS_STARTED" "$STEP7_LOG" "$STEP7_ERR"' EXIT
-resumable start_child 7 5 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" \
-    --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
-    --learning_rate "$LEARNING_RATE" --seed "$SEED" >"$STEP7_LOG" 2>"$STEP7_ERR"
-STEP7_PID=$!
+STEP7_PID=""
+if (( LAST_STEP >= 7 )); then
+    resumable start_child 7 5 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" \
+        --data_dir "$DATA_DIR" --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
+        --learning_rate "$LEARNING_RATE" --seed "$SEED" >"$STEP7_LOG" 2>"$STEP7_ERR"
+    STEP7_PID=$!
+fi
 section "Step 6: evaluate ranking quality"
 CURRENT="steps 6 and 7"
 STATUS=0
 resumable run_child 6 5 "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" || STATUS=$?
 if (( STATUS != 0 )); then
-    kill -TERM "$STEP7_PID" 2>/dev/null || true
-    wait "$STEP7_PID" || true
+    if [[ -n "$STEP7_PID" ]]; then
+        kill -TERM "$STEP7_PID" 2>/dev/null || true
+        wait "$STEP7_PID" || true
+    fi
     exit "$STATUS"
 fi
+stop_after 6
 
 section "Step 7: isotonic calibration and distillation"
 wait "$STEP7_PID" || STATUS=$?
 cat "$STEP7_LOG"
 cat "$STEP7_ERR" >&2
 (( STATUS == 0 )) || exit "$STATUS"
+stop_after 7
 
 section "Step 8: validate Teacher, Teacher+Isotonic, Student, Student+Isotonic"
 resumable run_child 8 7 "$PYTHON" step8_validate_distillation.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR"

@@ -132,7 +132,9 @@ done | xargs -0 -n 1 -P "$JOBS" bash -c || true
 echo "sweep $NAME: ${#CELLS[@]} cells in $((SECONDS - start)) s"
 
 DONE=()
-for cell in "${CELLS[@]}"; do [[ -f "$cell/validation_results.json" ]] && DONE+=("$cell"); done
+for cell in "${CELLS[@]}"; do  # finished cells (LAST_STEP may end them before step 8)
+    [[ -f "$cell/orm_manifest.json" ]] && ! grep -qxF "${cell##*/}" "$FAILED" 2>/dev/null && DONE+=("$cell")
+done
 if (( ${#DONE[@]} )); then
     "$PYTHON" "$REPO/summarize_runs.py" --output_dir "$ROOT" "${DONE[@]}"
 fi

@@ -18,10 +18,13 @@ import numpy as np
 
 from artifacts import write_json
 from cli import (
+    EARLY_STOPPING,
     ArgumentParser,
     InputError,
     finite_float,
     fraction,
+    non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     random_seed,
@@ -87,6 +90,24 @@ def parse_args(argv=None):
     parser.add_argument("--val_fraction", type=fraction, default=0.1,
                         help="share of pairs held out (whole pairs) for early stopping")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
+    parser.add_argument("--early_stopping", default=EARLY_STOPPING[0], choices=EARLY_STOPPING,
+                        help="member: each member stops on its own validation slice; pooled: the members' "
+                             "slices are disjoint and one stopping epoch is chosen from their pooled "
+                             "validation loss; none: every pair trains, --training_epochs epochs")
+    parser.add_argument("--stop_metric", default="loss", choices=("loss", "accuracy"),
+                        help="early stopping on the validation loss, or on the validation pairwise accuracy "
+                             "(ties: lower loss)")
+    parser.add_argument("--min_val_pairs", type=non_negative_int, default=0,
+                        help="below this many validation pairs behind the stopping decision, train "
+                             "--training_epochs epochs on every pair instead (early stopping none)")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.0,
+                        help="decoupled (AdamW) weight decay; 0: plain Adam")
+    parser.add_argument("--bagging", type=int, choices=(0, 1), default=0,
+                        help="1: each member trains on a bootstrap resample of the pairs and validates "
+                             "on its out-of-bag pairs")
+    parser.add_argument("--standardize", type=int, choices=(0, 1), default=0,
+                        help="1: standardise inputs with the training responses' mean and std, folded "
+                             "into the checkpoint's first layer")
     parser.add_argument("--seed", type=random_seed, default=6, help="seeds pairs, labels and members")
     args = parser.parse_args(argv)
     if args.consider_first_n == 0 or args.consider_first_n < -2:
@@ -194,13 +215,78 @@ def pair_statistics(first_rewards, second_rewards, first_wins, prob, reward_scal
     }
 
 
+def fmt_optional(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Generator) -> tuple[list, str, int]:
+    """Each member's (training, validation) pair indices, the early-stopping scheme used and the
+    number of validation pairs its stopping decisions rest on.
+
+    member: a random slice of --val_fraction of the pairs per member (the member's own generator);
+    pooled: the slices are consecutive blocks of one permutation (``pair_rng``), disjoint while
+    members x slice <= pairs; bagging: a bootstrap resample per member, its out-of-bag pairs the
+    validation. Fewer than --min_val_pairs validation pairs behind the stopping decision (a member's
+    own for member, all members' for pooled), or --early_stopping none: no validation, every pair
+    (or the bootstrap resample) trains for --training_epochs epochs.
+    """
+    import torch
+
+    n_val = min(max(1, int(round(args.val_fraction * n_pairs))), n_pairs - 1)
+    if args.bagging:
+        splits = []
+        for generator in generators:
+            drawn = torch.randint(n_pairs, (n_pairs,), generator=generator)
+            in_bag = torch.zeros(n_pairs, dtype=torch.bool)
+            in_bag[drawn] = True
+            splits.append((drawn, torch.nonzero(~in_bag).squeeze(1)))
+    elif args.early_stopping == "pooled":
+        order = torch.from_numpy(pair_rng.permutation(n_pairs))
+        splits = []
+        for member in range(len(generators)):
+            positions = (member * n_val + torch.arange(n_val)) % n_pairs
+            in_val = torch.zeros(n_pairs, dtype=torch.bool)
+            in_val[positions] = True
+            splits.append((order[~in_val], order[positions]))
+    elif args.early_stopping == "member":
+        splits = []
+        for generator in generators:
+            order = torch.randperm(n_pairs, generator=generator)
+            splits.append((order[n_val:], order[:n_val]))
+    else:
+        splits = []
+    if args.early_stopping == "member" and splits:
+        decision_pairs = min(len(val) for _, val in splits)
+    elif args.early_stopping == "pooled" and splits:
+        decision_pairs = len(torch.unique(torch.cat([val for _, val in splits])))
+    else:
+        decision_pairs = 0
+    if args.early_stopping != "none" and decision_pairs >= max(args.min_val_pairs, 1):
+        return splits, args.early_stopping, decision_pairs
+    if args.early_stopping != "none":
+        log.info("%d validation pairs < --min_val_pairs %d: no early stopping, %d epochs on every pair",
+                 decision_pairs, args.min_val_pairs, args.training_epochs)
+    no_val = torch.zeros(0, dtype=torch.int64)
+    if args.bagging:
+        return [(train, no_val) for train, _ in splits], "none", 0
+    return [(torch.arange(n_pairs), no_val) for _ in generators], "none", 0
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # torch is imported once the flags are valid: --help and flag errors return at once.
     import torch
     from tqdm import tqdm
 
-    from networks import TrainConfig, TrainingDiverged, mlp_train_flops_per_sample, save_checkpoint, train_orm
+    from networks import (
+        OrmTask,
+        TrainConfig,
+        TrainingDiverged,
+        fit_models,
+        mlp_train_flops_per_sample,
+        save_checkpoint,
+        train_orms_pooled,
+    )
 
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
@@ -239,28 +325,36 @@ def main(argv=None) -> dict:
     losers = torch.from_numpy(np.where(first_wins, second_rows, first_rows))
     features = torch.from_numpy(features)
 
-    config = TrainConfig(args.training_epochs, args.learning_rate, args.batch_size, args.patience)
-    n_val = min(max(1, int(round(args.val_fraction * len(winners)))), len(winners) - 1)
+    config = TrainConfig(args.training_epochs, args.learning_rate, args.batch_size, args.patience,
+                         args.weight_decay, args.stop_metric)
+    generators = [torch.Generator().manual_seed(member_seed) for member_seed in member_seeds]
+    splits, scheme, decision_pairs = member_splits(len(winners), generators, args, pair_rng)
+    setups = [OrmTask(features, winners[train], losers[train], winners[val], losers[val], args.rm_objective,
+                      generator, bool(args.standardize)) for (train, val), generator in zip(splits, generators)]
+    trained = []
+    try:
+        if scheme == "pooled":
+            start = time.perf_counter()
+            trained = train_orms_pooled(setups, config)
+            log.info("pooled early stopping: best epoch %d/%d for all %d members, %.2fs", trained[0][1].best_epoch,
+                     trained[0][1].epochs_run, len(trained), time.perf_counter() - start)
+        else:
+            for setup in tqdm(setups, desc="ensemble members", disable=None):
+                trained.append(setup.finish(fit_models([setup.task], config, early_stopping=scheme == "member")[0]))
+    except TrainingDiverged as err:
+        member = err.index if scheme == "pooled" else len(trained)
+        who = "ORM members" if member < 0 else f"ORM member {member}"
+        raise InputError(f"{who} diverged ({err}); lower --learning_rate "
+                         f"(LEARNING_RATE in run_all.sh), now {args.learning_rate:g}") from None
     members, checkpoints, models = [], [], []
     flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
-    for member, member_seed in enumerate(tqdm(member_seeds, desc="ensemble members", disable=None)):
-        generator = torch.Generator().manual_seed(member_seed)
-        order = torch.randperm(len(winners), generator=generator)
-        val, train = order[:n_val], order[n_val:]
-        start = time.perf_counter()
-        try:
-            model, result = train_orm(features, winners[train], losers[train], winners[val], losers[val],
-                                      args.rm_objective, config, generator)
-        except TrainingDiverged as err:
-            raise InputError(f"ORM member {member} diverged ({err}); lower --learning_rate "
-                             f"(LEARNING_RATE in run_all.sh), now {args.learning_rate:g}") from None
+    for member, ((model, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):
         name = checkpoint_name(args, member)
         models.append(model)  # saved once every member has trained: a diverged one leaves no files
         responses_per_second = result.samples_per_second * OBJECTIVES[args.rm_objective].responses_per_sample
-        log.info("member %d: best epoch %d/%d, val loss %.4f, val acc %.3f, %.0f responses/s "
-                 "(%.1f GFLOP/s), %.2fs", member, result.best_epoch, result.epochs_run, result.best_val_loss,
-                 result.val_pair_accuracy, responses_per_second, responses_per_second * flops / 1e9,
-                 time.perf_counter() - start)
+        log.info("member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
+                 member, result.best_epoch, result.epochs_run, fmt_optional(result.best_val_loss),
+                 fmt_optional(result.val_pair_accuracy), responses_per_second, responses_per_second * flops / 1e9)
         checkpoints.append(name)
         members.append({"member": member, "checkpoint": name, "seed": member_seed,
                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -282,6 +376,9 @@ def main(argv=None) -> dict:
         "prompt_counts": {role: len(ids) for role, ids in partition.items()},
         "pair_statistics": stats,
         "checkpoints": checkpoints,
+        "early_stopping": {"scheme": scheme, "requested": args.early_stopping,
+                           "decision_validation_pairs": decision_pairs,
+                           "bagging": bool(args.bagging)},
         "members": members,
     }
     write_json(output_dir / MANIFEST_FILE, manifest)  # written last: marks the run complete

@@ -109,12 +109,14 @@ def main(argv=None) -> dict:
     panels = {f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
               for name, res in results.items() if name in ("held_out", "test")}
     curves_path = output_dir / f"training_curves_{objective}.png"
-    curves = {f"member {record.get('member', i)}": record.get("history") or []
-              for i, record in enumerate(manifest.get("members") or [])}
+    records = {f"member {record.get('member', i)}": record for i, record in enumerate(manifest.get("members") or [])}
+    curves = {name: record.get("history") or [] for name, record in records.items()}
+    kept = {name: record.get("best_epoch") for name, record in records.items()}
     with atomic_paths(json_path, plot_path, curves_path) as (json_tmp, plot_tmp, curves_tmp):  # all or none
         json_tmp.write_text(json_text(results))
         plot_best_of_n(panels, plot_tmp, title=f"ORM ensemble ({objective}, {len(models)} members)")
-        plot_training_curves(curves, curves_tmp, title=f"ORM members ({objective}): step 5's training")
+        plot_training_curves(curves, curves_tmp, title=f"ORM members ({objective}): step 5's training",
+                             kept_epochs=kept)
     print_table("held-out prompts", results["held_out"])
     if "test" in results:
         print_table("test set", results["test"])

@@ -38,13 +38,16 @@ STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
 # Metric column -> (label, where it is read from). The ensemble is the members' mean (step 6's
-# ensemble_mean, step 8's Teacher); best-of-N gain is its pick's golden reward minus a random pick's
+# ensemble_mean, step 8's Teacher); "mean member" is the average of the members' own values (what
+# one member is worth); best-of-N gain is the ensemble's pick's golden reward minus a random pick's
 # at the largest N evaluated.
 METRICS = {
     "spearman_per_prompt": "per-prompt Spearman",
     "spearman_global": "global Spearman",
     "acc_same_prompt": "same-prompt pairwise acc.",
     "acc_cross_prompt": "cross-prompt pairwise acc.",
+    "member_spearman_per_prompt": "per-prompt Spearman, mean member",
+    "member_acc_same_prompt": "same-prompt pairwise acc., mean member",
     "bon_gain": "best-of-N gain over random",
     "teacher_iso_mse": "Teacher+Isotonic MSE",
     "student_iso_mse": "Student+Isotonic MSE",
@@ -101,6 +104,12 @@ def dig(obj, *keys):
     return obj
 
 
+def member_mean(members: list[dict], *keys: str) -> float | None:
+    """The mean over ensemble members of one metric; None when any member lacks it."""
+    values = [number(dig(member, *keys)) for member in members]
+    return None if not values or None in values else float(np.mean(values))
+
+
 def read_metrics(evaluation: dict | None, validation: dict | None, eval_set: str) -> tuple[dict, int | None]:
     """The summary metrics of one evaluation set of one run, and its largest best-of-N N."""
     ranking = dig(evaluation, eval_set, "ranking", "ensemble_mean")
@@ -112,11 +121,15 @@ def read_metrics(evaluation: dict | None, validation: dict | None, eval_set: str
         picked, random_mean = number(ensemble["mean"][-1]), number(random_pick["mean"][-1])
         bon_gain = None if picked is None or random_mean is None else picked - random_mean
     variants = dig(validation, eval_set, "variants")
+    members = [report for name, report in (dig(evaluation, eval_set, "ranking") or {}).items()
+               if name.startswith("member_")]
     values = {
         "spearman_per_prompt": dig(ranking, "spearman_per_prompt", "mean"),
         "spearman_global": dig(ranking, "spearman_global"),
         "acc_same_prompt": dig(ranking, "pairwise_accuracy_same_prompt", "accuracy"),
         "acc_cross_prompt": dig(ranking, "pairwise_accuracy_cross_prompt", "accuracy"),
+        "member_spearman_per_prompt": member_mean(members, "spearman_per_prompt", "mean"),
+        "member_acc_same_prompt": member_mean(members, "pairwise_accuracy_same_prompt", "accuracy"),
         "bon_gain": bon_gain,
         "teacher_iso_mse": dig(variants, "Teacher+Isotonic", "calibration", "mse"),
         "student_iso_mse": dig(variants, "Student+Isotonic", "calibration", "mse"),

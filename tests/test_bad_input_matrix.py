@@ -170,6 +170,13 @@ RUN_ALL_SETTINGS = [
     settings_case("ANNOTATION_QUALITY", "-1e400", "must be a number between 1e-300 and 1e300 in magnitude"),
     settings_case("DEMO_TEST_PROMPTS", "-1", "must be an integer in 0..2147483647"),
     settings_case("FORCE", "yes", "must be 0 or 1"),
+    settings_case("EARLY_STOPPING", "early", "must be member, pooled or none"),
+    settings_case("MIN_VAL_PAIRS", "-1", "must be an integer in 0..2147483647"),
+    settings_case("WEIGHT_DECAY", "-0.1", "must be a number >= 0"),
+    settings_case("WEIGHT_DECAY", "1e999", "must be a number between 1e-300 and 1e300 in magnitude"),
+    settings_case("BAGGING", "yes", "must be 0 or 1"),
+    settings_case("STANDARDIZE", "2", "must be 0 or 1"),
+    settings_case("LAST_STEP", "4", "must be 5, 6, 7 or 8"),
 ]
 
 
@@ -572,6 +579,26 @@ def step5_val_fraction_one(w):
                  "--val_fraction", "1")
 
 
+def step5_unknown_early_stopping(w):
+    return step5(w, ["argument --early_stopping: invalid choice: 'early'"], "--early_stopping", "early")
+
+
+def step5_negative_weight_decay(w):
+    return step5(w, ["argument --weight_decay: expected a number >= 0, got '-1'"], "--weight_decay", "-1")
+
+
+def step5_negative_min_val_pairs(w):
+    return step5(w, ["argument --min_val_pairs: expected an integer >= 0, got '-2'"], "--min_val_pairs", "-2")
+
+
+def step5_pooled_diverges(w):
+    case = step5(w, ["error: ORM members diverged (best pooled validation loss", "lower --learning_rate "
+                     "(LEARNING_RATE in run_all.sh), now 10"],
+                 "--learning_rate", "10", "--n_sample", "120", "--early_stopping", "pooled", "--ensemble_number", "2")
+    case.recovery = [arg if arg != "10" else "0.001" for arg in case.argv]
+    return case
+
+
 def step5_diverges(w):
     case = step5(w, ["error: ORM member 0 diverged (best validation loss", "more than 2x the untrained model's",
                      "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10"],
@@ -681,7 +708,8 @@ def run_all_learning_rate_10_diverges(w):
 
 NEW_CASES = [
     step5_negative_seed, step5_huge_ensemble, step5_learning_rate_beyond_float_range, step5_val_fraction_one,
-    step5_diverges, step5_file_size_limit, demo_negative_seed, step6_negative_eval_seed,
+    step5_diverges, step5_unknown_early_stopping, step5_negative_weight_decay, step5_negative_min_val_pairs,
+    step5_pooled_diverges, step5_file_size_limit, demo_negative_seed, step6_negative_eval_seed,
     step6_manifest_without_config, step6_partition_with_a_string_role, step6_partition_with_nested_ids,
     step6_plot_beyond_file_size_limit, step7_manifest_config_is_a_list, step7_manifest_seed_is_a_string,
     step7_student_diverges, step8_manifest_checkpoints_of_wrong_type, step8_manifest_checkpoint_outside_the_folder,

@@ -75,6 +75,10 @@ def ensemble_metrics(run: Path, eval_set: str) -> dict:
             "spearman_global": ranking["spearman_global"],
             "acc_same_prompt": ranking["pairwise_accuracy_same_prompt"]["accuracy"],
             "acc_cross_prompt": ranking["pairwise_accuracy_cross_prompt"]["accuracy"],
+            "member_spearman_per_prompt": np.mean([evaluation["ranking"][f"member_{i}"]["spearman_per_prompt"]["mean"]
+                                                   for i in range(len(manifest["checkpoints"]))]),
+            "member_acc_same_prompt": np.mean([evaluation["ranking"][f"member_{i}"]["pairwise_accuracy_same_prompt"]
+                                               ["accuracy"] for i in range(len(manifest["checkpoints"]))]),
             "bon_gain": curves["ensemble_mean"]["mean"][-1] - curves["random"]["mean"][-1],
             "teacher_iso_mse": validation["variants"]["Teacher+Isotonic"]["calibration"]["mse"],
             "student_iso_mse": validation["variants"]["Student+Isotonic"]["calibration"]["mse"],

@@ -89,3 +89,115 @@ def test_training_history_records_each_epoch_and_the_best_one():
     val = [record["val_loss"] for record in fit.history]
     assert fit.best_epoch == val.index(min(val)) + 1 and fit.best_val_loss == min(val)
     assert val_loss() == min(val)  # the best weights were restored
+
+
+@pytest.mark.parametrize("weight_decay", [1e-2, 0.3])
+def test_fused_adam_with_weight_decay_is_bit_identical_to_torch_adamw(weight_decay):
+    ours = _train(lambda params: networks.FusedAdam(params, lr=1e-2, weight_decay=weight_decay), steps=100)
+    theirs = _train(lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=weight_decay, fused=True), steps=100)
+    plain = _train(lambda params: networks.FusedAdam(params, lr=1e-2), steps=100)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert sum(float(a.norm()) for a in ours) < sum(float(c.norm()) for c in plain)  # decay shrinks the weights
+
+
+def _pair_tasks(n_val: list[int]) -> tuple[list[networks.OrmTask], list[tuple[torch.Tensor, ...]]]:
+    """OrmTask set-ups on pairs labelled by a linear score with 20% flips: 40 rows of 12 features,
+    60 training pairs and n_val[i] validation pairs per model; also each model's four pair tensors."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 12, generator=gen)
+    score = features @ torch.randn(12, generator=gen)
+    setups, pair_sets = [], []
+    for i, n in enumerate(n_val):
+        first, second = torch.randint(40, (2, 60 + n), generator=gen)
+        flip = torch.rand(60 + n, generator=gen) < 0.2
+        first_wins = (score[first] > score[second]) ^ flip
+        winners, losers = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
+        pairs = (winners[:60], losers[:60], winners[60:], losers[60:])
+        setups.append(networks.OrmTask(features, *pairs, "bt", torch.Generator().manual_seed(100 + i)))
+        pair_sets.append(pairs)
+    return setups, pair_sets
+
+
+def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
+    n_val = [4, 10, 30]
+    config = networks.TrainConfig(epochs=12, learning_rate=1e-2, batch_size=16, patience=12)
+    setups, pair_sets = _pair_tasks(n_val)
+    trained = networks.train_orms_pooled(setups, config)
+    histories = [result.history for _, result in trained]
+    loss_history = histories[0]
+    pooled = [sum(n * h[e]["val_loss"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
+    best = int(np.argmin(pooled)) + 1
+    own_best = [int(np.argmin([r["val_loss"] for r in h])) + 1 for h in histories]
+    assert len(set(own_best)) > 1  # the case is informative: the members alone would disagree
+    assert {result.best_epoch for _, result in trained} == {best} and all(r.epochs_run == 12 for _, r in trained)
+    for setup, pairs, (model, result) in zip(setups, pair_sets, trained):
+        assert result.best_val_loss == result.history[best - 1]["val_loss"]
+        loss, _ = networks.evaluate_pairs(model, "bt", setup.features, pairs[2], pairs[3])
+        assert loss == pytest.approx(result.best_val_loss, rel=1e-6)  # that epoch's weights were restored
+    # A model's updates do not depend on the others: trained alone for that many epochs, it is the same.
+    model, _ = networks.train_orm(setups[1].features, *pair_sets[1], "bt", networks.TrainConfig(best, 1e-2, 16),
+                                  torch.Generator().manual_seed(101), early_stopping=False)
+    assert torch.equal(model.fc1.weight, trained[1][0].fc1.weight)
+    # "accuracy": the highest pooled validation accuracy, ties broken by the pooled loss
+    trained = networks.train_orms_pooled(_pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12,
+                                                                                   stop_metric="accuracy"))
+    histories = [result.history for _, result in trained]
+    accuracy = [sum(n * h[e]["val_accuracy"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
+    keys = [(-accuracy[e], pooled[e]) for e in range(12)]
+    assert [record["val_loss"] for record in histories[0]] == [record["val_loss"] for record in loss_history]
+    assert {result.best_epoch for _, result in trained} == {keys.index(min(keys)) + 1}
+
+
+def test_standardised_training_is_folded_into_a_plain_first_layer():
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(50, 6, generator=gen) * torch.tensor([1.0, 100.0, 0.01, 5.0, 1.0, 1.0]) + 7.0
+    features[:, 4] = 2.5  # a constant column: its std 0 is replaced by 1
+    winners, losers = torch.arange(0, 40, 2), torch.arange(1, 40, 2)
+    val_winners, val_losers = torch.arange(40, 50, 2), torch.arange(41, 50, 2)
+    setup = networks.OrmTask(features, winners, losers, val_winners, val_losers, "bt",
+                             torch.Generator().manual_seed(0), standardize=True)
+    train_rows = features[:40].double()
+    torch.testing.assert_close(setup.shift, train_rows.mean(0).float())  # training rows only
+    expected_scale = train_rows.std(0, correction=0).float()
+    expected_scale[4] = 1.0
+    torch.testing.assert_close(setup.scale, expected_scale)
+    fit = networks.fit_models([setup.task], networks.TrainConfig(5, 1e-2, 8, 5))[0]
+    with torch.no_grad():
+        on_standardised = setup.task.model(setup.inputs(torch.arange(50)))
+    model, result = setup.finish(fit)
+    with torch.no_grad():
+        on_raw = model(features)
+    torch.testing.assert_close(on_raw, on_standardised, rtol=1e-4, atol=1e-4)
+    assert set(model.state_dict()) == {f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+    assert result.val_pair_accuracy == networks.evaluate_pairs(model, "bt", features, val_winners, val_losers)[1]
+
+
+def _noisy_slice_setups(stop_metric: str) -> list[networks.OrmTask]:
+    """Three members on clean training pairs; member 0 validates on 4 pairs of which 2 have flipped
+    labels (a tiny, unlucky slice), members 1 and 2 on 20 clean pairs each."""
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(60, 16, generator=gen)
+    score = features @ torch.randn(16, generator=gen)
+    setups = []
+    for member, (n_val, flipped) in enumerate([(4, True), (20, False), (20, False)]):
+        first, second = torch.randint(60, (2, 80 + n_val), generator=gen)
+        first_wins = (score[first] > score[second]) ^ (torch.arange(80 + n_val) >= 82 if flipped else False)
+        winners, losers = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
+        setups.append(networks.OrmTask(features, winners[:80], losers[:80], winners[80:], losers[80:], "bt",
+                                       torch.Generator().manual_seed(member)))
+    return setups
+
+
+def test_a_tiny_noisy_validation_slice_no_longer_stops_a_member_at_its_first_epoch():
+    config = networks.TrainConfig(epochs=10, learning_rate=2e-3, batch_size=16, patience=3)
+    # Old scheme (--early_stopping member --stop_metric loss): member 0 alone on its 4 flipped pairs.
+    old = networks.fit_models([_noisy_slice_setups("loss")[0].task], config)[0]
+    assert old.best_epoch == 1 and old.epochs_run == 4
+    val = [record["val_loss"] for record in old.history]
+    assert val == sorted(val)  # every epoch only made the flipped pairs worse
+    # New default: one epoch for all, on the accuracy over all 44 validation pairs.
+    setups = _noisy_slice_setups("accuracy")
+    trained = networks.train_orms_pooled(setups, networks.TrainConfig(10, 2e-3, 16, 3, stop_metric="accuracy"))
+    epochs = {result.best_epoch for _, result in trained}
+    assert len(epochs) == 1 and epochs.pop() > 1

@@ -299,3 +299,68 @@ def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, 
     assert not np.array_equal(again[0], first[0]) and np.array_equal(again[1], first[1])
     assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1  # the stale one is gone
     assert data.score_cached(prompts[:2], changed, tmp_path / "cache", members).shape == (2, 2, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Early-stopping schemes, bagging (README, "Early stopping")
+# --------------------------------------------------------------------------------------------
+def _splits(n_pairs, n_members, min_val_pairs=0, **flags):
+    args = step5.parse_args(["--min_val_pairs", str(min_val_pairs),
+                             *[f"--{k}={v}" for k, v in flags.items()]])
+    generators = [torch.Generator().manual_seed(i) for i in range(n_members)]
+    return step5.member_splits(n_pairs, generators, args, np.random.default_rng(0))
+
+
+def test_member_splits_of_each_scheme():
+    everything = set(range(100))
+    splits, scheme, decision = _splits(100, 3)  # member: each its own random 10%
+    assert scheme == "member" and decision == 10
+    for train, val in splits:
+        assert len(val) == 10 and set(train.tolist()) | set(val.tolist()) == everything
+        assert not set(train.tolist()) & set(val.tolist())
+    assert len({tuple(sorted(val.tolist())) for _, val in splits}) == 3
+    splits, scheme, decision = _splits(100, 3, early_stopping="pooled")  # pooled: disjoint slices
+    vals = [set(val.tolist()) for _, val in splits]
+    assert scheme == "pooled" and decision == 30 and len(set().union(*vals)) == 30
+    for (train, _), val in zip(splits, vals):
+        assert set(train.tolist()) == everything - val and len(train) == 90
+    splits, scheme, decision = _splits(100, 12, early_stopping="pooled")  # 12 x 10 > 100: slices wrap
+    assert decision == 100 and all(len(val) == 10 for _, val in splits)
+    splits, scheme, decision = _splits(100, 3, bagging=1)  # out-of-bag validation
+    assert scheme == "member"
+    for train, val in splits:
+        assert len(train) == 100 and set(val.tolist()) == everything - set(train.tolist())
+    assert decision == min(len(val) for _, val in splits) and 20 < decision < 50
+    for flags in ({"min_val_pairs": 11}, {"min_val_pairs": 31, "early_stopping": "pooled"},
+                  {"early_stopping": "none"}):
+        splits, scheme, decision = _splits(100, 3, **flags)
+        assert scheme == "none" and decision == 0
+        assert all(torch.equal(train, torch.arange(100)) and len(val) == 0 for train, val in splits)
+    splits, scheme, _ = _splits(100, 3, bagging=1, early_stopping="none")
+    assert scheme == "none" and all(len(train) == 100 and len(val) == 0 for train, val in splits)
+    assert len({tuple(train.tolist()) for train, _ in splits}) == 3  # each its own resample
+
+
+@pytest.mark.parametrize("flags", [
+    ["--early_stopping", "pooled", "--bagging", "1", "--standardize", "1", "--weight_decay", "0.1"],
+    ["--early_stopping", "none", "--standardize", "1"],
+])
+def test_step5_alternatives_are_deterministic_and_recorded(flags, demo_dir, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        step5.main(["--data_dir", str(demo_dir), "--output_dir", str(out), *STEP5_FAST, *flags])
+    for path in sorted(runs[0].iterdir()):
+        assert (runs[1] / path.name).read_bytes() == path.read_bytes(), path.name
+    manifest = json.loads((runs[0] / rm_data.MANIFEST_FILE).read_text())
+    scheme = flags[1]
+    assert manifest["early_stopping"]["scheme"] == scheme and manifest["config"]["early_stopping"] == scheme
+    members = manifest["members"]
+    if scheme == "pooled":  # one stopping epoch, chosen on all members' out-of-bag pairs
+        assert len({member["best_epoch"] for member in members}) == 1
+        assert manifest["early_stopping"]["decision_validation_pairs"] > max(m["val_pairs"] for m in members)
+    else:  # no validation: every epoch trained, the last weights kept
+        assert all(m["best_epoch"] == m["epochs_run"] == 3 and m["val_pairs"] == 0 and m["val_loss"] is None
+                   for m in members)
+        assert all(record["val_loss"] is None for m in members for record in m["history"])
+    for name in manifest["checkpoints"]:  # standardisation folded in: plain MLP checkpoints
+        networks.load_checkpoint(runs[0] / name, expected_dim=48)
