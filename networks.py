@@ -198,7 +198,7 @@ def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tenso
 
 def train_orms_pooled(setups: Sequence[OrmTask], config: TrainConfig) -> list[tuple[MLP, FitResult]]:
     """Train ORMs side by side and stop them all at one epoch, the one with the lowest validation loss
-    pooled over every member's validation pairs (README, "Early stopping")."""
+    pooled over every member's validation pairs (README, "Early stopping and ensemble options")."""
     fits = fit_models([setup.task for setup in setups], config, early_stopping=True)
     return [setup.finish(fit) for setup, fit in zip(setups, fits)]
 

@@ -49,6 +49,7 @@ TRAINING_EPOCHS="${TRAINING_EPOCHS:-2}"
 DISTILL_EPOCHS="${DISTILL_EPOCHS:-20}"
 LEARNING_RATE="${LEARNING_RATE:-0.001}"
 EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
+STOP_METRIC="${STOP_METRIC:-loss}"              # loss | accuracy: what early stopping minimises / maximises
 MIN_VAL_PAIRS="${MIN_VAL_PAIRS:-0}"             # fewer validation pairs: no early stopping
 WEIGHT_DECAY="${WEIGHT_DECAY:-0}"               # decoupled (AdamW) weight decay of the ORMs
 BAGGING="${BAGGING:-0}"                         # 1: members train on bootstrap resamples of the pairs
@@ -150,6 +151,7 @@ is_int "$CONSIDER_FIRST_N" && (( CONSIDER_FIRST_N > 0 || CONSIDER_FIRST_N == -1 
 need_number ANNOTATION_QUALITY
 need_number LEARNING_RATE positive
 [[ "$EARLY_STOPPING" =~ ^(member|pooled|none)$ ]] || die "EARLY_STOPPING must be member, pooled or none, got '$EARLY_STOPPING'"
+[[ "$STOP_METRIC" == loss || "$STOP_METRIC" == accuracy ]] || die "STOP_METRIC must be loss or accuracy, got '$STOP_METRIC'"
 [[ "$MIN_VAL_PAIRS" =~ ^[0-9]{1,10}$ ]] && (( 10#$MIN_VAL_PAIRS <= MAX_SIZE )) \
     || die "MIN_VAL_PAIRS must be an integer in 0..$MAX_SIZE, got '$MIN_VAL_PAIRS'"
 need_number WEIGHT_DECAY
@@ -305,7 +307,7 @@ resumable run_child 5 "" "$PYTHON" step5_train_rms.py \
     --replacement "$([[ "$REPLACEMENT" == 1 ]] && echo replacement_true || echo replacement_false)" \
     --training_epochs "$TRAINING_EPOCHS" --learning_rate "$LEARNING_RATE" --seed "$SEED" \
     --annotation_quality "$ANNOTATION_QUALITY" --ensemble_number "$ENSEMBLE_NUMBER" \
-    --early_stopping "$EARLY_STOPPING" --min_val_pairs "$((10#$MIN_VAL_PAIRS))" --weight_decay "$WEIGHT_DECAY" \
+    --early_stopping "$EARLY_STOPPING" --stop_metric "$STOP_METRIC" --min_val_pairs "$((10#$MIN_VAL_PAIRS))" --weight_decay "$WEIGHT_DECAY" \
     --bagging "$BAGGING" --standardize "$STANDARDIZE" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
 stop_after() {  # stop_after N: end the run here when LAST_STEP is N
     (( LAST_STEP > $1 )) && return 0

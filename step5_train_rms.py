@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
         "prompt_counts": {role: len(ids) for role, ids in partition.items()},
         "pair_statistics": stats,
         "checkpoints": checkpoints,
-        "early_stopping": {"scheme": scheme, "requested": args.early_stopping,
+        "early_stopping": {"scheme": scheme, "requested": args.early_stopping, "stop_metric": args.stop_metric,
                            "decision_validation_pairs": decision_pairs,
                            "bagging": bool(args.bagging)},
         "members": members,

@@ -171,6 +171,7 @@ RUN_ALL_SETTINGS = [
     settings_case("DEMO_TEST_PROMPTS", "-1", "must be an integer in 0..2147483647"),
     settings_case("FORCE", "yes", "must be 0 or 1"),
     settings_case("EARLY_STOPPING", "early", "must be member, pooled or none"),
+    settings_case("STOP_METRIC", "auc", "must be loss or accuracy"),
     settings_case("MIN_VAL_PAIRS", "-1", "must be an integer in 0..2147483647"),
     settings_case("WEIGHT_DECAY", "-0.1", "must be a number >= 0"),
     settings_case("WEIGHT_DECAY", "1e999", "must be a number between 1e-300 and 1e300 in magnitude"),

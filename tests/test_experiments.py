@@ -131,7 +131,7 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
     ({"GRID": "SEED=1,2"}, "GRID cannot vary SEED: list the seeds in SEEDS"),
     ({"GRID": "DEMO_PROMPTS=100,200"}, "GRID cannot vary DEMO_PROMPTS"),
     ({"SWEEP": "embedding"}, "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1"),
-    ({"SWEEP": "nope"}, "SWEEP must be annotation_quality, n_sample, objective, embedding or pairing"),
+    ({"SWEEP": "nope"}, "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget"),
     ({"SWEEP": "objective", "SEEDS": "1 x"}, "SEEDS must be integers, got 'x'"),
     ({"SWEEP": "objective", "JOBS": "0"}, "JOBS must be a positive integer, got '0'"),
     ({"SWEEP": "objective", "PAIR_MODE": "cross"}, "PAIR_MODE must be xprompt or same, got 'cross'"),
