@@ -35,6 +35,9 @@ from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, read_jso
 SETTING_NAMES = {"embed_model_name": "MODEL_NAME", "gen_pref_model_name": "GEN_PREF_MODEL"}
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
 STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
+# Step-5 flags added after runs were made (their defaults reproduce the earlier training).
+STEP5_DEFAULTS = {"early_stopping": "member", "stop_metric": "loss", "min_val_pairs": 0, "weight_decay": 0.0,
+                  "bagging": 0, "standardize": 0}
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
 # Metric column -> (label, where it is read from). The ensemble is the members' mean (step 6's
@@ -148,6 +151,8 @@ def load_run(path: Path) -> Run:
     config = manifest.get("config")
     if not isinstance(config, dict) or "seed" not in config or "rm_objective" not in config:
         raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with seed and rm_objective")
+    # A run from before a step-5 flag existed was trained as that flag's default: compare it as such.
+    config = {**{key: value for key, value in STEP5_DEFAULTS.items() if key not in config}, **config}
     settings = {SETTING_NAMES.get(key, key.upper()): value for key, value in config.items()
                 if key not in NOT_SETTINGS}
     step7 = dig(optional_json(path / "distillation_config.json"), "config") or {}

@@ -181,3 +181,20 @@ def test_summary_shows_missing_metrics_as_na_and_refuses_mixed_held_out(tmp_path
     assert not mixed.exists()  # nothing written
     err = run_failing(summarize_runs.main, [str(tmp_path / "nothing*"), "--output_dir", str(tmp_path)], capsys)
     assert "not a run folder" in err
+
+
+def test_runs_from_before_the_early_stopping_flags_compare_as_their_defaults(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "old", 1, [1, 2])  # no early_stopping, stop_metric, ... in its config
+    new = fake_run(runs / "new", 2, [1, 2])
+    manifest = json.loads((new / "orm_manifest.json").read_text())
+    manifest["config"].update(early_stopping="member", stop_metric="loss", min_val_pairs=0, weight_decay=0.0,
+                              bagging=0, standardize=0)
+    (new / "orm_manifest.json").write_text(json.dumps(manifest))
+    other = fake_run(runs / "pooled", 3, [1, 2])
+    manifest["config"].update(early_stopping="pooled", seed=3)
+    (other / "orm_manifest.json").write_text(json.dumps(manifest))
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        rows = {row["EARLY_STOPPING"]: row for row in csv.DictReader(handle)}
+    assert rows["member"]["seeds"] == "1 2" and rows["pooled"]["seeds"] == "3"
