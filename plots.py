@@ -93,6 +93,10 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
     """
     from matplotlib import ticker
 
+    # Metrics no run has (steps a sweep left out with LAST_STEP) get no panel, unless none has any.
+    defined = {metric: curves for metric, curves in panels.items()
+               if any(m is not None for curve in curves.values() for m in curve["mean"])}
+    panels = defined or panels
     n_cols = min(4, len(panels))
     n_rows = -(-len(panels) // n_cols)
     fig, axes = _pyplot().subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.4 * n_rows), squeeze=False)
@@ -112,14 +116,21 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
         ax.set_xlabel(x_name)
         ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        else:
+        if not ax.get_legend_handles_labels()[0]:
             ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center")
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
+    handles, labels = {}, []  # one legend for the figure, below the panels
+    for ax in axes.ravel()[:len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.3, 0.03 * len(labels) / n_rows), 1, 1))
+    if labels:
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", fontsize=8,
+                   ncol=min(2, len(labels)), frameon=False)
     save_figure(fig, path)
 
 

@@ -1,6 +1,9 @@
-"""networks.FusedAdam against torch.optim.Adam, and the stacked scorer against plain forward passes."""
+"""networks.FusedAdam against torch.optim.Adam(W), the stacked scorer against plain forward passes, and the
+fit loop's early-stopping schemes and input standardisation."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -173,7 +176,7 @@ def test_standardised_training_is_folded_into_a_plain_first_layer():
     assert result.val_pair_accuracy == networks.evaluate_pairs(model, "bt", features, val_winners, val_losers)[1]
 
 
-def _noisy_slice_setups(stop_metric: str) -> list[networks.OrmTask]:
+def _noisy_slice_setups() -> list[networks.OrmTask]:
     """Three members on clean training pairs; member 0 validates on 4 pairs of which 2 have flipped
     labels (a tiny, unlucky slice), members 1 and 2 on 20 clean pairs each."""
     gen = torch.Generator().manual_seed(5)
@@ -189,15 +192,16 @@ def _noisy_slice_setups(stop_metric: str) -> list[networks.OrmTask]:
     return setups
 
 
-def test_a_tiny_noisy_validation_slice_no_longer_stops_a_member_at_its_first_epoch():
+def test_a_tiny_noisy_validation_slice_stops_a_member_at_epoch_1_unless_stopping_is_pooled():
     config = networks.TrainConfig(epochs=10, learning_rate=2e-3, batch_size=16, patience=3)
-    # Old scheme (--early_stopping member --stop_metric loss): member 0 alone on its 4 flipped pairs.
-    old = networks.fit_models([_noisy_slice_setups("loss")[0].task], config)[0]
+    # --early_stopping member (the default): member 0 alone on its 4 pairs, 2 of them flipped.
+    old = networks.fit_models([_noisy_slice_setups()[0].task], config)[0]
     assert old.best_epoch == 1 and old.epochs_run == 4
     val = [record["val_loss"] for record in old.history]
     assert val == sorted(val)  # every epoch only made the flipped pairs worse
-    # New default: one epoch for all, on the accuracy over all 44 validation pairs.
-    setups = _noisy_slice_setups("accuracy")
-    trained = networks.train_orms_pooled(setups, networks.TrainConfig(10, 2e-3, 16, 3, stop_metric="accuracy"))
-    epochs = {result.best_epoch for _, result in trained}
-    assert len(epochs) == 1 and epochs.pop() > 1
+    # --early_stopping pooled (with either --stop_metric): one epoch for all, chosen on all 44 pairs.
+    for stop_metric in ("loss", "accuracy"):
+        pooled_config = dataclasses.replace(config, stop_metric=stop_metric)
+        trained = networks.train_orms_pooled(_noisy_slice_setups(), pooled_config)
+        epochs = {result.best_epoch for _, result in trained}
+        assert len(epochs) == 1 and epochs.pop() > 1, stop_metric
