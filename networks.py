@@ -344,6 +344,7 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
         elif epoch - best_epoch >= config.patience:
             log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_key[-1])
             break
+
     def check(loss: float, untrained_loss: float, constant_loss: float, what: str, index: int) -> None:
         reference = max(untrained_loss, constant_loss)
         if loss > DIVERGED_LOSS_RATIO * reference:
