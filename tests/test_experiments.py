@@ -198,3 +198,15 @@ def test_runs_from_before_the_early_stopping_flags_compare_as_their_defaults(tmp
     with open(tmp_path / "out" / "summary.csv") as handle:
         rows = {row["EARLY_STOPPING"]: row for row in csv.DictReader(handle)}
     assert rows["member"]["seeds"] == "1 2" and rows["pooled"]["seeds"] == "3"
+
+
+def test_last_step_stops_run_all_after_step_6_with_the_study_options(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("run_all.sh", tmp_path, OUTPUT_DIR=str(out), LAST_STEP="6", EARLY_STOPPING="pooled",
+                      STOP_METRIC="accuracy", BAGGING="1", STANDARDIZE="1", WEIGHT_DECAY="0.01")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(LAST_STEP=6)" in proc.stdout and "Step 7" not in proc.stdout
+    assert (out / "eval_results_bt.json").is_file() and not (out / "distillation_config.json").exists()
+    config = json.loads((out / "orm_manifest.json").read_text())["config"]
+    assert (config["early_stopping"], config["stop_metric"], config["bagging"], config["standardize"],
+            config["weight_decay"]) == ("pooled", "accuracy", 1, 1, 0.01)
