@@ -87,7 +87,8 @@ class FitResult:
     epochs_run: int
     best_val_loss: float | None  # of the returned weights (a student's: MSE on the targets' scale); None: no validation
     samples_per_second: float
-    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss (or None)
+    history: list[dict]  # per epoch: epoch, train_loss (mean of its mini-batch losses), val_loss (or None),
+    # and for ORMs val_accuracy (validation pairs ranked right)
     val_pair_accuracy: float | None = None  # ORM: validation pairs with r_w > r_l, ties 1/2
     train_mse: float | None = None  # student: on the targets' scale, of the returned weights
     target_mean: float | None = None  # student: the training targets' mean and std (standardisation)
@@ -111,11 +112,11 @@ class FitTask:
     model: MLP
     n_items: int
     batch_loss: Callable[[torch.Tensor], torch.Tensor]  # (B,) int64 indices into range(n_items) -> loss
-    val_loss: Callable[[], float] | None  # loss of the current weights on validation data; None: none held out
+    validate: Callable[[], tuple[float, float | None]] | None  # (loss, pair accuracy or None) of the current
+    # weights on validation data, in one pass; None: none held out
     generator: torch.Generator  # shuffling
     val_weight: float = 1.0  # weight of its validation loss in the pooled loss (its number of validation items)
     constant_loss: float = 0.0  # a constant predictor's loss (log 2 for pairs, ~1 for standardised targets)
-    val_accuracy: Callable[[], float] | None = None  # for stop_metric "accuracy"
 
 
 class OrmTask:
@@ -162,15 +163,11 @@ class OrmTask:
                 return loss(*_score_pairs(model, inputs, winners[batch], losers[batch]))
             n_items = len(winners)
 
-        def val_loss() -> float:
-            return evaluate_pairs(model, objective, inputs, val_winners, val_losers)[0]
+        def validate() -> tuple[float, float]:
+            return evaluate_pairs(model, objective, inputs, val_winners, val_losers)
 
-        def val_accuracy() -> float:
-            return evaluate_pairs(model, objective, inputs, val_winners, val_losers)[1]
-
-        has_val = len(val_winners) > 0
-        self.task = FitTask(model, n_items, batch_loss, val_loss if has_val else None, generator,
-                            float(len(val_winners)), math.log(2), val_accuracy if has_val else None)
+        self.task = FitTask(model, n_items, batch_loss, validate if len(val_winners) else None, generator,
+                            float(len(val_winners)), math.log(2))
 
     def finish(self, fit: FitResult) -> tuple[MLP, FitResult]:
         """The trained model taking raw embeddings (standardisation folded in) and its summary."""
@@ -267,7 +264,7 @@ def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torc
                             val_loss: Callable[[], float], config: TrainConfig,
                             generator: torch.Generator, constant_loss: float = 0.0) -> FitResult:
     """:func:`fit_models` of one model with early stopping on ``val_loss``."""
-    task = FitTask(model, n_items, batch_loss, val_loss, generator, 1.0, constant_loss)
+    task = FitTask(model, n_items, batch_loss, lambda: (val_loss(), None), generator, 1.0, constant_loss)
     return fit_models([task], config, early_stopping=True)[0]
 
 
@@ -293,15 +290,16 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
     :data:`DIVERGED_LOSS_RATIO` times the larger of the untrained models' (pooled) validation loss and
     ``constant_loss``: too high a learning rate, typically.
     """
-    if early_stopping and any(task.val_loss is None for task in tasks):
+    if early_stopping and any(task.validate is None for task in tasks):
         raise ValueError("early stopping needs validation data for every model")
     optimizers = [FusedAdam(task.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
                   for task in tasks]
-    untrained = [task.val_loss() if task.val_loss is not None else -math.inf for task in tasks]
-    histories: list[list[dict]] = [[] for _ in tasks]
+    untrained = [task.validate() if task.validate is not None else (-math.inf, None) for task in tasks]
     by_accuracy = config.stop_metric == "accuracy"
-    if by_accuracy and any(task.val_accuracy is None for task in tasks):
-        raise ValueError("stop_metric 'accuracy' needs val_accuracy for every model")
+    if by_accuracy and any(accuracy is None for _, accuracy in untrained):
+        raise ValueError("stop_metric 'accuracy' needs a validation pair accuracy for every model")
+    untrained = [loss for loss, _ in untrained]
+    histories: list[list[dict]] = [[] for _ in tasks]
     best_key, lowest_loss, best_epoch, best_states, epochs_run = (math.inf,), math.inf, 0, None, 0
     samples, train_seconds = [0] * len(tasks), [0.0] * len(tasks)
     for epoch in range(1, config.epochs + 1):
@@ -322,15 +320,15 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
             samples[i] += task.n_items
             if not torch.isfinite(loss_sum):
                 raise TrainingDiverged(f"non-finite training loss in epoch {epoch}", i)
-            loss = task.val_loss() if task.val_loss is not None else None
+            loss, accuracy = task.validate() if task.validate is not None else (None, None)
             if loss is not None and not math.isfinite(loss):
                 raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}", i)
             train_loss = float(loss_sum) / math.ceil(task.n_items / config.batch_size)
             histories[i].append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
-            if by_accuracy:
-                histories[i][-1]["val_accuracy"] = task.val_accuracy()
-            log.debug("epoch %d: train loss %.4f, val loss %s", epoch, train_loss,
-                      "n/a" if loss is None else f"{loss:.4f}")
+            if accuracy is not None:  # ORMs: the validation pairs ranked right, ties 1/2
+                histories[i][-1]["val_accuracy"] = accuracy
+            log.debug("epoch %d: train loss %.4f, val loss %s, val accuracy %s", epoch, train_loss,
+                      "n/a" if loss is None else f"{loss:.4f}", "n/a" if accuracy is None else f"{accuracy:.3f}")
             losses.append(loss)
         if not early_stopping:
             continue

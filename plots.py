@@ -136,13 +136,16 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
 
 def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, title: str,
                          kept_epochs: Mapping[str, int] | None = None) -> None:
-    """Training and validation loss per epoch, one line per model, the epoch whose weights were kept
-    marked (``kept_epochs``; default: the lowest validation loss).
+    """Training and validation loss (and ORMs' validation pair accuracy) per epoch, one line per model,
+    the epoch whose weights were kept marked (``kept_epochs``; default: the lowest validation loss).
 
-    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"}`` (networks.FitResult);
-    a ``val_loss`` of None (no validation data) is not drawn.
+    curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"[, "val_accuracy"]}``
+    (networks.FitResult); a ``val_loss`` of None (no validation data) is not drawn.
     """
-    fig, axes = _pyplot().subplots(1, 2, figsize=(10.4, 4), squeeze=False)
+    panels = ["training loss (mean over mini-batches)", "validation loss (* kept epoch)"]
+    if any("val_accuracy" in record for history in curves.values() for record in history):
+        panels.append("validation pair accuracy")
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for name, history in curves.items():
         if not history:
             continue
@@ -156,7 +159,10 @@ def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, tit
         kept = (kept_epochs or {}).get(name)
         best = next((p for p in points if p[0] == kept), None) or min(points, key=lambda p: p[1])
         axes[0, 1].plot(*best, marker="*", markersize=10, color=line.get_color())
-    for ax, what in zip(axes[0], ("training loss (mean over mini-batches)", "validation loss (* kept epoch)")):
+        accuracy = [(record["epoch"], record["val_accuracy"]) for record in history if "val_accuracy" in record]
+        if accuracy:
+            axes[0, 2].plot(*zip(*accuracy), marker="o", markersize=3, color=line.get_color(), label=name)
+    for ax, what in zip(axes[0], panels):
         ax.set_xlabel("epoch")
         ax.set_title(what)
         ax.grid(alpha=0.3)
@@ -165,4 +171,5 @@ def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, tit
         else:
             ax.text(0.5, 0.5, "no validation data", transform=ax.transAxes, ha="center", va="center")
     fig.suptitle(title)
+    fig.tight_layout()
     save_figure(fig, path)

@@ -422,7 +422,20 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
     require_key(data, "data_dir", str, path, "a folder name", bool, "data")
     require_key(manifest, "checkpoints", list, path, "a non-empty list of checkpoint file names",
                 lambda names: bool(names) and all(isinstance(n, str) and n and Path(n).name == n for n in names))
+    require_key(manifest, "members", list, path, "a list of member records with numeric per-epoch histories",
+                lambda members: all(isinstance(m, dict) and _numeric_history(m.get("history", [])) for m in members))
     return manifest
+
+
+def _numeric_history(history: object) -> bool:
+    """A list of per-epoch records whose epoch and training loss are numbers (validation values numbers
+    or null), as step 6 draws them."""
+    def number(value: object, nullable: bool) -> bool:
+        return (value is None and nullable) or (isinstance(value, int | float) and not isinstance(value, bool))
+
+    return isinstance(history, list) and all(
+        isinstance(r, dict) and number(r.get("epoch"), False) and number(r.get("train_loss"), False)
+        and number(r.get("val_loss"), True) and number(r.get("val_accuracy"), True) for r in history)
 
 
 def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:

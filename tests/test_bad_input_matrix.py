@@ -660,6 +660,13 @@ def step6_plot_beyond_file_size_limit(w):
     return case
 
 
+def step6_manifest_member_without_numeric_history(w):
+    run = w.run_copy()
+    path = edit_json(run / "orm_manifest.json", lambda record: record.update(members=[1]))
+    return step6(w, [f"{path}: key 'members' must be a list of member records with numeric per-epoch "
+                     "histories, got [1]"], run=run)
+
+
 def step7_manifest_config_is_a_list(w):
     run = w.run_copy()
     path = edit_json(run / "orm_manifest.json", lambda record: record.update(config=[1, 2]))
@@ -711,7 +718,8 @@ NEW_CASES = [
     step5_negative_seed, step5_huge_ensemble, step5_learning_rate_beyond_float_range, step5_val_fraction_one,
     step5_diverges, step5_unknown_early_stopping, step5_negative_weight_decay, step5_negative_min_val_pairs,
     step5_pooled_diverges, step5_file_size_limit, demo_negative_seed, step6_negative_eval_seed,
-    step6_manifest_without_config, step6_partition_with_a_string_role, step6_partition_with_nested_ids,
+    step6_manifest_without_config,
+    step6_manifest_member_without_numeric_history, step6_partition_with_a_string_role, step6_partition_with_nested_ids,
     step6_plot_beyond_file_size_limit, step7_manifest_config_is_a_list, step7_manifest_seed_is_a_string,
     step7_student_diverges, step8_manifest_checkpoints_of_wrong_type, step8_manifest_checkpoint_outside_the_folder,
     step8_seed_beyond_range, run_all_learning_rate_10_diverges,

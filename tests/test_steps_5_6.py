@@ -138,6 +138,9 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
         assert val_losses.index(min(val_losses)) + 1 == member["best_epoch"]
         assert min(val_losses) == member["val_loss"]
         assert all(0 < record["train_loss"] < 10 for record in history)
+        # each epoch's validation pair accuracy; the kept epoch's is the member's (its weights restored)
+        assert all(0 <= record["val_accuracy"] <= 1 for record in history)
+        assert history[member["best_epoch"] - 1]["val_accuracy"] == member["val_pair_accuracy"]
     partition = json.loads((trained_run / rm_data.PARTITION_FILE).read_text())
     assert partition["orm_train"] == rm_data.make_partition(260, 120, split_seed=0)["orm_train"]
     assert (partition["split_seed"], partition["eval_prompts"], partition["n_prompts"]) == (0, 130, 260)
