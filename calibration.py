@@ -85,19 +85,30 @@ class IsotonicMap:
         return np.interp(clipped, self.x_thresholds, self.y_thresholds)
 
     def to_json(self) -> dict:
-        return {"format": MAP_FORMAT, "version": MAP_FORMAT_VERSION, "variant": self.variant,
-                "increasing": self.increasing, "out_of_bounds": "clip", "dtype": "float64",
-                "x_min": float(self.x_thresholds[0]), "x_max": float(self.x_thresholds[-1]),
-                "n_thresholds": len(self.x_thresholds),
-                "n_levels": int(len(np.unique(self.y_thresholds))),
-                "x_thresholds": self.x_thresholds.tolist(), "y_thresholds": self.y_thresholds.tolist(),
-                "settings": self.settings}
+        return {
+            "format": MAP_FORMAT,
+            "version": MAP_FORMAT_VERSION,
+            "variant": self.variant,
+            "increasing": self.increasing,
+            "out_of_bounds": "clip",
+            "dtype": "float64",
+            "x_min": float(self.x_thresholds[0]),
+            "x_max": float(self.x_thresholds[-1]),
+            "n_thresholds": len(self.x_thresholds),
+            "n_levels": int(len(np.unique(self.y_thresholds))),
+            "x_thresholds": self.x_thresholds.tolist(),
+            "y_thresholds": self.y_thresholds.tolist(),
+            "settings": self.settings,
+        }
 
 
 def _float_array(record: dict, key: str, path: Path) -> np.ndarray:
     values = record.get(key)
-    if not isinstance(values, list) or not values or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
         raise InputError(f"{path}: {key!r} must be a non-empty list of numbers")
     array = np.asarray(values, dtype=np.float64)
     if not np.isfinite(array).all():
@@ -108,27 +119,30 @@ def _float_array(record: dict, key: str, path: Path) -> np.ndarray:
 def map_from_json(record: dict, path: Path) -> IsotonicMap:
     """Validate a map's JSON record; every problem is an InputError naming ``path``."""
     if record.get("format") != MAP_FORMAT:
-        raise InputError(f"{path}: not an isotonic map (expected \"format\": \"{MAP_FORMAT}\")")
+        raise InputError(f'{path}: not an isotonic map (expected "format": "{MAP_FORMAT}")')
     if record.get("variant") not in VARIANTS:
         raise InputError(f"{path}: variant must be one of {VARIANTS}, got {record.get('variant')!r}")
     if not isinstance(record.get("increasing"), bool) or record.get("out_of_bounds") != "clip":
-        raise InputError(f"{path}: expected a boolean \"increasing\" and \"out_of_bounds\": \"clip\"")
+        raise InputError(f'{path}: expected a boolean "increasing" and "out_of_bounds": "clip"')
     x, y = _float_array(record, "x_thresholds", path), _float_array(record, "y_thresholds", path)
     if len(x) != len(y):
         raise InputError(f"{path}: {len(x)} x_thresholds but {len(y)} y_thresholds")
     if not (np.diff(x) > 0).all():
         i = int(np.flatnonzero(np.diff(x) <= 0)[0])
-        raise InputError(f"{path}: x_thresholds must be strictly increasing "
-                         f"(x[{i}]={float(x[i])!r} >= x[{i + 1}]={float(x[i + 1])!r})")
+        raise InputError(
+            f"{path}: x_thresholds must be strictly increasing "
+            f"(x[{i}]={float(x[i])!r} >= x[{i + 1}]={float(x[i + 1])!r})"
+        )
     steps = np.diff(y) if record["increasing"] else -np.diff(y)
     if (steps < 0).any():
-        raise InputError(f"{path}: y_thresholds are not monotone "
-                         f"{'non-decreasing' if record['increasing'] else 'non-increasing'}")
+        raise InputError(
+            f"{path}: y_thresholds are not monotone {'non-decreasing' if record['increasing'] else 'non-increasing'}"
+        )
     if record.get("x_min") != x[0] or record.get("x_max") != x[-1]:
         raise InputError(f"{path}: x_min/x_max do not match the first and last x_thresholds")
     settings = record.get("settings", {})
     if not isinstance(settings, dict):
-        raise InputError(f"{path}: \"settings\" must be an object")
+        raise InputError(f'{path}: "settings" must be an object')
     return IsotonicMap(x, y, record["variant"], record["increasing"], settings)
 
 
@@ -170,8 +184,9 @@ def _centered_knots(scores: np.ndarray, estimator: IsotonicRegression) -> tuple[
     return knots_x, block_values
 
 
-def fit_isotonic(scores: np.ndarray, gold: np.ndarray, variant: str,
-                 settings: dict | None = None) -> tuple[IsotonicMap, IsotonicRegression]:
+def fit_isotonic(
+    scores: np.ndarray, gold: np.ndarray, variant: str, settings: dict | None = None
+) -> tuple[IsotonicMap, IsotonicRegression]:
     """Fit a map scores -> gold and the sklearn object that predicts the same values.
 
     scores, gold: arrays of one shape (e.g. (P, R) prompts x responses), flattened for the fit.
@@ -187,13 +202,19 @@ def fit_isotonic(scores: np.ndarray, gold: np.ndarray, variant: str,
         knots_x, knots_y = _centered_knots(scores, estimator)
         # PAV on strictly increasing knots changes nothing, so this object's thresholds are the knots.
         estimator = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(knots_x, knots_y)
-    imap = IsotonicMap(estimator.X_thresholds_.astype(np.float64), estimator.y_thresholds_.astype(np.float64),
-                       variant, True, dict(settings or {}, n_fit_responses=int(scores.size)))
+    imap = IsotonicMap(
+        estimator.X_thresholds_.astype(np.float64),
+        estimator.y_thresholds_.astype(np.float64),
+        variant,
+        True,
+        dict(settings or {}, n_fit_responses=int(scores.size)),
+    )
     return imap, estimator
 
 
-def out_of_fold_predictions(scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int,
-                            variant: str) -> tuple[np.ndarray, np.ndarray]:
+def out_of_fold_predictions(
+    scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int, variant: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Cross-validated calibration: each prompt is predicted by a map fitted on the other folds.
 
     scores, gold: (P, R) prompts x responses; folds are over prompts (rows), seeded.
@@ -212,13 +233,17 @@ def out_of_fold_predictions(scores: np.ndarray, gold: np.ndarray, n_folds: int, 
     return oof, fold_of_prompt
 
 
-def cross_validate(scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int, variant: str,
-                   n_cross_pairs: int) -> dict:
+def cross_validate(
+    scores: np.ndarray, gold: np.ndarray, n_folds: int, seed: int, variant: str, n_cross_pairs: int
+) -> dict:
     """Out-of-fold report of one variant: the honest calibration error of a map fitted on these prompts."""
     oof, fold_of_prompt = out_of_fold_predictions(scores, gold, n_folds, seed, variant)
-    return {"variant": variant, "n_folds": n_folds,
-            "prompts_per_fold": np.bincount(fold_of_prompt, minlength=n_folds).tolist(),
-            **prediction_report(oof, gold, seed, n_cross_pairs)}
+    return {
+        "variant": variant,
+        "n_folds": n_folds,
+        "prompts_per_fold": np.bincount(fold_of_prompt, minlength=n_folds).tolist(),
+        **prediction_report(oof, gold, seed, n_cross_pairs),
+    }
 
 
 def check_map_provenance(imap: IsotonicMap, map_path: Path, model: str, checkpoints: Sequence[Path]) -> None:

@@ -94,8 +94,9 @@ def setup_logging() -> None:
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     if level not in LOG_LEVELS:
         raise InputError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True, stream=sys.stdout)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True, stream=sys.stdout
+    )
 
 
 class ArgumentParser(argparse.ArgumentParser):

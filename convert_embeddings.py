@@ -72,8 +72,7 @@ CONVERSION_FILE = "conversion.json"
 # Bump when the output for the same sources and options changes.
 CONVERTER_VERSION = 1
 LAYOUTS = ("kn", "nk")
-LAYOUT_SHAPES = {"kn": "(K, N, D) embeddings and (K, N) rewards",
-                 "nk": "(N, K, D) embeddings and (N, K, 1) rewards"}
+LAYOUT_SHAPES = {"kn": "(K, N, D) embeddings and (K, N) rewards", "nk": "(N, K, D) embeddings and (N, K, 1) rewards"}
 # Input bytes per chunk of prompts: large enough for fast sequential I/O, small beside a laptop's RAM.
 CHUNK_BYTES = 96 << 20
 # Sampled content hash: 64 blocks of 64 KiB read 4 MiB of a 10 GB file.
@@ -92,19 +91,36 @@ def parse_args(argv=None):
     found = parser.add_argument_group("sources found in a repository folder (without --embd_file)")
     found.add_argument("--embd_dir", default="embd", help="folder holding the repository's .npy files")
     found.add_argument("--task", choices=TASKS, default="helpful", help="hh-rlhf task")
-    found.add_argument("--sft_obj", choices=("gpt4", "none"), default="gpt4",
-                       help="SFT objective of the generator; 'none' drops the -gpt4 dataset suffix")
+    found.add_argument(
+        "--sft_obj",
+        choices=("gpt4", "none"),
+        default="gpt4",
+        help="SFT objective of the generator; 'none' drops the -gpt4 dataset suffix",
+    )
     found.add_argument("--embed_model", default="gemma2b", help="model that produced the embeddings")
     found.add_argument("--gen_model", default="gemma2b", help="model that generated the responses")
     conversion = parser.add_argument_group("conversion")
-    conversion.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
-                            help="kn: (K, N, D) + (K, N); nk: (N, K, D) + (N, K, 1); auto: detect")
-    conversion.add_argument("--max_prompts", type=positive_int, default=None,
-                            help="keep only the first M prompts of each set (default: all)")
-    conversion.add_argument("--no_sort", action="store_true",
-                            help="keep the file's response order instead of sorting by reward")
-    conversion.add_argument("--chunk_prompts", type=positive_int, default=None,
-                            help=f"prompts copied per chunk (default: ~{CHUNK_BYTES >> 20} MiB of input)")
+    conversion.add_argument(
+        "--layout",
+        choices=("auto", *LAYOUTS),
+        default="auto",
+        help="kn: (K, N, D) + (K, N); nk: (N, K, D) + (N, K, 1); auto: detect",
+    )
+    conversion.add_argument(
+        "--max_prompts",
+        type=positive_int,
+        default=None,
+        help="keep only the first M prompts of each set (default: all)",
+    )
+    conversion.add_argument(
+        "--no_sort", action="store_true", help="keep the file's response order instead of sorting by reward"
+    )
+    conversion.add_argument(
+        "--chunk_prompts",
+        type=positive_int,
+        default=None,
+        help=f"prompts copied per chunk (default: ~{CHUNK_BYTES >> 20} MiB of input)",
+    )
     conversion.add_argument("--output_dir", default="data", help="data directory to write (DATA_DIR)")
     args = parser.parse_args(argv)
     for pair in (("embd_file", "reward_file"), ("test_embd_file", "test_reward_file")):
@@ -119,15 +135,20 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Sources: names, discovery, validation
 # --------------------------------------------------------------------------------------------
-def repo_file_names(layout: str, split: str, task: str, sft_obj: str, embed_model: str,
-                    gen_model: str) -> tuple[str, str]:
+def repo_file_names(
+    layout: str, split: str, task: str, sft_obj: str, embed_model: str, gen_model: str
+) -> tuple[str, str]:
     """(embeddings, rewards) file names of one split ('train' or 'test') in a repository layout."""
     if layout == "kn":
         dataset = f"hh-rlhf-{task}" + ("" if sft_obj == "none" else f"-{sft_obj}")
-        return (f"EMBD_{dataset}_{embed_model}_{gen_model}_{split}.npy",
-                f"REWARD_{dataset}_{TASKS[task].golden_rm}_{gen_model}_{split}.npy")
-    return (f"embd_{gen_model}_{embed_model}_{task}_{split}.npy",
-            f"reward_{gen_model}_{embed_model}_{task}_{split}.npy")
+        return (
+            f"EMBD_{dataset}_{embed_model}_{gen_model}_{split}.npy",
+            f"REWARD_{dataset}_{TASKS[task].golden_rm}_{gen_model}_{split}.npy",
+        )
+    return (
+        f"embd_{gen_model}_{embed_model}_{task}_{split}.npy",
+        f"reward_{gen_model}_{embed_model}_{task}_{split}.npy",
+    )
 
 
 def layout_from_name(name: str) -> str | None:
@@ -151,8 +172,7 @@ def explicit_sources(args) -> list[Source]:
         sources.append(Source("test", Path(args.test_embd_file), Path(args.test_reward_file)))
     for source in sources:
         prefix = "--" if source.kind == "train" else "--test_"
-        for flag, path in ((f"{prefix}embd_file", source.embd_path),
-                           (f"{prefix}reward_file", source.reward_path)):
+        for flag, path in ((f"{prefix}embd_file", source.embd_path), (f"{prefix}reward_file", source.reward_path)):
             if not path.is_file():
                 raise InputError(f"{flag} {path}: file not found")
     return sources
@@ -178,17 +198,21 @@ def discover_sources(args) -> list[Source]:
             if present[0]:
                 found.append(Source(kind, embd_dir / names[0], embd_dir / names[1]))
         if len(found) > 1:
-            raise InputError(f"{embd_dir} holds {kind} files in both layouts ({found[0].embd_path.name}, "
-                             f"{found[1].embd_path.name}); pass --layout kn or --layout nk")
+            raise InputError(
+                f"{embd_dir} holds {kind} files in both layouts ({found[0].embd_path.name}, "
+                f"{found[1].embd_path.name}); pass --layout kn or --layout nk"
+            )
         if found:
             sources.append(found[0])
         elif kind == "train":
             listing = sorted(os.listdir(embd_dir))
             shown = ", ".join(listing[:20]) + (f" and {len(listing) - 20} more" if len(listing) > 20 else "")
-            raise InputError(f"no training embeddings in --embd_dir {embd_dir} for --task {args.task} "
-                             f"--sft_obj {args.sft_obj} --embed_model {args.embed_model} --gen_model "
-                             f"{args.gen_model}: looked for {' or '.join(wanted)}; the folder holds "
-                             f"{shown or 'nothing'}")
+            raise InputError(
+                f"no training embeddings in --embd_dir {embd_dir} for --task {args.task} "
+                f"--sft_obj {args.sft_obj} --embed_model {args.embed_model} --gen_model "
+                f"{args.gen_model}: looked for {' or '.join(wanted)}; the folder holds "
+                f"{shown or 'nothing'}"
+            )
     return sources
 
 
@@ -209,17 +233,21 @@ def detect_layout(forced: str, source: Source, embd_shape: tuple, reward_shape: 
     by_name = layout_from_name(source.embd_path.name)
     if len(reward_shape) == 3:
         if by_name == "kn":
-            raise InputError(f"{source.reward_path}: a 3-D reward {reward_shape} is the nk layout's but "
-                             f"{source.embd_path.name} is named like the kn layout's; pass --layout kn "
-                             f"or --layout nk")
+            raise InputError(
+                f"{source.reward_path}: a 3-D reward {reward_shape} is the nk layout's but "
+                f"{source.embd_path.name} is named like the kn layout's; pass --layout kn "
+                f"or --layout nk"
+            )
         return "nk"
     if by_name:
         return by_name
     first, second = reward_shape
     if first == second:
-        raise InputError(f"{source.reward_path}: cannot tell (K, N) from (N, K) in a 2-D reward of shape "
-                         f"{reward_shape}; pass --layout kn for {LAYOUT_SHAPES['kn'].split(' and')[0]} "
-                         f"or --layout nk for {LAYOUT_SHAPES['nk'].split(' and')[0]}")
+        raise InputError(
+            f"{source.reward_path}: cannot tell (K, N) from (N, K) in a 2-D reward of shape "
+            f"{reward_shape}; pass --layout kn for {LAYOUT_SHAPES['kn'].split(' and')[0]} "
+            f"or --layout nk for {LAYOUT_SHAPES['nk'].split(' and')[0]}"
+        )
     return "kn" if first < second else "nk"
 
 
@@ -257,8 +285,7 @@ class SetPlan:
 
     def output_names(self) -> list[str]:
         emb_pattern, reward_pattern = FILE_PATTERNS[self.kind]
-        return [pattern.format(k=k) for k in range(self.n_responses)
-                for pattern in (emb_pattern, reward_pattern)]
+        return [pattern.format(k=k) for k in range(self.n_responses) for pattern in (emb_pattern, reward_pattern)]
 
     def output_bytes(self) -> int:
         """Upper bound on the size of this set's output files."""
@@ -272,8 +299,7 @@ def plan_set(source: Source, args) -> SetPlan:
     embd_shape, dtype = embeddings.shape, embeddings.dtype
     del embeddings  # only the header was needed
     if len(embd_shape) != 3:
-        raise InputError(f"{source.embd_path}: expected 3-D embeddings, (K, N, D) or (N, K, D), "
-                         f"got shape {embd_shape}")
+        raise InputError(f"{source.embd_path}: expected 3-D embeddings, (K, N, D) or (N, K, D), got shape {embd_shape}")
     if dtype not in ALLOWED_DTYPES:
         raise InputError(f"{source.embd_path}: expected float32 or float16 embeddings, got {dtype}")
     if 0 in embd_shape:
@@ -282,21 +308,26 @@ def plan_set(source: Source, args) -> SetPlan:
     if rewards.dtype.kind not in "fiu":
         raise InputError(f"{source.reward_path}: expected real-valued rewards, got dtype {rewards.dtype}")
     if rewards.ndim not in (2, 3):
-        raise InputError(f"{source.reward_path}: expected 2-D (K, N) or 3-D (N, K, 1) rewards, "
-                         f"got shape {rewards.shape}")
+        raise InputError(
+            f"{source.reward_path}: expected 2-D (K, N) or 3-D (N, K, 1) rewards, got shape {rewards.shape}"
+        )
     layout = detect_layout(args.layout, source, embd_shape, rewards.shape)
     rewards_nk = reward_matrix(source, layout, embd_shape, rewards)
     n_prompts, n_responses = rewards_nk.shape
     if n_responses < 2:
-        raise InputError(f"{source.embd_path}: need at least 2 responses per prompt, found K={n_responses} "
-                         f"(reading it as {LAYOUT_SHAPES[layout]}; --layout changes that)")
+        raise InputError(
+            f"{source.embd_path}: need at least 2 responses per prompt, found K={n_responses} "
+            f"(reading it as {LAYOUT_SHAPES[layout]}; --layout changes that)"
+        )
     n_keep = min(n_prompts, args.max_prompts or n_prompts)
     rewards_nk = rewards_nk[:n_keep].astype(np.float64)
     finite = np.isfinite(rewards_nk)
     if not finite.all():
         prompt, response = np.argwhere(~finite)[0]
-        raise InputError(f"{source.reward_path}: non-finite reward {rewards_nk[prompt, response]} for "
-                         f"prompt {prompt}, response {response}")
+        raise InputError(
+            f"{source.reward_path}: non-finite reward {rewards_nk[prompt, response]} for "
+            f"prompt {prompt}, response {response}"
+        )
     if args.no_sort:
         order = np.broadcast_to(np.arange(n_responses), rewards_nk.shape)
     else:
@@ -309,22 +340,28 @@ def reward_matrix(source: Source, layout: str, embd_shape: tuple, rewards: np.nd
     if layout == "kn":
         n_responses, n_prompts = embd_shape[:2]
         if rewards.ndim != 2:
-            raise InputError(f"{source.reward_path}: the kn layout needs 2-D (K, N) rewards, got shape "
-                             f"{rewards.shape} (pass --layout nk for (N, K, 1) rewards)")
+            raise InputError(
+                f"{source.reward_path}: the kn layout needs 2-D (K, N) rewards, got shape "
+                f"{rewards.shape} (pass --layout nk for (N, K, 1) rewards)"
+            )
         matrix = rewards.T
     else:
         n_prompts, n_responses = embd_shape[:2]
         if rewards.ndim == 3 and rewards.shape[2] != 1:
-            raise InputError(f"{source.reward_path}: reward last dim must be 1 in the nk layout's (N, K, 1), "
-                             f"got shape {rewards.shape}")
+            raise InputError(
+                f"{source.reward_path}: reward last dim must be 1 in the nk layout's (N, K, 1), "
+                f"got shape {rewards.shape}"
+            )
         matrix = rewards.reshape(rewards.shape[:2])
     if matrix.shape != (n_prompts, n_responses):
         what = "K (responses per prompt)" if matrix.shape[1] != n_responses else "N (prompts)"
         got = matrix.shape[1] if matrix.shape[1] != n_responses else matrix.shape[0]
         want = n_responses if matrix.shape[1] != n_responses else n_prompts
-        raise InputError(f"{source.reward_path}: {what} is {got} but {want} in {source.embd_path.name} "
-                         f"(rewards {rewards.shape}, embeddings {embd_shape}, "
-                         f"read as {LAYOUT_SHAPES[layout]})")
+        raise InputError(
+            f"{source.reward_path}: {what} is {got} but {want} in {source.embd_path.name} "
+            f"(rewards {rewards.shape}, embeddings {embd_shape}, "
+            f"read as {LAYOUT_SHAPES[layout]})"
+        )
     return matrix
 
 
@@ -347,19 +384,39 @@ def conversion_record(plans: list[SetPlan], args) -> dict:
     for plan in plans:
         embd, reward = plan.source.embd_path, plan.source.reward_path
         sources[plan.kind] = {
-            "embd_file": embd.name, "embd_bytes": embd.stat().st_size, "embd_shape": list(plan.embd_shape),
-            "embd_dtype": str(plan.dtype), "embd_sample_sha256": sampled_sha256(embd),
-            "reward_file": reward.name, "reward_bytes": reward.stat().st_size,
+            "embd_file": embd.name,
+            "embd_bytes": embd.stat().st_size,
+            "embd_shape": list(plan.embd_shape),
+            "embd_dtype": str(plan.dtype),
+            "embd_sample_sha256": sampled_sha256(embd),
+            "reward_file": reward.name,
+            "reward_bytes": reward.stat().st_size,
             "reward_sha256": file_sha256(reward),
         }
     # Prompts kept rather than --max_prompts itself: a limit above N changes nothing.
-    options = {"layout": {plan.kind: plan.layout for plan in plans},
-               "n_prompts": {plan.kind: plan.n_prompts for plan in plans},
-               "sort": not args.no_sort, "converter_version": CONVERTER_VERSION}
-    sets = {plan.kind: {"n_prompts": plan.n_prompts, "n_responses": plan.n_responses, "dim": plan.dim,
-                        "dtype": str(plan.dtype), "layout": plan.layout} for plan in plans}
-    return {"status": "complete", "fingerprint": json_sha256({"sources": sources, "options": options}),
-            "sources": sources, "options": options, "sets": sets}
+    options = {
+        "layout": {plan.kind: plan.layout for plan in plans},
+        "n_prompts": {plan.kind: plan.n_prompts for plan in plans},
+        "sort": not args.no_sort,
+        "converter_version": CONVERTER_VERSION,
+    }
+    sets = {
+        plan.kind: {
+            "n_prompts": plan.n_prompts,
+            "n_responses": plan.n_responses,
+            "dim": plan.dim,
+            "dtype": str(plan.dtype),
+            "layout": plan.layout,
+        }
+        for plan in plans
+    }
+    return {
+        "status": "complete",
+        "fingerprint": json_sha256({"sources": sources, "options": options}),
+        "sources": sources,
+        "options": options,
+        "sets": sets,
+    }
 
 
 def data_files_in(out_dir: Path) -> set[str]:
@@ -384,11 +441,16 @@ def previous_conversion(out_dir: Path) -> tuple[dict | None, set[str]]:
 
 
 def is_up_to_date(out_dir: Path, old: dict | None, new: dict) -> bool:
-    if not old or old.get("status") != "complete" or old.get("fingerprint") != new["fingerprint"] \
-            or not isinstance(old.get("files"), dict):
+    if (
+        not old
+        or old.get("status") != "complete"
+        or old.get("fingerprint") != new["fingerprint"]
+        or not isinstance(old.get("files"), dict)
+    ):
         return False
-    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size == size
-               for name, size in old["files"].items())
+    return all(
+        (out_dir / name).is_file() and (out_dir / name).stat().st_size == size for name, size in old["files"].items()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,8 +485,7 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
     with atomic_paths(*[out_dir / emb_pattern.format(k=k) for k in range(plan.n_responses)]) as split_paths:
         data_offsets = []
         for path in split_paths:
-            created = np.lib.format.open_memmap(path, mode="w+", dtype=plan.dtype,
-                                                shape=(plan.n_prompts, plan.dim))
+            created = np.lib.format.open_memmap(path, mode="w+", dtype=plan.dtype, shape=(plan.n_prompts, plan.dim))
             data_offsets.append(created.offset)
             del created
         starts = range(0, plan.n_prompts, chunk_prompts)
@@ -438,8 +499,10 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
                 rows = block[prompt_index, response]  # fancy indexing: a new C-contiguous (c, D)
                 if not all_finite(rows):
                     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]
-                    raise InputError(f"{plan.source.embd_path}: non-finite embedding for prompt "
-                                     f"{start + bad}, response {response[bad]}")
+                    raise InputError(
+                        f"{plan.source.embd_path}: non-finite embedding for prompt "
+                        f"{start + bad}, response {response[bad]}"
+                    )
                 with open(path, "r+b") as handle:
                     handle.seek(offset + start * row_bytes)
                     handle.write(rows.data)
@@ -453,8 +516,7 @@ def write_rewards(plan: SetPlan, out_dir: Path) -> None:
         write_rewards_jsonl(out_dir / reward_pattern.format(k=k), sorted_rewards[:, k])
 
 
-def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[str],
-            chunk_prompts: int | None) -> None:
+def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[str], chunk_prompts: int | None) -> None:
     """Replace the previous conversion in ``out_dir`` by this one; on any error leave no split files."""
     record_path = out_dir / CONVERSION_FILE
     targets = [name for plan in plans for name in plan.output_names()]
@@ -464,12 +526,21 @@ def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[st
     try:
         for name in old_files:
             (out_dir / name).unlink(missing_ok=True)
-        remove_leftover_temps(out_dir, [pattern.format(k="*") for patterns in FILE_PATTERNS.values()
-                                        for pattern in patterns])
+        remove_leftover_temps(
+            out_dir, [pattern.format(k="*") for patterns in FILE_PATTERNS.values() for pattern in patterns]
+        )
         for plan in plans:
-            log.info("%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s", plan.kind, plan.source.embd_path,
-                     plan.layout, plan.n_prompts, plan.n_responses, plan.dim, plan.dtype,
-                     ", sorting responses by reward" if plan.sort_by_reward else "")
+            log.info(
+                "%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s",
+                plan.kind,
+                plan.source.embd_path,
+                plan.layout,
+                plan.n_prompts,
+                plan.n_responses,
+                plan.dim,
+                plan.dtype,
+                ", sorting responses by reward" if plan.sort_by_reward else "",
+            )
             per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
             copy_embeddings(plan, out_dir, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))
             write_rewards(plan, out_dir)
@@ -490,34 +561,45 @@ def main(argv=None) -> Path:
     sources = explicit_sources(args) if args.embd_file else discover_sources(args)
     plans = [plan_set(source, args) for source in sources]
     if len(plans) == 2 and plans[1].dim != plans[0].dim:
-        raise InputError(f"{plans[1].source.embd_path}: D={plans[1].dim} differs from the training "
-                         f"embeddings' D={plans[0].dim} ({plans[0].source.embd_path.name})")
+        raise InputError(
+            f"{plans[1].source.embd_path}: D={plans[1].dim} differs from the training "
+            f"embeddings' D={plans[0].dim} ({plans[0].source.embd_path.name})"
+        )
     record = conversion_record(plans, args)
     out_dir = ensure_writable_dir(args.output_dir)
     old, old_files = previous_conversion(out_dir)
     foreign = sorted(data_files_in(out_dir) - old_files)
     if foreign:
-        raise InputError(f"--output_dir {out_dir} holds split files that no {CONVERSION_FILE} lists "
-                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to "
-                         f"overwrite them: choose another --output_dir or remove them")
+        raise InputError(
+            f"--output_dir {out_dir} holds split files that no {CONVERSION_FILE} lists "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to "
+            f"overwrite them: choose another --output_dir or remove them"
+        )
     summary = ", ".join(f"{plan.kind} {plan.n_prompts} prompts x K={plan.n_responses}" for plan in plans)
     if is_up_to_date(out_dir, old, record):
-        print(f"{out_dir} is up to date ({summary}, D={plans[0].dim} {plans[0].dtype}; "
-              f"{CONVERSION_FILE} matches the sources and options): nothing to do")
+        print(
+            f"{out_dir} is up to date ({summary}, D={plans[0].dim} {plans[0].dtype}; "
+            f"{CONVERSION_FILE} matches the sources and options): nothing to do"
+        )
         return out_dir
     needed = sum(plan.output_bytes() for plan in plans)
     available = shutil.disk_usage(out_dir).free + sum(
-        (out_dir / name).stat().st_size for name in old_files if (out_dir / name).is_file())
+        (out_dir / name).stat().st_size for name in old_files if (out_dir / name).is_file()
+    )
     if needed > available:
-        raise InputError(f"--output_dir {out_dir}: the conversion needs up to {needed / 1e9:.2f} GB, "
-                         f"{available / 1e9:.2f} GB are free")
+        raise InputError(
+            f"--output_dir {out_dir}: the conversion needs up to {needed / 1e9:.2f} GB, "
+            f"{available / 1e9:.2f} GB are free"
+        )
 
     started = time.perf_counter()
     convert(plans, out_dir, record, old_files, args.chunk_prompts)
     seconds = time.perf_counter() - started
     copied = sum(plan.n_prompts * plan.n_responses * plan.dim * plan.dtype.itemsize for plan in plans)
-    print(f"converted {summary}, D={plans[0].dim} {plans[0].dtype}: {copied / 1e9:.2f} GB in "
-          f"{seconds:.1f} s ({copied / 1e6 / max(seconds, 1e-9):.0f} MB/s) -> {out_dir}")
+    print(
+        f"converted {summary}, D={plans[0].dim} {plans[0].dtype}: {copied / 1e9:.2f} GB in "
+        f"{seconds:.1f} s ({copied / 1e6 / max(seconds, 1e-9):.0f} MB/s) -> {out_dir}"
+    )
     return out_dir
 
 

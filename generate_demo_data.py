@@ -67,26 +67,28 @@ class DemoWorld:
         self.hidden = hidden
         self.emb_noise = 0.1
 
-    def golden_reward(self, prompt_latent: np.ndarray, response_latent: np.ndarray,
-                      rng: np.random.Generator) -> np.ndarray:
+    def golden_reward(
+        self, prompt_latent: np.ndarray, response_latent: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         """prompt_latent (P, L), response_latent (P, K, L) -> rewards (P, K)."""
-        joint = np.concatenate([np.broadcast_to(prompt_latent[:, None], response_latent.shape),
-                                response_latent], axis=-1)
+        joint = np.concatenate(
+            [np.broadcast_to(prompt_latent[:, None], response_latent.shape), response_latent], axis=-1
+        )
         prompt_part = np.tanh(prompt_latent @ self.prompt_weights)[:, None]
         response_part = np.tanh(joint @ self.hidden_weights) @ self.output_weights / np.sqrt(self.hidden)
         noise = rng.standard_normal(response_part.shape)
         return 2.0 * prompt_part + 3.0 * response_part + 0.3 * noise
 
-    def embed(self, prompt_latent: np.ndarray, response_latent: np.ndarray,
-              rng: np.random.Generator) -> np.ndarray:
+    def embed(self, prompt_latent: np.ndarray, response_latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(P, L), (P, L) -> (P, D) float32 embeddings of one response per prompt."""
         joint = np.concatenate([prompt_latent, response_latent], axis=1).astype(np.float32)
         noise = rng.standard_normal((len(joint), self.mixing.shape[1]), dtype=np.float32)
         return joint @ self.mixing + self.emb_noise * noise
 
 
-def write_set(out_dir: Path, kind: str, world: DemoWorld, n_prompts: int, n_responses: int,
-              rng: np.random.Generator) -> None:
+def write_set(
+    out_dir: Path, kind: str, world: DemoWorld, n_prompts: int, n_responses: int, rng: np.random.Generator
+) -> None:
     """Draw one set of prompts and write its splits, sorted ascending by reward per prompt."""
     prompt_latent = rng.standard_normal((n_prompts, world.latent_dim))
     response_latent = rng.standard_normal((n_prompts, n_responses, world.latent_dim))
@@ -123,8 +125,7 @@ def write_demo(args, out_dir: Path) -> Path:
         for stale in [*out_dir.glob("EMBD-*-split_*.npy"), *out_dir.glob("rewards*_split_*.json")]:
             stale.unlink()
     elif has_data:
-        raise InputError(f"--output_dir {out_dir} holds embedding data that is not a demo; "
-                         f"refusing to overwrite it")
+        raise InputError(f"--output_dir {out_dir} holds embedding data that is not a demo; refusing to overwrite it")
 
     rng = np.random.default_rng(args.seed)
     world = DemoWorld(rng, args.emb_dim, args.latent_dim)
@@ -132,9 +133,11 @@ def write_demo(args, out_dir: Path) -> Path:
     if args.n_test_prompts:
         write_set(out_dir, "test", world, args.n_test_prompts, args.n_test_responses, rng)
     write_json(config_path, config)  # written last: marks the demo complete
-    print(f"demo data: {args.n_prompts} prompts x {args.n_splits} responses x D={args.emb_dim}"
-          f"{f', test {args.n_test_prompts} x {args.n_test_responses}' if args.n_test_prompts else ''}"
-          f" -> {out_dir}")
+    print(
+        f"demo data: {args.n_prompts} prompts x {args.n_splits} responses x D={args.emb_dim}"
+        f"{f', test {args.n_test_prompts} x {args.n_test_responses}' if args.n_test_prompts else ''}"
+        f" -> {out_dir}"
+    )
     return out_dir
 
 

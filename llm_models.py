@@ -85,14 +85,17 @@ def resolve_model(name: str, flag: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or first_part.is_dir():
         raise InputError(f"{flag} {name}: no such model folder ({path.resolve()})")
     if name.count("/") != 1 or not _valid_hub_id(name):
-        raise InputError(f"{flag} {name}: no such model folder, and not a short name "
-                         f"({', '.join(MODEL_IDS)}) or hub id owner/name")
+        raise InputError(
+            f"{flag} {name}: no such model folder, and not a short name ({', '.join(MODEL_IDS)}) or hub id owner/name"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise InputError(f"{flag} {name}: no local folder {path.resolve()}, and the hub id is not in the "
-                             "local cache (HF_HUB_OFFLINE=1)")
+            raise InputError(
+                f"{flag} {name}: no local folder {path.resolve()}, and the hub id is not in the "
+                "local cache (HF_HUB_OFFLINE=1)"
+            )
     return name
 
 
@@ -127,8 +130,10 @@ def default_golden_rm(dataset: str, eval_dataset: str | None) -> str:
     """The paper's golden reward model for the task named by ``--eval_dataset`` or ``--dataset``."""
     task = task_of(eval_dataset, dataset)
     if task is None:
-        raise InputError(f"--reward_model is required: neither --eval_dataset {eval_dataset!r} nor "
-                         f"--dataset {dataset!r} names a task ({', '.join(TASKS)})")
+        raise InputError(
+            f"--reward_model is required: neither --eval_dataset {eval_dataset!r} nor "
+            f"--dataset {dataset!r} names a task ({', '.join(TASKS)})"
+        )
     return TASKS[task].golden_rm
 
 
@@ -198,8 +203,7 @@ def rm_texts(tokenizer, queries: Sequence[str], responses: Sequence[str], rm_inp
         return [scored_text(q, r) for q, r in zip(queries, responses)]
     if rm_input_format != "chat_template":
         raise ValueError(f"unknown rm_input_format {rm_input_format!r}")
-    return [tokenizer.apply_chat_template(dialogue_messages(q, r), tokenize=False)
-            for q, r in zip(queries, responses)]
+    return [tokenizer.apply_chat_template(dialogue_messages(q, r), tokenize=False) for q, r in zip(queries, responses)]
 
 
 def response_stats(cut_responses: Sequence[str]) -> dict[str, int]:
@@ -228,8 +232,9 @@ def load_hh_rlhf(task: str, split: str, flag: str) -> list[str]:
         rows = datasets.load_dataset(HH_RLHF_HUB_ID, data_dir=f"{task}-base", split=split)
     except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"cannot load {HH_RLHF_HUB_ID} {task}-base/{split} ({first_line}); "
-                         f"pass {flag} with a local file instead") from None
+        raise InputError(
+            f"cannot load {HH_RLHF_HUB_ID} {task}-base/{split} ({first_line}); pass {flag} with a local file instead"
+        ) from None
     return list(rows["chosen"])
 
 
@@ -256,8 +261,10 @@ def read_table(path: str | Path, columns: Sequence[str], flag: str) -> list[dict
     for i, row in enumerate(rows):
         missing = [c for c in columns if not isinstance(row.get(c), str)]
         if missing:
-            raise InputError(f"{flag} {path} row {i + 1}: missing text column(s) {', '.join(missing)} "
-                             f"(expected columns {', '.join(columns)})")
+            raise InputError(
+                f"{flag} {path} row {i + 1}: missing text column(s) {', '.join(missing)} "
+                f"(expected columns {', '.join(columns)})"
+            )
     return rows
 
 
@@ -298,17 +305,29 @@ def sft_adapter_dir(output_dir: str | Path, model_name: str, dataset: str) -> Pa
 
 def add_generation_args(parser, model_aliases: Sequence[str] = ()) -> None:
     """The flags that name one generation run; steps 2, 3, 3.5 and 4 take them with the same defaults."""
-    parser.add_argument("--model_name", *model_aliases, dest="model_name", default="gemma2b",
-                        help="policy model that generated the responses: short name "
-                             f"({', '.join(list(MODEL_IDS)[:3])}), local folder or hub id")
-    parser.add_argument("--adapter_name", default="sft",
-                        help="'sft' = step 1's adapter for --model_name/--dataset, 'none' = base model, "
-                             "or a LoRA adapter folder")
-    parser.add_argument("--dataset", default="hh-rlhf-helpful-gpt4",
-                        help="SFT data set name (names step 1's adapter; its task picks the golden RM)")
-    parser.add_argument("--eval_dataset", default="hh-rlhf-helpful",
-                        help="prompt source: hh-rlhf-helpful or hh-rlhf-harmless "
-                             "(any label when step 2 reads --prompts_file)")
+    parser.add_argument(
+        "--model_name",
+        *model_aliases,
+        dest="model_name",
+        default="gemma2b",
+        help="policy model that generated the responses: short name "
+        f"({', '.join(list(MODEL_IDS)[:3])}), local folder or hub id",
+    )
+    parser.add_argument(
+        "--adapter_name",
+        default="sft",
+        help="'sft' = step 1's adapter for --model_name/--dataset, 'none' = base model, or a LoRA adapter folder",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="hh-rlhf-helpful-gpt4",
+        help="SFT data set name (names step 1's adapter; its task picks the golden RM)",
+    )
+    parser.add_argument(
+        "--eval_dataset",
+        default="hh-rlhf-helpful",
+        help="prompt source: hh-rlhf-helpful or hh-rlhf-harmless (any label when step 2 reads --prompts_file)",
+    )
     parser.add_argument("--max_len", type=positive_int, default=128, help="max new tokens per response")
     parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
@@ -321,13 +340,20 @@ DEFAULT_RM_INPUT_FORMAT = "raw"
 
 def add_reward_model_args(parser) -> None:
     """``--reward_model`` and ``--rm_input_format``, taken alike by steps 3, 3.5 and 4."""
-    parser.add_argument("--reward_model", default=None,
-                        help="golden RM: rmmistral7b, rayharmless, a local folder or hub id "
-                             "(default: the paper's RM for the task of --eval_dataset/--dataset)")
-    parser.add_argument("--rm_input_format", choices=RM_INPUT_FORMATS, default=DEFAULT_RM_INPUT_FORMAT,
-                        help="how the golden RM sees a response: raw hh-rlhf text \"...Assistant: response\" "
-                             "(the authors' choice) or the RM tokenizer's chat template over user/assistant "
-                             "turns; recorded by step 3 and checked by steps 3.5 and 4")
+    parser.add_argument(
+        "--reward_model",
+        default=None,
+        help="golden RM: rmmistral7b, rayharmless, a local folder or hub id "
+        "(default: the paper's RM for the task of --eval_dataset/--dataset)",
+    )
+    parser.add_argument(
+        "--rm_input_format",
+        choices=RM_INPUT_FORMATS,
+        default=DEFAULT_RM_INPUT_FORMAT,
+        help='how the golden RM sees a response: raw hh-rlhf text "...Assistant: response" '
+        "(the authors' choice) or the RM tokenizer's chat template over user/assistant "
+        "turns; recorded by step 3 and checked by steps 3.5 and 4",
+    )
 
 
 def check_rm_input_format(record: dict, path: str | Path, line: int, requested: str) -> None:
@@ -335,8 +361,10 @@ def check_rm_input_format(record: dict, path: str | Path, line: int, requested: 
     the one this run asks for."""
     found = record.get("rm_input_format", "raw")
     if found != requested:
-        raise InputError(f"{path} line {line}: scored with --rm_input_format {found}, this run asks for "
-                         f"{requested} (rerun step3_reward_annotation.py --rm_input_format {requested})")
+        raise InputError(
+            f"{path} line {line}: scored with --rm_input_format {found}, this run asks for "
+            f"{requested} (rerun step3_reward_annotation.py --rm_input_format {requested})"
+        )
 
 
 def prompt_seed(seed: int, prompt_id: int) -> int:
@@ -359,13 +387,22 @@ class GenerationRun:
 
     @classmethod
     def from_args(cls, args) -> GenerationRun:
-        return cls(Path(args.output_dir), args.model_name, args.adapter_name, args.dataset,
-                   args.eval_dataset, args.max_len, args.temperature)
+        return cls(
+            Path(args.output_dir),
+            args.model_name,
+            args.adapter_name,
+            args.dataset,
+            args.eval_dataset,
+            args.max_len,
+            args.temperature,
+        )
 
     @property
     def folder(self) -> Path:
-        name = (f"{model_tag(self.model_name)}_{model_tag(self.adapter_name)}_{self.dataset}_"
-                f"{self.eval_dataset}_len{self.max_len}_temp{self.temperature:g}")
+        name = (
+            f"{model_tag(self.model_name)}_{model_tag(self.adapter_name)}_{self.dataset}_"
+            f"{self.eval_dataset}_len{self.max_len}_temp{self.temperature:g}"
+        )
         return self.output_dir / "generations" / re.sub(r"[^\w.-]+", "-", name)
 
     def samples_path(self, data_class: str, part: int) -> Path:
@@ -434,9 +471,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def add_dtype_arg(parser) -> None:
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="compute dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 "
-                             "on CPU); outputs are stored as float32 whatever it is")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="compute dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 "
+        "on CPU); outputs are stored as float32 whatever it is",
+    )
 
 
 def _load_error(flag: str, name: str, what: str, err: Exception) -> InputError:
@@ -513,25 +554,33 @@ def reward_label_index(config, name: str, flag: str, reward_label: str | None) -
     classifier would score with an untrained random head.
     """
     architectures = list(getattr(config, "architectures", None) or [])
-    if architectures and not any("ForSequenceClassification" in a for a in architectures) \
-            and any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
-        raise InputError(f"{flag} {name}: this is a causal language model ({architectures[0]}), not a "
-                         "sequence-classification reward model; pass a reward model (e.g. rmmistral7b)")
+    if (
+        architectures
+        and not any("ForSequenceClassification" in a for a in architectures)
+        and any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures)
+    ):
+        raise InputError(
+            f"{flag} {name}: this is a causal language model ({architectures[0]}), not a "
+            "sequence-classification reward model; pass a reward model (e.g. rmmistral7b)"
+        )
     n_labels = int(config.num_labels)
     labels = {int(i): str(label) for i, label in (getattr(config, "id2label", None) or {}).items()}
     if reward_label is None:
         if n_labels == 1:
             return 0
         listed = ", ".join(f"{i}={labels.get(i, i)}" for i in range(n_labels))
-        raise InputError(f"{flag} {name}: the model has {n_labels} labels ({listed}); "
-                         "pick the reward with --reward_label")
+        raise InputError(
+            f"{flag} {name}: the model has {n_labels} labels ({listed}); pick the reward with --reward_label"
+        )
     if reward_label.isdigit() and int(reward_label) < n_labels:
         return int(reward_label)
     by_name = [i for i in range(n_labels) if labels.get(i) == reward_label]
     if by_name:
         return by_name[0]
-    raise InputError(f"--reward_label {reward_label}: {name} has labels "
-                     f"{', '.join(f'{i}={labels.get(i, i)}' for i in range(n_labels))}")
+    raise InputError(
+        f"--reward_label {reward_label}: {name} has labels "
+        f"{', '.join(f'{i}={labels.get(i, i)}' for i in range(n_labels))}"
+    )
 
 
 def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.dtype, tokenizer):
@@ -551,12 +600,22 @@ def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.d
         raise _load_error(flag, name, "sequence-classification reward model", err) from None
     if model.config.pad_token_id != tokenizer.pad_token_id:
         if model.config.pad_token_id is not None:
-            log.warning("%s: model pad_token_id %s differs from the tokenizer's %s; using the tokenizer's",
-                        name, model.config.pad_token_id, tokenizer.pad_token_id)
+            log.warning(
+                "%s: model pad_token_id %s differs from the tokenizer's %s; using the tokenizer's",
+                name,
+                model.config.pad_token_id,
+                tokenizer.pad_token_id,
+            )
         model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device).eval()
-    head = next((getattr(model, attr) for attr in ("score", "classifier")
-                 if isinstance(getattr(model, attr, None), torch.nn.Linear)), None)
+    head = next(
+        (
+            getattr(model, attr)
+            for attr in ("score", "classifier")
+            if isinstance(getattr(model, attr, None), torch.nn.Linear)
+        ),
+        None,
+    )
     if head is None:
         log.warning("%s: no Linear score head found; rewards keep the compute dtype's precision", name)
     elif dtype != torch.float32:
@@ -571,15 +630,16 @@ def rewards_from_logits(logits: torch.Tensor, label: int) -> torch.Tensor:
     logits = logits.float()
     if logits.shape[1] == 1:
         return logits[:, 0]
-    others = torch.cat([logits[:, :label], logits[:, label + 1:]], dim=1)
+    others = torch.cat([logits[:, :label], logits[:, label + 1 :]], dim=1)
     return logits[:, label] - torch.logsumexp(others, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
 # Batched forward passes over texts (steps 3 and 4, and anyone embedding (prompt, response) texts)
 # --------------------------------------------------------------------------------------------
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int,
-                   add_special_tokens: bool = True) -> tuple[list[list[int]], np.ndarray]:
+def tokenize_texts(
+    tokenizer, texts: Sequence[str], max_length: int, add_special_tokens: bool = True
+) -> tuple[list[list[int]], np.ndarray]:
     """Token ids of each text (with the tokenizer's special tokens unless told otherwise), cut to
     ``max_length``.
 
@@ -603,9 +663,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str,
-                        batch_size: int, device: torch.device, desc: str,
-                        progress: bool = True) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+def iter_length_batches(
+    token_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    padding_side: str,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """Yield (row indices, model inputs) over batches of similar length, longest first.
 
     Sorting by length keeps padding small (dynamic padding per batch) and surfaces out-of-memory on
@@ -616,9 +682,14 @@ def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding
 
     lengths = np.array([len(seq) for seq in token_ids])
     order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
-                      total=math.ceil(len(order) / batch_size), disable=not progress):
-        rows = order[start:start + batch_size]
+    for start in tqdm(
+        range(0, len(order), batch_size),
+        desc=desc,
+        unit="batch",
+        total=math.ceil(len(order) / batch_size),
+        disable=not progress,
+    ):
+        rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -627,21 +698,26 @@ def iter_length_batches(token_ids: Sequence[Sequence[int]], pad_id: int, padding
             span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
             input_ids[i, span] = seq
             attention_mask[i, span] = 1
-        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                 "position_ids": position_ids_from_mask(attention_mask).to(device)}
+        batch = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "position_ids": position_ids_from_mask(attention_mask).to(device),
+        }
         yield rows, batch
 
 
-def iter_embeddings(model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int, device: torch.device,
-                    progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_embeddings(
+    model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int, device: torch.device, progress: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, (B, D) float32 embeddings): the final layer's hidden state at the last
     real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure;
     ``reward_model.py`` embeds new text with it too). ``progress``: show a tqdm bar.
 
     Raises RuntimeError on a non-finite hidden state.
     """
-    for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
-                                           batch_size, device, "embedding", progress):
+    for rows, batch in iter_length_batches(
+        token_ids, tokenizer.pad_token_id, tokenizer.padding_side, batch_size, device, "embedding", progress
+    ):
         with torch.inference_mode():
             hidden = model(**batch, use_cache=False).last_hidden_state
             last = last_token_index(batch["attention_mask"])
@@ -651,8 +727,9 @@ def iter_embeddings(model, tokenizer, token_ids: Sequence[Sequence[int]], batch_
         yield rows, vectors
 
 
-def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
-                max_length: int = 1024, progress: bool = True) -> np.ndarray:
+def embed_texts(
+    model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 1024, progress: bool = True
+) -> np.ndarray:
     """(N, D) float32 embeddings of ``texts`` exactly as step 4 computes them (texts cut to
     ``max_length`` tokens, a warning says how many). For a (prompt, response) pair pass
     ``scored_text(prompt, cut_response(response))``. ``progress``: show a tqdm bar."""
@@ -662,8 +739,9 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
     device = next(model.parameters()).device
     token_ids, truncated = tokenize_texts(tokenizer, texts, max_length)
     if truncated.any():
-        log.warning("%d of %d texts are longer than %d tokens and were cut at the end",
-                    truncated.sum(), len(texts), max_length)
+        log.warning(
+            "%d of %d texts are longer than %d tokens and were cut at the end", truncated.sum(), len(texts), max_length
+        )
     for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress):
         out[rows] = vectors
     return out

@@ -76,9 +76,13 @@ def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
     denom = np.sqrt((rank_pred**2).sum(axis=1) * (rank_gold**2).sum(axis=1))
     valid = denom > 0
     rho = (rank_pred * rank_gold).sum(axis=1)[valid] / denom[valid]
-    return _with_reason(mean=float(rho.mean()) if valid.any() else None,
-                     reason=None if valid.any() else "every prompt has constant golden rewards or predictions",
-                     n_prompts_used=int(valid.sum()), n_prompts=pred.shape[0], n_responses=pred.size)
+    return _with_reason(
+        mean=float(rho.mean()) if valid.any() else None,
+        reason=None if valid.any() else "every prompt has constant golden rewards or predictions",
+        n_prompts_used=int(valid.sum()),
+        n_prompts=pred.shape[0],
+        n_responses=pred.size,
+    )
 
 
 def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float | None:
@@ -105,34 +109,47 @@ def same_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray) -> dict:
     chunk = max(1, _BLOCK_ELEMENTS // (n_resp * n_resp))
     correct = ties = count = 0
     for start in range(0, n_prompts, chunk):
-        p, g = pred[start:start + chunk], gold[start:start + chunk]
+        p, g = pred[start : start + chunk], gold[start : start + chunk]
         gold_lower = g[:, :, None] < g[:, None, :]  # each pair with different golden rewards, once
         correct += int(np.count_nonzero(gold_lower & (p[:, :, None] < p[:, None, :])))
         ties += int(np.count_nonzero(gold_lower & (p[:, :, None] == p[:, None, :])))
         count += int(np.count_nonzero(gold_lower))
     total = correct + 0.5 * ties
-    return _with_reason(accuracy=total / count if count else None,
-                     reason=None if count else "no response pair of one prompt has different golden rewards",
-                     n_pairs=count, n_prompts=n_prompts, n_responses=pred.size)
+    return _with_reason(
+        accuracy=total / count if count else None,
+        reason=None if count else "no response pair of one prompt has different golden rewards",
+        n_pairs=count,
+        n_prompts=n_prompts,
+        n_responses=pred.size,
+    )
 
 
-def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: int,
-                                   seed: int) -> dict:
+def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: int, seed: int) -> dict:
     """Accuracy on ``n_pairs`` seeded random pairs of responses from two different prompts."""
     pred, gold = _check(pred, gold)
     n_prompts, n_resp = pred.shape
     if n_prompts < 2:
-        return {"accuracy": None, "reason": "needs at least 2 prompts", "n_pairs": 0, "n_prompts": n_prompts,
-                "n_responses": pred.size}
+        return {
+            "accuracy": None,
+            "reason": "needs at least 2 prompts",
+            "n_pairs": 0,
+            "n_prompts": n_prompts,
+            "n_responses": pred.size,
+        }
     rng = np.random.default_rng(seed_sequence(seed, "cross_prompt_pairs"))
     prompt_a = rng.integers(n_prompts, size=n_pairs)
     prompt_b = (prompt_a + rng.integers(1, n_prompts, size=n_pairs)) % n_prompts  # never == a
     resp_a, resp_b = rng.integers(n_resp, size=n_pairs), rng.integers(n_resp, size=n_pairs)
-    total, count = _pair_scores(pred[prompt_a, resp_a] - pred[prompt_b, resp_b],
-                                gold[prompt_a, resp_a] - gold[prompt_b, resp_b])
-    return _with_reason(accuracy=total / count if count else None,
-                     reason=None if count else "no sampled pair has different golden rewards",
-                     n_pairs=count, n_prompts=n_prompts, n_responses=pred.size)
+    total, count = _pair_scores(
+        pred[prompt_a, resp_a] - pred[prompt_b, resp_b], gold[prompt_a, resp_a] - gold[prompt_b, resp_b]
+    )
+    return _with_reason(
+        accuracy=total / count if count else None,
+        reason=None if count else "no sampled pair has different golden rewards",
+        n_pairs=count,
+        n_prompts=n_prompts,
+        n_responses=pred.size,
+    )
 
 
 def _permute(values: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -140,8 +157,9 @@ def _permute(values: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.take_along_axis(np.broadcast_to(values[:, None, :], order.shape), order, axis=2)
 
 
-def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: int, seed: int,
-              ns: Sequence[int] = BEST_OF_N) -> dict:
+def best_of_n(
+    gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: int, seed: int, ns: Sequence[int] = BEST_OF_N
+) -> dict:
     """Best-of-N curves of several predictors on shared random subsets, with oracle and random.
 
     Each draw is a seeded uniformly random ordering of a prompt's responses; its first N responses
@@ -186,8 +204,12 @@ def best_of_n(gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: 
     for name in names:
         per_prompt = picked_gold[name]
         stderr = (per_prompt.std(axis=1, ddof=1) / np.sqrt(n_prompts)).tolist() if n_prompts > 1 else [None] * len(ns)
-        curves[name] = {"n": list(ns), "mean": per_prompt.mean(axis=1).tolist(), "stderr": stderr,
-                        "quantile": picked_quantile[name].mean(axis=1).tolist()}
+        curves[name] = {
+            "n": list(ns),
+            "mean": per_prompt.mean(axis=1).tolist(),
+            "stderr": stderr,
+            "quantile": picked_quantile[name].mean(axis=1).tolist(),
+        }
     result = {"curves": curves, "n_draws": n_draws, "n_prompts": n_prompts, "n_responses": gold.size}
     if n_prompts < 2:
         result["stderr_reason"] = "a standard error over prompts needs at least 2 prompts"
@@ -209,10 +231,13 @@ def binned_calibration(pred: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> 
     pred, gold = np.asarray(pred, np.float64).ravel(), np.asarray(gold, np.float64).ravel()
     order = np.argsort(pred, kind="stable")
     bins = [b for b in np.array_split(order, min(n_bins, len(order))) if len(b)]
-    return {"pred_mean": [float(pred[b].mean()) for b in bins],
-            "gold_mean": [float(gold[b].mean()) for b in bins],
-            "gold_stderr": [float(gold[b].std(ddof=1) / np.sqrt(len(b))) if len(b) > 1 else 0.0 for b in bins],
-            "count": [len(b) for b in bins], "n_responses": int(pred.size)}
+    return {
+        "pred_mean": [float(pred[b].mean()) for b in bins],
+        "gold_mean": [float(gold[b].mean()) for b in bins],
+        "gold_stderr": [float(gold[b].std(ddof=1) / np.sqrt(len(b))) if len(b) > 1 else 0.0 for b in bins],
+        "count": [len(b) for b in bins],
+        "n_responses": int(pred.size),
+    }
 
 
 def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
@@ -221,8 +246,11 @@ def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs:
     return {
         "spearman_per_prompt": per_prompt_spearman(pred, gold),
         "spearman_global": spearman_global,
-        **({"spearman_global_reason": "the golden rewards or the predictions are all equal"}
-           if spearman_global is None else {}),
+        **(
+            {"spearman_global_reason": "the golden rewards or the predictions are all equal"}
+            if spearman_global is None
+            else {}
+        ),
         "pairwise_accuracy_same_prompt": same_prompt_pairwise_accuracy(pred, gold),
         "pairwise_accuracy_cross_prompt": cross_prompt_pairwise_accuracy(pred, gold, n_cross_pairs, seed),
     }

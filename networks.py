@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 class MLP(nn.Module):
     """input_dim -> 1024 -> 512 -> 1 with ReLU; returns (B,) scores for (B, input_dim) inputs."""
 
-    def __init__(self, input_dim: int, hidden: Sequence[int] = (1024, 512),
-                 generator: torch.Generator | None = None):
+    def __init__(self, input_dim: int, hidden: Sequence[int] = (1024, 512), generator: torch.Generator | None = None):
         super().__init__()
         self.fc1 = nn.Linear(input_dim, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
@@ -95,11 +94,12 @@ class FitResult:
     target_std: float | None = None
 
 
-def _score_pairs(model: MLP, inputs: Callable[[torch.Tensor], torch.Tensor], winners: torch.Tensor,
-                 losers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_pairs(
+    model: MLP, inputs: Callable[[torch.Tensor], torch.Tensor], winners: torch.Tensor, losers: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of both sides of the pairs in one forward pass; inputs(rows) gives the rows' features."""
     scores = model(inputs(torch.cat([winners, losers])))
-    return scores[: len(winners)], scores[len(winners):]
+    return scores[: len(winners)], scores[len(winners) :]
 
 
 def _rows_of(features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -109,6 +109,7 @@ def _rows_of(features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 @dataclass
 class FitTask:
     """One model for :func:`fit_models`: its mini-batch loss, validation loss and random stream."""
+
     model: MLP
     n_items: int
     batch_loss: Callable[[torch.Tensor], torch.Tensor]  # (B,) int64 indices into range(n_items) -> loss
@@ -132,9 +133,17 @@ class OrmTask:
         :meth:`finish` folds the standardisation into the first layer, so the model takes raw embeddings
     """
 
-    def __init__(self, features: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
-                 val_winners: torch.Tensor, val_losers: torch.Tensor, objective: str,
-                 generator: torch.Generator, standardize: bool = False):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        winners: torch.Tensor,
+        losers: torch.Tensor,
+        val_winners: torch.Tensor,
+        val_losers: torch.Tensor,
+        objective: str,
+        generator: torch.Generator,
+        standardize: bool = False,
+    ):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
         loss = OBJECTIVES[objective].loss
@@ -149,6 +158,7 @@ class OrmTask:
 
             def inputs(rows: torch.Tensor) -> torch.Tensor:
                 return (features[rows] - self.shift) / self.scale
+
         self.inputs = inputs
         model = MLP(features.shape[1], generator=generator)
         if OBJECTIVES[objective].pointwise:
@@ -157,17 +167,27 @@ class OrmTask:
 
             def batch_loss(batch: torch.Tensor) -> torch.Tensor:
                 return loss(model(inputs(sample_rows[batch])), sample_labels[batch])
+
             n_items = len(sample_rows)
         else:
+
             def batch_loss(batch: torch.Tensor) -> torch.Tensor:
                 return loss(*_score_pairs(model, inputs, winners[batch], losers[batch]))
+
             n_items = len(winners)
 
         def validate() -> tuple[float, float]:
             return evaluate_pairs(model, objective, inputs, val_winners, val_losers)
 
-        self.task = FitTask(model, n_items, batch_loss, validate if len(val_winners) else None, generator,
-                            float(len(val_winners)), math.log(2))
+        self.task = FitTask(
+            model,
+            n_items,
+            batch_loss,
+            validate if len(val_winners) else None,
+            generator,
+            float(len(val_winners)),
+            math.log(2),
+        )
 
     def finish(self, fit: FitResult) -> tuple[MLP, FitResult]:
         """The trained model taking raw embeddings (standardisation folded in) and its summary."""
@@ -178,15 +198,24 @@ class OrmTask:
                 model.fc1.bias.sub_(model.fc1.weight @ self.shift)
         val_accuracy = None
         if len(self.val_winners):
-            val_accuracy = evaluate_pairs(model, self.objective, _rows_of(self.features), self.val_winners,
-                                          self.val_losers)[1]
+            val_accuracy = evaluate_pairs(
+                model, self.objective, _rows_of(self.features), self.val_winners, self.val_losers
+            )[1]
         return model.eval(), dataclasses.replace(fit, val_pair_accuracy=val_accuracy)
 
 
-def train_orm(features: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
-              val_winners: torch.Tensor, val_losers: torch.Tensor, objective: str,
-              config: TrainConfig, generator: torch.Generator, standardize: bool = False,
-              early_stopping: bool = True) -> tuple[MLP, FitResult]:
+def train_orm(
+    features: torch.Tensor,
+    winners: torch.Tensor,
+    losers: torch.Tensor,
+    val_winners: torch.Tensor,
+    val_losers: torch.Tensor,
+    objective: str,
+    config: TrainConfig,
+    generator: torch.Generator,
+    standardize: bool = False,
+    early_stopping: bool = True,
+) -> tuple[MLP, FitResult]:
     """Train one ORM on preference pairs (see :class:`OrmTask`); early stopping on the validation
     pairs with the best weights restored, or ``config.epochs`` epochs when ``early_stopping`` is False."""
     setup = OrmTask(features, winners, losers, val_winners, val_losers, objective, generator, standardize)
@@ -210,8 +239,14 @@ class FusedAdam:
     in one call (measured ~1.3x faster per step on CPU than the per-tensor loop).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.params = list(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
@@ -231,10 +266,23 @@ class FusedAdam:
         steps = [self.steps[i] for i in active]
         torch._foreach_add_(steps, 1)
         kernel = torch._fused_adamw_ if self.weight_decay else torch._fused_adam_
-        kernel([self.params[i] for i in active], [self.params[i].grad for i in active],
-               [self.exp_avgs[i] for i in active], [self.exp_avg_sqs[i] for i in active], [], steps,
-               amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
-               eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
+        kernel(
+            [self.params[i] for i in active],
+            [self.params[i].grad for i in active],
+            [self.exp_avgs[i] for i in active],
+            [self.exp_avg_sqs[i] for i in active],
+            [],
+            steps,
+            amsgrad=False,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
 
 
 # Training has diverged when its best validation loss stays above this multiple of the larger of
@@ -260,9 +308,15 @@ class TrainingDiverged(RuntimeError):
         self.index = index
 
 
-def fit_with_early_stopping(model: MLP, n_items: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
-                            val_loss: Callable[[], float], config: TrainConfig,
-                            generator: torch.Generator, constant_loss: float = 0.0) -> FitResult:
+def fit_with_early_stopping(
+    model: MLP,
+    n_items: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    val_loss: Callable[[], float],
+    config: TrainConfig,
+    generator: torch.Generator,
+    constant_loss: float = 0.0,
+) -> FitResult:
     """:func:`fit_models` of one model with early stopping on ``val_loss``."""
     task = FitTask(model, n_items, batch_loss, lambda: (val_loss(), None), generator, 1.0, constant_loss)
     return fit_models([task], config, early_stopping=True)[0]
@@ -292,8 +346,9 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
     """
     if early_stopping and any(task.validate is None for task in tasks):
         raise ValueError("early stopping needs validation data for every model")
-    optimizers = [FusedAdam(task.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-                  for task in tasks]
+    optimizers = [
+        FusedAdam(task.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay) for task in tasks
+    ]
     untrained = [task.validate() if task.validate is not None else (-math.inf, None) for task in tasks]
     by_accuracy = config.stop_metric == "accuracy"
     if by_accuracy and any(accuracy is None for _, accuracy in untrained):
@@ -311,7 +366,7 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
             start_time = time.perf_counter()
             loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
             for start in range(0, task.n_items, config.batch_size):
-                loss = task.batch_loss(order[start:start + config.batch_size])
+                loss = task.batch_loss(order[start : start + config.batch_size])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -327,8 +382,13 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
             histories[i].append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
             if accuracy is not None:  # ORMs: the validation pairs ranked right, ties 1/2
                 histories[i][-1]["val_accuracy"] = accuracy
-            log.debug("epoch %d: train loss %.4f, val loss %s, val accuracy %s", epoch, train_loss,
-                      "n/a" if loss is None else f"{loss:.4f}", "n/a" if accuracy is None else f"{accuracy:.3f}")
+            log.debug(
+                "epoch %d: train loss %.4f, val loss %s, val accuracy %s",
+                epoch,
+                train_loss,
+                "n/a" if loss is None else f"{loss:.4f}",
+                "n/a" if accuracy is None else f"{accuracy:.3f}",
+            )
             losses.append(loss)
         if not early_stopping:
             continue
@@ -347,12 +407,20 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
         reference = max(untrained_loss, constant_loss)
         if loss > DIVERGED_LOSS_RATIO * reference:
             whose = "the untrained model's" if reference == untrained_loss else "a constant predictor's"
-            raise TrainingDiverged(f"{what} {loss:.4g} in {epochs_run} epoch(s), more than "
-                                   f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}", index)
+            raise TrainingDiverged(
+                f"{what} {loss:.4g} in {epochs_run} epoch(s), more than "
+                f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}",
+                index,
+            )
 
     if early_stopping:  # on the loss the epoch was chosen on: a tiny slice of one model alone is too noisy
-        check(lowest_loss, _pooled(tasks, untrained), max(task.constant_loss for task in tasks),
-              "best validation loss" if len(tasks) == 1 else "best pooled validation loss", -1 if len(tasks) > 1 else 0)
+        check(
+            lowest_loss,
+            _pooled(tasks, untrained),
+            max(task.constant_loss for task in tasks),
+            "best validation loss" if len(tasks) == 1 else "best pooled validation loss",
+            -1 if len(tasks) > 1 else 0,
+        )
     else:
         best_epoch = epochs_run
     fits = []
@@ -360,19 +428,32 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
         record = histories[i][best_epoch - 1]
         if not early_stopping:
             monitored = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
-            check(monitored, untrained[i], task.constant_loss,
-                  "validation loss" if record["val_loss"] is not None else "training loss", i)
+            check(
+                monitored,
+                untrained[i],
+                task.constant_loss,
+                "validation loss" if record["val_loss"] is not None else "training loss",
+                i,
+            )
         if best_states is not None:
             task.model.load_state_dict(best_states[i])
         task.model.eval()
-        fits.append(FitResult(best_epoch, epochs_run, record["val_loss"],
-                               samples[i] / max(train_seconds[i], 1e-9), histories[i]))
+        fits.append(
+            FitResult(
+                best_epoch, epochs_run, record["val_loss"], samples[i] / max(train_seconds[i], 1e-9), histories[i]
+            )
+        )
     return fits
 
 
 @torch.inference_mode()
-def evaluate_pairs(model: MLP, objective: str, features: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
-                   winners: torch.Tensor, losers: torch.Tensor) -> tuple[float, float]:
+def evaluate_pairs(
+    model: MLP,
+    objective: str,
+    features: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    winners: torch.Tensor,
+    losers: torch.Tensor,
+) -> tuple[float, float]:
     """(objective loss, fraction of pairs with r_w > r_l, ties counted 1/2) on the given pairs.
 
     features: (R, D) rows, or a function of row indices giving their (standardised) features
@@ -408,17 +489,18 @@ def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or foreign file; never unpickled beyond tensors
-        raise InputError(f"{path}: not a readable weights-only PyTorch checkpoint "
-                         f"({type(err).__name__})") from None
+        raise InputError(f"{path}: not a readable weights-only PyTorch checkpoint ({type(err).__name__})") from None
     expected = {f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
-    if not isinstance(state, dict) or set(state) != expected or \
-            not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (
+        not isinstance(state, dict)
+        or set(state) != expected
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
         raise InputError(f"{path}: not an MLP checkpoint (expected keys {sorted(expected)})")
     hidden = (state["fc1.weight"].shape[0], state["fc2.weight"].shape[0])
     input_dim = state["fc1.weight"].shape[1]
     if expected_dim is not None and input_dim != expected_dim:
-        raise InputError(f"{path}: checkpoint expects embeddings of size D={input_dim}, "
-                         f"data has D={expected_dim}")
+        raise InputError(f"{path}: checkpoint expects embeddings of size D={input_dim}, data has D={expected_dim}")
     with torch.device("meta"):  # no throw-away random initialisation
         model = MLP(input_dim, hidden)
     try:
@@ -434,8 +516,10 @@ def load_ensemble(paths: Sequence[str | Path], expected_dim: int | None = None) 
     shapes = [(m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) for m in models]
     for path, shape in zip(paths, shapes):
         if shape != shapes[0]:
-            raise InputError(f"{path}: layers {'->'.join(map(str, shape))}->1 differ from {Path(paths[0]).name}'s "
-                             f"{'->'.join(map(str, shapes[0]))}->1; checkpoints scored together must share them")
+            raise InputError(
+                f"{path}: layers {'->'.join(map(str, shape))}->1 differ from {Path(paths[0]).name}'s "
+                f"{'->'.join(map(str, shapes[0]))}->1; checkpoints scored together must share them"
+            )
     return models
 
 
@@ -498,12 +582,17 @@ def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Call
 def predict_rows(model: MLP, features: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """Scores (len(rows),) of ``features[rows]``, computed ``chunk`` rows at a time."""
     model.eval()
-    return torch.cat([model(features[rows[start:start + chunk]]) for start in range(0, len(rows), chunk)])
+    return torch.cat([model(features[rows[start : start + chunk]]) for start in range(0, len(rows), chunk)])
 
 
-def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: torch.Tensor,
-                  val_rows: torch.Tensor, config: TrainConfig,
-                  generator: torch.Generator) -> tuple[MLP, FitResult]:
+def train_student(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[MLP, FitResult]:
     """Train an MLP by mean squared error towards ``targets``; early stopping, best weights restored.
 
     features: (R, D) float32; targets: (R,) float32 on the golden scale
@@ -538,5 +627,6 @@ def train_student(features: torch.Tensor, targets: torch.Tensor, train_rows: tor
     def mse(rows: torch.Tensor) -> float:
         return float(F.mse_loss(predict_rows(model, features, rows).double(), targets[rows].double()))
 
-    return model, dataclasses.replace(fit, best_val_loss=mse(val_rows), train_mse=mse(train_rows),
-                                      target_mean=mean, target_std=std)
+    return model, dataclasses.replace(
+        fit, best_val_loss=mse(val_rows), train_mse=mse(train_rows), target_mean=mean, target_std=std
+    )

@@ -47,8 +47,10 @@ class Objective:
             return self.loss(winner_scores, loser_scores)
         import torch
 
-        return self.loss(torch.cat([winner_scores, loser_scores]),
-                         torch.cat([torch.ones_like(winner_scores), torch.zeros_like(loser_scores)]))
+        return self.loss(
+            torch.cat([winner_scores, loser_scores]),
+            torch.cat([torch.ones_like(winner_scores), torch.zeros_like(loser_scores)]),
+        )
 
 
 OBJECTIVES = {

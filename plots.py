@@ -45,8 +45,9 @@ def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> 
                 continue
             style = REFERENCE_STYLE.get(name, {})
             stderr = [math.nan if value is None else value for value in curve["stderr"]]  # None: one prompt
-            ax.errorbar(curve["n"], curve["mean"], yerr=stderr, label=name, marker="o",
-                        markersize=3, capsize=2, **style)
+            ax.errorbar(
+                curve["n"], curve["mean"], yerr=stderr, label=name, marker="o", markersize=3, capsize=2, **style
+            )
         ax.set_xscale("log")
         ax.set_xticks(result["curves"]["oracle"]["n"])
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
@@ -72,8 +73,15 @@ def plot_calibration(panels: Mapping[str, Mapping[str, dict]], path: str | Path,
         low, high = min(values), max(values)
         ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="perfect calibration")
         for name, curve in curves.items():
-            ax.errorbar(curve["pred_mean"], curve["gold_mean"], yerr=curve["gold_stderr"], label=name,
-                        marker="o", markersize=3, capsize=2)
+            ax.errorbar(
+                curve["pred_mean"],
+                curve["gold_mean"],
+                yerr=curve["gold_stderr"],
+                label=name,
+                marker="o",
+                markersize=3,
+                capsize=2,
+            )
         n_bins = max(len(curve["count"]) for curve in curves.values())
         ax.set_xlabel("predicted reward (bin mean)")
         ax.set_ylabel("golden reward (bin mean)")
@@ -84,8 +92,9 @@ def plot_calibration(panels: Mapping[str, Mapping[str, dict]], path: str | Path,
     save_figure(fig, path)
 
 
-def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str | Path, title: str,
-               log_x: bool = False) -> None:
+def plot_sweep(
+    x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str | Path, title: str, log_x: bool = False
+) -> None:
     """Metrics against one swept setting, one panel per metric, one line per curve, +-1 SE bars.
 
     panels: metric label -> {curve label -> {"x": [...], "mean": [...], "se": [...]}} (None for a
@@ -94,8 +103,11 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
     from matplotlib import ticker
 
     # Metrics no run has (steps a sweep left out with LAST_STEP) get no panel, unless none has any.
-    defined = {metric: curves for metric, curves in panels.items()
-               if any(m is not None for curve in curves.values() for m in curve["mean"])}
+    defined = {
+        metric: curves
+        for metric, curves in panels.items()
+        if any(m is not None for curve in curves.values() for m in curve["mean"])
+    }
     panels = defined or panels
     n_cols = min(4, len(panels))
     n_rows = -(-len(panels) // n_cols)
@@ -106,8 +118,9 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
             if not points:
                 continue
             xs, means, ses = zip(*points)
-            ax.errorbar(xs, means, yerr=[0.0 if s is None else s for s in ses], label=label, marker="o",
-                        markersize=3, capsize=2)
+            ax.errorbar(
+                xs, means, yerr=[0.0 if s is None else s for s in ses], label=label, marker="o", markersize=3, capsize=2
+            )
         if log_x:
             ax.set_xscale("log")
             ax.set_xticks(sorted({x for curve in curves.values() for x in curve["x"]}))
@@ -118,10 +131,10 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
         ax.grid(alpha=0.3)
         if not ax.get_legend_handles_labels()[0]:
             ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center")
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.set_visible(False)
     handles, labels = {}, []  # one legend for the figure, below the panels
-    for ax in axes.ravel()[:len(panels)]:
+    for ax in axes.ravel()[: len(panels)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             if label not in handles:
                 handles[label] = handle
@@ -129,13 +142,20 @@ def plot_sweep(x_name: str, panels: Mapping[str, Mapping[str, dict]], path: str 
     fig.suptitle(title)
     fig.tight_layout(rect=(0, min(0.3, 0.03 * len(labels) / n_rows), 1, 1))
     if labels:
-        fig.legend([handles[label] for label in labels], labels, loc="lower center", fontsize=8,
-                   ncol=min(2, len(labels)), frameon=False)
+        fig.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="lower center",
+            fontsize=8,
+            ncol=min(2, len(labels)),
+            frameon=False,
+        )
     save_figure(fig, path)
 
 
-def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, title: str,
-                         kept_epochs: Mapping[str, int] | None = None) -> None:
+def plot_training_curves(
+    curves: Mapping[str, list[dict]], path: str | Path, title: str, kept_epochs: Mapping[str, int] | None = None
+) -> None:
     """Training and validation loss (and ORMs' validation pair accuracy) per epoch, one line per model,
     the epoch whose weights were kept marked (``kept_epochs``; default: the lowest validation loss).
 
@@ -150,8 +170,9 @@ def plot_training_curves(curves: Mapping[str, list[dict]], path: str | Path, tit
         if not history:
             continue
         epochs = [record["epoch"] for record in history]
-        (line,) = axes[0, 0].plot(epochs, [record["train_loss"] for record in history], marker="o", markersize=3,
-                                  label=name)
+        (line,) = axes[0, 0].plot(
+            epochs, [record["train_loss"] for record in history], marker="o", markersize=3, label=name
+        )
         points = [(record["epoch"], record["val_loss"]) for record in history if record["val_loss"] is not None]
         if not points:
             continue

@@ -78,8 +78,7 @@ class RewardModel:
     embedding: the manifest's record of the embedding model ({"source", "model", "max_length"})
     """
 
-    def __init__(self, output_dir: Path, dim: int, variants: Sequence[str], scorers: dict, maps: dict,
-                 embedding: dict):
+    def __init__(self, output_dir: Path, dim: int, variants: Sequence[str], scorers: dict, maps: dict, embedding: dict):
         self.output_dir, self.dim, self.variants = output_dir, dim, tuple(variants)
         self._scorers, self._maps, self.embedding = scorers, maps, embedding
         self._embedder = None
@@ -99,19 +98,29 @@ class RewardModel:
             raise InputError(f"output directory {output_dir} does not exist (run run_all.sh or steps 5-7 first)")
         manifest = load_manifest(output_dir)
         try:
-            dim, task, objective = (manifest["data"]["dim"], manifest["config"]["task"],
-                                    manifest["config"]["rm_objective"])
+            dim, task, objective = (
+                manifest["data"]["dim"],
+                manifest["config"]["task"],
+                manifest["config"]["rm_objective"],
+            )
         except (KeyError, TypeError):
-            raise InputError(f"{output_dir / MANIFEST_FILE}: expected data.dim, config.task and "
-                             "config.rm_objective (rerun step5_train_rms.py)") from None
-        checkpoints = {"teacher": checkpoint_paths(output_dir, manifest),
-                       "student": [output_dir / student_checkpoint_name(task, objective)]}
+            raise InputError(
+                f"{output_dir / MANIFEST_FILE}: expected data.dim, config.task and "
+                "config.rm_objective (rerun step5_train_rms.py)"
+            ) from None
+        checkpoints = {
+            "teacher": checkpoint_paths(output_dir, manifest),
+            "student": [output_dir / student_checkpoint_name(task, objective)],
+        }
         map_files = {"teacher": TEACHER_MAP_FILE, "student": STUDENT_MAP_FILE}
         scorers, maps = {}, {}
         for model in ("teacher", "student"):
             if model in variants or f"{model}_iso" in variants:
-                members = (load_ensemble(checkpoints[model], dim) if model == "teacher"
-                           else [load_checkpoint(checkpoints[model][0], dim)])
+                members = (
+                    load_ensemble(checkpoints[model], dim)
+                    if model == "teacher"
+                    else [load_checkpoint(checkpoints[model][0], dim)]
+                )
                 scorers[model] = ensemble_scorer(members)
             if f"{model}_iso" in variants:
                 map_path = output_dir / map_files[model]
@@ -121,8 +130,11 @@ class RewardModel:
         if not isinstance(embedding, dict):  # a manifest written before step 5 recorded it
             claimed = manifest["config"].get("embed_model_name")
             data_dir = manifest["data"].get("data_dir")
-            embedding = (embedding_record(data_dir, claimed) if data_dir else
-                         {"source": "--embed_model_name", "model": claimed, "max_length": None})
+            embedding = (
+                embedding_record(data_dir, claimed)
+                if data_dir
+                else {"source": "--embed_model_name", "model": claimed, "max_length": None}
+            )
         return cls(output_dir, dim, variants, scorers, maps, embedding)
 
     # ----------------------------------------------------------------------------------------
@@ -141,8 +153,10 @@ class RewardModel:
         variants = self.variants if variants is None else tuple(variants)
         missing = [v for v in variants if v not in self.variants]
         if missing:
-            raise InputError(f"variant(s) {missing} not loaded (RewardModel.load(..., variants=...) "
-                             f"loaded {', '.join(self.variants)})")
+            raise InputError(
+                f"variant(s) {missing} not loaded (RewardModel.load(..., variants=...) "
+                f"loaded {', '.join(self.variants)})"
+            )
         rows = np.asarray(embeddings)
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise InputError(f"embeddings of shape {rows.shape}: expected (N, {self.dim})")
@@ -154,8 +168,8 @@ class RewardModel:
             scorer = self._scorers[model]
             scores = np.empty(len(rows), dtype=np.float32)
             for start in range(0, len(rows), DEFAULT_CHUNK_ROWS):
-                member_scores = scorer(rows[start:start + DEFAULT_CHUNK_ROWS])  # (M, B) float32
-                scores[start:start + len(member_scores[0])] = member_scores.mean(axis=0)
+                member_scores = scorer(rows[start : start + DEFAULT_CHUNK_ROWS])  # (M, B) float32
+                scores[start : start + len(member_scores[0])] = member_scores.mean(axis=0)
             raw[model] = scores.astype(np.float64)
         out = {}
         for variant in variants:
@@ -166,8 +180,14 @@ class RewardModel:
     # ----------------------------------------------------------------------------------------
     # Texts -> embeddings -> rewards
     # ----------------------------------------------------------------------------------------
-    def load_embedder(self, embedding_model: str | None = None, device: str | torch.device | None = None,
-                      batch_size: int = 16, max_length: int | None = None, dtype: str = "auto") -> None:
+    def load_embedder(
+        self,
+        embedding_model: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        dtype: str = "auto",
+    ) -> None:
         """Load the embedding model (default: the manifest's) on ``device`` (default: a GPU if present).
 
         Its hidden size must equal D. ``dtype``: compute dtype, 'auto' being step 4's rule
@@ -176,20 +196,30 @@ class RewardModel:
         manifest_path = self.output_dir / MANIFEST_FILE
         name = embedding_model or self.embedding.get("model")
         if name is None:
-            raise InputError(f"{manifest_path}: the ensemble was trained on {self.embedding.get('source')}, with "
-                             "no embedding model; pass --embedding_model to score texts")
+            raise InputError(
+                f"{manifest_path}: the ensemble was trained on {self.embedding.get('source')}, with "
+                "no embedding model; pass --embedding_model to score texts"
+            )
         flag = "--embedding_model" if embedding_model else f"{manifest_path}: embedding model"
         hidden_size = load_config(name, flag).get_text_config().hidden_size  # config.json only, no weights
         if hidden_size != self.dim:
-            raise InputError(f"{flag} {name}: hidden size {hidden_size} differs from the reward model's input "
-                             f"size D={self.dim} ({manifest_path})")
+            raise InputError(
+                f"{flag} {name}: hidden size {hidden_size} differs from the reward model's input "
+                f"size D={self.dim} ({manifest_path})"
+            )
         device = pick_device() if device is None else torch.device(device)
         tokenizer = load_tokenizer(name, flag)
         model = load_embedding_model(name, flag, device, pick_dtype(device, requested=dtype))
         max_length = max_length or self.embedding.get("max_length") or DEFAULT_MAX_LENGTH
         self._embedder = (name, tokenizer, model, batch_size, max_length)
-        log.info("embedding texts with %s on %s in %s (max %d tokens, padding side %s)", name, device,
-                 dtype_name(model.dtype), max_length, tokenizer.padding_side)
+        log.info(
+            "embedding texts with %s on %s in %s (max %d tokens, padding side %s)",
+            name,
+            device,
+            dtype_name(model.dtype),
+            max_length,
+            tokenizer.padding_side,
+        )
 
     def embed_texts(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = True) -> np.ndarray:
         """Step 4's embeddings (N, D) float32 of the (prompt, response) pairs."""
@@ -201,8 +231,9 @@ class RewardModel:
         texts = [scored_text(prompt, cut_response(response)) for prompt, response in zip(prompts, responses)]
         return embed_texts(model, tokenizer, texts, batch_size, max_length, progress)
 
-    def score_texts(self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT,
-                    progress: bool = True) -> np.ndarray:
+    def score_texts(
+        self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT, progress: bool = True
+    ) -> np.ndarray:
         """Rewards (N,) float64 of (prompt, response) texts, ``TEXTS_PER_ROUND`` texts at a time."""
         if len(prompts) != len(responses):
             raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -228,8 +259,9 @@ def _message_text(message: dict) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-        return "".join(part.get("text", "") for part in content
-                       if isinstance(part, dict) and part.get("type") == "text")
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
     raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 

@@ -123,8 +123,9 @@ def _open_embeddings(path: Path) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"cannot read embeddings {path} (expected a .npy file of float32 or float16 "
-                         f"numbers): {err}") from None
+        raise InputError(
+            f"cannot read embeddings {path} (expected a .npy file of float32 or float16 numbers): {err}"
+        ) from None
     if array.ndim != 2:
         raise InputError(f"{path}: expected a 2-D (N, D) array, got shape {array.shape}")
     if array.dtype not in ALLOWED_DTYPES:
@@ -153,8 +154,10 @@ def discover_splits(data_dir: Path, kind: str) -> list[int]:
     splits = sorted(found[emb_pattern])
     if splits and splits != list(range(len(splits))):
         gap = next(k for k in range(len(splits) + 1) if k not in found[emb_pattern])
-        raise InputError(f"gap in splits: {data_dir / emb_pattern.format(k=gap)} is missing "
-                         f"(found split indices {splits[:12]}{'...' if len(splits) > 12 else ''})")
+        raise InputError(
+            f"gap in splits: {data_dir / emb_pattern.format(k=gap)} is missing "
+            f"(found split indices {splits[:12]}{'...' if len(splits) > 12 else ''})"
+        )
     return splits
 
 
@@ -208,8 +211,9 @@ class EmbeddingSet:
             raise InputError(f"{self.embedding_paths[split]}: non-finite embedding in row {bad}")
         return rows
 
-    def score(self, prompt_ids: np.ndarray, score_fn: Callable[[np.ndarray], np.ndarray],
-              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+    def score(
+        self, prompt_ids: np.ndarray, score_fn: Callable[[np.ndarray], np.ndarray], chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> np.ndarray:
         """Apply ``score_fn`` ((B, D) float32 -> (M, B)) to every response of ``prompt_ids``.
 
         Returns (M, len(prompt_ids), K) float32. Rows are read one chunk of prompts at a time, all
@@ -220,17 +224,21 @@ class EmbeddingSet:
         per_chunk = max(1, chunk_rows // self.n_splits)
         out = None
         for start in range(0, len(prompt_ids), per_chunk):
-            ids = prompt_ids[start:start + per_chunk]
+            ids = prompt_ids[start : start + per_chunk]
             rows = np.concatenate([self.read_rows(k, ids) for k in range(self.n_splits)])
             scores = np.asarray(score_fn(rows))  # (M, K * len(ids)), split-major
             if out is None:
                 out = np.empty((scores.shape[0], len(prompt_ids), self.n_splits), np.float32)
-            out[:, start:start + len(ids)] = scores.reshape(-1, self.n_splits, len(ids)).transpose(0, 2, 1)
+            out[:, start : start + len(ids)] = scores.reshape(-1, self.n_splits, len(ids)).transpose(0, 2, 1)
         return out
 
-
-    def score_cached(self, prompt_ids: np.ndarray, score_fn: Callable[[np.ndarray], np.ndarray],
-                     cache_dir: str | os.PathLike, model_files: list[Path]) -> np.ndarray:
+    def score_cached(
+        self,
+        prompt_ids: np.ndarray,
+        score_fn: Callable[[np.ndarray], np.ndarray],
+        cache_dir: str | os.PathLike,
+        model_files: list[Path],
+    ) -> np.ndarray:
         """:meth:`score`, reusing an earlier step's result when nothing it depends on changed.
 
         The key hashes the model files' bytes, the prompt ids, the rewards and each embedding
@@ -271,14 +279,17 @@ def read_score_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         cached = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if not isinstance(cached, np.ndarray) or cached.shape != shape or cached.dtype != np.float32 \
-            or not np.isfinite(cached).all():
+    if (
+        not isinstance(cached, np.ndarray)
+        or cached.shape != shape
+        or cached.dtype != np.float32
+        or not np.isfinite(cached).all()
+    ):
         return None
     return cached
 
 
-def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
-                       required: bool = True) -> EmbeddingSet | None:
+def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", required: bool = True) -> EmbeddingSet | None:
     """Open and validate the ``kind`` splits of ``data_dir`` (None if absent and not required)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -287,8 +298,10 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train",
     emb_pattern, reward_pattern = FILE_PATTERNS[kind]
     if not splits:
         if required:
-            raise InputError(f"no {emb_pattern.format(k='*')} files in {data_dir} "
-                             f"(run generate_demo_data.py or convert_embeddings.py)")
+            raise InputError(
+                f"no {emb_pattern.format(k='*')} files in {data_dir} "
+                f"(run generate_demo_data.py or convert_embeddings.py)"
+            )
         return None
     emb_paths = [data_dir / emb_pattern.format(k=k) for k in splits]
     reward_paths = [data_dir / reward_pattern.format(k=k) for k in splits]
@@ -312,8 +325,10 @@ def load_test_set(data_dir: str | os.PathLike, train: EmbeddingSet) -> Embedding
     """The optional test set of ``data_dir`` (None if absent), checked to have the training set's D."""
     test = load_embedding_set(data_dir, "test", required=False)
     if test is not None and test.dim != train.dim:
-        raise InputError(f"{test.embedding_paths[0]}: test embeddings have D={test.dim}, the training "
-                         f"embeddings ({train.embedding_paths[0].name}) D={train.dim}")
+        raise InputError(
+            f"{test.embedding_paths[0]}: test embeddings have D={test.dim}, the training "
+            f"embeddings ({train.embedding_paths[0].name}) D={train.dim}"
+        )
     return test
 
 
@@ -347,8 +362,9 @@ def default_eval_prompts(n_prompts: int) -> int:
     return max(MIN_EVAL_PROMPTS, n_prompts // 4, min(1000, n_prompts // 2))
 
 
-def make_partition(n_prompts: int, n_sample: int, split_seed: int,
-                   eval_prompts: int | None = None) -> dict[str, list[int]]:
+def make_partition(
+    n_prompts: int, n_sample: int, split_seed: int, eval_prompts: int | None = None
+) -> dict[str, list[int]]:
     """Split prompt ids 0..n_prompts-1 into the four disjoint roles.
 
     One permutation drawn from ``split_seed``: its first ``eval_prompts`` prompts (default
@@ -360,17 +376,25 @@ def make_partition(n_prompts: int, n_sample: int, split_seed: int,
     """
     pool = default_eval_prompts(n_prompts) if eval_prompts is None else eval_prompts
     if pool < MIN_EVAL_PROMPTS:
-        raise InputError(f"--eval_prompts (EVAL_PROMPTS) {pool}: need at least {MIN_EVAL_PROMPTS} "
-                         f"prompts for calibration/student/held-out")
+        raise InputError(
+            f"--eval_prompts (EVAL_PROMPTS) {pool}: need at least {MIN_EVAL_PROMPTS} "
+            f"prompts for calibration/student/held-out"
+        )
     if n_sample < 1 or n_sample + pool > n_prompts:
-        raise InputError(f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
-                         f"the {n_prompts} prompts of the data; lower one of them or use more prompts")
+        raise InputError(
+            f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
+            f"the {n_prompts} prompts of the data; lower one of them or use more prompts"
+        )
     rng = np.random.default_rng(seed_sequence(split_seed, "partition"))
     order = rng.permutation(n_prompts)
     n_cal = int(round(pool * ROLE_SHARES["calibration"]))
     n_student = int(round(pool * ROLE_SHARES["student_train"]))
-    bounds = {"calibration": (0, n_cal), "student_train": (n_cal, n_cal + n_student),
-              "held_out": (n_cal + n_student, pool), "orm_train": (pool, pool + n_sample)}
+    bounds = {
+        "calibration": (0, n_cal),
+        "student_train": (n_cal, n_cal + n_student),
+        "held_out": (n_cal + n_student, pool),
+        "orm_train": (pool, pool + n_sample),
+    }
     return {role: sorted(int(p) for p in order[slice(*bounds[role])]) for role in PROMPT_ROLES}
 
 
@@ -380,27 +404,49 @@ def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[st
     record = read_json(path, "prompt partition (written by step5_train_rms.py)")
     require_key(record, "n_prompts", int, path, "an integer")
     require_key(record, "data_fingerprint", str, path, "a string")
-    roles = {role: np.asarray(require_key(record, role, list, path, "a list of integer prompt ids",
-                                          lambda ids: all(isinstance(i, int) and not isinstance(i, bool)
-                                                          for i in ids)), dtype=np.int64)
-             for role in PROMPT_ROLES}
+    roles = {
+        role: np.asarray(
+            require_key(
+                record,
+                role,
+                list,
+                path,
+                "a list of integer prompt ids",
+                lambda ids: all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
+            ),
+            dtype=np.int64,
+        )
+        for role in PROMPT_ROLES
+    }
     if record["n_prompts"] != eset.n_prompts or record["data_fingerprint"] != fingerprint(eset):
-        raise InputError(f"{path} was written for other data than {eset.data_dir} "
-                         f"(rerun step5_train_rms.py on this --data_dir)")
+        raise InputError(
+            f"{path} was written for other data than {eset.data_dir} (rerun step5_train_rms.py on this --data_dir)"
+        )
     merged = np.concatenate(list(roles.values()))
     if len(np.unique(merged)) != len(merged) or merged.min(initial=0) < 0 or merged.max(initial=0) >= eset.n_prompts:
         raise InputError(f"{path}: roles must be disjoint prompt ids in 0..{eset.n_prompts - 1}")
     return roles
 
 
-def require_key(record: dict, key: str, expected: type | tuple[type, ...], path: Path, what: str,
-                check: Callable[[object], bool] = lambda value: True, within: str = "") -> object:
+def require_key(
+    record: dict,
+    key: str,
+    expected: type | tuple[type, ...],
+    path: Path,
+    what: str,
+    check: Callable[[object], bool] = lambda value: True,
+    within: str = "",
+) -> object:
     """``record[key]`` if it is an ``expected`` instance passing ``check``, else an InputError naming
     ``path``, the key (inside object ``within``, if given) and ``what`` was expected."""
     value = record.get(key)
     types = expected if isinstance(expected, tuple) else (expected,)
-    if key not in record or (isinstance(value, bool) and bool not in types) or not isinstance(value, types) \
-            or not check(value):
+    if (
+        key not in record
+        or (isinstance(value, bool) and bool not in types)
+        or not isinstance(value, types)
+        or not check(value)
+    ):
         found = json.dumps(value)[:60] if key in record else "nothing"
         name = f"{within!r} -> {key!r}" if within else repr(key)
         raise InputError(f"{path}: key {name} must be {what}, got {found}")
@@ -420,22 +466,40 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
         require_key(config, key, str, path, "a string", within="config")
     data = require_key(manifest, "data", dict, path, "an object")
     require_key(data, "data_dir", str, path, "a folder name", bool, "data")
-    require_key(manifest, "checkpoints", list, path, "a non-empty list of checkpoint file names",
-                lambda names: bool(names) and all(isinstance(n, str) and n and Path(n).name == n for n in names))
-    require_key(manifest, "members", list, path, "a list of member records with numeric per-epoch histories",
-                lambda members: all(isinstance(m, dict) and _numeric_history(m.get("history", [])) for m in members))
+    require_key(
+        manifest,
+        "checkpoints",
+        list,
+        path,
+        "a non-empty list of checkpoint file names",
+        lambda names: bool(names) and all(isinstance(n, str) and n and Path(n).name == n for n in names),
+    )
+    require_key(
+        manifest,
+        "members",
+        list,
+        path,
+        "a list of member records with numeric per-epoch histories",
+        lambda members: all(isinstance(m, dict) and _numeric_history(m.get("history", [])) for m in members),
+    )
     return manifest
 
 
 def _numeric_history(history: object) -> bool:
     """A list of per-epoch records whose epoch and training loss are numbers (validation values numbers
     or null), as step 6 draws them."""
+
     def number(value: object, nullable: bool) -> bool:
         return (value is None and nullable) or (isinstance(value, int | float) and not isinstance(value, bool))
 
     return isinstance(history, list) and all(
-        isinstance(r, dict) and number(r.get("epoch"), False) and number(r.get("train_loss"), False)
-        and number(r.get("val_loss"), True) and number(r.get("val_accuracy"), True) for r in history)
+        isinstance(r, dict)
+        and number(r.get("epoch"), False)
+        and number(r.get("train_loss"), False)
+        and number(r.get("val_loss"), True)
+        and number(r.get("val_accuracy"), True)
+        for r in history
+    )
 
 
 def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
@@ -450,8 +514,11 @@ def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
     info_path = data_dir / EMBEDDING_INFO_FILE.format(kind="train")
     if info_path.is_file():
         info = read_json(info_path, "step 4 embedding record")
-        return {"source": str(info_path), "model": info.get("embed_model_path") or info.get("embed_model_name"),
-                "max_length": info.get("max_length")}
+        return {
+            "source": str(info_path),
+            "model": info.get("embed_model_path") or info.get("embed_model_name"),
+            "max_length": info.get("max_length"),
+        }
     if (data_dir / DEMO_CONFIG_FILE).is_file():
         return {"source": "demo data (synthetic vectors)", "model": None, "max_length": None}
     return {"source": "--embed_model_name", "model": claimed_model, "max_length": None}
@@ -509,8 +576,9 @@ def open_run(args, flags: Iterable[str], seed: int | None = None) -> Run:
     for flag in flags:
         given, recorded = getattr(args, flag), manifest["config"].get(flag)
         if given is not None and given != recorded:
-            raise InputError(f"--{flag} {given} does not match the ensemble in {output_dir / MANIFEST_FILE} "
-                             f"({recorded})")
+            raise InputError(
+                f"--{flag} {given} does not match the ensemble in {output_dir / MANIFEST_FILE} ({recorded})"
+            )
     data = load_embedding_set(args.data_dir or manifest["data"]["data_dir"], "train")
     teacher = getattr(args, "teacher_ckpt", None)
     checkpoints = [Path(p) for p in teacher] if teacher else checkpoint_paths(output_dir, manifest)

@@ -62,9 +62,12 @@ def parse_args(argv=None):
     run.add_argument("--output_dir", required=True, help="the steps' output folder; records go in its .run_state/")
     run.add_argument("--step", required=True, help="step number, e.g. 5 (record step5.json, label 'step 5')")
     run.add_argument("--after", default=None, help="the step whose record this one depends on, e.g. 4")
-    run.add_argument("--data_dir", default=None,
-                     help="data folder whose fingerprint goes into the key (the first step's; later steps "
-                          "inherit it through --after)")
+    run.add_argument(
+        "--data_dir",
+        default=None,
+        help="data folder whose fingerprint goes into the key (the first step's; later steps "
+        "inherit it through --after)",
+    )
     run.add_argument("--force", action="store_true", help="run even if the record says up to date")
     run.add_argument("command", nargs="+", help="the step's command line (after --)")
     return parser.parse_args(argv)
@@ -137,8 +140,11 @@ def read_record(path: Path) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict) \
-            or not isinstance(record.get("inputs"), dict):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("outputs"), dict)
+        or not isinstance(record.get("inputs"), dict)
+    ):
         return None
     return record
 
@@ -154,8 +160,13 @@ def stale_reason(record: dict | None, inputs: dict, key: str, output_dir: Path) 
         return "no record of a finished run"
     if record.get("key") != key:
         changed = [name for name in inputs if record["inputs"].get(name) != inputs[name]]
-        labels = {"argv": "its command line", "code": "its code", "data_fingerprint": "the data",
-                  "after": "the previous step's outputs", "version": "the record format"}
+        labels = {
+            "argv": "its command line",
+            "code": "its code",
+            "data_fingerprint": "the data",
+            "after": "the previous step's outputs",
+            "version": "the record format",
+        }
         return "changed: " + ", ".join(labels.get(name, name) for name in changed or ["key"])
     for name, digest in record["outputs"].items():
         path = output_dir / name
@@ -193,8 +204,10 @@ def run_command(command: Sequence[str], write_log: Path) -> int:
         process = subprocess.Popen(list(command), env={**os.environ, WRITE_LOG_ENV: str(write_log.resolve())})
     except OSError as err:
         raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
-    forward = {signum: signal.signal(signum, lambda signum, _frame: process.send_signal(signum))
-               for signum in (signal.SIGINT, signal.SIGTERM)}
+    forward = {
+        signum: signal.signal(signum, lambda signum, _frame: process.send_signal(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         status = process.wait()
     finally:
@@ -207,10 +220,14 @@ def run_step(args) -> int:
     output_dir = Path(args.output_dir)
     label, path = f"step {args.step}", record_path(output_dir, args.step)
     previous = read_record(record_path(output_dir, args.after)) if args.after else None
-    inputs = {"version": RECORD_VERSION, "step": args.step, "argv": args.command,
-              "code": code_hashes(args.command),
-              "data_fingerprint": data_fingerprint(args.data_dir) if args.data_dir else None,
-              "after": chain_digest(previous) if args.after else None}
+    inputs = {
+        "version": RECORD_VERSION,
+        "step": args.step,
+        "argv": args.command,
+        "code": code_hashes(args.command),
+        "data_fingerprint": data_fingerprint(args.data_dir) if args.data_dir else None,
+        "after": chain_digest(previous) if args.after else None,
+    }
     key = json_sha256(inputs)
     if not args.after and output_dir.is_dir():  # the first step: no other step is writing yet
         remove_leftover_temps(output_dir, recursive=True)
@@ -234,8 +251,9 @@ def run_step(args) -> int:
         outputs = {name: file_sha256(output_dir / name) for name in written_outputs(write_log, output_dir)}
     finally:
         write_log.unlink(missing_ok=True)
-    write_json(path, {"step": args.step, "key": key, "inputs": inputs, "outputs": outputs,
-                      "seconds": round(seconds, 3)})
+    write_json(
+        path, {"step": args.step, "key": key, "inputs": inputs, "outputs": outputs, "seconds": round(seconds, 3)}
+    )
     print(f"[{label} took {seconds:.1f} s]", flush=True)
     return 0
 

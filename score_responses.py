@@ -32,23 +32,39 @@ log = logging.getLogger("score_responses")
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--output_dir", default="distill_out",
-                        help="the finished run to load (run_all.sh's OUTPUT_DIR: manifest, checkpoints, maps)")
+    parser.add_argument(
+        "--output_dir",
+        default="distill_out",
+        help="the finished run to load (run_all.sh's OUTPUT_DIR: manifest, checkpoints, maps)",
+    )
     parser.add_argument("--input", required=True, help="JSONL of {prompt, response} or {prompt, responses}")
     parser.add_argument("--output", required=True, help="JSONL to write (atomically)")
-    parser.add_argument("--variant", choices=VARIANTS, default=DEFAULT_VARIANT,
-                        help="teacher (raw ensemble mean), teacher_iso, student, or student_iso "
-                             "(student + isotonic map; golden scale)")
-    parser.add_argument("--best_of_n", action="store_true",
-                        help="write only the highest-reward response of each prompt (ties: the first)")
-    parser.add_argument("--embedding_model", default=None,
-                        help="embedding model: short name, local folder or hub id (default: the one the "
-                             "manifest records; its hidden size must equal the checkpoints' D)")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=DEFAULT_VARIANT,
+        help="teacher (raw ensemble mean), teacher_iso, student, or student_iso (student + isotonic map; golden scale)",
+    )
+    parser.add_argument(
+        "--best_of_n",
+        action="store_true",
+        help="write only the highest-reward response of each prompt (ties: the first)",
+    )
+    parser.add_argument(
+        "--embedding_model",
+        default=None,
+        help="embedding model: short name, local folder or hub id (default: the one the "
+        "manifest records; its hidden size must equal the checkpoints' D)",
+    )
     parser.add_argument("--device", default="auto", help="device of the embedding model: auto, cpu, cuda, cuda:1")
     add_dtype_arg(parser)
     parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
-    parser.add_argument("--max_length", type=positive_int, default=None,
-                        help="tokens per text (default: step 4's recorded --max_length)")
+    parser.add_argument(
+        "--max_length",
+        type=positive_int,
+        default=None,
+        help="tokens per text (default: step 4's recorded --max_length)",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,13 +104,17 @@ def read_requests(path: Path) -> list[tuple[int, dict, list[str]]]:
         if not isinstance(record.get("prompt"), str):
             raise InputError(f'{path} line {number}: expected "prompt" as a string')
         if ("response" in record) == ("responses" in record):
-            raise InputError(f'{path} line {number}: expected exactly one of "response" (a string) '
-                             f'and "responses" (a list of strings)')
+            raise InputError(
+                f'{path} line {number}: expected exactly one of "response" (a string) '
+                f'and "responses" (a list of strings)'
+            )
         responses = [record["response"]] if "response" in record else record["responses"]
         if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
             key = "response" if "response" in record else "responses"
-            raise InputError(f'{path} line {number}: "{key}" must be '
-                             f'{"a string" if key == "response" else "a non-empty list of strings"}')
+            raise InputError(
+                f'{path} line {number}: "{key}" must be '
+                f"{'a string' if key == 'response' else 'a non-empty list of strings'}"
+            )
         requests.append((number, record, responses))
     if not requests:
         raise InputError(f"--input {path}: no records")
@@ -114,8 +134,16 @@ def best_per_prompt(requests: list[tuple[int, dict, list[str]]], rewards: np.nda
         index = int(np.argmax(rewards[[pos for pos, _, _ in group]]))  # first maximum on ties
         pos, response, record = group[index]
         extra = {k: v for k, v in record.items() if k not in ("prompt", "response", "responses")}
-        best.append({**extra, "prompt": prompt, "response": response, "reward": float(rewards[pos]),
-                     "best_index": index, "n_candidates": len(group)})
+        best.append(
+            {
+                **extra,
+                "prompt": prompt,
+                "response": response,
+                "reward": float(rewards[pos]),
+                "best_index": index,
+                "n_candidates": len(group),
+            }
+        )
     return best
 
 
@@ -141,14 +169,16 @@ def main(argv=None) -> list[dict]:
     else:
         records, position = [], 0
         for _, record, texts in requests:
-            values = rewards[position:position + len(texts)].tolist()
+            values = rewards[position : position + len(texts)].tolist()
             position += len(texts)
             records.append({**record, "reward": values[0]} if "response" in record else {**record, "rewards": values})
     write_jsonl(output, records)
     scale = "golden scale" if args.variant in ON_GOLDEN_SCALE else "raw ensemble scale"
-    print(f"score_responses: {len(responses)} responses of {len(set(prompts))} prompts scored with {args.variant} "
-          f"({scale}; mean reward {rewards.mean():.4f}; {len(responses) / max(seconds, 1e-9):.1f} texts/s) -> "
-          f"{output}{' (best of N per prompt)' if args.best_of_n else ''}")
+    print(
+        f"score_responses: {len(responses)} responses of {len(set(prompts))} prompts scored with {args.variant} "
+        f"({scale}; mean reward {rewards.mean():.4f}; {len(responses) / max(seconds, 1e-9):.1f} texts/s) -> "
+        f"{output}{' (best of N per prompt)' if args.best_of_n else ''}"
+    )
     return records
 
 

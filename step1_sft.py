@@ -50,21 +50,33 @@ LORA_SETTINGS = {"r": 32, "lora_alpha": 32, "lora_dropout": 0.0, "bias": "none",
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name", default="gemma2b",
-                        help="base model: gemma2b, gemma7b, llama38b, a local folder or a hub id")
-    parser.add_argument("--dataset", default="hh-rlhf-helpful-gpt4",
-                        help="hh-rlhf-{helpful,harmless}-gpt4 (GPT-4 demonstrations) or hh-rlhf-{helpful,harmless}; "
-                             "with --train_file only a name for the adapter")
-    parser.add_argument("--train_file", default=None,
-                        help="local .jsonl/.csv with prompt and completion columns (replaces the data set)")
+    parser.add_argument(
+        "--model_name", default="gemma2b", help="base model: gemma2b, gemma7b, llama38b, a local folder or a hub id"
+    )
+    parser.add_argument(
+        "--dataset",
+        default="hh-rlhf-helpful-gpt4",
+        help="hh-rlhf-{helpful,harmless}-gpt4 (GPT-4 demonstrations) or hh-rlhf-{helpful,harmless}; "
+        "with --train_file only a name for the adapter",
+    )
+    parser.add_argument(
+        "--train_file",
+        default=None,
+        help="local .jsonl/.csv with prompt and completion columns (replaces the data set)",
+    )
     parser.add_argument("--learning_rate", type=finite_float, default=5e-5, help="AdamW learning rate")
     parser.add_argument("--epochs", type=positive_int, default=2, help="training epochs")
     parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
     parser.add_argument("--batch_size", type=positive_int, default=4, help="per-device batch size")
-    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
-                        help="batches accumulated per optimizer step")
-    parser.add_argument("--max_length", type=positive_int, default=512,
-                        help="tokens per training sequence (longer ones are cut at the end)")
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=positive_int, default=1, help="batches accumulated per optimizer step"
+    )
+    parser.add_argument(
+        "--max_length",
+        type=positive_int,
+        default=512,
+        help="tokens per training sequence (longer ones are cut at the end)",
+    )
     parser.add_argument("--save_steps", type=positive_int, default=5000, help="trainer checkpoint interval")
     parser.add_argument("--seed", type=random_seed, default=42, help="seed of the trainer (data order, LoRA init)")
     parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
@@ -81,18 +93,20 @@ def load_sft_pairs(args) -> list[dict]:
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
     task = task_of(args.dataset)
     if task is None or not args.dataset.startswith("hh-rlhf-"):
-        raise InputError(f"--dataset {args.dataset}: expected hh-rlhf-{{helpful,harmless}}[-gpt4], "
-                         "or pass --train_file")
+        raise InputError(
+            f"--dataset {args.dataset}: expected hh-rlhf-{{helpful,harmless}}[-gpt4], or pass --train_file"
+        )
     if args.dataset.endswith("-gpt4"):
         csv_path = REPO_ROOT / "data" / f"synthetic_hhrlhf_{task}_expert_gpt4.csv"
         if not csv_path.is_file():
-            raise InputError(f"--dataset {args.dataset}: GPT-4 demonstration file {csv_path} not found (it is not "
-                             "distributed with this code: see README \"Steps 1-4\"; or pass --train_file, "
-                             f"or --dataset hh-rlhf-{task})")
+            raise InputError(
+                f"--dataset {args.dataset}: GPT-4 demonstration file {csv_path} not found (it is not "
+                'distributed with this code: see README "Steps 1-4"; or pass --train_file, '
+                f"or --dataset hh-rlhf-{task})"
+            )
         rows = read_table(csv_path, ("query", "response"), "--dataset")
         # hh-rlhf completions start with a space after "Assistant:"; the CSV responses do not.
-        return [{"prompt": gpt4_demo_prompt(r["query"]), "completion": " " + r["response"].strip()}
-                for r in rows]
+        return [{"prompt": gpt4_demo_prompt(r["query"]), "completion": " " + r["response"].strip()} for r in rows]
     pairs = []
     for dialogue in load_hh_rlhf(task, "train", "--train_file"):
         try:
@@ -143,8 +157,13 @@ def main(argv=None):
         report_to="none",
     )
     torch.manual_seed(args.seed)  # SFTTrainer initialises the LoRA weights before it seeds anything itself
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
-                         processing_class=tokenizer, peft_config=LoraConfig(**LORA_SETTINGS))
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA_SETTINGS),
+    )
 
     # ---- train ------------------------------------------------------------------------------
     started = time.perf_counter()
@@ -157,15 +176,28 @@ def main(argv=None):
     staging.chmod(0o755)  # mkdtemp creates it private; the adapter is a normal shared artifact
     try:
         trainer.save_model(str(staging))
-        write_json(staging / "sft_run.json", {
-            "model_name": args.model_name, "model_path": resolve_model(args.model_name, "--model_name"),
-            "dataset": args.dataset, "train_file": args.train_file, "n_pairs": len(pairs),
-            "learning_rate": args.learning_rate, "epochs": args.epochs, "max_steps": args.max_steps,
-            "global_steps": int(result.global_step), "train_loss": float(result.training_loss),
-            "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "max_length": args.max_length, "seed": args.seed, "dtype": dtype_name(dtype),
-            "lora": LORA_SETTINGS, "train_seconds": round(seconds, 2),
-        })
+        write_json(
+            staging / "sft_run.json",
+            {
+                "model_name": args.model_name,
+                "model_path": resolve_model(args.model_name, "--model_name"),
+                "dataset": args.dataset,
+                "train_file": args.train_file,
+                "n_pairs": len(pairs),
+                "learning_rate": args.learning_rate,
+                "epochs": args.epochs,
+                "max_steps": args.max_steps,
+                "global_steps": int(result.global_step),
+                "train_loss": float(result.training_loss),
+                "batch_size": args.batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "max_length": args.max_length,
+                "seed": args.seed,
+                "dtype": dtype_name(dtype),
+                "lora": LORA_SETTINGS,
+                "train_seconds": round(seconds, 2),
+            },
+        )
         old = adapter_dir.with_name(f".{adapter_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if adapter_dir.exists():
@@ -174,8 +206,10 @@ def main(argv=None):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"step1: LoRA adapter -> {adapter_dir} ({result.global_step} steps, "
-          f"loss {result.training_loss:.4f}, {seconds:.1f} s)")
+    print(
+        f"step1: LoRA adapter -> {adapter_dir} ({result.global_step} steps, "
+        f"loss {result.training_loss:.4f}, {seconds:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -68,40 +68,71 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser)
-    parser.add_argument("--data_class", choices=("train", "test"), default="train",
-                        help="which prompts: train (ORM data) or test (best-of-N evaluation)")
-    parser.add_argument("--n_samples", type=positive_int, default=10,
-                        help="responses per prompt (the paper: 10 train, 500 test)")
+    parser.add_argument(
+        "--data_class",
+        choices=("train", "test"),
+        default="train",
+        help="which prompts: train (ORM data) or test (best-of-N evaluation)",
+    )
+    parser.add_argument(
+        "--n_samples", type=positive_int, default=10, help="responses per prompt (the paper: 10 train, 500 test)"
+    )
     parser.add_argument("--split", type=split_arg, default=0, help="part index 0..n_parts-1, or 'all'")
     parser.add_argument("--n_parts", type=positive_int, default=5, help="parts the prompt set is cut into")
-    parser.add_argument("--prompts_file", default=None,
-                        help="local .jsonl/.csv with a prompt column, instead of hh-rlhf")
-    parser.add_argument("--max_prompts", type=positive_int, default=None,
-                        help="use only the first M prompts of the set (before it is cut into parts)")
-    parser.add_argument("--max_prompt_len", type=positive_int, default=450,
-                        help="skip (and count) prompts longer than this many tokens")
-    parser.add_argument("--backend", choices=("auto", "vllm", "transformers"), default="auto",
-                        help="vllm if installed and a GPU is present (auto), or the transformers generate loop")
-    parser.add_argument("--batch_size", type=positive_int, default=64,
-                        help="transformers backend: sequences per generate call")
-    parser.add_argument("--gpu_memory_utilization", type=positive_float, default=0.7,
-                        help="vllm backend: fraction of GPU memory for the engine")
-    parser.add_argument("--tensor_parallel_size", type=positive_int, default=1,
-                        help="vllm backend: GPUs one model is split over (must divide its attention heads)")
-    parser.add_argument("--max_model_len", type=positive_int, default=None,
-                        help="vllm backend: tokens per sequence the engine reserves KV cache for "
-                             "(default: --max_prompt_len + --max_len)")
+    parser.add_argument(
+        "--prompts_file", default=None, help="local .jsonl/.csv with a prompt column, instead of hh-rlhf"
+    )
+    parser.add_argument(
+        "--max_prompts",
+        type=positive_int,
+        default=None,
+        help="use only the first M prompts of the set (before it is cut into parts)",
+    )
+    parser.add_argument(
+        "--max_prompt_len", type=positive_int, default=450, help="skip (and count) prompts longer than this many tokens"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "vllm", "transformers"),
+        default="auto",
+        help="vllm if installed and a GPU is present (auto), or the transformers generate loop",
+    )
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=64, help="transformers backend: sequences per generate call"
+    )
+    parser.add_argument(
+        "--gpu_memory_utilization",
+        type=positive_float,
+        default=0.7,
+        help="vllm backend: fraction of GPU memory for the engine",
+    )
+    parser.add_argument(
+        "--tensor_parallel_size",
+        type=positive_int,
+        default=1,
+        help="vllm backend: GPUs one model is split over (must divide its attention heads)",
+    )
+    parser.add_argument(
+        "--max_model_len",
+        type=positive_int,
+        default=None,
+        help="vllm backend: tokens per sequence the engine reserves KV cache for "
+        "(default: --max_prompt_len + --max_len)",
+    )
     add_dtype_arg(parser)
-    parser.add_argument("--seed", type=random_seed, default=42,
-                        help="run seed; prompt i is sampled with a seed derived from (seed, i)")
+    parser.add_argument(
+        "--seed", type=random_seed, default=42, help="run seed; prompt i is sampled with a seed derived from (seed, i)"
+    )
     args = parser.parse_args(argv)
     if args.gpu_memory_utilization > 1:
         raise InputError(f"--gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.max_model_len is None:
         args.max_model_len = args.max_prompt_len + args.max_len
     elif args.max_model_len < args.max_prompt_len + args.max_len:
-        raise InputError(f"--max_model_len {args.max_model_len} is less than --max_prompt_len + --max_len "
-                         f"({args.max_prompt_len + args.max_len})")
+        raise InputError(
+            f"--max_model_len {args.max_model_len} is less than --max_prompt_len + --max_len "
+            f"({args.max_prompt_len + args.max_len})"
+        )
     if args.split != "all" and args.split >= args.n_parts:
         raise InputError(f"--split {args.split}: expected 0..{args.n_parts - 1} or 'all' (--n_parts {args.n_parts})")
     return args
@@ -115,15 +146,17 @@ def load_prompts(args) -> list[tuple[int, str]]:
     else:
         task = task_of(args.eval_dataset)
         if task is None or not args.eval_dataset.startswith("hh-rlhf"):
-            raise InputError(f"--eval_dataset {args.eval_dataset}: expected hh-rlhf-helpful or "
-                             "hh-rlhf-harmless, or pass --prompts_file")
+            raise InputError(
+                f"--eval_dataset {args.eval_dataset}: expected hh-rlhf-helpful or "
+                "hh-rlhf-harmless, or pass --prompts_file"
+            )
         prompts = []
         for i, dialogue in enumerate(load_hh_rlhf(task, args.data_class, "--prompts_file")):
             try:
                 prompts.append((i, split_hh_dialogue(dialogue)[0]))
             except ValueError:
                 log.warning("hh-rlhf %s row %d has no assistant turn; skipped", args.data_class, i)
-    return prompts[:args.max_prompts] if args.max_prompts else prompts
+    return prompts[: args.max_prompts] if args.max_prompts else prompts
 
 
 def resolve_adapter(args) -> Path | None:
@@ -156,21 +189,26 @@ def check_vllm_settings(args) -> None:
     try:
         import vllm  # noqa: F401 - optional dependency, probed only
     except ImportError:
-        raise InputError("--backend vllm: vllm is not installed "
-                         "(pip install vllm, or use --backend transformers)") from None
+        raise InputError(
+            "--backend vllm: vllm is not installed (pip install vllm, or use --backend transformers)"
+        ) from None
     if not torch.cuda.is_available():
         raise InputError("--backend vllm needs a CUDA GPU (use --backend transformers)")
     if args.tensor_parallel_size > torch.cuda.device_count():
-        raise InputError(f"--tensor_parallel_size {args.tensor_parallel_size}: only "
-                         f"{torch.cuda.device_count()} GPU(s) visible")
+        raise InputError(
+            f"--tensor_parallel_size {args.tensor_parallel_size}: only {torch.cuda.device_count()} GPU(s) visible"
+        )
     heads = load_config(args.model_name, "--model_name").get_text_config().num_attention_heads
     if heads % args.tensor_parallel_size:
-        raise InputError(f"--tensor_parallel_size {args.tensor_parallel_size} does not divide the "
-                         f"{heads} attention heads of {args.model_name}")
+        raise InputError(
+            f"--tensor_parallel_size {args.tensor_parallel_size} does not divide the "
+            f"{heads} attention heads of {args.model_name}"
+        )
 
 
-def generate_vllm(model_path: str, adapter: Path | None, prompts: list[str], seeds: list[int], args,
-                  dtype: torch.dtype) -> list[list[str]]:
+def generate_vllm(
+    model_path: str, adapter: Path | None, prompts: list[str], seeds: list[int], args, dtype: torch.dtype
+) -> list[list[str]]:
     """n responses per prompt from one vllm ``generate`` call, prompt i sampled with ``seeds[i]``."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -179,19 +217,28 @@ def generate_vllm(model_path: str, adapter: Path | None, prompts: list[str], see
     if adapter is not None:
         rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 32)
         engine_args = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
-    llm = LLM(model=model_path, dtype=dtype_name(dtype), seed=args.seed,
-              tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-              gpu_memory_utilization=args.gpu_memory_utilization, **engine_args)
+    llm = LLM(
+        model=model_path,
+        dtype=dtype_name(dtype),
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        **engine_args,
+    )
     top_p = TOP_P if args.temperature > 0 else 1.0
-    sampling = [SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=top_p,
-                               max_tokens=args.max_len, seed=seed) for seed in seeds]
+    sampling = [
+        SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=top_p, max_tokens=args.max_len, seed=seed)
+        for seed in seeds
+    ]
     lora = LoRARequest("sft", 1, str(adapter)) if adapter is not None else None
     outputs = llm.generate(prompts, sampling, lora_request=lora)
     return [[completion.text for completion in output.outputs] for output in outputs]
 
 
-def generate_transformers(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], args,
-                          device: torch.device) -> list[list[str]]:
+def generate_transformers(
+    model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], args, device: torch.device
+) -> list[list[str]]:
     """n responses per prompt: one ``generate`` call per prompt (``--batch_size`` sequences at most),
     the RNG seeded with the prompt's seed first, so no prompt's samples depend on another's."""
     from tqdm import tqdm
@@ -206,10 +253,15 @@ def generate_transformers(model, tokenizer, prompt_ids: list[list[int]], seeds: 
         for first in range(0, args.n_samples, args.batch_size):
             count = min(args.batch_size, args.n_samples - first)
             with torch.inference_mode():
-                sequences = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                           num_return_sequences=count, max_new_tokens=args.max_len,
-                                           pad_token_id=tokenizer.pad_token_id, **decoding)
-            texts += tokenizer.batch_decode(sequences[:, len(ids):], skip_special_tokens=True)
+                sequences = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    num_return_sequences=count,
+                    max_new_tokens=args.max_len,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **decoding,
+                )
+            texts += tokenizer.batch_decode(sequences[:, len(ids) :], skip_special_tokens=True)
         responses.append(texts)
     return responses
 
@@ -241,12 +293,22 @@ def main(argv=None):
             (kept if len(ids) <= args.max_prompt_len else too_long).append((prompt_id, prompt, ids))
         part_prompts[part], skipped[part] = kept, [prompt_id for prompt_id, _, _ in too_long]
     work = [item for part in parts for item in part_prompts[part]]
-    log.info("%s part(s) %s: %d prompts, %d skipped as longer than %d tokens; backend %s, device %s, %s",
-             args.data_class, list(parts), len(work), sum(map(len, skipped.values())), args.max_prompt_len,
-             backend, device, dtype)
+    log.info(
+        "%s part(s) %s: %d prompts, %d skipped as longer than %d tokens; backend %s, device %s, %s",
+        args.data_class,
+        list(parts),
+        len(work),
+        sum(map(len, skipped.values())),
+        args.max_prompt_len,
+        backend,
+        device,
+        dtype,
+    )
     if not work:
-        raise InputError(f"no prompts to generate for --split {args.split} "
-                         f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})")
+        raise InputError(
+            f"no prompts to generate for --split {args.split} "
+            f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})"
+        )
     ensure_writable_dir(run.folder, "--output_dir")
 
     # ---- generate ---------------------------------------------------------------------------
@@ -265,14 +327,27 @@ def main(argv=None):
     seconds = time.perf_counter() - started
 
     # ---- write one file per part ------------------------------------------------------------
-    settings = {"model_name": args.model_name, "model_path": model_path, "adapter_name": args.adapter_name,
-                "adapter_path": str(adapter) if adapter else None, "dataset": args.dataset,
-                "eval_dataset": args.eval_dataset, "prompts_file": args.prompts_file,
-                "data_class": args.data_class, "n_samples": args.n_samples, "max_len": args.max_len,
-                "temperature": args.temperature, "top_p": TOP_P if args.temperature > 0 else 1.0,
-                "seed": args.seed, "seed_rule": "prompt_seed(seed, id)", "backend": backend,
-                "dtype": dtype_name(dtype), "n_parts": args.n_parts, "max_prompt_len": args.max_prompt_len,
-                "max_prompts": args.max_prompts}
+    settings = {
+        "model_name": args.model_name,
+        "model_path": model_path,
+        "adapter_name": args.adapter_name,
+        "adapter_path": str(adapter) if adapter else None,
+        "dataset": args.dataset,
+        "eval_dataset": args.eval_dataset,
+        "prompts_file": args.prompts_file,
+        "data_class": args.data_class,
+        "n_samples": args.n_samples,
+        "max_len": args.max_len,
+        "temperature": args.temperature,
+        "top_p": TOP_P if args.temperature > 0 else 1.0,
+        "seed": args.seed,
+        "seed_rule": "prompt_seed(seed, id)",
+        "backend": backend,
+        "dtype": dtype_name(dtype),
+        "n_parts": args.n_parts,
+        "max_prompt_len": args.max_prompt_len,
+        "max_prompts": args.max_prompts,
+    }
     if backend == "vllm":
         settings.update(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
     position = 0
@@ -287,19 +362,29 @@ def main(argv=None):
         start, stop = part_bounds(len(all_prompts), args.n_parts, part)
         stats = response_stats([cut_response(r[f"response_{i}"]) for r in records for i in range(args.n_samples)])
         write_jsonl(run.samples_path(args.data_class, part), records)
-        write_json(run.summary_path(args.data_class, part), {
-            **settings, "split": part, "n_prompts_in_part": stop - start, "n_generated": len(records),
-            "n_skipped_over_length": len(skipped[part]), "skipped_ids": skipped[part], **stats,
-        })
+        write_json(
+            run.summary_path(args.data_class, part),
+            {
+                **settings,
+                "split": part,
+                "n_prompts_in_part": stop - start,
+                "n_generated": len(records),
+                "n_skipped_over_length": len(skipped[part]),
+                "skipped_ids": skipped[part],
+                **stats,
+            },
+        )
     texts = [text for row in responses for text in row]
     n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     n_empty = response_stats([cut_response(text) for text in texts])["n_empty_after_cut"]
     if n_empty:
-        log.warning("%d of %d responses are empty once cut at the first \"\\n\\nHuman\"", n_empty, len(texts))
-    print(f"step2: {len(work)} prompts x {args.n_samples} responses ({args.data_class}, part(s) "
-          f"{','.join(map(str, parts))}) -> {run.folder}; {sum(map(len, skipped.values()))} over-length "
-          f"prompts skipped; {n_empty} responses empty after the cut; {n_tokens} tokens in {seconds:.1f} s = "
-          f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s with {backend} ({dtype_name(dtype)})")
+        log.warning('%d of %d responses are empty once cut at the first "\\n\\nHuman"', n_empty, len(texts))
+    print(
+        f"step2: {len(work)} prompts x {args.n_samples} responses ({args.data_class}, part(s) "
+        f"{','.join(map(str, parts))}) -> {run.folder}; {sum(map(len, skipped.values()))} over-length "
+        f"prompts skipped; {n_empty} responses empty after the cut; {n_tokens} tokens in {seconds:.1f} s = "
+        f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s with {backend} ({dtype_name(dtype)})"
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,19 @@ log = logging.getLogger("step3.5_processing_data")
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser)
-    parser.add_argument("--data_class", choices=("train", "test", "both"), default="both",
-                        help="which scored generations to process (both: every class present)")
+    parser.add_argument(
+        "--data_class",
+        choices=("train", "test", "both"),
+        default="both",
+        help="which scored generations to process (both: every class present)",
+    )
     add_reward_model_args(parser)
-    parser.add_argument("--n_samples", type=positive_int, default=None,
-                        help="expected responses per prompt (checked; default: as scored)")
+    parser.add_argument(
+        "--n_samples",
+        type=positive_int,
+        default=None,
+        help="expected responses per prompt (checked; default: as scored)",
+    )
     return parser.parse_args(argv)
 
 
@@ -57,14 +65,17 @@ def check_scored(record: dict, path, line: int) -> int:
     return len(rewards)
 
 
-def rank_class(run: GenerationRun, data_class: str, rm_name: str, n_expected: int | None,
-               rm_input_format: str) -> tuple[list[dict], list]:
+def rank_class(
+    run: GenerationRun, data_class: str, rm_name: str, n_expected: int | None, rm_input_format: str
+) -> tuple[list[dict], list]:
     """Sorted records of every scored part of ``data_class``, in part order."""
     scored_parts = run.parts_present(data_class, rm_name)
     unscored = sorted(set(run.parts_present(data_class)) - set(scored_parts))
     if unscored:
-        raise InputError(f"{run.samples_path(data_class, unscored[0])} has no scores by {rm_name} "
-                         f"(run step3_reward_annotation.py --data_class {data_class} --split {unscored[0]})")
+        raise InputError(
+            f"{run.samples_path(data_class, unscored[0])} has no scores by {rm_name} "
+            f"(run step3_reward_annotation.py --data_class {data_class} --split {unscored[0]})"
+        )
     summary = run.summary_path(data_class, scored_parts[0])
     n_parts = read_json(summary, "step 2 summary").get("n_parts") if summary.is_file() else None
     if n_parts is not None and scored_parts != list(range(n_parts)):
@@ -77,17 +88,27 @@ def rank_class(run: GenerationRun, data_class: str, rm_name: str, n_expected: in
             check_rm_input_format(record, path, line, rm_input_format)
             rewards = np.asarray(record["rewards"], dtype=np.float64)
             order = np.argsort(rewards, kind="stable")
-            ranked.append({"query": record["query"], "id": record.get("id"), "part": part,
-                           "responses_sorted": [record["responses"][i] for i in order],
-                           "rewards_sorted": rewards[order].tolist(),
-                           "original_index": order.tolist(), "reward_model": rm_name,
-                           "rm_input_format": rm_input_format, "rm_dtype": record.get("rm_dtype"),
-                           "n_empty_after_cut": sum(not r for r in record["responses"])})
+            ranked.append(
+                {
+                    "query": record["query"],
+                    "id": record.get("id"),
+                    "part": part,
+                    "responses_sorted": [record["responses"][i] for i in order],
+                    "rewards_sorted": rewards[order].tolist(),
+                    "original_index": order.tolist(),
+                    "reward_model": rm_name,
+                    "rm_input_format": rm_input_format,
+                    "rm_dtype": record.get("rm_dtype"),
+                    "n_empty_after_cut": sum(not r for r in record["responses"]),
+                }
+            )
     if not ranked:
         raise InputError(f"{data_class}: the scored parts {scored_parts} in {run.folder} hold no prompts")
     if len(counts) != 1:
-        raise InputError(f"{data_class}: scored prompts hold different response counts {sorted(counts)} "
-                         f"in parts {scored_parts}; regenerate them with one --n_samples")
+        raise InputError(
+            f"{data_class}: scored prompts hold different response counts {sorted(counts)} "
+            f"in parts {scored_parts}; regenerate them with one --n_samples"
+        )
     if n_expected is not None and counts != {n_expected}:
         raise InputError(f"--n_samples {n_expected}: {data_class} prompts hold {counts.pop()} responses")
     return ranked, scored_parts
@@ -103,18 +124,25 @@ def main(argv=None):
     present = [c for c in classes if run.parts_present(c, rm_name)]
     missing = [c for c in classes if c not in present]
     if not present or (args.data_class != "both" and missing):
-        raise InputError(f"no {'/'.join(missing)}_part*.scored_*.jsonl for {rm_name} in {run.folder} "
-                         "(run step3_reward_annotation.py first)")
+        raise InputError(
+            f"no {'/'.join(missing)}_part*.scored_*.jsonl for {rm_name} in {run.folder} "
+            "(run step3_reward_annotation.py first)"
+        )
 
     results = {c: rank_class(run, c, rm_name, args.n_samples, args.rm_input_format) for c in present}
     for data_class, (ranked, _) in results.items():
         write_jsonl(run.ranked_path(data_class, rm_name), ranked)
-    print("step3.5: " + "; ".join(
-        f"{c}: {len(ranked)} prompts x {len(ranked[0]['rewards_sorted'])} responses from parts "
-        f"{','.join(map(str, parts))} ({sum(r['n_empty_after_cut'] for r in ranked)} empty after the cut, "
-        f"{sum(len(set(r['rewards_sorted'])) < len(r['rewards_sorted']) for r in ranked)} prompts with "
-        f"tied rewards) -> {run.ranked_path(c, rm_name).name}"
-        for c, (ranked, parts) in results.items()) + f" in {run.folder}")
+    print(
+        "step3.5: "
+        + "; ".join(
+            f"{c}: {len(ranked)} prompts x {len(ranked[0]['rewards_sorted'])} responses from parts "
+            f"{','.join(map(str, parts))} ({sum(r['n_empty_after_cut'] for r in ranked)} empty after the cut, "
+            f"{sum(len(set(r['rewards_sorted'])) < len(r['rewards_sorted']) for r in ranked)} prompts with "
+            f"tied rewards) -> {run.ranked_path(c, rm_name).name}"
+            for c, (ranked, parts) in results.items()
+        )
+        + f" in {run.folder}"
+    )
 
 
 if __name__ == "__main__":

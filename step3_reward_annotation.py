@@ -60,16 +60,26 @@ def parse_args(argv=None):
     add_generation_args(parser)
     parser.add_argument("--data_class", choices=("train", "test"), default="train", help="which generations")
     parser.add_argument("--split", type=split_arg, default=0, help="part index, or 'all' parts present")
-    parser.add_argument("--n_samples", type=positive_int, default=None,
-                        help="expected responses per prompt (checked against the file; default: as generated)")
+    parser.add_argument(
+        "--n_samples",
+        type=positive_int,
+        default=None,
+        help="expected responses per prompt (checked against the file; default: as generated)",
+    )
     add_reward_model_args(parser)
-    parser.add_argument("--reward_label", default=None,
-                        help="for a golden RM with several labels: the label (index or name) whose "
-                             "log-odds is the reward")
+    parser.add_argument(
+        "--reward_label",
+        default=None,
+        help="for a golden RM with several labels: the label (index or name) whose log-odds is the reward",
+    )
     add_dtype_arg(parser)
     parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
-    parser.add_argument("--max_length", type=positive_int, default=1024,
-                        help="tokens per scored text; longer texts are cut at the end and counted")
+    parser.add_argument(
+        "--max_length",
+        type=positive_int,
+        default=1024,
+        help="tokens per scored text; longer texts are cut at the end and counted",
+    )
     return parser.parse_args(argv)
 
 
@@ -119,28 +129,39 @@ def main(argv=None):
     label = reward_label_index(load_config(rm_name, "--reward_model"), rm_name, "--reward_model", args.reward_label)
     tokenizer = load_tokenizer(rm_name, "--reward_model")
     if args.rm_input_format == "chat_template" and not tokenizer.chat_template:
-        raise InputError(f"--rm_input_format chat_template: the tokenizer of {rm_name} has no chat template "
-                         "(use --rm_input_format raw)")
+        raise InputError(
+            f"--rm_input_format chat_template: the tokenizer of {rm_name} has no chat template "
+            "(use --rm_input_format raw)"
+        )
 
     # ---- score ------------------------------------------------------------------------------
     device = pick_device()
     dtype = pick_dtype(device, requested=args.dtype)
     model = load_reward_model(rm_name, "--reward_model", device, dtype, tokenizer)
     texts = rm_texts(tokenizer, queries, cuts, args.rm_input_format)
-    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length,
-                                          add_special_tokens=args.rm_input_format == "raw")
+    token_ids, truncated = tokenize_texts(
+        tokenizer, texts, args.max_length, add_special_tokens=args.rm_input_format == "raw"
+    )
     if truncated.any():
-        log.warning("%d of %d texts are longer than --max_length %d tokens and were cut at the end",
-                    truncated.sum(), len(texts), args.max_length)
+        log.warning(
+            "%d of %d texts are longer than --max_length %d tokens and were cut at the end",
+            truncated.sum(),
+            len(texts),
+            args.max_length,
+        )
     stats = response_stats(cuts)
     if stats["n_empty_after_cut"]:
-        log.warning("%d of %d responses are empty once cut at the first \"\\n\\nHuman\"; each is scored as its "
-                    "bare prompt", stats["n_empty_after_cut"], len(cuts))
+        log.warning(
+            '%d of %d responses are empty once cut at the first "\\n\\nHuman"; each is scored as its bare prompt',
+            stats["n_empty_after_cut"],
+            len(cuts),
+        )
     rewards = np.empty(len(texts), dtype=np.float32)
     started = time.perf_counter()
     with torch.inference_mode():
-        for rows, batch in iter_length_batches(token_ids, tokenizer.pad_token_id, tokenizer.padding_side,
-                                               args.batch_size, device, desc="scoring"):
+        for rows, batch in iter_length_batches(
+            token_ids, tokenizer.pad_token_id, tokenizer.padding_side, args.batch_size, device, desc="scoring"
+        ):
             rewards[rows] = rewards_from_logits(model(**batch).logits, label).cpu().numpy()
     seconds = time.perf_counter() - started
     if not np.isfinite(rewards).all():
@@ -151,19 +172,29 @@ def main(argv=None):
     for part, (records, n) in samples.items():
         scored = []
         for record, cut_row in zip(records, cut_rows[part]):
-            scored.append({"query": record["query"], "id": record["id"], "responses": cut_row,
-                           "rewards": rewards[position:position + n].tolist(), "reward_model": rm_name,
-                           "rm_input_format": args.rm_input_format, "reward_label": label,
-                           "rm_dtype": dtype_name(dtype),
-                           "n_cut_at_max_length": int(truncated[position:position + n].sum()),
-                           "n_empty_after_cut": sum(not cut for cut in cut_row),
-                           "settings": record.get("settings", {})})
+            scored.append(
+                {
+                    "query": record["query"],
+                    "id": record["id"],
+                    "responses": cut_row,
+                    "rewards": rewards[position : position + n].tolist(),
+                    "reward_model": rm_name,
+                    "rm_input_format": args.rm_input_format,
+                    "reward_label": label,
+                    "rm_dtype": dtype_name(dtype),
+                    "n_cut_at_max_length": int(truncated[position : position + n].sum()),
+                    "n_empty_after_cut": sum(not cut for cut in cut_row),
+                    "settings": record.get("settings", {}),
+                }
+            )
             position += n
         write_jsonl(run.scored_path(args.data_class, part, rm_name), scored)
-    print(f"step3: {len(texts)} responses of {sum(len(r) for r, _ in samples.values())} prompts scored by "
-          f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}, {args.rm_input_format} input, "
-          f"{dtype_name(dtype)}); {stats['n_empty_after_cut']} empty after the cut; mean reward "
-          f"{rewards.mean():.4f}; {len(texts) / max(seconds, 1e-9):.1f} texts/s")
+    print(
+        f"step3: {len(texts)} responses of {sum(len(r) for r, _ in samples.values())} prompts scored by "
+        f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}, {args.rm_input_format} input, "
+        f"{dtype_name(dtype)}); {stats['n_empty_after_cut']} empty after the cut; mean reward "
+        f"{rewards.mean():.4f}; {len(texts) / max(seconds, 1e-9):.1f} texts/s"
+    )
 
 
 if __name__ == "__main__":

@@ -57,19 +57,35 @@ log = logging.getLogger("step4_gen_embeddings")
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser, model_aliases=("--gen_pref_model_name",))
-    parser.add_argument("--embed_model_name", default="gemma2b",
-                        help="embedding model: gemma2b, gemma7b, llama38b, a local folder or a hub id")
-    parser.add_argument("--train_test", choices=("train", "test", "both"), default="both",
-                        help="which responses to embed (both: train, and test when step 3.5 wrote it)")
+    parser.add_argument(
+        "--embed_model_name",
+        default="gemma2b",
+        help="embedding model: gemma2b, gemma7b, llama38b, a local folder or a hub id",
+    )
+    parser.add_argument(
+        "--train_test",
+        choices=("train", "test", "both"),
+        default="both",
+        help="which responses to embed (both: train, and test when step 3.5 wrote it)",
+    )
     add_reward_model_args(parser)
-    parser.add_argument("--n_samples", type=positive_int, default=None,
-                        help="expected responses per prompt (checked; default: as ranked)")
+    parser.add_argument(
+        "--n_samples",
+        type=positive_int,
+        default=None,
+        help="expected responses per prompt (checked; default: as ranked)",
+    )
     parser.add_argument("--data_dir", default="data", help="data directory for steps 5-8")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
-    parser.add_argument("--max_length", type=positive_int, default=1024,
-                        help="tokens per text; longer texts are cut at the end and counted")
-    parser.add_argument("--embedding_dtype", choices=("float32", "float16"), default="float32",
-                        help="dtype of the stored embeddings")
+    parser.add_argument(
+        "--max_length",
+        type=positive_int,
+        default=1024,
+        help="tokens per text; longer texts are cut at the end and counted",
+    )
+    parser.add_argument(
+        "--embedding_dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored embeddings"
+    )
     add_dtype_arg(parser)
     return parser.parse_args(argv)
 
@@ -84,13 +100,20 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
     n = None
     for line, record in enumerate(records, start=1):
         responses, rewards = record.get("responses_sorted"), record.get("rewards_sorted")
-        if not isinstance(record.get("query"), str) or not isinstance(responses, list) \
-                or not isinstance(rewards, list) or len(responses) != len(rewards):
-            raise InputError(f"{path} line {line}: expected query, responses_sorted and rewards_sorted "
-                             "of equal length (a step 3.5 file)")
+        if (
+            not isinstance(record.get("query"), str)
+            or not isinstance(responses, list)
+            or not isinstance(rewards, list)
+            or len(responses) != len(rewards)
+        ):
+            raise InputError(
+                f"{path} line {line}: expected query, responses_sorted and rewards_sorted "
+                "of equal length (a step 3.5 file)"
+            )
         if not all(map(finite_number, rewards)) or any(a > b for a, b in zip(rewards, rewards[1:])):
-            raise InputError(f"{path} line {line}: rewards_sorted must be finite and ascending "
-                             "(rerun step3.5_processing_data.py)")
+            raise InputError(
+                f"{path} line {line}: rewards_sorted must be finite and ascending (rerun step3.5_processing_data.py)"
+            )
         check_rm_input_format(record, path, line, rm_input_format)
         if n is None:
             n = len(rewards)
@@ -103,8 +126,9 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
     return records, n
 
 
-def embed_into(paths, model, tokenizer, texts: list[str], n_splits: int, args, device,
-               out_dtype: np.dtype) -> tuple[int, int]:
+def embed_into(
+    paths, model, tokenizer, texts: list[str], n_splits: int, args, device, out_dtype: np.dtype
+) -> tuple[int, int]:
     """Embed ``texts`` (prompt-major: text p*K + k is response k of prompt p) into K new .npy files.
 
     ``paths`` are the K target files; each is filled as a memory-mapped temporary beside it and
@@ -113,12 +137,17 @@ def embed_into(paths, model, tokenizer, texts: list[str], n_splits: int, args, d
     n_prompts = len(texts) // n_splits
     token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length)
     if truncated.any():
-        log.warning("%d of %d texts are longer than --max_length %d tokens and were cut at the end",
-                    truncated.sum(), len(texts), args.max_length)
+        log.warning(
+            "%d of %d texts are longer than --max_length %d tokens and were cut at the end",
+            truncated.sum(),
+            len(texts),
+            args.max_length,
+        )
     dim = model.config.get_text_config().hidden_size
     with atomic_paths(*paths) as tmp_paths:
-        splits = [np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n_prompts, dim))
-                  for tmp in tmp_paths]
+        splits = [
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n_prompts, dim)) for tmp in tmp_paths
+        ]
         for rows, vectors in iter_embeddings(model, tokenizer, token_ids, args.batch_size, device):
             prompt_of, split_of = np.divmod(rows, n_splits)
             for k in np.unique(split_of):
@@ -142,8 +171,7 @@ def main(argv=None):
     if args.train_test == "both" and not run.ranked_path("test", rm_name).is_file():
         log.info("no ranked test responses in %s; embedding train only", run.folder)
         kinds = ("train",)
-    ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples, args.rm_input_format)
-              for kind in kinds}
+    ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples, args.rm_input_format) for kind in kinds}
     load_config(args.embed_model_name, "--embed_model_name")
     tokenizer = load_tokenizer(args.embed_model_name, "--embed_model_name")
     data_dir = ensure_writable_dir(args.data_dir, "--data_dir")
@@ -152,8 +180,9 @@ def main(argv=None):
     device = pick_device()
     dtype = pick_dtype(device, requested=args.dtype)
     model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
-    log.info("embedding with %s on %s in %s (padding side %s)", args.embed_model_name, device, dtype,
-             tokenizer.padding_side)
+    log.info(
+        "embedding with %s on %s in %s (padding side %s)", args.embed_model_name, device, dtype, tokenizer.padding_side
+    )
 
     # ---- embed and write, one kind at a time ------------------------------------------------
     summary = []
@@ -161,33 +190,56 @@ def main(argv=None):
         emb_pattern, reward_pattern = FILE_PATTERNS[kind]
         texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
         started = time.perf_counter()
-        dim, n_cut = embed_into([data_dir / emb_pattern.format(k=k) for k in range(n_splits)], model, tokenizer,
-                                texts, n_splits, args, device, np.dtype(args.embedding_dtype))
+        dim, n_cut = embed_into(
+            [data_dir / emb_pattern.format(k=k) for k in range(n_splits)],
+            model,
+            tokenizer,
+            texts,
+            n_splits,
+            args,
+            device,
+            np.dtype(args.embedding_dtype),
+        )
         seconds = time.perf_counter() - started
         rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
         for k in range(n_splits):
             write_rewards_jsonl(data_dir / reward_pattern.format(k=k), rewards[:, k])
         for k in discover_splits(data_dir, kind)[n_splits:]:
-            log.warning("removing %s and its rewards, left from an earlier run with more responses",
-                        emb_pattern.format(k=k))
+            log.warning(
+                "removing %s and its rewards, left from an earlier run with more responses", emb_pattern.format(k=k)
+            )
             (data_dir / emb_pattern.format(k=k)).unlink()
             (data_dir / reward_pattern.format(k=k)).unlink()
-        write_json(data_dir / EMBEDDING_INFO_FILE.format(kind=kind), {
-            "embed_model_name": args.embed_model_name,
-            "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
-            "source": str(run.ranked_path(kind, rm_name)), "reward_model": rm_name,
-            "generation_model": args.model_name, "adapter_name": args.adapter_name, "dataset": args.dataset,
-            "eval_dataset": args.eval_dataset, "n_prompts": len(records), "n_splits": n_splits, "dim": dim,
-            "embedding_dtype": args.embedding_dtype, "compute_dtype": dtype_name(dtype),
-            "rm_input_format": args.rm_input_format,
-            "n_empty_after_cut": sum(not response for r in records for response in r["responses_sorted"]),
-            "max_length": args.max_length, "n_cut_at_max_length": n_cut,
-            "padding_side": tokenizer.padding_side, "order": "ascending golden reward within each prompt",
-        })
+        write_json(
+            data_dir / EMBEDDING_INFO_FILE.format(kind=kind),
+            {
+                "embed_model_name": args.embed_model_name,
+                "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
+                "source": str(run.ranked_path(kind, rm_name)),
+                "reward_model": rm_name,
+                "generation_model": args.model_name,
+                "adapter_name": args.adapter_name,
+                "dataset": args.dataset,
+                "eval_dataset": args.eval_dataset,
+                "n_prompts": len(records),
+                "n_splits": n_splits,
+                "dim": dim,
+                "embedding_dtype": args.embedding_dtype,
+                "compute_dtype": dtype_name(dtype),
+                "rm_input_format": args.rm_input_format,
+                "n_empty_after_cut": sum(not response for r in records for response in r["responses_sorted"]),
+                "max_length": args.max_length,
+                "n_cut_at_max_length": n_cut,
+                "padding_side": tokenizer.padding_side,
+                "order": "ascending golden reward within each prompt",
+            },
+        )
         n_empty = sum(not response for r in records for response in r["responses_sorted"])
-        summary.append(f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
-                       f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
-                       f"{dtype_name(dtype)} stored as {args.embedding_dtype})")
+        summary.append(
+            f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
+            f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
+            f"{dtype_name(dtype)} stored as {args.embedding_dtype})"
+        )
     print(f"step4: {'; '.join(summary)} -> {data_dir}")
 
 

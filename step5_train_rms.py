@@ -48,8 +48,7 @@ from rm_data import (
 
 log = logging.getLogger("step5")
 PAIR_MODES = ("xprompt", "same")
-RAISE_CANDIDATES = ("raise --consider_first_n (CONSIDER_FIRST_N) or use --replacement replacement_true "
-                    "(REPLACEMENT=1)")
+RAISE_CANDIDATES = "raise --consider_first_n (CONSIDER_FIRST_N) or use --replacement replacement_true (REPLACEMENT=1)"
 
 
 def parse_args(argv=None):
@@ -60,54 +59,105 @@ def parse_args(argv=None):
     parser.add_argument("--gen_pref_model_name", default="gemma7b", help="generation model (recorded)")
     parser.add_argument("--data_dir", default="data", help="folder with EMBD-TRAIN-split_k.npy/rewards_split_k.json")
     parser.add_argument("--output_dir", default="distill_out", help="where checkpoints and JSON go")
-    parser.add_argument("--rm_objective", default="bt", choices=OBJECTIVES,
-                        help="; ".join(f"{name}: {objective.help}" for name, objective in OBJECTIVES.items()))
-    parser.add_argument("--consider_first_n", type=int, default=2,
-                        help="candidate responses per prompt: n>0 random n splits, -1 splits {0,K-1} "
-                             "(most diverse), -2 the two middle splits (least diverse)")
+    parser.add_argument(
+        "--rm_objective",
+        default="bt",
+        choices=OBJECTIVES,
+        help="; ".join(f"{name}: {objective.help}" for name, objective in OBJECTIVES.items()),
+    )
+    parser.add_argument(
+        "--consider_first_n",
+        type=int,
+        default=2,
+        help="candidate responses per prompt: n>0 random n splits, -1 splits {0,K-1} "
+        "(most diverse), -2 the two middle splits (least diverse)",
+    )
     parser.add_argument("--n_sample", type=positive_int, default=100, help="prompts used for ORM training pairs")
-    parser.add_argument("--eval_prompts", type=positive_int, default=None,
-                        help="size of the evaluation pool (calibration/student_train/held_out 60/20/20); "
-                             "default a quarter of the prompts, at least min(1000, half of them)")
-    parser.add_argument("--split_seed", type=random_seed, default=DEFAULT_SPLIT_SEED,
-                        help="seed of the prompt partition (--seed draws pairs, labels and members)")
+    parser.add_argument(
+        "--eval_prompts",
+        type=positive_int,
+        default=None,
+        help="size of the evaluation pool (calibration/student_train/held_out 60/20/20); "
+        "default a quarter of the prompts, at least min(1000, half of them)",
+    )
+    parser.add_argument(
+        "--split_seed",
+        type=random_seed,
+        default=DEFAULT_SPLIT_SEED,
+        help="seed of the prompt partition (--seed draws pairs, labels and members)",
+    )
     parser.add_argument("--n_pairs", type=positive_int, default=1, help="pairs per training prompt")
-    parser.add_argument("--pair_mode", default="xprompt", choices=PAIR_MODES,
-                        help="xprompt: a response of prompt i vs one of another prompt j != i; "
-                             "same: two responses of one prompt")
-    parser.add_argument("--replacement", default="replacement_false",
-                        choices=["replacement_true", "replacement_false"],
-                        help="may a prompt's n_pairs pairs reuse one of its responses (xprompt) or one "
-                             "pair (same)")
-    parser.add_argument("--annotation_quality", type=finite_float, default=10.0,
-                        help="annotator sharpness beta; < 0 gives noise-free labels")
-    parser.add_argument("--reward_scale", type=positive_float, default=None,
-                        help="s in sigmoid(beta (r1 - r2) / s); default 6 for helpful, 1 for harmless")
+    parser.add_argument(
+        "--pair_mode",
+        default="xprompt",
+        choices=PAIR_MODES,
+        help="xprompt: a response of prompt i vs one of another prompt j != i; same: two responses of one prompt",
+    )
+    parser.add_argument(
+        "--replacement",
+        default="replacement_false",
+        choices=["replacement_true", "replacement_false"],
+        help="may a prompt's n_pairs pairs reuse one of its responses (xprompt) or one pair (same)",
+    )
+    parser.add_argument(
+        "--annotation_quality",
+        type=finite_float,
+        default=10.0,
+        help="annotator sharpness beta; < 0 gives noise-free labels",
+    )
+    parser.add_argument(
+        "--reward_scale",
+        type=positive_float,
+        default=None,
+        help="s in sigmoid(beta (r1 - r2) / s); default 6 for helpful, 1 for harmless",
+    )
     parser.add_argument("--ensemble_number", type=positive_int, default=10, help="members, differing by seed")
     parser.add_argument("--training_epochs", type=positive_int, default=30, help="maximum epochs per member")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
-    parser.add_argument("--val_fraction", type=fraction, default=0.1,
-                        help="share of pairs held out (whole pairs) for early stopping")
+    parser.add_argument(
+        "--val_fraction", type=fraction, default=0.1, help="share of pairs held out (whole pairs) for early stopping"
+    )
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument("--early_stopping", default=EARLY_STOPPING[0], choices=EARLY_STOPPING,
-                        help="member: each member stops on its own validation slice; pooled: the members' "
-                             "slices are disjoint and one stopping epoch is chosen from their pooled "
-                             "validation loss; none: every pair trains, --training_epochs epochs")
-    parser.add_argument("--stop_metric", default="loss", choices=("loss", "accuracy"),
-                        help="early stopping on the validation loss, or on the validation pairwise accuracy "
-                             "(ties: lower loss)")
-    parser.add_argument("--min_val_pairs", type=non_negative_int, default=0,
-                        help="below this many validation pairs behind the stopping decision, train "
-                             "--training_epochs epochs on every pair instead (early stopping none)")
-    parser.add_argument("--weight_decay", type=non_negative_float, default=0.0,
-                        help="decoupled (AdamW) weight decay; 0: plain Adam")
-    parser.add_argument("--bagging", type=int, choices=(0, 1), default=0,
-                        help="1: each member trains on a bootstrap resample of the pairs and validates "
-                             "on its out-of-bag pairs")
-    parser.add_argument("--standardize", type=int, choices=(0, 1), default=0,
-                        help="1: standardise inputs with the training responses' mean and std, folded "
-                             "into the checkpoint's first layer")
+    parser.add_argument(
+        "--early_stopping",
+        default=EARLY_STOPPING[0],
+        choices=EARLY_STOPPING,
+        help="member: each member stops on its own validation slice; pooled: the members' "
+        "slices are disjoint and one stopping epoch is chosen from their pooled "
+        "validation loss; none: every pair trains, --training_epochs epochs",
+    )
+    parser.add_argument(
+        "--stop_metric",
+        default="loss",
+        choices=("loss", "accuracy"),
+        help="early stopping on the validation loss, or on the validation pairwise accuracy (ties: lower loss)",
+    )
+    parser.add_argument(
+        "--min_val_pairs",
+        type=non_negative_int,
+        default=0,
+        help="below this many validation pairs behind the stopping decision, train "
+        "--training_epochs epochs on every pair instead (early stopping none)",
+    )
+    parser.add_argument(
+        "--weight_decay", type=non_negative_float, default=0.0, help="decoupled (AdamW) weight decay; 0: plain Adam"
+    )
+    parser.add_argument(
+        "--bagging",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: each member trains on a bootstrap resample of the pairs and validates on its out-of-bag pairs",
+    )
+    parser.add_argument(
+        "--standardize",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: standardise inputs with the training responses' mean and std, folded "
+        "into the checkpoint's first layer",
+    )
     parser.add_argument("--seed", type=random_seed, default=6, help="seeds pairs, labels and members")
     args = parser.parse_args(argv)
     if args.consider_first_n == 0 or args.consider_first_n < -2:
@@ -121,13 +171,14 @@ def checkpoint_name(args, member: int) -> str:
     """The seed code's checkpoint naming, one file per ensemble member."""
     prefix = "XPrompt" if args.pair_mode == "xprompt" else "SamePrompt"
     replacement = args.replacement == "replacement_true"
-    return (f"{prefix}_mlp_{args.rm_objective}_{member}_seed{args.seed}_firstn_{args.consider_first_n}"
-            f"_n_{args.n_sample}_pair_{args.n_pairs}_replacement_{replacement}"
-            f"_epoch{args.training_epochs}_lr{args.learning_rate}.ckpt")
+    return (
+        f"{prefix}_mlp_{args.rm_objective}_{member}_seed{args.seed}_firstn_{args.consider_first_n}"
+        f"_n_{args.n_sample}_pair_{args.n_pairs}_replacement_{replacement}"
+        f"_epoch{args.training_epochs}_lr{args.learning_rate}.ckpt"
+    )
 
 
-def candidate_splits(n_prompts: int, n_splits: int, consider_first_n: int,
-                     rng: np.random.Generator) -> np.ndarray:
+def candidate_splits(n_prompts: int, n_splits: int, consider_first_n: int, rng: np.random.Generator) -> np.ndarray:
     """(n_prompts, C) split indices each prompt may contribute (splits are sorted by reward)."""
     if consider_first_n == -1:
         return np.tile([0, n_splits - 1], (n_prompts, 1))
@@ -138,14 +189,16 @@ def candidate_splits(n_prompts: int, n_splits: int, consider_first_n: int,
     return np.argsort(rng.random((n_prompts, n_splits)), axis=1)[:, :consider_first_n]
 
 
-def _distinct_draws(rng: np.random.Generator, n_rows: int, n_options: int, n_draws: int,
-                    replace: bool, what: str, remedy: str) -> np.ndarray:
+def _distinct_draws(
+    rng: np.random.Generator, n_rows: int, n_options: int, n_draws: int, replace: bool, what: str, remedy: str
+) -> np.ndarray:
     """(n_rows, n_draws) draws from range(n_options) per row, distinct within a row unless replace."""
     if replace:
         return rng.integers(n_options, size=(n_rows, n_draws))
     if n_draws > n_options:
-        raise InputError(f"--n_pairs (N_PAIRS) {n_draws} exceeds the {n_options} {what} available "
-                         f"without replacement; {remedy}")
+        raise InputError(
+            f"--n_pairs (N_PAIRS) {n_draws} exceeds the {n_options} {what} available without replacement; {remedy}"
+        )
     if n_options <= 64:
         return np.argsort(rng.random((n_rows, n_options)), axis=1)[:, :n_draws]
     draws = rng.integers(n_options, size=(n_rows, n_draws))
@@ -157,8 +210,14 @@ def _distinct_draws(rng: np.random.Generator, n_rows: int, n_options: int, n_dra
         draws[repeated] = rng.integers(n_options, size=(int(repeated.sum()), n_draws))
 
 
-def build_pairs(orm_prompts: np.ndarray, candidates: np.ndarray, n_pairs: int, pair_mode: str,
-                replacement: bool, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def build_pairs(
+    orm_prompts: np.ndarray,
+    candidates: np.ndarray,
+    n_pairs: int,
+    pair_mode: str,
+    replacement: bool,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, ...]:
     """Pairs as four (P * n_pairs,) arrays: first prompt, first split, second prompt, second split.
 
     xprompt: for each training prompt i, n_pairs of its candidates against candidates of n_pairs
@@ -170,25 +229,36 @@ def build_pairs(orm_prompts: np.ndarray, candidates: np.ndarray, n_pairs: int, p
     if pair_mode == "xprompt":
         if n_prompts < 2:
             raise InputError("--pair_mode xprompt needs --n_sample >= 2")
-        own = _distinct_draws(rng, n_prompts, n_cand, n_pairs, replacement, "candidate responses per prompt",
-                              RAISE_CANDIDATES)
-        offsets = 1 + _distinct_draws(rng, n_prompts, n_prompts - 1, n_pairs, False, "other prompts",
-                                      "raise --n_sample (N_SAMPLE)")
+        own = _distinct_draws(
+            rng, n_prompts, n_cand, n_pairs, replacement, "candidate responses per prompt", RAISE_CANDIDATES
+        )
+        offsets = 1 + _distinct_draws(
+            rng, n_prompts, n_prompts - 1, n_pairs, False, "other prompts", "raise --n_sample (N_SAMPLE)"
+        )
         partner_rows = (rows + offsets.ravel()) % n_prompts  # offset in 1..P-1: never the same prompt
         partner_cand = rng.integers(n_cand, size=len(rows))
-        return (orm_prompts[rows], candidates[rows, own.ravel()],
-                orm_prompts[partner_rows], candidates[partner_rows, partner_cand])
+        return (
+            orm_prompts[rows],
+            candidates[rows, own.ravel()],
+            orm_prompts[partner_rows],
+            candidates[partner_rows, partner_cand],
+        )
     first_c, second_c = np.triu_indices(n_cand, k=1)
     if len(first_c) == 0:
         raise InputError("--pair_mode same needs --consider_first_n >= 2 candidate responses per prompt")
-    combo = _distinct_draws(rng, n_prompts, len(first_c), n_pairs, replacement, "same-prompt pairs per prompt",
-                            RAISE_CANDIDATES).ravel()
-    return (orm_prompts[rows], candidates[rows, first_c[combo]],
-            orm_prompts[rows], candidates[rows, second_c[combo]])
+    combo = _distinct_draws(
+        rng, n_prompts, len(first_c), n_pairs, replacement, "same-prompt pairs per prompt", RAISE_CANDIDATES
+    ).ravel()
+    return (orm_prompts[rows], candidates[rows, first_c[combo]], orm_prompts[rows], candidates[rows, second_c[combo]])
 
 
-def simulate_annotator(first_rewards: np.ndarray, second_rewards: np.ndarray, annotation_quality: float,
-                       reward_scale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def simulate_annotator(
+    first_rewards: np.ndarray,
+    second_rewards: np.ndarray,
+    annotation_quality: float,
+    reward_scale: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """(first_wins bool, p(first wins)) with p = sigmoid(quality * (r1 - r2) / s); quality < 0: noise-free."""
     delta = (first_rewards - second_rewards) / reward_scale
     if annotation_quality < 0:
@@ -264,8 +334,12 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
     if args.early_stopping != "none" and decision_pairs >= max(args.min_val_pairs, 1):
         return splits, args.early_stopping, decision_pairs
     if args.early_stopping != "none":
-        log.info("%d validation pairs < --min_val_pairs %d: no early stopping, %d epochs on every pair",
-                 decision_pairs, args.min_val_pairs, args.training_epochs)
+        log.info(
+            "%d validation pairs < --min_val_pairs %d: no early stopping, %d epochs on every pair",
+            decision_pairs,
+            args.min_val_pairs,
+            args.training_epochs,
+        )
     no_val = torch.zeros(0, dtype=torch.int64)
     if args.bagging:
         return [(train, no_val) for train, _ in splits], "none", 0
@@ -304,14 +378,19 @@ def main(argv=None) -> dict:
     orm_prompts = np.asarray(partition["orm_train"], dtype=np.int64)
     candidates = candidate_splits(len(orm_prompts), data.n_splits, args.consider_first_n, pair_rng)
     first_p, first_k, second_p, second_k = build_pairs(
-        orm_prompts, candidates, args.n_pairs, args.pair_mode, args.replacement == "replacement_true", pair_rng)
+        orm_prompts, candidates, args.n_pairs, args.pair_mode, args.replacement == "replacement_true", pair_rng
+    )
     first_r, second_r = data.rewards[first_p, first_k], data.rewards[second_p, second_k]
     first_wins, prob = simulate_annotator(first_r, second_r, args.annotation_quality, args.reward_scale, label_rng)
     stats = pair_statistics(first_r, second_r, first_wins, prob, args.reward_scale)
     if stats["n_pairs"] < 2:
         raise InputError(f"--n_sample {args.n_sample} x --n_pairs {args.n_pairs} gives fewer than 2 pairs")
-    log.info("%d pairs, label flip rate %.3f (theory %.3f)", stats["n_pairs"],
-             stats["label_flip_rate"], stats["expected_flip_rate"])
+    log.info(
+        "%d pairs, label flip rate %.3f (theory %.3f)",
+        stats["n_pairs"],
+        stats["label_flip_rate"],
+        stats["expected_flip_rate"],
+    )
 
     # Read each response used in a pair once: features (R, D), pairs as row indices into it.
     keys = np.concatenate([first_k * data.n_prompts + first_p, second_k * data.n_prompts + second_p])
@@ -325,65 +404,120 @@ def main(argv=None) -> dict:
     losers = torch.from_numpy(np.where(first_wins, second_rows, first_rows))
     features = torch.from_numpy(features)
 
-    config = TrainConfig(args.training_epochs, args.learning_rate, args.batch_size, args.patience,
-                         args.weight_decay, args.stop_metric)
+    config = TrainConfig(
+        args.training_epochs, args.learning_rate, args.batch_size, args.patience, args.weight_decay, args.stop_metric
+    )
     generators = [torch.Generator().manual_seed(member_seed) for member_seed in member_seeds]
     splits, scheme, decision_pairs = member_splits(len(winners), generators, args, pair_rng)
-    setups = [OrmTask(features, winners[train], losers[train], winners[val], losers[val], args.rm_objective,
-                      generator, bool(args.standardize)) for (train, val), generator in zip(splits, generators)]
+    setups = [
+        OrmTask(
+            features,
+            winners[train],
+            losers[train],
+            winners[val],
+            losers[val],
+            args.rm_objective,
+            generator,
+            bool(args.standardize),
+        )
+        for (train, val), generator in zip(splits, generators)
+    ]
     trained = []
     try:
         if scheme == "pooled":
             start = time.perf_counter()
             trained = train_orms_pooled(setups, config)
-            log.info("pooled early stopping: best epoch %d/%d for all %d members, %.2fs", trained[0][1].best_epoch,
-                     trained[0][1].epochs_run, len(trained), time.perf_counter() - start)
+            log.info(
+                "pooled early stopping: best epoch %d/%d for all %d members, %.2fs",
+                trained[0][1].best_epoch,
+                trained[0][1].epochs_run,
+                len(trained),
+                time.perf_counter() - start,
+            )
         else:
             for setup in tqdm(setups, desc="ensemble members", disable=None):
                 trained.append(setup.finish(fit_models([setup.task], config, early_stopping=scheme == "member")[0]))
     except TrainingDiverged as err:
         member = err.index if scheme == "pooled" else len(trained)
         who = "ORM members" if member < 0 else f"ORM member {member}"
-        raise InputError(f"{who} diverged ({err}); lower --learning_rate "
-                         f"(LEARNING_RATE in run_all.sh), now {args.learning_rate:g}") from None
+        raise InputError(
+            f"{who} diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {args.learning_rate:g}"
+        ) from None
     members, checkpoints, models = [], [], []
     flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
     for member, ((model, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):
         name = checkpoint_name(args, member)
         models.append(model)  # saved once every member has trained: a diverged one leaves no files
         responses_per_second = result.samples_per_second * OBJECTIVES[args.rm_objective].responses_per_sample
-        log.info("member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
-                 member, result.best_epoch, result.epochs_run, fmt_optional(result.best_val_loss),
-                 fmt_optional(result.val_pair_accuracy), responses_per_second, responses_per_second * flops / 1e9)
+        log.info(
+            "member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
+            member,
+            result.best_epoch,
+            result.epochs_run,
+            fmt_optional(result.best_val_loss),
+            fmt_optional(result.val_pair_accuracy),
+            responses_per_second,
+            responses_per_second * flops / 1e9,
+        )
         checkpoints.append(name)
-        members.append({"member": member, "checkpoint": name, "seed": member_seed,
-                        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                        "val_loss": result.best_val_loss, "val_pair_accuracy": result.val_pair_accuracy,
-                        "train_pairs": len(train), "val_pairs": len(val), "history": result.history})
+        members.append(
+            {
+                "member": member,
+                "checkpoint": name,
+                "seed": member_seed,
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "val_loss": result.best_val_loss,
+                "val_pair_accuracy": result.val_pair_accuracy,
+                "train_pairs": len(train),
+                "val_pairs": len(val),
+                "history": result.history,
+            }
+        )
 
     for name, model in zip(checkpoints, models):
         save_checkpoint(model, output_dir / name)
     data_fingerprint = fingerprint(data)
     # What the partition was drawn from: steps 6-8 refuse it for other data.
-    write_json(output_dir / PARTITION_FILE, {
-        "split_seed": args.split_seed, "eval_prompts": args.eval_prompts,
-        "n_prompts": data.n_prompts, "n_sample": args.n_sample, "data_fingerprint": data_fingerprint, **partition})
+    write_json(
+        output_dir / PARTITION_FILE,
+        {
+            "split_seed": args.split_seed,
+            "eval_prompts": args.eval_prompts,
+            "n_prompts": data.n_prompts,
+            "n_sample": args.n_sample,
+            "data_fingerprint": data_fingerprint,
+            **partition,
+        },
+    )
     manifest = {
         "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
-        "data": {"data_dir": str(Path(args.data_dir)), "fingerprint": data_fingerprint,
-                 "n_prompts": data.n_prompts, "n_splits": data.n_splits, "dim": data.dim,
-                 "dtype": str(data.dtype), "embedding": embedding_record(args.data_dir, args.embed_model_name)},
+        "data": {
+            "data_dir": str(Path(args.data_dir)),
+            "fingerprint": data_fingerprint,
+            "n_prompts": data.n_prompts,
+            "n_splits": data.n_splits,
+            "dim": data.dim,
+            "dtype": str(data.dtype),
+            "embedding": embedding_record(args.data_dir, args.embed_model_name),
+        },
         "prompt_counts": {role: len(ids) for role, ids in partition.items()},
         "pair_statistics": stats,
         "checkpoints": checkpoints,
-        "early_stopping": {"scheme": scheme, "requested": args.early_stopping, "stop_metric": args.stop_metric,
-                           "decision_validation_pairs": decision_pairs,
-                           "bagging": bool(args.bagging)},
+        "early_stopping": {
+            "scheme": scheme,
+            "requested": args.early_stopping,
+            "stop_metric": args.stop_metric,
+            "decision_validation_pairs": decision_pairs,
+            "bagging": bool(args.bagging),
+        },
         "members": members,
     }
     write_json(output_dir / MANIFEST_FILE, manifest)  # written last: marks the run complete
-    print(f"step5: trained {len(checkpoints)} {args.rm_objective} members on {stats['n_pairs']} pairs "
-          f"(flip rate {stats['label_flip_rate']:.3f}) -> {output_dir / MANIFEST_FILE}")
+    print(
+        f"step5: trained {len(checkpoints)} {args.rm_objective} members on {stats['n_pairs']} pairs "
+        f"(flip rate {stats['label_flip_rate']:.3f}) -> {output_dir / MANIFEST_FILE}"
+    )
     return manifest
 
 

@@ -24,22 +24,39 @@ from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, open_run
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
 # they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
-MANIFEST_FLAGS = {"embed_model_name": str, "task": str, "sft_obj": str, "gen_pref_model_name": str,
-                  "rm_objective": str, "consider_first_n": int, "n_sample": int, "training_epochs": int,
-                  "learning_rate": float, "seed": random_seed, "annotation_quality": finite_float,
-                  "ensemble_number": int, "replacement": str}
+MANIFEST_FLAGS = {
+    "embed_model_name": str,
+    "task": str,
+    "sft_obj": str,
+    "gen_pref_model_name": str,
+    "rm_objective": str,
+    "consider_first_n": int,
+    "n_sample": int,
+    "training_epochs": int,
+    "learning_rate": float,
+    "seed": random_seed,
+    "annotation_quality": finite_float,
+    "ensemble_number": int,
+    "replacement": str,
+}
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Evaluate ORM ranking quality on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
     parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
-    parser.add_argument("--bon_draws", type=positive_int, default=50,
-                        help="random subsets per prompt and N for best-of-N")
-    parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
-                        help="random cross-prompt pairs for cross-prompt accuracy")
-    parser.add_argument("--eval_seed", type=random_seed, default=None,
-                        help="seed of evaluation draws (default: run seed)")
+    parser.add_argument(
+        "--bon_draws", type=positive_int, default=50, help="random subsets per prompt and N for best-of-N"
+    )
+    parser.add_argument(
+        "--n_cross_pairs",
+        type=positive_int,
+        default=100_000,
+        help="random cross-prompt pairs for cross-prompt accuracy",
+    )
+    parser.add_argument(
+        "--eval_seed", type=random_seed, default=None, help="seed of evaluation draws (default: run seed)"
+    )
     for flag, kind in MANIFEST_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help="checked against the manifest")
     return parser.parse_args(argv)
@@ -49,8 +66,14 @@ def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
     """member_scores (M, P, R) -> each member and the ensemble rules, each (P, R)."""
     variants = {f"member_{i}": scores for i, scores in enumerate(member_scores)}
     mean, std = member_scores.mean(axis=0), member_scores.std(axis=0)
-    variants.update({"ensemble_mean": mean, "ensemble_min": member_scores.min(axis=0),
-                     "ensemble_first": member_scores[0], "ensemble_mean_minus_std": mean - std})
+    variants.update(
+        {
+            "ensemble_mean": mean,
+            "ensemble_min": member_scores.min(axis=0),
+            "ensemble_first": member_scores[0],
+            "ensemble_mean_minus_std": mean - std,
+        }
+    )
     return variants
 
 
@@ -58,8 +81,12 @@ def evaluate(member_scores: np.ndarray, gold: np.ndarray, args, seed: int) -> di
     variants = ensemble_variants(member_scores)
     ranking = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
     ensembles = {name: pred for name, pred in variants.items() if name.startswith("ensemble")}
-    return {"n_prompts": gold.shape[0], "n_responses": gold.size, "ranking": ranking,
-            "best_of_n": best_of_n(gold, ensembles, args.bon_draws, seed)}
+    return {
+        "n_prompts": gold.shape[0],
+        "n_responses": gold.size,
+        "ranking": ranking,
+        "best_of_n": best_of_n(gold, ensembles, args.bon_draws, seed),
+    }
 
 
 def print_table(title: str, result: dict) -> None:
@@ -72,12 +99,16 @@ def print_table(title: str, result: dict) -> None:
     for name in rows:
         report = result["ranking"][name]
         bon = curves[name]["mean"][-1] if name in curves and top_n else None
-        print(f"{name:<26}{fmt(report['spearman_per_prompt']['mean'], 9)}"
-              f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
-              f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}{fmt(bon, 10)}")
+        print(
+            f"{name:<26}{fmt(report['spearman_per_prompt']['mean'], 9)}"
+            f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
+            f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}{fmt(bon, 10)}"
+        )
     if top_n:
-        print(f"{'(oracle / random)':<54}{curves['oracle']['mean'][-1]:>10.3f}\n"
-              f"{'':<54}{curves['random']['mean'][-1]:>10.3f}")
+        print(
+            f"{'(oracle / random)':<54}{curves['oracle']['mean'][-1]:>10.3f}\n"
+            f"{'':<54}{curves['random']['mean'][-1]:>10.3f}"
+        )
 
 
 def main(argv=None) -> dict:
@@ -95,19 +126,27 @@ def main(argv=None) -> dict:
     held_out = partition["held_out"]
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
     scorer = ensemble_scorer(models)
-    results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed,
-               "held_out": evaluate(data.score_cached(held_out, scorer, cache_dir, member_paths),
-                                    data.rewards[held_out], args, seed)}
+    results = {
+        "manifest": str(output_dir / MANIFEST_FILE),
+        "eval_seed": seed,
+        "held_out": evaluate(
+            data.score_cached(held_out, scorer, cache_dir, member_paths), data.rewards[held_out], args, seed
+        ),
+    }
     if test is not None:
         test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(test.score_cached(test_prompts, scorer, cache_dir, member_paths),
-                                   test.rewards, args, seed)
+        results["test"] = evaluate(
+            test.score_cached(test_prompts, scorer, cache_dir, member_paths), test.rewards, args, seed
+        )
     log.info("evaluated %d members in %.2fs", len(models), time.perf_counter() - start)
 
     json_path = output_dir / f"eval_results_{objective}.json"
     plot_path = output_dir / f"eval_best_of_n_{objective}.png"
-    panels = {f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
-              for name, res in results.items() if name in ("held_out", "test")}
+    panels = {
+        f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
+        for name, res in results.items()
+        if name in ("held_out", "test")
+    }
     curves_path = output_dir / f"training_curves_{objective}.png"
     records = {f"member {record.get('member', i)}": record for i, record in enumerate(manifest.get("members") or [])}
     curves = {name: record.get("history") or [] for name, record in records.items()}
@@ -115,14 +154,17 @@ def main(argv=None) -> dict:
     with atomic_paths(json_path, plot_path, curves_path) as (json_tmp, plot_tmp, curves_tmp):  # all or none
         json_tmp.write_text(json_text(results))
         plot_best_of_n(panels, plot_tmp, title=f"ORM ensemble ({objective}, {len(models)} members)")
-        plot_training_curves(curves, curves_tmp, title=f"ORM members ({objective}): step 5's training",
-                             kept_epochs=kept)
+        plot_training_curves(
+            curves, curves_tmp, title=f"ORM members ({objective}): step 5's training", kept_epochs=kept
+        )
     print_table("held-out prompts", results["held_out"])
     if "test" in results:
         print_table("test set", results["test"])
     held = results["held_out"]["ranking"]["ensemble_mean"]
-    print(f"step6: held-out ensemble-mean Spearman {fmt(held['spearman_per_prompt']['mean'], 0)}, "
-          f"pairwise acc {fmt(held['pairwise_accuracy_same_prompt']['accuracy'], 0)} -> {json_path}, {plot_path}")
+    print(
+        f"step6: held-out ensemble-mean Spearman {fmt(held['spearman_per_prompt']['mean'], 0)}, "
+        f"pairwise acc {fmt(held['pairwise_accuracy_same_prompt']['accuracy'], 0)} -> {json_path}, {plot_path}"
+    )
     return results
 
 

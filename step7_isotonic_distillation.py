@@ -56,30 +56,59 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Isotonic calibration of the ORM teacher and distillation into a student.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder; artifacts go here")
     parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
-    parser.add_argument("--teacher_ckpt", nargs="+", default=None,
-                        help="teacher checkpoint(s), averaged (default: every member in the manifest)")
-    parser.add_argument("--task", default=None, choices=TASKS,
-                        help="names the student checkpoint (default and check: the manifest's)")
-    parser.add_argument("--rm_objective", default=None, choices=OBJECTIVES,
-                        help="names the student checkpoint (default and check: the manifest's)")
+    parser.add_argument(
+        "--teacher_ckpt",
+        nargs="+",
+        default=None,
+        help="teacher checkpoint(s), averaged (default: every member in the manifest)",
+    )
+    parser.add_argument(
+        "--task", default=None, choices=TASKS, help="names the student checkpoint (default and check: the manifest's)"
+    )
+    parser.add_argument(
+        "--rm_objective",
+        default=None,
+        choices=OBJECTIVES,
+        help="names the student checkpoint (default and check: the manifest's)",
+    )
     for flag in SEED_FLAGS:
         if flag not in ("task", "rm_objective"):
             parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
-    parser.add_argument("--isotonic_variant", default=DEFAULT_VARIANT, choices=VARIANTS,
-                        help="standard: sklearn's step function (ties); centered: strictly increasing "
-                             "through the PAV block centres (keeps the teacher's ranking)")
-    parser.add_argument("--cv_folds", type=positive_int, default=5,
-                        help="folds over calibration prompts for the out-of-fold calibration error")
+    parser.add_argument(
+        "--isotonic_variant",
+        default=DEFAULT_VARIANT,
+        choices=VARIANTS,
+        help="standard: sklearn's step function (ties); centered: strictly increasing "
+        "through the PAV block centres (keeps the teacher's ranking)",
+    )
+    parser.add_argument(
+        "--cv_folds",
+        type=positive_int,
+        default=5,
+        help="folds over calibration prompts for the out-of-fold calibration error",
+    )
     parser.add_argument("--distill_epochs", type=positive_int, default=20, help="maximum student epochs")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="responses per student step")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument("--val_fraction", type=fraction, default=0.1,
-                        help="share of student_train prompts (whole prompts) used for early stopping")
-    parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
-                        help="cross-prompt pairs in the out-of-fold ranking report")
-    parser.add_argument("--seed", type=random_seed, default=None,
-                        help="seeds folds, student split, init and shuffling (default: step 5's seed)")
+    parser.add_argument(
+        "--val_fraction",
+        type=fraction,
+        default=0.1,
+        help="share of student_train prompts (whole prompts) used for early stopping",
+    )
+    parser.add_argument(
+        "--n_cross_pairs",
+        type=positive_int,
+        default=100_000,
+        help="cross-prompt pairs in the out-of-fold ranking report",
+    )
+    parser.add_argument(
+        "--seed",
+        type=random_seed,
+        default=None,
+        help="seeds folds, student split, init and shuffling (default: step 5's seed)",
+    )
     args = parser.parse_args(argv)
     if args.cv_folds < 2:
         raise InputError(f"--cv_folds must be at least 2, got {args.cv_folds}")
@@ -106,8 +135,12 @@ def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Ge
 def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> dict:
     """Which prompts a fit used: the partition role, the count and a hash of the sorted ids."""
     ids = np.sort(np.asarray(prompt_ids, dtype=np.int64))
-    return {"role": role, "n_prompts": int(len(ids)), "n_responses": int(n_responses),
-            "prompt_ids_sha256": json_sha256(ids.tolist())}
+    return {
+        "role": role,
+        "n_prompts": int(len(ids)),
+        "n_responses": int(n_responses),
+        "prompt_ids_sha256": json_sha256(ids.tolist()),
+    }
 
 
 def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMap) -> dict:
@@ -121,13 +154,19 @@ def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMa
     n_levels = int(len(np.unique(teacher_map.y_thresholds)))
     warnings = []
     if n_levels == 1:
-        warnings.append(f"the teacher's isotonic map is a constant ({teacher_map.y_thresholds[0]:.4g}): it gives "
-                        "every response the same reward (the teacher does not rank the calibration prompts)")
+        warnings.append(
+            f"the teacher's isotonic map is a constant ({teacher_map.y_thresholds[0]:.4g}): it gives "
+            "every response the same reward (the teacher does not rank the calibration prompts)"
+        )
     for name, value in (("per-prompt", spearman), ("global", spearman_global)):
         if value is not None and value < 0:
             warnings.append(f"the teacher ranks the calibration prompts backwards ({name} Spearman {value:.3f})")
-    return {"calibration_spearman_per_prompt": spearman, "calibration_spearman_global": spearman_global,
-            "isotonic_levels": n_levels, "warnings": warnings}
+    return {
+        "calibration_spearman_per_prompt": spearman,
+        "calibration_spearman_global": spearman_global,
+        "isotonic_levels": n_levels,
+        "warnings": warnings,
+    }
 
 
 def main(argv=None) -> dict:
@@ -155,8 +194,10 @@ def main(argv=None) -> dict:
     partition = run.partition()
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     if len(calibration_prompts) < args.cv_folds:
-        raise InputError(f"--cv_folds {args.cv_folds} needs at least {args.cv_folds} calibration prompts, "
-                         f"the partition has {len(calibration_prompts)}")
+        raise InputError(
+            f"--cv_folds {args.cv_folds} needs at least {args.cv_folds} calibration prompts, "
+            f"the partition has {len(calibration_prompts)}"
+        )
 
     # --- seeding: each random stream derives from the seed through its own SeedSequence ---
     split_stream, torch_stream = seed_sequence(seed, "distillation").spawn(2)
@@ -167,17 +208,27 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     calibration_gold = data.rewards[calibration_prompts]
     calibration_teacher = data.score(calibration_prompts, teacher_scorer).mean(axis=0)  # the members' mean
-    variant_comparison = {variant: cross_validate(calibration_teacher, calibration_gold, args.cv_folds, seed,
-                                                  variant, args.n_cross_pairs) for variant in VARIANTS}
+    variant_comparison = {
+        variant: cross_validate(calibration_teacher, calibration_gold, args.cv_folds, seed, variant, args.n_cross_pairs)
+        for variant in VARIANTS
+    }
     teacher_cv = variant_comparison[args.isotonic_variant]
     teacher_names = [path.name for path in teacher_paths]
     teacher_fit = prompt_set_record("calibration", calibration_prompts, calibration_gold.size)
     teacher_map, teacher_estimator = fit_isotonic(
-        calibration_teacher, calibration_gold, args.isotonic_variant,
-        {"input": "teacher", "teacher_checkpoints": teacher_names, **teacher_fit})
-    log.info("teacher isotonic (%s): out-of-fold MSE %.4f, MAE %.4f over %d calibration prompts (%.2fs)",
-             args.isotonic_variant, teacher_cv["calibration"]["mse"], teacher_cv["calibration"]["mae"],
-             len(calibration_prompts), time.perf_counter() - start)
+        calibration_teacher,
+        calibration_gold,
+        args.isotonic_variant,
+        {"input": "teacher", "teacher_checkpoints": teacher_names, **teacher_fit},
+    )
+    log.info(
+        "teacher isotonic (%s): out-of-fold MSE %.4f, MAE %.4f over %d calibration prompts (%.2fs)",
+        args.isotonic_variant,
+        teacher_cv["calibration"]["mse"],
+        teacher_cv["calibration"]["mae"],
+        len(calibration_prompts),
+        time.perf_counter() - start,
+    )
     teacher_check = check_teacher(calibration_teacher, calibration_gold, teacher_map)
     for warning in teacher_check["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -190,76 +241,123 @@ def main(argv=None) -> dict:
     is_fit_prompt = np.isin(student_prompts, fit_prompts)
     start = time.perf_counter()
     try:
-        student, result = train_student(features, torch.from_numpy(targets.astype(np.float32)),
-                                        torch.from_numpy(rows[is_fit_prompt].ravel()),
-                                        torch.from_numpy(rows[~is_fit_prompt].ravel()),
-                                        TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size,
-                                                    args.patience), generator)
+        student, result = train_student(
+            features,
+            torch.from_numpy(targets.astype(np.float32)),
+            torch.from_numpy(rows[is_fit_prompt].ravel()),
+            torch.from_numpy(rows[~is_fit_prompt].ravel()),
+            TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size, args.patience),
+            generator,
+        )
     except TrainingDiverged as err:
-        raise InputError(f"student diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), "
-                         f"now {args.learning_rate:g}") from None
+        raise InputError(
+            f"student diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {args.learning_rate:g}"
+        ) from None
     del features
-    log.info("student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
-             "(%.1f GFLOP/s), %.2fs", result.best_epoch, result.epochs_run, result.best_val_loss,
-             result.target_std**2, result.samples_per_second,
-             result.samples_per_second * mlp_train_flops_per_sample(data.dim) / 1e9, time.perf_counter() - start)
+    log.info(
+        "student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
+        "(%.1f GFLOP/s), %.2fs",
+        result.best_epoch,
+        result.epochs_run,
+        result.best_val_loss,
+        result.target_std**2,
+        result.samples_per_second,
+        result.samples_per_second * mlp_train_flops_per_sample(data.dim) / 1e9,
+        time.perf_counter() - start,
+    )
 
     # --- 3. student -> golden isotonic map on calibration prompts ---
     student_name = student_checkpoint_name(task, objective)
     calibration_student = data.score(calibration_prompts, ensemble_scorer([student]))[0]
-    student_cv = cross_validate(calibration_student, calibration_gold, args.cv_folds, seed,
-                                args.isotonic_variant, args.n_cross_pairs)
+    student_cv = cross_validate(
+        calibration_student, calibration_gold, args.cv_folds, seed, args.isotonic_variant, args.n_cross_pairs
+    )
     student_map, student_estimator = fit_isotonic(
-        calibration_student, calibration_gold, args.isotonic_variant,
-        {"input": "student", "student_checkpoint": student_name, **teacher_fit})
+        calibration_student,
+        calibration_gold,
+        args.isotonic_variant,
+        {"input": "student", "student_checkpoint": student_name, **teacher_fit},
+    )
 
     # --- write: checkpoint, maps (+ JSON sidecars), then the config, which marks the run complete ---
     save_checkpoint(student, output_dir / student_name)
-    for name, imap, estimator in ((TEACHER_MAP_FILE, teacher_map, teacher_estimator),
-                                  (LEGACY_MAP_FILE, teacher_map, teacher_estimator),
-                                  (STUDENT_MAP_FILE, student_map, student_estimator)):
+    for name, imap, estimator in (
+        (TEACHER_MAP_FILE, teacher_map, teacher_estimator),
+        (LEGACY_MAP_FILE, teacher_map, teacher_estimator),
+        (STUDENT_MAP_FILE, student_map, student_estimator),
+    ):
         save_isotonic_map(imap, estimator, output_dir / name)
     n_responses = data.n_splits
     config = {
         "config": {key: value for key, value in vars(args).items()},
-        "task": task, "rm_objective": objective, "seed": seed,
+        "task": task,
+        "rm_objective": objective,
+        "seed": seed,
         "manifest": str(output_dir / MANIFEST_FILE),
-        "data": {"data_dir": str(data.data_dir), "n_prompts": data.n_prompts, "n_splits": data.n_splits,
-                 "dim": data.dim},
-        "teacher": {"checkpoints": [str(path) for path in teacher_paths], "n_members": len(teacher),
-                    "source": "--teacher_ckpt" if args.teacher_ckpt else "manifest", "rule": "mean"},
+        "data": {
+            "data_dir": str(data.data_dir),
+            "n_prompts": data.n_prompts,
+            "n_splits": data.n_splits,
+            "dim": data.dim,
+        },
+        "teacher": {
+            "checkpoints": [str(path) for path in teacher_paths],
+            "n_members": len(teacher),
+            "source": "--teacher_ckpt" if args.teacher_ckpt else "manifest",
+            "rule": "mean",
+        },
         "prompt_counts": {role: int(len(ids)) for role, ids in partition.items()},
         "fits": {  # which prompts reached each fit; held_out reaches none
             "teacher_isotonic": teacher_fit,
             "student_training": prompt_set_record("student_train", fit_prompts, len(fit_prompts) * n_responses),
-            "student_early_stopping": prompt_set_record("student_train", stop_prompts,
-                                                        len(stop_prompts) * n_responses),
+            "student_early_stopping": prompt_set_record("student_train", stop_prompts, len(stop_prompts) * n_responses),
             "student_isotonic": teacher_fit,
         },
         "isotonic_variant": args.isotonic_variant,
         "teacher_check": teacher_check,  # warnings: a constant map or a backwards-ranking teacher
-        "teacher_isotonic": {"out_of_fold": teacher_cv, "n_thresholds": len(teacher_map.x_thresholds),
-                             "n_levels": int(len(np.unique(teacher_map.y_thresholds)))},
+        "teacher_isotonic": {
+            "out_of_fold": teacher_cv,
+            "n_thresholds": len(teacher_map.x_thresholds),
+            "n_levels": int(len(np.unique(teacher_map.y_thresholds))),
+        },
         "isotonic_variant_comparison": {
             "measured_on": "out-of-fold teacher predictions on calibration prompts "
-                           f"({args.cv_folds} folds over prompts)",
-            "selected": args.isotonic_variant, **variant_comparison},
-        "student": {"checkpoint": student_name, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                    "early_stopping_mse": result.best_val_loss, "train_mse": result.train_mse,
-                    # no throughput here: results are byte-identical across runs (it is logged above)
-                    "target_mean": result.target_mean, "target_variance": result.target_std**2,
-                    "history": result.history},
-        "student_isotonic": {"out_of_fold": student_cv, "n_thresholds": len(student_map.x_thresholds),
-                             "n_levels": int(len(np.unique(student_map.y_thresholds)))},
-        "artifacts": {"student_checkpoint": student_name, "teacher_map": TEACHER_MAP_FILE,
-                      "teacher_map_json": sidecar_path(TEACHER_MAP_FILE).name, "legacy_teacher_map": LEGACY_MAP_FILE,
-                      "student_map": STUDENT_MAP_FILE, "student_map_json": sidecar_path(STUDENT_MAP_FILE).name},
+            f"({args.cv_folds} folds over prompts)",
+            "selected": args.isotonic_variant,
+            **variant_comparison,
+        },
+        "student": {
+            "checkpoint": student_name,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "early_stopping_mse": result.best_val_loss,
+            "train_mse": result.train_mse,
+            # no throughput here: results are byte-identical across runs (it is logged above)
+            "target_mean": result.target_mean,
+            "target_variance": result.target_std**2,
+            "history": result.history,
+        },
+        "student_isotonic": {
+            "out_of_fold": student_cv,
+            "n_thresholds": len(student_map.x_thresholds),
+            "n_levels": int(len(np.unique(student_map.y_thresholds))),
+        },
+        "artifacts": {
+            "student_checkpoint": student_name,
+            "teacher_map": TEACHER_MAP_FILE,
+            "teacher_map_json": sidecar_path(TEACHER_MAP_FILE).name,
+            "legacy_teacher_map": LEGACY_MAP_FILE,
+            "student_map": STUDENT_MAP_FILE,
+            "student_map_json": sidecar_path(STUDENT_MAP_FILE).name,
+        },
     }
     write_json(output_dir / CONFIG_FILE, config)
-    print(f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
-          f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
-          f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
-          f"{output_dir / CONFIG_FILE}")
+    print(
+        f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
+        f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
+        f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
+        f"{output_dir / CONFIG_FILE}"
+    )
     return config
 
 

@@ -45,30 +45,56 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Validate teacher, student and their isotonic maps on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="folder of steps 5 and 7; results go here")
     parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
-    parser.add_argument("--teacher_ckpt", nargs="+", default=None,
-                        help="teacher checkpoint(s), averaged (default: every member in the manifest)")
-    parser.add_argument("--student_ckpt", default=None,
-                        help="student checkpoint (default: OUTPUT_DIR/distilled_rm_{task}_{objective}.ckpt)")
-    parser.add_argument("--isotonic_model", default=None,
-                        help=f"teacher map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{TEACHER_MAP_FILE})")
-    parser.add_argument("--student_isotonic_model", default=None,
-                        help=f"student map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{STUDENT_MAP_FILE})")
+    parser.add_argument(
+        "--teacher_ckpt",
+        nargs="+",
+        default=None,
+        help="teacher checkpoint(s), averaged (default: every member in the manifest)",
+    )
+    parser.add_argument(
+        "--student_ckpt",
+        default=None,
+        help="student checkpoint (default: OUTPUT_DIR/distilled_rm_{task}_{objective}.ckpt)",
+    )
+    parser.add_argument(
+        "--isotonic_model",
+        default=None,
+        help=f"teacher map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{TEACHER_MAP_FILE})",
+    )
+    parser.add_argument(
+        "--student_isotonic_model",
+        default=None,
+        help=f"student map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{STUDENT_MAP_FILE})",
+    )
     for flag in SEED_FLAGS:
         parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
-    parser.add_argument("--bon_draws", type=positive_int, default=50,
-                        help="random subsets per prompt and N for best-of-N")
-    parser.add_argument("--n_cross_pairs", type=positive_int, default=100_000,
-                        help="random cross-prompt pairs for cross-prompt accuracy")
-    parser.add_argument("--calibration_bins", type=positive_int, default=15,
-                        help="equal-count bins of the calibration plot")
-    parser.add_argument("--seed", type=random_seed, default=None,
-                        help="seed of evaluation draws (default: step 5's seed)")
+    parser.add_argument(
+        "--bon_draws", type=positive_int, default=50, help="random subsets per prompt and N for best-of-N"
+    )
+    parser.add_argument(
+        "--n_cross_pairs",
+        type=positive_int,
+        default=100_000,
+        help="random cross-prompt pairs for cross-prompt accuracy",
+    )
+    parser.add_argument(
+        "--calibration_bins", type=positive_int, default=15, help="equal-count bins of the calibration plot"
+    )
+    parser.add_argument(
+        "--seed", type=random_seed, default=None, help="seed of evaluation draws (default: step 5's seed)"
+    )
     return parser.parse_args(argv)
 
 
-def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Callable[[np.ndarray], np.ndarray],
-                   student: Callable[[np.ndarray], np.ndarray], teacher_map: IsotonicMap, student_map: IsotonicMap,
-                   teacher_cache: tuple[Path, list[Path]]) -> dict[str, np.ndarray]:
+def score_variants(
+    data: EmbeddingSet,
+    prompt_ids: np.ndarray,
+    teacher: Callable[[np.ndarray], np.ndarray],
+    student: Callable[[np.ndarray], np.ndarray],
+    teacher_map: IsotonicMap,
+    student_map: IsotonicMap,
+    teacher_cache: tuple[Path, list[Path]],
+) -> dict[str, np.ndarray]:
     """The four variants' (P, R) float64 scores of every response of ``prompt_ids``.
 
     teacher, student: scorers (B, D) -> (M, B) (``networks.ensemble_scorer``); the teacher is the
@@ -76,8 +102,12 @@ def score_variants(data: EmbeddingSet, prompt_ids: np.ndarray, teacher: Callable
     """
     raw_teacher = data.score_cached(prompt_ids, teacher, *teacher_cache).mean(axis=0).astype(np.float64)
     raw_student = data.score(prompt_ids, student)[0].astype(np.float64)
-    return {"Teacher": raw_teacher, "Teacher+Isotonic": teacher_map.predict(raw_teacher),
-            "Student": raw_student, "Student+Isotonic": student_map.predict(raw_student)}
+    return {
+        "Teacher": raw_teacher,
+        "Teacher+Isotonic": teacher_map.predict(raw_teacher),
+        "Student": raw_student,
+        "Student+Isotonic": student_map.predict(raw_student),
+    }
 
 
 def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float, args, seed: int) -> dict:
@@ -88,16 +118,21 @@ def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float,
     calibrated = variants["Teacher+Isotonic"]
     fidelity = calibration_errors(variants["Student"], calibrated)
     return {
-        "n_prompts": gold.shape[0], "n_responses": gold.size, "variants": reports,
+        "n_prompts": gold.shape[0],
+        "n_responses": gold.size,
+        "variants": reports,
         "constant_predictor": {"value": constant, **calibration_errors(np.full(gold.shape, constant), gold)},
         "distillation_fidelity": {  # how well the student reproduces its target, isotonic(teacher)
-            "mse_student_vs_teacher_isotonic": fidelity["mse"], "mae_student_vs_teacher_isotonic": fidelity["mae"],
+            "mse_student_vs_teacher_isotonic": fidelity["mse"],
+            "mae_student_vs_teacher_isotonic": fidelity["mae"],
             "teacher_isotonic_variance": float(calibrated.var()),
             "relative_mse": fidelity["mse"] / float(calibrated.var()) if calibrated.var() > 0 else None,
-            **({} if calibrated.var() > 0 else {"relative_mse_reason": "Teacher+Isotonic is constant"})},
+            **({} if calibrated.var() > 0 else {"relative_mse_reason": "Teacher+Isotonic is constant"}),
+        },
         "best_of_n": best_of_n(gold, variants, args.bon_draws, seed),
-        "calibration_curves": {name: binned_calibration(variants[name], gold, args.calibration_bins)
-                               for name in ON_GOLDEN_SCALE},
+        "calibration_curves": {
+            name: binned_calibration(variants[name], gold, args.calibration_bins) for name in ON_GOLDEN_SCALE
+        },
     }
 
 
@@ -108,22 +143,28 @@ def format_table(title: str, result: dict) -> str:
     top_n = curves["oracle"]["n"][-1] if curves["oracle"]["n"] else None
     bon_header = f"BoN@{top_n}" if top_n else "BoN"
     lines.append(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
-    lines.append(f"{'variant':<18}{'spearman':>9}{'global':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
-          f"{'levels':>8}{bon_header:>9}")
+    lines.append(
+        f"{'variant':<18}{'spearman':>9}{'global':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
+        f"{'levels':>8}{bon_header:>9}"
+    )
     for name in VARIANT_NAMES:
         report = result["variants"][name]
         errors = report["calibration"]
         mark = "" if errors["meaningful"] else "*"
         bon = curves[name]["mean"][-1] if top_n else None
-        lines.append(f"{name:<18}{fmt(report['spearman_per_prompt']['mean'], 9)}{fmt(report['spearman_global'], 8)}"
-              f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
-              f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}"
-              f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{fmt(bon, 9)}")
+        lines.append(
+            f"{name:<18}{fmt(report['spearman_per_prompt']['mean'], 9)}{fmt(report['spearman_global'], 8)}"
+            f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
+            f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}"
+            f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{fmt(bon, 9)}"
+        )
     constant = result["constant_predictor"]
     lines.append(f"{'Constant':<18}{'':>36}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
     if top_n:
-        lines.append(f"{'(oracle / random)':<79}{curves['oracle']['mean'][-1]:>9.3f}\n"
-              f"{'':<79}{curves['random']['mean'][-1]:>9.3f}")
+        lines.append(
+            f"{'(oracle / random)':<79}{curves['oracle']['mean'][-1]:>9.3f}\n"
+            f"{'':<79}{curves['random']['mean'][-1]:>9.3f}"
+        )
     lines.append("* raw teacher scores are not on the golden scale: their MSE is not meaningful")
     return "\n".join(lines)
 
@@ -136,8 +177,10 @@ def main(argv=None) -> dict:
     run = open_run(args, SEED_FLAGS, seed=args.seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     test = run.test_set()
-    student_path = Path(args.student_ckpt or output_dir / student_checkpoint_name(
-        run.manifest["config"]["task"], run.manifest["config"]["rm_objective"]))
+    student_path = Path(
+        args.student_ckpt
+        or output_dir / student_checkpoint_name(run.manifest["config"]["task"], run.manifest["config"]["rm_objective"])
+    )
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
     teacher = lazy_ensemble_scorer(teacher_paths, data.dim)  # loaded only if step 6's cache lacks a score
@@ -154,20 +197,32 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     held_out = partition["held_out"]
     results = {
-        "manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed,
-        "models": {"teacher_checkpoints": [str(path) for path in teacher_paths],
-                   "student_checkpoint": str(student_path),
-                   "teacher_map": str(sidecar_path(teacher_map_path)),
-                   "student_map": str(sidecar_path(student_map_path)),
-                   "isotonic_variants": {"teacher": teacher_map.variant, "student": student_map.variant}},
-        "held_out": evaluate(score_variants(data, held_out, teacher, student, teacher_map, student_map, teacher_cache),
-                             data.rewards[held_out], constant, args, seed),
+        "manifest": str(output_dir / MANIFEST_FILE),
+        "eval_seed": seed,
+        "models": {
+            "teacher_checkpoints": [str(path) for path in teacher_paths],
+            "student_checkpoint": str(student_path),
+            "teacher_map": str(sidecar_path(teacher_map_path)),
+            "student_map": str(sidecar_path(student_map_path)),
+            "isotonic_variants": {"teacher": teacher_map.variant, "student": student_map.variant},
+        },
+        "held_out": evaluate(
+            score_variants(data, held_out, teacher, student, teacher_map, student_map, teacher_cache),
+            data.rewards[held_out],
+            constant,
+            args,
+            seed,
+        ),
     }
     if test is not None:
         test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(score_variants(test, test_prompts, teacher, student, teacher_map, student_map,
-                                                  teacher_cache),
-                                   test.rewards, constant, args, seed)
+        results["test"] = evaluate(
+            score_variants(test, test_prompts, teacher, student, teacher_map, student_map, teacher_cache),
+            test.rewards,
+            constant,
+            args,
+            seed,
+        )
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 
     json_path, calibration_plot = output_dir / "validation_results.json", output_dir / "validation_calibration.png"
@@ -180,17 +235,29 @@ def main(argv=None) -> dict:
     with atomic_paths(json_path, output_dir / "validation_table.txt", calibration_plot, bon_plot) as tmp_paths:
         tmp_paths[0].write_text(json_text(results))
         tmp_paths[1].write_text(table + "\n")  # run_all.sh shows it when step 8 is up to date
-        plot_calibration({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":
-                          res["calibration_curves"] for name, res in evaluated.items()},
-                         tmp_paths[2], title=f"Calibration ({teacher_map.variant} isotonic)")
-        plot_best_of_n({f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)":
-                        res["best_of_n"] for name, res in evaluated.items()}, tmp_paths[3],
-                       title=f"Teacher ({len(teacher_paths)} members) vs distilled student")
+        plot_calibration(
+            {
+                f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["calibration_curves"]
+                for name, res in evaluated.items()
+            },
+            tmp_paths[2],
+            title=f"Calibration ({teacher_map.variant} isotonic)",
+        )
+        plot_best_of_n(
+            {
+                f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["best_of_n"]
+                for name, res in evaluated.items()
+            },
+            tmp_paths[3],
+            title=f"Teacher ({len(teacher_paths)} members) vs distilled student",
+        )
     print(table)
     held = results["held_out"]
-    print(f"step8: held-out MSE Teacher+Isotonic {held['variants']['Teacher+Isotonic']['calibration']['mse']:.3f}, "
-          f"Student+Isotonic {held['variants']['Student+Isotonic']['calibration']['mse']:.3f}, "
-          f"constant {held['constant_predictor']['mse']:.3f} -> {json_path}, {calibration_plot}, {bon_plot}")
+    print(
+        f"step8: held-out MSE Teacher+Isotonic {held['variants']['Teacher+Isotonic']['calibration']['mse']:.3f}, "
+        f"Student+Isotonic {held['variants']['Student+Isotonic']['calibration']['mse']:.3f}, "
+        f"constant {held['constant_predictor']['mse']:.3f} -> {json_path}, {calibration_plot}, {bon_plot}"
+    )
     return results
 
 

@@ -36,8 +36,14 @@ SETTING_NAMES = {"embed_model_name": "MODEL_NAME", "gen_pref_model_name": "GEN_P
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
 STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
 # Step-5 flags added after runs were made (their defaults reproduce the earlier training).
-STEP5_DEFAULTS = {"early_stopping": "member", "stop_metric": "loss", "min_val_pairs": 0, "weight_decay": 0.0,
-                  "bagging": 0, "standardize": 0}
+STEP5_DEFAULTS = {
+    "early_stopping": "member",
+    "stop_metric": "loss",
+    "min_val_pairs": 0,
+    "weight_decay": 0.0,
+    "bagging": 0,
+    "standardize": 0,
+}
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
 # Metric column -> (label, where it is read from). The ensemble is the members' mean (step 6's
@@ -124,8 +130,9 @@ def read_metrics(evaluation: dict | None, validation: dict | None, eval_set: str
         picked, random_mean = number(ensemble["mean"][-1]), number(random_pick["mean"][-1])
         bon_gain = None if picked is None or random_mean is None else picked - random_mean
     variants = dig(validation, eval_set, "variants")
-    members = [report for name, report in (dig(evaluation, eval_set, "ranking") or {}).items()
-               if name.startswith("member_")]
+    members = [
+        report for name, report in (dig(evaluation, eval_set, "ranking") or {}).items() if name.startswith("member_")
+    ]
     values = {
         "spearman_per_prompt": dig(ranking, "spearman_per_prompt", "mean"),
         "spearman_global": dig(ranking, "spearman_global"),
@@ -153,8 +160,7 @@ def load_run(path: Path) -> Run:
         raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with seed and rm_objective")
     # A run from before a step-5 flag existed was trained as that flag's default: compare it as such.
     config = {**{key: value for key, value in STEP5_DEFAULTS.items() if key not in config}, **config}
-    settings = {SETTING_NAMES.get(key, key.upper()): value for key, value in config.items()
-                if key not in NOT_SETTINGS}
+    settings = {SETTING_NAMES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
     step7 = dig(optional_json(path / "distillation_config.json"), "config") or {}
     settings.update({key.upper(): step7[key] for key in STEP7_SETTINGS if key in step7})
     data_fingerprint = dig(manifest, "data", "fingerprint")
@@ -181,9 +187,11 @@ def check_same_held_out(runs: list[Run], what: str) -> None:
     first = runs[0]
     for run in runs[1:]:
         if run.held_out_key != first.held_out_key:
-            raise InputError(f"{first.path} and {run.path} were evaluated on different held-out prompts "
-                             f"(other data, SPLIT_SEED or EVAL_PROMPTS, or runs from before the fixed "
-                             f"evaluation pool); they cannot share {what}")
+            raise InputError(
+                f"{first.path} and {run.path} were evaluated on different held-out prompts "
+                f"(other data, SPLIT_SEED or EVAL_PROMPTS, or runs from before the fixed "
+                f"evaluation pool); they cannot share {what}"
+            )
 
 
 def mean_se(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -205,8 +213,11 @@ def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
     for run in runs:
         groups[json.dumps(run.settings, sort_keys=True)].append(run)
     all_names = sorted({name for run in runs for name in run.settings})
-    varied = ["RM_OBJECTIVE"] + [name for name in all_names if name != "RM_OBJECTIVE"
-                                 and len({json.dumps(r.settings.get(name)) for r in runs}) > 1]
+    varied = ["RM_OBJECTIVE"] + [
+        name
+        for name in all_names
+        if name != "RM_OBJECTIVE" and len({json.dumps(r.settings.get(name)) for r in runs}) > 1
+    ]
     common = {name: runs[0].settings.get(name) for name in all_names if name not in varied}
     sets = [s for s in EVAL_SETS if any(run.metrics[f"{s}_spearman_per_prompt"] is not None for run in runs)]
     columns = [f"{s}_{metric}" for s in sets for metric in METRICS]
@@ -244,23 +255,36 @@ def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: 
     header = [*varied, "n_seeds", "seeds", *[f"{c}_{stat}" for c in columns for stat in ("mean", "se")], *extra]
     writer.writerow(header)
     for row in rows:
-        writer.writerow(["n/a" if row[name] is None else (f"{row[name]!r}" if isinstance(row[name], float)
-                                                          else row[name]) for name in header])
+        writer.writerow(
+            [
+                "n/a" if row[name] is None else (f"{row[name]!r}" if isinstance(row[name], float) else row[name])
+                for name in header
+            ]
+        )
     write_text(output_dir / "summary.csv", buffer.getvalue())
 
-    lines = [f"# Summary of {sum(row['n_seeds'] for row in rows)} runs",
-             "", "Mean ± standard error over seeds; the ensemble is the mean of its members.",
-             "Common settings: " + ", ".join(f"{k}={v}" for k, v in common.items()), ""]
+    lines = [
+        f"# Summary of {sum(row['n_seeds'] for row in rows)} runs",
+        "",
+        "Mean ± standard error over seeds; the ensemble is the mean of its members.",
+        "Common settings: " + ", ".join(f"{k}={v}" for k, v in common.items()),
+        "",
+    ]
     for eval_set, label in EVAL_SETS.items():
         set_columns = [c for c in columns if c.startswith(f"{eval_set}_")]
         if not set_columns:
             continue
         bon_ns = {row[f"{eval_set}_bon_n"] for row in rows}
         bon = f"@N={bon_ns.pop()}" if len(bon_ns) == 1 else "@largest N"
-        names = [METRICS[c.removeprefix(f"{eval_set}_")].replace("best-of-N gain", f"BoN{bon} gain")
-                 for c in set_columns]
-        lines += [f"## {label} prompts", "", "| " + " | ".join([*varied, "n seeds", *names]) + " |",
-                  "|" + "---|" * (len(varied) + 1 + len(names))]
+        names = [
+            METRICS[c.removeprefix(f"{eval_set}_")].replace("best-of-N gain", f"BoN{bon} gain") for c in set_columns
+        ]
+        lines += [
+            f"## {label} prompts",
+            "",
+            "| " + " | ".join([*varied, "n seeds", *names]) + " |",
+            "|" + "---|" * (len(varied) + 1 + len(names)),
+        ]
         for row in rows:
             cells = [str(row[name]) for name in varied] + [str(row["n_seeds"])]
             for column in set_columns:
@@ -283,18 +307,27 @@ def write_figures(output_dir: Path, varied: list[str], rows: list[dict]) -> list
         panels = {}
         for metric, metric_label in METRICS.items():
             column = f"held_out_{metric}"
-            panels[metric_label] = {label: {"x": [row[x_name] for row in curve_rows],
-                                            "mean": [row.get(f"{column}_mean") for row in curve_rows],
-                                            "se": [row.get(f"{column}_se") for row in curve_rows]}
-                                    for label, curve_rows in curves.items()}
+            panels[metric_label] = {
+                label: {
+                    "x": [row[x_name] for row in curve_rows],
+                    "mean": [row.get(f"{column}_mean") for row in curve_rows],
+                    "se": [row.get(f"{column}_se") for row in curve_rows],
+                }
+                for label, curve_rows in curves.items()
+            }
         xs = [row[x_name] for row in rows]
         log_x = all(isinstance(x, (int, float)) and x > 0 for x in xs)
         path = output_dir / f"summary_vs_{x_name}.png"
         seeds = sorted({row["n_seeds"] for row in rows})
         seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-        plot_sweep(x_name, panels, path, log_x=log_x,
-                   title=f"held-out prompts ({rows[0]['_runs'][0].n_held_out} prompts), mean ± SE over "
-                         f"{seeds_text} seeds per point")
+        plot_sweep(
+            x_name,
+            panels,
+            path,
+            log_x=log_x,
+            title=f"held-out prompts ({rows[0]['_runs'][0].n_held_out} prompts), mean ± SE over "
+            f"{seeds_text} seeds per point",
+        )
         paths.append(path)
     return paths
 
@@ -308,8 +341,10 @@ def main(argv=None) -> Path:
     write_tables(output_dir, varied, columns, rows, common)
     figures = write_figures(output_dir, varied, rows)
     print((output_dir / "summary.md").read_text())
-    print(f"summarize_runs: {len(runs)} runs in {len(rows)} rows -> {output_dir / 'summary.csv'}, "
-          f"{output_dir / 'summary.md'}" + "".join(f", {path}" for path in figures))
+    print(
+        f"summarize_runs: {len(runs)} runs in {len(rows)} rows -> {output_dir / 'summary.csv'}, "
+        f"{output_dir / 'summary.md'}" + "".join(f", {path}" for path in figures)
+    )
     return output_dir
 
 

@@ -39,8 +39,11 @@ def run_measured(name: str, cmd: list[str], rows: list) -> None:
     peak_gb = usage.ru_maxrss / 2**20  # Linux reports KiB
     rows.append((name, seconds, peak_gb))
     last = [line for line in output.splitlines() if line.startswith(("step", "converted", "demo"))]
-    print(f"{name:<26}{seconds:>9.1f} s{peak_gb:>9.2f} GB  {'ok' if peak_gb < TARGET_GB else 'OVER'}"
-          f"  {last[-1][:100] if last else ''}", flush=True)
+    print(
+        f"{name:<26}{seconds:>9.1f} s{peak_gb:>9.2f} GB  {'ok' if peak_gb < TARGET_GB else 'OVER'}"
+        f"  {last[-1][:100] if last else ''}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -56,20 +59,67 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_full_scale_"))
     repo, data, out = work / "repo", work / "data", work / "out"
     py = sys.executable
-    print(f"setup: train {n_train} x 10 x 2048, test {n_test} x 500 x 2048 float32, N_SAMPLE={n_sample}, "
-          f"ENSEMBLE_NUMBER={args.ensemble_number}, TRAINING_EPOCHS={args.training_epochs}; files in {work}")
+    print(
+        f"setup: train {n_train} x 10 x 2048, test {n_test} x 500 x 2048 float32, N_SAMPLE={n_sample}, "
+        f"ENSEMBLE_NUMBER={args.ensemble_number}, TRAINING_EPOCHS={args.training_epochs}; files in {work}"
+    )
     print(f"{'command':<26}{'wall':>11}{'peak RSS':>12}  (target < {TARGET_GB:.0f} GB per step)")
     rows: list = []
     try:
-        run_measured("make synthetic repo", [py, "benchmarks/make_synthetic_repo.py", "--output_dir", str(repo),
-                                             "--n_prompts", str(n_train), "--n_test_prompts", str(n_test),
-                                             "--task", "harmless", "--gen_model", "gemma2b"], rows)
-        run_measured("convert_embeddings", [py, "convert_embeddings.py", "--embd_dir", str(repo), "--task",
-                                            "harmless", "--gen_model", "gemma2b", "--output_dir", str(data)], rows)
-        run_measured("step5 train", [py, "step5_train_rms.py", "--data_dir", str(data), "--output_dir", str(out),
-                                     "--task", "harmless", "--n_sample", str(n_sample),
-                                     "--ensemble_number", str(args.ensemble_number),
-                                     "--training_epochs", str(args.training_epochs)], rows)
+        run_measured(
+            "make synthetic repo",
+            [
+                py,
+                "benchmarks/make_synthetic_repo.py",
+                "--output_dir",
+                str(repo),
+                "--n_prompts",
+                str(n_train),
+                "--n_test_prompts",
+                str(n_test),
+                "--task",
+                "harmless",
+                "--gen_model",
+                "gemma2b",
+            ],
+            rows,
+        )
+        run_measured(
+            "convert_embeddings",
+            [
+                py,
+                "convert_embeddings.py",
+                "--embd_dir",
+                str(repo),
+                "--task",
+                "harmless",
+                "--gen_model",
+                "gemma2b",
+                "--output_dir",
+                str(data),
+            ],
+            rows,
+        )
+        run_measured(
+            "step5 train",
+            [
+                py,
+                "step5_train_rms.py",
+                "--data_dir",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--task",
+                "harmless",
+                "--n_sample",
+                str(n_sample),
+                "--ensemble_number",
+                str(args.ensemble_number),
+                "--training_epochs",
+                str(args.training_epochs),
+            ],
+            rows,
+        )
         run_measured("step6 eval", [py, "step6_eval_rms.py", "--output_dir", str(out)], rows)
         run_measured("step7 calibrate+distil", [py, "step7_isotonic_distillation.py", "--output_dir", str(out)], rows)
         run_measured("step8 validate", [py, "step8_validate_distillation.py", "--output_dir", str(out)], rows)

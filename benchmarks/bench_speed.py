@@ -92,11 +92,24 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
     steps = -(-(n_pairs - val) // batch) * epochs
 
     def project():
-        networks.train_orm(features, winners[val:], losers[val:], winners[:val], losers[:val], "bt",
-                           config, torch.Generator().manual_seed(1))
+        networks.train_orm(
+            features,
+            winners[val:],
+            losers[val:],
+            winners[:val],
+            losers[:val],
+            "bt",
+            config,
+            torch.Generator().manual_seed(1),
+        )
 
-    bare_model = torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512),
-                                     torch.nn.ReLU(), torch.nn.Linear(512, 1))
+    bare_model = torch.nn.Sequential(
+        torch.nn.Linear(dim, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 1),
+    )
     bare_opt = torch.optim.Adam(bare_model.parameters(), lr=1e-3)
     bare_x = torch.randn(2 * batch, dim, generator=gen)
 
@@ -114,11 +127,17 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
     a, b = torch.randn(2 * batch, dim), torch.randn(dim, 1024)
     t_matmul = best_time(lambda: [a @ b for _ in range(20)], 3) / 20
     matmul_gflops = 2 * 2 * batch * dim * 1024 / t_matmul / 1e9
-    report("1. ORM training vs bare train step", f"{t_bare / t_project:.2f}x",
-           f"target >= 0.8; {responses / t_project:,.0f} vs {responses / t_bare:,.0f} responses/s "
-           f"(batch {batch} pairs, D={dim}, includes per-epoch validation)")
-    report("   achieved GFLOP/s (train) vs bare matmul", f"{flops / t_project / 1e9:.1f}",
-           f"bare ({2 * batch}x{dim})@({dim}x1024) matmul: {matmul_gflops:.1f} GFLOP/s")
+    report(
+        "1. ORM training vs bare train step",
+        f"{t_bare / t_project:.2f}x",
+        f"target >= 0.8; {responses / t_project:,.0f} vs {responses / t_bare:,.0f} responses/s "
+        f"(batch {batch} pairs, D={dim}, includes per-epoch validation)",
+    )
+    report(
+        "   achieved GFLOP/s (train) vs bare matmul",
+        f"{flops / t_project / 1e9:.1f}",
+        f"bare ({2 * batch}x{dim})@({dim}x1024) matmul: {matmul_gflops:.1f} GFLOP/s",
+    )
     bench_stacked_training(features, winners, losers, dim, batch, members=4)
 
 
@@ -128,8 +147,9 @@ def bench_stacked_training(features, winners, losers, dim: int, batch: int, memb
 
     models = [networks.MLP(dim, generator=torch.Generator().manual_seed(i)) for i in range(members)]
     steps = 10
-    batches = [torch.randint(len(winners), (batch,), generator=torch.Generator().manual_seed(i))
-               for i in range(members)]
+    batches = [
+        torch.randint(len(winners), (batch,), generator=torch.Generator().manual_seed(i)) for i in range(members)
+    ]
 
     def sequential():
         for model, idx in zip(models, batches):
@@ -159,8 +179,11 @@ def bench_stacked_training(features, winners, losers, dim: int, batch: int, memb
             opt.step()
 
     t_seq, t_stack = best_time(sequential, 1), best_time(stacked, 1)
-    report("   ensemble training: stacked vs sequential", f"{t_seq / t_stack:.2f}x",
-           f"{members} members x {steps} steps; kept sequential unless clearly > 1")
+    report(
+        "   ensemble training: stacked vs sequential",
+        f"{t_seq / t_stack:.2f}x",
+        f"{members} members x {steps} steps; kept sequential unless clearly > 1",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +193,9 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for k in range(n_splits):
-            artifacts.write_npy(Path(tmp) / f"EMBD-TRAIN-split_{k}.npy",
-                              rng.standard_normal((n_prompts, dim), dtype=np.float32))
+            artifacts.write_npy(
+                Path(tmp) / f"EMBD-TRAIN-split_{k}.npy", rng.standard_normal((n_prompts, dim), dtype=np.float32)
+            )
             rm_data.write_rewards_jsonl(Path(tmp) / f"rewards_split_{k}.json", rng.standard_normal(n_prompts))
         data = rm_data.load_embedding_set(tmp)
         models = [networks.MLP(dim, generator=torch.Generator().manual_seed(i)).eval() for i in range(members)]
@@ -183,19 +207,25 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
         def bare():
             with torch.inference_mode():
                 for start in range(0, len(in_memory), rm_data.DEFAULT_CHUNK_ROWS):
-                    x = in_memory[start:start + rm_data.DEFAULT_CHUNK_ROWS]
+                    x = in_memory[start : start + rm_data.DEFAULT_CHUNK_ROWS]
                     [model(x) for model in models]
 
         t_bare = best_time(bare, 2)
         responses = n_prompts * n_splits
-        report("2. evaluation scoring vs bare forward", f"{t_bare / t_project:.2f}x",
-               f"target >= 0.8; {responses * members / t_project:,.0f} vs {responses * members / t_bare:,.0f} "
-               f"member-responses/s ({members} members, memory-mapped reads included)")
+        report(
+            "2. evaluation scoring vs bare forward",
+            f"{t_bare / t_project:.2f}x",
+            f"target >= 0.8; {responses * members / t_project:,.0f} vs {responses * members / t_bare:,.0f} "
+            f"member-responses/s ({members} members, memory-mapped reads included)",
+        )
         scores = data.score(prompts, scorer)
         args = argparse.Namespace(n_cross_pairs=100_000, bon_draws=50)
         t_metrics = best_time(lambda: step6_eval_rms.evaluate(scores, data.rewards, args, seed=0), 1)
-        report("   step 6 metrics share of evaluation", f"{t_metrics / (t_metrics + t_project):.0%}",
-               f"metrics {t_metrics:.2f}s for {members + 4} variants vs scoring {t_project:.2f}s")
+        report(
+            "   step 6 metrics share of evaluation",
+            f"{t_metrics / (t_metrics + t_project):.0%}",
+            f"metrics {t_metrics:.2f}s for {members + 4} variants vs scoring {t_project:.2f}s",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,11 +272,17 @@ def measure_machine(repeats: int) -> Machine:
         seconds = best_time(lambda a=a, b=b, n=n: [torch.mm(a, b) for _ in range(n)], repeats)
         rates.append(2 * rows * inner * outer * n / seconds)
     machine = Machine(start_time("import torch"), start_time("import numpy"), max(rates))
-    report("   floor: Python + import torch (one process)", f"{machine.torch_start:.2f} s",
-           f"python -c 'import numpy': {machine.numpy_start:.2f} s")
-    report("   floor: bare GEMM rate", f"{machine.gemm_flops / 1e9:.0f} GFLOP/s",
-           "best of (4096x2048)@(2048x{10240,1024}), (256x2048)@(2048x1024): " +
-           ", ".join(f"{r / 1e9:.0f}" for r in rates))
+    report(
+        "   floor: Python + import torch (one process)",
+        f"{machine.torch_start:.2f} s",
+        f"python -c 'import numpy': {machine.numpy_start:.2f} s",
+    )
+    report(
+        "   floor: bare GEMM rate",
+        f"{machine.gemm_flops / 1e9:.0f} GFLOP/s",
+        "best of (4096x2048)@(2048x{10240,1024}), (256x2048)@(2048x1024): "
+        + ", ".join(f"{r / 1e9:.0f}" for r in rates),
+    )
     return machine
 
 
@@ -265,23 +301,30 @@ def pipeline_flops(out_dir: Path) -> dict[str, float]:
     evaluation = json.loads((out_dir / f"eval_results_{manifest['config']['rm_objective']}.json").read_text())
     dim = manifest["data"]["dim"]
     forward, train = networks.mlp_flops_per_sample(dim), networks.mlp_train_flops_per_sample(dim)
-    step5 = sum(m["epochs_run"] * 2 * (m["train_pairs"] * train + m["val_pairs"] * forward)
-                for m in manifest["members"])
+    step5 = sum(
+        m["epochs_run"] * 2 * (m["train_pairs"] * train + m["val_pairs"] * forward) for m in manifest["members"]
+    )
     members = len(manifest["members"])
     scored = [evaluation[name]["n_responses"] for name in ("held_out", "test") if name in evaluation]
     step6 = sum(scored) * members * forward
     fits, student = distill["fits"], distill["student"]
     calibration, fit_rows = fits["teacher_isotonic"]["n_responses"], fits["student_training"]["n_responses"]
     stop_rows = fits["student_early_stopping"]["n_responses"]
-    step7 = ((calibration + fit_rows + stop_rows) * distill["teacher"]["n_members"] * forward
-             + student["epochs_run"] * (fit_rows * train + stop_rows * forward) + (fit_rows + calibration) * forward)
+    step7 = (
+        (calibration + fit_rows + stop_rows) * distill["teacher"]["n_members"] * forward
+        + student["epochs_run"] * (fit_rows * train + stop_rows * forward)
+        + (fit_rows + calibration) * forward
+    )
     step8 = sum(scored) * forward
     return {"step 5": step5, "step 6": step6, "step 7": step7, "step 8": step8}
 
 
 def report_against_floor(name: str, timing: Timing, floor: float, target: str, note: str) -> None:
-    report(name, f"{timing.wall:.1f} s", f"floor {floor:.1f} s, ratio {timing.wall / floor:.2f}; {target}; "
-           f"CPU (user+sys) {timing.cpu:.1f} s; {note}")
+    report(
+        name,
+        f"{timing.wall:.1f} s",
+        f"floor {floor:.1f} s, ratio {timing.wall / floor:.2f}; {target}; CPU (user+sys) {timing.cpu:.1f} s; {note}",
+    )
 
 
 def step_times(stdout: str) -> str:
@@ -290,14 +333,23 @@ def step_times(stdout: str) -> str:
 
 def bench_help(repeats: int) -> None:
     """``stepN --help`` for steps 5-8: the best of ``repeats`` wall times each."""
-    scripts = ["step5_train_rms.py", "step6_eval_rms.py", "step7_isotonic_distillation.py",
-               "step8_validate_distillation.py"]
+    scripts = [
+        "step5_train_rms.py",
+        "step6_eval_rms.py",
+        "step7_isotonic_distillation.py",
+        "step8_validate_distillation.py",
+    ]
     best = [min(run([sys.executable, script, "--help"], {}) for _ in range(repeats)) for script in scripts]
     bare = min(run([sys.executable, "-c", "pass"], {}) for _ in range(repeats))
-    report("6. stepN --help, steps 5-8", f"{max(t.wall for t in best):.2f} s",
-           "target <= 0.3 s; wall " + ", ".join(f"{t.wall:.2f}" for t in best) + " s, CPU "
-           + ", ".join(f"{t.cpu:.2f}" for t in best)
-           + f" s; python -c pass: {bare.wall:.2f} s wall, {bare.cpu:.2f} s CPU")
+    report(
+        "6. stepN --help, steps 5-8",
+        f"{max(t.wall for t in best):.2f} s",
+        "target <= 0.3 s; wall "
+        + ", ".join(f"{t.wall:.2f}" for t in best)
+        + " s, CPU "
+        + ", ".join(f"{t.cpu:.2f}" for t in best)
+        + f" s; python -c pass: {bare.wall:.2f} s wall, {bare.cpu:.2f} s CPU",
+    )
 
 
 def bench_run_all(machine: Machine, repeats: int) -> None:
@@ -308,23 +360,53 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
         flops = pipeline_flops(Path(tmp) / "out")
     best = min(runs)
     floor = 4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops
-    report_against_floor("3. run_all.sh default demo (FORCE=1)", best, floor, "target <= 10 s and <= 1.25x floor",
-                         f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout))
-    report("   floor = 4 x start + FLOPs / GEMM rate", f"{sum(flops.values()) / 1e12:.2f} TFLOP",
-           f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s; " +
-           ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()))
+    report_against_floor(
+        "3. run_all.sh default demo (FORCE=1)",
+        best,
+        floor,
+        "target <= 10 s and <= 1.25x floor",
+        f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout),
+    )
+    report(
+        "   floor = 4 x start + FLOPs / GEMM rate",
+        f"{sum(flops.values()) / 1e12:.2f} TFLOP",
+        f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s; "
+        + ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()),
+    )
 
 
 def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
     """The seed's "real embeddings" run (conversion included): each repeat converts and trains afresh."""
     n_prompts = 1200 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", f"{tmp}/repo",
-             "--n_prompts", str(n_prompts), "--n_test_prompts", "0", "--task", "harmless", "--gen_model", "gemma2b"],
-            {})
-        env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "N_SAMPLE": "300" if quick else "1000",
-               "ENSEMBLE_NUMBER": "3", "GEN_PREF_MODEL": "gemma2b", "MAX_PROMPTS": str(n_prompts),
-               "EMBD_REPO_DIR": f"{tmp}/repo", "DATA_DIR": f"{tmp}/data", "OUTPUT_DIR": f"{tmp}/out"}
+        run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "make_synthetic_repo.py"),
+                "--output_dir",
+                f"{tmp}/repo",
+                "--n_prompts",
+                str(n_prompts),
+                "--n_test_prompts",
+                "0",
+                "--task",
+                "harmless",
+                "--gen_model",
+                "gemma2b",
+            ],
+            {},
+        )
+        env = {
+            "USE_REPO_EMBD": "1",
+            "TASK": "harmless",
+            "N_SAMPLE": "300" if quick else "1000",
+            "ENSEMBLE_NUMBER": "3",
+            "GEN_PREF_MODEL": "gemma2b",
+            "MAX_PROMPTS": str(n_prompts),
+            "EMBD_REPO_DIR": f"{tmp}/repo",
+            "DATA_DIR": f"{tmp}/data",
+            "OUTPUT_DIR": f"{tmp}/out",
+        }
         runs = []
         for _ in range(repeats):
             shutil.rmtree(f"{tmp}/data", ignore_errors=True)
@@ -335,14 +417,21 @@ def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
         sources = sorted(Path(f"{tmp}/repo").glob("*.npy"))
         copy_seconds = best_time(lambda: [shutil.copyfile(src, Path(tmp) / "copy.npy") for src in sources], repeats)
     best = min(runs)
-    floor = (4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops
-             + machine.numpy_start + copy_seconds)
-    report_against_floor(f"4. seed real config {n_prompts}x10x2048, conversion", best, floor, "target <= 25 s",
-                         f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout))
-    report("   floor = 4 x start + FLOPs / GEMM rate + copy", f"{sum(flops.values()) / 1e12:.2f} TFLOP",
-           f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s + conversion "
-           f"{machine.numpy_start:.2f} + {copy_seconds:.1f} s (bare copy of the sources); " +
-           ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()))
+    floor = 4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops + machine.numpy_start + copy_seconds
+    report_against_floor(
+        f"4. seed real config {n_prompts}x10x2048, conversion",
+        best,
+        floor,
+        "target <= 25 s",
+        f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout),
+    )
+    report(
+        "   floor = 4 x start + FLOPs / GEMM rate + copy",
+        f"{sum(flops.values()) / 1e12:.2f} TFLOP",
+        f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s + conversion "
+        f"{machine.numpy_start:.2f} + {copy_seconds:.1f} s (bare copy of the sources); "
+        + ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()),
+    )
 
 
 def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
@@ -352,13 +441,39 @@ def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
     n_test = max(2, int(2000 * scale))
     n_train = max(60, int(40000 * scale))
     with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", f"{tmp}/repo",
-             "--n_prompts", str(n_train), "--n_test_prompts", str(n_test)], {})
+        run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "make_synthetic_repo.py"),
+                "--output_dir",
+                f"{tmp}/repo",
+                "--n_prompts",
+                str(n_train),
+                "--n_test_prompts",
+                str(n_test),
+            ],
+            {},
+        )
         run([sys.executable, "convert_embeddings.py", "--embd_dir", f"{tmp}/repo", "--output_dir", f"{tmp}/data"], {})
         shutil.rmtree(f"{tmp}/repo")
         out = Path(tmp) / "out"
-        run([sys.executable, "step5_train_rms.py", "--data_dir", f"{tmp}/data", "--output_dir", str(out),
-             "--n_sample", str(max(10, n_train // 4)), "--ensemble_number", "10", "--training_epochs", "1"], {})
+        run(
+            [
+                sys.executable,
+                "step5_train_rms.py",
+                "--data_dir",
+                f"{tmp}/data",
+                "--output_dir",
+                str(out),
+                "--n_sample",
+                str(max(10, n_train // 4)),
+                "--ensemble_number",
+                "10",
+                "--training_epochs",
+                "1",
+            ],
+            {},
+        )
         runs = []
         for _ in range(repeats):
             shutil.rmtree(out / rm_data.SCORE_CACHE_DIR, ignore_errors=True)  # score afresh each time
@@ -377,27 +492,45 @@ def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
             [model(batch) for model in models]
 
     bare_rate = rm_data.DEFAULT_CHUNK_ROWS / best_time(bare, repeats)
-    report_against_floor(f"5. step 6, published shape x{scale:g} (test {n_test}x500)", best, floor,
-                         "10 members", f"{responses:,} responses, {flops / 1e12:.2f} TFLOP")
-    report("   evaluation throughput vs bare forward", f"{responses / evaluated / bare_rate:.2f}x",
-           f"{responses / evaluated:,.0f} responses/s scored and evaluated (10 members, memory-mapped reads, "
-           f"metrics) vs {bare_rate:,.0f} responses/s bare forward on an in-memory {rm_data.DEFAULT_CHUNK_ROWS}-row "
-           f"chunk; evaluation {evaluated:.1f} s of the step's {best.wall:.1f} s")
+    report_against_floor(
+        f"5. step 6, published shape x{scale:g} (test {n_test}x500)",
+        best,
+        floor,
+        "10 members",
+        f"{responses:,} responses, {flops / 1e12:.2f} TFLOP",
+    )
+    report(
+        "   evaluation throughput vs bare forward",
+        f"{responses / evaluated / bare_rate:.2f}x",
+        f"{responses / evaluated:,.0f} responses/s scored and evaluated (10 members, memory-mapped reads, "
+        f"metrics) vs {bare_rate:,.0f} responses/s bare forward on an in-memory {rm_data.DEFAULT_CHUNK_ROWS}-row "
+        f"chunk; evaluation {evaluated:.1f} s of the step's {best.wall:.1f} s",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
-    parser.add_argument("--only", choices=["throughput", "runs"], default=None,
-                        help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale)")
-    parser.add_argument("--step6_scale", type=float, default=0.0,
-                        help="also run row 5: step 6 on the published test shape at this fraction of its "
-                             "prompts (0.1: 200 x 500 test responses, ~2 GB of temporary files)")
+    parser.add_argument(
+        "--only",
+        choices=["throughput", "runs"],
+        default=None,
+        help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale)",
+    )
+    parser.add_argument(
+        "--step6_scale",
+        type=float,
+        default=0.0,
+        help="also run row 5: step 6 on the published test shape at this fraction of its "
+        "prompts (0.1: 200 x 500 test responses, ~2 GB of temporary files)",
+    )
     args = parser.parse_args()
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     dim = 2048
     if args.only != "runs":
         bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)

@@ -52,8 +52,12 @@ def parse_args(argv=None):
     parser.add_argument("--n_test_prompts", type=int, default=2000, help="test prompts (0: no test files)")
     parser.add_argument("--n_test_responses", type=positive_int, default=500, help="responses per test prompt")
     parser.add_argument("--emb_dim", type=positive_int, default=2048, help="embedding size D")
-    parser.add_argument("--reward", choices=("learnable", "random"), default="learnable",
-                        help="learnable: a fixed random network of the embedding; random: i.i.d. N(0, 1)")
+    parser.add_argument(
+        "--reward",
+        choices=("learnable", "random"),
+        default="learnable",
+        help="learnable: a fixed random network of the embedding; random: i.i.d. N(0, 1)",
+    )
     parser.add_argument("--reward_noise", type=float, default=0.0, help="std of noise added to a learnable reward")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--task", choices=TASKS, default="helpful", help="task in the file names")
@@ -79,8 +83,15 @@ class SyntheticWorld:
         self.hidden_weights = (rng.standard_normal((emb_dim, HIDDEN)) / np.sqrt(emb_dim)).astype(np.float32)
         self.output_weights = rng.standard_normal(HIDDEN).astype(np.float32) / np.sqrt(HIDDEN)
 
-    def draw_block(self, rng: np.random.Generator, n_prompts: int, n_responses: int, dtype: np.dtype,
-                   reward: str, reward_noise: float) -> tuple[np.ndarray, np.ndarray]:
+    def draw_block(
+        self,
+        rng: np.random.Generator,
+        n_prompts: int,
+        n_responses: int,
+        dtype: np.dtype,
+        reward: str,
+        reward_noise: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings (P, K, D) in ``dtype`` and rewards (P, K) float32 of one block of prompts."""
         prompt_latent = rng.standard_normal((n_prompts, 1, LATENT_DIM), dtype=np.float32)
         response_latent = rng.standard_normal((n_prompts, n_responses, LATENT_DIM), dtype=np.float32)
@@ -98,11 +109,13 @@ class SyntheticWorld:
         return embeddings, rewards
 
 
-def write_set(out_dir: Path, set_index: int, split: str, n_prompts: int, n_responses: int, args,
-              world: SyntheticWorld) -> None:
+def write_set(
+    out_dir: Path, set_index: int, split: str, n_prompts: int, n_responses: int, args, world: SyntheticWorld
+) -> None:
     dtype = np.dtype(args.dtype)
-    embd_name, reward_name = repo_file_names(args.layout, split, args.task, args.sft_obj, args.embed_model,
-                                             args.gen_model)
+    embd_name, reward_name = repo_file_names(
+        args.layout, split, args.task, args.sft_obj, args.embed_model, args.gen_model
+    )
     shape = (n_responses, n_prompts, args.emb_dim) if args.layout == "kn" else (n_prompts, n_responses, args.emb_dim)
     row_bytes = args.emb_dim * dtype.itemsize
     block_prompts = max(1, BLOCK_BYTES // (n_responses * args.emb_dim * 4))
@@ -113,12 +126,14 @@ def write_set(out_dir: Path, set_index: int, split: str, n_prompts: int, n_respo
         offset = created.offset
         del created
         handle = stack.enter_context(open(tmp, "r+b"))
-        for block, start in enumerate(tqdm(range(0, n_prompts, block_prompts), desc=f"synthetic {split}",
-                                           unit="block", disable=None)):
+        for block, start in enumerate(
+            tqdm(range(0, n_prompts, block_prompts), desc=f"synthetic {split}", unit="block", disable=None)
+        ):
             stop = min(start + block_prompts, n_prompts)
             rng = np.random.default_rng([args.seed, set_index, block])
-            embeddings, rewards[start:stop] = world.draw_block(rng, stop - start, n_responses, dtype,
-                                                               args.reward, args.reward_noise)
+            embeddings, rewards[start:stop] = world.draw_block(
+                rng, stop - start, n_responses, dtype, args.reward, args.reward_noise
+            )
             if args.layout == "nk":
                 handle.seek(offset + start * n_responses * row_bytes)
                 handle.write(embeddings.data)
@@ -137,12 +152,17 @@ def main(argv=None) -> Path:
     sets = [("train", args.n_prompts, args.n_responses)]
     if args.n_test_prompts:
         sets.append(("test", args.n_test_prompts, args.n_test_responses))
-    names = [name for split, _, _ in sets
-             for name in repo_file_names(args.layout, split, args.task, args.sft_obj, args.embed_model,
-                                         args.gen_model)]
+    names = [
+        name
+        for split, _, _ in sets
+        for name in repo_file_names(args.layout, split, args.task, args.sft_obj, args.embed_model, args.gen_model)
+    ]
     config_path = out_dir / CONFIG_FILE
-    if (config_path.exists() and read_json(config_path, "synthetic repository settings") == config
-            and all((out_dir / name).is_file() for name in names)):
+    if (
+        config_path.exists()
+        and read_json(config_path, "synthetic repository settings") == config
+        and all((out_dir / name).is_file() for name in names)
+    ):
         print(f"synthetic repository in {out_dir} is up to date")
         return out_dir
     config_path.unlink(missing_ok=True)
@@ -152,9 +172,12 @@ def main(argv=None) -> Path:
         write_set(out_dir, set_index, split, n_prompts, n_responses, args, world)
     write_json(config_path, config)  # written last: marks the repository complete
     size = sum((out_dir / name).stat().st_size for name in names)
-    print(f"synthetic {args.layout} repository: " + ", ".join(f"{split} {n} x {k}" for split, n, k in sets)
-          + f" x D={args.emb_dim} {args.dtype}, {size / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s"
-          + f" -> {out_dir}")
+    print(
+        f"synthetic {args.layout} repository: "
+        + ", ".join(f"{split} {n} x {k}" for split, n, k in sets)
+        + f" x D={args.emb_dim} {args.dtype}, {size / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s"
+        + f" -> {out_dir}"
+    )
     return out_dir
 
 

@@ -15,8 +15,20 @@ if str(ROOT) not in sys.path:
 import generate_demo_data  # noqa: E402
 import step5_train_rms  # noqa: E402
 
-SMALL_DEMO = ["--n_prompts", "260", "--n_splits", "10", "--emb_dim", "48", "--seed", "1",
-              "--n_test_prompts", "6", "--n_test_responses", "40"]
+SMALL_DEMO = [
+    "--n_prompts",
+    "260",
+    "--n_splits",
+    "10",
+    "--emb_dim",
+    "48",
+    "--seed",
+    "1",
+    "--n_test_prompts",
+    "6",
+    "--n_test_responses",
+    "40",
+]
 
 
 def run_failing(main, argv, capsys) -> str:
@@ -48,8 +60,18 @@ def demo_copy(demo_dir, tmp_path) -> Path:
     return path
 
 
-STEP5_FAST = ["--n_sample", "120", "--ensemble_number", "2", "--training_epochs", "3",
-              "--batch_size", "32", "--seed", "3"]
+STEP5_FAST = [
+    "--n_sample",
+    "120",
+    "--ensemble_number",
+    "2",
+    "--training_epochs",
+    "3",
+    "--batch_size",
+    "32",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="session")

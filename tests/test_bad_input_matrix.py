@@ -35,14 +35,26 @@ import step7_isotonic_distillation
 import step8_validate_distillation
 from networks import MLP, save_checkpoint
 
-MAINS = {"generate_demo_data.py": generate_demo_data.main, "step5_train_rms.py": step5_train_rms.main,
-         "step6_eval_rms.py": step6_eval_rms.main, "step7_isotonic_distillation.py": step7_isotonic_distillation.main,
-         "step8_validate_distillation.py": step8_validate_distillation.main,
-         "convert_embeddings.py": convert_embeddings.main}
+MAINS = {
+    "generate_demo_data.py": generate_demo_data.main,
+    "step5_train_rms.py": step5_train_rms.main,
+    "step6_eval_rms.py": step6_eval_rms.main,
+    "step7_isotonic_distillation.py": step7_isotonic_distillation.main,
+    "step8_validate_distillation.py": step8_validate_distillation.main,
+    "convert_embeddings.py": convert_embeddings.main,
+}
 # A small valid run_all.sh configuration; each case breaks one thing.
-RUN_ALL_ENV = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "1", "DISTILL_EPOCHS": "1",
-               "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
-               "DEMO_TEST_RESPONSES": "12"}
+RUN_ALL_ENV = {
+    "N_SAMPLE": "100",
+    "ENSEMBLE_NUMBER": "2",
+    "TRAINING_EPOCHS": "1",
+    "DISTILL_EPOCHS": "1",
+    "DEMO_PROMPTS": "300",
+    "EVAL_PROMPTS": "200",
+    "DEMO_EMB_DIM": "32",
+    "DEMO_TEST_PROMPTS": "4",
+    "DEMO_TEST_RESPONSES": "12",
+}
 D = 48  # embedding size of the shared demo data (conftest.SMALL_DEMO)
 
 
@@ -131,17 +143,29 @@ def mlp_state(dim: int, hidden=(1024, 512)) -> dict:
 # --------------------------------------------------------------------------------------------
 # The cases
 # --------------------------------------------------------------------------------------------
-def run_all_case(w: Workspace, expected: list[str], settings_error: bool = True, data: Path | None = None,
-                 output: Path | None = None, **env) -> Case:
+def run_all_case(
+    w: Workspace,
+    expected: list[str],
+    settings_error: bool = True,
+    data: Path | None = None,
+    output: Path | None = None,
+    **env,
+) -> Case:
     data, output = data or w.tmp / "data", output or w.tmp / "out"
-    return Case("run_all.sh", [], expected, [data, output], env={"DATA_DIR": str(data), "OUTPUT_DIR": str(output),
-                                                                 **env},
-                absent=[data, output] if settings_error else [])
+    return Case(
+        "run_all.sh",
+        [],
+        expected,
+        [data, output],
+        env={"DATA_DIR": str(data), "OUTPUT_DIR": str(output), **env},
+        absent=[data, output] if settings_error else [],
+    )
 
 
 def settings_case(variable: str, value: str, message: str) -> Callable[[Workspace], Case]:
     def make(w: Workspace) -> Case:
         return run_all_case(w, [f"run_all.sh: error: {variable} {message}, got '{value}'"], **{variable: value})
+
     make.__name__ = f"run_all_{variable}_{value}"
     return make
 
@@ -188,8 +212,9 @@ def run_all_output_under_file(w):
 
 def run_all_data_under_file(w):
     data = w.regular_file() / "data"
-    return run_all_case(w, [f"DATA_DIR '{data}' is not a directory that can be created"], settings_error=False,
-                        data=data)
+    return run_all_case(
+        w, [f"DATA_DIR '{data}' is not a directory that can be created"], settings_error=False, data=data
+    )
 
 
 def run_all_output_in_use(w):
@@ -197,8 +222,9 @@ def run_all_output_in_use(w):
         pytest.skip("run_all.sh locks OUTPUT_DIR only where util-linux's flock is installed")
     output = w.tmp / "out"
     output.mkdir()
-    case = run_all_case(w, [f"OUTPUT_DIR '{output}' is in use by another run_all.sh"], settings_error=False,
-                        output=output)
+    case = run_all_case(
+        w, [f"OUTPUT_DIR '{output}' is in use by another run_all.sh"], settings_error=False, output=output
+    )
     case.lock = output
     return case
 
@@ -207,42 +233,77 @@ def run_all_splits_of_different_d(w):
     data = w.data_copy()
     (data / "demo_config.json").unlink()  # real data: used as it is, not regenerated
     np.save(data / "EMBD-TRAIN-split_4.npy", np.zeros((260, D - 1), np.float32))
-    return run_all_case(w, [f"error: {data / 'EMBD-TRAIN-split_4.npy'}: shape (260, {D - 1}) differs from "
-                            f"EMBD-TRAIN-split_0.npy's (260, {D})"], settings_error=False, data=data)
+    return run_all_case(
+        w,
+        [
+            f"error: {data / 'EMBD-TRAIN-split_4.npy'}: shape (260, {D - 1}) differs from "
+            f"EMBD-TRAIN-split_0.npy's (260, {D})"
+        ],
+        settings_error=False,
+        data=data,
+    )
 
 
 # --- generate_demo_data.py ---
 def demo_one_split(w):
     out = w.tmp / "data"
-    return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_splits", "1"],
-                ["--n_splits must be at least 2"], [out], subprocess=True)
+    return Case(
+        "generate_demo_data.py",
+        ["--output_dir", str(out), "--n_splits", "1"],
+        ["--n_splits must be at least 2"],
+        [out],
+        subprocess=True,
+    )
 
 
 def demo_negative_test_prompts(w):
     out = w.tmp / "data"
-    return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_test_prompts", "-1"],
-                ["argument --n_test_prompts: expected an integer >= 0, got '-1'"], [out])
+    return Case(
+        "generate_demo_data.py",
+        ["--output_dir", str(out), "--n_test_prompts", "-1"],
+        ["argument --n_test_prompts: expected an integer >= 0, got '-1'"],
+        [out],
+    )
 
 
 def demo_output_under_file(w):
     out = w.regular_file() / "data"
-    return Case("generate_demo_data.py", ["--output_dir", str(out), "--n_prompts", "30"],
-                [f"--output_dir {out}: cannot create directory (Not a directory)"], [out.parent.parent])
+    return Case(
+        "generate_demo_data.py",
+        ["--output_dir", str(out), "--n_prompts", "30"],
+        [f"--output_dir {out}: cannot create directory (Not a directory)"],
+        [out.parent.parent],
+    )
 
 
 def demo_over_real_data(w):
     data = w.data_copy()
     (data / "demo_config.json").unlink()
-    return Case("generate_demo_data.py", ["--output_dir", str(data), "--n_prompts", "30"],
-                [f"--output_dir {data} holds embedding data that is not a demo; refusing to overwrite it"], [data])
+    return Case(
+        "generate_demo_data.py",
+        ["--output_dir", str(data), "--n_prompts", "30"],
+        [f"--output_dir {data} holds embedding data that is not a demo; refusing to overwrite it"],
+        [data],
+    )
 
 
 # --- step5_train_rms.py ---
-def step5(w: Workspace, expected: list[str], *flags: str, data: Path | None = None,
-          out: Path | None = None, subprocess: bool = False) -> Case:
+def step5(
+    w: Workspace,
+    expected: list[str],
+    *flags: str,
+    data: Path | None = None,
+    out: Path | None = None,
+    subprocess: bool = False,
+) -> Case:
     data, out = data or w.demo, out or w.tmp / "out"
-    return Case("step5_train_rms.py", ["--data_dir", str(data), "--output_dir", str(out), "--ensemble_number", "1",
-                                       "--training_epochs", "1", *flags], expected, [out, data], subprocess=subprocess)
+    return Case(
+        "step5_train_rms.py",
+        ["--data_dir", str(data), "--output_dir", str(out), "--ensemble_number", "1", "--training_epochs", "1", *flags],
+        expected,
+        [out, data],
+        subprocess=subprocess,
+    )
 
 
 def step5_unknown_objective(w):
@@ -262,8 +323,9 @@ def step5_zero_ensemble(w):
 
 
 def step5_nan_annotation_quality(w):
-    return step5(w, ["argument --annotation_quality: expected a finite number, got 'nan'"],
-                 "--annotation_quality", "nan")
+    return step5(
+        w, ["argument --annotation_quality: expected a finite number, got 'nan'"], "--annotation_quality", "nan"
+    )
 
 
 def step5_consider_first_n_zero(w):
@@ -271,8 +333,9 @@ def step5_consider_first_n_zero(w):
 
 
 def step5_n_sample_leaves_too_few(w):
-    return step5(w, ["--n_sample (N_SAMPLE) 250 + --eval_prompts (EVAL_PROMPTS) 130 exceed the 260 prompts"],
-                 "--n_sample", "250")
+    return step5(
+        w, ["--n_sample (N_SAMPLE) 250 + --eval_prompts (EVAL_PROMPTS) 130 exceed the 260 prompts"], "--n_sample", "250"
+    )
 
 
 def step5_eval_pool_too_small(w):
@@ -280,8 +343,15 @@ def step5_eval_pool_too_small(w):
 
 
 def step5_n_pairs_exceed_candidates(w):
-    return step5(w, ["--n_pairs (N_PAIRS) 10 exceeds the 2 candidate responses per prompt",
-                     "raise --consider_first_n (CONSIDER_FIRST_N)"], "--n_pairs", "10")
+    return step5(
+        w,
+        [
+            "--n_pairs (N_PAIRS) 10 exceeds the 2 candidate responses per prompt",
+            "raise --consider_first_n (CONSIDER_FIRST_N)",
+        ],
+        "--n_pairs",
+        "10",
+    )
 
 
 def step5_truncated_npy(w):
@@ -294,8 +364,11 @@ def step5_object_npy(w):
     data = w.data_copy()
     path = data / "EMBD-TRAIN-split_0.npy"
     np.save(path, np.array([{"a": 1}] * 260, dtype=object), allow_pickle=True)
-    return step5(w, [f"cannot read embeddings {path} (expected a .npy file of float32 or float16 numbers)",
-                     "Python objects"], data=data)
+    return step5(
+        w,
+        [f"cannot read embeddings {path} (expected a .npy file of float32 or float16 numbers)", "Python objects"],
+        data=data,
+    )
 
 
 def step5_int_npy(w):
@@ -336,8 +409,14 @@ def step5_output_in_proc(w):
 
 
 # --- step6_eval_rms.py ---
-def step6(w: Workspace, expected: list[str], *flags: str, run: Path | None = None, data: Path | None = None,
-          subprocess: bool = False) -> Case:
+def step6(
+    w: Workspace,
+    expected: list[str],
+    *flags: str,
+    run: Path | None = None,
+    data: Path | None = None,
+    subprocess: bool = False,
+) -> Case:
     run = run or w.run_copy()
     argv = ["--output_dir", str(run), *(["--data_dir", str(data)] if data else []), *flags]
     return Case("step6_eval_rms.py", argv, expected, [run, *([data] if data else [])], subprocess=subprocess)
@@ -354,16 +433,21 @@ def step6_member_of_another_architecture(w):
     run = w.run_copy()
     path = w.member(run, 1)
     torch.save(mlp_state(D, (16, 8)), path)
-    return step6(w, [f"{path}: layers {D}->16->8->1 differ from {w.member(run, 0).name}'s {D}->1024->512->1"],
-                 run=run)
+    return step6(w, [f"{path}: layers {D}->16->8->1 differ from {w.member(run, 0).name}'s {D}->1024->512->1"], run=run)
 
 
 def step6_test_set_of_other_d(w):
     data = w.data_copy()
     for k in range(40):
         np.save(data / f"EMBD-TEST-split_{k}.npy", np.zeros((6, 16), np.float32))
-    return step6(w, [f"{data / 'EMBD-TEST-split_0.npy'}: test embeddings have D=16, the training embeddings "
-                     f"(EMBD-TRAIN-split_0.npy) D={D}"], data=data)
+    return step6(
+        w,
+        [
+            f"{data / 'EMBD-TEST-split_0.npy'}: test embeddings have D=16, the training embeddings "
+            f"(EMBD-TRAIN-split_0.npy) D={D}"
+        ],
+        data=data,
+    )
 
 
 def step6_truncated_test_npy(w):
@@ -379,8 +463,9 @@ def step6_test_rewards_missing_line(w):
 
 
 def step6_nan_annotation_quality(w):
-    return step6(w, ["argument --annotation_quality: expected a finite number, got 'nan'"],
-                 "--annotation_quality", "nan")
+    return step6(
+        w, ["argument --annotation_quality: expected a finite number, got 'nan'"], "--annotation_quality", "nan"
+    )
 
 
 def step6_corrupt_manifest(w):
@@ -390,23 +475,30 @@ def step6_corrupt_manifest(w):
 
 
 def step6_zero_bon_draws(w):
-    return step6(w, ["argument --bon_draws: expected a positive integer, got '0'"], "--bon_draws", "0",
-                 subprocess=True)
+    return step6(w, ["argument --bon_draws: expected a positive integer, got '0'"], "--bon_draws", "0", subprocess=True)
 
 
 # --- step7_isotonic_distillation.py ---
-def step7(w: Workspace, expected: list[str], *flags: str, run: Path | None = None, data: Path | None = None,
-          subprocess: bool = False) -> Case:
+def step7(
+    w: Workspace,
+    expected: list[str],
+    *flags: str,
+    run: Path | None = None,
+    data: Path | None = None,
+    subprocess: bool = False,
+) -> Case:
     run = run or w.run_copy()
     argv = ["--output_dir", str(run), *(["--data_dir", str(data)] if data else []), "--distill_epochs", "1", *flags]
-    return Case("step7_isotonic_distillation.py", argv, expected, [run, *([data] if data else [])],
-                subprocess=subprocess)
+    return Case(
+        "step7_isotonic_distillation.py", argv, expected, [run, *([data] if data else [])], subprocess=subprocess
+    )
 
 
 def step7_teacher_of_other_embedding_size(w):
     path = w.checkpoint("teacher16.ckpt", mlp_state(16))
-    return step7(w, [f"{path}: checkpoint expects embeddings of size D=16, data has D={D}"],
-                 "--teacher_ckpt", str(path))
+    return step7(
+        w, [f"{path}: checkpoint expects embeddings of size D=16, data has D={D}"], "--teacher_ckpt", str(path)
+    )
 
 
 def step7_corrupt_teacher(w):
@@ -418,8 +510,14 @@ def step7_corrupt_teacher(w):
 def step7_teachers_of_two_architectures(w):
     run = w.run_copy()
     small = w.checkpoint("small.ckpt", mlp_state(D, (8, 4)))
-    return step7(w, [f"{small}: layers {D}->8->4->1 differ from", f"{D}->1024->512->1"],
-                 "--teacher_ckpt", str(w.member(run, 0)), str(small), run=run)
+    return step7(
+        w,
+        [f"{small}: layers {D}->8->4->1 differ from", f"{D}->1024->512->1"],
+        "--teacher_ckpt",
+        str(w.member(run, 0)),
+        str(small),
+        run=run,
+    )
 
 
 def step7_unknown_isotonic_variant(w):
@@ -448,33 +546,45 @@ def step7_negative_seed(w):
 
 
 # --- step8_validate_distillation.py ---
-def step8(w: Workspace, expected: list[str], *flags: str, run: Path | None = None, data: Path | None = None,
-          subprocess: bool = False) -> Case:
+def step8(
+    w: Workspace,
+    expected: list[str],
+    *flags: str,
+    run: Path | None = None,
+    data: Path | None = None,
+    subprocess: bool = False,
+) -> Case:
     run = run or w.distilled_copy()
     argv = ["--output_dir", str(run), *(["--data_dir", str(data)] if data else []), *flags]
-    return Case("step8_validate_distillation.py", argv, expected, [run, *([data] if data else [])],
-                subprocess=subprocess)
+    return Case(
+        "step8_validate_distillation.py", argv, expected, [run, *([data] if data else [])], subprocess=subprocess
+    )
 
 
 def step8_decreasing_x_thresholds(w):
     run = w.distilled_copy()
-    path = edit_json(run / "isotonic_student_map.json",
-                     lambda record: record.update(x_thresholds=record["x_thresholds"][::-1]))
+    path = edit_json(
+        run / "isotonic_student_map.json", lambda record: record.update(x_thresholds=record["x_thresholds"][::-1])
+    )
     return step8(w, [f"{path}: x_thresholds must be strictly increasing"], run=run)
 
 
 def step8_decreasing_y_thresholds(w):
     run = w.distilled_copy()
-    path = edit_json(run / "isotonic_teacher_map.json",
-                     lambda record: record.update(y_thresholds=record["y_thresholds"][::-1]))
+    path = edit_json(
+        run / "isotonic_teacher_map.json", lambda record: record.update(y_thresholds=record["y_thresholds"][::-1])
+    )
     return step8(w, [f"{path}: y_thresholds are not monotone non-decreasing"], run=run)
 
 
 def step8_truncated_map_json(w):
     run = w.distilled_copy()
     path = truncate(run / "isotonic_teacher_map.json", 30)
-    return step8(w, [f"teacher isotonic map (run step7_isotonic_distillation.py) (JSON sidecar) {path} "
-                     f"is not readable JSON"], run=run)
+    return step8(
+        w,
+        [f"teacher isotonic map (run step7_isotonic_distillation.py) (JSON sidecar) {path} is not readable JSON"],
+        run=run,
+    )
 
 
 def step8_foreign_student(w):
@@ -485,8 +595,9 @@ def step8_foreign_student(w):
 def step8_student_of_other_embedding_size(w):
     path = w.tmp / "student64.ckpt"
     save_checkpoint(MLP(64, generator=torch.Generator().manual_seed(0)), path)
-    return step8(w, [f"{path}: checkpoint expects embeddings of size D=64, data has D={D}"],
-                 "--student_ckpt", str(path))
+    return step8(
+        w, [f"{path}: checkpoint expects embeddings of size D=64, data has D={D}"], "--student_ckpt", str(path)
+    )
 
 
 def step8_object_test_npy(w):
@@ -499,18 +610,29 @@ def step8_object_test_npy(w):
 def step8_map_of_another_teacher(w):
     run = w.distilled_copy()
     member = w.member(run, 0)
-    return step8(w, [f"{run / 'isotonic_teacher_map.json'} was fitted on teacher", member.name,
-                     "pass step 7's --teacher_ckpt"], "--teacher_ckpt", str(member), run=run)
+    return step8(
+        w,
+        [f"{run / 'isotonic_teacher_map.json'} was fitted on teacher", member.name, "pass step 7's --teacher_ckpt"],
+        "--teacher_ckpt",
+        str(member),
+        run=run,
+    )
 
 
 def step8_zero_calibration_bins(w):
-    return step8(w, ["argument --calibration_bins: expected a positive integer, got '0'"],
-                 "--calibration_bins", "0", subprocess=True)
+    return step8(
+        w,
+        ["argument --calibration_bins: expected a positive integer, got '0'"],
+        "--calibration_bins",
+        "0",
+        subprocess=True,
+    )
 
 
 # --- convert_embeddings.py ---
-def convert(w: Workspace, expected: list[str], repo: Path | None, *flags: str, out: Path | None = None,
-            subprocess: bool = False) -> Case:
+def convert(
+    w: Workspace, expected: list[str], repo: Path | None, *flags: str, out: Path | None = None, subprocess: bool = False
+) -> Case:
     out = out or w.tmp / "converted"
     argv = [*(["--embd_dir", str(repo)] if repo else []), "--output_dir", str(out), *flags]
     return Case("convert_embeddings.py", argv, expected, [out, *([repo] if repo else [])], subprocess=subprocess)
@@ -518,35 +640,57 @@ def convert(w: Workspace, expected: list[str], repo: Path | None, *flags: str, o
 
 def valid_repo_arrays(n_prompts=5, n_responses=3, dim=4):
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((n_responses, n_prompts, dim)).astype(np.float32),
-            rng.standard_normal((n_responses, n_prompts)).astype(np.float32))
+    return (
+        rng.standard_normal((n_responses, n_prompts, dim)).astype(np.float32),
+        rng.standard_normal((n_responses, n_prompts)).astype(np.float32),
+    )
 
 
 def convert_output_under_file(w):
     out = w.regular_file() / "converted"
-    return convert(w, [f"--output_dir {out}: cannot create directory (Not a directory)"],
-                   w.repo(*valid_repo_arrays()), out=out)
+    return convert(
+        w, [f"--output_dir {out}: cannot create directory (Not a directory)"], w.repo(*valid_repo_arrays()), out=out
+    )
 
 
 def convert_object_embeddings(w):
     embeddings, rewards = valid_repo_arrays()
     repo = w.repo(embeddings.astype(object), rewards)
-    return convert(w, [f"cannot read embeddings {repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'} "
-                       "(expected a .npy file of float32 or float16 numbers)", "Python objects"], repo)
+    return convert(
+        w,
+        [
+            f"cannot read embeddings {repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'} "
+            "(expected a .npy file of float32 or float16 numbers)",
+            "Python objects",
+        ],
+        repo,
+    )
 
 
 def convert_int_embeddings(w):
     embeddings, rewards = valid_repo_arrays()
     repo = w.repo(embeddings.astype(np.int32), rewards)
-    return convert(w, [f"{repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'}: expected float32 or "
-                       f"float16 embeddings, got int32"], repo)
+    return convert(
+        w,
+        [
+            f"{repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'}: expected float32 or "
+            f"float16 embeddings, got int32"
+        ],
+        repo,
+    )
 
 
 def convert_string_rewards(w):
     embeddings, rewards = valid_repo_arrays()
     repo = w.repo(embeddings, rewards.astype(str))
-    return convert(w, [f"{repo / 'REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy'}: expected "
-                       f"real-valued rewards, got dtype <U"], repo)
+    return convert(
+        w,
+        [
+            f"{repo / 'REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy'}: expected "
+            f"real-valued rewards, got dtype <U"
+        ],
+        repo,
+    )
 
 
 def convert_truncated_rewards(w):
@@ -556,19 +700,30 @@ def convert_truncated_rewards(w):
 
 
 def convert_zero_max_prompts(w):
-    return convert(w, ["argument --max_prompts: expected a positive integer, got '0'"],
-                   w.repo(*valid_repo_arrays()), "--max_prompts", "0", subprocess=True)
+    return convert(
+        w,
+        ["argument --max_prompts: expected a positive integer, got '0'"],
+        w.repo(*valid_repo_arrays()),
+        "--max_prompts",
+        "0",
+        subprocess=True,
+    )
 
 
 # --- new classes: seeds and numbers out of range, divergence, damaged artifacts, write errors ---
 def step5_negative_seed(w):
-    return step5(w, ["argument --seed: expected a non-negative integer seed, got '-1'"], "--seed", "-1",
-                 subprocess=True)
+    return step5(
+        w, ["argument --seed: expected a non-negative integer seed, got '-1'"], "--seed", "-1", subprocess=True
+    )
 
 
 def step5_huge_ensemble(w):
-    return step5(w, ["argument --ensemble_number: expected a positive integer up to 2147483647, got '99999999999'"],
-                 "--ensemble_number", "99999999999")
+    return step5(
+        w,
+        ["argument --ensemble_number: expected a positive integer up to 2147483647, got '99999999999'"],
+        "--ensemble_number",
+        "99999999999",
+    )
 
 
 def step5_learning_rate_beyond_float_range(w):
@@ -576,8 +731,9 @@ def step5_learning_rate_beyond_float_range(w):
 
 
 def step5_val_fraction_one(w):
-    return step5(w, ["argument --val_fraction: expected a number strictly between 0 and 1, got '1'"],
-                 "--val_fraction", "1")
+    return step5(
+        w, ["argument --val_fraction: expected a number strictly between 0 and 1, got '1'"], "--val_fraction", "1"
+    )
 
 
 def step5_unknown_early_stopping(w):
@@ -593,17 +749,39 @@ def step5_negative_min_val_pairs(w):
 
 
 def step5_pooled_diverges(w):
-    case = step5(w, ["error: ORM members diverged (best pooled validation loss", "lower --learning_rate "
-                     "(LEARNING_RATE in run_all.sh), now 10"],
-                 "--learning_rate", "10", "--n_sample", "120", "--early_stopping", "pooled", "--ensemble_number", "2")
+    case = step5(
+        w,
+        [
+            "error: ORM members diverged (best pooled validation loss",
+            "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10",
+        ],
+        "--learning_rate",
+        "10",
+        "--n_sample",
+        "120",
+        "--early_stopping",
+        "pooled",
+        "--ensemble_number",
+        "2",
+    )
     case.recovery = [arg if arg != "10" else "0.001" for arg in case.argv]
     return case
 
 
 def step5_diverges(w):
-    case = step5(w, ["error: ORM member 0 diverged (best validation loss", "more than 2x the untrained model's",
-                     "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10"],
-                 "--learning_rate", "10", "--n_sample", "120", subprocess=True)
+    case = step5(
+        w,
+        [
+            "error: ORM member 0 diverged (best validation loss",
+            "more than 2x the untrained model's",
+            "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10",
+        ],
+        "--learning_rate",
+        "10",
+        "--n_sample",
+        "120",
+        subprocess=True,
+    )
     case.recovery = case.argv[:-4] + ["--n_sample", "120"]
     return case
 
@@ -611,16 +789,22 @@ def step5_diverges(w):
 def step5_file_size_limit(w):
     """A full disk or a file-size limit while a checkpoint is written: one line naming the file."""
     out = w.tmp / "out"
-    case = step5(w, [f"error: cannot write {out}/XPrompt_mlp_bt_0_seed6_", ".ckpt: File too large"], out=out,
-                 subprocess=True)
+    case = step5(
+        w, [f"error: cannot write {out}/XPrompt_mlp_bt_0_seed6_", ".ckpt: File too large"], out=out, subprocess=True
+    )
     case.file_size_limit, case.recovery = 100_000, case.argv
     return case
 
 
 def demo_negative_seed(w):
     out = w.tmp / "data"
-    return Case("generate_demo_data.py", ["--output_dir", str(out), "--seed", "-1"],
-                ["argument --seed: expected a non-negative integer seed, got '-1'"], [out], absent=[out])
+    return Case(
+        "generate_demo_data.py",
+        ["--output_dir", str(out), "--seed", "-1"],
+        ["argument --seed: expected a non-negative integer seed, got '-1'"],
+        [out],
+        absent=[out],
+    )
 
 
 def step6_negative_eval_seed(w):
@@ -654,8 +838,7 @@ def step6_plot_beyond_file_size_limit(w):
     step6_eval_rms.main(["--output_dir", str(run), "--bon_draws", "5"])  # scores cached; then drop the results
     for name in ("eval_results_bt.json", "eval_best_of_n_bt.png", "training_curves_bt.png"):
         (run / name).unlink()
-    case = step6(w, [f"error: cannot write {run}/", ": File too large"], "--bon_draws", "5", run=run,
-                 subprocess=True)
+    case = step6(w, [f"error: cannot write {run}/", ": File too large"], "--bon_draws", "5", run=run, subprocess=True)
     case.file_size_limit, case.recovery = 40_000, case.argv
     return case
 
@@ -663,8 +846,11 @@ def step6_plot_beyond_file_size_limit(w):
 def step6_manifest_member_without_numeric_history(w):
     run = w.run_copy()
     path = edit_json(run / "orm_manifest.json", lambda record: record.update(members=[1]))
-    return step6(w, [f"{path}: key 'members' must be a list of member records with numeric per-epoch "
-                     "histories, got [1]"], run=run)
+    return step6(
+        w,
+        [f"{path}: key 'members' must be a list of member records with numeric per-epoch histories, got [1]"],
+        run=run,
+    )
 
 
 def step7_manifest_config_is_a_list(w):
@@ -680,8 +866,16 @@ def step7_manifest_seed_is_a_string(w):
 
 
 def step7_student_diverges(w):
-    case = step7(w, ["error: student diverged (best validation loss", "lower --learning_rate (LEARNING_RATE in "
-                     "run_all.sh), now 10"], "--learning_rate", "10", subprocess=True)
+    case = step7(
+        w,
+        [
+            "error: student diverged (best validation loss",
+            "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10",
+        ],
+        "--learning_rate",
+        "10",
+        subprocess=True,
+    )
     case.recovery = case.argv[:-2]
     return case
 
@@ -689,8 +883,7 @@ def step7_student_diverges(w):
 def step8_manifest_checkpoints_of_wrong_type(w):
     run = w.distilled_copy()
     path = edit_json(run / "orm_manifest.json", lambda record: record.update(checkpoints=5))
-    return step8(w, [f"{path}: key 'checkpoints' must be a non-empty list of checkpoint file names, got 5"],
-                 run=run)
+    return step8(w, [f"{path}: key 'checkpoints' must be a non-empty list of checkpoint file names, got 5"], run=run)
 
 
 def step8_manifest_checkpoint_outside_the_folder(w):
@@ -700,52 +893,114 @@ def step8_manifest_checkpoint_outside_the_folder(w):
 
 
 def step8_seed_beyond_range(w):
-    return step8(w, ["argument --seed: expected a non-negative integer seed up to 4294967295, got '4294967296'"],
-                 "--seed", "4294967296")
+    return step8(
+        w,
+        ["argument --seed: expected a non-negative integer seed up to 4294967295, got '4294967296'"],
+        "--seed",
+        "4294967296",
+    )
 
 
 def run_all_learning_rate_10_diverges(w):
     data = w.data_copy()
     (data / "demo_config.json").unlink()  # real data: used as it is
-    case = run_all_case(w, ["error: ORM member 0 diverged", "lower --learning_rate (LEARNING_RATE in run_all.sh), "
-                            "now 10"], settings_error=False, data=data, LEARNING_RATE="10",
-                        EVAL_PROMPTS="100")
+    case = run_all_case(
+        w,
+        ["error: ORM member 0 diverged", "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10"],
+        settings_error=False,
+        data=data,
+        LEARNING_RATE="10",
+        EVAL_PROMPTS="100",
+    )
     case.recovery = {"LEARNING_RATE": "0.001"}
     return case
 
 
 NEW_CASES = [
-    step5_negative_seed, step5_huge_ensemble, step5_learning_rate_beyond_float_range, step5_val_fraction_one,
-    step5_diverges, step5_unknown_early_stopping, step5_negative_weight_decay, step5_negative_min_val_pairs,
-    step5_pooled_diverges, step5_file_size_limit, demo_negative_seed, step6_negative_eval_seed,
+    step5_negative_seed,
+    step5_huge_ensemble,
+    step5_learning_rate_beyond_float_range,
+    step5_val_fraction_one,
+    step5_diverges,
+    step5_unknown_early_stopping,
+    step5_negative_weight_decay,
+    step5_negative_min_val_pairs,
+    step5_pooled_diverges,
+    step5_file_size_limit,
+    demo_negative_seed,
+    step6_negative_eval_seed,
     step6_manifest_without_config,
-    step6_manifest_member_without_numeric_history, step6_partition_with_a_string_role, step6_partition_with_nested_ids,
-    step6_plot_beyond_file_size_limit, step7_manifest_config_is_a_list, step7_manifest_seed_is_a_string,
-    step7_student_diverges, step8_manifest_checkpoints_of_wrong_type, step8_manifest_checkpoint_outside_the_folder,
-    step8_seed_beyond_range, run_all_learning_rate_10_diverges,
+    step6_manifest_member_without_numeric_history,
+    step6_partition_with_a_string_role,
+    step6_partition_with_nested_ids,
+    step6_plot_beyond_file_size_limit,
+    step7_manifest_config_is_a_list,
+    step7_manifest_seed_is_a_string,
+    step7_student_diverges,
+    step8_manifest_checkpoints_of_wrong_type,
+    step8_manifest_checkpoint_outside_the_folder,
+    step8_seed_beyond_range,
+    run_all_learning_rate_10_diverges,
 ]
 
 
 CASES = [
-    *RUN_ALL_SETTINGS, run_all_output_under_file, run_all_data_under_file, run_all_output_in_use,
+    *RUN_ALL_SETTINGS,
+    run_all_output_under_file,
+    run_all_data_under_file,
+    run_all_output_in_use,
     run_all_splits_of_different_d,
-    demo_one_split, demo_negative_test_prompts, demo_output_under_file, demo_over_real_data,
-    step5_unknown_objective, step5_non_numeric_n_sample, step5_negative_n_sample, step5_zero_ensemble,
-    step5_nan_annotation_quality, step5_consider_first_n_zero, step5_n_sample_leaves_too_few,
-    step5_eval_pool_too_small, step5_n_pairs_exceed_candidates, step5_truncated_npy,
-    step5_object_npy, step5_int_npy, step5_3d_npy, step5_rewards_missing_line, step5_splits_of_different_d,
-    step5_output_under_file, step5_output_in_proc,
-    step6_foreign_checkpoint, step6_member_of_another_architecture, step6_test_set_of_other_d,
-    step6_truncated_test_npy, step6_test_rewards_missing_line, step6_nan_annotation_quality, step6_corrupt_manifest,
+    demo_one_split,
+    demo_negative_test_prompts,
+    demo_output_under_file,
+    demo_over_real_data,
+    step5_unknown_objective,
+    step5_non_numeric_n_sample,
+    step5_negative_n_sample,
+    step5_zero_ensemble,
+    step5_nan_annotation_quality,
+    step5_consider_first_n_zero,
+    step5_n_sample_leaves_too_few,
+    step5_eval_pool_too_small,
+    step5_n_pairs_exceed_candidates,
+    step5_truncated_npy,
+    step5_object_npy,
+    step5_int_npy,
+    step5_3d_npy,
+    step5_rewards_missing_line,
+    step5_splits_of_different_d,
+    step5_output_under_file,
+    step5_output_in_proc,
+    step6_foreign_checkpoint,
+    step6_member_of_another_architecture,
+    step6_test_set_of_other_d,
+    step6_truncated_test_npy,
+    step6_test_rewards_missing_line,
+    step6_nan_annotation_quality,
+    step6_corrupt_manifest,
     step6_zero_bon_draws,
-    step7_teacher_of_other_embedding_size, step7_corrupt_teacher, step7_teachers_of_two_architectures,
-    step7_unknown_isotonic_variant, step7_one_cv_fold, step7_float64_npy, step7_reward_string_value,
+    step7_teacher_of_other_embedding_size,
+    step7_corrupt_teacher,
+    step7_teachers_of_two_architectures,
+    step7_unknown_isotonic_variant,
+    step7_one_cv_fold,
+    step7_float64_npy,
+    step7_reward_string_value,
     step7_negative_seed,
-    step8_decreasing_x_thresholds, step8_decreasing_y_thresholds, step8_truncated_map_json, step8_foreign_student,
-    step8_student_of_other_embedding_size, step8_object_test_npy, step8_map_of_another_teacher,
+    step8_decreasing_x_thresholds,
+    step8_decreasing_y_thresholds,
+    step8_truncated_map_json,
+    step8_foreign_student,
+    step8_student_of_other_embedding_size,
+    step8_object_test_npy,
+    step8_map_of_another_teacher,
     step8_zero_calibration_bins,
-    convert_output_under_file, convert_object_embeddings, convert_int_embeddings, convert_string_rewards,
-    convert_truncated_rewards, convert_zero_max_prompts,
+    convert_output_under_file,
+    convert_object_embeddings,
+    convert_int_embeddings,
+    convert_string_rewards,
+    convert_truncated_rewards,
+    convert_zero_max_prompts,
     *NEW_CASES,
 ]
 
@@ -757,12 +1012,16 @@ def listing(folder: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file under ``folder``, hidden ones included ({} if absent)."""
     if not folder.is_dir():
         return {}
-    return {path.relative_to(folder).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in folder.rglob("*") if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
 
 
-def run_script(case: Case, cwd: Path, argv: list[str], env: dict[str, str],
-               file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    case: Case, cwd: Path, argv: list[str], env: dict[str, str], file_size_limit: int | None = None
+) -> subprocess.CompletedProcess:
     if case.script == "run_all.sh":
         command = ["bash", str(ROOT / "run_all.sh")]
         env = {**os.environ, "PYTHON": sys.executable, **RUN_ALL_ENV, **env}
@@ -773,8 +1032,15 @@ def run_script(case: Case, cwd: Path, argv: list[str], env: dict[str, str],
     def limit_file_size():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_file_size if file_size_limit else None)
+    return subprocess.run(
+        command,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size if file_size_limit else None,
+    )
 
 
 def run_subprocess(case: Case, cwd: Path) -> str:
@@ -788,8 +1054,9 @@ def run_subprocess(case: Case, cwd: Path) -> str:
 
 
 @pytest.mark.parametrize("make_case", CASES, ids=lambda make: make.__name__)
-def test_bad_input_exits_2_with_one_line_and_no_artifact(make_case, demo_dir, trained_run, distilled_run,
-                                                         tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_and_no_artifact(
+    make_case, demo_dir, trained_run, distilled_run, tmp_path, capsys
+):
     case = make_case(Workspace(tmp_path, demo_dir, trained_run, distilled_run))
     before = {folder: listing(folder) for folder in case.watched}
     lock = None

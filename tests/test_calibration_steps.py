@@ -36,11 +36,38 @@ from cli import InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
 from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
 
-DEMO = ["--n_prompts", "600", "--n_splits", "10", "--emb_dim", "32", "--seed", "1",
-        "--n_test_prompts", "5", "--n_test_responses", "20"]
-STEP5 = ["--n_sample", "200", "--eval_prompts", "400", "--n_pairs", "5", "--consider_first_n", "10",
-         "--ensemble_number", "2",
-         "--training_epochs", "6", "--batch_size", "64", "--seed", "3"]
+DEMO = [
+    "--n_prompts",
+    "600",
+    "--n_splits",
+    "10",
+    "--emb_dim",
+    "32",
+    "--seed",
+    "1",
+    "--n_test_prompts",
+    "5",
+    "--n_test_responses",
+    "20",
+]
+STEP5 = [
+    "--n_sample",
+    "200",
+    "--eval_prompts",
+    "400",
+    "--n_pairs",
+    "5",
+    "--consider_first_n",
+    "10",
+    "--ensemble_number",
+    "2",
+    "--training_epochs",
+    "6",
+    "--batch_size",
+    "64",
+    "--seed",
+    "3",
+]
 STEP7 = ["--distill_epochs", "12", "--batch_size", "64"]
 MAP_FILES = (calibration.TEACHER_MAP_FILE, calibration.STUDENT_MAP_FILE, calibration.LEGACY_MAP_FILE)
 
@@ -77,10 +104,15 @@ def test_json_map_reproduces_sklearn_predict_exactly(tmp_path, variant, seed, n)
     calibration.save_isotonic_map(imap, estimator, tmp_path / "map.joblib")
     loaded = calibration.load_isotonic_map(tmp_path / "map.joblib")
     low, high = scores.min(), scores.max()
-    queries = np.concatenate([
-        rng.uniform(low - 2, high + 2, size=5000),  # inside and outside the fitted range
-        scores, loaded.x_thresholds, [low, high, low - 1e-12, high + 1e-12, -1e300, 1e300],
-        np.repeat(rng.uniform(low, high, size=5), 3)])  # ties among the queries
+    queries = np.concatenate(
+        [
+            rng.uniform(low - 2, high + 2, size=5000),  # inside and outside the fitted range
+            scores,
+            loaded.x_thresholds,
+            [low, high, low - 1e-12, high + 1e-12, -1e300, 1e300],
+            np.repeat(rng.uniform(low, high, size=5), 3),
+        ]
+    )  # ties among the queries
     expected = estimator.predict(queries)
     assert np.array_equal(loaded.predict(queries), expected)
     assert np.array_equal(imap.predict(queries), expected)
@@ -100,8 +132,9 @@ def test_centered_map_keeps_the_ranking_and_stays_within_pav_values():
     assert len(np.unique(standard.predict(distinct))) < len(distinct) / 2  # the step function ties
     assert centered.y_thresholds.min() == standard.y_thresholds.min()
     assert centered.y_thresholds.max() == standard.y_thresholds.max()
-    np.testing.assert_allclose(np.mean((centered.predict(scores) - gold) ** 2),
-                               np.mean((standard.predict(scores) - gold) ** 2), rtol=0.05)
+    np.testing.assert_allclose(
+        np.mean((centered.predict(scores) - gold) ** 2), np.mean((standard.predict(scores) - gold) ** 2), rtol=0.05
+    )
 
 
 def test_out_of_fold_prediction_of_a_prompt_never_sees_it():
@@ -132,17 +165,22 @@ def _map_record(**changes):
     return {**imap.to_json(), **changes}
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"x_thresholds": [3.0, 2.0, 1.0], "y_thresholds": [0.0, 1.0, 2.0], "x_min": 3.0, "x_max": 1.0},
-     "x_thresholds must be strictly increasing"),
-    ({"y_thresholds": [0.0]}, "x_thresholds but 1 y_thresholds"),
-    ({"x_thresholds": [0.0, float("nan")], "y_thresholds": [0.0, 1.0]}, "non-finite"),
-    ({"x_thresholds": [0.0, 1.0], "y_thresholds": [1.0, 0.0], "x_min": 0.0, "x_max": 1.0}, "not monotone"),
-    ({"x_thresholds": "0 1"}, "must be a non-empty list of numbers"),
-    ({"x_min": -7.0}, "x_min/x_max do not match"),
-    ({"variant": "magic"}, "variant must be one of"),
-    ({"format": "pickle"}, "not an isotonic map"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"x_thresholds": [3.0, 2.0, 1.0], "y_thresholds": [0.0, 1.0, 2.0], "x_min": 3.0, "x_max": 1.0},
+            "x_thresholds must be strictly increasing",
+        ),
+        ({"y_thresholds": [0.0]}, "x_thresholds but 1 y_thresholds"),
+        ({"x_thresholds": [0.0, float("nan")], "y_thresholds": [0.0, 1.0]}, "non-finite"),
+        ({"x_thresholds": [0.0, 1.0], "y_thresholds": [1.0, 0.0], "x_min": 0.0, "x_max": 1.0}, "not monotone"),
+        ({"x_thresholds": "0 1"}, "must be a non-empty list of numbers"),
+        ({"x_min": -7.0}, "x_min/x_max do not match"),
+        ({"variant": "magic"}, "variant must be one of"),
+        ({"format": "pickle"}, "not an isotonic map"),
+    ],
+)
 def test_map_json_validation_names_the_file(changes, message):
     with pytest.raises(InputError, match=message) as err:
         calibration.map_from_json(_map_record(**changes), Path("some/map.json"))
@@ -184,8 +222,15 @@ def pipeline(tmp_path_factory):
     for name in MAP_FILES:  # steps read the JSON sidecars; the .joblib files must never be loaded
         plant_joblib(out / name, marker)
     results = step8.main(["--output_dir", str(out)])
-    return {"data": data_dir, "out": out, "marker": marker, "reads": reads, "student_rows": student_rows,
-            "config": config, "results": results}
+    return {
+        "data": data_dir,
+        "out": out,
+        "marker": marker,
+        "reads": reads,
+        "student_rows": student_rows,
+        "config": config,
+        "results": results,
+    }
 
 
 def test_planted_joblib_files_are_never_unpickled(pipeline, tmp_path):
@@ -224,8 +269,7 @@ def test_no_held_out_prompt_reaches_any_fit(pipeline):
     assert np.intersect1d(used["fit"], used["early_stopping"]).size == 0
     assert np.intersect1d(np.concatenate(list(used.values())), partition["held_out"]).size == 0
     assert step7.prompt_set_record("", used["fit"], 0)["prompt_ids_sha256"] == training["prompt_ids_sha256"]
-    assert (step7.prompt_set_record("", used["early_stopping"], 0)["prompt_ids_sha256"]
-            == stopping["prompt_ids_sha256"])
+    assert step7.prompt_set_record("", used["early_stopping"], 0)["prompt_ids_sha256"] == stopping["prompt_ids_sha256"]
 
 
 def test_student_reproduces_the_calibrated_teacher_on_held_out(pipeline):
@@ -258,7 +302,8 @@ def test_calibrated_variants_beat_the_constant_predictor(pipeline):
     variants = held["variants"]
     assert variants["Teacher+Isotonic"]["n_distinct_values"] >= 0.98 * variants["Teacher"]["n_distinct_values"]
     assert variants["Teacher+Isotonic"]["spearman_per_prompt"]["mean"] == pytest.approx(
-        variants["Teacher"]["spearman_per_prompt"]["mean"], abs=0.01)
+        variants["Teacher"]["spearman_per_prompt"]["mean"], abs=0.01
+    )
 
 
 def test_step7_artifacts_and_config(pipeline):
@@ -268,8 +313,13 @@ def test_step7_artifacts_and_config(pipeline):
     teacher_json = json.loads((out / "isotonic_teacher_map.json").read_text())
     assert teacher_json == json.loads((out / "isotonic_map.json").read_text())  # legacy alias
     assert teacher_json["variant"] == calibration.DEFAULT_VARIANT
-    for name in ("distilled_rm_helpful_bt.ckpt", *MAP_FILES, "validation_results.json",
-                 "validation_calibration.png", "validation_best_of_n.png"):
+    for name in (
+        "distilled_rm_helpful_bt.ckpt",
+        *MAP_FILES,
+        "validation_results.json",
+        "validation_calibration.png",
+        "validation_best_of_n.png",
+    ):
         assert (out / name).is_file(), name
     oof = config["teacher_isotonic"]["out_of_fold"]
     assert oof["n_folds"] == 5 and sum(oof["prompts_per_fold"]) == config["prompt_counts"]["calibration"] == 240
@@ -327,13 +377,23 @@ def test_step7_refuses_bad_inputs_with_one_line(pipeline, tmp_path, capsys):
 
 
 def test_run_all_runs_steps_5_to_8_and_prints_the_table(tmp_path):
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out"),
-           "N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200",
-           "DEMO_EMB_DIM": "64",
-           "DEMO_TEST_PROMPTS": "5", "DEMO_TEST_RESPONSES": "20", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3"}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path / "data"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "N_SAMPLE": "100",
+        "ENSEMBLE_NUMBER": "2",
+        "DEMO_PROMPTS": "300",
+        "EVAL_PROMPTS": "200",
+        "DEMO_EMB_DIM": "64",
+        "DEMO_TEST_PROMPTS": "5",
+        "DEMO_TEST_RESPONSES": "20",
+        "TRAINING_EPOCHS": "2",
+        "DISTILL_EPOCHS": "3",
+    }
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("=== Step 8"):]
+    table = proc.stdout[proc.stdout.index("=== Step 8") :]
     assert "held-out prompts: 40 prompts, 400 responses" in table and "test set: 5 prompts, 100 responses" in table
     rows = [line.split()[0] for line in table.splitlines() if line.split()]
     for variant in ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic", "Constant"):

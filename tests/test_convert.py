@@ -19,8 +19,9 @@ SETUP = {"task": "helpful", "sft_obj": "gpt4", "embed_model": "gemma2b", "gen_mo
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-def random_set(seed: int, n_prompts: int, n_responses: int, dim: int = 6, dtype=np.float32,
-               ties: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def random_set(
+    seed: int, n_prompts: int, n_responses: int, dim: int = 6, dtype=np.float32, ties: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, K, D) and rewards (N, K) float32; with ties, rewards repeat within prompts."""
     rng = np.random.default_rng(seed)
     embeddings = rng.standard_normal((n_prompts, n_responses, dim)).astype(dtype)
@@ -31,8 +32,14 @@ def random_set(seed: int, n_prompts: int, n_responses: int, dim: int = 6, dtype=
     return embeddings, rewards
 
 
-def write_repo(folder: Path, layout: str, split: str, embeddings: np.ndarray, rewards: np.ndarray,
-               names: tuple[str, str] | None = None) -> tuple[Path, Path]:
+def write_repo(
+    folder: Path,
+    layout: str,
+    split: str,
+    embeddings: np.ndarray,
+    rewards: np.ndarray,
+    names: tuple[str, str] | None = None,
+) -> tuple[Path, Path]:
     """Store (N, K, D) embeddings and (N, K) rewards as a repository pair in ``layout``."""
     folder.mkdir(parents=True, exist_ok=True)
     embd_name, reward_name = names or conv.repo_file_names(layout, split, **SETUP)
@@ -49,8 +56,7 @@ def convert(*argv) -> Path:
     return conv.main([str(a) for a in argv])
 
 
-def check_converted(data_dir: Path, kind: str, embeddings: np.ndarray, rewards: np.ndarray,
-                    sort: bool = True) -> None:
+def check_converted(data_dir: Path, kind: str, embeddings: np.ndarray, rewards: np.ndarray, sort: bool = True) -> None:
     """The data directory holds exactly the (N, K, D) embeddings, responses sorted (stably)."""
     eset = rm_data.load_embedding_set(data_dir, kind)
     n_prompts, n_responses = rewards.shape
@@ -91,8 +97,13 @@ def test_round_trip_sorted_with_test_set(tmp_path, layout, dtype):
     check_converted(out, "test", *test)
     record = json.loads((out / conv.CONVERSION_FILE).read_text())
     assert record["status"] == "complete"
-    assert record["sets"]["train"] == {"n_prompts": 23, "n_responses": 5, "dim": 6,
-                                       "dtype": np.dtype(dtype).name, "layout": layout}
+    assert record["sets"]["train"] == {
+        "n_prompts": 23,
+        "n_responses": 5,
+        "dim": 6,
+        "dtype": np.dtype(dtype).name,
+        "layout": layout,
+    }
     assert sorted(record["files"]) == sorted(p.name for p in out.iterdir() if p.name != conv.CONVERSION_FILE)
 
 
@@ -136,8 +147,18 @@ def test_explicit_files_and_layout_from_shapes(tmp_path):
     test = random_set(8, 4, 6)
     emb, rew = write_repo(tmp_path, "kn", "train", *train, names=("a.npy", "b.npy"))
     test_emb, test_rew = write_repo(tmp_path, "nk", "test", *test, names=("c.npy", "d.npy"))
-    out = convert("--embd_file", emb, "--reward_file", rew, "--test_embd_file", test_emb,
-                  "--test_reward_file", test_rew, "--output_dir", tmp_path / "data")
+    out = convert(
+        "--embd_file",
+        emb,
+        "--reward_file",
+        rew,
+        "--test_embd_file",
+        test_emb,
+        "--test_reward_file",
+        test_rew,
+        "--output_dir",
+        tmp_path / "data",
+    )
     check_converted(out, "train", *train)
     check_converted(out, "test", *test)
     layouts = json.loads((out / conv.CONVERSION_FILE).read_text())["options"]["layout"]
@@ -149,25 +170,46 @@ def test_layout_flag_overrides_and_squeezed_nk_rewards(tmp_path):
     train = random_set(9, 3, 5)
     np.save(tmp_path / "e.npy", train[0])
     np.save(tmp_path / "r.npy", train[1])
-    out = convert("--embd_file", tmp_path / "e.npy", "--reward_file", tmp_path / "r.npy",
-                  "--layout", "nk", "--output_dir", tmp_path / "data")
+    out = convert(
+        "--embd_file",
+        tmp_path / "e.npy",
+        "--reward_file",
+        tmp_path / "r.npy",
+        "--layout",
+        "nk",
+        "--output_dir",
+        tmp_path / "data",
+    )
     check_converted(out, "train", *train)
     # K == N is ambiguous without the flag (see the error cases) and fine with it.
     square = random_set(10, 4, 4)
     write_repo(tmp_path, "kn", "train", *square, names=("e.npy", "r.npy"))
-    out = convert("--embd_file", tmp_path / "e.npy", "--reward_file", tmp_path / "r.npy",
-                  "--layout", "kn", "--output_dir", tmp_path / "square")
+    out = convert(
+        "--embd_file",
+        tmp_path / "e.npy",
+        "--reward_file",
+        tmp_path / "r.npy",
+        "--layout",
+        "kn",
+        "--output_dir",
+        tmp_path / "square",
+    )
     check_converted(out, "train", *square)
 
 
 def test_harmless_none_names():
     assert conv.repo_file_names("kn", "train", "harmless", "gpt4", "gemma2b", "gemma7b") == (
         "EMBD_hh-rlhf-harmless-gpt4_gemma2b_gemma7b_train.npy",
-        "REWARD_hh-rlhf-harmless-gpt4_rayharmless_gemma7b_train.npy")
+        "REWARD_hh-rlhf-harmless-gpt4_rayharmless_gemma7b_train.npy",
+    )
     assert conv.repo_file_names("kn", "test", "helpful", "none", "gemma2b", "gemma7b") == (
-        "EMBD_hh-rlhf-helpful_gemma2b_gemma7b_test.npy", "REWARD_hh-rlhf-helpful_rmmistral7b_gemma7b_test.npy")
+        "EMBD_hh-rlhf-helpful_gemma2b_gemma7b_test.npy",
+        "REWARD_hh-rlhf-helpful_rmmistral7b_gemma7b_test.npy",
+    )
     assert conv.repo_file_names("nk", "train", "helpful", "gpt4", "gemma2b", "gemma7b") == (
-        "embd_gemma7b_gemma2b_helpful_train.npy", "reward_gemma7b_gemma2b_helpful_train.npy")
+        "embd_gemma7b_gemma2b_helpful_train.npy",
+        "reward_gemma7b_gemma2b_helpful_train.npy",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +217,11 @@ def test_harmless_none_names():
 # --------------------------------------------------------------------------------------------
 def _no_match(repo):
     np.save(repo / "other.npy", np.zeros(3))
-    return ["--embd_dir", repo], ["looked for EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy + REWARD_",
-                                  "embd_gemma2b_gemma2b_helpful_train.npy", "holds other.npy"]
+    return ["--embd_dir", repo], [
+        "looked for EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy + REWARD_",
+        "embd_gemma2b_gemma2b_helpful_train.npy",
+        "holds other.npy",
+    ]
 
 
 def _missing_partner(repo):
@@ -231,8 +276,10 @@ def _bool_rewards(repo):
 def _ambiguous_square(repo):
     embeddings, rewards = random_set(0, 4, 4)
     write_repo(repo, "kn", "train", embeddings, rewards, names=("e.npy", "r.npy"))
-    return (["--embd_file", repo / "e.npy", "--reward_file", repo / "r.npy"],
-            ["cannot tell (K, N) from (N, K)", "pass --layout kn", "--layout nk"])
+    return (
+        ["--embd_file", repo / "e.npy", "--reward_file", repo / "r.npy"],
+        ["cannot tell (K, N) from (N, K)", "pass --layout kn", "--layout nk"],
+    )
 
 
 def _both_layouts(repo):
@@ -278,10 +325,26 @@ def _truncated_embeddings(repo):
     return ["--embd_dir", repo], ["cannot read embeddings", emb.name]
 
 
-ERROR_CASES = [_no_match, _missing_partner, _k_mismatch, _n_mismatch, _reward_last_dim, _nan_reward,
-               _truncated_embeddings, _embeddings_2d, _embeddings_float64, _bool_rewards, _ambiguous_square,
-               _both_layouts, _named_kn_with_3d_reward, _test_dim_differs, _one_response,
-               _reward_without_embeddings_flag, _missing_embd_dir, _npz_embeddings]
+ERROR_CASES = [
+    _no_match,
+    _missing_partner,
+    _k_mismatch,
+    _n_mismatch,
+    _reward_last_dim,
+    _nan_reward,
+    _truncated_embeddings,
+    _embeddings_2d,
+    _embeddings_float64,
+    _bool_rewards,
+    _ambiguous_square,
+    _both_layouts,
+    _named_kn_with_3d_reward,
+    _test_dim_differs,
+    _one_response,
+    _reward_without_embeddings_flag,
+    _missing_embd_dir,
+    _npz_embeddings,
+]
 
 
 @pytest.mark.parametrize("make_case", ERROR_CASES, ids=lambda case: case.__name__.strip("_"))
@@ -313,8 +376,7 @@ def test_non_finite_embedding_mid_copy_leaves_nothing(tmp_path, capsys, layout):
     write_repo(tmp_path / "repo", layout, "train", embeddings, rewards)
     write_repo(tmp_path / "repo", layout, "test", *random_set(1, 4, 5))
     out = tmp_path / "data"
-    err = run_failing_after_logs(["--embd_dir", tmp_path / "repo", "--output_dir", out, "--chunk_prompts", 4],
-                                 capsys)
+    err = run_failing_after_logs(["--embd_dir", tmp_path / "repo", "--output_dir", out, "--chunk_prompts", 4], capsys)
     assert "non-finite embedding for prompt 17, response 2" in err
     assert_no_output(out)
 
@@ -371,8 +433,10 @@ def test_rerun_is_a_no_op_and_changes_reconvert(tmp_path, capsys):
     convert(*argv)
     check_converted(out, "train", *smaller)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["conversion.json"] + [f"EMBD-TRAIN-split_{k}.npy" for k in range(3)]
-        + [f"rewards_split_{k}.json" for k in range(3)])
+        ["conversion.json"]
+        + [f"EMBD-TRAIN-split_{k}.npy" for k in range(3)]
+        + [f"rewards_split_{k}.json" for k in range(3)]
+    )
 
     # A deleted output file: converted again rather than reported up to date.
     (out / "rewards_split_1.json").unlink()
@@ -404,8 +468,9 @@ def test_interrupted_conversion_is_cleaned_up(tmp_path):
     for k in range(6):
         (out / f"EMBD-TRAIN-split_{k}.npy").write_bytes(b"partial")
     (out / ".EMBD-TRAIN-split_0.npy.x1y2.tmp").write_bytes(b"partial")
-    artifacts.write_json(out / conv.CONVERSION_FILE,
-                       {"status": "incomplete", "files": [f"EMBD-TRAIN-split_{k}.npy" for k in range(6)]})
+    artifacts.write_json(
+        out / conv.CONVERSION_FILE, {"status": "incomplete", "files": [f"EMBD-TRAIN-split_{k}.npy" for k in range(6)]}
+    )
     convert("--embd_dir", repo, "--output_dir", out)
     check_converted(out, "train", *train)
     assert not list(out.glob(".*")) and not (out / "EMBD-TRAIN-split_5.npy").exists()
@@ -436,8 +501,26 @@ def load_synthetic_module():
 def test_synthetic_repo_converts_and_its_reward_is_a_function_of_the_embedding(tmp_path, capsys, layout, dtype):
     synthetic = load_synthetic_module()
     repo = tmp_path / "repo"
-    sizes = ["--n_prompts", "70", "--n_responses", "4", "--n_test_prompts", "3", "--n_test_responses", "9",
-             "--emb_dim", "40", "--seed", "5", "--layout", layout, "--dtype", dtype, "--gen_model", "gemma7b"]
+    sizes = [
+        "--n_prompts",
+        "70",
+        "--n_responses",
+        "4",
+        "--n_test_prompts",
+        "3",
+        "--n_test_responses",
+        "9",
+        "--emb_dim",
+        "40",
+        "--seed",
+        "5",
+        "--layout",
+        layout,
+        "--dtype",
+        dtype,
+        "--gen_model",
+        "gemma7b",
+    ]
     synthetic.main(["--output_dir", str(repo), *sizes])
     before = file_states(repo)
     capsys.readouterr()
@@ -451,6 +534,7 @@ def test_synthetic_repo_converts_and_its_reward_is_a_function_of_the_embedding(t
         assert eset.rewards.shape == shape and eset.embeddings[0].dtype == np.dtype(dtype)
         assert (np.diff(eset.rewards, axis=1) >= 0).all()
         for k in range(shape[1]):
-            recomputed = 3.0 * np.tanh(eset.embeddings[k].astype(np.float32) @ world.hidden_weights) \
-                @ world.output_weights
+            recomputed = (
+                3.0 * np.tanh(eset.embeddings[k].astype(np.float32) @ world.hidden_weights) @ world.output_weights
+            )
             np.testing.assert_allclose(eset.rewards[:, k], recomputed, rtol=1e-5, atol=1e-5)

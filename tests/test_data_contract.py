@@ -65,14 +65,17 @@ def test_finite_number_is_a_json_number_a_float_holds():
     assert [finite_number(v) for v in accepted + refused] == [True] * len(accepted) + [False] * len(refused)
 
 
-@pytest.mark.parametrize("line,expected", [
-    ('{"score": 1.0}', 'expected an object with key "reward"'),
-    ('{"reward": "high"}', "reward must be a finite number, got 'high'"),
-    ('{"reward": NaN}', "reward must be a finite number"),
-    ('{"reward": true}', "reward must be a finite number, got True"),
-    ('{"reward": 1%s}' % ("0" * 400), "reward must be a finite number"),  # beyond float range
-    ("not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ('{"score": 1.0}', 'expected an object with key "reward"'),
+        ('{"reward": "high"}', "reward must be a finite number, got 'high'"),
+        ('{"reward": NaN}', "reward must be a finite number"),
+        ('{"reward": true}', "reward must be a finite number, got True"),
+        ('{"reward": 1%s}' % ("0" * 400), "reward must be a finite number"),  # beyond float range
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_bad_reward_lines(demo_copy, tmp_path, capsys, line, expected):
     path = demo_copy / "rewards_split_0.json"
     lines = path.read_text().splitlines()
@@ -111,7 +114,8 @@ def test_step6_refuses_data_the_partition_was_not_made_for(trained_run, demo_cop
 
 def test_step6_without_manifest(tmp_path, capsys):
     assert "ORM manifest (run step5_train_rms.py first) not found" in run_failing(
-        step6.main, ["--output_dir", str(tmp_path)], capsys)
+        step6.main, ["--output_dir", str(tmp_path)], capsys
+    )
 
 
 def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
@@ -126,7 +130,11 @@ def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
 
 
 def test_cli_script_exit_status_and_single_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "step5_train_rms.py"), "--data_dir", str(tmp_path / "missing")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "step5_train_rms.py"), "--data_dir", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'missing'} does not exist"]

@@ -30,8 +30,10 @@ from step7_isotonic_distillation import check_teacher
 
 def strict_json(path: Path) -> dict:
     """Parse JSON refusing NaN and Infinity, as any strict reader would."""
+
     def refuse(constant):
         raise AssertionError(f"{path} holds {constant}")
+
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
@@ -56,7 +58,12 @@ def test_undefined_metrics_are_null_with_a_reason_and_n_a_in_tables(demo_copy, t
     test = results["test"]
     assert test["n_prompts"] == 1
     assert test["ranking"]["ensemble_mean"]["pairwise_accuracy_cross_prompt"] == {
-        "accuracy": None, "reason": "needs at least 2 prompts", "n_pairs": 0, "n_prompts": 1, "n_responses": 40}
+        "accuracy": None,
+        "reason": "needs at least 2 prompts",
+        "n_pairs": 0,
+        "n_prompts": 1,
+        "n_responses": 40,
+    }
     assert set(test["best_of_n"]["curves"]["ensemble_mean"]["stderr"]) == {None}
     assert test["best_of_n"]["stderr_reason"] == "a standard error over prompts needs at least 2 prompts"
     assert "n/a" in printed and "nan" not in printed
@@ -121,10 +128,27 @@ def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 240
 
 def test_ctrl_c_in_a_step_is_one_line_without_traceback(demo_dir, tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, str(ROOT / "step5_train_rms.py"), "--data_dir", str(demo_dir),
-                                "--output_dir", str(out), "--n_sample", "120", "--ensemble_number", "50",
-                                "--training_epochs", "30", "--seed", "3"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "step5_train_rms.py"),
+            "--data_dir",
+            str(demo_dir),
+            "--output_dir",
+            str(out),
+            "--n_sample",
+            "120",
+            "--ensemble_number",
+            "50",
+            "--training_epochs",
+            "30",
+            "--seed",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_line(process, "label flip rate")  # imports done, training under way
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -134,15 +158,29 @@ def test_ctrl_c_in_a_step_is_one_line_without_traceback(demo_dir, tmp_path):
 
 
 def run_all_env(**env) -> dict:
-    small = {"N_SAMPLE": "60", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "2",
-             "DEMO_PROMPTS": "160", "EVAL_PROMPTS": "100", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "3",
-             "DEMO_TEST_RESPONSES": "12"}
+    small = {
+        "N_SAMPLE": "60",
+        "ENSEMBLE_NUMBER": "2",
+        "TRAINING_EPOCHS": "2",
+        "DISTILL_EPOCHS": "2",
+        "DEMO_PROMPTS": "160",
+        "EVAL_PROMPTS": "100",
+        "DEMO_EMB_DIM": "32",
+        "DEMO_TEST_PROMPTS": "3",
+        "DEMO_TEST_RESPONSES": "12",
+    }
     return {**os.environ, "PYTHON": sys.executable, **small, **env}
 
 
 def start_run_all(cwd: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(ROOT / "run_all.sh")], cwd=cwd, env=run_all_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["bash", str(ROOT / "run_all.sh")],
+        cwd=cwd,
+        env=run_all_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def assert_unlocked(folder: Path) -> None:
@@ -170,16 +208,20 @@ def test_run_all_from_another_directory_waits_for_data_and_stops_on_sigterm(tmp_
     _, err = process.communicate(timeout=60)
     os.close(holder)
     assert process.returncode == 143, err
-    assert err.strip() == "run_all.sh: stopped by SIGTERM during the wait for DATA_DIR; run the same command " \
-                          "again to resume"
+    assert (
+        err.strip() == "run_all.sh: stopped by SIGTERM during the wait for DATA_DIR; run the same command "
+        "again to resume"
+    )
     # Again, stopped in the middle of step 5: the step stops with it.
     process = start_run_all(caller, **env)
     wait_for_line(process, "label flip rate")
     process.send_signal(signal.SIGTERM)  # to run_all.sh alone, as a scheduler would
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
-    assert err.strip() == "run_all.sh: stopped by SIGTERM during Step 5: train the ORM ensemble; run the same " \
-                          "command again to resume"
+    assert (
+        err.strip() == "run_all.sh: stopped by SIGTERM during Step 5: train the ORM ensemble; run the same "
+        "command again to resume"
+    )
     assert_unlocked(caller / "out")
     assert (caller / "data" / "demo_config.json").is_file() and not (ROOT / "out").exists()
     assert not (caller / "out" / "orm_manifest.json").exists()
@@ -222,8 +264,11 @@ def test_steps_6_and_7_run_side_by_side_and_stop_together(tmp_path):
     (out / "eval_results_bt.json").mkdir()
     process = start_run_all(tmp_path, **env)
     stdout, err = process.communicate(timeout=600)
-    assert process.returncode == 2 and err.strip().startswith("error: cannot write ") \
-        and len(err.strip().splitlines()) == 1, err
+    assert (
+        process.returncode == 2
+        and err.strip().startswith("error: cannot write ")
+        and len(err.strip().splitlines()) == 1
+    ), err
     assert "=== Step 7" not in stdout and processes_naming(str(out)) == []
     (out / "eval_results_bt.json").rmdir()
     process = start_run_all(tmp_path, **env, FORCE="1")  # step 7 may have finished before step 6 failed

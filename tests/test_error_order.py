@@ -91,6 +91,7 @@ def map_truncated(model: str) -> Break:
         path = inputs.run / f"isotonic_{model}_map.json"
         path.write_text(path.read_text()[:30])
         return [], f"{model} isotonic map (run step7_isotonic_distillation.py) (JSON sidecar) {path} is not readable"
+
     return damage
 
 
@@ -99,6 +100,7 @@ def map_of_other_checkpoints(model: str) -> Break:
         key, value = ("teacher_checkpoints", ["other.ckpt"]) if model == "teacher" else ("student_checkpoint", "x.ckpt")
         edit_json(inputs.run / f"isotonic_{model}_map.json", lambda record: record["settings"].update({key: value}))
         return [], f"isotonic_{model}_map.json was fitted on {model}"
+
     return damage
 
 
@@ -109,38 +111,54 @@ def opened_run(flag_error: Break, mismatched_flag: Break) -> list[Break]:
 
 SEED_FLAG = flag("embed_model_name", "other", "--embed_model_name other does not match the ensemble in")
 ORDER: dict[str, tuple[Callable, str, list[Break]]] = {
-    "step6": (step6_eval_rms.main, "run", [
-        *opened_run(flag("bon_draws", "0", "argument --bon_draws: expected a positive integer"),
-                    flag("rm_objective", "clf", "--rm_objective clf does not match the ensemble in")),
-        member_missing,
-        partition_role_a_string,
-        short_test_rewards,
-    ]),
-    "step7": (step7_isotonic_distillation.main, "run", [
-        *opened_run(flag("cv_folds", "1", "--cv_folds must be at least 2, got 1"), SEED_FLAG),
-        member_missing,
-        partition_role_a_string,
-        flag("cv_folds", "500", "--cv_folds 500 needs at least 500 calibration prompts, the partition has 78"),
-    ]),
-    "step8": (step8_validate_distillation.main, "distilled", [
-        *opened_run(flag("calibration_bins", "0", "argument --calibration_bins: expected a positive integer"),
-                    SEED_FLAG),
-        short_test_rewards,
-        member_missing,
-        student_corrupt,
-        map_truncated("teacher"),
-        map_truncated("student"),
-        map_of_other_checkpoints("teacher"),
-        map_of_other_checkpoints("student"),
-        partition_role_a_string,
-    ]),
+    "step6": (
+        step6_eval_rms.main,
+        "run",
+        [
+            *opened_run(
+                flag("bon_draws", "0", "argument --bon_draws: expected a positive integer"),
+                flag("rm_objective", "clf", "--rm_objective clf does not match the ensemble in"),
+            ),
+            member_missing,
+            partition_role_a_string,
+            short_test_rewards,
+        ],
+    ),
+    "step7": (
+        step7_isotonic_distillation.main,
+        "run",
+        [
+            *opened_run(flag("cv_folds", "1", "--cv_folds must be at least 2, got 1"), SEED_FLAG),
+            member_missing,
+            partition_role_a_string,
+            flag("cv_folds", "500", "--cv_folds 500 needs at least 500 calibration prompts, the partition has 78"),
+        ],
+    ),
+    "step8": (
+        step8_validate_distillation.main,
+        "distilled",
+        [
+            *opened_run(
+                flag("calibration_bins", "0", "argument --calibration_bins: expected a positive integer"), SEED_FLAG
+            ),
+            short_test_rewards,
+            member_missing,
+            student_corrupt,
+            map_truncated("teacher"),
+            map_truncated("student"),
+            map_of_other_checkpoints("teacher"),
+            map_of_other_checkpoints("student"),
+            partition_role_a_string,
+        ],
+    ),
 }
 CASES = [(step, first) for step, (_, _, breaks) in ORDER.items() for first in range(len(breaks))]
 
 
 @pytest.mark.parametrize(("step", "first"), CASES, ids=[f"{step}-{first}" for step, first in CASES])
-def test_the_first_broken_input_in_check_order_is_reported(step, first, demo_dir, trained_run, distilled_run,
-                                                           tmp_path, capsys):
+def test_the_first_broken_input_in_check_order_is_reported(
+    step, first, demo_dir, trained_run, distilled_run, tmp_path, capsys
+):
     main, source, breaks = ORDER[step]
     inputs = Inputs(tmp_path / "run", tmp_path / "data", tmp_path)
     shutil.copytree(trained_run if source == "run" else distilled_run, inputs.run)

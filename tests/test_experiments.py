@@ -15,16 +15,26 @@ from conftest import ROOT, run_failing
 import summarize_runs
 
 # Tiny runs: a few seconds per run_all.sh, dominated by Python start-up.
-TINY = {"N_SAMPLE": "40", "EVAL_PROMPTS": "40", "DEMO_PROMPTS": "120", "DEMO_EMB_DIM": "16",
-        "DEMO_TEST_PROMPTS": "3", "DEMO_TEST_RESPONSES": "12", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "1",
-        "DISTILL_EPOCHS": "1", "PYTHON": sys.executable}
+TINY = {
+    "N_SAMPLE": "40",
+    "EVAL_PROMPTS": "40",
+    "DEMO_PROMPTS": "120",
+    "DEMO_EMB_DIM": "16",
+    "DEMO_TEST_PROMPTS": "3",
+    "DEMO_TEST_RESPONSES": "12",
+    "ENSEMBLE_NUMBER": "2",
+    "TRAINING_EPOCHS": "1",
+    "DISTILL_EPOCHS": "1",
+    "PYTHON": sys.executable,
+}
 EVAL_ROLES = ("calibration", "student_train", "held_out")
 
 
 def run_script(script: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), **TINY, **env}
-    return subprocess.run(["bash", str(ROOT / script)], env=full_env, capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
+    return subprocess.run(
+        ["bash", str(ROOT / script)], env=full_env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
 
 
 def split_of(folder: Path) -> dict:
@@ -58,8 +68,18 @@ def test_evaluation_prompts_do_not_depend_on_n_sample_or_seed(tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(outs["more_prompts"], moved)
     (moved / "prompt_split.json").write_text(json.dumps({**more, "held_out": more["held_out"][1:] + [10**6]}))
-    proc = subprocess.run([sys.executable, str(ROOT / "summarize_runs.py"), str(outs["base"]), str(moved),
-                           "--output_dir", str(tmp_path / "s2")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "summarize_runs.py"),
+            str(outs["base"]),
+            str(moved),
+            "--output_dir",
+            str(tmp_path / "s2"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "were evaluated on different held-out prompts" in proc.stderr
     assert "a curve against N_SAMPLE" in proc.stderr
@@ -71,23 +91,32 @@ def ensemble_metrics(run: Path, eval_set: str) -> dict:
     evaluation = json.loads((run / f"eval_results_{manifest['config']['rm_objective']}.json").read_text())[eval_set]
     validation = json.loads((run / "validation_results.json").read_text())[eval_set]
     ranking, curves = evaluation["ranking"]["ensemble_mean"], evaluation["best_of_n"]["curves"]
-    return {"spearman_per_prompt": ranking["spearman_per_prompt"]["mean"],
-            "spearman_global": ranking["spearman_global"],
-            "acc_same_prompt": ranking["pairwise_accuracy_same_prompt"]["accuracy"],
-            "acc_cross_prompt": ranking["pairwise_accuracy_cross_prompt"]["accuracy"],
-            "member_spearman_per_prompt": np.mean([evaluation["ranking"][f"member_{i}"]["spearman_per_prompt"]["mean"]
-                                                   for i in range(len(manifest["checkpoints"]))]),
-            "member_acc_same_prompt": np.mean([evaluation["ranking"][f"member_{i}"]["pairwise_accuracy_same_prompt"]
-                                               ["accuracy"] for i in range(len(manifest["checkpoints"]))]),
-            "bon_gain": curves["ensemble_mean"]["mean"][-1] - curves["random"]["mean"][-1],
-            "teacher_iso_mse": validation["variants"]["Teacher+Isotonic"]["calibration"]["mse"],
-            "student_iso_mse": validation["variants"]["Student+Isotonic"]["calibration"]["mse"],
-            "constant_mse": validation["constant_predictor"]["mse"]}
+    return {
+        "spearman_per_prompt": ranking["spearman_per_prompt"]["mean"],
+        "spearman_global": ranking["spearman_global"],
+        "acc_same_prompt": ranking["pairwise_accuracy_same_prompt"]["accuracy"],
+        "acc_cross_prompt": ranking["pairwise_accuracy_cross_prompt"]["accuracy"],
+        "member_spearman_per_prompt": np.mean(
+            [
+                evaluation["ranking"][f"member_{i}"]["spearman_per_prompt"]["mean"]
+                for i in range(len(manifest["checkpoints"]))
+            ]
+        ),
+        "member_acc_same_prompt": np.mean(
+            [
+                evaluation["ranking"][f"member_{i}"]["pairwise_accuracy_same_prompt"]["accuracy"]
+                for i in range(len(manifest["checkpoints"]))
+            ]
+        ),
+        "bon_gain": curves["ensemble_mean"]["mean"][-1] - curves["random"]["mean"][-1],
+        "teacher_iso_mse": validation["variants"]["Teacher+Isotonic"]["calibration"]["mse"],
+        "student_iso_mse": validation["variants"]["Student+Isotonic"]["calibration"]["mse"],
+        "constant_mse": validation["constant_predictor"]["mse"],
+    }
 
 
 def test_sweep_driver_and_summary_match_the_runs(tmp_path):
-    grid = {"GRID": "RM_OBJECTIVE=bt,clf ANNOTATION_QUALITY=10,1", "SEEDS": "1 2", "NAME": "aq",
-            "SWEEP_DIR": "sweeps"}
+    grid = {"GRID": "RM_OBJECTIVE=bt,clf ANNOTATION_QUALITY=10,1", "SEEDS": "1 2", "NAME": "aq", "SWEEP_DIR": "sweeps"}
     printed = run_script("run_sweep.sh", tmp_path, PRINT="1", JOBS="2", THREADS="1", **grid)
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
@@ -99,8 +128,9 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     root = tmp_path / "sweeps" / "aq"
     cells = sorted(path for path in root.iterdir() if (path / "orm_manifest.json").is_file())
-    assert [cell.name for cell in cells] == sorted(f"RM_OBJECTIVE={o},ANNOTATION_QUALITY={q},SEED={s}"
-                                                   for o in ("bt", "clf") for q in (10, 1) for s in (1, 2))
+    assert [cell.name for cell in cells] == sorted(
+        f"RM_OBJECTIVE={o},ANNOTATION_QUALITY={q},SEED={s}" for o in ("bt", "clf") for q in (10, 1) for s in (1, 2)
+    )
     assert len({json.dumps([split_of(cell)[role] for role in EVAL_ROLES]) for cell in cells}) == 1
     with open(root / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -126,16 +156,22 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
     assert all(log.count("up to date]") == 4 for log in logs)
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"GRID": "ANOTATION_QUALITY=1,10"}, "GRID variable ANOTATION_QUALITY is not a run_all.sh variable"),
-    ({"GRID": "SEED=1,2"}, "GRID cannot vary SEED: list the seeds in SEEDS"),
-    ({"GRID": "DEMO_PROMPTS=100,200"}, "GRID cannot vary DEMO_PROMPTS"),
-    ({"SWEEP": "embedding"}, "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1"),
-    ({"SWEEP": "nope"}, "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget"),
-    ({"SWEEP": "objective", "SEEDS": "1 x"}, "SEEDS must be integers, got 'x'"),
-    ({"SWEEP": "objective", "JOBS": "0"}, "JOBS must be a positive integer, got '0'"),
-    ({"SWEEP": "objective", "PAIR_MODE": "cross"}, "PAIR_MODE must be xprompt or same, got 'cross'"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GRID": "ANOTATION_QUALITY=1,10"}, "GRID variable ANOTATION_QUALITY is not a run_all.sh variable"),
+        ({"GRID": "SEED=1,2"}, "GRID cannot vary SEED: list the seeds in SEEDS"),
+        ({"GRID": "DEMO_PROMPTS=100,200"}, "GRID cannot vary DEMO_PROMPTS"),
+        ({"SWEEP": "embedding"}, "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1"),
+        (
+            {"SWEEP": "nope"},
+            "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget",
+        ),
+        ({"SWEEP": "objective", "SEEDS": "1 x"}, "SEEDS must be integers, got 'x'"),
+        ({"SWEEP": "objective", "JOBS": "0"}, "JOBS must be a positive integer, got '0'"),
+        ({"SWEEP": "objective", "PAIR_MODE": "cross"}, "PAIR_MODE must be xprompt or same, got 'cross'"),
+    ],
+)
 def test_sweep_bad_settings_are_one_line(tmp_path, env, message):
     proc = run_script("run_sweep.sh", tmp_path, **{"SWEEP_DIR": str(tmp_path / "sweeps"), "SEEDS": "1", **env})
     assert proc.returncode == 2, proc.stdout[-2000:]
@@ -146,17 +182,21 @@ def test_sweep_bad_settings_are_one_line(tmp_path, env, message):
 def fake_run(folder: Path, seed: int, held_out: list[int], n_sample: int = 40, metrics: bool = True) -> Path:
     """A run folder with the JSON summarize_runs.py reads (step 6-8 results optional)."""
     folder.mkdir(parents=True)
-    config = {"rm_objective": "bt", "seed": seed, "n_sample": n_sample, "annotation_quality": 10.0,
-              "data_dir": "data"}
-    (folder / "orm_manifest.json").write_text(json.dumps({"config": config, "data": {"fingerprint": "f" * 64},
-                                                          "checkpoints": ["a.ckpt"]}))
+    config = {"rm_objective": "bt", "seed": seed, "n_sample": n_sample, "annotation_quality": 10.0, "data_dir": "data"}
+    (folder / "orm_manifest.json").write_text(
+        json.dumps({"config": config, "data": {"fingerprint": "f" * 64}, "checkpoints": ["a.ckpt"]})
+    )
     (folder / "prompt_split.json").write_text(json.dumps({"held_out": held_out, "orm_train": [9]}))
     if metrics:
-        ranking = {"spearman_per_prompt": {"mean": None if seed == 2 else 0.5 + seed / 10},
-                   "spearman_global": 0.3, "pairwise_accuracy_same_prompt": {"accuracy": 0.6},
-                   "pairwise_accuracy_cross_prompt": {"accuracy": 0.7}}
-        (folder / "eval_results_bt.json").write_text(json.dumps(
-            {"held_out": {"ranking": {"ensemble_mean": ranking}, "best_of_n": {"curves": {}}}}))
+        ranking = {
+            "spearman_per_prompt": {"mean": None if seed == 2 else 0.5 + seed / 10},
+            "spearman_global": 0.3,
+            "pairwise_accuracy_same_prompt": {"accuracy": 0.6},
+            "pairwise_accuracy_cross_prompt": {"accuracy": 0.7},
+        }
+        (folder / "eval_results_bt.json").write_text(
+            json.dumps({"held_out": {"ranking": {"ensemble_mean": ranking}, "best_of_n": {"curves": {}}}})
+        )
     return folder
 
 
@@ -188,8 +228,9 @@ def test_runs_from_before_the_early_stopping_flags_compare_as_their_defaults(tmp
     fake_run(runs / "old", 1, [1, 2])  # no early_stopping, stop_metric, ... in its config
     new = fake_run(runs / "new", 2, [1, 2])
     manifest = json.loads((new / "orm_manifest.json").read_text())
-    manifest["config"].update(early_stopping="member", stop_metric="loss", min_val_pairs=0, weight_decay=0.0,
-                              bagging=0, standardize=0)
+    manifest["config"].update(
+        early_stopping="member", stop_metric="loss", min_val_pairs=0, weight_decay=0.0, bagging=0, standardize=0
+    )
     (new / "orm_manifest.json").write_text(json.dumps(manifest))
     other = fake_run(runs / "pooled", 3, [1, 2])
     manifest["config"].update(early_stopping="pooled", seed=3)
@@ -202,11 +243,25 @@ def test_runs_from_before_the_early_stopping_flags_compare_as_their_defaults(tmp
 
 def test_last_step_stops_run_all_after_step_6_with_the_study_options(tmp_path):
     out = tmp_path / "out"
-    proc = run_script("run_all.sh", tmp_path, OUTPUT_DIR=str(out), LAST_STEP="6", EARLY_STOPPING="pooled",
-                      STOP_METRIC="accuracy", BAGGING="1", STANDARDIZE="1", WEIGHT_DECAY="0.01")
+    proc = run_script(
+        "run_all.sh",
+        tmp_path,
+        OUTPUT_DIR=str(out),
+        LAST_STEP="6",
+        EARLY_STOPPING="pooled",
+        STOP_METRIC="accuracy",
+        BAGGING="1",
+        STANDARDIZE="1",
+        WEIGHT_DECAY="0.01",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(LAST_STEP=6)" in proc.stdout and "Step 7" not in proc.stdout
     assert (out / "eval_results_bt.json").is_file() and not (out / "distillation_config.json").exists()
     config = json.loads((out / "orm_manifest.json").read_text())["config"]
-    assert (config["early_stopping"], config["stop_metric"], config["bagging"], config["standardize"],
-            config["weight_decay"]) == ("pooled", "accuracy", 1, 1, 0.01)
+    assert (
+        config["early_stopping"],
+        config["stop_metric"],
+        config["bagging"],
+        config["standardize"],
+        config["weight_decay"],
+    ) == ("pooled", "accuracy", 1, 1, 0.01)

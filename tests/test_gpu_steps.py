@@ -55,18 +55,69 @@ def pipeline(tiny, tmp_path_factory):
     """Run steps 1-4 once; return the flags shared by steps 2-4 and the folders written."""
     root = tmp_path_factory.mktemp("gpu_pipeline")
     out, data = root / "out", root / "data"
-    gen = ["--model_name", str(tiny["policy-lm"]), "--dataset", "tiny-helpful", "--eval_dataset", "tiny-helpful",
-           "--max_len", str(MAX_LEN), "--output_dir", str(out)]
+    gen = [
+        "--model_name",
+        str(tiny["policy-lm"]),
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--max_len",
+        str(MAX_LEN),
+        "--output_dir",
+        str(out),
+    ]
     rm = ["--reward_model", str(tiny["golden-rm"])]
-    step1_sft.main(["--model_name", str(tiny["policy-lm"]), "--dataset", "tiny-helpful",
-                    "--train_file", str(tiny["train_prompts"]), "--max_steps", "2", "--output_dir", str(out)])
-    step2_gen_sample.main(gen + ["--adapter_name", "sft", "--data_class", "train", "--n_samples",
-                                 str(N_TRAIN_SAMPLES), "--split", "all", "--backend", "transformers",
-                                 "--prompts_file", str(tiny["train_prompts"]),
-                                 "--max_prompts", str(N_TRAIN_PROMPTS)])
-    step2_gen_sample.main(gen + ["--adapter_name", "sft", "--data_class", "test", "--n_samples",
-                                 str(N_TEST_SAMPLES), "--split", "all", "--backend", "transformers",
-                                 "--prompts_file", str(tiny["test_prompts"])])
+    step1_sft.main(
+        [
+            "--model_name",
+            str(tiny["policy-lm"]),
+            "--dataset",
+            "tiny-helpful",
+            "--train_file",
+            str(tiny["train_prompts"]),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    step2_gen_sample.main(
+        gen
+        + [
+            "--adapter_name",
+            "sft",
+            "--data_class",
+            "train",
+            "--n_samples",
+            str(N_TRAIN_SAMPLES),
+            "--split",
+            "all",
+            "--backend",
+            "transformers",
+            "--prompts_file",
+            str(tiny["train_prompts"]),
+            "--max_prompts",
+            str(N_TRAIN_PROMPTS),
+        ]
+    )
+    step2_gen_sample.main(
+        gen
+        + [
+            "--adapter_name",
+            "sft",
+            "--data_class",
+            "test",
+            "--n_samples",
+            str(N_TEST_SAMPLES),
+            "--split",
+            "all",
+            "--backend",
+            "transformers",
+            "--prompts_file",
+            str(tiny["test_prompts"]),
+        ]
+    )
     for data_class in ("train", "test"):
         step3_reward_annotation.main(gen + rm + ["--data_class", data_class, "--split", "all"])
     step35_main(gen + rm)
@@ -108,9 +159,23 @@ def test_pipeline_writes_a_sorted_data_directory(pipeline):
 def test_step2_rerun_overwrites_with_identical_samples(pipeline, tiny):
     path = pipeline["run"].samples_path("test", 4)
     before = path.read_bytes()
-    step2_gen_sample.main(pipeline["gen"] + ["--adapter_name", "sft", "--data_class", "test", "--n_samples",
-                                             str(N_TEST_SAMPLES), "--split", "4", "--backend", "transformers",
-                                             "--prompts_file", str(tiny["test_prompts"])])
+    step2_gen_sample.main(
+        pipeline["gen"]
+        + [
+            "--adapter_name",
+            "sft",
+            "--data_class",
+            "test",
+            "--n_samples",
+            str(N_TEST_SAMPLES),
+            "--split",
+            "4",
+            "--backend",
+            "transformers",
+            "--prompts_file",
+            str(tiny["test_prompts"]),
+        ]
+    )
     assert path.read_bytes() == before  # same seed, same output; replaced, never appended
 
 
@@ -120,10 +185,35 @@ def test_step2_counts_over_length_prompts(pipeline, tiny, tmp_path):
     limit = sorted(lengths)[len(lengths) // 2]
     assert 0 < sum(n > limit for n in lengths) < len(lengths)
     out = tmp_path / "out"
-    gen = ["--model_name", str(tiny["policy-lm"]), "--adapter_name", "none", "--dataset", "tiny-helpful",
-           "--eval_dataset", "tiny-helpful", "--max_len", "4", "--output_dir", str(out)]
-    step2_gen_sample.main(gen + ["--n_samples", "2", "--split", "all", "--n_parts", "1",
-                                 "--max_prompt_len", str(limit), "--prompts_file", str(tiny["test_prompts"])])
+    gen = [
+        "--model_name",
+        str(tiny["policy-lm"]),
+        "--adapter_name",
+        "none",
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--max_len",
+        "4",
+        "--output_dir",
+        str(out),
+    ]
+    step2_gen_sample.main(
+        gen
+        + [
+            "--n_samples",
+            "2",
+            "--split",
+            "all",
+            "--n_parts",
+            "1",
+            "--max_prompt_len",
+            str(limit),
+            "--prompts_file",
+            str(tiny["test_prompts"]),
+        ]
+    )
     run = GenerationRun(out, str(tiny["policy-lm"]), "none", "tiny-helpful", "tiny-helpful", 4, 1.0)
     summary = json.loads(run.summary_path("train", 0).read_text())
     assert summary["n_skipped_over_length"] == sum(n > limit for n in lengths)
@@ -137,15 +227,36 @@ def test_step3_scores_every_response_for_n_over_10(pipeline, tiny, tmp_path):
     queries = [r["prompt"] for r in read_lines(tiny["test_prompts"])][:2]
     records = []
     for p, query in enumerate(queries):
-        responses = {f"response_{i}": (" Sure" + " step" * (i + p) + ("\n\nHuman: and then?" if i % 3 == 0 else "")
-                                       + ("\n\nAssistant: more" if i % 5 == 0 else ""))
-                     for i in range(12)}
+        responses = {
+            f"response_{i}": (
+                " Sure"
+                + " step" * (i + p)
+                + ("\n\nHuman: and then?" if i % 3 == 0 else "")
+                + ("\n\nAssistant: more" if i % 5 == 0 else "")
+            )
+            for i in range(12)
+        }
         records.append({"query": query, "id": p, **responses, "settings": {}})
     run.folder.mkdir(parents=True)
     run.samples_path("train", 0).write_text("".join(json.dumps(r) + "\n" for r in records))
-    argv = ["--model_name", "policy", "--adapter_name", "none", "--dataset", "tiny-helpful", "--eval_dataset",
-            "tiny-helpful", "--output_dir", str(tmp_path / "out"), "--reward_model", str(tiny["golden-rm"]),
-            "--n_samples", "12", "--batch_size", "5"]
+    argv = [
+        "--model_name",
+        "policy",
+        "--adapter_name",
+        "none",
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--reward_model",
+        str(tiny["golden-rm"]),
+        "--n_samples",
+        "12",
+        "--batch_size",
+        "5",
+    ]
     step3_reward_annotation.main(argv)
     scored = read_lines(run.scored_path("train", 0, str(tiny["golden-rm"])))
 
@@ -154,8 +265,12 @@ def test_step3_scores_every_response_for_n_over_10(pipeline, tiny, tmp_path):
     for record, result in zip(records, scored):
         assert len(result["rewards"]) == 12
         with torch.no_grad():
-            direct = [model(**tokenizer(independent_text(record["query"], record[f"response_{i}"]),
-                                        return_tensors="pt")).logits[0, 0].item() for i in range(12)]
+            direct = [
+                model(**tokenizer(independent_text(record["query"], record[f"response_{i}"]), return_tensors="pt"))
+                .logits[0, 0]
+                .item()
+                for i in range(12)
+            ]
         np.testing.assert_allclose(result["rewards"], direct, rtol=1e-4, atol=1e-4)
         assert len(set(np.round(direct, 4))) == 12  # distinct texts, so a rescored first ten would show
         assert all("\n\nHuman" not in r for r in result["responses"])
@@ -164,9 +279,20 @@ def test_step3_scores_every_response_for_n_over_10(pipeline, tiny, tmp_path):
 @pytest.mark.parametrize("embed_model", ["embed-left", "embed-right-padeos"])
 def test_step4_embeds_the_last_real_token(pipeline, tiny, tmp_path, embed_model):
     data = tmp_path / "data"
-    step4_gen_embeddings.main(pipeline["gen"] + pipeline["rm"] + [
-        "--embed_model_name", str(tiny[embed_model]), "--data_dir", str(data), "--train_test", "train",
-        "--batch_size", "8"])
+    step4_gen_embeddings.main(
+        pipeline["gen"]
+        + pipeline["rm"]
+        + [
+            "--embed_model_name",
+            str(tiny[embed_model]),
+            "--data_dir",
+            str(data),
+            "--train_test",
+            "train",
+            "--batch_size",
+            "8",
+        ]
+    )
     eset = load_embedding_set(data, "train")
     tokenizer = AutoTokenizer.from_pretrained(tiny[embed_model])
     assert tokenizer.padding_side == ("left" if embed_model == "embed-left" else "right")
@@ -187,8 +313,12 @@ def test_step4_embeds_the_last_real_token(pipeline, tiny, tmp_path, embed_model)
     from llm_models import embed_texts, load_embedding_model, load_tokenizer, scored_text
 
     texts = [scored_text(r["query"], r["responses_sorted"][1]) for r in ranked]
-    vectors = embed_texts(load_embedding_model(str(tiny[embed_model]), "model", torch.device("cpu"), torch.float32),
-                          load_tokenizer(str(tiny[embed_model]), "model"), texts, batch_size=3)
+    vectors = embed_texts(
+        load_embedding_model(str(tiny[embed_model]), "model", torch.device("cpu"), torch.float32),
+        load_tokenizer(str(tiny[embed_model]), "model"),
+        texts,
+        batch_size=3,
+    )
     assert vectors.dtype == np.float32
     np.testing.assert_allclose(vectors, eset.embeddings[1], rtol=1e-5, atol=1e-5)
 
@@ -219,23 +349,51 @@ def exit_2_message(main, argv, capsys):
 
 def test_bad_inputs_exit_2_with_one_line(pipeline, tiny, tmp_path, capsys):
     missing_model = tmp_path / "no_such_model"
-    err = exit_2_message(step3_reward_annotation.main, pipeline["gen"] + ["--reward_model", str(missing_model),
-                                                                         "--split", "all"], capsys)
+    err = exit_2_message(
+        step3_reward_annotation.main, pipeline["gen"] + ["--reward_model", str(missing_model), "--split", "all"], capsys
+    )
     assert str(missing_model) in err
-    err = exit_2_message(step1_sft.main, ["--model_name", str(tiny["policy-lm"]), "--train_file",
-                                          str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path)], capsys)
+    err = exit_2_message(
+        step1_sft.main,
+        [
+            "--model_name",
+            str(tiny["policy-lm"]),
+            "--train_file",
+            str(tmp_path / "missing.jsonl"),
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert "missing.jsonl" in err
-    err = exit_2_message(step2_gen_sample.main, pipeline["gen"] + ["--adapter_name", str(tmp_path),
-                                                                   "--prompts_file", str(tiny["test_prompts"])],
-                         capsys)
+    err = exit_2_message(
+        step2_gen_sample.main,
+        pipeline["gen"] + ["--adapter_name", str(tmp_path), "--prompts_file", str(tiny["test_prompts"])],
+        capsys,
+    )
     assert "no LoRA adapter" in err
-    err = exit_2_message(step4_gen_embeddings.main, pipeline["gen"] + pipeline["rm"] + [
-        "--output_dir", str(tmp_path / "empty"), "--embed_model_name", str(tiny["embed-left"]),
-        "--data_dir", str(tmp_path / "data")], capsys)
+    err = exit_2_message(
+        step4_gen_embeddings.main,
+        pipeline["gen"]
+        + pipeline["rm"]
+        + [
+            "--output_dir",
+            str(tmp_path / "empty"),
+            "--embed_model_name",
+            str(tiny["embed-left"]),
+            "--data_dir",
+            str(tmp_path / "data"),
+        ],
+        capsys,
+    )
     assert "train_ranked_" in err and not (tmp_path / "data").exists()
     # step 3.5 as a real command: its file name has a dot, so it only ever runs this way
-    result = subprocess.run([sys.executable, str(STEP35), "--output_dir", str(tmp_path / "empty"),
-                             "--reward_model", "rayharmless"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(STEP35), "--output_dir", str(tmp_path / "empty"), "--reward_model", "rayharmless"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
@@ -249,12 +407,21 @@ def test_step1_reads_gpt4_demonstrations_and_hh_dialogues(tmp_path, monkeypatch)
     with open(tmp_path / "data" / "synthetic_hhrlhf_harmless_expert_gpt4.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["query", "response"])
         writer.writeheader()
-        writer.writerow({"query": "Answer as a careful assistant.\n\nHuman: Hi?\n\nAssistant: Hello.\n\n"
-                                  "Human: Can you help?\n\nAssistant:", "response": "Of course.\n"})
+        writer.writerow(
+            {
+                "query": "Answer as a careful assistant.\n\nHuman: Hi?\n\nAssistant: Hello.\n\n"
+                "Human: Can you help?\n\nAssistant:",
+                "response": "Of course.\n",
+            }
+        )
     monkeypatch.setattr(step1_sft, "REPO_ROOT", tmp_path)
     pairs = step1_sft.load_sft_pairs(step1_sft.parse_args(["--dataset", "hh-rlhf-harmless-gpt4"]))
-    assert pairs == [{"prompt": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Can you help?\n\nAssistant:",
-                      "completion": " Of course."}]
+    assert pairs == [
+        {
+            "prompt": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Can you help?\n\nAssistant:",
+            "completion": " Of course.",
+        }
+    ]
     with pytest.raises(InputError, match="synthetic_hhrlhf_helpful_expert_gpt4.csv"):
         step1_sft.load_sft_pairs(step1_sft.parse_args(["--dataset", "hh-rlhf-helpful-gpt4"]))
     dialogue = "\n\nHuman: A?\n\nAssistant: B.\n\nHuman: C?\n\nAssistant: D, then\n\nAssistant: E."
@@ -264,8 +431,7 @@ def test_step1_reads_gpt4_demonstrations_and_hh_dialogues(tmp_path, monkeypatch)
 # --------------------------------------------------------------------------------------------
 # Golden-RM input format
 # --------------------------------------------------------------------------------------------
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
-                 "{% endfor %}")
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
 
 
 def with_chat_template(source: Path, target: Path) -> Path:
@@ -291,9 +457,17 @@ def test_chat_template_tokens_of_a_two_turn_dialogue(tiny, tmp_path):
         return tokenizer(text, add_special_tokens=False).input_ids
 
     user, assistant, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "<|end|>"])
-    expected = ([tokenizer.bos_token_id, user] + piece("How do I bake bread?") + [end, assistant]
-                + piece("Gather the tools.") + [end, user] + piece("Then?") + [end, assistant]
-                + piece("Knead the dough.") + [end])
+    expected = (
+        [tokenizer.bos_token_id, user]
+        + piece("How do I bake bread?")
+        + [end, assistant]
+        + piece("Gather the tools.")
+        + [end, user]
+        + piece("Then?")
+        + [end, assistant]
+        + piece("Knead the dough.")
+        + [end]
+    )
     assert ids == expected
     assert ids.count(tokenizer.bos_token_id) == 1  # the template's bos, not a second one from the tokenizer
     (raw_ids,), _ = tokenize_texts(tokenizer, rm_texts(tokenizer, [query], ["Knead the dough."], "raw"), 512)
@@ -333,9 +507,21 @@ def test_step3_chat_template_scores_are_recorded_and_checked(pipeline, tiny, tmp
     ranked = read_lines(run.ranked_path("train", str(rm)))
     assert {r["rm_input_format"] for r in ranked} == {"chat_template"}
     data = tmp_path / "data"
-    err = exit_2_message(step4_gen_embeddings.main, gen + ["--reward_model", str(rm), "--train_test", "train",
-                                                          "--embed_model_name", str(tiny["embed-left"]),
-                                                          "--data_dir", str(data)], capsys)
+    err = exit_2_message(
+        step4_gen_embeddings.main,
+        gen
+        + [
+            "--reward_model",
+            str(rm),
+            "--train_test",
+            "train",
+            "--embed_model_name",
+            str(tiny["embed-left"]),
+            "--data_dir",
+            str(data),
+        ],
+        capsys,
+    )
     assert "asks for raw" in err and not data.exists()
 
 
@@ -344,10 +530,31 @@ def test_step3_chat_template_scores_are_recorded_and_checked(pipeline, tiny, tmp
 # --------------------------------------------------------------------------------------------
 def sample_run(tiny, out, *extra):
     """Step 2 on the base policy over the test prompts; returns {prompt id: responses}."""
-    argv = ["--model_name", str(tiny["policy-lm"]), "--adapter_name", "none", "--dataset", "tiny-helpful",
-            "--eval_dataset", "tiny-helpful", "--max_len", "6", "--output_dir", str(out), "--n_samples", "3",
-            "--batch_size", "2", "--backend", "transformers", "--prompts_file", str(tiny["test_prompts"]),
-            "--seed", "5", *extra]
+    argv = [
+        "--model_name",
+        str(tiny["policy-lm"]),
+        "--adapter_name",
+        "none",
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--max_len",
+        "6",
+        "--output_dir",
+        str(out),
+        "--n_samples",
+        "3",
+        "--batch_size",
+        "2",
+        "--backend",
+        "transformers",
+        "--prompts_file",
+        str(tiny["test_prompts"]),
+        "--seed",
+        "5",
+        *extra,
+    ]
     step2_gen_sample.main(argv)
     run = GenerationRun(out, str(tiny["policy-lm"]), "none", "tiny-helpful", "tiny-helpful", 6, 1.0)
     records = [r for k in run.parts_present("train") for r in read_lines(run.samples_path("train", k))]
@@ -361,8 +568,9 @@ def test_transformers_samples_of_a_prompt_do_not_depend_on_batching(tiny, tmp_pa
     alone_fourth = sample_run(tiny, tmp_path / "fourth", "--split", "3", "--n_parts", "6")
     assert alone_first == {0: together[0]} and alone_fourth == {3: together[3]}
     assert len({text for texts in together.values() for text in texts}) > 6, "samples should differ"
-    other_seed = sample_run(tiny, tmp_path / "seed6", "--split", "all", "--n_parts", "1", "--max_prompts", "1",
-                            "--seed", "6")
+    other_seed = sample_run(
+        tiny, tmp_path / "seed6", "--split", "all", "--n_parts", "1", "--max_prompts", "1", "--seed", "6"
+    )
     assert other_seed[0] != together[0]
 
 
@@ -379,8 +587,14 @@ class FakeVLLM:
 
             def generate(self, prompts, sampling, lora_request=None):
                 fake.generate_calls.append((list(prompts), list(sampling), lora_request))
-                return [type("Out", (), {"outputs": [type("C", (), {"text": f" r{params.seed}-{j}"})()
-                                                     for j in range(params.n)]})() for params in sampling]
+                return [
+                    type(
+                        "Out",
+                        (),
+                        {"outputs": [type("C", (), {"text": f" r{params.seed}-{j}"})() for j in range(params.n)]},
+                    )()
+                    for params in sampling
+                ]
 
         class SamplingParams:
             def __init__(self, **kwargs):
@@ -412,10 +626,34 @@ def test_vllm_settings_per_prompt_seeds_tp_and_max_model_len(pipeline, tiny, tmp
     from llm_models import prompt_seed
 
     out = tmp_path / "out"
-    argv = ["--model_name", str(tiny["policy-lm"]), "--adapter_name", "none", "--dataset", "tiny-helpful",
-            "--eval_dataset", "tiny-helpful", "--max_len", "7", "--output_dir", str(out), "--n_samples", "2",
-            "--backend", "vllm", "--prompts_file", str(tiny["test_prompts"]), "--split", "1", "--n_parts", "3",
-            "--seed", "9", "--max_prompt_len", "40"]
+    argv = [
+        "--model_name",
+        str(tiny["policy-lm"]),
+        "--adapter_name",
+        "none",
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--max_len",
+        "7",
+        "--output_dir",
+        str(out),
+        "--n_samples",
+        "2",
+        "--backend",
+        "vllm",
+        "--prompts_file",
+        str(tiny["test_prompts"]),
+        "--split",
+        "1",
+        "--n_parts",
+        "3",
+        "--seed",
+        "9",
+        "--max_prompt_len",
+        "40",
+    ]
     step2_gen_sample.main(argv + ["--tensor_parallel_size", "2"])
     kwargs = fake_vllm.engine_kwargs
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 40 + 7
@@ -431,11 +669,13 @@ def test_vllm_settings_per_prompt_seeds_tp_and_max_model_len(pipeline, tiny, tmp
     assert summary["tensor_parallel_size"] == 2 and summary["dtype"] == "bfloat16"
     # the tiny model has 4 attention heads: 3 GPUs cannot split it, 8 are not visible
     bad = tmp_path / "bad"
-    err = exit_2_message(step2_gen_sample.main, [*argv[:11], str(bad), *argv[12:], "--tensor_parallel_size", "3"],
-                         capsys)
+    err = exit_2_message(
+        step2_gen_sample.main, [*argv[:11], str(bad), *argv[12:], "--tensor_parallel_size", "3"], capsys
+    )
     assert "--tensor_parallel_size 3 does not divide the 4 attention heads" in err and not bad.exists()
-    err = exit_2_message(step2_gen_sample.main, [*argv[:11], str(bad), *argv[12:], "--tensor_parallel_size", "8"],
-                         capsys)
+    err = exit_2_message(
+        step2_gen_sample.main, [*argv[:11], str(bad), *argv[12:], "--tensor_parallel_size", "8"], capsys
+    )
     assert "only 4 GPU(s) visible" in err and not bad.exists()
 
 
@@ -451,8 +691,9 @@ def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_pat
     run = GenerationRun(out, str(tiny["policy-lm"]), "sft", "tiny-helpful", "tiny-helpful", MAX_LEN, 1.0)
     rm = str(pipeline["rm_path"])
     fp32 = np.array([r["rewards"] for k in range(5) for r in read_lines(run.scored_path("train", k, rm))])
-    step3_reward_annotation.main(gen + pipeline["rm"] + ["--data_class", "train", "--split", "all",
-                                                         "--dtype", "bfloat16"])
+    step3_reward_annotation.main(
+        gen + pipeline["rm"] + ["--data_class", "train", "--split", "all", "--dtype", "bfloat16"]
+    )
     scored = [r for k in range(5) for r in read_lines(run.scored_path("train", k, rm))]
     bf16 = np.array([r["rewards"] for r in scored])
     assert {r["rm_dtype"] for r in scored} == {"bfloat16"}
@@ -465,11 +706,25 @@ def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_pat
 
     capsys.readouterr()
     step35_main(gen + pipeline["rm"])
-    assert "train: 8 prompts x 4 responses from parts 0,1,2,3,4 (0 empty after the cut, 0 prompts with tied rewards)" \
+    assert (
+        "train: 8 prompts x 4 responses from parts 0,1,2,3,4 (0 empty after the cut, 0 prompts with tied rewards)"
         in capsys.readouterr().out
+    )
     data = tmp_path / "data"
-    step4_gen_embeddings.main(gen + pipeline["rm"] + ["--embed_model_name", str(tiny["embed-left"]), "--data_dir",
-                                                      str(data), "--train_test", "train", "--dtype", "bfloat16"])
+    step4_gen_embeddings.main(
+        gen
+        + pipeline["rm"]
+        + [
+            "--embed_model_name",
+            str(tiny["embed-left"]),
+            "--data_dir",
+            str(data),
+            "--train_test",
+            "train",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     info = json.loads((data / "embedding_info_train.json").read_text())
     assert info["compute_dtype"] == "bfloat16" and info["embedding_dtype"] == "float32"
     embedded = load_embedding_set(data, "train")
@@ -487,13 +742,28 @@ def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_pat
 # Bad inputs to the GPU steps: exit 2, one stderr line, no traceback, no partial artifact
 # --------------------------------------------------------------------------------------------
 def folder_state(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*"))} if folder.exists() else {}
+    return (
+        {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+        if folder.exists()
+        else {}
+    )
 
 
 def gen_flags(tiny, out, adapter="sft"):
-    return ["--model_name", str(tiny["policy-lm"]), "--adapter_name", adapter, "--dataset", "tiny-helpful",
-            "--eval_dataset", "tiny-helpful", "--max_len", str(MAX_LEN), "--output_dir", str(out)]
+    return [
+        "--model_name",
+        str(tiny["policy-lm"]),
+        "--adapter_name",
+        adapter,
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--max_len",
+        str(MAX_LEN),
+        "--output_dir",
+        str(out),
+    ]
 
 
 def step2_flags(tiny, out):
@@ -508,52 +778,94 @@ def no_config_folder(tmp_path):
 
 # (id, main, argv builder (tiny, out, tmp_path), fragments of the error line)
 GPU_BAD_INPUTS = [
-    ("relative-model-folder-missing", step2_gen_sample.main,
-     lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], "models/policy", *step2_flags(tiny, out)[2:]],
-     ["--model_name models/policy", "no such model folder"]),
-    ("dot-model-folder-missing", step2_gen_sample.main,
-     lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], "./policy", *step2_flags(tiny, out)[2:]],
-     ["--model_name ./policy", "no such model folder"]),
-    ("hub-id-not-cached-offline", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", "nobody-here/tiny-rm"],
-     ["--reward_model nobody-here/tiny-rm", "not in the local cache (HF_HUB_OFFLINE=1)"]),
-    ("model-folder-without-config", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", no_config_folder(tmp)],
-     ["half_downloaded", "holds no config.json"]),
-    ("causal-lm-as-reward-model", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["policy-lm"])],
-     ["--reward_model", "causal language model (LlamaForCausalLM)", "not a sequence-classification"]),
-    ("several-labels-without-reward-label", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["sentiment-rm"])],
-     ["sentiment-rm", "2 labels (0=NEGATIVE, 1=POSITIVE)", "--reward_label"]),
-    ("unknown-reward-label", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["sentiment-rm"]),
-                                                    "--reward_label", "HAPPY"],
-     ["--reward_label HAPPY", "0=NEGATIVE, 1=POSITIVE"]),
-    ("chat-template-missing", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["golden-rm"]),
-                                                    "--rm_input_format", "chat_template"],
-     ["--rm_input_format chat_template", "has no chat template"]),
-    ("bad-rm-input-format", step3_reward_annotation.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--rm_input_format", "jinja"],
-     ["--rm_input_format", "invalid choice: 'jinja'"]),
-    ("negative-seed", step2_gen_sample.main,
-     lambda tiny, out, tmp: step2_flags(tiny, out) + ["--seed", "-1"],
-     ["--seed", "expected a non-negative integer seed, got '-1'"]),
-    ("max-model-len-too-small", step2_gen_sample.main,
-     lambda tiny, out, tmp: step2_flags(tiny, out) + ["--max_model_len", "100"],
-     ["--max_model_len 100", "--max_prompt_len + --max_len (462)"]),
-    ("zero-tensor-parallel-size", step2_gen_sample.main,
-     lambda tiny, out, tmp: step2_flags(tiny, out) + ["--tensor_parallel_size", "0"],
-     ["--tensor_parallel_size", "expected a positive integer"]),
-    ("bad-dtype", step4_gen_embeddings.main,
-     lambda tiny, out, tmp: gen_flags(tiny, out) + ["--dtype", "float8"],
-     ["--dtype", "invalid choice: 'float8'"]),
+    (
+        "relative-model-folder-missing",
+        step2_gen_sample.main,
+        lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], "models/policy", *step2_flags(tiny, out)[2:]],
+        ["--model_name models/policy", "no such model folder"],
+    ),
+    (
+        "dot-model-folder-missing",
+        step2_gen_sample.main,
+        lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], "./policy", *step2_flags(tiny, out)[2:]],
+        ["--model_name ./policy", "no such model folder"],
+    ),
+    (
+        "hub-id-not-cached-offline",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", "nobody-here/tiny-rm"],
+        ["--reward_model nobody-here/tiny-rm", "not in the local cache (HF_HUB_OFFLINE=1)"],
+    ),
+    (
+        "model-folder-without-config",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", no_config_folder(tmp)],
+        ["half_downloaded", "holds no config.json"],
+    ),
+    (
+        "causal-lm-as-reward-model",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["policy-lm"])],
+        ["--reward_model", "causal language model (LlamaForCausalLM)", "not a sequence-classification"],
+    ),
+    (
+        "several-labels-without-reward-label",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["sentiment-rm"])],
+        ["sentiment-rm", "2 labels (0=NEGATIVE, 1=POSITIVE)", "--reward_label"],
+    ),
+    (
+        "unknown-reward-label",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: (
+            gen_flags(tiny, out) + ["--reward_model", str(tiny["sentiment-rm"]), "--reward_label", "HAPPY"]
+        ),
+        ["--reward_label HAPPY", "0=NEGATIVE, 1=POSITIVE"],
+    ),
+    (
+        "chat-template-missing",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: (
+            gen_flags(tiny, out) + ["--reward_model", str(tiny["golden-rm"]), "--rm_input_format", "chat_template"]
+        ),
+        ["--rm_input_format chat_template", "has no chat template"],
+    ),
+    (
+        "bad-rm-input-format",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--rm_input_format", "jinja"],
+        ["--rm_input_format", "invalid choice: 'jinja'"],
+    ),
+    (
+        "negative-seed",
+        step2_gen_sample.main,
+        lambda tiny, out, tmp: step2_flags(tiny, out) + ["--seed", "-1"],
+        ["--seed", "expected a non-negative integer seed, got '-1'"],
+    ),
+    (
+        "max-model-len-too-small",
+        step2_gen_sample.main,
+        lambda tiny, out, tmp: step2_flags(tiny, out) + ["--max_model_len", "100"],
+        ["--max_model_len 100", "--max_prompt_len + --max_len (462)"],
+    ),
+    (
+        "zero-tensor-parallel-size",
+        step2_gen_sample.main,
+        lambda tiny, out, tmp: step2_flags(tiny, out) + ["--tensor_parallel_size", "0"],
+        ["--tensor_parallel_size", "expected a positive integer"],
+    ),
+    (
+        "bad-dtype",
+        step4_gen_embeddings.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--dtype", "float8"],
+        ["--dtype", "invalid choice: 'float8'"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("main, make_argv, expected", [case[1:] for case in GPU_BAD_INPUTS],
-                         ids=[case[0] for case in GPU_BAD_INPUTS])
+@pytest.mark.parametrize(
+    "main, make_argv, expected", [case[1:] for case in GPU_BAD_INPUTS], ids=[case[0] for case in GPU_BAD_INPUTS]
+)
 def test_gpu_bad_input(pipeline, tiny, tmp_path, monkeypatch, capsys, main, make_argv, expected):
     import shutil
 
@@ -573,12 +885,27 @@ def test_gpu_bad_input(pipeline, tiny, tmp_path, monkeypatch, capsys, main, make
 
 def test_step1_reports_a_missing_file_before_loading_trl(tiny, tmp_path):
     """One line and exit 2 without importing trl/peft (the slow part of step 1's start)."""
-    probe = ("import sys, step1_sft\nfrom cli import run_cli\ntry:\n    run_cli(step1_sft.main, sys.argv[1:])\n"
-             "except SystemExit as exit:\n    print(exit.code, 'trl' in sys.modules, 'peft' in sys.modules)\n")
+    probe = (
+        "import sys, step1_sft\nfrom cli import run_cli\ntry:\n    run_cli(step1_sft.main, sys.argv[1:])\n"
+        "except SystemExit as exit:\n    print(exit.code, 'trl' in sys.modules, 'peft' in sys.modules)\n"
+    )
     for extra in (["--train_file", str(tmp_path / "missing.jsonl")], ["--dataset", "hh-rlhf-helpful-gpt4"]):
-        result = subprocess.run([sys.executable, "-c", probe, "--model_name", str(tiny["policy-lm"]),
-                                 "--output_dir", str(tmp_path / "out"), *extra],
-                                capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                probe,
+                "--model_name",
+                str(tiny["policy-lm"]),
+                "--output_dir",
+                str(tmp_path / "out"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         assert ("missing.jsonl" in result.stderr) or ("README" in result.stderr)
@@ -591,8 +918,9 @@ def test_reward_label_scores_the_log_odds_of_that_label(pipeline, tiny, tmp_path
     out = tmp_path / "out"
     shutil.copytree(pipeline["out"], out)
     rm = tiny["sentiment-rm"]
-    step3_reward_annotation.main(gen_flags(tiny, out) + ["--reward_model", str(rm), "--reward_label", "POSITIVE",
-                                                          "--split", "0"])
+    step3_reward_annotation.main(
+        gen_flags(tiny, out) + ["--reward_model", str(rm), "--reward_label", "POSITIVE", "--split", "0"]
+    )
     run = GenerationRun(out, str(tiny["policy-lm"]), "sft", "tiny-helpful", "tiny-helpful", MAX_LEN, 1.0)
     record = read_lines(run.scored_path("train", 0, str(rm)))[0]
     assert record["reward_label"] == 1
@@ -609,12 +937,33 @@ def test_empty_responses_are_counted_by_every_step(tiny, tmp_path, capsys):
     out, data = tmp_path / "out", tmp_path / "data"
     run = GenerationRun(out, "policy", "none", "tiny-helpful", "tiny-helpful", 128, 1.0)
     queries = [r["prompt"] for r in read_lines(tiny["test_prompts"])][:3]
-    records = [{"query": q, "id": p, "response_0": " Sure, one step.", "response_1": "\n\nHuman: hello?",
-                "response_2": " " if p == 0 else " Ask a friend.", "settings": {}} for p, q in enumerate(queries)]
+    records = [
+        {
+            "query": q,
+            "id": p,
+            "response_0": " Sure, one step.",
+            "response_1": "\n\nHuman: hello?",
+            "response_2": " " if p == 0 else " Ask a friend.",
+            "settings": {},
+        }
+        for p, q in enumerate(queries)
+    ]
     run.folder.mkdir(parents=True)
     run.samples_path("train", 0).write_text("".join(json.dumps(r) + "\n" for r in records))
-    flags = ["--model_name", "policy", "--adapter_name", "none", "--dataset", "tiny-helpful", "--eval_dataset",
-             "tiny-helpful", "--output_dir", str(out), "--reward_model", str(tiny["golden-rm"])]
+    flags = [
+        "--model_name",
+        "policy",
+        "--adapter_name",
+        "none",
+        "--dataset",
+        "tiny-helpful",
+        "--eval_dataset",
+        "tiny-helpful",
+        "--output_dir",
+        str(out),
+        "--reward_model",
+        str(tiny["golden-rm"]),
+    ]
     step3_reward_annotation.main(flags)
     assert "; 4 empty after the cut;" in capsys.readouterr().out
     scored = read_lines(run.scored_path("train", 0, str(tiny["golden-rm"])))
@@ -631,12 +980,19 @@ def test_dialogue_messages_alternate_roles():
 
     prompt = "Be kind.\n\nHuman: A?\n\nHuman: B?\n\nAssistant: C.\n\nHuman: D?\n\nAssistant:"
     assert dialogue_messages(prompt, " E ") == [
-        {"role": "user", "content": "Be kind.\n\nA?\n\nB?"}, {"role": "assistant", "content": "C."},
-        {"role": "user", "content": "D?"}, {"role": "assistant", "content": "E"}]
-    assert dialogue_messages("Human: Hi?\n\nAssistant:", "") == [{"role": "user", "content": "Hi?"},
-                                                                 {"role": "assistant", "content": ""}]
-    assert dialogue_messages("Plain question?", "Answer.") == [{"role": "user", "content": "Plain question?"},
-                                                                {"role": "assistant", "content": "Answer."}]
+        {"role": "user", "content": "Be kind.\n\nA?\n\nB?"},
+        {"role": "assistant", "content": "C."},
+        {"role": "user", "content": "D?"},
+        {"role": "assistant", "content": "E"},
+    ]
+    assert dialogue_messages("Human: Hi?\n\nAssistant:", "") == [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": ""},
+    ]
+    assert dialogue_messages("Plain question?", "Answer.") == [
+        {"role": "user", "content": "Plain question?"},
+        {"role": "assistant", "content": "Answer."},
+    ]
 
 
 def test_a_hub_failure_names_the_missing_local_folder(tmp_path, monkeypatch):
@@ -654,6 +1010,8 @@ def test_a_hub_failure_names_the_missing_local_folder(tmp_path, monkeypatch):
     with pytest.raises(InputError) as err:
         load_tokenizer("tiny/policy-lm", "--model_name")
     message = str(err.value)
-    assert message.startswith("--model_name tiny/policy-lm: cannot load tokenizer (no local folder "
-                              f"{tmp_path / 'tiny' / 'policy-lm'}; tried it as a hub id): We couldn't connect")
+    assert message.startswith(
+        "--model_name tiny/policy-lm: cannot load tokenizer (no local folder "
+        f"{tmp_path / 'tiny' / 'policy-lm'}; tried it as a hub id): We couldn't connect"
+    )
     assert "\n" not in message

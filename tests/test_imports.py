@@ -41,8 +41,10 @@ def run_steps(calls: list[tuple[str, list[str]]]) -> list[tuple[int, set[str]]]:
     return [(status, set(loaded)) for status, loaded in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
-@pytest.mark.parametrize("step,bad_flag", zip(STEPS, (["--n_sample", "-3"], ["--bon_draws", "0"],
-                                                      ["--cv_folds", "1"], ["--calibration_bins", "x"])))
+@pytest.mark.parametrize(
+    "step,bad_flag",
+    zip(STEPS, (["--n_sample", "-3"], ["--bon_draws", "0"], ["--cv_folds", "1"], ["--calibration_bins", "x"])),
+)
 def test_help_and_flag_errors_return_before_torch_is_imported(step, bad_flag):
     (help_status, help_loaded), (error_status, error_loaded) = run_steps([(step, ["--help"]), (step, bad_flag)])
     assert help_status == 0 and error_status == 2
@@ -51,13 +53,30 @@ def test_help_and_flag_errors_return_before_torch_is_imported(step, bad_flag):
 
 def test_each_step_imports_only_what_its_path_uses(demo_dir, tmp_path):
     out = str(tmp_path / "out")
-    steps_5_to_7 = run_steps([
-        ("step5_train_rms", ["--data_dir", str(demo_dir), "--output_dir", out, "--n_sample", "120",
-                             "--ensemble_number", "2", "--training_epochs", "2", "--batch_size", "32"]),
-        ("step6_eval_rms", ["--output_dir", out, "--bon_draws", "5", "--n_cross_pairs", "1000"]),
-        ("step7_isotonic_distillation", ["--output_dir", out, "--distill_epochs", "2", "--n_cross_pairs", "1000"]),
-    ])
-    (step8_status, step8_loaded), = run_steps([("step8_validate_distillation", ["--output_dir", out])])
+    steps_5_to_7 = run_steps(
+        [
+            (
+                "step5_train_rms",
+                [
+                    "--data_dir",
+                    str(demo_dir),
+                    "--output_dir",
+                    out,
+                    "--n_sample",
+                    "120",
+                    "--ensemble_number",
+                    "2",
+                    "--training_epochs",
+                    "2",
+                    "--batch_size",
+                    "32",
+                ],
+            ),
+            ("step6_eval_rms", ["--output_dir", out, "--bon_draws", "5", "--n_cross_pairs", "1000"]),
+            ("step7_isotonic_distillation", ["--output_dir", out, "--distill_epochs", "2", "--n_cross_pairs", "1000"]),
+        ]
+    )
+    ((step8_status, step8_loaded),) = run_steps([("step8_validate_distillation", ["--output_dir", out])])
     assert [status for status, _ in steps_5_to_7] == [0, 0, 0] and step8_status == 0
     after5, after6, after7 = (loaded for _, loaded in steps_5_to_7)
     assert after5 == {"torch"}  # no torch.optim optimizer (constructing one imports torch._dynamo), no scipy

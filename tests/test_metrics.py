@@ -47,8 +47,9 @@ def brute_force_pair_accuracy(pairs):
 def test_same_prompt_pairwise_accuracy_brute_force():
     rng = np.random.default_rng(2)
     pred, gold = tied_scores(rng, (9, 6)), tied_scores(rng, (9, 6), levels=3)
-    pairs = [((pred[p, i], gold[p, i]), (pred[p, j], gold[p, j]))
-             for p in range(9) for i, j in combinations(range(6), 2)]
+    pairs = [
+        ((pred[p, i], gold[p, i]), (pred[p, j], gold[p, j])) for p in range(9) for i, j in combinations(range(6), 2)
+    ]
     accuracy, count = brute_force_pair_accuracy(pairs)
     result = metrics.same_prompt_pairwise_accuracy(pred, gold)
     assert result["n_pairs"] == count and type(result["n_pairs"]) is int  # JSON-serialisable
@@ -66,8 +67,14 @@ def test_same_prompt_pairwise_accuracy_chunking_is_exact(monkeypatch):
 def test_cross_prompt_pairwise_accuracy_converges_to_all_cross_pairs():
     rng = np.random.default_rng(4)
     pred, gold = tied_scores(rng, (6, 4)), rng.normal(size=(6, 4))
-    pairs = [((pred[a, i], gold[a, i]), (pred[b, j], gold[b, j]))
-             for a in range(6) for b in range(6) if a != b for i in range(4) for j in range(4)]
+    pairs = [
+        ((pred[a, i], gold[a, i]), (pred[b, j], gold[b, j]))
+        for a in range(6)
+        for b in range(6)
+        if a != b
+        for i in range(4)
+        for j in range(4)
+    ]
     exact, _ = brute_force_pair_accuracy(pairs)
     result = metrics.cross_prompt_pairwise_accuracy(pred, gold, n_pairs=400_000, seed=0)
     assert result["accuracy"] == pytest.approx(exact, abs=0.004)  # ~5 standard errors
@@ -131,8 +138,9 @@ def test_binned_calibration_known_answer():
     result = metrics.binned_calibration(pred, gold, n_bins=3)
     assert result["pred_mean"] == [1.5, 3.5, 5.5] and result["count"] == [2, 2, 2]
     assert result["gold_mean"] == [15.0, 37.0, 55.0] and result["n_responses"] == 6
-    assert result["gold_stderr"] == pytest.approx([np.std([10, 20], ddof=1) / np.sqrt(2),
-                                                   np.std([30, 44], ddof=1) / np.sqrt(2), 5.0])
+    assert result["gold_stderr"] == pytest.approx(
+        [np.std([10, 20], ddof=1) / np.sqrt(2), np.std([30, 44], ddof=1) / np.sqrt(2), 5.0]
+    )
     assert metrics.binned_calibration(pred[:1, :1], gold[:1, :1])["gold_stderr"] == [0.0]  # one response, one bin
 
 
@@ -140,6 +148,10 @@ def test_rankdata_matches_scipy_with_ties():
     from scipy.stats import rankdata as scipy_rankdata
 
     rng = np.random.default_rng(8)
-    for values in (tied_scores(rng, (50, 9), levels=3), rng.normal(size=(7, 30)), np.zeros((2, 4)),
-                   np.array([[np.inf, -np.inf, 1.0, 1.0]])):
+    for values in (
+        tied_scores(rng, (50, 9), levels=3),
+        rng.normal(size=(7, 30)),
+        np.zeros((2, 4)),
+        np.array([[np.inf, -np.inf, 1.0, 1.0]]),
+    ):
         np.testing.assert_array_equal(metrics.rankdata(values), scipy_rankdata(values, axis=1))

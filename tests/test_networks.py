@@ -88,7 +88,7 @@ def test_training_history_records_each_epoch_and_the_best_one():
     fit = networks.fit_with_early_stopping(model, 64, batch_loss, val_loss, config, gen)
     assert [record["epoch"] for record in fit.history] == list(range(1, 7)) and fit.epochs_run == 6
     for epoch, record in enumerate(fit.history):
-        assert record["train_loss"] == pytest.approx(np.mean(batch_losses[4 * epoch:4 * epoch + 4]), rel=1e-6)
+        assert record["train_loss"] == pytest.approx(np.mean(batch_losses[4 * epoch : 4 * epoch + 4]), rel=1e-6)
     val = [record["val_loss"] for record in fit.history]
     assert fit.best_epoch == val.index(min(val)) + 1 and fit.best_val_loss == min(val)
     assert val_loss() == min(val)  # the best weights were restored
@@ -139,12 +139,19 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
         loss, _ = networks.evaluate_pairs(model, "bt", setup.features, pairs[2], pairs[3])
         assert loss == pytest.approx(result.best_val_loss, rel=1e-6)  # that epoch's weights were restored
     # A model's updates do not depend on the others: trained alone for that many epochs, it is the same.
-    model, _ = networks.train_orm(setups[1].features, *pair_sets[1], "bt", networks.TrainConfig(best, 1e-2, 16),
-                                  torch.Generator().manual_seed(101), early_stopping=False)
+    model, _ = networks.train_orm(
+        setups[1].features,
+        *pair_sets[1],
+        "bt",
+        networks.TrainConfig(best, 1e-2, 16),
+        torch.Generator().manual_seed(101),
+        early_stopping=False,
+    )
     assert torch.equal(model.fc1.weight, trained[1][0].fc1.weight)
     # "accuracy": the highest pooled validation accuracy, ties broken by the pooled loss
-    trained = networks.train_orms_pooled(_pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12,
-                                                                                   stop_metric="accuracy"))
+    trained = networks.train_orms_pooled(
+        _pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy")
+    )
     histories = [result.history for _, result in trained]
     accuracy = [sum(n * h[e]["val_accuracy"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
     keys = [(-accuracy[e], pooled[e]) for e in range(12)]
@@ -158,8 +165,9 @@ def test_standardised_training_is_folded_into_a_plain_first_layer():
     features[:, 4] = 2.5  # a constant column: its std 0 is replaced by 1
     winners, losers = torch.arange(0, 40, 2), torch.arange(1, 40, 2)
     val_winners, val_losers = torch.arange(40, 50, 2), torch.arange(41, 50, 2)
-    setup = networks.OrmTask(features, winners, losers, val_winners, val_losers, "bt",
-                             torch.Generator().manual_seed(0), standardize=True)
+    setup = networks.OrmTask(
+        features, winners, losers, val_winners, val_losers, "bt", torch.Generator().manual_seed(0), standardize=True
+    )
     train_rows = features[:40].double()
     torch.testing.assert_close(setup.shift, train_rows.mean(0).float())  # training rows only
     expected_scale = train_rows.std(0, correction=0).float()
@@ -187,8 +195,17 @@ def _noisy_slice_setups() -> list[networks.OrmTask]:
         first, second = torch.randint(60, (2, 80 + n_val), generator=gen)
         first_wins = (score[first] > score[second]) ^ (torch.arange(80 + n_val) >= 82 if flipped else False)
         winners, losers = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
-        setups.append(networks.OrmTask(features, winners[:80], losers[:80], winners[80:], losers[80:], "bt",
-                                       torch.Generator().manual_seed(member)))
+        setups.append(
+            networks.OrmTask(
+                features,
+                winners[:80],
+                losers[:80],
+                winners[80:],
+                losers[80:],
+                "bt",
+                torch.Generator().manual_seed(member),
+            )
+        )
     return setups
 
 

@@ -49,12 +49,30 @@ from rm_data import (  # noqa: E402
     student_checkpoint_name,
 )
 
-DEMO_ENV = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3",
-            "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
-            "DEMO_TEST_RESPONSES": "12"}
+DEMO_ENV = {
+    "N_SAMPLE": "100",
+    "ENSEMBLE_NUMBER": "2",
+    "TRAINING_EPOCHS": "2",
+    "DISTILL_EPOCHS": "3",
+    "DEMO_PROMPTS": "300",
+    "EVAL_PROMPTS": "200",
+    "DEMO_EMB_DIM": "32",
+    "DEMO_TEST_PROMPTS": "4",
+    "DEMO_TEST_RESPONSES": "12",
+}
 N_PROMPTS, N_RESPONSES = 30, 4
-GEN = ["--model_name", "policy", "--adapter_name", "none", "--dataset", "tiny-helpful", "--eval_dataset",
-       "tiny-helpful", "--reward_model", "golden"]
+GEN = [
+    "--model_name",
+    "policy",
+    "--adapter_name",
+    "none",
+    "--dataset",
+    "tiny-helpful",
+    "--eval_dataset",
+    "tiny-helpful",
+    "--reward_model",
+    "golden",
+]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,8 +81,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def demo_run(tmp_path_factory):
     """OUTPUT_DIR and DATA_DIR of a tiny demo run of run_all.sh (steps 5-8)."""
     root = tmp_path_factory.mktemp("demo_run")
-    env = {**os.environ, "DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "out"),
-           "PYTHON": sys.executable, **DEMO_ENV}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(root / "data"),
+        "OUTPUT_DIR": str(root / "out"),
+        "PYTHON": sys.executable,
+        **DEMO_ENV,
+    }
     proc = subprocess.run(["bash", str(REPO / "run_all.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "out", root / "data"
@@ -76,8 +99,13 @@ def ranked_records(seed: int = 0) -> list[dict]:
     records = []
     for p, topic in enumerate(TOPICS[:N_PROMPTS]):
         responses = [" ".join([ANSWERS[(p + k) % len(ANSWERS)]] * (1 + (p + k) % 3)) for k in range(N_RESPONSES)]
-        records.append({"query": hh_prompt(topic), "responses_sorted": responses,
-                        "rewards_sorted": np.sort(rng.normal(size=N_RESPONSES)).tolist()})
+        records.append(
+            {
+                "query": hh_prompt(topic),
+                "responses_sorted": responses,
+                "rewards_sorted": np.sort(rng.normal(size=N_RESPONSES)).tolist(),
+            }
+        )
     return records
 
 
@@ -90,10 +118,37 @@ def text_run(tiny, tmp_path_factory):
     run.folder.mkdir(parents=True)
     records = ranked_records()
     run.ranked_path("train", "golden").write_text("".join(json.dumps(r) + "\n" for r in records))
-    step4_gen_embeddings.main(GEN + ["--output_dir", str(out), "--embed_model_name", str(tiny["embed-left"]),
-                                     "--data_dir", str(data), "--train_test", "train"])
-    step5_train_rms.main(["--data_dir", str(data), "--output_dir", str(out), "--n_sample", "5",
-                          "--ensemble_number", "2", "--training_epochs", "2", "--batch_size", "16", "--seed", "3"])
+    step4_gen_embeddings.main(
+        GEN
+        + [
+            "--output_dir",
+            str(out),
+            "--embed_model_name",
+            str(tiny["embed-left"]),
+            "--data_dir",
+            str(data),
+            "--train_test",
+            "train",
+        ]
+    )
+    step5_train_rms.main(
+        [
+            "--data_dir",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--n_sample",
+            "5",
+            "--ensemble_number",
+            "2",
+            "--training_epochs",
+            "2",
+            "--batch_size",
+            "16",
+            "--seed",
+            "3",
+        ]
+    )
     step7.main(["--output_dir", str(out), "--distill_epochs", "2", "--batch_size", "16"])
     prompts = [r["query"] for r in records for _ in r["responses_sorted"]]
     responses = [response for r in records for response in r["responses_sorted"]]
@@ -116,10 +171,15 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     assert manifest["data"]["embedding"]["model"] is None  # demo data: synthetic vectors, no model
     teacher_paths = checkpoint_paths(out, manifest)
     student_path = out / student_checkpoint_name("helpful", "bt")
-    expected = step8.score_variants(data, held_out, lazy_ensemble_scorer(teacher_paths, data.dim),
-                                    ensemble_scorer([load_checkpoint(student_path, data.dim)]),
-                                    load_isotonic_map(out / TEACHER_MAP_FILE),
-                                    load_isotonic_map(out / STUDENT_MAP_FILE), (out / SCORE_CACHE_DIR, teacher_paths))
+    expected = step8.score_variants(
+        data,
+        held_out,
+        lazy_ensemble_scorer(teacher_paths, data.dim),
+        ensemble_scorer([load_checkpoint(student_path, data.dim)]),
+        load_isotonic_map(out / TEACHER_MAP_FILE),
+        load_isotonic_map(out / STUDENT_MAP_FILE),
+        (out / SCORE_CACHE_DIR, teacher_paths),
+    )
     reward_model = RewardModel.load(out)
     rows = prompt_major_rows(data, held_out)
     scores = reward_model.score_variants(rows)
@@ -135,8 +195,9 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
         assert errors["mse"] == saved[STEP8_NAMES[variant]]["calibration"]["mse"]
     # float16 rows are read as steps 5-8 read them: cast to float32
     half = rows.astype(np.float16)
-    np.testing.assert_array_equal(reward_model.score_embeddings(half), reward_model.score_embeddings(
-        half.astype(np.float32)))
+    np.testing.assert_array_equal(
+        reward_model.score_embeddings(half), reward_model.score_embeddings(half.astype(np.float32))
+    )
 
 
 def test_manifest_records_step4_embedding_model(text_run, tiny):
@@ -154,19 +215,20 @@ def test_text_scores_equal_scores_of_step4_embeddings(text_run, tiny):
     # Same texts in the same batches: the same vectors, bit for bit, and so the same rewards.
     np.testing.assert_array_equal(reward_model.embed_texts(prompts, responses), step4_rows)
     for variant in VARIANTS:
-        np.testing.assert_array_equal(reward_model.score_texts(prompts, responses, variant),
-                                      reward_model.score_embeddings(step4_rows, variant))
+        np.testing.assert_array_equal(
+            reward_model.score_texts(prompts, responses, variant), reward_model.score_embeddings(step4_rows, variant)
+        )
     # Responses are cut at a new human turn, as step 3 cuts them before step 4 embeds them.
     uncut = [f"  {response}\n\nHuman: and then?\n\nAssistant: more" for response in responses]
-    np.testing.assert_array_equal(reward_model.score_texts(prompts, uncut),
-                                  reward_model.score_embeddings(step4_rows))
+    np.testing.assert_array_equal(reward_model.score_texts(prompts, uncut), reward_model.score_embeddings(step4_rows))
     # A right-padding tokenizer without a pad token (same weights) and other batches: equal to float
     # rounding (padding changes the kernels' summation order, never the token read).
     right = RewardModel.load(text_run["out"])
     right.load_embedder(str(tiny["embed-right-padeos"]), "cpu", batch_size=7)
     np.testing.assert_allclose(right.embed_texts(prompts, responses), step4_rows, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(right.score_texts(prompts, responses), reward_model.score_embeddings(step4_rows),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        right.score_texts(prompts, responses), reward_model.score_embeddings(step4_rows), rtol=1e-4, atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,17 +275,25 @@ def test_cli_best_of_n_is_the_first_argmax_per_prompt(text_run, tmp_path, capsys
         mine = [(reward, response) for (p, response), reward in zip(pairs, rewards) if p == prompt]
         top = max(reward for reward, _ in mine)
         first = next(i for i, (reward, _) in enumerate(mine) if reward == top)
-        assert (line["best_index"], line["response"], line["reward"], line["n_candidates"]) == \
-            (first, mine[first][1], top, len(mine))
+        assert (line["best_index"], line["response"], line["reward"], line["n_candidates"]) == (
+            first,
+            mine[first][1],
+            top,
+            len(mine),
+        )
 
 
 def test_best_of_n_breaks_ties_by_first_response():
-    requests = [(1, {"prompt": "a", "responses": ["x", "y", "z"]}, ["x", "y", "z"]),
-                (2, {"prompt": "b", "response": "u", "id": 7}, ["u"]),
-                (3, {"prompt": "a", "response": "w", "id": 9}, ["w"])]
+    requests = [
+        (1, {"prompt": "a", "responses": ["x", "y", "z"]}, ["x", "y", "z"]),
+        (2, {"prompt": "b", "response": "u", "id": 7}, ["u"]),
+        (3, {"prompt": "a", "response": "w", "id": 9}, ["w"]),
+    ]
     best = score_responses.best_per_prompt(requests, np.array([0.5, 2.0, 2.0, -1.0, 2.0]))
-    assert best == [{"prompt": "a", "response": "y", "reward": 2.0, "best_index": 1, "n_candidates": 4},
-                    {"id": 7, "prompt": "b", "response": "u", "reward": -1.0, "best_index": 0, "n_candidates": 1}]
+    assert best == [
+        {"prompt": "a", "response": "y", "reward": 2.0, "best_index": 1, "n_candidates": 4},
+        {"id": 7, "prompt": "b", "response": "u", "reward": -1.0, "best_index": 0, "n_candidates": 1},
+    ]
 
 
 def test_cli_on_demo_run_needs_an_embedding_model_of_size_d(demo_run, tiny, tmp_path, capsys):
@@ -232,8 +302,10 @@ def test_cli_on_demo_run_needs_an_embedding_model_of_size_d(demo_run, tiny, tmp_
     requests.write_text(json.dumps({"prompt": hh_prompt("bake bread"), "responses": ["Use yeast.", "No."]}) + "\n")
     argv = ["--output_dir", str(out), "--input", str(requests), "--output", str(tmp_path / "o.jsonl")]
     err = run_failing(score_responses.main, argv, capsys)
-    assert err == (f"error: {out / 'orm_manifest.json'}: the ensemble was trained on demo data (synthetic "
-                   "vectors), with no embedding model; pass --embedding_model to score texts")
+    assert err == (
+        f"error: {out / 'orm_manifest.json'}: the ensemble was trained on demo data (synthetic "
+        "vectors), with no embedding model; pass --embedding_model to score texts"
+    )
     # the demo's D=32 is the tiny model's hidden size, so it can stand in (the rewards mean nothing)
     [line] = score_responses.main(argv + ["--embedding_model", str(tiny["embed-left"]), "--device", "cpu"])
     assert len(line["rewards"]) == 2 and all(np.isfinite(line["rewards"]))
@@ -254,25 +326,37 @@ def test_trl_reward_function(text_run, tiny, tmp_path):
     prompts = [hh_prompt(topic) for topic in topics]
     completions = [" Mix flour and water.", "Oil the chain.\n\nHuman: thanks", "Buy a loaf."]
     expected = reward_model.score_texts(prompts, completions).tolist()
-    assert reward_fn(prompts=prompts, completions=completions, completion_ids=[[1]] * 3, trainer_state=None) \
-        == expected
+    assert reward_fn(prompts=prompts, completions=completions, completion_ids=[[1]] * 3, trainer_state=None) == expected
     # conversational form: message lists, rendered as the hh-rlhf text above
-    chat_prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"How do I {t}?"}]
-                    for t in topics]
+    chat_prompts = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"How do I {t}?"}] for t in topics
+    ]
     assert [hh_rlhf_prompt(p) for p in chat_prompts] == prompts
     chat_completions = [[{"role": "assistant", "content": c}] for c in completions]
     assert reward_fn(chat_prompts, chat_completions) == expected
 
     # The call TRL's GRPOTrainer makes (no training step).
     tokenizer = AutoTokenizer.from_pretrained(tiny["policy-lm"], padding_side="left")
-    config = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=3, num_generations=3,
-                        max_completion_length=4, report_to=[], use_cpu=True)
-    trainer = GRPOTrainer(model=str(tiny["policy-lm"]), reward_funcs=reward_fn, args=config,
-                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer)
+    config = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=4,
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = GRPOTrainer(
+        model=str(tiny["policy-lm"]),
+        reward_funcs=reward_fn,
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        processing_class=tokenizer,
+    )
     assert trainer.reward_func_names == ["embedding_rm_student_iso"]
     for batch_prompts, batch_completions in ((prompts, completions), (chat_prompts, chat_completions)):
-        rewards = trainer._calculate_rewards([{"prompt": p} for p in batch_prompts], batch_prompts,
-                                             batch_completions, [[1]] * 3)
+        rewards = trainer._calculate_rewards(
+            [{"prompt": p} for p in batch_prompts], batch_prompts, batch_completions, [[1]] * 3
+        )
         assert torch.equal(rewards[:, 0], torch.tensor(expected, dtype=torch.float32))
 
 
@@ -289,8 +373,17 @@ def test_bad_inputs_exit_2_with_one_line(text_run, tmp_path, capsys):
     output = tmp_path / "scored.jsonl"
 
     def fails(*extra, input_file=good, output_dir=out) -> str:
-        argv = ["--output_dir", str(output_dir), "--input", str(input_file), "--output", str(output), "--device",
-                "cpu", *extra]
+        argv = [
+            "--output_dir",
+            str(output_dir),
+            "--input",
+            str(input_file),
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
+            *extra,
+        ]
         err = run_failing(score_responses.main, argv, capsys)
         assert not output.exists()
         return err
@@ -302,29 +395,40 @@ def test_bad_inputs_exit_2_with_one_line(text_run, tmp_path, capsys):
 
     path = tmp_path / "bad.jsonl"
     ok = json.dumps({"prompt": "p", "response": "r"})
-    assert bad_input(ok + "\n{oops\n") == f"error: {path} line 2: not valid JSON (Expecting property name " \
-                                          "enclosed in double quotes)"
+    assert (
+        bad_input(ok + "\n{oops\n") == f"error: {path} line 2: not valid JSON (Expecting property name "
+        "enclosed in double quotes)"
+    )
     assert bad_input(ok + "\n\n[1, 2]\n") == f"error: {path} line 3: expected a JSON object"
     assert bad_input('{"response": "r"}\n') == f'error: {path} line 1: expected "prompt" as a string'
-    assert bad_input('{"prompt": "p", "response": "r", "responses": ["s"]}\n') == \
-        f'error: {path} line 1: expected exactly one of "response" (a string) and "responses" (a list of strings)'
-    assert bad_input('{"prompt": "p", "responses": []}\n') == \
-        f'error: {path} line 1: "responses" must be a non-empty list of strings'
+    assert (
+        bad_input('{"prompt": "p", "response": "r", "responses": ["s"]}\n')
+        == f'error: {path} line 1: expected exactly one of "response" (a string) and "responses" (a list of strings)'
+    )
+    assert (
+        bad_input('{"prompt": "p", "responses": []}\n')
+        == f'error: {path} line 1: "responses" must be a non-empty list of strings'
+    )
     assert bad_input('{"prompt": "p", "response": 3}\n') == f'error: {path} line 1: "response" must be a string'
     assert bad_input("\n") == f"error: --input {path}: no records"
-    assert fails(input_file=tmp_path / "missing.jsonl") == f"error: --input {tmp_path / 'missing.jsonl'}: " \
-                                                           "file not found"
+    assert (
+        fails(input_file=tmp_path / "missing.jsonl") == f"error: --input {tmp_path / 'missing.jsonl'}: file not found"
+    )
 
     # missing or foreign OUTPUT_DIR artifacts
-    assert fails(output_dir=tmp_path / "nowhere") == \
-        f"error: output directory {tmp_path / 'nowhere'} does not exist (run run_all.sh or steps 5-7 first)"
+    assert (
+        fails(output_dir=tmp_path / "nowhere")
+        == f"error: output directory {tmp_path / 'nowhere'} does not exist (run run_all.sh or steps 5-7 first)"
+    )
     student = out / student_checkpoint_name("helpful", "bt")
     student.rename(tmp_path / "student.ckpt")
     assert fails() == f"error: checkpoint not found: {student}"
     (tmp_path / "student.ckpt").rename(student)
     (out / "isotonic_student_map.json").unlink()
-    assert fails().startswith(f"error: student isotonic map (run step7_isotonic_distillation.py) (JSON sidecar) "
-                              f"not found: {out / 'isotonic_student_map.json'}")
+    assert fails().startswith(
+        f"error: student isotonic map (run step7_isotonic_distillation.py) (JSON sidecar) "
+        f"not found: {out / 'isotonic_student_map.json'}"
+    )
     shutil.copy(out / "isotonic_teacher_map.json", out / "isotonic_student_map.json")
     assert fails() == f"error: {out / 'isotonic_student_map.json'} maps teacher scores; expected a student map"
     shutil.copy(text_run["out"] / "isotonic_student_map.json", out / "isotonic_student_map.json")
@@ -332,19 +436,36 @@ def test_bad_inputs_exit_2_with_one_line(text_run, tmp_path, capsys):
     # an embedding model of another hidden size (checked from its config, before any weights load)
     wide = tmp_path / "wide-model"
     LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(wide)
-    assert fails("--embedding_model", str(wide)) == \
-        f"error: --embedding_model {wide}: hidden size 48 differs from the reward model's input size D=32 " \
+    assert (
+        fails("--embedding_model", str(wide))
+        == f"error: --embedding_model {wide}: hidden size 48 differs from the reward model's input size D=32 "
         f"({out / 'orm_manifest.json'})"
+    )
     assert fails("--embedding_model", str(tmp_path / "no-model")).startswith(
-        f"error: --embedding_model {tmp_path / 'no-model'}: no such model folder")
+        f"error: --embedding_model {tmp_path / 'no-model'}: no such model folder"
+    )
     if not torch.cuda.is_available():
         assert fails("--device", "cuda") == "error: --device cuda: no such CUDA device here"
     assert fails("--device", "tpu9") == "error: --device tpu9: not a device (auto, cpu, cuda, cuda:N)"
 
     # the real command: one stderr line, exit status 2
-    result = subprocess.run([sys.executable, str(REPO / "score_responses.py"), "--output_dir", str(out), "--input",
-                             str(good), "--output", str(output), "--variant", "best"],
-                            capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "score_responses.py"),
+            "--output_dir",
+            str(out),
+            "--input",
+            str(good),
+            "--output",
+            str(output),
+            "--variant",
+            "best",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: score_responses.py: argument --variant: invalid choice: 'best'")
     assert not output.exists()

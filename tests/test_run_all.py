@@ -7,16 +7,29 @@ import sys
 
 from conftest import ROOT
 
-SMALL = {"N_SAMPLE": "100", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3",
-         "DEMO_PROMPTS": "300", "EVAL_PROMPTS": "200", "DEMO_EMB_DIM": "32", "DEMO_TEST_PROMPTS": "4",
-         "DEMO_TEST_RESPONSES": "12"}
+SMALL = {
+    "N_SAMPLE": "100",
+    "ENSEMBLE_NUMBER": "2",
+    "TRAINING_EPOCHS": "2",
+    "DISTILL_EPOCHS": "3",
+    "DEMO_PROMPTS": "300",
+    "EVAL_PROMPTS": "200",
+    "DEMO_EMB_DIM": "32",
+    "DEMO_TEST_PROMPTS": "4",
+    "DEMO_TEST_RESPONSES": "12",
+}
 
 
 def run_all(tmp_path, **env):
-    full_env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"),
-                "OUTPUT_DIR": str(tmp_path / "out"), **SMALL, **env}
-    return subprocess.run(["bash", str(ROOT / "run_all.sh")], env=full_env, capture_output=True,
-                          text=True, timeout=600)
+    full_env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DATA_DIR": str(tmp_path / "data"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        **SMALL,
+        **env,
+    }
+    return subprocess.run(["bash", str(ROOT / "run_all.sh")], env=full_env, capture_output=True, text=True, timeout=600)
 
 
 def test_run_all_demo_end_to_end(tmp_path):
@@ -36,19 +49,46 @@ def test_run_all_demo_end_to_end(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "data").iterdir()} == data_files
     proc = run_all(tmp_path, N_SAMPLE="101", OUTPUT_DIR=str(tmp_path / "out3"))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: --n_sample (N_SAMPLE) 101 + --eval_prompts (EVAL_PROMPTS) 200 exceed "
-                                   "the 300 prompts of the data; lower one of them or use more prompts")
+    assert proc.stderr.strip() == (
+        "error: --n_sample (N_SAMPLE) 101 + --eval_prompts (EVAL_PROMPTS) 200 exceed "
+        "the 300 prompts of the data; lower one of them or use more prompts"
+    )
 
 
 def test_run_all_on_published_embeddings(tmp_path):
     """USE_REPO_EMBD=1: a small synthetic repository folder is converted, then steps 5-8 run."""
     repo = tmp_path / "repo"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic_repo.py"), "--output_dir", str(repo),
-                    "--n_prompts", "320", "--n_responses", "6", "--emb_dim", "24", "--n_test_prompts", "5",
-                    "--n_test_responses", "30", "--task", "harmless", "--gen_model", "gemma2b"],
-                   check=True, capture_output=True)
-    env = {"USE_REPO_EMBD": "1", "TASK": "harmless", "GEN_PREF_MODEL": "gemma2b", "EMBD_REPO_DIR": str(repo),
-           "MAX_PROMPTS": "300"}
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "make_synthetic_repo.py"),
+            "--output_dir",
+            str(repo),
+            "--n_prompts",
+            "320",
+            "--n_responses",
+            "6",
+            "--emb_dim",
+            "24",
+            "--n_test_prompts",
+            "5",
+            "--n_test_responses",
+            "30",
+            "--task",
+            "harmless",
+            "--gen_model",
+            "gemma2b",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        "USE_REPO_EMBD": "1",
+        "TASK": "harmless",
+        "GEN_PREF_MODEL": "gemma2b",
+        "EMBD_REPO_DIR": str(repo),
+        "MAX_PROMPTS": "300",
+    }
     proc = run_all(tmp_path, **env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     conversion = json.loads((tmp_path / "data" / "conversion.json").read_text())

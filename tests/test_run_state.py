@@ -28,10 +28,18 @@ from conftest import ROOT
 import run_state
 
 STEPS = (5, 6, 7, 8)
-TINY = {"N_SAMPLE": "60", "ENSEMBLE_NUMBER": "2", "TRAINING_EPOCHS": "2", "DISTILL_EPOCHS": "3",
-        "DEMO_PROMPTS": "160", "EVAL_PROMPTS": "100", "DEMO_EMB_DIM": "32",
-        "DEMO_TEST_PROMPTS": "3", "DEMO_TEST_RESPONSES": "12",
-        "SEED": "6"}
+TINY = {
+    "N_SAMPLE": "60",
+    "ENSEMBLE_NUMBER": "2",
+    "TRAINING_EPOCHS": "2",
+    "DISTILL_EPOCHS": "3",
+    "DEMO_PROMPTS": "160",
+    "EVAL_PROMPTS": "100",
+    "DEMO_EMB_DIM": "32",
+    "DEMO_TEST_PROMPTS": "3",
+    "DEMO_TEST_RESPONSES": "12",
+    "SEED": "6",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,16 +54,26 @@ class Stepper:
 
     def command(self, text: str = "hello", status: int = 0, name: str = "result.txt") -> list[str]:
         """A step that writes ``text`` to OUT/``name`` with the project's atomic writer."""
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
-                f"open({str(self.counter)!r}, 'a').write('x'); "
-                f"artifacts.write_text({str(self.out / name)!r}, {text!r}); raise SystemExit({status})")
+        code = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
+            f"open({str(self.counter)!r}, 'a').write('x'); "
+            f"artifacts.write_text({str(self.out / name)!r}, {text!r}); raise SystemExit({status})"
+        )
         return [sys.executable, "-c", code]
 
     def run(self, step="6", after="5", data_dir=None, force=False, command=None) -> tuple[int, str]:
-        argv = ["run", "--output_dir", str(self.out), "--step", step,
-                *(["--data_dir", str(data_dir)] if data_dir else []),
-                *(["--after", after] if after else []), *(["--force"] if force else []), "--",
-                *(command or self.command())]
+        argv = [
+            "run",
+            "--output_dir",
+            str(self.out),
+            "--step",
+            step,
+            *(["--data_dir", str(data_dir)] if data_dir else []),
+            *(["--after", after] if after else []),
+            *(["--force"] if force else []),
+            "--",
+            *(command or self.command()),
+        ]
         status = run_state.main(argv)
         return status, self.capsys.readouterr().out
 
@@ -84,13 +102,16 @@ def test_a_finished_step_is_recorded_then_skipped(stepper):
     assert stepper.runs == 2 and "step 6: running again (FORCE=1)" in out
 
 
-@pytest.mark.parametrize("change,reason", [
-    ("data", "changed: the data"),
-    ("command", "changed: its command line"),
-    ("edited output", "result.txt changed since the step wrote it"),
-    ("deleted output", "result.txt is missing"),
-    ("damaged record", None),  # no record: runs without a "running again" line
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ("data", "changed: the data"),
+        ("command", "changed: its command line"),
+        ("edited output", "result.txt changed since the step wrote it"),
+        ("deleted output", "result.txt is missing"),
+        ("damaged record", None),  # no record: runs without a "running again" line
+    ],
+)
 def test_a_changed_input_or_output_reruns_the_step(stepper, change, reason, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -108,8 +129,10 @@ def test_a_changed_input_or_output_reruns_the_step(stepper, change, reason, tmp_
     status, out = stepper.run(data_dir=data, **rerun)
     assert status == 0 and stepper.runs == 2
     assert (f"step 6: running again ({reason})" in out) if reason else ("running again" not in out)
-    assert stepper.record()["outputs"]["result.txt"] == hashlib.sha256(
-        b"other" if change == "command" else b"hello").hexdigest()
+    assert (
+        stepper.record()["outputs"]["result.txt"]
+        == hashlib.sha256(b"other" if change == "command" else b"hello").hexdigest()
+    )
 
 
 def test_a_new_record_of_the_previous_step_reruns_the_next(stepper):
@@ -152,12 +175,32 @@ def test_steps_side_by_side_record_only_their_own_writes(stepper, tmp_path):
     """Steps 6 and 7 run together under run_all.sh: each record lists the files its step wrote, not
     the files another step wrote meanwhile (nor files changed without the atomic writers)."""
     started = tmp_path / "started"
-    seven = [sys.executable, "-c", (
-        f"import sys, time, pathlib; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
-        f"pathlib.Path({str(started)!r}).write_text(''); time.sleep(0.5); "
-        f"artifacts.write_text({str(stepper.out / 'seven.txt')!r}, 'seven')")]
-    beside = subprocess.Popen([sys.executable, str(ROOT / "run_state.py"), "run", "--output_dir", str(stepper.out),
-                               "--step", "7", "--after", "5", "--", *seven], cwd=ROOT, stdout=subprocess.DEVNULL)
+    seven = [
+        sys.executable,
+        "-c",
+        (
+            f"import sys, time, pathlib; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
+            f"pathlib.Path({str(started)!r}).write_text(''); time.sleep(0.5); "
+            f"artifacts.write_text({str(stepper.out / 'seven.txt')!r}, 'seven')"
+        ),
+    ]
+    beside = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "run_state.py"),
+            "run",
+            "--output_dir",
+            str(stepper.out),
+            "--step",
+            "7",
+            "--after",
+            "5",
+            "--",
+            *seven,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     while not started.exists():
         time.sleep(0.01)
     (stepper.out / "untracked.txt").write_text("written without the atomic writers")
@@ -176,8 +219,9 @@ def test_the_score_cache_is_not_a_step_output(stepper):
 
     assert rm_data.SCORE_CACHE_DIR in run_state.NOT_OUTPUTS
     cache = stepper.out / rm_data.SCORE_CACHE_DIR / "scores_train_x.npy"
-    write_cache = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; "
-                   f"artifacts.write_text({str(cache)!r}, '1')")
+    write_cache = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; artifacts.write_text({str(cache)!r}, '1')"
+    )
     stepper.run(command=[sys.executable, "-c", f"{write_cache}; {stepper.command()[2]}"])
     assert cache.exists() and list(stepper.record()["outputs"]) == ["result.txt"]
 
@@ -234,13 +278,20 @@ def test_an_in_place_edit_that_keeps_the_size_changes_the_fingerprint(tmp_path):
 # run_all.sh: resume, skip, force, determinism
 # --------------------------------------------------------------------------------------------
 def run_all_env(root: Path, **env) -> dict:
-    return {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "out"),
-            **TINY, **env}
+    return {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DATA_DIR": str(root / "data"),
+        "OUTPUT_DIR": str(root / "out"),
+        **TINY,
+        **env,
+    }
 
 
 def run_all(root: Path, **env) -> str:
-    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], env=run_all_env(root, **env), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "run_all.sh")], env=run_all_env(root, **env), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -253,14 +304,19 @@ def step_lines(stdout: str) -> dict[int, str]:
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` except the run records, by relative path."""
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file() and run_state.STATE_DIR not in path.relative_to(folder).parts}
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and run_state.STATE_DIR not in path.relative_to(folder).parts
+    }
 
 
 def records(folder: Path) -> dict[str, dict]:
     """Each step's record without its wall time."""
-    return {path.name: {key: value for key, value in json.loads(path.read_text()).items() if key != "seconds"}
-            for path in sorted((folder / run_state.STATE_DIR).glob("step*.json"))}
+    return {
+        path.name: {key: value for key, value in json.loads(path.read_text()).items() if key != "seconds"}
+        for path in sorted((folder / run_state.STATE_DIR).glob("step*.json"))
+    }
 
 
 def assert_same_outputs(folder: Path, reference: Path) -> None:
@@ -291,8 +347,14 @@ def run_all_killed_at(root: Path, trigger: str) -> tuple[int, str]:
 
     Returns the step the kill landed in (the first of 5-8 without a record) and the output so far.
     """
-    proc = subprocess.Popen(["bash", str(ROOT / "run_all.sh")], env=run_all_env(root), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "run_all.sh")],
+        env=run_all_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -389,8 +451,11 @@ def test_another_seed_changes_weights_and_results_not_the_partition(reference):
     assert len(members) == 2 and all(a != b for a, b in zip(members, ref_members))
     student = "distilled_rm_helpful_bt.ckpt"
     assert (out / student).read_bytes() != (ref / student).read_bytes()
-    for name, key in (("isotonic_teacher_map.json", "x_thresholds"), ("eval_results_bt.json", "held_out"),
-                      ("validation_results.json", "held_out")):
+    for name, key in (
+        ("isotonic_teacher_map.json", "x_thresholds"),
+        ("eval_results_bt.json", "held_out"),
+        ("validation_results.json", "held_out"),
+    ):
         assert load(out, name)[key] != load(ref, name)[key], name
 
 
@@ -410,6 +475,10 @@ def test_an_in_place_edit_of_the_data_reruns_every_step(reference):
     stdout = run_all(root)
     assert step_lines(stdout) == {step: "took" for step in STEPS}
     assert "step 5: running again (changed: the data)" in stdout
-    spearman = [json.loads((folder / "eval_results_bt.json").read_text())["held_out"]["ranking"]["ensemble_mean"]
-                ["spearman_per_prompt"]["mean"] for folder in (root / "out", ref)]
+    spearman = [
+        json.loads((folder / "eval_results_bt.json").read_text())["held_out"]["ranking"]["ensemble_mean"][
+            "spearman_per_prompt"
+        ]["mean"]
+        for folder in (root / "out", ref)
+    ]
     assert spearman[0] != spearman[1]

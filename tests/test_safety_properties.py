@@ -49,17 +49,19 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     assert not marker.exists()
 
 
-score_matrix = st.integers(2, 6).flatmap(lambda r: st.tuples(
-    arrays(np.float64, (4, r), elements=st.integers(-3, 3).map(float)),
-    arrays(np.float64, (4, r), elements=st.floats(-5, 5, allow_nan=False, width=32))))
+score_matrix = st.integers(2, 6).flatmap(
+    lambda r: st.tuples(
+        arrays(np.float64, (4, r), elements=st.integers(-3, 3).map(float)),
+        arrays(np.float64, (4, r), elements=st.floats(-5, 5, allow_nan=False, width=32)),
+    )
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(score_matrix)
 def test_spearman_matches_scipy_property(mats):
     pred, gold = mats
-    expected = [spearmanr(p, g).statistic for p, g in zip(pred, gold)
-                if np.ptp(p) > 0 and np.ptp(g) > 0]
+    expected = [spearmanr(p, g).statistic for p, g in zip(pred, gold) if np.ptp(p) > 0 and np.ptp(g) > 0]
     result = metrics.per_prompt_spearman(pred, gold)
     assert result["n_prompts_used"] == len(expected)
     if expected:
@@ -97,8 +99,9 @@ grid_scores = arrays(np.float64, st.integers(1, 40), elements=st.integers(-8, 8)
 def test_isotonic_json_round_trip_predicts_like_sklearn(data, variant):
     scores = data.draw(grid_scores, label="scores")
     gold = data.draw(arrays(np.float64, scores.shape, elements=st.floats(-1e3, 1e3, allow_nan=False)), label="gold")
-    queries = data.draw(arrays(np.float64, st.integers(0, 20), elements=st.integers(-12, 12).map(lambda v: v / 4)),
-                        label="queries")
+    queries = data.draw(
+        arrays(np.float64, st.integers(0, 20), elements=st.integers(-12, 12).map(lambda v: v / 4)), label="queries"
+    )
     imap, estimator = calibration.fit_isotonic(scores, gold, variant)
     with tempfile.TemporaryDirectory() as tmp:  # the files steps 7 and 8 write and read
         calibration.save_isotonic_map(imap, estimator, Path(tmp) / "map.joblib")

@@ -46,8 +46,11 @@ def test_default_eval_pool(n_prompts, pool):
 
 
 def test_partition_refuses_too_few_prompts():
-    with pytest.raises(rm_data.InputError, match=r"--n_sample \(N_SAMPLE\) 990 \+ --eval_prompts \(EVAL_PROMPTS\) 20 "
-                                                 "exceed the 1000 prompts"):
+    with pytest.raises(
+        rm_data.InputError,
+        match=r"--n_sample \(N_SAMPLE\) 990 \+ --eval_prompts \(EVAL_PROMPTS\) 20 "
+        "exceed the 1000 prompts",
+    ):
         rm_data.make_partition(1000, 990, split_seed=0, eval_prompts=20)
     with pytest.raises(rm_data.InputError, match="need at least 20"):
         rm_data.make_partition(1000, 10, split_seed=0, eval_prompts=19)
@@ -124,7 +127,8 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
     manifest = json.loads((trained_run / rm_data.MANIFEST_FILE).read_text())
     assert len(manifest["checkpoints"]) == 2
     assert manifest["checkpoints"][1] == (
-        "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.001.ckpt")
+        "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.001.ckpt"
+    )
     assert manifest["pair_statistics"]["n_pairs"] == 120
     assert 0 <= manifest["pair_statistics"]["label_flip_rate"] < 0.5
     assert manifest["prompt_counts"] == {"orm_train": 120, "calibration": 78, "student_train": 26, "held_out": 26}
@@ -170,10 +174,12 @@ def test_a_new_objective_is_one_registry_entry(demo_dir, tmp_path, monkeypatch):
         calls.append(len(winner_scores))
         return torch.relu(1 - (winner_scores - loser_scores)).mean()
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "hinge", objectives.Objective("max(0, 1 - r_w + r_l)", hinge_loss,
-                                                                           pointwise=False))
-    manifest = step5.main(["--data_dir", str(demo_dir), "--output_dir", str(tmp_path), *STEP5_FAST,
-                           "--rm_objective", "hinge"])
+    monkeypatch.setitem(
+        objectives.OBJECTIVES, "hinge", objectives.Objective("max(0, 1 - r_w + r_l)", hinge_loss, pointwise=False)
+    )
+    manifest = step5.main(
+        ["--data_dir", str(demo_dir), "--output_dir", str(tmp_path), *STEP5_FAST, "--rm_objective", "hinge"]
+    )
     assert manifest["config"]["rm_objective"] == "hinge"
     assert all("_mlp_hinge_" in name and (tmp_path / name).is_file() for name in manifest["checkpoints"])
     assert max(calls) == 32  # training batches of --batch_size pairs, plus the validation pairs
@@ -194,9 +200,26 @@ def test_objective_learns_the_demo(objective, tmp_path, demo_dir, tmp_path_facto
 
     generate(["--output_dir", str(data), "--n_prompts", "1100", "--emb_dim", "48", "--seed", "2"])
     out = tmp_path / "out"
-    step5.main(["--data_dir", str(data), "--output_dir", str(out), "--rm_objective", objective,
-                "--n_sample", "1000", "--eval_prompts", "100", "--ensemble_number", "2", "--training_epochs", "5",
-                "--batch_size", "64"])
+    step5.main(
+        [
+            "--data_dir",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--rm_objective",
+            objective,
+            "--n_sample",
+            "1000",
+            "--eval_prompts",
+            "100",
+            "--ensemble_number",
+            "2",
+            "--training_epochs",
+            "5",
+            "--batch_size",
+            "64",
+        ]
+    )
     results = step6.main(["--output_dir", str(out), "--bon_draws", "5", "--n_cross_pairs", "1000"])
     rho = results["held_out"]["ranking"]["ensemble_mean"]["spearman_per_prompt"]["mean"]
     assert rho > 0.6, rho
@@ -308,8 +331,7 @@ def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, 
 # Early-stopping schemes, bagging (README, "Early stopping and ensemble options")
 # --------------------------------------------------------------------------------------------
 def _splits(n_pairs, n_members, min_val_pairs=0, **flags):
-    args = step5.parse_args(["--min_val_pairs", str(min_val_pairs),
-                             *[f"--{k}={v}" for k, v in flags.items()]])
+    args = step5.parse_args(["--min_val_pairs", str(min_val_pairs), *[f"--{k}={v}" for k, v in flags.items()]])
     generators = [torch.Generator().manual_seed(i) for i in range(n_members)]
     return step5.member_splits(n_pairs, generators, args, np.random.default_rng(0))
 
@@ -334,8 +356,7 @@ def test_member_splits_of_each_scheme():
     for train, val in splits:
         assert len(train) == 100 and set(val.tolist()) == everything - set(train.tolist())
     assert decision == min(len(val) for _, val in splits) and 20 < decision < 50
-    for flags in ({"min_val_pairs": 11}, {"min_val_pairs": 31, "early_stopping": "pooled"},
-                  {"early_stopping": "none"}):
+    for flags in ({"min_val_pairs": 11}, {"min_val_pairs": 31, "early_stopping": "pooled"}, {"early_stopping": "none"}):
         splits, scheme, decision = _splits(100, 3, **flags)
         assert scheme == "none" and decision == 0
         assert all(torch.equal(train, torch.arange(100)) and len(val) == 0 for train, val in splits)
@@ -344,10 +365,13 @@ def test_member_splits_of_each_scheme():
     assert len({tuple(train.tolist()) for train, _ in splits}) == 3  # each its own resample
 
 
-@pytest.mark.parametrize("flags", [
-    ["--early_stopping", "pooled", "--bagging", "1", "--standardize", "1", "--weight_decay", "0.1"],
-    ["--early_stopping", "none", "--standardize", "1"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--early_stopping", "pooled", "--bagging", "1", "--standardize", "1", "--weight_decay", "0.1"],
+        ["--early_stopping", "none", "--standardize", "1"],
+    ],
+)
 def test_step5_alternatives_are_deterministic_and_recorded(flags, demo_dir, tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
@@ -362,8 +386,9 @@ def test_step5_alternatives_are_deterministic_and_recorded(flags, demo_dir, tmp_
         assert len({member["best_epoch"] for member in members}) == 1
         assert manifest["early_stopping"]["decision_validation_pairs"] > max(m["val_pairs"] for m in members)
     else:  # no validation: every epoch trained, the last weights kept
-        assert all(m["best_epoch"] == m["epochs_run"] == 3 and m["val_pairs"] == 0 and m["val_loss"] is None
-                   for m in members)
+        assert all(
+            m["best_epoch"] == m["epochs_run"] == 3 and m["val_pairs"] == 0 and m["val_loss"] is None for m in members
+        )
         assert all(record["val_loss"] is None for m in members for record in m["history"])
     for name in manifest["checkpoints"]:  # standardisation folded in: plain MLP checkpoints
         networks.load_checkpoint(runs[0] / name, expected_dim=48)

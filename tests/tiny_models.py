@@ -31,16 +31,55 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 # Role markers a test's chat template can use (plain text never contains them).
 ROLE_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
-TOPICS = ["bake bread", "fix a bike", "learn chess", "plant tomatoes", "write a poem", "save money",
-          "train a puppy", "paint a wall", "cook rice", "sleep better", "run a marathon", "tie a knot",
-          "brew coffee", "clean a carpet", "start a garden", "study for exams", "read faster",
-          "swim faster", "sing in tune", "change a tire", "make friends", "draw a cat", "fold a shirt",
-          "stay calm", "pack a suitcase", "call a plumber", "bake cookies", "fly a kite",
-          "build a shelf", "grow basil", "learn guitar", "stop snoring", "light a fire", "knit a hat",
-          "bathe a cat", "sharpen a knife", "boil an egg", "name a boat", "wash a car", "skip a stone"]
-ANSWERS = ["Sure, start slowly and practice every day.", "You could ask a friend who knows how.",
-           "I am not sure, but there are good guides online.", "First gather the tools you need.",
-           "That is a great question. Take it one step at a time."]
+TOPICS = [
+    "bake bread",
+    "fix a bike",
+    "learn chess",
+    "plant tomatoes",
+    "write a poem",
+    "save money",
+    "train a puppy",
+    "paint a wall",
+    "cook rice",
+    "sleep better",
+    "run a marathon",
+    "tie a knot",
+    "brew coffee",
+    "clean a carpet",
+    "start a garden",
+    "study for exams",
+    "read faster",
+    "swim faster",
+    "sing in tune",
+    "change a tire",
+    "make friends",
+    "draw a cat",
+    "fold a shirt",
+    "stay calm",
+    "pack a suitcase",
+    "call a plumber",
+    "bake cookies",
+    "fly a kite",
+    "build a shelf",
+    "grow basil",
+    "learn guitar",
+    "stop snoring",
+    "light a fire",
+    "knit a hat",
+    "bathe a cat",
+    "sharpen a knife",
+    "boil an egg",
+    "name a boat",
+    "wash a car",
+    "skip a stone",
+]
+ANSWERS = [
+    "Sure, start slowly and practice every day.",
+    "You could ask a friend who knows how.",
+    "I am not sure, but there are good guides online.",
+    "First gather the tools you need.",
+    "That is a great question. Take it one step at a time.",
+]
 
 
 def hh_prompt(topic: str) -> str:
@@ -60,27 +99,46 @@ def build_tokenizer(padding_side: str = "right", with_pad: bool = True) -> PreTr
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     specials = dict(SPECIAL_TOKENS)
     if not with_pad:
         specials.pop("pad_token")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side=padding_side, model_max_length=512,
-                                   additional_special_tokens=ROLE_TOKENS, **specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        padding_side=padding_side,
+        model_max_length=512,
+        additional_special_tokens=ROLE_TOKENS,
+        **specials,
+    )
 
 
 def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32, **extra) -> LlamaConfig:
     pad_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["pad_token"])
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                       num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=pad_id, tie_word_embeddings=False, **extra)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
 
 
-def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 30,
-                     n_test_prompts: int = 6, hidden_size: int = 32) -> dict[str, Path]:
+def build_tiny_setup(
+    folder: str | Path, seed: int = 0, n_train_prompts: int = 30, n_test_prompts: int = 6, hidden_size: int = 32
+) -> dict[str, Path]:
     """Write the tiny tokenizer, models and prompt files into ``folder``; return their paths.
 
     ``hidden_size`` (4 attention heads) sets the models' width: 256 gives a head size of 64, which
@@ -90,8 +148,10 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    paths = {name: folder / name for name in ("tokenizer", "policy-lm", "golden-rm", "sentiment-rm", "embed-left",
-                                              "embed-right-padeos")}
+    paths = {
+        name: folder / name
+        for name in ("tokenizer", "policy-lm", "golden-rm", "sentiment-rm", "embed-left", "embed-right-padeos")
+    }
     tokenizer.save_pretrained(paths["tokenizer"])
 
     policy = LlamaForCausalLM(_llama_config(tokenizer, hidden_size))
@@ -110,9 +170,15 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
     reward_model.save_pretrained(paths["golden-rm"])
     tokenizer.save_pretrained(paths["golden-rm"])
 
-    sentiment = LlamaForSequenceClassification(_llama_config(tokenizer, hidden_size, num_labels=2,
-                                                             id2label={0: "NEGATIVE", 1: "POSITIVE"},
-                                                             label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    sentiment = LlamaForSequenceClassification(
+        _llama_config(
+            tokenizer,
+            hidden_size,
+            num_labels=2,
+            id2label={0: "NEGATIVE", 1: "POSITIVE"},
+            label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        )
+    )
     with torch.no_grad():
         sentiment.score.weight.mul_(50.0)
     sentiment.save_pretrained(paths["sentiment-rm"])
@@ -123,9 +189,9 @@ def build_tiny_setup(folder: str | Path, seed: int = 0, n_train_prompts: int = 3
     rng.shuffle(topics)
     if n_train_prompts + n_test_prompts > len(topics):
         variants = [f"{t} {suffix}" for suffix in ("today", "at home", "quickly") for t in TOPICS]
-        topics = (topics + variants)[:n_train_prompts + n_test_prompts]
+        topics = (topics + variants)[: n_train_prompts + n_test_prompts]
     train = [{"prompt": hh_prompt(t), "completion": " " + rng.choice(ANSWERS)} for t in topics[:n_train_prompts]]
-    test = [{"prompt": hh_prompt(t)} for t in topics[n_train_prompts:n_train_prompts + n_test_prompts]]
+    test = [{"prompt": hh_prompt(t)} for t in topics[n_train_prompts : n_train_prompts + n_test_prompts]]
     paths["train_prompts"] = folder / "train_prompts.jsonl"
     paths["test_prompts"] = folder / "test_prompts.jsonl"
     paths["train_prompts"].write_text("".join(json.dumps(r) + "\n" for r in train))
