@@ -147,7 +147,6 @@ class OrmTask:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
         loss = OBJECTIVES[objective].loss
-        self.objective, self.val_winners, self.val_losers = objective, val_winners, val_losers
         self.features, self.shift, self.scale = features, None, None
         inputs = _rows_of(features)
         if standardize:
@@ -196,12 +195,8 @@ class OrmTask:
             with torch.no_grad():  # W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)
                 model.fc1.weight.div_(self.scale)
                 model.fc1.bias.sub_(model.fc1.weight @ self.shift)
-        val_accuracy = None
-        if len(self.val_winners):
-            val_accuracy = evaluate_pairs(
-                model, self.objective, _rows_of(self.features), self.val_winners, self.val_losers
-            )[1]
-        return model.eval(), dataclasses.replace(fit, val_pair_accuracy=val_accuracy)
+        kept = fit.history[fit.best_epoch - 1]  # the kept weights' validation pass, recorded while training
+        return model.eval(), dataclasses.replace(fit, val_pair_accuracy=kept.get("val_accuracy"))
 
 
 def train_orm(
