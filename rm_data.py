@@ -490,7 +490,7 @@ def _numeric_history(history: object) -> bool:
     or null), as step 6 draws them."""
 
     def number(value: object, nullable: bool) -> bool:
-        return (value is None and nullable) or (isinstance(value, int | float) and not isinstance(value, bool))
+        return (value is None and nullable) or finite_number(value)
 
     return isinstance(history, list) and all(
         isinstance(r, dict)
