@@ -13,12 +13,27 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from cli import positive_int
 from random_streams import seed_sequence
 
 BEST_OF_N = (2, 5, 10, 30, 50, 100, 300, 500)
 # Elements per vectorised block (prompts x responses x responses booleans, or draws x prompts x
 # responses float64: ~32 MB).
 _BLOCK_ELEMENTS = 1 << 22
+
+
+def add_evaluation_draw_flags(parser) -> None:
+    """The flags of the seeded evaluation draws (best-of-N subsets, cross-prompt pairs), shared by
+    steps 6 and 8 so both evaluate with the same defaults."""
+    parser.add_argument(
+        "--bon_draws", type=positive_int, default=50, help="random subsets per prompt and N for best-of-N"
+    )
+    parser.add_argument(
+        "--n_cross_pairs",
+        type=positive_int,
+        default=100_000,
+        help="random cross-prompt pairs for cross-prompt accuracy",
+    )
 
 
 def rankdata(values: np.ndarray) -> np.ndarray:

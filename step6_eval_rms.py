@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from artifacts import atomic_paths, json_text
-from cli import ArgumentParser, finite_float, positive_int, random_seed, run_cli, setup_logging
-from metrics import best_of_n, fmt, ranking_report
+from cli import ArgumentParser, finite_float, random_seed, run_cli, setup_logging
+from metrics import add_evaluation_draw_flags, best_of_n, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
 from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, open_run
 
@@ -45,15 +45,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Evaluate ORM ranking quality on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
     parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
-    parser.add_argument(
-        "--bon_draws", type=positive_int, default=50, help="random subsets per prompt and N for best-of-N"
-    )
-    parser.add_argument(
-        "--n_cross_pairs",
-        type=positive_int,
-        default=100_000,
-        help="random cross-prompt pairs for cross-prompt accuracy",
-    )
+    add_evaluation_draw_flags(parser)
     parser.add_argument(
         "--eval_seed", type=random_seed, default=None, help="seed of evaluation draws (default: run seed)"
     )

@@ -30,7 +30,14 @@ from calibration import (
     sidecar_path,
 )
 from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
-from metrics import best_of_n, binned_calibration, calibration_errors, fmt, prediction_report
+from metrics import (
+    add_evaluation_draw_flags,
+    best_of_n,
+    binned_calibration,
+    calibration_errors,
+    fmt,
+    prediction_report,
+)
 from plots import plot_best_of_n, plot_calibration
 from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, open_run, student_checkpoint_name
 
@@ -68,15 +75,7 @@ def parse_args(argv=None):
     )
     for flag in SEED_FLAGS:
         parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
-    parser.add_argument(
-        "--bon_draws", type=positive_int, default=50, help="random subsets per prompt and N for best-of-N"
-    )
-    parser.add_argument(
-        "--n_cross_pairs",
-        type=positive_int,
-        default=100_000,
-        help="random cross-prompt pairs for cross-prompt accuracy",
-    )
+    add_evaluation_draw_flags(parser)
     parser.add_argument(
         "--calibration_bins", type=positive_int, default=15, help="equal-count bins of the calibration plot"
     )
