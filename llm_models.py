@@ -35,7 +35,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,14 @@ def resolve_model(name: str, flag: str) -> str:
     first_part = Path(name.split("/")[0]).expanduser()
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or first_part.is_dir():
         raise InputError(f"{flag} {name}: no such model folder ({path.resolve()})")
-    if name.count("/") != 1 or not _valid_hub_id(name):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)  # a bare name (no owner) passes it
+        hub_id = name.count("/") == 1
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
         raise InputError(
             f"{flag} {name}: no such model folder, and not a short name ({', '.join(MODEL_IDS)}) or hub id owner/name"
         )
@@ -97,16 +104,6 @@ def resolve_model(name: str, flag: str) -> str:
                 "local cache (HF_HUB_OFFLINE=1)"
             )
     return name
-
-
-def _valid_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def model_tag(name: str) -> str:
@@ -333,11 +330,6 @@ def add_generation_args(parser, model_aliases: Sequence[str] = ()) -> None:
     parser.add_argument("--output_dir", default="distill_out", help="work folder of steps 1-3.5")
 
 
-RM_INPUT_FORMATS = ("raw", "chat_template")
-# The authors' step 3 scored the raw hh-rlhf text (README, "Steps 1-4"), so that is the default.
-DEFAULT_RM_INPUT_FORMAT = "raw"
-
-
 def add_reward_model_args(parser) -> None:
     """``--reward_model`` and ``--rm_input_format``, taken alike by steps 3, 3.5 and 4."""
     parser.add_argument(
@@ -348,8 +340,8 @@ def add_reward_model_args(parser) -> None:
     )
     parser.add_argument(
         "--rm_input_format",
-        choices=RM_INPUT_FORMATS,
-        default=DEFAULT_RM_INPUT_FORMAT,
+        choices=("raw", "chat_template"),
+        default="raw",  # what the authors' step 3 scored (README, "Steps 1-4")
         help='how the golden RM sees a response: raw hh-rlhf text "...Assistant: response" '
         "(the authors' choice) or the RM tokenizer's chat template over user/assistant "
         "turns; recorded by step 3 and checked by steps 3.5 and 4",
@@ -377,7 +369,7 @@ def prompt_seed(seed: int, prompt_id: int) -> int:
 class GenerationRun:
     """The files of one generation run (see the module docstring for the flow)."""
 
-    output_dir: Path
+    output_dir: str | Path
     model_name: str
     adapter_name: str
     dataset: str
@@ -387,15 +379,7 @@ class GenerationRun:
 
     @classmethod
     def from_args(cls, args) -> GenerationRun:
-        return cls(
-            Path(args.output_dir),
-            args.model_name,
-            args.adapter_name,
-            args.dataset,
-            args.eval_dataset,
-            args.max_len,
-            args.temperature,
-        )
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
     @property
     def folder(self) -> Path:
@@ -403,7 +387,7 @@ class GenerationRun:
             f"{model_tag(self.model_name)}_{model_tag(self.adapter_name)}_{self.dataset}_"
             f"{self.eval_dataset}_len{self.max_len}_temp{self.temperature:g}"
         )
-        return self.output_dir / "generations" / re.sub(r"[^\w.-]+", "-", name)
+        return Path(self.output_dir) / "generations" / re.sub(r"[^\w.-]+", "-", name)
 
     def samples_path(self, data_class: str, part: int) -> Path:
         return self.folder / f"{data_class}_part{part}.jsonl"
@@ -480,38 +464,33 @@ def add_dtype_arg(parser) -> None:
     )
 
 
-def _load_error(flag: str, name: str, what: str, err: Exception) -> InputError:
-    text = str(err).strip()
-    first_line = text.splitlines()[0] if text else type(err).__name__
+def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs):
+    """``transformers.{auto_class}.from_pretrained`` of model ``name``; a failure is one InputError line."""
+    import transformers
+
+    path = resolve_model(name, flag)  # its own one-line error, not wrapped in the one below
+    try:
+        return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        text = str(err).strip()
+        first_line = text.splitlines()[0] if text else type(err).__name__
     if name in MODEL_IDS:
         where = f" (hub id {MODEL_IDS[name]})"
     elif Path(name).expanduser().exists():
         where = ""
     else:
         where = f" (no local folder {Path(name).resolve()}; tried it as a hub id)"
-    return InputError(f"{flag} {name}: cannot load {what}{where}: {first_line}")
+    raise InputError(f"{flag} {name}: cannot load {what}{where}: {first_line}")
 
 
 def load_config(name: str, flag: str):
     """The model's ``AutoConfig`` (config.json only, no weights)."""
-    from transformers import AutoConfig
-
-    path = resolve_model(name, flag)  # its own one-line error, not wrapped in the one below
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise _load_error(flag, name, "model config", err) from None
+    return _from_pretrained("AutoConfig", name, flag, "model config")
 
 
 def load_tokenizer(name: str, flag: str, padding_side: str | None = None):
     """The model's tokenizer, with a pad token (eos when it has none, as Llama-3 and Gemma-base need)."""
-    from transformers import AutoTokenizer
-
-    path = resolve_model(name, flag)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise _load_error(flag, name, "tokenizer", err) from None
+    tokenizer = _from_pretrained("AutoTokenizer", name, flag, "tokenizer")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise InputError(f"{flag} {name}: tokenizer has neither a pad nor an eos token")
@@ -522,27 +501,13 @@ def load_tokenizer(name: str, flag: str, padding_side: str | None = None):
 
 
 def load_causal_lm(name: str, flag: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model(name, flag)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise _load_error(flag, name, "causal LM", err) from None
-    return model.to(device)
+    return _from_pretrained("AutoModelForCausalLM", name, flag, "causal LM", dtype=dtype).to(device)
 
 
 def load_embedding_model(name: str, flag: str, device: torch.device, dtype: torch.dtype):
     """The backbone alone (``AutoModel``, no LM head): its ``last_hidden_state`` is the final layer's
     hidden state after the final norm, i.e. ``hidden_states[-1]`` of the full model."""
-    from transformers import AutoModel
-
-    path = resolve_model(name, flag)
-    try:
-        model = AutoModel.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise _load_error(flag, name, "embedding model", err) from None
-    return model.to(device).eval()
+    return _from_pretrained("AutoModel", name, flag, "embedding model", dtype=dtype).to(device).eval()
 
 
 def reward_label_index(config, name: str, flag: str, reward_label: str | None) -> int:
@@ -591,13 +556,9 @@ def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.d
     and fed the final hidden state upcast: in bf16 the rewards would keep ~3 significant digits and
     tie in step 3.5's sort. Check the config with ``reward_label_index`` first.
     """
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve_model(name, flag)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise _load_error(flag, name, "sequence-classification reward model", err) from None
+    model = _from_pretrained(
+        "AutoModelForSequenceClassification", name, flag, "sequence-classification reward model", dtype=dtype
+    )
     if model.config.pad_token_id != tokenizer.pad_token_id:
         if model.config.pad_token_id is not None:
             log.warning(
@@ -638,29 +599,29 @@ def rewards_from_logits(logits: torch.Tensor, label: int) -> torch.Tensor:
 # Batched forward passes over texts (steps 3 and 4, and anyone embedding (prompt, response) texts)
 # --------------------------------------------------------------------------------------------
 def tokenize_texts(
-    tokenizer, texts: Sequence[str], max_length: int, add_special_tokens: bool = True
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    add_special_tokens: bool = True,
+    flag: str = "",
+    logger: logging.Logger = log,
 ) -> tuple[list[list[int]], np.ndarray]:
     """Token ids of each text (with the tokenizer's special tokens unless told otherwise), cut to
-    ``max_length``.
+    ``max_length`` (set by option ``flag``, if any); ``logger`` warns how many texts were cut.
 
-    Returns the id lists and a (len(texts),) bool array marking the texts that were cut, so callers
-    can report them.
+    Returns the id lists and a (len(texts),) bool array marking the texts that were cut.
     """
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     truncated = np.array([len(seq) > max_length for seq in ids], dtype=bool)
+    if truncated.any():
+        logger.warning(
+            "%d of %d texts are longer than %s%d tokens and were cut at the end",
+            truncated.sum(),
+            len(texts),
+            f"{flag} " if flag else "",
+            max_length,
+        )
     return [seq[:max_length] for seq in ids], truncated
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) mask -> (B,) index of the last real token, for left or right padding alike."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so a left-padded row sees the positions it would
-    see unpadded (models otherwise number pads too)."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def iter_length_batches(
@@ -698,12 +659,17 @@ def iter_length_batches(
             span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
             input_ids[i, span] = seq
             attention_mask[i, span] = 1
-        batch = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention_mask.to(device),
-            "position_ids": position_ids_from_mask(attention_mask).to(device),
-        }
-        yield rows, batch
+        # Positions count real tokens only, so a left-padded row sees the positions it would see
+        # unpadded (models otherwise number pads too).
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        yield (
+            rows,
+            {
+                "input_ids": input_ids.to(device),
+                "attention_mask": attention_mask.to(device),
+                "position_ids": positions.to(device),
+            },
+        )
 
 
 def iter_embeddings(
@@ -720,7 +686,8 @@ def iter_embeddings(
     ):
         with torch.inference_mode():
             hidden = model(**batch, use_cache=False).last_hidden_state
-            last = last_token_index(batch["attention_mask"])
+            # the last real token of each row, for left or right padding alike
+            last = (torch.arange(hidden.shape[1], device=device) * batch["attention_mask"]).argmax(dim=1)
             vectors = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
         if not np.isfinite(vectors).all():
             raise RuntimeError("the embedding model returned non-finite hidden states")
@@ -737,11 +704,7 @@ def embed_texts(
     if not len(texts):
         return out
     device = next(model.parameters()).device
-    token_ids, truncated = tokenize_texts(tokenizer, texts, max_length)
-    if truncated.any():
-        log.warning(
-            "%d of %d texts are longer than %d tokens and were cut at the end", truncated.sum(), len(texts), max_length
-        )
+    token_ids, _ = tokenize_texts(tokenizer, texts, max_length)
     for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress):
         out[rows] = vectors
     return out

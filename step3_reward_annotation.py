@@ -140,15 +140,8 @@ def main(argv=None):
     model = load_reward_model(rm_name, "--reward_model", device, dtype, tokenizer)
     texts = rm_texts(tokenizer, queries, cuts, args.rm_input_format)
     token_ids, truncated = tokenize_texts(
-        tokenizer, texts, args.max_length, add_special_tokens=args.rm_input_format == "raw"
+        tokenizer, texts, args.max_length, args.rm_input_format == "raw", "--max_length", log
     )
-    if truncated.any():
-        log.warning(
-            "%d of %d texts are longer than --max_length %d tokens and were cut at the end",
-            truncated.sum(),
-            len(texts),
-            args.max_length,
-        )
     stats = response_stats(cuts)
     if stats["n_empty_after_cut"]:
         log.warning(

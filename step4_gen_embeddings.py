@@ -135,14 +135,7 @@ def embed_into(
     renamed onto its target only when all K are complete. Returns (D, number of cut texts).
     """
     n_prompts = len(texts) // n_splits
-    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length)
-    if truncated.any():
-        log.warning(
-            "%d of %d texts are longer than --max_length %d tokens and were cut at the end",
-            truncated.sum(),
-            len(texts),
-            args.max_length,
-        )
+    token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length, flag="--max_length", logger=log)
     dim = model.config.get_text_config().hidden_size
     with atomic_paths(*paths) as tmp_paths:
         splits = [
@@ -202,6 +195,7 @@ def main(argv=None):
         )
         seconds = time.perf_counter() - started
         rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
+        n_empty = sum(not response for r in records for response in r["responses_sorted"])
         for k in range(n_splits):
             write_rewards_jsonl(data_dir / reward_pattern.format(k=k), rewards[:, k])
         for k in discover_splits(data_dir, kind)[n_splits:]:
@@ -227,14 +221,13 @@ def main(argv=None):
                 "embedding_dtype": args.embedding_dtype,
                 "compute_dtype": dtype_name(dtype),
                 "rm_input_format": args.rm_input_format,
-                "n_empty_after_cut": sum(not response for r in records for response in r["responses_sorted"]),
+                "n_empty_after_cut": n_empty,
                 "max_length": args.max_length,
                 "n_cut_at_max_length": n_cut,
                 "padding_side": tokenizer.padding_side,
                 "order": "ascending golden reward within each prompt",
             },
         )
-        n_empty = sum(not response for r in records for response in r["responses_sorted"])
         summary.append(
             f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
             f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
