@@ -116,15 +116,15 @@ def write_demo(args, out_dir: Path) -> Path:
     config = {key: value for key, value in vars(args).items() if key != "output_dir"}
     config["version"] = DEMO_VERSION
     config_path = out_dir / DEMO_CONFIG
-    has_data = any(out_dir.glob("EMBD-*-split_*.npy")) or any(out_dir.glob("rewards*_split_*.json"))
+    data_files = [*out_dir.glob("EMBD-*-split_*.npy"), *out_dir.glob("rewards*_split_*.json")]
     if config_path.exists():
         if read_json(config_path, "demo config") == config:
             log.info("demo data in %s is up to date", out_dir)
             return out_dir
         config_path.unlink()  # the folder holds an older demo: regenerate it whole
-        for stale in [*out_dir.glob("EMBD-*-split_*.npy"), *out_dir.glob("rewards*_split_*.json")]:
+        for stale in data_files:
             stale.unlink()
-    elif has_data:
+    elif data_files:
         raise InputError(f"--output_dir {out_dir} holds embedding data that is not a demo; refusing to overwrite it")
 
     rng = np.random.default_rng(args.seed)

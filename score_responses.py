@@ -124,11 +124,9 @@ def read_requests(path: Path) -> list[tuple[int, dict, list[str]]]:
 def best_per_prompt(requests: list[tuple[int, dict, list[str]]], rewards: np.ndarray) -> list[dict]:
     """One record per distinct prompt (in order of first appearance): its highest-reward response."""
     candidates: dict[str, list[tuple[int, str, dict]]] = {}
-    position = 0
-    for _, record, responses in requests:
-        for response in responses:
-            candidates.setdefault(record["prompt"], []).append((position, response, record))
-            position += 1
+    flat = [(record, response) for _, record, responses in requests for response in responses]
+    for position, (record, response) in enumerate(flat):
+        candidates.setdefault(record["prompt"], []).append((position, response, record))
     best = []
     for prompt, group in candidates.items():
         index = int(np.argmax(rewards[[pos for pos, _, _ in group]]))  # first maximum on ties
@@ -167,11 +165,11 @@ def main(argv=None) -> list[dict]:
     if args.best_of_n:
         records = best_per_prompt(requests, rewards)
     else:
-        records, position = [], 0
-        for _, record, texts in requests:
-            values = rewards[position : position + len(texts)].tolist()
-            position += len(texts)
-            records.append({**record, "reward": values[0]} if "response" in record else {**record, "rewards": values})
+        per_record = np.split(rewards, np.cumsum([len(texts) for _, _, texts in requests])[:-1])
+        records = [
+            {**record, "reward": float(values[0])} if "response" in record else {**record, "rewards": values.tolist()}
+            for (_, record, _), values in zip(requests, per_record)
+        ]
     write_jsonl(output, records)
     scale = "golden scale" if args.variant in ON_GOLDEN_SCALE else "raw ensemble scale"
     print(

@@ -173,25 +173,19 @@ def resolve_adapter(args) -> Path | None:
     return path
 
 
-def choose_backend(requested: str) -> str:
-    if requested != "auto":
-        return requested
+def vllm_imports() -> bool:
     try:
         import vllm  # noqa: F401 - optional dependency, probed only
     except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
+        return False
+    return True
 
 
 def check_vllm_settings(args) -> None:
     """What the vllm backend needs, checked before any work: vllm, a GPU, a tensor-parallel size
     that the visible GPUs and the model's attention heads allow."""
-    try:
-        import vllm  # noqa: F401 - optional dependency, probed only
-    except ImportError:
-        raise InputError(
-            "--backend vllm: vllm is not installed (pip install vllm, or use --backend transformers)"
-        ) from None
+    if not vllm_imports():
+        raise InputError("--backend vllm: vllm is not installed (pip install vllm, or use --backend transformers)")
     if not torch.cuda.is_available():
         raise InputError("--backend vllm needs a CUDA GPU (use --backend transformers)")
     if args.tensor_parallel_size > torch.cuda.device_count():
@@ -276,7 +270,9 @@ def main(argv=None):
     adapter = resolve_adapter(args)
     all_prompts = load_prompts(args)
     parts = range(args.n_parts) if args.split == "all" else [args.split]
-    backend = choose_backend(args.backend)
+    backend = args.backend
+    if backend == "auto":
+        backend = "vllm" if torch.cuda.is_available() and vllm_imports() else "transformers"
     if backend == "vllm":
         check_vllm_settings(args)
     device = pick_device()
@@ -350,16 +346,17 @@ def main(argv=None):
     }
     if backend == "vllm":
         settings.update(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
-    position = 0
+    responses_in_order = iter(responses)
     for part in parts:
-        records = []
-        for prompt_id, prompt, _ in part_prompts[part]:
-            record = {"query": prompt, "id": prompt_id}
-            record.update({f"response_{i}": text for i, text in enumerate(responses[position])})
-            record["settings"] = {**settings, "split": part}
-            records.append(record)
-            position += 1
-        start, stop = part_bounds(len(all_prompts), args.n_parts, part)
+        records = [
+            {
+                "query": prompt,
+                "id": prompt_id,
+                **{f"response_{i}": text for i, text in enumerate(next(responses_in_order))},
+                "settings": {**settings, "split": part},
+            }
+            for prompt_id, prompt, _ in part_prompts[part]
+        ]
         stats = response_stats([cut_response(r[f"response_{i}"]) for r in records for i in range(args.n_samples)])
         write_jsonl(run.samples_path(args.data_class, part), records)
         write_json(
@@ -367,7 +364,7 @@ def main(argv=None):
             {
                 **settings,
                 "split": part,
-                "n_prompts_in_part": stop - start,
+                "n_prompts_in_part": len(records) + len(skipped[part]),
                 "n_generated": len(records),
                 "n_skipped_over_length": len(skipped[part]),
                 "skipped_ids": skipped[part],
