@@ -151,14 +151,6 @@ def repo_file_names(
     )
 
 
-def layout_from_name(name: str) -> str | None:
-    if name.startswith("EMBD_"):
-        return "kn"
-    if name.startswith("embd_"):
-        return "nk"
-    return None
-
-
 @dataclass
 class Source:
     kind: str  # 'train' or 'test'
@@ -167,14 +159,13 @@ class Source:
 
 
 def explicit_sources(args) -> list[Source]:
+    for flag in ("embd_file", "reward_file", "test_embd_file", "test_reward_file"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"--{flag} {Path(path)}: file not found")
     sources = [Source("train", Path(args.embd_file), Path(args.reward_file))]
     if args.test_embd_file:
         sources.append(Source("test", Path(args.test_embd_file), Path(args.test_reward_file)))
-    for source in sources:
-        prefix = "--" if source.kind == "train" else "--test_"
-        for flag, path in ((f"{prefix}embd_file", source.embd_path), (f"{prefix}reward_file", source.reward_path)):
-            if not path.is_file():
-                raise InputError(f"{flag} {path}: file not found")
     return sources
 
 
@@ -230,7 +221,7 @@ def open_npy(path: Path, what: str, expected: str, mmap: bool) -> np.ndarray:
 def detect_layout(forced: str, source: Source, embd_shape: tuple, reward_shape: tuple) -> str:
     if forced != "auto":
         return forced
-    by_name = layout_from_name(source.embd_path.name)
+    by_name = {"EMBD_": "kn", "embd_": "nk"}.get(source.embd_path.name[:5])
     if len(reward_shape) == 3:
         if by_name == "kn":
             raise InputError(

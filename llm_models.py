@@ -16,13 +16,9 @@ steps 2-4 take the same generation flags (``add_generation_args``) so they all f
 is ``train`` (10 responses per prompt in the paper) or ``test`` (500, for best-of-N curves); ``k`` is
 one of ``--n_parts`` (5) contiguous parts of the prompt set, so parts can run on separate GPUs.
 
-Text conventions: a response is cut at its first "\\n\\nHuman" (the model starting the next turn
-itself) and stripped (``cut_response``); the text embedded in step 4 is ``scored_text(query, cut)``,
-which is also what step 3 scores with ``--rm_input_format raw`` (the default), so both see exactly the
-same string; ``chat_template`` gives the reward model ``dialogue_messages(query, cut)`` through its
-tokenizer's template instead (``rm_texts``). ``embed_texts`` is step 4's embedding procedure as a
-function (final hidden state at the last real token, float32), for code that embeds other
-(prompt, response) texts the same way.
+Text conventions: step 3 (``--rm_input_format raw``, the default) scores and step 4 embeds the same
+string, ``scored_text(query, cut_response(response))``; ``rm_texts`` gives the reward model the
+chat-template form instead; ``embed_texts`` is step 4's embedding procedure as a function.
 """
 
 from __future__ import annotations
@@ -530,10 +526,10 @@ def reward_label_index(config, name: str, flag: str, reward_label: str | None) -
         )
     n_labels = int(config.num_labels)
     labels = {int(i): str(label) for i, label in (getattr(config, "id2label", None) or {}).items()}
+    listed = ", ".join(f"{i}={labels.get(i, i)}" for i in range(n_labels))
     if reward_label is None:
         if n_labels == 1:
             return 0
-        listed = ", ".join(f"{i}={labels.get(i, i)}" for i in range(n_labels))
         raise InputError(
             f"{flag} {name}: the model has {n_labels} labels ({listed}); pick the reward with --reward_label"
         )
@@ -542,10 +538,7 @@ def reward_label_index(config, name: str, flag: str, reward_label: str | None) -
     by_name = [i for i in range(n_labels) if labels.get(i) == reward_label]
     if by_name:
         return by_name[0]
-    raise InputError(
-        f"--reward_label {reward_label}: {name} has labels "
-        f"{', '.join(f'{i}={labels.get(i, i)}' for i in range(n_labels))}"
-    )
+    raise InputError(f"--reward_label {reward_label}: {name} has labels {listed}")
 
 
 def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.dtype, tokenizer):
@@ -569,14 +562,8 @@ def load_reward_model(name: str, flag: str, device: torch.device, dtype: torch.d
             )
         model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device).eval()
-    head = next(
-        (
-            getattr(model, attr)
-            for attr in ("score", "classifier")
-            if isinstance(getattr(model, attr, None), torch.nn.Linear)
-        ),
-        None,
-    )
+    heads = [getattr(model, attr, None) for attr in ("score", "classifier")]
+    head = next((layer for layer in heads if isinstance(layer, torch.nn.Linear)), None)
     if head is None:
         log.warning("%s: no Linear score head found; rewards keep the compute dtype's precision", name)
     elif dtype != torch.float32:

@@ -7,22 +7,11 @@
     rm.score_texts(["\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"], ["Mix flour, water and yeast."])
     reward_fn = rm.trl_reward_function()            # trl.GRPOTrainer(..., reward_funcs=reward_fn)
 
-Variants (the four of step 8's table): ``teacher`` (mean of the ensemble members' raw scores),
-``teacher_iso`` (the teacher through step 7's isotonic map), ``student`` (the distilled MLP) and
-``student_iso`` (the student through its isotonic map; the default). All but ``teacher`` are on the
-golden reward scale. Loading is safe: checkpoints with ``torch.load(weights_only=True)``
-(``networks.load_checkpoint``), isotonic maps from their JSON sidecars (``calibration.load_isotonic_map``),
-and each map is checked to have been fitted on the checkpoints it is applied to.
-
-Texts are embedded exactly as step 4 embeds the responses it writes: the response is cut at its
-first "\\n\\nHuman" and stripped, joined to the prompt by ``llm_models.scored_text``, tokenized with
-the model's special tokens and cut at step 4's ``--max_length``, and embedded by
-``llm_models.embed_texts`` (final layer, last real token, either padding side). The
-embedding model is the one step 5's manifest records (step 4's record of the data directory), or
-``embedding_model=`` when given; its hidden size must be the checkpoints' input size D. The
-embedding model runs on ``device``; the reward heads (small MLPs) run on the CPU in float32 with
-the same stacked-ensemble code as steps 6-8, so scores of the same embeddings equal step 8's (bit for
-bit when rows are scored in the same batches: a matrix product's last bit depends on its batch).
+The variants, safe loading, how texts are embedded (``llm_models.embed_texts``, step 4's procedure)
+and by which model: README, "Using the trained reward model". The reward heads run on the CPU in
+float32 with the same stacked-ensemble code as steps 6-8, so scores of the same embeddings equal
+step 8's (bit for bit when rows are scored in the same batches: a matrix product's last bit depends
+on its batch).
 """
 
 from __future__ import annotations
@@ -160,17 +149,10 @@ class RewardModel:
             raise InputError(f"embeddings: non-finite value in row {int(np.flatnonzero(~np.isfinite(rows).all(1))[0])}")
         raw = {}
         for model in {variant.removesuffix("_iso") for variant in variants}:
-            scorer = self._scorers[model]
-            scores = np.empty(len(rows), dtype=np.float32)
-            for start in range(0, len(rows), DEFAULT_CHUNK_ROWS):
-                member_scores = scorer(rows[start : start + DEFAULT_CHUNK_ROWS])  # (M, B) float32
-                scores[start : start + len(member_scores[0])] = member_scores.mean(axis=0)
-            raw[model] = scores.astype(np.float64)
-        out = {}
-        for variant in variants:
-            model = variant.removesuffix("_iso")
-            out[variant] = self._maps[model].predict(raw[model]) if variant.endswith("_iso") else raw[model]
-        return out
+            chunks = range(0, len(rows), DEFAULT_CHUNK_ROWS)  # member scores (M, B) -> float32 mean (B,)
+            means = [self._scorers[model](rows[s : s + DEFAULT_CHUNK_ROWS]).mean(axis=0) for s in chunks]
+            raw[model] = np.concatenate([np.empty(0, np.float32), *means]).astype(np.float64)
+        return {v: self._maps[v[:-4]].predict(raw[v[:-4]]) if v.endswith("_iso") else raw[v] for v in variants}
 
     # ----------------------------------------------------------------------------------------
     # Texts -> embeddings -> rewards

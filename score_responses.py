@@ -2,14 +2,9 @@
 
     python3 score_responses.py --output_dir distill_out --input responses.jsonl --output rewards.jsonl
 
-Reads JSONL, one object per line, either ``{"prompt": ..., "response": ...}`` or
-``{"prompt": ..., "responses": [...]}`` (other keys are kept), and writes the same lines with
-``"reward"`` (or ``"rewards"``, one per response) added. ``--best_of_n`` writes one line per distinct
-prompt instead: the highest-reward response among all that prompt's responses in the file (ties: the
-first), with ``"best_index"`` (its position among them) and ``"n_candidates"``. Prompts are text in
-the format the policy was prompted with (hh-rlhf: ``"\\n\\nHuman: ...\\n\\nAssistant:"``). Scoring
-is ``reward_model.RewardModel`` (README, "Using the trained reward model"); the output is written
-atomically, and bad input stops the run with one line before any model is loaded.
+Input and output lines and ``--best_of_n``: README, "Using the trained reward model" (scoring is
+``reward_model.RewardModel``). The output is written atomically, and bad input stops the run with
+one line before any model is loaded.
 """
 
 from __future__ import annotations

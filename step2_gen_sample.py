@@ -6,20 +6,9 @@
 Prompts: the hh-rlhf ``{task}-base`` split ``--data_class`` (prompt = text up to and including the
 last "\\n\\nAssistant:" of the chosen dialogue), or ``--prompts_file`` (.jsonl/.csv, column prompt).
 ``--max_prompts`` keeps the first M prompts (tiny runs); the rest is cut into ``--n_parts``
-contiguous parts and ``--split`` picks one (or ``all``). Prompts longer than ``--max_prompt_len``
-tokens are skipped and counted in the summary file, never dropped silently.
-
-Backends: ``vllm`` (one ``generate`` over all prompts of the run, one
-``SamplingParams(n, temperature, top_p=0.95, max_tokens=max_len, seed)`` per prompt, the LoRA adapter
-as a ``LoRARequest``, ``--tensor_parallel_size`` GPUs, ``--max_model_len`` tokens of KV cache per
-sequence) or ``transformers`` (``generate`` with ``num_return_sequences`` per prompt, adapter merged);
-``auto`` takes vllm when it is installed and a GPU is present. Either backend samples prompt ``i`` of
-the source with the seed ``llm_models.prompt_seed(--seed, i)``, so a prompt's samples do not depend
-on ``--split``, ``--n_parts``, ``--max_prompts`` or the other prompts of a batch. Each part is
-written to ``{gen_dir}/{data_class}_part{k}.jsonl`` (one line per prompt: query, id,
-response_0..response_{n-1}, settings) with a ``.summary.json`` beside it (counts, over-length
-prompts, responses empty after the "\\n\\nHuman" cut, dtype); see ``llm_models`` for the whole file
-flow. Files are replaced atomically, so reruns never append.
+contiguous parts and ``--split`` picks one (or ``all``). The backends (vllm, transformers), the
+per-prompt seeds ``llm_models.prompt_seed(--seed, i)`` and the summary file: README, "Steps 1-4
+(GPU)"; the file flow: ``llm_models``. Files are replaced atomically, so reruns never append.
 """
 
 from __future__ import annotations

@@ -3,17 +3,12 @@
     python3 step3_reward_annotation.py --adapter_name sft --model_name gemma2b \\
         --dataset hh-rlhf-helpful-gpt4 --eval_dataset hh-rlhf-helpful --data_class train --n_samples 10
 
-Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (``--split k`` or ``all``), cuts each response
-at its first "\\n\\nHuman", and scores it with an ``AutoModelForSequenceClassification`` golden reward
-model (``--reward_model``; by default the paper's for the task: rmmistral7b for helpful, rayharmless
-for harmless). ``--rm_input_format raw`` (default, as the authors' pipeline) scores the hh-rlhf text
-``llm_models.scored_text(query, cut)``; ``chat_template`` scores the dialogue as alternating
-user/assistant messages rendered by the RM tokenizer's chat template. A model with several labels
-needs ``--reward_label`` (its reward is that label's log-odds). All responses of a record are scored,
-whatever their number; texts are batched by similar length with dynamic padding; the score head
-runs in float32 whatever ``--dtype``. Writes ``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl``:
-query, id, the cut responses, their rewards (same order as step 2's response_i), the input format,
-label and dtype, and the counts of responses cut at ``--max_length`` or empty after the cut.
+Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (``--split k`` or ``all``) and writes
+``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl``: query, id, the responses cut at their first
+"\\n\\nHuman", their rewards (same order as step 2's response_i), the input format, label and dtype,
+and the counts of responses cut at ``--max_length`` or empty after the cut. The golden RM defaults
+to the paper's for the task; what it reads (``--rm_input_format``), ``--reward_label`` and its
+float32 score head: README, "Steps 1-4 (GPU)". Texts are batched by similar length.
 """
 
 from __future__ import annotations

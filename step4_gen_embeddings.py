@@ -4,21 +4,14 @@
         --gen_pref_model_name gemma2b --train_test train --n_samples 10 --data_dir data
 
 Reads step 3.5's ``{gen_dir}/{data_class}_ranked_{rm}.jsonl`` (``--train_test train``, ``test`` or
-``both``: train, plus test when it was generated) and embeds exactly the text step 3 scored,
-``llm_models.scored_text(query, cut response)``, with ``--embed_model_name``: the final layer's hidden
-state (after the final norm) at the last real token, whose index comes from the attention mask, so
-left and right padding give the same vector (the seed took position -1 after right padding, a pad
-token). Texts are batched by similar length; bf16 on GPUs that support it (``--dtype``), stored as
-float32 (or ``--embedding_dtype float16``). The golden-RM input format of step 3 must match
-``--rm_input_format``; the embedded text is the raw hh-rlhf form whatever that format (a chat template
-belongs to the reward model's tokenizer, not the embedding model's).
-
-Writes the data-directory format (README, "Data format") into ``--data_dir``: ``EMBD-TRAIN-split_{k}.npy`` (N, D) and
-``rewards_split_{k}.json`` for train, ``EMBD-TEST-split_{k}.npy`` and ``rewards_test_split_{k}.json``
-for test, where row p of split k is the k-th lowest-reward response of prompt p. Embeddings are
-filled into memory-mapped temporary files (a 500-response test set does not fit in memory) and all
-renamed into place only once every split is complete; splits left over from an earlier run with
-more responses are removed. ``embedding_info_{train,test}.json`` records where the data came from.
+``both``: train, plus test when it was generated) and embeds the raw hh-rlhf text step 3 scored
+(``llm_models.scored_text``) as README "Steps 1-4 (GPU)" describes: the final hidden state at the
+last real token, whatever the padding side (the seed took position -1 after right padding, a pad
+token). Writes README's "Data format" into ``--data_dir`` (row p of split k is the k-th
+lowest-reward response of prompt p) and ``embedding_info_{train,test}.json``, where the data came
+from. Embeddings are filled into memory-mapped temporary files (a 500-response test set does not fit
+in memory) renamed into place only once every split is complete; splits left over from an earlier
+run with more responses are removed.
 """
 
 from __future__ import annotations

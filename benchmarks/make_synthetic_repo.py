@@ -33,7 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts import atomic_path, write_json, write_npy
-from cli import ArgumentParser, InputError, positive_int, run_cli
+from cli import ArgumentParser, non_negative_float, non_negative_int, positive_int, random_seed, run_cli
 from convert_embeddings import LAYOUTS, repo_file_names
 from rm_data import TASKS, ensure_writable_dir, read_json
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding dtype")
     parser.add_argument("--n_prompts", type=positive_int, default=40000, help="training prompts N")
     parser.add_argument("--n_responses", type=positive_int, default=10, help="responses per training prompt K")
-    parser.add_argument("--n_test_prompts", type=int, default=2000, help="test prompts (0: no test files)")
+    parser.add_argument("--n_test_prompts", type=non_negative_int, default=2000, help="test prompts (0: no test files)")
     parser.add_argument("--n_test_responses", type=positive_int, default=500, help="responses per test prompt")
     parser.add_argument("--emb_dim", type=positive_int, default=2048, help="embedding size D")
     parser.add_argument(
@@ -58,20 +58,15 @@ def parse_args(argv=None):
         default="learnable",
         help="learnable: a fixed random network of the embedding; random: i.i.d. N(0, 1)",
     )
-    parser.add_argument("--reward_noise", type=float, default=0.0, help="std of noise added to a learnable reward")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--reward_noise", type=non_negative_float, default=0.0, help="std of noise added to a learnable reward"
+    )
+    parser.add_argument("--seed", type=random_seed, default=0, help="random seed")
     parser.add_argument("--task", choices=TASKS, default="helpful", help="task in the file names")
     parser.add_argument("--sft_obj", choices=("gpt4", "none"), default="gpt4", help="SFT objective in the names")
     parser.add_argument("--embed_model", default="gemma2b", help="embedding model in the file names")
     parser.add_argument("--gen_model", default="gemma2b", help="generator model in the file names")
-    args = parser.parse_args(argv)
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
-    if args.n_test_prompts < 0:
-        raise InputError(f"--n_test_prompts must be >= 0, got {args.n_test_prompts}")
-    if not np.isfinite(args.reward_noise) or args.reward_noise < 0:
-        raise InputError(f"--reward_noise must be a finite number >= 0, got {args.reward_noise}")
-    return args
+    return parser.parse_args(argv)
 
 
 class SyntheticWorld:
