@@ -72,6 +72,7 @@ CONVERSION_FILE = "conversion.json"
 # Bump when the output for the same sources and options changes.
 CONVERTER_VERSION = 1
 LAYOUTS = ("kn", "nk")
+SPLIT_GLOBS = [pattern.format(k="*") for patterns in FILE_PATTERNS.values() for pattern in patterns]
 LAYOUT_SHAPES = {"kn": "(K, N, D) embeddings and (K, N) rewards", "nk": "(N, K, D) embeddings and (N, K, 1) rewards"}
 # Input bytes per chunk of prompts: large enough for fast sequential I/O, small beside a laptop's RAM.
 CHUNK_BYTES = 96 << 20
@@ -410,15 +411,6 @@ def conversion_record(plans: list[SetPlan], args) -> dict:
     }
 
 
-def data_files_in(out_dir: Path) -> set[str]:
-    """Names of split files (any kind) present in ``out_dir``."""
-    names = set()
-    for patterns in FILE_PATTERNS.values():
-        for pattern in patterns:
-            names.update(path.name for path in out_dir.glob(pattern.replace("{k}", "*")))
-    return names
-
-
 def previous_conversion(out_dir: Path) -> tuple[dict | None, set[str]]:
     """The existing conversion.json (or None) and the split files it owns."""
     path = out_dir / CONVERSION_FILE
@@ -500,13 +492,6 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
             del block, rows  # freed before the next chunk is mapped and copied
 
 
-def write_rewards(plan: SetPlan, out_dir: Path) -> None:
-    reward_pattern = FILE_PATTERNS[plan.kind][1]
-    sorted_rewards = np.take_along_axis(plan.rewards, plan.order, axis=1)
-    for k in range(plan.n_responses):
-        write_rewards_jsonl(out_dir / reward_pattern.format(k=k), sorted_rewards[:, k])
-
-
 def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[str], chunk_prompts: int | None) -> None:
     """Replace the previous conversion in ``out_dir`` by this one; on any error leave no split files."""
     record_path = out_dir / CONVERSION_FILE
@@ -517,9 +502,7 @@ def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[st
     try:
         for name in old_files:
             (out_dir / name).unlink(missing_ok=True)
-        remove_leftover_temps(
-            out_dir, [pattern.format(k="*") for patterns in FILE_PATTERNS.values() for pattern in patterns]
-        )
+        remove_leftover_temps(out_dir, SPLIT_GLOBS)
         for plan in plans:
             log.info(
                 "%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s",
@@ -534,7 +517,9 @@ def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[st
             )
             per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
             copy_embeddings(plan, out_dir, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))
-            write_rewards(plan, out_dir)
+            sorted_rewards = np.take_along_axis(plan.rewards, plan.order, axis=1)
+            for k in range(plan.n_responses):
+                write_rewards_jsonl(out_dir / FILE_PATTERNS[plan.kind][1].format(k=k), sorted_rewards[:, k])
         files = {name: (out_dir / name).stat().st_size for name in targets}
         write_json(record_path, {**record, "files": files})
     except BaseException as err:
@@ -559,7 +544,7 @@ def main(argv=None) -> Path:
     record = conversion_record(plans, args)
     out_dir = ensure_writable_dir(args.output_dir)
     old, old_files = previous_conversion(out_dir)
-    foreign = sorted(data_files_in(out_dir) - old_files)
+    foreign = sorted({path.name for pattern in SPLIT_GLOBS for path in out_dir.glob(pattern)} - old_files)
     if foreign:
         raise InputError(
             f"--output_dir {out_dir} holds split files that no {CONVERSION_FILE} lists "

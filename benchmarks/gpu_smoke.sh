@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke check of steps 1-4 (README, "Steps 1-4 (GPU)"): tiny local models built as the tests
-# build them (tests/tiny_models.py, width 256 so attention heads have GPU-kernel size 64), then
-# step 1 (LoRA SFT) -> 2 (sampling: vllm when it imports and CUDA is present) -> 3 -> 3.5 -> 4, all in
-# bf16. Prints each step's time, tokens/s of step 2 and embeddings/s of step 4, and checks the bf16
-# embeddings against an fp32 forward of the same texts. Needs no network. Without CUDA it runs the
-# same on the CPU (transformers backend) and says so.
+# GPU smoke check of steps 1-4 on tiny local models, as README "Steps 1-4 (GPU)" describes; the
+# models are width 256 so attention heads have GPU-kernel size 64. Needs no network.
 #   bash benchmarks/gpu_smoke.sh [WORK_DIR]     # default: a fresh temporary folder
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,11 +11,11 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')"
 if [[ -n "$DEVICE" ]]; then
     echo "gpu_smoke: CUDA device: $DEVICE"
-    N_TRAIN=10 N_TEST=50
+    declare -A N_SAMPLES=([train]=10 [test]=50)
 else
     echo "gpu_smoke: no CUDA GPU: running steps 1-4 on the CPU (bf16 on CPU, transformers backend, fewer samples);" \
          "timings are not GPU numbers"
-    N_TRAIN=4 N_TEST=10
+    declare -A N_SAMPLES=([train]=4 [test]=10)
 fi
 if [[ -n "$DEVICE" ]] && "$PYTHON" -c 'import vllm' 2>/dev/null; then
     BACKEND=vllm
@@ -54,21 +50,18 @@ RM=(--reward_model "$TINY/golden-rm")
 
 timed "step 1" "$WORK/step1.log" "$PYTHON" step1_sft.py --model_name "$TINY/policy-lm" --dataset tiny-helpful \
     --train_file "$TINY/train_prompts.jsonl" --max_steps 10 --output_dir "$OUT"
-timed "step 2 (train)" "$WORK/step2_train.log" "$PYTHON" step2_gen_sample.py "${GEN[@]}" --data_class train \
-    --n_samples "$N_TRAIN" --split all --n_parts 1 --backend "$BACKEND" --dtype bfloat16 --max_prompt_len 100 \
-    --prompts_file "$TINY/train_prompts.jsonl"
-timed "step 2 (test)" "$WORK/step2_test.log" "$PYTHON" step2_gen_sample.py "${GEN[@]}" --data_class test \
-    --n_samples "$N_TEST" --split all --n_parts 1 --backend "$BACKEND" --dtype bfloat16 --max_prompt_len 100 \
-    --prompts_file "$TINY/test_prompts.jsonl"
 for DATA_CLASS in train test; do
+    timed "step 2 ($DATA_CLASS)" "$WORK/step2_$DATA_CLASS.log" "$PYTHON" step2_gen_sample.py "${GEN[@]}" \
+        --data_class "$DATA_CLASS" --n_samples "${N_SAMPLES[$DATA_CLASS]}" --split all --n_parts 1 \
+        --backend "$BACKEND" --dtype bfloat16 --max_prompt_len 100 --prompts_file "$TINY/${DATA_CLASS}_prompts.jsonl"
     timed "step 3 ($DATA_CLASS)" "$WORK/step3_$DATA_CLASS.log" "$PYTHON" step3_reward_annotation.py "${GEN[@]}" \
         "${RM[@]}" --data_class "$DATA_CLASS" --split all --dtype bfloat16
 done
 timed "step 3.5" "$WORK/step35.log" "$PYTHON" step3.5_processing_data.py "${GEN[@]}" "${RM[@]}"
-timed "step 4 (bf16)" "$WORK/step4.log" "$PYTHON" step4_gen_embeddings.py "${GEN[@]}" "${RM[@]}" \
-    --embed_model_name "$TINY/embed-left" --data_dir "$WORK/data" --dtype bfloat16 --batch_size 64
-timed "step 4 (fp32)" "$WORK/step4_fp32.log" "$PYTHON" step4_gen_embeddings.py "${GEN[@]}" "${RM[@]}" \
-    --embed_model_name "$TINY/embed-left" --data_dir "$WORK/data_fp32" --dtype float32 --batch_size 64
+for DTYPE in bfloat16 float32; do
+    timed "step 4 ($DTYPE)" "$WORK/step4_$DTYPE.log" "$PYTHON" step4_gen_embeddings.py "${GEN[@]}" "${RM[@]}" \
+        --embed_model_name "$TINY/embed-left" --data_dir "$WORK/data_$DTYPE" --dtype "$DTYPE" --batch_size 64
+done
 
 echo
 echo "=== gpu_smoke: times (${DEVICE:-CPU}, step 2 backend $BACKEND) ==="
@@ -76,13 +69,13 @@ printf '%s\n' "${TIMES[@]}"
 for part in train test; do
     echo "step 2 ($part): $(grep -o "[0-9]* tokens in [0-9.]* s = [0-9.]* tokens/s" "$WORK/step2_$part.log")"
 done
-for run in step4 step4_fp32; do
+for run in step4_bfloat16 step4_float32; do
     echo "$run: $(grep -o "[a-z]*: [0-9]* prompts x [0-9]* splits\|[0-9.]* embeddings/s, [a-z0-9]*" "$WORK/$run.log" \
         | paste -sd ' ' -)"
 done
 
 # bf16 embeddings against the fp32 forward of the same texts, split by split
-"$PYTHON" - "$WORK/data" "$WORK/data_fp32" <<'EOF'
+"$PYTHON" - "$WORK/data_bfloat16" "$WORK/data_float32" <<'EOF'
 import sys
 
 import numpy as np
