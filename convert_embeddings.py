@@ -24,16 +24,13 @@ are sorted ascending by reward (stable), so split 0 is the worst and split K-1 t
 --no_sort keeps the file order. --max_prompts M keeps the first M prompts of each set.
 
 Streaming: every header and all rewards are validated before anything is written. Embeddings are
-then copied one chunk of prompts at a time (--chunk_prompts, by default ~96 MiB of input): each
-chunk is read through a fresh ``np.load(mmap_mode="r")`` map that is closed after the copy, checked
-finite, and written with seek+write into per-split temporary files created by
-``np.lib.format.open_memmap``, which are renamed into place at the end. So resident memory stays
-near one chunk whatever the file size (about 250 MB at the default chunk size).
+then copied one chunk of prompts at a time (--chunk_prompts, by default ~96 MiB of input) into
+per-split temporary files renamed into place at the end (``copy_embeddings``), so resident memory
+stays near one chunk whatever the file size (about 250 MB at the default chunk size).
 
-Reruns: ``conversion.json`` records a fingerprint of the sources (names, sizes, header
-shape/dtype, a hash of 64 evenly spaced 64 KiB blocks of each embedding file, a hash of each whole
-reward file) and of the options. A rerun with the same fingerprint, whose output files are all
-present at their recorded sizes, does nothing. Otherwise the previous conversion's files are
+Reruns: ``conversion.json`` records a fingerprint of the sources and options (``conversion_record``).
+A rerun with the same fingerprint, whose output files are all present at their recorded sizes,
+does nothing. Otherwise the previous conversion's files are
 removed first (a changed K leaves no stale splits, and the disk never holds two copies) and the
 data converted afresh. On any error mid-way the new files are removed as well, so a failed run
 leaves no split files, never a mix; conversion.json marks a conversion in progress, so the next
@@ -76,8 +73,7 @@ SPLIT_GLOBS = [pattern.format(k="*") for patterns in FILE_PATTERNS.values() for 
 LAYOUT_SHAPES = {"kn": "(K, N, D) embeddings and (K, N) rewards", "nk": "(N, K, D) embeddings and (N, K, 1) rewards"}
 # Input bytes per chunk of prompts: large enough for fast sequential I/O, small beside a laptop's RAM.
 CHUNK_BYTES = 96 << 20
-# Sampled content hash: 64 blocks of 64 KiB read 4 MiB of a 10 GB file.
-HASH_BLOCKS = 64  # blocks of SAMPLE_BLOCK bytes sampled from a source's embeddings
+HASH_BLOCKS = 64  # 64 KiB blocks sampled from a source's embeddings: 4 MiB of a 10 GB file
 # Upper bound on one JSONL reward line ('{"reward": -0.12345678901234567}\n' is 34 bytes).
 REWARD_LINE_BYTES = 40
 

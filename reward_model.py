@@ -111,14 +111,8 @@ class RewardModel:
                 maps[model] = load_isotonic_map(map_path, f"{model} isotonic map (run step7_isotonic_distillation.py)")
                 check_map_provenance(maps[model], map_path, model, checkpoints[model])
         embedding = manifest["data"].get("embedding")
-        if not isinstance(embedding, dict):  # a manifest written before step 5 recorded it
-            claimed = manifest["config"].get("embed_model_name")
-            data_dir = manifest["data"].get("data_dir")
-            embedding = (
-                embedding_record(data_dir, claimed)
-                if data_dir
-                else {"source": "--embed_model_name", "model": claimed, "max_length": None}
-            )
+        if not isinstance(embedding, dict):  # a manifest written before step 5 recorded it (data_dir is checked)
+            embedding = embedding_record(manifest["data"]["data_dir"], manifest["config"].get("embed_model_name"))
         return cls(output_dir, dim, variants, scorers, maps, embedding)
 
     # ----------------------------------------------------------------------------------------
