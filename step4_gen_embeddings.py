@@ -119,22 +119,23 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
     return records, n
 
 
-def embed_into(
-    paths, model, tokenizer, texts: list[str], n_splits: int, args, device, out_dtype: np.dtype
-) -> tuple[int, int]:
-    """Embed ``texts`` (prompt-major: text p*K + k is response k of prompt p) into K new .npy files.
+def embed_into(paths, model, tokenizer, texts: list[str], args) -> tuple[int, int]:
+    """Embed ``texts`` (prompt-major: text p*K + k is response k of prompt p) into K new .npy files
+    of ``--embedding_dtype``.
 
     ``paths`` are the K target files; each is filled as a memory-mapped temporary beside it and
     renamed onto its target only when all K are complete. Returns (D, number of cut texts).
     """
+    n_splits = len(paths)
     n_prompts = len(texts) // n_splits
     token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length, flag="--max_length", logger=log)
     dim = model.config.get_text_config().hidden_size
     with atomic_paths(*paths) as tmp_paths:
         splits = [
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n_prompts, dim)) for tmp in tmp_paths
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=args.embedding_dtype, shape=(n_prompts, dim))
+            for tmp in tmp_paths
         ]
-        for rows, vectors in iter_embeddings(model, tokenizer, token_ids, args.batch_size, device):
+        for rows, vectors in iter_embeddings(model, tokenizer, token_ids, args.batch_size, model.device):
             prompt_of, split_of = np.divmod(rows, n_splits)
             for k in np.unique(split_of):
                 chosen = split_of == k
@@ -176,16 +177,8 @@ def main(argv=None):
         emb_pattern, reward_pattern = FILE_PATTERNS[kind]
         texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
         started = time.perf_counter()
-        dim, n_cut = embed_into(
-            [data_dir / emb_pattern.format(k=k) for k in range(n_splits)],
-            model,
-            tokenizer,
-            texts,
-            n_splits,
-            args,
-            device,
-            np.dtype(args.embedding_dtype),
-        )
+        paths = [data_dir / emb_pattern.format(k=k) for k in range(n_splits)]
+        dim, n_cut = embed_into(paths, model, tokenizer, texts, args)
         seconds = time.perf_counter() - started
         rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
         n_empty = sum(not response for r in records for response in r["responses_sorted"])

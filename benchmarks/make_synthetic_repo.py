@@ -136,7 +136,6 @@ def write_set(
                 for k in range(n_responses):
                     handle.seek(offset + (k * n_prompts + start) * row_bytes)
                     handle.write(np.ascontiguousarray(embeddings[:, k]).data)
-        handle.close()
     write_npy(out_dir / reward_name, rewards.T.copy() if args.layout == "kn" else rewards[:, :, None])
 
 
