@@ -199,12 +199,6 @@ def rm_texts(tokenizer, queries: Sequence[str], responses: Sequence[str], rm_inp
     return [tokenizer.apply_chat_template(dialogue_messages(q, r), tokenize=False) for q, r in zip(queries, responses)]
 
 
-def response_stats(cut_responses: Sequence[str]) -> dict[str, int]:
-    """Counts for a step's summary: responses, and responses empty after the "\\n\\nHuman" cut
-    (their scored text is the bare prompt)."""
-    return {"n_responses": len(cut_responses), "n_empty_after_cut": sum(not r for r in cut_responses)}
-
-
 def gpt4_demo_prompt(query: str) -> str:
     """Prompt of a GPT-4 demonstration row: the dialogue from its first "Human:" on (the seed CSV's
     queries open with an instruction preamble, which the seed dropped as ``query[85:]``), ending

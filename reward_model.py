@@ -269,16 +269,11 @@ class TRLRewardFunction:
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
         prompt_texts, response_texts = [], []
         for prompt, completion in zip(prompts, completions, strict=True):
-            if isinstance(prompt, str):
-                prompt_texts.append(prompt)
-                response_texts.append(completion)
-                continue
-            prompt_texts.append(hh_rlhf_prompt(prompt))
-            if isinstance(completion, str):
-                response_texts.append(completion)
-                continue
-            roles = {message.get("role") for message in completion}
-            if roles - {"assistant"}:
-                raise ValueError(f"completion messages must be assistant messages, got roles {sorted(roles)}")
-            response_texts.append("\n".join(_message_text(message) for message in completion))
+            prompt_texts.append(prompt if isinstance(prompt, str) else hh_rlhf_prompt(prompt))
+            if not isinstance(completion, str):
+                roles = {message.get("role") for message in completion}
+                if roles - {"assistant"}:
+                    raise ValueError(f"completion messages must be assistant messages, got roles {sorted(roles)}")
+                completion = "\n".join(_message_text(message) for message in completion)
+            response_texts.append(completion)
         return self.reward_model.score_texts(prompt_texts, response_texts, self.variant, progress=False).tolist()

@@ -38,7 +38,6 @@ from llm_models import (
     prompt_seed,
     read_table,
     resolve_model,
-    response_stats,
     sft_adapter_dir,
     split_arg,
     split_hh_dialogue,
@@ -346,7 +345,7 @@ def main(argv=None):
             }
             for prompt_id, prompt, _ in part_prompts[part]
         ]
-        stats = response_stats([cut_response(r[f"response_{i}"]) for r in records for i in range(args.n_samples)])
+        cuts = [cut_response(r[f"response_{i}"]) for r in records for i in range(args.n_samples)]
         write_jsonl(run.samples_path(args.data_class, part), records)
         write_json(
             run.summary_path(args.data_class, part),
@@ -357,12 +356,13 @@ def main(argv=None):
                 "n_generated": len(records),
                 "n_skipped_over_length": len(skipped[part]),
                 "skipped_ids": skipped[part],
-                **stats,
+                "n_responses": len(cuts),
+                "n_empty_after_cut": sum(not cut for cut in cuts),
             },
         )
     texts = [text for row in responses for text in row]
     n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    n_empty = response_stats([cut_response(text) for text in texts])["n_empty_after_cut"]
+    n_empty = sum(not cut_response(text) for text in texts)
     if n_empty:
         log.warning('%d of %d responses are empty once cut at the first "\\n\\nHuman"', n_empty, len(texts))
     print(

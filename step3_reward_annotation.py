@@ -37,7 +37,6 @@ from llm_models import (
     read_jsonl,
     resolve_model,
     response_count,
-    response_stats,
     reward_label_index,
     rewards_from_logits,
     rm_texts,
@@ -137,11 +136,11 @@ def main(argv=None):
     token_ids, truncated = tokenize_texts(
         tokenizer, texts, args.max_length, args.rm_input_format == "raw", "--max_length", log
     )
-    stats = response_stats(cuts)
-    if stats["n_empty_after_cut"]:
+    n_empty = sum(not cut for cut in cuts)
+    if n_empty:
         log.warning(
             '%d of %d responses are empty once cut at the first "\\n\\nHuman"; each is scored as its bare prompt',
-            stats["n_empty_after_cut"],
+            n_empty,
             len(cuts),
         )
     rewards = np.empty(len(texts), dtype=np.float32)
@@ -180,7 +179,7 @@ def main(argv=None):
     print(
         f"step3: {len(texts)} responses of {sum(len(r) for r, _ in samples.values())} prompts scored by "
         f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}, {args.rm_input_format} input, "
-        f"{dtype_name(dtype)}); {stats['n_empty_after_cut']} empty after the cut; mean reward "
+        f"{dtype_name(dtype)}); {n_empty} empty after the cut; mean reward "
         f"{rewards.mean():.4f}; {len(texts) / max(seconds, 1e-9):.1f} texts/s"
     )
 
