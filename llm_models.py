@@ -393,11 +393,8 @@ class GenerationRun:
 
     def parts_present(self, data_class: str, reward_model: str | None = None) -> list[int]:
         """Part indices with a samples file (or, given ``reward_model``, a scored file), ascending."""
-        if reward_model is None:
-            pattern = re.compile(rf"{data_class}_part(\d+)\.jsonl\Z")
-        else:
-            rm_tag = re.escape(model_tag(reward_model))
-            pattern = re.compile(rf"{data_class}_part(\d+)\.scored_{rm_tag}\.jsonl\Z")
+        scored = "" if reward_model is None else rf"\.scored_{re.escape(model_tag(reward_model))}"
+        pattern = re.compile(rf"{data_class}_part(\d+){scored}\.jsonl\Z")
         if not self.folder.is_dir():
             return []
         return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := pattern.match(p.name)))
