@@ -71,7 +71,7 @@ def mlp_train_flops_per_sample(input_dim: int, hidden: Sequence[int] = (1024, 51
 @dataclass
 class TrainConfig:
     epochs: int
-    learning_rate: float = 1e-3
+    learning_rate: float
     batch_size: int = 256
     patience: int = 3  # epochs without validation improvement before stopping
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay; 0 is plain Adam

@@ -45,9 +45,10 @@ REPLACEMENT="${REPLACEMENT:-0}"                 # 1: a prompt's pairs may reuse 
 SPLIT_SEED="${SPLIT_SEED:-0}"                   # draws the prompt partition; SEED varies training only
 EVAL_PROMPTS="${EVAL_PROMPTS:-}"                # evaluation pool size; default: see step 5 --eval_prompts
 ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-10}"
-TRAINING_EPOCHS="${TRAINING_EPOCHS:-2}"
+TRAINING_EPOCHS="${TRAINING_EPOCHS:-30}"
 DISTILL_EPOCHS="${DISTILL_EPOCHS:-20}"
-LEARNING_RATE="${LEARNING_RATE:-0.001}"
+LEARNING_RATE="${LEARNING_RATE:-0.0001}"                # the ORMs' (README, "Small budgets")
+DISTILL_LEARNING_RATE="${DISTILL_LEARNING_RATE:-0.001}" # the student's
 EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
 STOP_METRIC="${STOP_METRIC:-loss}"              # loss | accuracy: what early stopping minimises / maximises
 MIN_VAL_PAIRS="${MIN_VAL_PAIRS:-0}"             # fewer validation pairs: no early stopping
@@ -150,6 +151,7 @@ is_int "$CONSIDER_FIRST_N" && (( CONSIDER_FIRST_N > 0 || CONSIDER_FIRST_N == -1 
     || die "CONSIDER_FIRST_N must be a positive integer, -1 or -2, got '$CONSIDER_FIRST_N'"
 need_number ANNOTATION_QUALITY
 need_number LEARNING_RATE positive
+need_number DISTILL_LEARNING_RATE positive
 [[ "$EARLY_STOPPING" =~ ^(member|pooled|none)$ ]] || die "EARLY_STOPPING must be member, pooled or none, got '$EARLY_STOPPING'"
 [[ "$STOP_METRIC" == loss || "$STOP_METRIC" == accuracy ]] || die "STOP_METRIC must be loss or accuracy, got '$STOP_METRIC'"
 [[ "$MIN_VAL_PAIRS" =~ ^[0-9]{1,10}$ ]] && (( 10#$MIN_VAL_PAIRS <= MAX_SIZE )) \
@@ -326,7 +328,7 @@ STEP7_PID=""
 if (( LAST_STEP >= 7 )); then
     resumable start_child 7 5 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" \
         --data_dir "$DATA_DIR" --task "$TASK" --rm_objective "$RM_OBJECTIVE" --distill_epochs "$DISTILL_EPOCHS" \
-        --learning_rate "$LEARNING_RATE" --seed "$SEED" >"$STEP7_LOG" 2>"$STEP7_ERR"
+        --learning_rate "$DISTILL_LEARNING_RATE" --seed "$SEED" >"$STEP7_LOG" 2>"$STEP7_ERR"
     STEP7_PID=$!
 fi
 section "Step 6: evaluate ranking quality"

@@ -113,7 +113,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--ensemble_number", type=positive_int, default=10, help="members, differing by seed")
     parser.add_argument("--training_epochs", type=positive_int, default=30, help="maximum epochs per member")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
     parser.add_argument(
         "--val_fraction", type=fraction, default=0.1, help="share of pairs held out (whole pairs) for early stopping"

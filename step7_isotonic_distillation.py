@@ -251,7 +251,8 @@ def main(argv=None) -> dict:
         )
     except TrainingDiverged as err:
         raise InputError(
-            f"student diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {args.learning_rate:g}"
+            f"student diverged ({err}); lower --learning_rate (DISTILL_LEARNING_RATE in run_all.sh), "
+            f"now {args.learning_rate:g}"
         ) from None
     del features
     log.info(

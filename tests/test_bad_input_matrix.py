@@ -186,6 +186,7 @@ RUN_ALL_SETTINGS = [
     settings_case("EVAL_PROMPTS", "-5", "must be empty or a positive integer"),
     settings_case("DEMO_PROMPTS", "0", "must be a positive integer"),
     settings_case("LEARNING_RATE", "0", "must be a positive number"),
+    settings_case("DISTILL_LEARNING_RATE", "-0.1", "must be a positive number"),
     settings_case("SEED", "1.5", "must be an integer in 0..4294967295"),
     settings_case("SEED", "-1", "must be an integer in 0..4294967295"),
     settings_case("SEED", "4294967296", "must be an integer in 0..4294967295"),
@@ -870,7 +871,7 @@ def step7_student_diverges(w):
         w,
         [
             "error: student diverged (best validation loss",
-            "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10",
+            "lower --learning_rate (DISTILL_LEARNING_RATE in run_all.sh), now 10",
         ],
         "--learning_rate",
         "10",

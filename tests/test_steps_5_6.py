@@ -127,7 +127,7 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
     manifest = json.loads((trained_run / rm_data.MANIFEST_FILE).read_text())
     assert len(manifest["checkpoints"]) == 2
     assert manifest["checkpoints"][1] == (
-        "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.001.ckpt"
+        "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.0001.ckpt"
     )
     assert manifest["pair_statistics"]["n_pairs"] == 120
     assert 0 <= manifest["pair_statistics"]["label_flip_rate"] < 0.5
