@@ -10,7 +10,6 @@ one line before any model is loaded.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from llm_models import add_dtype_arg, pick_device, write_jsonl
 from reward_model import DEFAULT_VARIANT, ON_GOLDEN_SCALE, VARIANTS, RewardModel
 from rm_data import ensure_writable_dir
-
-log = logging.getLogger("score_responses")
 
 
 def parse_args(argv=None):

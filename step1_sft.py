@@ -2,16 +2,13 @@
 
     python3 step1_sft.py --model_name gemma2b --dataset hh-rlhf-helpful-gpt4
 
-Data: for ``hh-rlhf-{task}-gpt4`` the seed's GPT-4 demonstrations
-``data/synthetic_hhrlhf_{task}_expert_gpt4.csv`` (columns query, response); for ``hh-rlhf-{task}``
-the "chosen" dialogues of Anthropic/hh-rlhf ``{task}-base`` (prompt = text up to and including the
-last "\\n\\nAssistant:", completion = the rest); ``--train_file`` takes any local .jsonl/.csv with
-prompt and completion columns instead. LoRA r=32, alpha=32, dropout 0 (peft) trained by trl's
-SFTTrainer with ``completion_only_loss``; bf16 where the GPU supports it.
-
-Writes the adapter to ``llm_models.sft_adapter_dir(output_dir, model_name, dataset)``, which is where
-step 2 looks for ``--adapter_name sft``; the swap into place is atomic, so a failed run leaves the
-previous adapter intact. Trainer checkpoints and logs go to the sibling folder ``..._trainer``.
+Data (``load_sft_pairs``): the GPT-4 demonstrations for ``hh-rlhf-{task}-gpt4`` (README, "Steps 1-4
+(GPU)"), the chosen dialogues of Anthropic/hh-rlhf ``{task}-base`` for ``hh-rlhf-{task}``, or any
+``--train_file``. The LoRA adapter (``LORA_SETTINGS``) is trained by trl's SFTTrainer with
+``completion_only_loss``, in bf16 where the GPU supports it. Writes the adapter to
+``llm_models.sft_adapter_dir``, where step 2 looks for ``--adapter_name sft``; the swap into place
+is atomic, so a failed run leaves the previous adapter intact. Trainer checkpoints and logs go to
+the sibling folder ``..._trainer``.
 """
 
 from __future__ import annotations
