@@ -106,7 +106,6 @@ def parse_args(argv=None):
     conversion.add_argument(
         "--max_prompts",
         type=positive_int,
-        default=None,
         help="keep only the first M prompts of each set (default: all)",
     )
     conversion.add_argument(
@@ -115,7 +114,6 @@ def parse_args(argv=None):
     conversion.add_argument(
         "--chunk_prompts",
         type=positive_int,
-        default=None,
         help=f"prompts copied per chunk (default: ~{CHUNK_BYTES >> 20} MiB of input)",
     )
     conversion.add_argument("--output_dir", default="data", help="data directory to write (DATA_DIR)")

@@ -324,7 +324,6 @@ def add_reward_model_args(parser) -> None:
     """``--reward_model`` and ``--rm_input_format``, taken alike by steps 3, 3.5 and 4."""
     parser.add_argument(
         "--reward_model",
-        default=None,
         help="golden RM: rmmistral7b, rayharmless, a local folder or hub id "
         "(default: the paper's RM for the task of --eval_dataset/--dataset)",
     )

@@ -44,7 +44,6 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--embedding_model",
-        default=None,
         help="embedding model: short name, local folder or hub id (default: the one the "
         "manifest records; its hidden size must equal the checkpoints' D)",
     )
@@ -54,7 +53,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max_length",
         type=positive_int,
-        default=None,
         help="tokens per text (default: step 4's recorded --max_length)",
     )
     return parser.parse_args(argv)

@@ -58,7 +58,6 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--train_file",
-        default=None,
         help="local .jsonl/.csv with prompt and completion columns (replaces the data set)",
     )
     parser.add_argument("--learning_rate", type=finite_float, default=5e-5, help="AdamW learning rate")

@@ -67,13 +67,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--split", type=split_arg, default=0, help="part index 0..n_parts-1, or 'all'")
     parser.add_argument("--n_parts", type=positive_int, default=5, help="parts the prompt set is cut into")
-    parser.add_argument(
-        "--prompts_file", default=None, help="local .jsonl/.csv with a prompt column, instead of hh-rlhf"
-    )
+    parser.add_argument("--prompts_file", help="local .jsonl/.csv with a prompt column, instead of hh-rlhf")
     parser.add_argument(
         "--max_prompts",
         type=positive_int,
-        default=None,
         help="use only the first M prompts of the set (before it is cut into parts)",
     )
     parser.add_argument(
@@ -103,7 +100,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max_model_len",
         type=positive_int,
-        default=None,
         help="vllm backend: tokens per sequence the engine reserves KV cache for "
         "(default: --max_prompt_len + --max_len)",
     )

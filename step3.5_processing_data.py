@@ -47,7 +47,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--n_samples",
         type=positive_int,
-        default=None,
         help="expected responses per prompt (checked; default: as scored)",
     )
     return parser.parse_args(argv)

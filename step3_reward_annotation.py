@@ -57,13 +57,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--n_samples",
         type=positive_int,
-        default=None,
         help="expected responses per prompt (checked against the file; default: as generated)",
     )
     add_reward_model_args(parser)
     parser.add_argument(
         "--reward_label",
-        default=None,
         help="for a golden RM with several labels: the label (index or name) whose log-odds is the reward",
     )
     add_dtype_arg(parser)

@@ -65,7 +65,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--n_samples",
         type=positive_int,
-        default=None,
         help="expected responses per prompt (checked; default: as ranked)",
     )
     parser.add_argument("--data_dir", default="data", help="data directory for steps 5-8")
