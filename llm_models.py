@@ -295,7 +295,6 @@ def add_generation_args(parser, model_aliases: Sequence[str] = ()) -> None:
     parser.add_argument(
         "--model_name",
         *model_aliases,
-        dest="model_name",
         default="gemma2b",
         help="policy model that generated the responses: short name "
         f"({', '.join(list(MODEL_IDS)[:3])}), local folder or hub id",

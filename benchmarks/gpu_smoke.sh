@@ -9,19 +9,16 @@ WORK="${1:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_smoke.XXXXXX")}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 DEVICE="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')"
+BACKEND=transformers
 if [[ -n "$DEVICE" ]]; then
     echo "gpu_smoke: CUDA device: $DEVICE"
     declare -A N_SAMPLES=([train]=10 [test]=50)
+    "$PYTHON" -c 'import vllm' 2>/dev/null && BACKEND=vllm \
+        || echo "gpu_smoke: vllm does not import: step 2 uses the transformers backend"
 else
     echo "gpu_smoke: no CUDA GPU: running steps 1-4 on the CPU (bf16 on CPU, transformers backend, fewer samples);" \
          "timings are not GPU numbers"
     declare -A N_SAMPLES=([train]=4 [test]=10)
-fi
-if [[ -n "$DEVICE" ]] && "$PYTHON" -c 'import vllm' 2>/dev/null; then
-    BACKEND=vllm
-else
-    BACKEND=transformers
-    [[ -n "$DEVICE" ]] && echo "gpu_smoke: vllm does not import: step 2 uses the transformers backend"
 fi
 
 TIMES=()
