@@ -404,14 +404,6 @@ def part_bounds(n_items: int, n_parts: int, part: int) -> tuple[int, int]:
     return n_items * part // n_parts, n_items * (part + 1) // n_parts
 
 
-def response_count(record: dict) -> int:
-    """Number of ``response_{i}`` keys of a step-2 record (they must be 0..n-1)."""
-    n = sum(1 for key in record if key.startswith("response_"))
-    if any(f"response_{i}" not in record for i in range(n)):
-        raise ValueError("response keys are not response_0..response_{n-1}")
-    return n
-
-
 # --------------------------------------------------------------------------------------------
 # Devices, dtypes, models
 # --------------------------------------------------------------------------------------------
@@ -652,11 +644,8 @@ def iter_embeddings(
     model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int, device: torch.device, progress: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, (B, D) float32 embeddings): the final layer's hidden state at the last
-    real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure;
-    ``reward_model.py`` embeds new text with it too). ``progress``: show a tqdm bar.
-
-    Raises RuntimeError on a non-finite hidden state.
-    """
+    real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure).
+    ``progress``: show a tqdm bar. Raises RuntimeError on a non-finite hidden state."""
     for rows, batch in iter_length_batches(
         token_ids, tokenizer.pad_token_id, tokenizer.padding_side, batch_size, device, "embedding", progress
     ):

@@ -252,12 +252,9 @@ def hh_rlhf_prompt(messages: Sequence[dict]) -> str:
 
 
 class TRLRewardFunction:
-    """``reward_func(prompts, completions, **kwargs) -> list[float]``, the custom reward form of TRL's
-    online trainers (``GRPOTrainer``, ``RLOOTrainer``; other keyword arguments are ignored).
-
-    Standard format: ``prompts`` and ``completions`` are strings. Conversational format: each prompt is a
-    list of ``{"role", "content"}`` messages and each completion a list of assistant messages (TRL's
-    ``[{"role": "assistant", "content": ...}]``); they are rendered as hh-rlhf text (:func:`hh_rlhf_prompt`).
+    """``reward_func(prompts, completions, **kwargs) -> list[float]`` for TRL's online trainers (README,
+    "TRL"): strings, or conversational lists of ``{"role", "content"}`` messages (completions: assistant
+    messages only) rendered as hh-rlhf text (:func:`hh_rlhf_prompt`); other keyword arguments are ignored.
     """
 
     def __init__(self, reward_model: RewardModel, variant: str = DEFAULT_VARIANT):

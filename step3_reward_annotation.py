@@ -36,7 +36,6 @@ from llm_models import (
     pick_dtype,
     read_jsonl,
     resolve_model,
-    response_count,
     reward_label_index,
     rewards_from_logits,
     rm_texts,
@@ -84,10 +83,10 @@ def load_samples(path, n_expected: int | None) -> tuple[list[dict], int]:
         return [], 0
     counts = set()
     for line, record in enumerate(records, start=1):
-        try:
-            counts.add(response_count(record))
-        except ValueError as err:
-            raise InputError(f"{path} line {line}: {err}") from None
+        n = sum(key.startswith("response_") for key in record)
+        if any(f"response_{i}" not in record for i in range(n)):
+            raise InputError(f"{path} line {line}: response keys are not response_0..response_{{n-1}}")
+        counts.add(n)
         if not isinstance(record.get("query"), str) or "id" not in record:
             raise InputError(f"{path} line {line}: expected keys query and id")
     if len(counts) != 1 or 0 in counts:
