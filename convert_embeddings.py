@@ -418,15 +418,15 @@ def previous_conversion(out_dir: Path) -> tuple[dict | None, set[str]]:
 
 
 def is_up_to_date(out_dir: Path, old: dict | None, new: dict) -> bool:
-    if (
-        not old
-        or old.get("status") != "complete"
-        or old.get("fingerprint") != new["fingerprint"]
-        or not isinstance(old.get("files"), dict)
-    ):
-        return False
-    return all(
-        (out_dir / name).is_file() and (out_dir / name).stat().st_size == size for name, size in old["files"].items()
+    return (
+        old is not None
+        and old.get("status") == "complete"
+        and old.get("fingerprint") == new["fingerprint"]
+        and isinstance(old.get("files"), dict)
+        and all(
+            (out_dir / name).is_file() and (out_dir / name).stat().st_size == size
+            for name, size in old["files"].items()
+        )
     )
 
 

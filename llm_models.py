@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from artifacts import atomic_path
-from cli import InputError, non_negative_float, positive_int
+from cli import InputError, non_negative_float, non_negative_int, positive_int
 from random_streams import int_seed, seed_sequence
 from rm_data import TASKS
 
@@ -683,9 +683,6 @@ def split_arg(text: str) -> int | str:
     if text == "all":
         return text
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a part index >= 0 or 'all', got {text!r}")
-    return value
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a part index >= 0 or 'all', got {text!r}") from None
