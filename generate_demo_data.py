@@ -113,8 +113,7 @@ def main(argv=None) -> Path:
 
 def write_demo(args, out_dir: Path) -> Path:
     """Write the demo set into ``out_dir`` unless it already holds one with these settings."""
-    config = {key: value for key, value in vars(args).items() if key != "output_dir"}
-    config["version"] = DEMO_VERSION
+    config = {key: value for key, value in vars(args).items() if key != "output_dir"} | {"version": DEMO_VERSION}
     config_path = out_dir / DEMO_CONFIG
     data_files = [*out_dir.glob("EMBD-*-split_*.npy"), *out_dir.glob("rewards*_split_*.json")]
     if config_path.exists():

@@ -89,7 +89,6 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
     records = read_jsonl(path)
     if not records:
         raise InputError(f"{path}: no records")
-    n = None
     for line, record in enumerate(records, start=1):
         responses, rewards = record.get("responses_sorted"), record.get("rewards_sorted")
         if (
@@ -107,9 +106,8 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
                 f"{path} line {line}: rewards_sorted must be finite and ascending (rerun step3.5_processing_data.py)"
             )
         check_rm_input_format(record, path, line, rm_input_format)
-        if n is None:
-            n = len(rewards)
-        elif len(rewards) != n:
+        n = len(records[0]["rewards_sorted"])  # line 1 is checked by now
+        if len(rewards) != n:
             raise InputError(f"{path} line {line}: {len(rewards)} responses, line 1 has {n}")
     if n < 2:
         raise InputError(f"{path}: need at least 2 responses per prompt for the data directory, found {n}")
