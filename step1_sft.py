@@ -24,6 +24,7 @@ import torch
 from artifacts import write_json
 from cli import ArgumentParser, InputError, finite_float, positive_int, random_seed, run_cli, setup_logging
 from llm_models import (
+    ASSISTANT_TURN,
     REPO_ROOT,
     dtype_name,
     gpt4_demo_prompt,
@@ -103,14 +104,9 @@ def load_sft_pairs(args) -> list[dict]:
         rows = read_table(csv_path, ("query", "response"), "--dataset")
         # hh-rlhf completions start with a space after "Assistant:"; the CSV responses do not.
         return [{"prompt": gpt4_demo_prompt(r["query"]), "completion": " " + r["response"].strip()} for r in rows]
-    pairs = []
-    for dialogue in load_hh_rlhf(task, "train", "--train_file"):
-        try:
-            prompt, completion = split_hh_dialogue(dialogue)
-        except ValueError:
-            continue  # a handful of hh-rlhf rows have no assistant turn
-        pairs.append({"prompt": prompt, "completion": completion})
-    return pairs
+    # a handful of hh-rlhf rows have no assistant turn
+    split = (split_hh_dialogue(d) for d in load_hh_rlhf(task, "train", "--train_file") if ASSISTANT_TURN in d)
+    return [{"prompt": prompt, "completion": completion} for prompt, completion in split]
 
 
 def main(argv=None):
