@@ -1,4 +1,4 @@
-"""Writing and hashing artifacts: atomic writers, leftover-temporary cleanup, file hashes.
+"""Reading and writing artifacts: JSON objects, atomic writers, leftover-temporary cleanup, file hashes.
 
 Every artifact is written to a temporary file beside its target and renamed onto it only when
 complete (README, "Reproducibility and safety"), so a failed or interrupted write leaves the
@@ -80,6 +80,20 @@ def remove_leftover_temps(folder: str | os.PathLike, names: Iterable[str] = ("*"
 def json_text(obj: object) -> str:
     """``obj`` as indented strict JSON with stable key order (NaN and inf are refused)."""
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in ``path``; a missing or unreadable file, or other JSON, is an InputError naming ``what``."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{what} {path} is not readable JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} {path} must hold a JSON object")
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from artifacts import atomic_path, write_json
-from cli import InputError
+from artifacts import atomic_path, read_json, write_json
+from cli import InputError, finite_number
 from metrics import prediction_report
 from random_streams import int_seed, seed_sequence
-from rm_data import read_json
 
 # scikit-learn and joblib are imported where maps are fitted or saved (step 7 only): this module
 # loads with numpy alone, so steps' --help stays fast.
@@ -110,10 +109,9 @@ def _float_array(record: dict, key: str, path: Path) -> np.ndarray:
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ):
         raise InputError(f"{path}: {key!r} must be a non-empty list of numbers")
-    array = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(array).all():
+    if not all(map(finite_number, values)):
         raise InputError(f"{path}: {key!r} holds a non-finite value")
-    return array
+    return np.asarray(values, dtype=np.float64)
 
 
 def map_from_json(record: dict, path: Path) -> IsotonicMap:

@@ -56,12 +56,13 @@ from artifacts import (
     atomic_paths,
     file_sha256,
     json_sha256,
+    read_json,
     remove_leftover_temps,
     sampled_blocks,
     write_json,
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, ensure_writable_dir, read_json, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from artifacts import write_json, write_npy
+from artifacts import read_json, write_json, write_npy
 from cli import ArgumentParser, InputError, non_negative_int, positive_int, random_seed, run_cli, setup_logging
 from rm_data import DEMO_CONFIG_FILE as DEMO_CONFIG
-from rm_data import FILE_PATTERNS, ensure_writable_dir, read_json, write_rewards_jsonl
+from rm_data import FILE_PATTERNS, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import file_sha256, sampled_blocks, write_npy, write_text
+from artifacts import file_sha256, read_json, sampled_blocks, write_npy, write_text
 from cli import InputError, finite_number
 from random_streams import seed_sequence
 
@@ -77,19 +77,6 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> 
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: not a writable directory")
     return path
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}") from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"{what} {path} is not readable JSON ({err})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{what} {path} must hold a JSON object")
-    return obj
 
 
 # --------------------------------------------------------------------------------------------

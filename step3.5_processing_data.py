@@ -19,6 +19,7 @@ import logging
 
 import numpy as np
 
+from artifacts import read_json
 from cli import ArgumentParser, InputError, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
@@ -29,7 +30,6 @@ from llm_models import (
     read_jsonl,
     write_jsonl,
 )
-from rm_data import read_json
 
 log = logging.getLogger("step3.5_processing_data")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import json_sha256, write_text
+from artifacts import json_sha256, read_json, write_text
 from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
-from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir, read_json
+from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir
 
 # Step-5/7 flags under their run_all.sh names (the rest are the flag in capitals).
 SETTING_NAMES = {"embed_model_name": "MODEL_NAME", "gen_pref_model_name": "GEN_PREF_MODEL"}
