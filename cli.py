@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 # ORM early-stopping schemes (README, "Early stopping and ensemble options"); the first is step 5's
@@ -56,7 +57,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     running out of memory (a size flag far too large) is one line and status 2.
     """
     handlers = {}
-    if _main_thread():
+    if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: run_all.sh starts steps with it ignored
             handlers[signum] = signal.signal(signum, _raise_interrupted)
     try:
@@ -75,12 +76,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")

@@ -109,11 +109,15 @@ def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float | None:
     return float(np.corrcoef(rank_pred, rank_gold)[0, 1])
 
 
-def _pair_scores(pred_diff: np.ndarray, gold_diff: np.ndarray) -> tuple[float, int]:
-    """Sum of pair scores (1 correct order, 1/2 prediction tie, 0 wrong) over gold-untied pairs."""
-    valid = gold_diff != 0
-    score = np.where(pred_diff * gold_diff > 0, 1.0, np.where(pred_diff == 0, 0.5, 0.0))
-    return float(score[valid].sum()), int(valid.sum())
+def _accuracy(total: float, count: int, reason: str, pred: np.ndarray) -> dict:
+    """A pairwise accuracy: ``total`` pair scores over ``count`` pairs (None, for ``reason``, when none)."""
+    return _with_reason(
+        accuracy=total / count if count else None,
+        reason=None if count else reason,
+        n_pairs=count,
+        n_prompts=pred.shape[0],
+        n_responses=pred.size,
+    )
 
 
 def same_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray) -> dict:
@@ -129,14 +133,7 @@ def same_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray) -> dict:
         correct += int(np.count_nonzero(gold_lower & (p[:, :, None] < p[:, None, :])))
         ties += int(np.count_nonzero(gold_lower & (p[:, :, None] == p[:, None, :])))
         count += int(np.count_nonzero(gold_lower))
-    total = correct + 0.5 * ties
-    return _with_reason(
-        accuracy=total / count if count else None,
-        reason=None if count else "no response pair of one prompt has different golden rewards",
-        n_pairs=count,
-        n_prompts=n_prompts,
-        n_responses=pred.size,
-    )
+    return _accuracy(correct + 0.5 * ties, count, "no response pair of one prompt has different golden rewards", pred)
 
 
 def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: int, seed: int) -> dict:
@@ -144,27 +141,16 @@ def cross_prompt_pairwise_accuracy(pred: np.ndarray, gold: np.ndarray, n_pairs: 
     pred, gold = _check(pred, gold)
     n_prompts, n_resp = pred.shape
     if n_prompts < 2:
-        return {
-            "accuracy": None,
-            "reason": "needs at least 2 prompts",
-            "n_pairs": 0,
-            "n_prompts": n_prompts,
-            "n_responses": pred.size,
-        }
+        return _accuracy(0.0, 0, "needs at least 2 prompts", pred)
     rng = np.random.default_rng(seed_sequence(seed, "cross_prompt_pairs"))
     prompt_a = rng.integers(n_prompts, size=n_pairs)
     prompt_b = (prompt_a + rng.integers(1, n_prompts, size=n_pairs)) % n_prompts  # never == a
     resp_a, resp_b = rng.integers(n_resp, size=n_pairs), rng.integers(n_resp, size=n_pairs)
-    total, count = _pair_scores(
-        pred[prompt_a, resp_a] - pred[prompt_b, resp_b], gold[prompt_a, resp_a] - gold[prompt_b, resp_b]
-    )
-    return _with_reason(
-        accuracy=total / count if count else None,
-        reason=None if count else "no sampled pair has different golden rewards",
-        n_pairs=count,
-        n_prompts=n_prompts,
-        n_responses=pred.size,
-    )
+    pred_diff = pred[prompt_a, resp_a] - pred[prompt_b, resp_b]
+    gold_diff = gold[prompt_a, resp_a] - gold[prompt_b, resp_b]
+    valid = gold_diff != 0  # pair scores: 1 correct order, 1/2 prediction tie, 0 wrong
+    score = np.where(pred_diff * gold_diff > 0, 1.0, np.where(pred_diff == 0, 0.5, 0.0))
+    return _accuracy(float(score[valid].sum()), int(valid.sum()), "no sampled pair has different golden rewards", pred)
 
 
 def _permute(values: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 REFERENCE_STYLE = {"oracle": dict(color="black", linestyle="--"), "random": dict(color="grey", linestyle=":")}
+POINTS = dict(marker="o", markersize=3)  # every curve's points; error bars get caps
 
 
 def _pyplot():
@@ -45,9 +46,7 @@ def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> 
                 continue
             style = REFERENCE_STYLE.get(name, {})
             stderr = [math.nan if value is None else value for value in curve["stderr"]]  # None: one prompt
-            ax.errorbar(
-                curve["n"], curve["mean"], yerr=stderr, label=name, marker="o", markersize=3, capsize=2, **style
-            )
+            ax.errorbar(curve["n"], curve["mean"], yerr=stderr, label=name, capsize=2, **POINTS, **style)
         ax.set_xscale("log")
         ax.set_xticks(result["curves"]["oracle"]["n"])
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
@@ -74,13 +73,7 @@ def plot_calibration(panels: Mapping[str, Mapping[str, dict]], path: str | Path,
         ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="perfect calibration")
         for name, curve in curves.items():
             ax.errorbar(
-                curve["pred_mean"],
-                curve["gold_mean"],
-                yerr=curve["gold_stderr"],
-                label=name,
-                marker="o",
-                markersize=3,
-                capsize=2,
+                curve["pred_mean"], curve["gold_mean"], yerr=curve["gold_stderr"], label=name, capsize=2, **POINTS
             )
         n_bins = max(len(curve["count"]) for curve in curves.values())
         ax.set_xlabel("predicted reward (bin mean)")
@@ -118,9 +111,7 @@ def plot_sweep(
             if not points:
                 continue
             xs, means, ses = zip(*points)
-            ax.errorbar(
-                xs, means, yerr=[0.0 if s is None else s for s in ses], label=label, marker="o", markersize=3, capsize=2
-            )
+            ax.errorbar(xs, means, yerr=[0.0 if s is None else s for s in ses], label=label, capsize=2, **POINTS)
         if log_x:
             ax.set_xscale("log")
             ax.set_xticks(sorted({x for curve in curves.values() for x in curve["x"]}))
@@ -133,21 +124,19 @@ def plot_sweep(
             ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center")
     for ax in axes.ravel()[len(panels) :]:
         ax.set_visible(False)
-    handles, labels = {}, []  # one legend for the figure, below the panels
+    handles = {}  # label -> first handle: one legend for the figure, below the panels
     for ax in axes.ravel()[: len(panels)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in handles:
-                handles[label] = handle
-                labels.append(label)
+            handles.setdefault(label, handle)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, min(0.3, 0.03 * len(labels) / n_rows), 1, 1))
-    if labels:
+    fig.tight_layout(rect=(0, min(0.3, 0.03 * len(handles) / n_rows), 1, 1))
+    if handles:
         fig.legend(
-            [handles[label] for label in labels],
-            labels,
+            list(handles.values()),
+            list(handles),
             loc="lower center",
             fontsize=8,
-            ncol=min(2, len(labels)),
+            ncol=min(2, len(handles)),
             frameon=False,
         )
     save_figure(fig, path)
@@ -170,19 +159,17 @@ def plot_training_curves(
         if not history:
             continue
         epochs = [record["epoch"] for record in history]
-        (line,) = axes[0, 0].plot(
-            epochs, [record["train_loss"] for record in history], marker="o", markersize=3, label=name
-        )
+        (line,) = axes[0, 0].plot(epochs, [record["train_loss"] for record in history], label=name, **POINTS)
         points = [(record["epoch"], record["val_loss"]) for record in history if record["val_loss"] is not None]
         if not points:
             continue
-        axes[0, 1].plot(*zip(*points), marker="o", markersize=3, color=line.get_color(), label=name)
+        axes[0, 1].plot(*zip(*points), color=line.get_color(), label=name, **POINTS)
         kept = (kept_epochs or {}).get(name)
         best = next((p for p in points if p[0] == kept), None) or min(points, key=lambda p: p[1])
         axes[0, 1].plot(*best, marker="*", markersize=10, color=line.get_color())
         accuracy = [(record["epoch"], record["val_accuracy"]) for record in history if "val_accuracy" in record]
         if accuracy:
-            axes[0, 2].plot(*zip(*accuracy), marker="o", markersize=3, color=line.get_color(), label=name)
+            axes[0, 2].plot(*zip(*accuracy), color=line.get_color(), label=name, **POINTS)
     for ax, what in zip(axes[0], panels):
         ax.set_xlabel("epoch")
         ax.set_title(what)

@@ -308,17 +308,6 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", require
     return EmbeddingSet(kind, data_dir, emb_paths, reward_paths, rewards, d, dtype)
 
 
-def load_test_set(data_dir: str | os.PathLike, train: EmbeddingSet) -> EmbeddingSet | None:
-    """The optional test set of ``data_dir`` (None if absent), checked to have the training set's D."""
-    test = load_embedding_set(data_dir, "test", required=False)
-    if test is not None and test.dim != train.dim:
-        raise InputError(
-            f"{test.embedding_paths[0]}: test embeddings have D={test.dim}, the training "
-            f"embeddings ({train.embedding_paths[0].name}) D={train.dim}"
-        )
-    return test
-
-
 def fingerprint(eset: EmbeddingSet) -> str:
     """A sha256 over the set's file names, shapes, dtypes, all rewards and sampled embedding bytes.
 
@@ -475,16 +464,11 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
 def _numeric_history(history: object) -> bool:
     """A list of per-epoch records whose epoch and training loss are numbers (validation values numbers
     or null), as step 6 draws them."""
-
-    def number(value: object, nullable: bool) -> bool:
-        return (value is None and nullable) or finite_number(value)
-
     return isinstance(history, list) and all(
         isinstance(r, dict)
-        and number(r.get("epoch"), False)
-        and number(r.get("train_loss"), False)
-        and number(r.get("val_loss"), True)
-        and number(r.get("val_accuracy"), True)
+        and finite_number(r.get("epoch"))
+        and finite_number(r.get("train_loss"))
+        and all(r.get(key) is None or finite_number(r[key]) for key in ("val_loss", "val_accuracy"))
         for r in history
     )
 
@@ -546,8 +530,24 @@ class Run:
         return load_partition(self.output_dir, self.data)
 
     def test_set(self) -> EmbeddingSet | None:
-        """The data directory's optional test set (:func:`load_test_set`)."""
-        return load_test_set(self.data.data_dir, self.data)
+        """The data directory's optional test set (None if absent), checked to have the training set's D."""
+        test = load_embedding_set(self.data.data_dir, "test", required=False)
+        if test is not None and test.dim != self.data.dim:
+            raise InputError(
+                f"{test.embedding_paths[0]}: test embeddings have D={test.dim}, the training "
+                f"embeddings ({self.data.embedding_paths[0].name}) D={self.data.dim}"
+            )
+        return test
+
+    def evaluation_sets(
+        self, partition: dict[str, np.ndarray], test: EmbeddingSet | None
+    ) -> dict[str, tuple[EmbeddingSet, np.ndarray]]:
+        """What steps 6 and 8 evaluate, each set with its prompt ids: the held-out prompts and, where
+        the data has one, the whole test set."""
+        sets = {"held_out": (self.data, partition["held_out"])}
+        if test is not None:
+            sets["test"] = (test, np.arange(test.n_prompts))
+        return sets
 
 
 def open_run(args, flags: Iterable[str], seed: int | None = None) -> Run:

@@ -4,24 +4,18 @@
     python3 run_state.py run --output_dir OUT --step 6 --after 5 [--force] -- CMD ...
 
 ``run`` runs CMD (one step script) unless ``OUT/.run_state/step{N}.json`` records a finished run
-of the same step with the same key and every output file it recorded still has the recorded
-sha256; then it prints ``[step N up to date]``. The key is a sha256 over the step name, CMD's argv,
-the sha256 of the step script and of the project modules it imports (transitively), the data
-fingerprint of ``--data_dir`` (see :func:`data_fingerprint`; the first step is given it, later
-steps inherit it through the chain) and the previous step's record (its key and output hashes).
-So a changed flag, data set or code reruns the step, and, through the chained keys, every later
-one; a step rerun only because one of its own outputs was changed or deleted leaves later steps up
-to date when it reproduces its recorded outputs byte for byte.
+with the same key (:func:`main` lists its ingredients) and every output it recorded still has the
+recorded sha256; then it prints ``[step N up to date]`` (README, "Resuming runs"). The key chains
+the previous step's key and output hashes, so a step rerun only because one of its own outputs was
+changed or deleted leaves later steps up to date when it reproduces its outputs byte for byte.
 
 On a run the old record is deleted first and CMD runs with ``artifacts.WRITE_LOG_ENV`` naming a
-file in ``.run_state/``, to which its atomic writers (``artifacts.atomic_path``) append every path
-they complete; on success the files it wrote (but :data:`NOT_OUTPUTS`) are hashed into the new
-record, written atomically and last. So two steps may run side by side (run_all.sh runs 6 and 7
-together) and each records only its own files. A step killed at any point leaves no record and
-reruns; as every artifact is itself written atomically, the rerun starts from whole files only.
-The first step of a run (no ``--after``) first removes the temporary files of interrupted atomic
-writes (``.NAME.*.tmp``) anywhere under OUT; later steps do not, as a step beside them may be
-writing. ``--force`` (FORCE=1 in run_all.sh) runs the step whatever the record says.
+file to which its atomic writers append every path they complete; on success the files it wrote
+(but :data:`NOT_OUTPUTS`) are hashed into the new record, written last. So two steps may run side
+by side (run_all.sh runs 6 and 7 together) and each records only its own files, and a step killed
+at any point leaves no record. The first step of a run (no ``--after``) first removes the temporary
+files of interrupted atomic writes (``.NAME.*.tmp``) under OUT; later steps do not, as a step
+beside them may be writing.
 
 Standard library only (the atomic writers of ``artifacts``), so the check costs a fraction of a
 step's start-up.
@@ -76,13 +70,15 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Hashes
 # --------------------------------------------------------------------------------------------
-def data_file_stats(data_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """[size, mtime_ns, inode] of each embedding and reward file (train and test) in ``data_dir``."""
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+    """sha256 over the stat info (size, mtime_ns, inode) of every embedding and reward file, as build
+    tools do: any rewrite, copy, touch or in-place edit of a data file reruns the steps. Never fails
+    (an unreadable folder has an empty fingerprint; the step itself reports the problem)."""
     stats = {}
     try:
         entries = list(os.scandir(data_dir))
     except OSError:
-        return {}
+        entries = []
     for entry in entries:
         if DATA_FILE.match(entry.name):
             try:
@@ -90,14 +86,7 @@ def data_file_stats(data_dir: str | os.PathLike) -> dict[str, list[int]]:
             except OSError:
                 continue
             stats[entry.name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-    return dict(sorted(stats.items()))
-
-
-def data_fingerprint(data_dir: str | os.PathLike) -> str:
-    """sha256 over the stat info (size, mtime_ns, inode) of every embedding and reward file, as build
-    tools do: any rewrite, copy, touch or in-place edit of a data file reruns the steps. Never fails
-    (an unreadable folder has an empty fingerprint; the step itself reports the problem)."""
-    return json_sha256(data_file_stats(data_dir))
+    return json_sha256(stats)  # sorted keys
 
 
 def code_hashes(command: Sequence[str]) -> dict[str, str]:
@@ -216,7 +205,8 @@ def run_command(command: Sequence[str], write_log: Path) -> int:
     return 128 - status if status < 0 else status
 
 
-def run_step(args) -> int:
+def main(argv=None) -> int:
+    args = parse_args(argv)
     output_dir = Path(args.output_dir)
     label, path = f"step {args.step}", record_path(output_dir, args.step)
     previous = read_record(record_path(output_dir, args.after)) if args.after else None
@@ -256,10 +246,6 @@ def run_step(args) -> int:
     )
     print(f"[{label} took {seconds:.1f} s]", flush=True)
     return 0
-
-
-def main(argv=None) -> int:
-    return run_step(parse_args(argv))
 
 
 if __name__ == "__main__":

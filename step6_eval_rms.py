@@ -115,30 +115,18 @@ def main(argv=None) -> dict:
     objective = manifest["config"]["rm_objective"]
 
     start = time.perf_counter()
-    held_out = partition["held_out"]
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
     scorer = ensemble_scorer(models)
-    results = {
-        "manifest": str(output_dir / MANIFEST_FILE),
-        "eval_seed": seed,
-        "held_out": evaluate(
-            data.score_cached(held_out, scorer, cache_dir, member_paths), data.rewards[held_out], args, seed
-        ),
-    }
-    if test is not None:
-        test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(
-            test.score_cached(test_prompts, scorer, cache_dir, member_paths), test.rewards, args, seed
-        )
+    results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
+    sets = run.evaluation_sets(partition, test)
+    for name, (eset, prompts) in sets.items():
+        scores = eset.score_cached(prompts, scorer, cache_dir, member_paths)
+        results[name] = evaluate(scores, eset.rewards[prompts], args, seed)
     log.info("evaluated %d members in %.2fs", len(models), time.perf_counter() - start)
 
     json_path = output_dir / f"eval_results_{objective}.json"
     plot_path = output_dir / f"eval_best_of_n_{objective}.png"
-    panels = {
-        f"{name} ({res['n_prompts']} prompts)": res["best_of_n"]
-        for name, res in results.items()
-        if name in ("held_out", "test")
-    }
+    panels = {f"{name} ({results[name]['n_prompts']} prompts)": results[name]["best_of_n"] for name in sets}
     curves_path = output_dir / f"training_curves_{objective}.png"
     records = {f"member {record.get('member', i)}": record for i, record in enumerate(manifest.get("members") or [])}
     curves = {name: record.get("history") or [] for name, record in records.items()}

@@ -194,7 +194,6 @@ def main(argv=None) -> dict:
     constant = float(data.rewards[partition["calibration"]].mean())
 
     start = time.perf_counter()
-    held_out = partition["held_out"]
     results = {
         "manifest": str(output_dir / MANIFEST_FILE),
         "eval_seed": seed,
@@ -205,48 +204,33 @@ def main(argv=None) -> dict:
             "student_map": str(sidecar_path(student_map_path)),
             "isotonic_variants": {"teacher": teacher_map.variant, "student": student_map.variant},
         },
-        "held_out": evaluate(
-            score_variants(data, held_out, teacher, student, teacher_map, student_map, teacher_cache),
-            data.rewards[held_out],
-            constant,
-            args,
-            seed,
-        ),
     }
-    if test is not None:
-        test_prompts = np.arange(test.n_prompts)
-        results["test"] = evaluate(
-            score_variants(test, test_prompts, teacher, student, teacher_map, student_map, teacher_cache),
-            test.rewards,
-            constant,
-            args,
-            seed,
-        )
+    sets = run.evaluation_sets(partition, test)
+    for name, (eset, prompts) in sets.items():
+        variants = score_variants(eset, prompts, teacher, student, teacher_map, student_map, teacher_cache)
+        results[name] = evaluate(variants, eset.rewards[prompts], constant, args, seed)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 
     json_path, calibration_plot = output_dir / "validation_results.json", output_dir / "validation_calibration.png"
     bon_plot = output_dir / "validation_best_of_n.png"
-    evaluated = {name: res for name, res in results.items() if name in ("held_out", "test")}
     label = {"held_out": "held-out prompts", "test": "test set"}
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
-    table = "\n".join(format_table(label[name], res) for name, res in evaluated.items())
+    table = "\n".join(format_table(label[name], results[name]) for name in sets)
+    titles = {
+        name: f"{label[name]} ({results[name]['n_prompts']} prompts, {results[name]['n_responses']} responses)"
+        for name in sets
+    }
     # All four files or none: a failure in any (a plot, a full disk) leaves no half of the results.
     with atomic_paths(json_path, output_dir / "validation_table.txt", calibration_plot, bon_plot) as tmp_paths:
         tmp_paths[0].write_text(json_text(results))
         tmp_paths[1].write_text(table + "\n")  # run_all.sh shows it when step 8 is up to date
         plot_calibration(
-            {
-                f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["calibration_curves"]
-                for name, res in evaluated.items()
-            },
+            {titles[name]: results[name]["calibration_curves"] for name in sets},
             tmp_paths[2],
             title=f"Calibration ({teacher_map.variant} isotonic)",
         )
         plot_best_of_n(
-            {
-                f"{label[name]} ({res['n_prompts']} prompts, {res['n_responses']} responses)": res["best_of_n"]
-                for name, res in evaluated.items()
-            },
+            {titles[name]: results[name]["best_of_n"] for name in sets},
             tmp_paths[3],
             title=f"Teacher ({len(teacher_paths)} members) vs distilled student",
         )

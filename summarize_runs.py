@@ -238,14 +238,18 @@ def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
     return varied, columns, rows, common
 
 
-def check_curves(rows: list[dict], varied: list[str]) -> None:
-    """Rows on one figure curve (equal but for one swept setting) share their held-out prompts."""
+def figure_curves(rows: list[dict], varied: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """Swept setting among FIGURE_SETTINGS -> curve label -> its rows (equal but in that setting), after
+    checking that the runs of each curve share their held-out prompts."""
+    figures = {}
     for x_name in (name for name in FIGURE_SETTINGS if name in varied):
-        curves = defaultdict(list)
+        others = [name for name in varied if name != x_name]
+        curves = figures[x_name] = defaultdict(list)
         for row in rows:
-            curves[json.dumps([row[name] for name in varied if name != x_name])].extend(row["_runs"])
-        for curve_runs in curves.values():
-            check_same_held_out(curve_runs, f"a curve against {x_name}")
+            curves[", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)].append(row)
+        for curve_rows in curves.values():
+            check_same_held_out([run for row in curve_rows for run in row["_runs"]], f"a curve against {x_name}")
+    return figures
 
 
 def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: list[dict], common: dict) -> None:
@@ -295,15 +299,10 @@ def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: 
     write_text(output_dir / "summary.md", "\n".join(lines))
 
 
-def write_figures(output_dir: Path, varied: list[str], rows: list[dict]) -> list[Path]:
-    """One PNG per swept setting among FIGURE_SETTINGS: held-out metrics against it."""
+def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], rows: list[dict]) -> list[Path]:
+    """One PNG per swept setting (:func:`figure_curves`): held-out metrics against it."""
     paths = []
-    for x_name in (name for name in FIGURE_SETTINGS if name in varied):
-        others = [name for name in varied if name != x_name]
-        curves = defaultdict(list)
-        for row in rows:
-            label = ", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)
-            curves[label].append(row)
+    for x_name, curves in figures.items():
         panels = {}
         for metric, metric_label in METRICS.items():
             column = f"held_out_{metric}"
@@ -336,10 +335,10 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     runs = [load_run(path) for path in find_runs(args.runs)]
     varied, columns, rows, common = summarize(runs)
-    check_curves(rows, varied)
+    curves = figure_curves(rows, varied)
     output_dir = ensure_writable_dir(args.output_dir)  # only once the runs are known to fit together
     write_tables(output_dir, varied, columns, rows, common)
-    figures = write_figures(output_dir, varied, rows)
+    figures = write_figures(output_dir, curves, rows)
     print((output_dir / "summary.md").read_text())
     print(
         f"summarize_runs: {len(runs)} runs in {len(rows)} rows -> {output_dir / 'summary.csv'}, "

@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_GB = 2.0
 
 
+def command(script: str, **flags: object) -> list[str]:
+    """``python3 SCRIPT --name value ...`` with this interpreter, the flags in the order given."""
+    return [sys.executable, script, *(arg for name, value in flags.items() for arg in (f"--{name}", str(value)))]
+
+
 def run_measured(name: str, cmd: list[str], rows: list) -> None:
     """Run ``cmd``; record wall seconds and the child's own peak RSS in GB."""
     start = time.perf_counter()
@@ -58,7 +63,6 @@ def main() -> None:
     n_sample = int(10000 * args.scale)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_full_scale_"))
     repo, data, out = work / "repo", work / "data", work / "out"
-    py = sys.executable
     print(
         f"setup: train {n_train} x 10 x 2048, test {n_test} x 500 x 2048 float32, N_SAMPLE={n_sample}, "
         f"ENSEMBLE_NUMBER={args.ensemble_number}, TRAINING_EPOCHS={args.training_epochs}; files in {work}"
@@ -68,61 +72,37 @@ def main() -> None:
     try:
         run_measured(
             "make synthetic repo",
-            [
-                py,
+            command(
                 "benchmarks/make_synthetic_repo.py",
-                "--output_dir",
-                str(repo),
-                "--n_prompts",
-                str(n_train),
-                "--n_test_prompts",
-                str(n_test),
-                "--task",
-                "harmless",
-                "--gen_model",
-                "gemma2b",
-            ],
+                output_dir=repo,
+                n_prompts=n_train,
+                n_test_prompts=n_test,
+                task="harmless",
+                gen_model="gemma2b",
+            ),
             rows,
         )
         run_measured(
             "convert_embeddings",
-            [
-                py,
-                "convert_embeddings.py",
-                "--embd_dir",
-                str(repo),
-                "--task",
-                "harmless",
-                "--gen_model",
-                "gemma2b",
-                "--output_dir",
-                str(data),
-            ],
+            command("convert_embeddings.py", embd_dir=repo, task="harmless", gen_model="gemma2b", output_dir=data),
             rows,
         )
         run_measured(
             "step5 train",
-            [
-                py,
+            command(
                 "step5_train_rms.py",
-                "--data_dir",
-                str(data),
-                "--output_dir",
-                str(out),
-                "--task",
-                "harmless",
-                "--n_sample",
-                str(n_sample),
-                "--ensemble_number",
-                str(args.ensemble_number),
-                "--training_epochs",
-                str(args.training_epochs),
-            ],
+                data_dir=data,
+                output_dir=out,
+                task="harmless",
+                n_sample=n_sample,
+                ensemble_number=args.ensemble_number,
+                training_epochs=args.training_epochs,
+            ),
             rows,
         )
-        run_measured("step6 eval", [py, "step6_eval_rms.py", "--output_dir", str(out)], rows)
-        run_measured("step7 calibrate+distil", [py, "step7_isotonic_distillation.py", "--output_dir", str(out)], rows)
-        run_measured("step8 validate", [py, "step8_validate_distillation.py", "--output_dir", str(out)], rows)
+        run_measured("step6 eval", command("step6_eval_rms.py", output_dir=out), rows)
+        run_measured("step7 calibrate+distil", command("step7_isotonic_distillation.py", output_dir=out), rows)
+        run_measured("step8 validate", command("step8_validate_distillation.py", output_dir=out), rows)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

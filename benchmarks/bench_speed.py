@@ -54,6 +54,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_full_scale import command  # noqa: E402
+
 import artifacts  # noqa: E402
 import networks  # noqa: E402
 import objectives  # noqa: E402
@@ -333,12 +335,7 @@ def step_times(stdout: str) -> str:
 
 def bench_help(repeats: int) -> None:
     """``stepN --help`` for steps 5-8: the best of ``repeats`` wall times each."""
-    scripts = [
-        "step5_train_rms.py",
-        "step6_eval_rms.py",
-        "step7_isotonic_distillation.py",
-        "step8_validate_distillation.py",
-    ]
+    scripts = sorted(path.name for path in ROOT.glob("step[5-8]_*.py"))
     best = [min(run([sys.executable, script, "--help"], {}) for _ in range(repeats)) for script in scripts]
     bare = min(run([sys.executable, "-c", "pass"], {}) for _ in range(repeats))
     report(
@@ -379,23 +376,15 @@ def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
     """The seed's "real embeddings" run (conversion included): each repeat converts and trains afresh."""
     n_prompts = 1200 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:
-        run(
-            [
-                sys.executable,
-                str(ROOT / "benchmarks" / "make_synthetic_repo.py"),
-                "--output_dir",
-                f"{tmp}/repo",
-                "--n_prompts",
-                str(n_prompts),
-                "--n_test_prompts",
-                "0",
-                "--task",
-                "harmless",
-                "--gen_model",
-                "gemma2b",
-            ],
-            {},
+        synthetic_repo = command(
+            "benchmarks/make_synthetic_repo.py",
+            output_dir=f"{tmp}/repo",
+            n_prompts=n_prompts,
+            n_test_prompts=0,
+            task="harmless",
+            gen_model="gemma2b",
         )
+        run(synthetic_repo, {})
         env = {
             "USE_REPO_EMBD": "1",
             "TASK": "harmless",
@@ -442,42 +431,27 @@ def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
     n_train = max(60, int(40000 * scale))
     with tempfile.TemporaryDirectory() as tmp:
         run(
-            [
-                sys.executable,
-                str(ROOT / "benchmarks" / "make_synthetic_repo.py"),
-                "--output_dir",
-                f"{tmp}/repo",
-                "--n_prompts",
-                str(n_train),
-                "--n_test_prompts",
-                str(n_test),
-            ],
+            command(
+                "benchmarks/make_synthetic_repo.py", output_dir=f"{tmp}/repo", n_prompts=n_train, n_test_prompts=n_test
+            ),
             {},
         )
-        run([sys.executable, "convert_embeddings.py", "--embd_dir", f"{tmp}/repo", "--output_dir", f"{tmp}/data"], {})
+        run(command("convert_embeddings.py", embd_dir=f"{tmp}/repo", output_dir=f"{tmp}/data"), {})
         shutil.rmtree(f"{tmp}/repo")
         out = Path(tmp) / "out"
-        run(
-            [
-                sys.executable,
-                "step5_train_rms.py",
-                "--data_dir",
-                f"{tmp}/data",
-                "--output_dir",
-                str(out),
-                "--n_sample",
-                str(max(10, n_train // 4)),
-                "--ensemble_number",
-                "10",
-                "--training_epochs",
-                "1",
-            ],
-            {},
+        step5 = command(
+            "step5_train_rms.py",
+            data_dir=f"{tmp}/data",
+            output_dir=out,
+            n_sample=max(10, n_train // 4),
+            ensemble_number=10,
+            training_epochs=1,
         )
+        run(step5, {})
         runs = []
         for _ in range(repeats):
             shutil.rmtree(out / rm_data.SCORE_CACHE_DIR, ignore_errors=True)  # score afresh each time
-            runs.append(run([sys.executable, "step6_eval_rms.py", "--output_dir", str(out)], {}))
+            runs.append(run(command("step6_eval_rms.py", output_dir=out), {}))
         evaluation = json.loads((out / "eval_results_bt.json").read_text())
     best = min(runs)
     responses = sum(evaluation[name]["n_responses"] for name in ("held_out", "test"))
