@@ -1,11 +1,9 @@
 """Step 6: evaluate the ranking quality of each ORM member and of the ensemble.
 
-Story: read the manifest and the prompt partition written by step 5; score the ``held_out`` prompts
-(and the test set, when the data directory has one) chunk by chunk with every member; report per
-member and per ensemble rule (mean, min, first member, mean minus std) the per-prompt and global
-Spearman, same- and cross-prompt pairwise accuracy, and best-of-N curves against the golden oracle
-and a random pick; write ``eval_results_{objective}.json`` and a best-of-N PNG; print a table.
-No prompt used to train the ORMs is read. The metrics are defined in README, "Step 6: evaluation".
+Story: open step 5's run; score the ``held_out`` prompts (and the test set, when the data directory
+has one) chunk by chunk with every member; report the ranking metrics and best-of-N curves of each
+member and ensemble rule (README, "Step 6: evaluation"); write the JSON and PNGs; print a table.
+No prompt used to train the ORMs is read.
 """
 
 from __future__ import annotations

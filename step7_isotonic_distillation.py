@@ -1,13 +1,10 @@
 """Step 7: calibrate the teacher with isotonic regression and distil it into one student MLP.
 
-Story: read step 5's manifest and prompt partition; the teacher is the mean of the ensemble members
-(or of ``--teacher_ckpt``). On ``calibration`` prompts, cross-validate the isotonic map
-teacher -> golden reward over folds of prompts (the out-of-fold error is the honest calibration
-error; both isotonic variants are measured), then refit it on all calibration prompts. Train a
-student MLP by MSE on every response of the ``student_train`` prompts towards isotonic(teacher(x))
-(it learns the calibrated teacher, not the golden labels), early-stopping on a slice of whole
-``student_train`` prompts. Fit the student's own isotonic map on the calibration prompts. Write the
-student checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 8 reads) and
+Story: open step 5's run; the teacher is the mean of the ensemble members (or of ``--teacher_ckpt``).
+Cross-validate the isotonic map teacher -> golden reward over folds of ``calibration`` prompts, then
+refit it on all of them; train a student MLP by MSE towards isotonic(teacher(x)) on the
+``student_train`` prompts; fit the student's own map on the calibration prompts; write the student
+checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 8 reads) and
 ``distillation_config.json``. ``held_out`` prompts are never read (README, "Step 7: calibration and
 distillation" and "Who sees which prompts").
 """

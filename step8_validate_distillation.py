@@ -1,14 +1,11 @@
 """Step 8: validate the four reward variants: Teacher, Teacher+Isotonic, Student, Student+Isotonic.
 
-Story: read step 5's manifest and prompt partition, the teacher checkpoints, step 7's student and
-the two isotonic maps (from their JSON sidecars: nothing is unpickled); score the ``held_out``
-prompts (and the test set, when the data directory has one); report for every variant the
-per-prompt and global Spearman, same- and cross-prompt pairwise accuracy, best-of-N, MSE and MAE
-to the golden reward, and the number of distinct values; compare with a constant predictor (the
-calibration prompts' mean golden reward) as the floor. Raw teacher scores are not on the golden
-scale, so their MSE is reported but marked not meaningful; the student is trained on the calibrated
-scale, so its MSE is meaningful. Writes ``validation_results.json``, a calibration plot and a
-best-of-N plot, and prints the table (README, "Step 8: four-variant validation").
+Story: open step 5's run; read the teacher checkpoints, step 7's student and the two isotonic maps
+(from their JSON sidecars: nothing is unpickled); score the ``held_out`` prompts (and the test set,
+when the data directory has one); report every variant's ranking metrics, best-of-N and error to the
+golden reward beside a constant predictor, the floor (README, "Step 8: four-variant validation");
+write the JSON, table and plots; print the table. Raw teacher scores are not on the golden scale, so
+their MSE is reported but marked not meaningful.
 """
 
 from __future__ import annotations

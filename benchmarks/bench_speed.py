@@ -105,19 +105,13 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
             torch.Generator().manual_seed(1),
         )
 
-    bare_model = torch.nn.Sequential(
-        torch.nn.Linear(dim, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 512),
-        torch.nn.ReLU(),
-        torch.nn.Linear(512, 1),
-    )
+    bare_model = networks.MLP(dim)
     bare_opt = torch.optim.Adam(bare_model.parameters(), lr=1e-3)
     bare_x = torch.randn(2 * batch, dim, generator=gen)
 
     def bare():
         for _ in range(steps):
-            scores = bare_model(bare_x).squeeze(-1)
+            scores = bare_model(bare_x)
             loss = torch.nn.functional.softplus(scores[batch:] - scores[:batch]).mean()
             bare_opt.zero_grad()
             loss.backward()
@@ -329,6 +323,27 @@ def report_against_floor(name: str, timing: Timing, floor: float, target: str, n
     )
 
 
+def report_pipeline(
+    name: str, runs: list[Timing], machine: Machine, flops: dict[str, float], target: str, copy: float | None = None
+) -> None:
+    """A whole-run row: the best of ``runs`` against its floor, 4 step starts + ``flops`` at the GEMM rate
+    (+ the converter's start and ``copy``, a bare copy of its inputs, when the run converts), and the floor's parts."""
+    best, total = min(runs), sum(flops.values())
+    floor = 4 * machine.torch_start + total / machine.gemm_flops
+    parts = f"4 x {machine.torch_start:.2f} s + {total / machine.gemm_flops:.1f} s"
+    if copy is not None:
+        floor = floor + machine.numpy_start + copy
+        parts += f" + conversion {machine.numpy_start:.2f} + {copy:.1f} s (bare copy of the sources)"
+    report_against_floor(
+        name, best, floor, target, f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout)
+    )
+    report(
+        "   floor = 4 x start + FLOPs / GEMM rate" + ("" if copy is None else " + copy"),
+        f"{total / 1e12:.2f} TFLOP",
+        f"{parts}; " + ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()),
+    )
+
+
 def step_times(stdout: str) -> str:
     return ", ".join(f"{name} {seconds} s" for name, seconds in re.findall(r"\[(.+?) took ([\d.]+) s\]", stdout))
 
@@ -355,21 +370,7 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
         run(["bash", "run_all.sh"], env)  # generates the demo once (not part of the timed runs)
         runs = [run(["bash", "run_all.sh"], {**env, "FORCE": "1"}) for _ in range(repeats)]  # FORCE: no resuming
         flops = pipeline_flops(Path(tmp) / "out")
-    best = min(runs)
-    floor = 4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops
-    report_against_floor(
-        "3. run_all.sh default demo (FORCE=1)",
-        best,
-        floor,
-        "target <= 10 s and <= 1.25x floor",
-        f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout),
-    )
-    report(
-        "   floor = 4 x start + FLOPs / GEMM rate",
-        f"{sum(flops.values()) / 1e12:.2f} TFLOP",
-        f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s; "
-        + ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()),
-    )
+    report_pipeline("3. run_all.sh default demo (FORCE=1)", runs, machine, flops, "target <= 10 s and <= 1.25x floor")
 
 
 def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
@@ -405,22 +406,8 @@ def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
         # The converter reads and writes every byte once: its floor is a bare copy of its inputs.
         sources = sorted(Path(f"{tmp}/repo").glob("*.npy"))
         copy_seconds = best_time(lambda: [shutil.copyfile(src, Path(tmp) / "copy.npy") for src in sources], repeats)
-    best = min(runs)
-    floor = 4 * machine.torch_start + sum(flops.values()) / machine.gemm_flops + machine.numpy_start + copy_seconds
-    report_against_floor(
-        f"4. seed real config {n_prompts}x10x2048, conversion",
-        best,
-        floor,
-        "target <= 25 s",
-        f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout),
-    )
-    report(
-        "   floor = 4 x start + FLOPs / GEMM rate + copy",
-        f"{sum(flops.values()) / 1e12:.2f} TFLOP",
-        f"4 x {machine.torch_start:.2f} s + {sum(flops.values()) / machine.gemm_flops:.1f} s + conversion "
-        f"{machine.numpy_start:.2f} + {copy_seconds:.1f} s (bare copy of the sources); "
-        + ", ".join(f"{n} {f / 1e9:.0f} GFLOP" for n, f in flops.items()),
-    )
+    name = f"4. seed real config {n_prompts}x10x2048, conversion"
+    report_pipeline(name, runs, machine, flops, "target <= 25 s", copy=copy_seconds)
 
 
 def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
