@@ -79,6 +79,11 @@ class IsotonicMap:
         clipped = np.clip(scores, self.x_thresholds[0], self.x_thresholds[-1])
         return np.interp(clipped, self.x_thresholds, self.y_thresholds)
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Its number of thresholds and of distinct values (levels)."""
+        return {"n_thresholds": len(self.x_thresholds), "n_levels": int(len(np.unique(self.y_thresholds)))}
+
     def to_json(self) -> dict:
         return {
             "format": MAP_FORMAT,
@@ -89,8 +94,7 @@ class IsotonicMap:
             "dtype": "float64",
             "x_min": float(self.x_thresholds[0]),
             "x_max": float(self.x_thresholds[-1]),
-            "n_thresholds": len(self.x_thresholds),
-            "n_levels": int(len(np.unique(self.y_thresholds))),
+            **self.sizes,
             "x_thresholds": self.x_thresholds.tolist(),
             "y_thresholds": self.y_thresholds.tolist(),
             "settings": self.settings,

@@ -36,11 +36,8 @@ class InputError(ValueError):
 
 
 class Interrupted(BaseException):
-    """SIGTERM (or SIGINT) received: unwinds like KeyboardInterrupt, so atomic writes clean up."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    """SIGTERM (or SIGINT) received, the signal number its argument: unwinds like KeyboardInterrupt,
+    so atomic writes clean up."""
 
 
 def _raise_interrupted(signum: int, _frame) -> None:
@@ -69,7 +66,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
-        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
         if not os.environ.get(QUIET_INTERRUPT_ENV):
             print(f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept", file=sys.stderr)
         sys.exit(128 + signum)

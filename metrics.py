@@ -161,16 +161,14 @@ def _permute(values: np.ndarray, order: np.ndarray) -> np.ndarray:
 def best_of_n(
     gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: int, seed: int, ns: Sequence[int] = BEST_OF_N
 ) -> dict:
-    """Best-of-N curves of several predictors on shared random subsets, with oracle and random.
+    """Best-of-N curves of several predictors on shared random subsets, with oracle and random
+    (README, "Step 6: evaluation").
 
-    Each draw is a seeded uniformly random ordering of a prompt's responses; its first N responses
-    are the draw's N-subset, so subsets are nested across N (common random numbers: the oracle's
-    curve is monotone and differences between N are not swamped by resampling noise). Each
-    predictor picks the argmax of its prediction in the subset, ties broken uniformly at random by
-    keys shared across predictors (a predictor's curve does not depend on which others are
-    evaluated beside it). Reported per predictor and N (<= responses per prompt): mean golden
-    reward of the picks, its standard error over prompts (of the per-prompt mean over draws), and
-    the mean quantile of the pick among all the prompt's responses (0 worst, 1 best, golden rank).
+    The first N responses of each seeded random ordering are its N-subset, nested across N (common
+    random numbers: differences between N are not swamped by resampling noise); tie-break keys are
+    shared across predictors, so a predictor's curve does not depend on which others are evaluated
+    beside it. Per predictor and N (<= responses per prompt): mean golden reward of the picks, its
+    standard error over prompts, and the mean golden quantile of the pick (0 worst, 1 best).
     ``oracle`` picks the golden argmax; ``random`` is the expected reward of a uniform pick.
     """
     gold = np.asarray(gold, dtype=np.float64)

@@ -1,10 +1,5 @@
 """The data-directory contract of steps 5-8 (README, "Data format" and "Who sees which prompts").
 
-A data directory holds, for k = 0..K-1, ``EMBD-TRAIN-split_{k}.npy`` of shape (N, D) (float32 or
-float16; row p is the k-th response to prompt p) and ``rewards_split_{k}.json`` (JSONL, N lines
-``{"reward": float}``), and optionally the same for a test set (``EMBD-TEST-split_{k}.npy`` and
-``rewards_test_split_{k}.json``). Splits are sorted ascending by golden reward within each prompt.
-
 This module is the one door to that data: discovery in numeric split order, validation with one-line
 errors naming the file, memory-mapped chunked reading (a 10 GB directory is never copied into
 memory), the seeded prompt partition, fingerprints and the run manifest.
@@ -330,25 +325,20 @@ def fingerprint(eset: EmbeddingSet) -> str:
 # The prompt partition (README, "Who sees which prompts")
 # --------------------------------------------------------------------------------------------
 def default_eval_prompts(n_prompts: int) -> int:
-    """Default size of the evaluation pool: a quarter of the prompts, at least min(1000, half of them).
-
-    1000 prompts (600/200/200) for data of 2000-4000 prompts (the demo, N_SAMPLE up to 2000), 1250
-    of 5000 (N_SAMPLE up to 3750), 10000 of 40000 (N_SAMPLE up to 30000); never below 20.
-    """
+    """Default size of the evaluation pool: a quarter of the prompts, at least min(1000, half of them)
+    and 20 (README, "Who sees which prompts", gives examples)."""
     return max(MIN_EVAL_PROMPTS, n_prompts // 4, min(1000, n_prompts // 2))
 
 
 def make_partition(
     n_prompts: int, n_sample: int, split_seed: int, eval_prompts: int | None = None
 ) -> dict[str, list[int]]:
-    """Split prompt ids 0..n_prompts-1 into the four disjoint roles.
+    """Split prompt ids 0..n_prompts-1 into the four disjoint roles (README, "Who sees which prompts").
 
     One permutation drawn from ``split_seed``: its first ``eval_prompts`` prompts (default
     :func:`default_eval_prompts`) are the evaluation pool, split 60/20/20 into ``calibration``,
-    ``student_train`` and ``held_out``; ``orm_train`` is the next ``n_sample`` prompts. The pool
-    does not depend on ``n_sample`` and the ``orm_train`` sets are nested as ``n_sample`` grows,
-    so runs that differ in anything but the data, ``split_seed`` and ``eval_prompts`` are evaluated
-    on the same prompts. Too few prompts is an error, never an overlap.
+    ``student_train`` and ``held_out``; ``orm_train`` is the next ``n_sample`` prompts, so the pool
+    does not depend on ``n_sample``. Too few prompts is an error, never an overlap.
     """
     pool = default_eval_prompts(n_prompts) if eval_prompts is None else eval_prompts
     if pool < MIN_EVAL_PROMPTS:

@@ -80,8 +80,7 @@ def evaluate(member_scores: np.ndarray, gold: np.ndarray, args, seed: int) -> di
 
 
 def print_table(title: str, result: dict) -> None:
-    rows = [name for name in result["ranking"] if name.startswith("ensemble")]
-    rows += [name for name in result["ranking"] if not name.startswith("ensemble")]
+    rows = sorted(result["ranking"], key=lambda name: not name.startswith("ensemble"))  # ensembles first
     curves = result["best_of_n"]["curves"]
     top_n = curves["oracle"]["n"][-1] if curves["oracle"]["n"] else None
     print(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")

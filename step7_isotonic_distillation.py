@@ -129,13 +129,13 @@ def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Ge
     return np.sort(prompt_ids[order[n_val:]]), np.sort(prompt_ids[order[:n_val]])
 
 
-def prompt_set_record(role: str, prompt_ids: np.ndarray, n_responses: int) -> dict:
-    """Which prompts a fit used: the partition role, the count and a hash of the sorted ids."""
+def prompt_set_record(role: str, prompt_ids: np.ndarray, responses_per_prompt: int) -> dict:
+    """Which prompts a fit used: the partition role, the counts and a hash of the sorted ids."""
     ids = np.sort(np.asarray(prompt_ids, dtype=np.int64))
     return {
         "role": role,
         "n_prompts": int(len(ids)),
-        "n_responses": int(n_responses),
+        "n_responses": int(len(ids) * responses_per_prompt),
         "prompt_ids_sha256": json_sha256(ids.tolist()),
     }
 
@@ -148,7 +148,7 @@ def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMa
     """
     spearman = per_prompt_spearman(teacher, gold)["mean"]
     spearman_global = global_spearman(teacher, gold)
-    n_levels = int(len(np.unique(teacher_map.y_thresholds)))
+    n_levels = teacher_map.sizes["n_levels"]
     warnings = []
     if n_levels == 1:
         warnings.append(
@@ -210,13 +210,12 @@ def main(argv=None) -> dict:
         for variant in VARIANTS
     }
     teacher_cv = variant_comparison[args.isotonic_variant]
-    teacher_names = [path.name for path in teacher_paths]
-    teacher_fit = prompt_set_record("calibration", calibration_prompts, calibration_gold.size)
+    teacher_fit = prompt_set_record("calibration", calibration_prompts, data.n_splits)
     teacher_map, teacher_estimator = fit_isotonic(
         calibration_teacher,
         calibration_gold,
         args.isotonic_variant,
-        {"input": "teacher", "teacher_checkpoints": teacher_names, **teacher_fit},
+        {"input": "teacher", "teacher_checkpoints": [path.name for path in teacher_paths], **teacher_fit},
     )
     log.info(
         "teacher isotonic (%s): out-of-fold MSE %.4f, MAE %.4f over %d calibration prompts (%.2fs)",
@@ -285,9 +284,8 @@ def main(argv=None) -> dict:
         (STUDENT_MAP_FILE, student_map, student_estimator),
     ):
         save_isotonic_map(imap, estimator, output_dir / name)
-    n_responses = data.n_splits
     config = {
-        "config": {key: value for key, value in vars(args).items()},
+        "config": dict(vars(args)),
         "task": task,
         "rm_objective": objective,
         "seed": seed,
@@ -307,17 +305,13 @@ def main(argv=None) -> dict:
         "prompt_counts": {role: int(len(ids)) for role, ids in partition.items()},
         "fits": {  # which prompts reached each fit; held_out reaches none
             "teacher_isotonic": teacher_fit,
-            "student_training": prompt_set_record("student_train", fit_prompts, len(fit_prompts) * n_responses),
-            "student_early_stopping": prompt_set_record("student_train", stop_prompts, len(stop_prompts) * n_responses),
+            "student_training": prompt_set_record("student_train", fit_prompts, data.n_splits),
+            "student_early_stopping": prompt_set_record("student_train", stop_prompts, data.n_splits),
             "student_isotonic": teacher_fit,
         },
         "isotonic_variant": args.isotonic_variant,
         "teacher_check": teacher_check,  # warnings: a constant map or a backwards-ranking teacher
-        "teacher_isotonic": {
-            "out_of_fold": teacher_cv,
-            "n_thresholds": len(teacher_map.x_thresholds),
-            "n_levels": int(len(np.unique(teacher_map.y_thresholds))),
-        },
+        "teacher_isotonic": {"out_of_fold": teacher_cv, **teacher_map.sizes},
         "isotonic_variant_comparison": {
             "measured_on": "out-of-fold teacher predictions on calibration prompts "
             f"({args.cv_folds} folds over prompts)",
@@ -335,11 +329,7 @@ def main(argv=None) -> dict:
             "target_variance": result.target_std**2,
             "history": result.history,
         },
-        "student_isotonic": {
-            "out_of_fold": student_cv,
-            "n_thresholds": len(student_map.x_thresholds),
-            "n_levels": int(len(np.unique(student_map.y_thresholds))),
-        },
+        "student_isotonic": {"out_of_fold": student_cv, **student_map.sizes},
         "artifacts": {
             "student_checkpoint": student_name,
             "teacher_map": TEACHER_MAP_FILE,

@@ -4,14 +4,10 @@
     python3 summarize_runs.py 'runs/*' distill_out --output_dir summary
 
 Story: find the runs (folders holding ``orm_manifest.json``, given directly, as globs or anywhere
-below a given folder); read each run's own JSON (``orm_manifest.json``, ``prompt_split.json``,
-``eval_results_{objective}.json``, ``validation_results.json``, ``distillation_config.json``);
-group the runs by their configuration minus the seed; refuse to put runs evaluated on different
-held-out prompts in one row or one curve; write ``summary.csv`` and ``summary.md`` (one row per
-configuration: the settings that vary, the seeds, mean and standard error over seeds of each
-metric, on the held-out prompts and on the test set when present) and one figure per swept
-setting among N_SAMPLE, ANNOTATION_QUALITY and N_PAIRS (``summary_vs_{SETTING}.png``, one line per
-objective and other varied settings). A metric a run lacks or left undefined shows as n/a.
+below a given folder); read each run's own JSON; group the runs by their configuration minus the
+seed, refusing to put runs evaluated on different held-out prompts in one row or one curve; write
+``summary.csv``, ``summary.md`` and one figure per swept setting (README, "Reproducing the paper's
+comparisons", lists the metrics).
 """
 
 from __future__ import annotations
@@ -46,10 +42,8 @@ STEP5_DEFAULTS = {
 }
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
-# Metric column -> (label, where it is read from). The ensemble is the members' mean (step 6's
-# ensemble_mean, step 8's Teacher); "mean member" is the average of the members' own values (what
-# one member is worth); best-of-N gain is the ensemble's pick's golden reward minus a random pick's
-# at the largest N evaluated.
+# Metric column -> label (read by read_metrics). The ensemble is the members' mean; "mean member"
+# is the average of the members' own values (what one member is worth).
 METRICS = {
     "spearman_per_prompt": "per-prompt Spearman",
     "spearman_global": "global Spearman",
