@@ -241,18 +241,15 @@ def binned_calibration(pred: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> 
 
 def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
     """Spearman (per prompt and global) and same-/cross-prompt pairwise accuracy of one predictor."""
-    spearman_global = global_spearman(pred, gold)
-    return {
+    report = {
         "spearman_per_prompt": per_prompt_spearman(pred, gold),
-        "spearman_global": spearman_global,
-        **(
-            {"spearman_global_reason": "the golden rewards or the predictions are all equal"}
-            if spearman_global is None
-            else {}
-        ),
+        "spearman_global": global_spearman(pred, gold),
         "pairwise_accuracy_same_prompt": same_prompt_pairwise_accuracy(pred, gold),
         "pairwise_accuracy_cross_prompt": cross_prompt_pairwise_accuracy(pred, gold, n_cross_pairs, seed),
     }
+    if report["spearman_global"] is None:
+        report["spearman_global_reason"] = "the golden rewards or the predictions are all equal"
+    return report
 
 
 def prediction_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:

@@ -169,14 +169,10 @@ class EmbeddingSet:
     def n_splits(self) -> int:
         return self.rewards.shape[1]
 
-    def open_split(self, split: int) -> np.ndarray:
-        """A read-only memory map of split ``split``: (N, D). Drop it when done."""
-        return _open_embeddings(self.embedding_paths[split])
-
     @property
     def embeddings(self) -> list[np.ndarray]:
         """Fresh read-only memory maps of all K splits (for inspection; steps use read_rows)."""
-        return [self.open_split(k) for k in range(self.n_splits)]
+        return [_open_embeddings(path) for path in self.embedding_paths]
 
     def read_rows(self, split: int, prompt_ids: np.ndarray) -> np.ndarray:
         """Embeddings of response ``split`` of ``prompt_ids``: (len, D) float32, checked finite.
@@ -187,7 +183,7 @@ class EmbeddingSet:
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         order = np.argsort(prompt_ids, kind="stable")  # sorted reads are sequential on disk
         rows = np.empty((len(prompt_ids), self.dim), dtype=np.float32)
-        rows[order] = self.open_split(split)[prompt_ids[order]]
+        rows[order] = _open_embeddings(self.embedding_paths[split])[prompt_ids[order]]
         if not np.isfinite(rows).all():
             bad = int(prompt_ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
             raise InputError(f"{self.embedding_paths[split]}: non-finite embedding in row {bad}")
