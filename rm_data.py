@@ -233,8 +233,16 @@ class EmbeddingSet:
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
         cache_dir = Path(cache_dir)
         cache_file = cache_dir / f"scores_{self.kind}_{digest.hexdigest()[:32]}.npy"
-        cached = read_score_cache(cache_file, (len(model_files), len(prompt_ids), self.n_splits))
-        if cached is not None:
+        try:  # a missing, unreadable, truncated or inconsistent entry is a cache miss: score again
+            cached = np.load(cache_file, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            cached = None
+        if (
+            isinstance(cached, np.ndarray)
+            and cached.shape == (len(model_files), len(prompt_ids), self.n_splits)
+            and cached.dtype == np.float32
+            and np.isfinite(cached).all()
+        ):
             return cached
         scores = self.score(prompt_ids, score_fn)
         for stale in cache_dir.glob(f"scores_{self.kind}_*.npy"):
@@ -248,23 +256,6 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
     """sha256 of a file's bytes, computed once per process while its inode, size and mtime stay the
     same (a step scores held-out and test prompts with the same 10 checkpoints: 2 x 100 MB to hash)."""
     return bytes.fromhex(file_sha256(path))
-
-
-def read_score_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A cached score array of ``shape`` (float32, finite), or None: a missing, unreadable,
-    truncated or inconsistent entry is a cache miss, and the scores are computed again."""
-    try:
-        cached = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    if (
-        not isinstance(cached, np.ndarray)
-        or cached.shape != shape
-        or cached.dtype != np.float32
-        or not np.isfinite(cached).all()
-    ):
-        return None
-    return cached
 
 
 def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", required: bool = True) -> EmbeddingSet | None:

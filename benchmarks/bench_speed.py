@@ -62,11 +62,8 @@ import objectives  # noqa: E402
 import rm_data  # noqa: E402
 import step6_eval_rms  # noqa: E402
 
-ROWS: list[tuple[str, str, str]] = []
-
 
 def report(name: str, value: str, note: str = "") -> None:
-    ROWS.append((name, value, note))
     print(f"{name:<48} {value:>14}  {note}", flush=True)
 
 
