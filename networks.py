@@ -37,19 +37,11 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(input_dim, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], 1)
-        if generator is not None:
-            self.reset_parameters(generator)
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's default Linear initialisation, drawn from an explicit generator."""
-        for layer in (self.fc1, self.fc2, self.fc3):
-            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-            bound = 1.0 / math.sqrt(layer.in_features)
-            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-
-    @property
-    def input_dim(self) -> int:
-        return self.fc1.in_features
+        if generator is not None:  # PyTorch's default Linear initialisation, drawn from the generator
+            for layer in (self.fc1, self.fc2, self.fc3):
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1.0 / math.sqrt(layer.in_features)
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x))))).squeeze(-1)
@@ -102,10 +94,6 @@ def _score_pairs(
     return scores[: len(winners)], scores[len(winners) :]
 
 
-def _rows_of(features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return features.__getitem__
-
-
 @dataclass
 class FitTask:
     """One model for :func:`fit_models`: its mini-batch loss, validation loss and random stream."""
@@ -148,7 +136,7 @@ class OrmTask:
             raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
         loss = OBJECTIVES[objective].loss
         self.features, self.shift, self.scale = features, None, None
-        inputs = _rows_of(features)
+        inputs = features.__getitem__
         if standardize:
             train_rows = features[torch.unique(torch.cat([winners, losers]))].double()
             std = train_rows.std(dim=0, correction=0) if len(train_rows) > 1 else torch.zeros(features.shape[1])
@@ -197,31 +185,6 @@ class OrmTask:
                 model.fc1.bias.sub_(model.fc1.weight @ self.shift)
         kept = fit.history[fit.best_epoch - 1]  # the kept weights' validation pass, recorded while training
         return model.eval(), dataclasses.replace(fit, val_pair_accuracy=kept.get("val_accuracy"))
-
-
-def train_orm(
-    features: torch.Tensor,
-    winners: torch.Tensor,
-    losers: torch.Tensor,
-    val_winners: torch.Tensor,
-    val_losers: torch.Tensor,
-    objective: str,
-    config: TrainConfig,
-    generator: torch.Generator,
-    standardize: bool = False,
-    early_stopping: bool = True,
-) -> tuple[MLP, FitResult]:
-    """Train one ORM on preference pairs (see :class:`OrmTask`); early stopping on the validation
-    pairs with the best weights restored, or ``config.epochs`` epochs when ``early_stopping`` is False."""
-    setup = OrmTask(features, winners, losers, val_winners, val_losers, objective, generator, standardize)
-    return setup.finish(fit_models([setup.task], config, early_stopping)[0])
-
-
-def train_orms_pooled(setups: Sequence[OrmTask], config: TrainConfig) -> list[tuple[MLP, FitResult]]:
-    """Train ORMs side by side and stop them all at one epoch, the one with the lowest validation loss
-    pooled over every member's validation pairs (README, "Early stopping and ensemble options")."""
-    fits = fit_models([setup.task for setup in setups], config, early_stopping=True)
-    return [setup.finish(fit) for setup, fit in zip(setups, fits)]
 
 
 class FusedAdam:
@@ -301,20 +264,6 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, index: int = 0):
         super().__init__(message)
         self.index = index
-
-
-def fit_with_early_stopping(
-    model: MLP,
-    n_items: int,
-    batch_loss: Callable[[torch.Tensor], torch.Tensor],
-    val_loss: Callable[[], float],
-    config: TrainConfig,
-    generator: torch.Generator,
-    constant_loss: float = 0.0,
-) -> FitResult:
-    """:func:`fit_models` of one model with early stopping on ``val_loss``."""
-    task = FitTask(model, n_items, batch_loss, lambda: (val_loss(), None), generator, 1.0, constant_loss)
-    return fit_models([task], config, early_stopping=True)[0]
 
 
 def _pooled(tasks: Sequence[FitTask], values: Sequence[float]) -> float:
@@ -454,7 +403,7 @@ def evaluate_pairs(
     features: (R, D) rows, or a function of row indices giving their (standardised) features
     """
     model.eval()
-    inputs = features if callable(features) else _rows_of(features)
+    inputs = features if callable(features) else features.__getitem__
     winner_scores, loser_scores = _score_pairs(model, inputs, winners, losers)
     loss = float(OBJECTIVES[objective].pair_loss(winner_scores, loser_scores))
     margin = winner_scores - loser_scores
@@ -519,7 +468,8 @@ def load_ensemble(paths: Sequence[str | Path], expected_dim: int | None = None) 
 
 
 class StackedEnsemble:
-    """M MLPs of one shape evaluated together: (B, D) -> (M, B) in three large matrix products.
+    """M MLPs of one shape scored together: (B, D) float32 numpy -> (M, B) float32 numpy, in three large
+    matrix products. Stacking copies every member's weights: build it once per step and reuse it.
 
     The first layer, whose input all members share, is one (B, D) x (D, M * H1) product; the other
     two are batched over members. This replaces M small forward passes per chunk.
@@ -544,16 +494,8 @@ class StackedEnsemble:
         return torch.baddbmm(self.b3, h2, self.w3).squeeze(-1).numpy()  # (M, B)
 
 
-def ensemble_scorer(models: Sequence[MLP]) -> StackedEnsemble:
-    """A function (B, D) float32 numpy -> (M, B) float32 numpy scoring with every model.
-
-    Stacking copies every member's weights: build it once per step and reuse it.
-    """
-    return StackedEnsemble(models)
-
-
 def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    """:func:`ensemble_scorer` of the checkpoints ``paths``, loaded (:func:`load_ensemble`) on its first
+    """:class:`StackedEnsemble` of the checkpoints ``paths``, loaded (:func:`load_ensemble`) on its first
     call: step 8 takes the teacher's scores from step 6's cache and then never loads the teacher. A
     cache hit means these very bytes were scored on this data, so the checks loading does had passed."""
     for path in paths:
@@ -564,7 +506,7 @@ def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Call
     def score(rows: np.ndarray) -> np.ndarray:
         nonlocal scorer
         if scorer is None:
-            scorer = ensemble_scorer(load_ensemble(paths, expected_dim))
+            scorer = StackedEnsemble(load_ensemble(paths, expected_dim))
         return scorer(rows)
 
     return score
@@ -610,10 +552,10 @@ def train_student(
         rows = train_rows[batch]
         return F.mse_loss(model(features[rows]), scaled[rows])
 
-    def val_loss() -> float:
-        return float(F.mse_loss(predict_rows(model, features, val_rows), scaled[val_rows]))
+    def validate() -> tuple[float, None]:
+        return float(F.mse_loss(predict_rows(model, features, val_rows), scaled[val_rows])), None
 
-    fit = fit_with_early_stopping(model, len(train_rows), batch_loss, val_loss, config, generator, 1.0)
+    fit = fit_models([FitTask(model, len(train_rows), batch_loss, validate, generator, 1.0, 1.0)], config)[0]
     with torch.no_grad():  # fold the target standardisation into the output layer
         model.fc3.weight.mul_(std)
         model.fc3.bias.mul_(std).add_(mean)

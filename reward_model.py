@@ -39,7 +39,7 @@ from llm_models import (
     pick_dtype,
     scored_text,
 )
-from networks import ensemble_scorer, load_ensemble
+from networks import StackedEnsemble, load_ensemble
 from rm_data import (
     DEFAULT_CHUNK_ROWS,
     MANIFEST_FILE,
@@ -105,7 +105,7 @@ class RewardModel:
         scorers, maps = {}, {}
         for model in ("teacher", "student"):
             if model in variants or f"{model}_iso" in variants:
-                scorers[model] = ensemble_scorer(load_ensemble(checkpoints[model], dim))
+                scorers[model] = StackedEnsemble(load_ensemble(checkpoints[model], dim))
             if f"{model}_iso" in variants:
                 map_path = output_dir / map_files[model]
                 maps[model] = load_isotonic_map(map_path, f"{model} isotonic map (run step7_isotonic_distillation.py)")

@@ -51,7 +51,7 @@ LEARNING_RATE="${LEARNING_RATE:-0.0001}"                # the ORMs' (README, "Sm
 DISTILL_LEARNING_RATE="${DISTILL_LEARNING_RATE:-0.001}" # the student's
 EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
 STOP_METRIC="${STOP_METRIC:-loss}"              # loss | accuracy: what early stopping minimises / maximises
-MIN_VAL_PAIRS="${MIN_VAL_PAIRS:-0}"             # fewer validation pairs: no early stopping
+MIN_VAL_PAIRS="${MIN_VAL_PAIRS:-20}"            # fewer validation pairs: no early stopping
 WEIGHT_DECAY="${WEIGHT_DECAY:-0}"               # decoupled (AdamW) weight decay of the ORMs
 BAGGING="${BAGGING:-0}"                         # 1: members train on bootstrap resamples of the pairs
 STANDARDIZE="${STANDARDIZE:-0}"                 # 1: standardise ORM inputs (folded into the checkpoints)
@@ -135,7 +135,10 @@ need_flag FORCE
 need_flag DATA_ONLY
 [[ "$LAST_STEP" =~ ^[5-8]$ ]] || die "LAST_STEP must be 5, 6, 7 or 8, got '$LAST_STEP'"
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
-[[ "$RM_OBJECTIVE" == bt || "$RM_OBJECTIVE" == clf ]] || die "RM_OBJECTIVE must be bt or clf, got '$RM_OBJECTIVE'"
+OBJECTIVES="$("$PYTHON" -c 'import objectives; print(*objectives.OBJECTIVES)' 2>/dev/null)" \
+    || die "PYTHON '$PYTHON' cannot import objectives.py of this checkout"  # step 5's registry: no list here
+[[ "$RM_OBJECTIVE" =~ ^[A-Za-z0-9_]+$ && " $OBJECTIVES " == *" $RM_OBJECTIVE "* ]] \
+    || die "RM_OBJECTIVE must be ${OBJECTIVES// / or }, got '$RM_OBJECTIVE'"
 for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
     need_pos_int "$var"
 done

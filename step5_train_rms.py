@@ -136,9 +136,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--min_val_pairs",
         type=non_negative_int,
-        default=0,
+        default=20,
         help="below this many validation pairs behind the stopping decision, train "
-        "--training_epochs epochs on every pair instead (early stopping none)",
+        "--training_epochs epochs on every pair instead (early stopping none); 0: always stop early",
     )
     parser.add_argument(
         "--weight_decay", type=non_negative_float, default=0.0, help="decoupled (AdamW) weight decay; 0: plain Adam"
@@ -285,10 +285,6 @@ def pair_statistics(first_rewards, second_rewards, first_wins, prob, reward_scal
     }
 
 
-def fmt_optional(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Generator) -> tuple[list, str, int]:
     """Each member's (training, validation) pair indices, the early-stopping scheme used and the
     number of validation pairs its stopping decisions rest on.
@@ -307,9 +303,7 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
         splits = []
         for generator in generators:
             drawn = torch.randint(n_pairs, (n_pairs,), generator=generator)
-            in_bag = torch.zeros(n_pairs, dtype=torch.bool)
-            in_bag[drawn] = True
-            splits.append((drawn, torch.nonzero(~in_bag).squeeze(1)))
+            splits.append((drawn, torch.from_numpy(np.setdiff1d(np.arange(n_pairs), drawn.numpy()))))
     elif args.early_stopping == "pooled":
         order = torch.from_numpy(pair_rng.permutation(n_pairs))
         splits = []
@@ -359,7 +353,6 @@ def main(argv=None) -> dict:
         fit_models,
         mlp_train_flops_per_sample,
         save_checkpoint,
-        train_orms_pooled,
     )
 
     setup_logging()
@@ -426,7 +419,8 @@ def main(argv=None) -> dict:
     try:
         if scheme == "pooled":
             start = time.perf_counter()
-            trained = train_orms_pooled(setups, config)
+            fits = fit_models([setup.task for setup in setups], config)  # one stopping epoch for all
+            trained = [setup.finish(fit) for setup, fit in zip(setups, fits)]
             log.info(
                 "pooled early stopping: best epoch %d/%d for all %d members, %.2fs",
                 trained[0][1].best_epoch,
@@ -454,8 +448,8 @@ def main(argv=None) -> dict:
             member,
             result.best_epoch,
             result.epochs_run,
-            fmt_optional(result.best_val_loss),
-            fmt_optional(result.val_pair_accuracy),
+            "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}",
+            "n/a" if result.val_pair_accuracy is None else f"{result.val_pair_accuracy:.4f}",
             responses_per_second,
             responses_per_second * flops / 1e9,
         )

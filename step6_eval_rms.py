@@ -102,7 +102,7 @@ def print_table(title: str, result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from networks import ensemble_scorer, load_ensemble  # torch: after the flags, so --help returns at once
+    from networks import StackedEnsemble, load_ensemble  # torch: after the flags, so --help returns at once
 
     setup_logging()
     run = open_run(args, MANIFEST_FLAGS, seed=args.eval_seed)
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
-    scorer = ensemble_scorer(models)
+    scorer = StackedEnsemble(models)
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
     sets = run.evaluation_sets(partition, test)
     for name, (eset, prompts) in sets.items():

@@ -172,9 +172,9 @@ def main(argv=None) -> dict:
     import torch
 
     from networks import (
+        StackedEnsemble,
         TrainConfig,
         TrainingDiverged,
-        ensemble_scorer,
         load_ensemble,
         mlp_train_flops_per_sample,
         save_checkpoint,
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     task = args.task or run.manifest["config"]["task"]
     objective = args.rm_objective or run.manifest["config"]["rm_objective"]
     teacher = load_ensemble(teacher_paths, data.dim)
-    teacher_scorer = ensemble_scorer(teacher)  # scores calibration and student_train prompts
+    teacher_scorer = StackedEnsemble(teacher)  # scores calibration and student_train prompts
     partition = run.partition()
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     if len(calibration_prompts) < args.cv_folds:
@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
 
     # --- 3. student -> golden isotonic map on calibration prompts ---
     student_name = student_checkpoint_name(task, objective)
-    calibration_student = data.score(calibration_prompts, ensemble_scorer([student]))[0]
+    calibration_student = data.score(calibration_prompts, StackedEnsemble([student]))[0]
     student_cv = cross_validate(
         calibration_student, calibration_gold, args.cv_folds, seed, args.isotonic_variant, args.n_cross_pairs
     )

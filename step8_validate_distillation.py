@@ -42,7 +42,6 @@ log = logging.getLogger("step8")
 VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
 # Variants whose values are meant to be on the golden reward scale (MSE is meaningful).
 ON_GOLDEN_SCALE = ("Teacher+Isotonic", "Student", "Student+Isotonic")
-CONSTANT = "Constant"
 
 
 def parse_args(argv=None):
@@ -93,7 +92,7 @@ def score_variants(
 ) -> dict[str, np.ndarray]:
     """The four variants' (P, R) float64 scores of every response of ``prompt_ids``.
 
-    teacher, student: scorers (B, D) -> (M, B) (``networks.ensemble_scorer``); the teacher is the
+    teacher, student: scorers (B, D) -> (M, B) (``networks.StackedEnsemble``); the teacher is the
     members' mean, its member scores taken from step 6's ``teacher_cache`` where present.
     """
     raw_teacher = data.score_cached(prompt_ids, teacher, *teacher_cache).mean(axis=0).astype(np.float64)
@@ -167,7 +166,7 @@ def format_table(title: str, result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from networks import ensemble_scorer, lazy_ensemble_scorer, load_checkpoint  # torch: after the flags (fast --help)
+    from networks import StackedEnsemble, lazy_ensemble_scorer, load_checkpoint  # torch: after the flags (fast --help)
 
     setup_logging()
     run = open_run(args, SEED_FLAGS, seed=args.seed)
@@ -181,7 +180,7 @@ def main(argv=None) -> dict:
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
     teacher = lazy_ensemble_scorer(teacher_paths, data.dim)  # loaded only if step 6's cache lacks a score
     teacher_cache = (output_dir / SCORE_CACHE_DIR, teacher_paths)  # step 6's scores of the same members
-    student = ensemble_scorer([load_checkpoint(student_path, data.dim)])
+    student = StackedEnsemble([load_checkpoint(student_path, data.dim)])
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
     check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)

@@ -6,7 +6,7 @@
     python3 benchmarks/bench_speed.py --only runs --step6_scale 0.1   # adds row 5
 
 Rows (each a ratio against a baseline timed in this process, so shared-machine noise cancels):
-1. ORM training: responses/s of ``networks.train_orm`` (gather per batch, forward, backward, Adam,
+1. ORM training: responses/s of ``networks.fit_models`` on an ``OrmTask`` (gather per batch, forward, backward, Adam,
    per-epoch validation) against a bare PyTorch train step of the same MLP shape and batch size
    on a pre-built batch tensor; plus achieved GFLOP/s against a bare matmul of the same size.
    Also ensemble training with members stacked into batched matmuls, against sequential members.
@@ -87,20 +87,13 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
     perm = torch.randperm(2 * n_pairs, generator=gen)
     winners, losers = perm[:n_pairs], perm[n_pairs:]
     val = n_pairs // 10
-    config = networks.TrainConfig(epochs=epochs, batch_size=batch, patience=epochs)
+    config = networks.TrainConfig(epochs=epochs, learning_rate=1e-3, batch_size=batch, patience=epochs)
     steps = -(-(n_pairs - val) // batch) * epochs
 
     def project():
-        networks.train_orm(
-            features,
-            winners[val:],
-            losers[val:],
-            winners[:val],
-            losers[:val],
-            "bt",
-            config,
-            torch.Generator().manual_seed(1),
-        )
+        generator = torch.Generator().manual_seed(1)
+        setup = networks.OrmTask(features, winners[val:], losers[val:], winners[:val], losers[:val], "bt", generator)
+        setup.finish(networks.fit_models([setup.task], config)[0])
 
     bare_model = networks.MLP(dim)
     bare_opt = torch.optim.Adam(bare_model.parameters(), lr=1e-3)
@@ -193,7 +186,7 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
         data = rm_data.load_embedding_set(tmp)
         models = [networks.MLP(dim, generator=torch.Generator().manual_seed(i)).eval() for i in range(members)]
         prompts = np.arange(n_prompts)
-        scorer = networks.ensemble_scorer(models)
+        scorer = networks.StackedEnsemble(models)
         t_project = best_time(lambda: data.score(prompts, scorer), 2)
         in_memory = torch.from_numpy(np.concatenate([np.asarray(e) for e in data.embeddings]))
 

@@ -777,6 +777,8 @@ def step5_diverges(w):
             "more than 2x the untrained model's",
             "lower --learning_rate (LEARNING_RATE in run_all.sh), now 10",
         ],
+        "--min_val_pairs",  # early stopping on the 12 validation pairs (one epoch: the training loss cannot tell)
+        "0",
         "--learning_rate",
         "10",
         "--n_sample",
@@ -912,6 +914,7 @@ def run_all_learning_rate_10_diverges(w):
         data=data,
         LEARNING_RATE="10",
         EVAL_PROMPTS="100",
+        MIN_VAL_PAIRS="0",
     )
     case.recovery = {"LEARNING_RATE": "0.001"}
     return case

@@ -279,8 +279,8 @@ def test_student_reproduces_the_calibrated_teacher_on_held_out(pipeline):
     teacher = [load_checkpoint(pipeline["out"] / name, data.dim) for name in manifest["checkpoints"]]
     student = load_checkpoint(pipeline["out"] / "distilled_rm_helpful_bt.ckpt", data.dim)
     teacher_map = calibration.load_isotonic_map(pipeline["out"] / calibration.TEACHER_MAP_FILE)
-    targets = teacher_map.predict(data.score(held_out, networks.ensemble_scorer(teacher)).mean(axis=0))
-    predictions = data.score(held_out, networks.ensemble_scorer([student]))[0]
+    targets = teacher_map.predict(data.score(held_out, networks.StackedEnsemble(teacher)).mean(axis=0))
+    predictions = data.score(held_out, networks.StackedEnsemble([student]))[0]
     mse = float(np.mean((predictions - targets) ** 2))
     assert mse < 0.25 * targets.var()
     fidelity = pipeline["results"]["held_out"]["distillation_fidelity"]

@@ -4,12 +4,14 @@ fit loop's early-stopping schemes and input standardisation."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import networks
+import step5_train_rms as step5
 
 
 def _train(make_optimizer, steps: int, batch: int = 32) -> list[torch.Tensor]:
@@ -46,11 +48,17 @@ def test_fused_adam_skips_parameters_without_gradient():
     assert torch.equal(unused.detach(), torch.ones(2)) and float(optimizer.steps[1]) == 0
 
 
+def _train_pooled(setups, config):
+    """--early_stopping pooled: the members side by side, one stopping epoch for all."""
+    fits = networks.fit_models([setup.task for setup in setups], config)
+    return [setup.finish(fit) for setup, fit in zip(setups, fits)]
+
+
 def test_stacked_scorer_matches_each_member():
     gen = torch.Generator().manual_seed(1)
     models = [networks.MLP(24, hidden=(16, 8), generator=gen).eval() for _ in range(3)]
     x = torch.randn(50, 24, generator=gen)
-    stacked = networks.ensemble_scorer(models)(x.numpy())
+    stacked = networks.StackedEnsemble(models)(x.numpy())
     with torch.no_grad():
         expected = np.stack([model(x).numpy() for model in models])
     np.testing.assert_allclose(stacked, expected, rtol=1e-5, atol=1e-6)
@@ -69,7 +77,7 @@ def test_flop_counts_match_torch_flop_counter():
 
 
 def test_training_history_records_each_epoch_and_the_best_one():
-    """fit_with_early_stopping's per-epoch record: train loss = mean of the epoch's mini-batch losses."""
+    """fit_models' per-epoch record: train loss = mean of the epoch's mini-batch losses."""
     gen = torch.Generator().manual_seed(0)
     features, targets = torch.randn(64, 12, generator=gen), torch.randn(64, generator=gen)
     model = networks.MLP(12, hidden=(8, 4), generator=gen)
@@ -80,18 +88,18 @@ def test_training_history_records_each_epoch_and_the_best_one():
         batch_losses.append(float(loss.detach()))
         return loss
 
-    def val_loss():
+    def validate():
         with torch.no_grad():
-            return float(torch.nn.functional.mse_loss(model(features[:16]), targets[:16]))
+            return float(torch.nn.functional.mse_loss(model(features[:16]), targets[:16])), None
 
     config = networks.TrainConfig(epochs=6, learning_rate=1e-2, batch_size=16, patience=10)
-    fit = networks.fit_with_early_stopping(model, 64, batch_loss, val_loss, config, gen)
+    fit = networks.fit_models([networks.FitTask(model, 64, batch_loss, validate, gen)], config)[0]
     assert [record["epoch"] for record in fit.history] == list(range(1, 7)) and fit.epochs_run == 6
     for epoch, record in enumerate(fit.history):
         assert record["train_loss"] == pytest.approx(np.mean(batch_losses[4 * epoch : 4 * epoch + 4]), rel=1e-6)
     val = [record["val_loss"] for record in fit.history]
     assert fit.best_epoch == val.index(min(val)) + 1 and fit.best_val_loss == min(val)
-    assert val_loss() == min(val)  # the best weights were restored
+    assert validate()[0] == min(val)  # the best weights were restored
 
 
 @pytest.mark.parametrize("weight_decay", [1e-2, 0.3])
@@ -126,7 +134,7 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
     n_val = [4, 10, 30]
     config = networks.TrainConfig(epochs=12, learning_rate=1e-2, batch_size=16, patience=12)
     setups, pair_sets = _pair_tasks(n_val)
-    trained = networks.train_orms_pooled(setups, config)
+    trained = _train_pooled(setups, config)
     histories = [result.history for _, result in trained]
     loss_history = histories[0]
     pooled = [sum(n * h[e]["val_loss"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
@@ -139,19 +147,11 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
         loss, _ = networks.evaluate_pairs(model, "bt", setup.features, pairs[2], pairs[3])
         assert loss == pytest.approx(result.best_val_loss, rel=1e-6)  # that epoch's weights were restored
     # A model's updates do not depend on the others: trained alone for that many epochs, it is the same.
-    model, _ = networks.train_orm(
-        setups[1].features,
-        *pair_sets[1],
-        "bt",
-        networks.TrainConfig(best, 1e-2, 16),
-        torch.Generator().manual_seed(101),
-        early_stopping=False,
-    )
+    alone = networks.OrmTask(setups[1].features, *pair_sets[1], "bt", torch.Generator().manual_seed(101))
+    model, _ = alone.finish(networks.fit_models([alone.task], networks.TrainConfig(best, 1e-2, 16), False)[0])
     assert torch.equal(model.fc1.weight, trained[1][0].fc1.weight)
     # "accuracy": the highest pooled validation accuracy, ties broken by the pooled loss
-    trained = networks.train_orms_pooled(
-        _pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy")
-    )
+    trained = _train_pooled(_pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy"))
     histories = [result.history for _, result in trained]
     accuracy = [sum(n * h[e]["val_accuracy"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
     keys = [(-accuracy[e], pooled[e]) for e in range(12)]
@@ -185,7 +185,7 @@ def test_standardised_training_is_folded_into_a_plain_first_layer():
 
 
 def _noisy_slice_setups() -> list[networks.OrmTask]:
-    """Three members on clean training pairs; member 0 validates on 4 pairs of which 2 have flipped
+    """Three members on clean training pairs; member 0 validates on 4 pairs of which 3 have flipped
     labels (a tiny, unlucky slice), members 1 and 2 on 20 clean pairs each."""
     gen = torch.Generator().manual_seed(5)
     features = torch.randn(60, 16, generator=gen)
@@ -193,7 +193,7 @@ def _noisy_slice_setups() -> list[networks.OrmTask]:
     setups = []
     for member, (n_val, flipped) in enumerate([(4, True), (20, False), (20, False)]):
         first, second = torch.randint(60, (2, 80 + n_val), generator=gen)
-        first_wins = (score[first] > score[second]) ^ (torch.arange(80 + n_val) >= 82 if flipped else False)
+        first_wins = (score[first] > score[second]) ^ (torch.arange(80 + n_val) >= 81 if flipped else False)
         winners, losers = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
         setups.append(
             networks.OrmTask(
@@ -209,16 +209,26 @@ def _noisy_slice_setups() -> list[networks.OrmTask]:
     return setups
 
 
-def test_a_tiny_noisy_validation_slice_stops_a_member_at_epoch_1_unless_stopping_is_pooled():
-    config = networks.TrainConfig(epochs=10, learning_rate=2e-3, batch_size=16, patience=3)
-    # --early_stopping member (the default): member 0 alone on its 4 pairs, 2 of them flipped.
+def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
+    defaults = step5.parse_args([])  # step 5's defaults: learning rate, patience, --min_val_pairs
+    config = networks.TrainConfig(10, defaults.learning_rate, 16, defaults.patience)
+    # Stopping on its own 4 pairs, 3 of them flipped (--min_val_pairs 0), member 0 keeps epoch 1:
     old = networks.fit_models([_noisy_slice_setups()[0].task], config)[0]
-    assert old.best_epoch == 1 and old.epochs_run == 4
+    assert old.best_epoch == 1 and old.epochs_run == 1 + defaults.patience
     val = [record["val_loss"] for record in old.history]
     assert val == sorted(val)  # every epoch only made the flipped pairs worse
+    # By default step 5 does not stop on so few pairs: the member trains every epoch on every pair.
+    splits, scheme, decision_pairs = step5.member_splits(40, [torch.Generator()], defaults, np.random.default_rng(0))
+    assert defaults.early_stopping == "member" and len(splits[0][1]) == 0 and (scheme, decision_pairs) == ("none", 0)
+    assert defaults.min_val_pairs > 4 == round(defaults.val_fraction * 40)
+    setup = _noisy_slice_setups()[0]
+    new = networks.fit_models([setup.task], config, early_stopping=False)[0]
+    assert new.best_epoch == new.epochs_run == 10
+    train = [record["train_loss"] for record in new.history]
+    assert train[-1] < train[0] < math.log(2) + 0.1
     # --early_stopping pooled (with either --stop_metric): one epoch for all, chosen on all 44 pairs.
     for stop_metric in ("loss", "accuracy"):
         pooled_config = dataclasses.replace(config, stop_metric=stop_metric)
-        trained = networks.train_orms_pooled(_noisy_slice_setups(), pooled_config)
+        trained = _train_pooled(_noisy_slice_setups(), pooled_config)
         epochs = {result.best_epoch for _, result in trained}
         assert len(epochs) == 1 and epochs.pop() > 1, stop_metric

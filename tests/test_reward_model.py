@@ -38,7 +38,7 @@ import step8_validate_distillation as step8  # noqa: E402
 from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
-from networks import ensemble_scorer, lazy_ensemble_scorer, load_checkpoint  # noqa: E402
+from networks import StackedEnsemble, lazy_ensemble_scorer, load_checkpoint  # noqa: E402
 from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # noqa: E402
 from rm_data import (  # noqa: E402
     SCORE_CACHE_DIR,
@@ -175,7 +175,7 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
         data,
         held_out,
         lazy_ensemble_scorer(teacher_paths, data.dim),
-        ensemble_scorer([load_checkpoint(student_path, data.dim)]),
+        StackedEnsemble([load_checkpoint(student_path, data.dim)]),
         load_isotonic_map(out / TEACHER_MAP_FILE),
         load_isotonic_map(out / STUDENT_MAP_FILE),
         (out / SCORE_CACHE_DIR, teacher_paths),

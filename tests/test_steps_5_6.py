@@ -134,7 +134,7 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
     assert manifest["prompt_counts"] == {"orm_train": 120, "calibration": 78, "student_train": 26, "held_out": 26}
     for name in manifest["checkpoints"]:
         model = networks.load_checkpoint(trained_run / name, expected_dim=48)
-        assert model.input_dim == 48
+        assert model.fc1.in_features == 48
     for member in manifest["members"]:  # per-epoch curves: the best epoch is the lowest validation loss
         history = member["history"]
         assert [record["epoch"] for record in history] == list(range(1, member["epochs_run"] + 1))
@@ -287,8 +287,8 @@ def test_score_reads_in_chunks_identically(trained_run, demo_dir):
     manifest = rm_data.load_manifest(trained_run)
     models = [networks.load_checkpoint(p) for p in rm_data.checkpoint_paths(trained_run, manifest)]
     prompts = np.array([5, 3, 200, 17, 44])
-    whole = data.score(prompts, networks.ensemble_scorer(models))
-    chunked = data.score(prompts, networks.ensemble_scorer(models), chunk_rows=2)
+    whole = data.score(prompts, networks.StackedEnsemble(models))
+    chunked = data.score(prompts, networks.StackedEnsemble(models), chunk_rows=2)
     assert whole.shape == (2, 5, 10)
     np.testing.assert_allclose(whole, chunked, rtol=1e-5, atol=1e-6)  # BLAS blocking varies with B
     with torch.no_grad():
@@ -307,7 +307,7 @@ def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, 
     members = [tmp_path / p.name for p in paths]
     for src, dst in zip(paths, members):
         shutil.copy(src, dst)
-    scorer = networks.ensemble_scorer(networks.load_ensemble(members))
+    scorer = networks.StackedEnsemble(networks.load_ensemble(members))
     prompts = np.array([4, 9, 30])
     first = data.score_cached(prompts, scorer, tmp_path / "cache", members)
     assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1
@@ -320,7 +320,7 @@ def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, 
     monkeypatch.undo()
     # Other weights in one member's file, or other prompts: the cache must not answer.
     networks.save_checkpoint(networks.MLP(48, generator=torch.Generator().manual_seed(9)), members[0])
-    changed = networks.ensemble_scorer(networks.load_ensemble(members))
+    changed = networks.StackedEnsemble(networks.load_ensemble(members))
     again = data.score_cached(prompts, changed, tmp_path / "cache", members)
     assert not np.array_equal(again[0], first[0]) and np.array_equal(again[1], first[1])
     assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1  # the stale one is gone
