@@ -187,6 +187,15 @@ class OrmTask:
         return model.eval(), dataclasses.replace(fit, val_pair_accuracy=kept.get("val_accuracy"))
 
 
+def train_orms(
+    setups: Sequence[OrmTask], config: TrainConfig, early_stopping: bool = True
+) -> list[tuple[MLP, FitResult]]:
+    """:func:`fit_models` of the members' tasks, then each member's :meth:`OrmTask.finish`: several
+    setups train side by side with one stopping epoch (``--early_stopping pooled``)."""
+    fits = fit_models([setup.task for setup in setups], config, early_stopping)
+    return [setup.finish(fit) for setup, fit in zip(setups, fits)]
+
+
 class FusedAdam:
     """Adam through PyTorch's fused kernel: the update ``torch.optim.Adam(fused=True)`` makes, bit for
     bit, or with ``weight_decay > 0`` that of ``torch.optim.AdamW(fused=True, weight_decay=...)``

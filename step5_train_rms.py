@@ -298,20 +298,21 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
     """
     import torch
 
+    def others(pairs: torch.Tensor) -> torch.Tensor:  # the pair indices not in ``pairs``, ascending
+        return torch.from_numpy(np.setdiff1d(np.arange(n_pairs), pairs.numpy()))
+
     n_val = min(max(1, int(round(args.val_fraction * n_pairs))), n_pairs - 1)
     if args.bagging:
         splits = []
         for generator in generators:
             drawn = torch.randint(n_pairs, (n_pairs,), generator=generator)
-            splits.append((drawn, torch.from_numpy(np.setdiff1d(np.arange(n_pairs), drawn.numpy()))))
+            splits.append((drawn, others(drawn)))  # out-of-bag pairs validate
     elif args.early_stopping == "pooled":
         order = torch.from_numpy(pair_rng.permutation(n_pairs))
         splits = []
         for member in range(len(generators)):
             positions = (member * n_val + torch.arange(n_val)) % n_pairs
-            in_val = torch.zeros(n_pairs, dtype=torch.bool)
-            in_val[positions] = True
-            splits.append((order[~in_val], order[positions]))
+            splits.append((order[others(positions)], order[positions]))
     elif args.early_stopping == "member":
         splits = []
         for generator in generators:
@@ -350,9 +351,9 @@ def main(argv=None) -> dict:
         OrmTask,
         TrainConfig,
         TrainingDiverged,
-        fit_models,
         mlp_train_flops_per_sample,
         save_checkpoint,
+        train_orms,
     )
 
     setup_logging()
@@ -419,8 +420,7 @@ def main(argv=None) -> dict:
     try:
         if scheme == "pooled":
             start = time.perf_counter()
-            fits = fit_models([setup.task for setup in setups], config)  # one stopping epoch for all
-            trained = [setup.finish(fit) for setup, fit in zip(setups, fits)]
+            trained = train_orms(setups, config)  # one stopping epoch for all
             log.info(
                 "pooled early stopping: best epoch %d/%d for all %d members, %.2fs",
                 trained[0][1].best_epoch,
@@ -430,7 +430,7 @@ def main(argv=None) -> dict:
             )
         else:
             for setup in tqdm(setups, desc="ensemble members", disable=None):
-                trained.append(setup.finish(fit_models([setup.task], config, early_stopping=scheme == "member")[0]))
+                trained += train_orms([setup], config, early_stopping=scheme == "member")
     except TrainingDiverged as err:
         member = err.index if scheme == "pooled" else len(trained)
         who = "ORM members" if member < 0 else f"ORM member {member}"

@@ -6,7 +6,7 @@
     python3 benchmarks/bench_speed.py --only runs --step6_scale 0.1   # adds row 5
 
 Rows (each a ratio against a baseline timed in this process, so shared-machine noise cancels):
-1. ORM training: responses/s of ``networks.fit_models`` on an ``OrmTask`` (gather per batch, forward, backward, Adam,
+1. ORM training: responses/s of ``networks.train_orms`` (gather per batch, forward, backward, Adam,
    per-epoch validation) against a bare PyTorch train step of the same MLP shape and batch size
    on a pre-built batch tensor; plus achieved GFLOP/s against a bare matmul of the same size.
    Also ensemble training with members stacked into batched matmuls, against sequential members.
@@ -93,7 +93,7 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
     def project():
         generator = torch.Generator().manual_seed(1)
         setup = networks.OrmTask(features, winners[val:], losers[val:], winners[:val], losers[:val], "bt", generator)
-        setup.finish(networks.fit_models([setup.task], config)[0])
+        networks.train_orms([setup], config)
 
     bare_model = networks.MLP(dim)
     bare_opt = torch.optim.Adam(bare_model.parameters(), lr=1e-3)

@@ -48,12 +48,6 @@ def test_fused_adam_skips_parameters_without_gradient():
     assert torch.equal(unused.detach(), torch.ones(2)) and float(optimizer.steps[1]) == 0
 
 
-def _train_pooled(setups, config):
-    """--early_stopping pooled: the members side by side, one stopping epoch for all."""
-    fits = networks.fit_models([setup.task for setup in setups], config)
-    return [setup.finish(fit) for setup, fit in zip(setups, fits)]
-
-
 def test_stacked_scorer_matches_each_member():
     gen = torch.Generator().manual_seed(1)
     models = [networks.MLP(24, hidden=(16, 8), generator=gen).eval() for _ in range(3)]
@@ -134,7 +128,7 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
     n_val = [4, 10, 30]
     config = networks.TrainConfig(epochs=12, learning_rate=1e-2, batch_size=16, patience=12)
     setups, pair_sets = _pair_tasks(n_val)
-    trained = _train_pooled(setups, config)
+    trained = networks.train_orms(setups, config)
     histories = [result.history for _, result in trained]
     loss_history = histories[0]
     pooled = [sum(n * h[e]["val_loss"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
@@ -148,10 +142,10 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
         assert loss == pytest.approx(result.best_val_loss, rel=1e-6)  # that epoch's weights were restored
     # A model's updates do not depend on the others: trained alone for that many epochs, it is the same.
     alone = networks.OrmTask(setups[1].features, *pair_sets[1], "bt", torch.Generator().manual_seed(101))
-    model, _ = alone.finish(networks.fit_models([alone.task], networks.TrainConfig(best, 1e-2, 16), False)[0])
+    [(model, _)] = networks.train_orms([alone], networks.TrainConfig(best, 1e-2, 16), early_stopping=False)
     assert torch.equal(model.fc1.weight, trained[1][0].fc1.weight)
     # "accuracy": the highest pooled validation accuracy, ties broken by the pooled loss
-    trained = _train_pooled(_pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy"))
+    trained = networks.train_orms(_pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy"))
     histories = [result.history for _, result in trained]
     accuracy = [sum(n * h[e]["val_accuracy"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
     keys = [(-accuracy[e], pooled[e]) for e in range(12)]
@@ -229,6 +223,6 @@ def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
     # --early_stopping pooled (with either --stop_metric): one epoch for all, chosen on all 44 pairs.
     for stop_metric in ("loss", "accuracy"):
         pooled_config = dataclasses.replace(config, stop_metric=stop_metric)
-        trained = _train_pooled(_noisy_slice_setups(), pooled_config)
+        trained = networks.train_orms(_noisy_slice_setups(), pooled_config)
         epochs = {result.best_epoch for _, result in trained}
         assert len(epochs) == 1 and epochs.pop() > 1, stop_metric
