@@ -527,6 +527,18 @@ class Run:
         return sets
 
 
+def add_run_flags(parser, teacher: bool = False) -> None:
+    """The flags :func:`open_run` reads: ``--data_dir`` and, with ``teacher``, ``--teacher_ckpt``."""
+    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
+    if teacher:
+        parser.add_argument(
+            "--teacher_ckpt",
+            nargs="+",
+            default=None,
+            help="teacher checkpoint(s), averaged (default: every member in the manifest)",
+        )
+
+
 def open_run(args, flags: Iterable[str], seed: int | None = None) -> Run:
     """Open step 5's run in ``args.output_dir`` for steps 6-8.
 

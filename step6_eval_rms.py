@@ -17,7 +17,7 @@ from artifacts import atomic_paths, json_text
 from cli import ArgumentParser, finite_float, random_seed, run_cli, setup_logging
 from metrics import add_evaluation_draw_flags, best_of_n, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, open_run
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, add_run_flags, open_run
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
@@ -42,7 +42,7 @@ MANIFEST_FLAGS = {
 def parse_args(argv=None):
     parser = ArgumentParser(description="Evaluate ORM ranking quality on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
-    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
+    add_run_flags(parser)
     add_evaluation_draw_flags(parser)
     parser.add_argument(
         "--eval_seed", type=random_seed, default=None, help="seed of evaluation draws (default: run seed)"

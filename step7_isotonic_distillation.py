@@ -43,7 +43,7 @@ from cli import (
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
-from rm_data import MANIFEST_FILE, SEED_FLAGS, TASKS, EmbeddingSet, open_run, student_checkpoint_name
+from rm_data import MANIFEST_FILE, SEED_FLAGS, TASKS, EmbeddingSet, add_run_flags, open_run, student_checkpoint_name
 
 log = logging.getLogger("step7")
 CONFIG_FILE = "distillation_config.json"
@@ -52,13 +52,7 @@ CONFIG_FILE = "distillation_config.json"
 def parse_args(argv=None):
     parser = ArgumentParser(description="Isotonic calibration of the ORM teacher and distillation into a student.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder; artifacts go here")
-    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
-    parser.add_argument(
-        "--teacher_ckpt",
-        nargs="+",
-        default=None,
-        help="teacher checkpoint(s), averaged (default: every member in the manifest)",
-    )
+    add_run_flags(parser, teacher=True)
     parser.add_argument(
         "--task", default=None, choices=TASKS, help="names the student checkpoint (default and check: the manifest's)"
     )

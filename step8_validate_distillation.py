@@ -36,7 +36,15 @@ from metrics import (
     prediction_report,
 )
 from plots import plot_best_of_n, plot_calibration
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, EmbeddingSet, open_run, student_checkpoint_name
+from rm_data import (
+    MANIFEST_FILE,
+    SCORE_CACHE_DIR,
+    SEED_FLAGS,
+    EmbeddingSet,
+    add_run_flags,
+    open_run,
+    student_checkpoint_name,
+)
 
 log = logging.getLogger("step8")
 VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
@@ -47,13 +55,7 @@ ON_GOLDEN_SCALE = ("Teacher+Isotonic", "Student", "Student+Isotonic")
 def parse_args(argv=None):
     parser = ArgumentParser(description="Validate teacher, student and their isotonic maps on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="folder of steps 5 and 7; results go here")
-    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
-    parser.add_argument(
-        "--teacher_ckpt",
-        nargs="+",
-        default=None,
-        help="teacher checkpoint(s), averaged (default: every member in the manifest)",
-    )
+    add_run_flags(parser, teacher=True)
     parser.add_argument(
         "--student_ckpt",
         default=None,
