@@ -127,12 +127,9 @@ need_number() {  # need_number VAR [positive]
     [[ -z "${2:-}" ]] || { [[ ! "${!1}" =~ ^- ]] && [[ "${!1}" =~ ^[^eE]*[1-9] ]]; } \
         || die "$1 must be a positive number, got '${!1}'"
 }
-need_flag() { [[ "${!1}" == 0 || "${!1}" == 1 ]] || die "$1 must be 0 or 1, got '${!1}'"; }
+need_flag() { local var; for var; do [[ "${!var}" == 0 || "${!var}" == 1 ]] || die "$var must be 0 or 1, got '${!var}'"; done; }
 
-need_flag RUN_GPU_STEPS
-need_flag USE_REPO_EMBD
-need_flag FORCE
-need_flag DATA_ONLY
+need_flag RUN_GPU_STEPS USE_REPO_EMBD FORCE DATA_ONLY
 [[ "$LAST_STEP" =~ ^[5-8]$ ]] || die "LAST_STEP must be 5, 6, 7 or 8, got '$LAST_STEP'"
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
 OBJECTIVES="$("$PYTHON" -c 'import objectives; print(*objectives.OBJECTIVES)' 2>/dev/null)" \
@@ -161,8 +158,7 @@ need_number DISTILL_LEARNING_RATE positive
     || die "MIN_VAL_PAIRS must be an integer in 0..$MAX_SIZE, got '$MIN_VAL_PAIRS'"
 need_number WEIGHT_DECAY
 [[ ! "$WEIGHT_DECAY" =~ ^- ]] || die "WEIGHT_DECAY must be a number >= 0, got '$WEIGHT_DECAY'"
-need_flag BAGGING
-need_flag STANDARDIZE
+need_flag BAGGING STANDARDIZE
 [[ -z "$MAX_PROMPTS" ]] || is_pos_int "$MAX_PROMPTS" || die "MAX_PROMPTS must be empty or a positive integer, got '$MAX_PROMPTS'"
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN TP_SIZE; do need_pos_int "$var"; done
