@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -218,7 +217,7 @@ def load_hh_rlhf(task: str, split: str, flag: str) -> list[str]:
     try:
         rows = datasets.load_dataset(HH_RLHF_HUB_ID, data_dir=f"{task}-base", split=split)
     except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
         raise InputError(
             f"cannot load {HH_RLHF_HUB_ID} {task}-base/{split} ({first_line}); pass {flag} with a local file instead"
         ) from None
@@ -238,7 +237,7 @@ def read_table(path: str | Path, columns: Sequence[str], flag: str) -> list[dict
             with open(path, newline="") as handle:
                 rows = list(csv.DictReader(handle))
         elif path.suffix in (".jsonl", ".json"):
-            rows = read_jsonl(path)
+            rows = read_jsonl(path, flag)
         else:
             raise InputError(f"{flag} {path}: expected a .jsonl or .csv file")
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -255,25 +254,33 @@ def read_table(path: str | Path, columns: Sequence[str], flag: str) -> list[dict
     return rows
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """JSON objects, one per line; a bad line is an error naming the file and line."""
+def numbered_jsonl(path: str | Path, flag: str = "") -> list[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line; a bad line is an error naming the file and
+    line, an unreadable file one naming ``flag`` (the option that gave it, if any) and the file."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise InputError(f"file not found: {path}") from None
+        raise InputError(f"{flag} {path}: file not found".lstrip()) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{flag} {path}: cannot read ({err})".lstrip()) from None
     records = []
-    for i, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError:
-            raise InputError(f"{path} line {i + 1}: not valid JSON") from None
+        except ValueError as err:
+            raise InputError(f"{path} line {number}: not valid JSON ({getattr(err, 'msg', err)})") from None
         if not isinstance(record, dict):
-            raise InputError(f"{path} line {i + 1}: expected a JSON object")
-        records.append(record)
+            raise InputError(f"{path} line {number}: expected a JSON object")
+        records.append((number, record))
     return records
+
+
+def read_jsonl(path: str | Path, flag: str = "") -> list[dict]:
+    """The JSON objects of :func:`numbered_jsonl`, without their line numbers."""
+    return [record for _, record in numbered_jsonl(path, flag)]
 
 
 def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
@@ -449,8 +456,7 @@ def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs)
     try:
         return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        text = str(err).strip()
-        first_line = text.splitlines()[0] if text else type(err).__name__
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
     if name in MODEL_IDS:
         where = f" (hub id {MODEL_IDS[name]})"
     elif Path(name).expanduser().exists():
@@ -611,13 +617,7 @@ def iter_length_batches(
 
     lengths = np.array([len(seq) for seq in token_ids])
     order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(
-        range(0, len(order), batch_size),
-        desc=desc,
-        unit="batch",
-        total=math.ceil(len(order) / batch_size),
-        disable=not progress,
-    ):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -630,14 +630,8 @@ def iter_length_batches(
         # Positions count real tokens only, so a left-padded row sees the positions it would see
         # unpadded (models otherwise number pads too).
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        yield (
-            rows,
-            {
-                "input_ids": input_ids.to(device),
-                "attention_mask": attention_mask.to(device),
-                "position_ids": positions.to(device),
-            },
-        )
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+        yield rows, {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def iter_embeddings(

@@ -9,7 +9,6 @@ one line before any model is loaded.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from llm_models import add_dtype_arg, pick_device, write_jsonl
+from llm_models import add_dtype_arg, numbered_jsonl, pick_device, write_jsonl
 from reward_model import DEFAULT_VARIANT, ON_GOLDEN_SCALE, VARIANTS, RewardModel
 from rm_data import ensure_writable_dir
 
@@ -75,22 +74,8 @@ def parse_device(text: str) -> torch.device:
 
 def read_requests(path: Path) -> list[tuple[int, dict, list[str]]]:
     """(line number, record, its responses) per non-blank line; every problem names the file and line."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise InputError(f"--input {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"--input {path}: cannot read ({err})") from None
     requests = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise InputError(f"{path} line {number}: not valid JSON ({getattr(err, 'msg', err)})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path} line {number}: expected a JSON object")
+    for number, record in numbered_jsonl(path, "--input"):
         if not isinstance(record.get("prompt"), str):
             raise InputError(f'{path} line {number}: expected "prompt" as a string')
         if ("response" in record) == ("responses" in record):

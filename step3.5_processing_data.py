@@ -27,7 +27,7 @@ from llm_models import (
     add_reward_model_args,
     check_rm_input_format,
     default_golden_rm,
-    read_jsonl,
+    numbered_jsonl,
     write_jsonl,
 )
 
@@ -82,7 +82,7 @@ def rank_class(
     ranked, counts = [], set()
     for part in scored_parts:
         path = run.scored_path(data_class, part, rm_name)
-        for line, record in enumerate(read_jsonl(path), start=1):
+        for line, record in numbered_jsonl(path):
             counts.add(check_scored(record, path, line))
             check_rm_input_format(record, path, line, rm_input_format)
             rewards = np.asarray(record["rewards"], dtype=np.float64)
