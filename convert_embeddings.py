@@ -252,7 +252,6 @@ class SetPlan:
     dtype: np.dtype
     rewards: np.ndarray
     order: np.ndarray
-    sort_by_reward: bool
 
     @property
     def kind(self) -> str:
@@ -319,7 +318,7 @@ def plan_set(source: Source, args) -> SetPlan:
         order = np.broadcast_to(np.arange(n_responses), rewards_nk.shape)
     else:
         order = np.argsort(rewards_nk, axis=1, kind="stable")
-    return SetPlan(source, layout, tuple(embd_shape), dtype, rewards_nk, order, not args.no_sort)
+    return SetPlan(source, layout, tuple(embd_shape), dtype, rewards_nk, order)
 
 
 def reward_matrix(source: Source, layout: str, embd_shape: tuple, rewards: np.ndarray) -> np.ndarray:
@@ -461,11 +460,10 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
     row_bytes = plan.dim * plan.dtype.itemsize
     # every split is renamed into place only if all chunks succeed
     with atomic_paths(*[out_dir / emb_pattern.format(k=k) for k in range(plan.n_responses)]) as split_paths:
-        data_offsets = []
-        for path in split_paths:
-            created = np.lib.format.open_memmap(path, mode="w+", dtype=plan.dtype, shape=(plan.n_prompts, plan.dim))
-            data_offsets.append(created.offset)
-            del created
+        data_offsets = [  # each file created at full size (the maps close at once)
+            np.lib.format.open_memmap(path, mode="w+", dtype=plan.dtype, shape=(plan.n_prompts, plan.dim)).offset
+            for path in split_paths
+        ]
         starts = range(0, plan.n_prompts, chunk_prompts)
         for start in tqdm(starts, desc=f"convert {plan.kind}", unit="chunk", disable=None, leave=False):
             stop = min(start + chunk_prompts, plan.n_prompts)
@@ -508,7 +506,7 @@ def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[st
                 plan.n_responses,
                 plan.dim,
                 plan.dtype,
-                ", sorting responses by reward" if plan.sort_by_reward else "",
+                ", sorting responses by reward" if record["options"]["sort"] else "",
             )
             per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
             copy_embeddings(plan, out_dir, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))

@@ -197,10 +197,6 @@ def mean_se(values: list[float | None]) -> tuple[float | None, float | None]:
     return float(defined.mean()), se
 
 
-def fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
 def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
     """Rows of the summary: (varied settings, metric columns, rows, common settings)."""
     groups: dict[str, list[Run]] = defaultdict(list)
@@ -287,7 +283,7 @@ def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: 
             cells = [str(row[name]) for name in varied] + [str(row["n_seeds"])]
             for column in set_columns:
                 mean, se = row[f"{column}_mean"], row[f"{column}_se"]
-                cells.append(fmt(mean) if se is None or mean is None else f"{mean:.3f} ± {se:.3f}")
+                cells.append("n/a" if mean is None else f"{mean:.4g}" if se is None else f"{mean:.3f} ± {se:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     write_text(output_dir / "summary.md", "\n".join(lines))

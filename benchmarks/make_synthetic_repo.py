@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -115,27 +114,24 @@ def write_set(
     row_bytes = args.emb_dim * dtype.itemsize
     block_prompts = max(1, BLOCK_BYTES // (n_responses * args.emb_dim * 4))
     rewards = np.empty((n_prompts, n_responses), dtype=np.float32)
-    with ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(out_dir / embd_name))
-        created = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        offset = created.offset
-        del created
-        handle = stack.enter_context(open(tmp, "r+b"))
-        for block, start in enumerate(
-            tqdm(range(0, n_prompts, block_prompts), desc=f"synthetic {split}", unit="block", disable=None)
-        ):
-            stop = min(start + block_prompts, n_prompts)
-            rng = np.random.default_rng([args.seed, set_index, block])
-            embeddings, rewards[start:stop] = world.draw_block(
-                rng, stop - start, n_responses, dtype, args.reward, args.reward_noise
-            )
-            if args.layout == "nk":
-                handle.seek(offset + start * n_responses * row_bytes)
-                handle.write(embeddings.data)
-            else:
-                for k in range(n_responses):
-                    handle.seek(offset + (k * n_prompts + start) * row_bytes)
-                    handle.write(np.ascontiguousarray(embeddings[:, k]).data)
+    with atomic_path(out_dir / embd_name) as tmp:
+        offset = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).offset  # header and size only
+        with open(tmp, "r+b") as handle:
+            for block, start in enumerate(
+                tqdm(range(0, n_prompts, block_prompts), desc=f"synthetic {split}", unit="block", disable=None)
+            ):
+                stop = min(start + block_prompts, n_prompts)
+                rng = np.random.default_rng([args.seed, set_index, block])
+                embeddings, rewards[start:stop] = world.draw_block(
+                    rng, stop - start, n_responses, dtype, args.reward, args.reward_noise
+                )
+                if args.layout == "nk":
+                    handle.seek(offset + start * n_responses * row_bytes)
+                    handle.write(embeddings.data)
+                else:
+                    for k in range(n_responses):
+                        handle.seek(offset + (k * n_prompts + start) * row_bytes)
+                        handle.write(np.ascontiguousarray(embeddings[:, k]).data)
     write_npy(out_dir / reward_name, rewards.T.copy() if args.layout == "kn" else rewards[:, :, None])
 
 
