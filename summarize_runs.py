@@ -248,13 +248,8 @@ def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: 
     extra = [f"{s}_bon_n" for s in EVAL_SETS if f"{s}_spearman_per_prompt" in columns]
     header = [*varied, "n_seeds", "seeds", *[f"{c}_{stat}" for c in columns for stat in ("mean", "se")], *extra]
     writer.writerow(header)
-    for row in rows:
-        writer.writerow(
-            [
-                "n/a" if row[name] is None else (f"{row[name]!r}" if isinstance(row[name], float) else row[name])
-                for name in header
-            ]
-        )
+    for row in rows:  # csv writes a float as its repr, every digit
+        writer.writerow(["n/a" if row[name] is None else row[name] for name in header])
     write_text(output_dir / "summary.csv", buffer.getvalue())
 
     lines = [

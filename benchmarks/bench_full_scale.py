@@ -31,8 +31,8 @@ def command(script: str, **flags: object) -> list[str]:
     return [sys.executable, script, *(arg for name, value in flags.items() for arg in (f"--{name}", str(value)))]
 
 
-def run_measured(name: str, cmd: list[str], rows: list) -> None:
-    """Run ``cmd``; record wall seconds and the child's own peak RSS in GB."""
+def run_measured(name: str, cmd: list[str]) -> tuple[str, float, float]:
+    """Run ``cmd``; print and return (name, wall seconds, the child's own peak RSS in GB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
@@ -42,19 +42,19 @@ def run_measured(name: str, cmd: list[str], rows: list) -> None:
     if proc.returncode != 0:
         sys.exit(f"{name} failed ({proc.returncode}):\n{output[-3000:]}")
     peak_gb = usage.ru_maxrss / 2**20  # Linux reports KiB
-    rows.append((name, seconds, peak_gb))
     last = [line for line in output.splitlines() if line.startswith(("step", "converted", "demo"))]
     print(
         f"{name:<26}{seconds:>9.1f} s{peak_gb:>9.2f} GB  {'ok' if peak_gb < TARGET_GB else 'OVER'}"
         f"  {last[-1][:100] if last else ''}",
         flush=True,
     )
+    return name, seconds, peak_gb
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of prompts (1.0: published size)")
-    parser.add_argument("--work_dir", default=None, help="folder for the ~23 GB of files (default: a temp dir)")
+    parser.add_argument("--work_dir", help="folder for the ~23 GB of files (default: a temp dir)")
     parser.add_argument("--ensemble_number", type=int, default=10)
     parser.add_argument("--training_epochs", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
@@ -68,41 +68,33 @@ def main() -> None:
         f"ENSEMBLE_NUMBER={args.ensemble_number}, TRAINING_EPOCHS={args.training_epochs}; files in {work}"
     )
     print(f"{'command':<26}{'wall':>11}{'peak RSS':>12}  (target < {TARGET_GB:.0f} GB per step)")
-    rows: list = []
+    commands = {
+        "make synthetic repo": command(
+            "benchmarks/make_synthetic_repo.py",
+            output_dir=repo,
+            n_prompts=n_train,
+            n_test_prompts=n_test,
+            task="harmless",
+            gen_model="gemma2b",
+        ),
+        "convert_embeddings": command(
+            "convert_embeddings.py", embd_dir=repo, task="harmless", gen_model="gemma2b", output_dir=data
+        ),
+        "step5 train": command(
+            "step5_train_rms.py",
+            data_dir=data,
+            output_dir=out,
+            task="harmless",
+            n_sample=n_sample,
+            ensemble_number=args.ensemble_number,
+            training_epochs=args.training_epochs,
+        ),
+        "step6 eval": command("step6_eval_rms.py", output_dir=out),
+        "step7 calibrate+distil": command("step7_isotonic_distillation.py", output_dir=out),
+        "step8 validate": command("step8_validate_distillation.py", output_dir=out),
+    }
     try:
-        run_measured(
-            "make synthetic repo",
-            command(
-                "benchmarks/make_synthetic_repo.py",
-                output_dir=repo,
-                n_prompts=n_train,
-                n_test_prompts=n_test,
-                task="harmless",
-                gen_model="gemma2b",
-            ),
-            rows,
-        )
-        run_measured(
-            "convert_embeddings",
-            command("convert_embeddings.py", embd_dir=repo, task="harmless", gen_model="gemma2b", output_dir=data),
-            rows,
-        )
-        run_measured(
-            "step5 train",
-            command(
-                "step5_train_rms.py",
-                data_dir=data,
-                output_dir=out,
-                task="harmless",
-                n_sample=n_sample,
-                ensemble_number=args.ensemble_number,
-                training_epochs=args.training_epochs,
-            ),
-            rows,
-        )
-        run_measured("step6 eval", command("step6_eval_rms.py", output_dir=out), rows)
-        run_measured("step7 calibrate+distil", command("step7_isotonic_distillation.py", output_dir=out), rows)
-        run_measured("step8 validate", command("step8_validate_distillation.py", output_dir=out), rows)
+        rows = [run_measured(name, cmd) for name, cmd in commands.items()]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
