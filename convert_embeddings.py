@@ -299,14 +299,13 @@ def plan_set(source: Source, args) -> SetPlan:
         )
     layout = detect_layout(args.layout, source, embd_shape, rewards.shape)
     rewards_nk = reward_matrix(source, layout, embd_shape, rewards)
-    n_prompts, n_responses = rewards_nk.shape
+    n_responses = rewards_nk.shape[1]
     if n_responses < 2:
         raise InputError(
             f"{source.embd_path}: need at least 2 responses per prompt, found K={n_responses} "
             f"(reading it as {LAYOUT_SHAPES[layout]}; --layout changes that)"
         )
-    n_keep = min(n_prompts, args.max_prompts or n_prompts)
-    rewards_nk = rewards_nk[:n_keep].astype(np.float64)
+    rewards_nk = rewards_nk[: args.max_prompts].astype(np.float64)  # all prompts when it is None
     finite = np.isfinite(rewards_nk)
     if not finite.all():
         prompt, response = np.argwhere(~finite)[0]

@@ -83,13 +83,11 @@ def read_requests(path: Path) -> list[tuple[int, dict, list[str]]]:
                 f'{path} line {number}: expected exactly one of "response" (a string) '
                 f'and "responses" (a list of strings)'
             )
-        responses = [record["response"]] if "response" in record else record["responses"]
+        key = "response" if "response" in record else "responses"
+        responses = [record[key]] if key == "response" else record[key]
         if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-            key = "response" if "response" in record else "responses"
-            raise InputError(
-                f'{path} line {number}: "{key}" must be '
-                f"{'a string' if key == 'response' else 'a non-empty list of strings'}"
-            )
+            wanted = "a string" if key == "response" else "a non-empty list of strings"
+            raise InputError(f'{path} line {number}: "{key}" must be {wanted}')
         requests.append((number, record, responses))
     if not requests:
         raise InputError(f"--input {path}: no records")
