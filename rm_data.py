@@ -86,6 +86,16 @@ def read_rewards_jsonl(path: Path) -> np.ndarray:
     lines = text.splitlines()
     if lines and not lines[-1].strip():
         lines = lines[:-1]
+    # One parse of the whole file (~6x faster) when it can only hold one object per line: an object
+    # that ends in "}," is a second top-level object on a line or, where a line was cut short, the
+    # object split across lines. Anything else is read line by line, which names the bad line.
+    if not re.search(r"\}\s*,", text):
+        try:
+            records = json.loads(f"[{','.join(lines)}]")
+        except ValueError:
+            records = []
+        if len(records) == len(lines) and all(isinstance(r, dict) and finite_number(r.get("reward")) for r in records):
+            return np.array([record["reward"] for record in records], dtype=np.float64)
     rewards = np.empty(len(lines), dtype=np.float64)
     for i, line in enumerate(lines):
         try:

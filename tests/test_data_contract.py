@@ -85,6 +85,29 @@ def test_bad_reward_lines(demo_copy, tmp_path, capsys, line, expected):
     assert "rewards_split_0.json line 8" in err and expected in err
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ['{"reward": 1}', '{"reward": -2.5e-3, "prompt": "a, b}"}', '{"reward": 3, "meta": {"k": [1, 2]}}'],
+        ['{"reward": 1, "meta": {"k": 1}, "n": 2}', '{"reward": 0.1}'],  # "}," inside a line: line by line
+    ],
+)
+def test_rewards_read_in_one_parse_equal_those_read_line_by_line(tmp_path, lines):
+    path = tmp_path / "rewards_split_0.json"
+    path.write_text("\n".join(lines) + "\n")
+    rewards = rm_data.read_rewards_jsonl(path)
+    assert rewards.dtype == np.float64
+    np.testing.assert_array_equal(rewards, [json.loads(line)["reward"] for line in lines])
+
+
+def test_an_object_split_across_lines_is_refused_though_the_lines_join_into_valid_json(tmp_path):
+    # Joined with commas these two lines parse as two objects, as many as there are lines.
+    path = tmp_path / "rewards_split_0.json"
+    path.write_text('{"reward": 1, "x": [1\n2]}, {"reward": 2}\n')
+    with pytest.raises(rm_data.InputError, match="rewards_split_0.json line 1: not valid JSON"):
+        rm_data.read_rewards_jsonl(path)
+
+
 def test_empty_and_missing_directory(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
