@@ -27,6 +27,7 @@ from calibration import (
     IsotonicMap,
     cross_validate,
     fit_isotonic,
+    import_sklearn_in_background,
     save_isotonic_map,
     sidecar_path,
 )
@@ -176,6 +177,7 @@ def main(argv=None) -> dict:
     )
 
     setup_logging()
+    import_sklearn_in_background()  # while the teacher scores the calibration prompts
     run = open_run(args, SEED_FLAGS, seed=args.seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     task = args.task or run.manifest["config"]["task"]
