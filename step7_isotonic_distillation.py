@@ -177,7 +177,6 @@ def main(argv=None) -> dict:
     )
 
     setup_logging()
-    import_sklearn_in_background()  # while the teacher scores the calibration prompts
     run = open_run(args, SEED_FLAGS, seed=args.seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     task = args.task or run.manifest["config"]["task"]
@@ -199,6 +198,7 @@ def main(argv=None) -> dict:
 
     # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
     start = time.perf_counter()
+    import_sklearn_in_background()  # while the teacher scores the calibration prompts
     calibration_gold = data.rewards[calibration_prompts]
     calibration_teacher = data.score(calibration_prompts, teacher_scorer).mean(axis=0)  # the members' mean
     variant_comparison = {
