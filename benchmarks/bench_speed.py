@@ -14,7 +14,7 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
    reads in chunks, all members) against a bare per-member forward pass on an in-memory tensor;
    and the share of step 6's time spent computing metrics.
 3. ``FORCE=1 bash run_all.sh`` on the default demo (data present), the best of ``--repeats`` runs,
-   against its floor: 4 step processes x (start Python + import torch, measured here) + the FLOPs
+   against its floor: 4 step processes x (start Python, import torch, exit; measured here) + the FLOPs
    the run must do (:func:`pipeline_flops`, counted from its manifests) at the bare GEMM rate
    measured here (run_all.sh runs steps 6 and 7 side by side, so a run could beat this sum of
    starts). Targets: <= 1.25x the floor and <= 10 s.
@@ -242,14 +242,16 @@ def run(cmd: list[str], env: dict) -> Timing:
 class Machine:
     """The floor's ingredients, measured in this run (best of ``repeats``)."""
 
-    torch_start: float  # seconds to start Python and import torch, in a fresh process
+    torch_start: float  # seconds of a fresh process that imports torch and exits as the steps do
     numpy_start: float  # the same with numpy only (the converter's process)
     gemm_flops: float  # FLOP/s of a bare float32 matmul, the best of the shapes the steps multiply
 
 
 def measure_machine(repeats: int) -> Machine:
-    def start_time(code: str) -> float:
-        return min(run([sys.executable, "-c", code], {}).wall for _ in range(repeats))
+    def start_time(module: str, freeze: str = "import atexit, gc; atexit.register(gc.freeze); ") -> float:
+        # Exit as cli.run_cli makes the steps exit, without the last garbage collection (~0.35 s
+        # with torch): a floor with it would count a cost the steps no longer pay.
+        return min(run([sys.executable, "-c", f"{freeze}import {module}"], {}).wall for _ in range(repeats))
 
     rates = []
     for rows, inner, outer in ((4096, 2048, 10240), (4096, 2048, 1024), (256, 2048, 1024)):
@@ -257,11 +259,12 @@ def measure_machine(repeats: int) -> Machine:
         n = max(1, int(2e10 // (2 * rows * inner * outer)))  # ~20 GFLOP per timing
         seconds = best_time(lambda a=a, b=b, n=n: [torch.mm(a, b) for _ in range(n)], repeats)
         rates.append(2 * rows * inner * outer * n / seconds)
-    machine = Machine(start_time("import torch"), start_time("import numpy"), max(rates))
+    machine = Machine(start_time("torch"), start_time("numpy"), max(rates))
     report(
-        "   floor: Python + import torch (one process)",
+        "   floor: Python + import torch + exit (one process)",
         f"{machine.torch_start:.2f} s",
-        f"python -c 'import numpy': {machine.numpy_start:.2f} s",
+        f"exiting as the steps do; with Python's usual exit {start_time('torch', freeze=''):.2f} s; "
+        f"the same with numpy: {machine.numpy_start:.2f} s",
     )
     report(
         "   floor: bare GEMM rate",
