@@ -22,9 +22,7 @@ reproduces ``IsotonicRegression.predict`` bit for bit: for float64 thresholds sc
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,18 +39,6 @@ from random_streams import int_seed, seed_sequence
 # loads with numpy alone, so steps' --help stays fast.
 if TYPE_CHECKING:
     from sklearn.isotonic import IsotonicRegression
-
-
-def import_sklearn_in_background() -> None:
-    """Import what the fits need (~1 s) in a thread while the caller computes; the first fit waits
-    for it (Python's import lock). Worth it around matrix products, which release the GIL."""
-
-    def load() -> None:
-        with contextlib.suppress(ImportError):  # raised again, in the caller's thread, by the first fit
-            import sklearn.isotonic
-            import sklearn.model_selection  # noqa: F401
-
-    threading.Thread(target=load, daemon=True).start()
 
 
 VARIANTS = ("standard", "centered")

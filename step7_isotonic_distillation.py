@@ -11,8 +11,10 @@ distillation" and "Who sees which prompts").
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import threading
 import time
 
 import numpy as np
@@ -27,7 +29,6 @@ from calibration import (
     IsotonicMap,
     cross_validate,
     fit_isotonic,
-    import_sklearn_in_background,
     save_isotonic_map,
     sidecar_path,
 )
@@ -198,7 +199,9 @@ def main(argv=None) -> dict:
 
     # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
     start = time.perf_counter()
-    import_sklearn_in_background()  # while the teacher scores the calibration prompts
+    # scikit-learn's imports (~1 s, isotonic maps and folds) run in a thread while the teacher's matrix
+    # products, which release the GIL, score the calibration prompts; the first fit waits for them.
+    threading.Thread(target=importlib.import_module, args=("sklearn.model_selection",), daemon=True).start()
     calibration_gold = data.rewards[calibration_prompts]
     calibration_teacher = data.score(calibration_prompts, teacher_scorer).mean(axis=0)  # the members' mean
     variant_comparison = {
