@@ -40,7 +40,6 @@ from random_streams import int_seed, seed_sequence
 if TYPE_CHECKING:
     from sklearn.isotonic import IsotonicRegression
 
-
 VARIANTS = ("standard", "centered")
 # Centered: never worse beyond noise out of fold on the demo (README, "Step 7: calibration and
 # distillation"), and it keeps the teacher's ranking, so calibrating does not change which response

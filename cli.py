@@ -55,8 +55,8 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     Ctrl-C (SIGINT) and SIGTERM stop the script with one line (no traceback) and status 130 / 143;
     running out of memory (a size flag far too large) is one line and status 2.
     """
-    # At exit Python's last garbage collection walks every object torch and scikit-learn created
-    # (~0.3-0.5 s per step process); frozen, they are skipped. Files are closed by then.
+    # At exit Python's last garbage collection walks every object torch, scikit-learn and matplotlib
+    # created (~0.3-0.7 s per step process); frozen, they are skipped. Files are closed by then.
     atexit.register(gc.freeze)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
