@@ -31,8 +31,7 @@ from tqdm import tqdm
 
 from artifacts import read_json, write_json, write_npy
 from cli import ArgumentParser, InputError, non_negative_int, positive_int, random_seed, run_cli, setup_logging
-from rm_data import DEMO_CONFIG_FILE as DEMO_CONFIG
-from rm_data import FILE_PATTERNS, ensure_writable_dir, write_rewards_jsonl
+from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1
@@ -114,7 +113,7 @@ def main(argv=None) -> Path:
 def write_demo(args, out_dir: Path) -> Path:
     """Write the demo set into ``out_dir`` unless it already holds one with these settings."""
     config = {key: value for key, value in vars(args).items() if key != "output_dir"} | {"version": DEMO_VERSION}
-    config_path = out_dir / DEMO_CONFIG
+    config_path = out_dir / DEMO_CONFIG_FILE
     data_files = [*out_dir.glob("EMBD-*-split_*.npy"), *out_dir.glob("rewards*_split_*.json")]
     if config_path.exists():
         if read_json(config_path, "demo config") == config:

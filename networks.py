@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -216,8 +217,8 @@ class FusedAdam:
     ):
         self.params = list(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in self.params]  # torch's fused step dtype
 
     def zero_grad(self) -> None:
@@ -247,8 +248,6 @@ class FusedAdam:
             weight_decay=self.weight_decay,
             eps=self.eps,
             maximize=False,
-            grad_scale=None,
-            found_inf=None,
         )
 
 
@@ -510,15 +509,8 @@ def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Call
     for path in paths:
         if not Path(path).is_file():
             raise InputError(f"checkpoint not found: {path}")
-    scorer = None
-
-    def score(rows: np.ndarray) -> np.ndarray:
-        nonlocal scorer
-        if scorer is None:
-            scorer = StackedEnsemble(load_ensemble(paths, expected_dim))
-        return scorer(rows)
-
-    return score
+    scorer = functools.cache(lambda: StackedEnsemble(load_ensemble(paths, expected_dim)))
+    return lambda rows: scorer()(rows)
 
 
 # --------------------------------------------------------------------------------------------

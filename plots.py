@@ -96,12 +96,11 @@ def plot_sweep(
     from matplotlib import ticker
 
     # Metrics no run has (steps a sweep left out with LAST_STEP) get no panel, unless none has any.
-    defined = {
+    panels = {
         metric: curves
         for metric, curves in panels.items()
         if any(m is not None for curve in curves.values() for m in curve["mean"])
-    }
-    panels = defined or panels
+    } or panels
     n_cols = min(4, len(panels))
     n_rows = -(-len(panels) // n_cols)
     fig, axes = _pyplot().subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.4 * n_rows), squeeze=False)

@@ -166,7 +166,6 @@ class EmbeddingSet:
     kind: str
     data_dir: Path
     embedding_paths: list[Path]
-    reward_paths: list[Path]
     rewards: np.ndarray = field(repr=False)
     dim: int
     dtype: np.dtype
@@ -297,7 +296,7 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", require
         rewards[:, k] = column
     if len(splits) < 2:
         raise InputError(f"{data_dir}: need at least 2 {kind} splits (responses per prompt), found 1")
-    return EmbeddingSet(kind, data_dir, emb_paths, reward_paths, rewards, d, dtype)
+    return EmbeddingSet(kind, data_dir, emb_paths, rewards, d, dtype)
 
 
 def fingerprint(eset: EmbeddingSet) -> str:
@@ -494,7 +493,7 @@ def student_checkpoint_name(task: str, objective: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Opening step 5's run (steps 6-8)
 # --------------------------------------------------------------------------------------------
-# Step 5 flags that steps 7 and 8 accept from the seed's command lines, checked against the manifest.
+# Step 5 flags that steps 6-8 accept from the seed's command lines (step 6 a few more), checked against the manifest.
 SEED_FLAGS = ("embed_model_name", "task", "sft_obj", "gen_pref_model_name", "rm_objective")
 
 
@@ -539,12 +538,11 @@ class Run:
 
 def add_run_flags(parser, teacher: bool = False) -> None:
     """The flags :func:`open_run` reads: ``--data_dir`` and, with ``teacher``, ``--teacher_ckpt``."""
-    parser.add_argument("--data_dir", default=None, help="data folder (default: the one recorded by step 5)")
+    parser.add_argument("--data_dir", help="data folder (default: the one recorded by step 5)")
     if teacher:
         parser.add_argument(
             "--teacher_ckpt",
             nargs="+",
-            default=None,
             help="teacher checkpoint(s), averaged (default: every member in the manifest)",
         )
 

@@ -55,10 +55,9 @@ def parse_args(argv=None):
     run = commands.add_parser("run", help="run a step unless its record says it is up to date")
     run.add_argument("--output_dir", required=True, help="the steps' output folder; records go in its .run_state/")
     run.add_argument("--step", required=True, help="step number, e.g. 5 (record step5.json, label 'step 5')")
-    run.add_argument("--after", default=None, help="the step whose record this one depends on, e.g. 4")
+    run.add_argument("--after", help="the step whose record this one depends on, e.g. 4")
     run.add_argument(
         "--data_dir",
-        default=None,
         help="data folder whose fingerprint goes into the key (the first step's; later steps "
         "inherit it through --after)",
     )

@@ -96,9 +96,8 @@ quote() {  # shell-quote $1, leaving plain words (paths, VAR=a,b) readable
 }
 cell_command() {  # cell_command COMBO SEED [DATA_ONLY] -> one shell line
     local combo="$1" seed="$2" cell="${1:+$1,}SEED=$2" assignments=() setting
-    local output="$ROOT/$cell"
     IFS=, read -r -a settings <<< "$combo"
-    for setting in "${FIXED[@]}" ${settings[@]+"${settings[@]}"} "SEED=$seed" "OUTPUT_DIR=$output" ${3:+"DATA_ONLY=1"}; do
+    for setting in "${FIXED[@]}" ${settings[@]+"${settings[@]}"} "SEED=$seed" "OUTPUT_DIR=$ROOT/$cell" ${3:+"DATA_ONLY=1"}; do
         assignments+=("${setting%%=*}=$(quote "${setting#*=}")")
     done
     printf 'cd %s && env %s bash %s > %s 2>&1' "$(quote "$CALLER_DIR")" "${assignments[*]}" \

@@ -76,7 +76,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--eval_prompts",
         type=positive_int,
-        default=None,
         help="size of the evaluation pool (calibration/student_train/held_out 60/20/20); "
         "default a quarter of the prompts, at least min(1000, half of them)",
     )
@@ -108,7 +107,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--reward_scale",
         type=positive_float,
-        default=None,
         help="s in sigmoid(beta (r1 - r2) / s); default 6 for helpful, 1 for harmless",
     )
     parser.add_argument("--ensemble_number", type=positive_int, default=10, help="members, differing by seed")
@@ -302,24 +300,20 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
         return torch.from_numpy(np.setdiff1d(np.arange(n_pairs), pairs.numpy()))
 
     n_val = min(max(1, int(round(args.val_fraction * n_pairs))), n_pairs - 1)
+    splits = []
     if args.bagging:
-        splits = []
         for generator in generators:
             drawn = torch.randint(n_pairs, (n_pairs,), generator=generator)
             splits.append((drawn, others(drawn)))  # out-of-bag pairs validate
     elif args.early_stopping == "pooled":
         order = torch.from_numpy(pair_rng.permutation(n_pairs))
-        splits = []
         for member in range(len(generators)):
             positions = (member * n_val + torch.arange(n_val)) % n_pairs
             splits.append((order[others(positions)], order[positions]))
     elif args.early_stopping == "member":
-        splits = []
         for generator in generators:
             order = torch.randperm(n_pairs, generator=generator)
             splits.append((order[n_val:], order[:n_val]))
-    else:
-        splits = []
     if args.early_stopping == "member" and splits:
         decision_pairs = min(len(val) for _, val in splits)
     elif args.early_stopping == "pooled" and splits:
@@ -437,11 +431,9 @@ def main(argv=None) -> dict:
         raise InputError(
             f"{who} diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {args.learning_rate:g}"
         ) from None
-    members, checkpoints, models = [], [], []
+    members = []
     flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
-    for member, ((model, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):
-        name = checkpoint_name(args, member)
-        models.append(model)  # saved once every member has trained: a diverged one leaves no files
+    for member, ((_, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):
         responses_per_second = result.samples_per_second * OBJECTIVES[args.rm_objective].responses_per_sample
         log.info(
             "member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
@@ -453,11 +445,10 @@ def main(argv=None) -> dict:
             responses_per_second,
             responses_per_second * flops / 1e9,
         )
-        checkpoints.append(name)
         members.append(
             {
                 "member": member,
-                "checkpoint": name,
+                "checkpoint": checkpoint_name(args, member),
                 "seed": member_seed,
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
@@ -469,7 +460,9 @@ def main(argv=None) -> dict:
             }
         )
 
-    for name, model in zip(checkpoints, models):
+    checkpoints = [record["checkpoint"] for record in members]
+    # Saved once every member has trained: a diverged one leaves no files.
+    for name, (model, _) in zip(checkpoints, trained):
         save_checkpoint(model, output_dir / name)
     data_fingerprint = fingerprint(data)
     # What the partition was drawn from: steps 6-8 refuse it for other data.

@@ -17,17 +17,13 @@ from artifacts import atomic_paths, json_text
 from cli import ArgumentParser, finite_float, random_seed, run_cli, setup_logging
 from metrics import add_evaluation_draw_flags, best_of_n, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, add_run_flags, open_run
+from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, add_run_flags, open_run
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
 # they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
 MANIFEST_FLAGS = {
-    "embed_model_name": str,
-    "task": str,
-    "sft_obj": str,
-    "gen_pref_model_name": str,
-    "rm_objective": str,
+    **dict.fromkeys(SEED_FLAGS, str),
     "consider_first_n": int,
     "n_sample": int,
     "training_epochs": int,
@@ -44,11 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
     add_run_flags(parser)
     add_evaluation_draw_flags(parser)
-    parser.add_argument(
-        "--eval_seed", type=random_seed, default=None, help="seed of evaluation draws (default: run seed)"
-    )
+    parser.add_argument("--eval_seed", type=random_seed, help="seed of evaluation draws (default: run seed)")
     for flag, kind in MANIFEST_FLAGS.items():
-        parser.add_argument(f"--{flag}", type=kind, default=None, help="checked against the manifest")
+        parser.add_argument(f"--{flag}", type=kind, help="checked against the manifest")
     return parser.parse_args(argv)
 
 
