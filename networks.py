@@ -57,8 +57,7 @@ def mlp_flops_per_sample(input_dim: int, hidden: Sequence[int] = (1024, 512)) ->
 def mlp_train_flops_per_sample(input_dim: int, hidden: Sequence[int] = (1024, 512)) -> int:
     """FLOPs of one sample of a train step: the forward, the weight gradients (as many again) and the
     input gradients of every layer but the first (embeddings need none): ~2.2x the forward for D=2048."""
-    dims = [*hidden, 1]
-    return 2 * mlp_flops_per_sample(input_dim, hidden) + 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return 2 * mlp_flops_per_sample(input_dim, hidden) + mlp_flops_per_sample(hidden[0], hidden[1:])
 
 
 @dataclass
@@ -164,9 +163,7 @@ class OrmTask:
 
             n_items = len(winners)
 
-        def validate() -> tuple[float, float]:
-            return evaluate_pairs(model, objective, inputs, val_winners, val_losers)
-
+        validate = functools.partial(evaluate_pairs, model, objective, inputs, val_winners, val_losers)
         self.task = FitTask(
             model,
             n_items,

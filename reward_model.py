@@ -86,13 +86,10 @@ class RewardModel:
         if not output_dir.is_dir():
             raise InputError(f"output directory {output_dir} does not exist (run run_all.sh or steps 5-7 first)")
         manifest = load_manifest(output_dir)
+        task, objective = manifest["config"]["task"], manifest["config"]["rm_objective"]  # checked by load_manifest
         try:
-            dim, task, objective = (
-                manifest["data"]["dim"],
-                manifest["config"]["task"],
-                manifest["config"]["rm_objective"],
-            )
-        except (KeyError, TypeError):
+            dim = manifest["data"]["dim"]
+        except KeyError:
             raise InputError(
                 f"{output_dir / MANIFEST_FILE}: expected data.dim, config.task and "
                 "config.rm_objective (rerun step5_train_rms.py)"

@@ -48,17 +48,14 @@ def parse_args(argv=None):
 
 def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
     """member_scores (M, P, R) -> each member and the ensemble rules, each (P, R)."""
-    variants = {f"member_{i}": scores for i, scores in enumerate(member_scores)}
     mean, std = member_scores.mean(axis=0), member_scores.std(axis=0)
-    variants.update(
-        {
-            "ensemble_mean": mean,
-            "ensemble_min": member_scores.min(axis=0),
-            "ensemble_first": member_scores[0],
-            "ensemble_mean_minus_std": mean - std,
-        }
-    )
-    return variants
+    return {
+        **{f"member_{i}": scores for i, scores in enumerate(member_scores)},
+        "ensemble_mean": mean,
+        "ensemble_min": member_scores.min(axis=0),
+        "ensemble_first": member_scores[0],
+        "ensemble_mean_minus_std": mean - std,
+    }
 
 
 def evaluate(member_scores: np.ndarray, gold: np.ndarray, args, seed: int) -> dict:
