@@ -99,14 +99,13 @@ def main(argv=None) -> dict:
     run = open_run(args, MANIFEST_FLAGS, seed=args.eval_seed)
     output_dir, manifest, data, member_paths, seed = run.output_dir, run.manifest, run.data, run.checkpoints, run.seed
     models = load_ensemble(member_paths, data.dim)
-    partition, test = run.partition(), run.test_set()
+    sets = run.evaluation_sets(run.partition(), run.test_set())
     objective = manifest["config"]["rm_objective"]
 
     start = time.perf_counter()
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
     scorer = StackedEnsemble(models)
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
-    sets = run.evaluation_sets(partition, test)
     for name, (eset, prompts) in sets.items():
         scores = eset.score_cached(prompts, scorer, cache_dir, member_paths)
         results[name] = evaluate(scores, eset.rewards[prompts], args, seed)
