@@ -213,7 +213,7 @@ on_signal() {  # on_signal NAME STATUS: forward to the running steps, wait for t
 trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 
-section() { printf '\n=== %s ===\n' "$1"; CURRENT="$1"; }
+section() { CURRENT="${2:-$1}"; printf '\n=== %s ===\n' "$1"; }  # section TITLE [NAME]: a stop now names NAME
 step_start=$SECONDS
 timed() {  # run a step and report its wall time
     local name="$1"; shift
@@ -330,8 +330,7 @@ if (( LAST_STEP >= 7 )); then
         --learning_rate "$DISTILL_LEARNING_RATE" --seed "$SEED" >"$STEP7_LOG" 2>"$STEP7_ERR"
     STEP7_PID=$!
 fi
-section "Step 6: evaluate ranking quality"
-CURRENT="steps 6 and 7"
+section "Step 6: evaluate ranking quality" "steps 6 and 7"
 STATUS=0
 resumable run_child 6 5 "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" --data_dir "$DATA_DIR" || STATUS=$?
 if (( STATUS != 0 )); then
