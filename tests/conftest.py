@@ -29,6 +29,18 @@ SMALL_DEMO = [
     "--n_test_responses",
     "40",
 ]
+# A small run_all.sh configuration (a few seconds on the demo it generates).
+SMALL_RUN_ALL = {
+    "N_SAMPLE": "100",
+    "ENSEMBLE_NUMBER": "2",
+    "TRAINING_EPOCHS": "2",
+    "DISTILL_EPOCHS": "3",
+    "DEMO_PROMPTS": "300",
+    "EVAL_PROMPTS": "200",
+    "DEMO_EMB_DIM": "32",
+    "DEMO_TEST_PROMPTS": "4",
+    "DEMO_TEST_RESPONSES": "12",
+}
 
 
 def run_failing(main, argv, capsys) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_failing
+from conftest import ROOT, SMALL_RUN_ALL, run_failing
 
 import convert_embeddings
 import generate_demo_data
@@ -44,17 +44,7 @@ MAINS = {
     "convert_embeddings.py": convert_embeddings.main,
 }
 # A small valid run_all.sh configuration; each case breaks one thing.
-RUN_ALL_ENV = {
-    "N_SAMPLE": "100",
-    "ENSEMBLE_NUMBER": "2",
-    "TRAINING_EPOCHS": "1",
-    "DISTILL_EPOCHS": "1",
-    "DEMO_PROMPTS": "300",
-    "EVAL_PROMPTS": "200",
-    "DEMO_EMB_DIM": "32",
-    "DEMO_TEST_PROMPTS": "4",
-    "DEMO_TEST_RESPONSES": "12",
-}
+RUN_ALL_ENV = {**SMALL_RUN_ALL, "TRAINING_EPOCHS": "1", "DISTILL_EPOCHS": "1"}
 D = 48  # embedding size of the shared demo data (conftest.SMALL_DEMO)
 
 

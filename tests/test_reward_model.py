@@ -27,7 +27,7 @@ for folder in (REPO, REPO / "tests"):
         sys.path.insert(0, str(folder))
 
 import torch  # noqa: E402
-from conftest import run_failing  # noqa: E402
+from conftest import SMALL_RUN_ALL, run_failing  # noqa: E402
 from tiny_models import ANSWERS, TOPICS, hh_prompt  # noqa: E402
 
 import score_responses  # noqa: E402
@@ -49,17 +49,6 @@ from rm_data import (  # noqa: E402
     student_checkpoint_name,
 )
 
-DEMO_ENV = {
-    "N_SAMPLE": "100",
-    "ENSEMBLE_NUMBER": "2",
-    "TRAINING_EPOCHS": "2",
-    "DISTILL_EPOCHS": "3",
-    "DEMO_PROMPTS": "300",
-    "EVAL_PROMPTS": "200",
-    "DEMO_EMB_DIM": "32",
-    "DEMO_TEST_PROMPTS": "4",
-    "DEMO_TEST_RESPONSES": "12",
-}
 N_PROMPTS, N_RESPONSES = 30, 4
 GEN = [
     "--model_name",
@@ -86,7 +75,7 @@ def demo_run(tmp_path_factory):
         "DATA_DIR": str(root / "data"),
         "OUTPUT_DIR": str(root / "out"),
         "PYTHON": sys.executable,
-        **DEMO_ENV,
+        **SMALL_RUN_ALL,
     }
     proc = subprocess.run(["bash", str(REPO / "run_all.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

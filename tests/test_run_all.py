@@ -5,19 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
-
-SMALL = {
-    "N_SAMPLE": "100",
-    "ENSEMBLE_NUMBER": "2",
-    "TRAINING_EPOCHS": "2",
-    "DISTILL_EPOCHS": "3",
-    "DEMO_PROMPTS": "300",
-    "EVAL_PROMPTS": "200",
-    "DEMO_EMB_DIM": "32",
-    "DEMO_TEST_PROMPTS": "4",
-    "DEMO_TEST_RESPONSES": "12",
-}
+from conftest import ROOT, SMALL_RUN_ALL
 
 
 def run_all(tmp_path, **env):
@@ -26,7 +14,7 @@ def run_all(tmp_path, **env):
         "PYTHON": sys.executable,
         "DATA_DIR": str(tmp_path / "data"),
         "OUTPUT_DIR": str(tmp_path / "out"),
-        **SMALL,
+        **SMALL_RUN_ALL,
         **env,
     }
     return subprocess.run(["bash", str(ROOT / "run_all.sh")], env=full_env, capture_output=True, text=True, timeout=600)
