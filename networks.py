@@ -499,17 +499,6 @@ class StackedEnsemble:
         return torch.baddbmm(self.b3, h2, self.w3).squeeze(-1).numpy()  # (M, B)
 
 
-def lazy_ensemble_scorer(paths: Sequence[str | Path], expected_dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    """:class:`StackedEnsemble` of the checkpoints ``paths``, loaded (:func:`load_ensemble`) on its first
-    call: step 8 takes the teacher's scores from step 6's cache and then never loads the teacher. A
-    cache hit means these very bytes were scored on this data, so the checks loading does had passed."""
-    for path in paths:
-        if not Path(path).is_file():
-            raise InputError(f"checkpoint not found: {path}")
-    scorer = functools.cache(lambda: StackedEnsemble(load_ensemble(paths, expected_dim)))
-    return lambda rows: scorer()(rows)
-
-
 # --------------------------------------------------------------------------------------------
 # Distillation (step 7): regress a student MLP onto calibrated teacher scores
 # --------------------------------------------------------------------------------------------

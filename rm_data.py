@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,10 @@ MIN_EVAL_PROMPTS = 20
 DEFAULT_SPLIT_SEED = 0
 PARTITION_FILE = "prompt_split.json"
 MANIFEST_FILE = "orm_manifest.json"
-SCORE_CACHE_DIR = "score_cache"  # ensemble scores step 6 computes and step 8 reuses
+# Scores of the evaluation sets that step 8 reuses: the ensemble's from step 6 (files scores_*), the
+# student's from step 7 (student_scores_*).
+SCORE_CACHE_DIR = "score_cache"
+ENSEMBLE_SCORES, STUDENT_SCORES = "scores", "student_scores"
 EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the model that embedded a set
 DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
 # Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
@@ -225,12 +228,15 @@ class EmbeddingSet:
         score_fn: Callable[[np.ndarray], np.ndarray],
         cache_dir: str | os.PathLike,
         model_files: list[Path],
+        prefix: str = ENSEMBLE_SCORES,
     ) -> np.ndarray:
         """:meth:`score`, reusing an earlier step's result when nothing it depends on changed.
 
         The key hashes the model files' bytes, the prompt ids, the rewards and each embedding
         file's name, size, mtime and inode (a cache miss costs time; content hashing 10 GB would cost more).
-        Step 6 scores the held-out and test prompts with the ensemble; step 8 reuses them.
+        The cache keeps one entry per ``prefix`` and kind of set: step 6 scores the held-out and test
+        prompts with the ensemble, step 7 with the student (``prefix`` :data:`STUDENT_SCORES`); step 8
+        reuses both.
         """
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         digest = hashlib.sha256(self.rewards.tobytes() + prompt_ids.tobytes())
@@ -241,7 +247,7 @@ class EmbeddingSet:
             stat = path.stat()
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
         cache_dir = Path(cache_dir)
-        cache_file = cache_dir / f"scores_{self.kind}_{digest.hexdigest()[:32]}.npy"
+        cache_file = cache_dir / f"{prefix}_{self.kind}_{digest.hexdigest()[:32]}.npy"
         try:  # a missing, unreadable, truncated or inconsistent entry is a cache miss: score again
             cached = np.load(cache_file, allow_pickle=False)
         except (OSError, ValueError, EOFError):
@@ -254,7 +260,7 @@ class EmbeddingSet:
         ):
             return cached
         scores = self.score(prompt_ids, score_fn)
-        for stale in cache_dir.glob(f"scores_{self.kind}_*.npy"):
+        for stale in cache_dir.glob(f"{prefix}_{self.kind}_*.npy"):
             stale.unlink()
         write_npy(cache_file, scores)
         return scores
@@ -265,6 +271,24 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
     """sha256 of a file's bytes, computed once per process while its inode, size and mtime stay the
     same (a step scores held-out and test prompts with the same 10 checkpoints: 2 x 100 MB to hash)."""
     return bytes.fromhex(file_sha256(path))
+
+
+def lazy_ensemble_scorer(paths: Sequence[Path], expected_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``networks.StackedEnsemble`` of the checkpoints ``paths``, loaded on its first call (torch is
+    imported then): step 8 takes the scores from the cache that steps 6 and 7 fill and then never
+    imports torch. A cache hit means these very bytes were scored on this data, so the checks loading
+    does had passed."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"checkpoint not found: {path}")
+
+    @functools.cache
+    def ensemble():
+        from networks import StackedEnsemble, load_ensemble
+
+        return StackedEnsemble(load_ensemble(paths, expected_dim))
+
+    return lambda rows: ensemble()(rows)
 
 
 def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", required: bool = True) -> EmbeddingSet | None:

@@ -5,8 +5,9 @@ Cross-validate the isotonic map teacher -> golden reward over folds of ``calibra
 refit it on all of them; train a student MLP by MSE towards isotonic(teacher(x)) on the
 ``student_train`` prompts; fit the student's own map on the calibration prompts; write the student
 checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 8 reads) and
-``distillation_config.json``. ``held_out`` prompts are never read (README, "Step 7: calibration and
-distillation" and "Who sees which prompts").
+``distillation_config.json``. ``held_out`` prompts reach no fit (README, "Step 7: calibration and
+distillation" and "Who sees which prompts"): only once all of that is written does the student score
+them and the test set, for step 8.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +48,18 @@ from cli import (
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
-from rm_data import MANIFEST_FILE, SEED_FLAGS, TASKS, EmbeddingSet, add_run_flags, open_run, student_checkpoint_name
+from rm_data import (
+    MANIFEST_FILE,
+    SCORE_CACHE_DIR,
+    SEED_FLAGS,
+    STUDENT_SCORES,
+    TASKS,
+    EmbeddingSet,
+    Run,
+    add_run_flags,
+    open_run,
+    student_checkpoint_name,
+)
 
 log = logging.getLogger("step7")
 CONFIG_FILE = "distillation_config.json"
@@ -162,6 +176,20 @@ def check_teacher(teacher: np.ndarray, gold: np.ndarray, teacher_map: IsotonicMa
     }
 
 
+def cache_student_scores(
+    run: Run, partition: dict[str, np.ndarray], student: Callable[[np.ndarray], np.ndarray], student_path: Path
+) -> None:
+    """Score the sets step 8 evaluates (held-out prompts, the test set) with the student and keep the
+    scores in the score cache, as step 6 keeps the teacher's: step 8 then needs no torch. Run after
+    every fit is written, so these scores reach none. A problem with those sets is step 8's to
+    report: here it only means that step 8 scores them itself."""
+    try:
+        for eset, prompts in run.evaluation_sets(partition, run.test_set()).values():
+            eset.score_cached(prompts, student, run.output_dir / SCORE_CACHE_DIR, [student_path], STUDENT_SCORES)
+    except InputError as err:
+        log.info("student scores of the evaluation sets not cached (%s)", err)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # torch is imported once the flags are valid: --help and flag errors return at once.
@@ -264,7 +292,8 @@ def main(argv=None) -> dict:
 
     # --- 3. student -> golden isotonic map on calibration prompts ---
     student_name = student_checkpoint_name(task, objective)
-    calibration_student = data.score(calibration_prompts, StackedEnsemble([student]))[0]
+    student_scorer = StackedEnsemble([student])
+    calibration_student = data.score(calibration_prompts, student_scorer)[0]
     student_cv = cross_validate(
         calibration_student, calibration_gold, args.cv_folds, seed, args.isotonic_variant, args.n_cross_pairs
     )
@@ -339,6 +368,7 @@ def main(argv=None) -> dict:
         },
     }
     write_json(output_dir / CONFIG_FILE, config)
+    cache_student_scores(run, partition, student_scorer, output_dir / student_name)
     print(
         f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
         f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "

@@ -37,11 +37,14 @@ from metrics import (
 )
 from plots import plot_best_of_n, plot_calibration
 from rm_data import (
+    ENSEMBLE_SCORES,
     MANIFEST_FILE,
     SCORE_CACHE_DIR,
     SEED_FLAGS,
+    STUDENT_SCORES,
     EmbeddingSet,
     add_run_flags,
+    lazy_ensemble_scorer,
     open_run,
     student_checkpoint_name,
 )
@@ -83,27 +86,30 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def score_variants(
-    data: EmbeddingSet,
-    prompt_ids: np.ndarray,
-    teacher: Callable[[np.ndarray], np.ndarray],
-    student: Callable[[np.ndarray], np.ndarray],
-    teacher_map: IsotonicMap,
-    student_map: IsotonicMap,
-    teacher_cache: tuple[Path, list[Path]],
+def cached_scores(
+    sets: dict[str, tuple[EmbeddingSet, np.ndarray]],
+    scorer: Callable[[np.ndarray], np.ndarray],
+    cache_dir: Path,
+    model_files: list[Path],
+    prefix: str,
 ) -> dict[str, np.ndarray]:
-    """The four variants' (P, R) float64 scores of every response of ``prompt_ids``.
-
-    teacher, student: scorers (B, D) -> (M, B) (``networks.StackedEnsemble``); the teacher is the
-    members' mean, its member scores taken from step 6's ``teacher_cache`` where present.
-    """
-    raw_teacher = data.score_cached(prompt_ids, teacher, *teacher_cache).mean(axis=0).astype(np.float64)
-    raw_student = data.score(prompt_ids, student)[0].astype(np.float64)
+    """Each set's (P, R) float64 mean of the models' scores: from the score cache where step 6 (the
+    teacher's members) or step 7 (the student) left them, else computed with ``scorer``."""
     return {
-        "Teacher": raw_teacher,
-        "Teacher+Isotonic": teacher_map.predict(raw_teacher),
-        "Student": raw_student,
-        "Student+Isotonic": student_map.predict(raw_student),
+        name: eset.score_cached(prompts, scorer, cache_dir, model_files, prefix).mean(axis=0).astype(np.float64)
+        for name, (eset, prompts) in sets.items()
+    }
+
+
+def score_variants(
+    teacher: np.ndarray, student: np.ndarray, teacher_map: IsotonicMap, student_map: IsotonicMap
+) -> dict[str, np.ndarray]:
+    """The four variants' scores from the teacher's (the members' mean) and the student's raw scores."""
+    return {
+        "Teacher": teacher,
+        "Teacher+Isotonic": teacher_map.predict(teacher),
+        "Student": student,
+        "Student+Isotonic": student_map.predict(student),
     }
 
 
@@ -168,8 +174,6 @@ def format_table(title: str, result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from networks import StackedEnsemble, lazy_ensemble_scorer, load_checkpoint  # torch: after the flags (fast --help)
-
     setup_logging()
     run = open_run(args, SEED_FLAGS, seed=args.seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
@@ -180,18 +184,24 @@ def main(argv=None) -> dict:
     )
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
-    teacher = lazy_ensemble_scorer(teacher_paths, data.dim)  # loaded only if step 6's cache lacks a score
-    teacher_cache = (output_dir / SCORE_CACHE_DIR, teacher_paths)  # step 6's scores of the same members
-    student = StackedEnsemble([load_checkpoint(student_path, data.dim)])
+    # Checkpoints are loaded (and torch imported) only for scores the cache lacks.
+    teacher = lazy_ensemble_scorer(teacher_paths, data.dim)
+    student = lazy_ensemble_scorer([student_path], data.dim)
+    partition = run.partition()
+    sets = run.evaluation_sets(partition, test)
+    cache_dir = output_dir / SCORE_CACHE_DIR
+    start = time.perf_counter()
+    # The student first, so that a student checkpoint step 7 did not score is read (and any problem
+    # with it reported) before the maps are.
+    student_scores = cached_scores(sets, student, cache_dir, [student_path], STUDENT_SCORES)
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
     check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)
     check_map_provenance(student_map, student_map_path, "student", [student_path])
-    partition = run.partition()
+    teacher_scores = cached_scores(sets, teacher, cache_dir, teacher_paths, ENSEMBLE_SCORES)
     # The constant floor is fitted where the maps are: the calibration prompts' golden rewards.
     constant = float(data.rewards[partition["calibration"]].mean())
 
-    start = time.perf_counter()
     results = {
         "manifest": str(output_dir / MANIFEST_FILE),
         "eval_seed": seed,
@@ -203,9 +213,8 @@ def main(argv=None) -> dict:
             "isotonic_variants": {"teacher": teacher_map.variant, "student": student_map.variant},
         },
     }
-    sets = run.evaluation_sets(partition, test)
     for name, (eset, prompts) in sets.items():
-        variants = score_variants(eset, prompts, teacher, student, teacher_map, student_map, teacher_cache)
+        variants = score_variants(teacher_scores[name], student_scores[name], teacher_map, student_map)
         results[name] = evaluate(variants, eset.rewards[prompts], constant, args, seed)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 

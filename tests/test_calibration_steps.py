@@ -34,7 +34,7 @@ import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
 from cli import InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
-from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
+from rm_data import SCORE_CACHE_DIR, EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
 
 DEMO = [
     "--n_prompts",
@@ -203,8 +203,9 @@ def pipeline(tmp_path_factory):
     reads = []
     original_read_rows = EmbeddingSet.read_rows
 
-    def recording_read_rows(self, split, prompt_ids):
-        reads.append((self.kind, np.asarray(prompt_ids).copy()))
+    def recording_read_rows(self, split, prompt_ids):  # after_fits: once the config, written last, exists
+        after_fits = (out / step7.CONFIG_FILE).exists()
+        reads.append((self.kind, np.asarray(prompt_ids).copy(), after_fits))
         return original_read_rows(self, split, prompt_ids)
 
     student_rows = {}
@@ -244,8 +245,9 @@ def test_planted_joblib_files_are_never_unpickled(pipeline, tmp_path):
 def test_no_held_out_prompt_reaches_any_fit(pipeline):
     data = load_embedding_set(pipeline["data"])
     partition = load_partition(pipeline["out"], data)
-    read = np.unique(np.concatenate([ids for kind, ids in pipeline["reads"]]))
-    assert {kind for kind, _ in pipeline["reads"]} == {"train"}  # step 7 never opens the test set
+    fitting = [(kind, ids) for kind, ids, after_fits in pipeline["reads"] if not after_fits]
+    read = np.unique(np.concatenate([ids for kind, ids in fitting]))
+    assert {kind for kind, _ in fitting} == {"train"}  # the fits never open the test set
     assert np.intersect1d(read, partition["held_out"]).size == 0
     assert np.intersect1d(read, partition["orm_train"]).size == 0
     assert set(read) == set(partition["calibration"]) | set(partition["student_train"])
@@ -270,6 +272,27 @@ def test_no_held_out_prompt_reaches_any_fit(pipeline):
     assert np.intersect1d(np.concatenate(list(used.values())), partition["held_out"]).size == 0
     assert step7.prompt_set_record("", used["fit"], 0)["prompt_ids_sha256"] == training["prompt_ids_sha256"]
     assert step7.prompt_set_record("", used["early_stopping"], 0)["prompt_ids_sha256"] == stopping["prompt_ids_sha256"]
+
+
+def test_step7_scores_only_the_evaluation_sets_for_step8_after_its_fits(pipeline):
+    data = load_embedding_set(pipeline["data"])
+    held_out = load_partition(pipeline["out"], data)["held_out"]
+    after = [(kind, ids) for kind, ids, after_fits in pipeline["reads"] if after_fits]
+    assert all(not after_fits for *_, after_fits in pipeline["reads"][: -len(after)])  # the fits read first
+    read = {kind: np.unique(np.concatenate([ids for k, ids in after if k == kind])) for kind in ("train", "test")}
+    np.testing.assert_array_equal(read["train"], np.sort(held_out))
+    np.testing.assert_array_equal(read["test"], np.arange(5))  # DEMO's 5 test prompts
+    cached = sorted(path.name.split("_")[2] for path in (pipeline["out"] / SCORE_CACHE_DIR).glob("student_scores_*"))
+    assert cached == ["test", "train"]
+
+
+def test_step8_results_are_the_same_without_step7s_cached_student_scores(pipeline, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["out"], out)  # the pipeline's step 8 took the student's scores from step 7
+    shutil.rmtree(out / SCORE_CACHE_DIR)
+    afresh = step8.main(["--output_dir", str(out)])  # loads and scores both models
+    for name in ("held_out", "test"):
+        assert afresh[name] == pipeline["results"][name]
 
 
 def test_student_reproduces_the_calibrated_teacher_on_held_out(pipeline):

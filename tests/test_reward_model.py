@@ -38,11 +38,13 @@ import step8_validate_distillation as step8  # noqa: E402
 from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
-from networks import StackedEnsemble, lazy_ensemble_scorer, load_checkpoint  # noqa: E402
+from networks import StackedEnsemble, load_checkpoint  # noqa: E402
 from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # noqa: E402
 from rm_data import (  # noqa: E402
+    ENSEMBLE_SCORES,
     SCORE_CACHE_DIR,
     checkpoint_paths,
+    lazy_ensemble_scorer,
     load_embedding_set,
     load_manifest,
     load_partition,
@@ -160,14 +162,16 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     assert manifest["data"]["embedding"]["model"] is None  # demo data: synthetic vectors, no model
     teacher_paths = checkpoint_paths(out, manifest)
     student_path = out / student_checkpoint_name("helpful", "bt")
+    teacher = lazy_ensemble_scorer(teacher_paths, data.dim)
+    teacher_scores = step8.cached_scores(
+        {"held_out": (data, held_out)}, teacher, out / SCORE_CACHE_DIR, teacher_paths, ENSEMBLE_SCORES
+    )
+    student = StackedEnsemble([load_checkpoint(student_path, data.dim)])  # not step 7's cached scores
     expected = step8.score_variants(
-        data,
-        held_out,
-        lazy_ensemble_scorer(teacher_paths, data.dim),
-        StackedEnsemble([load_checkpoint(student_path, data.dim)]),
+        teacher_scores["held_out"],
+        data.score(held_out, student)[0].astype(np.float64),
         load_isotonic_map(out / TEACHER_MAP_FILE),
         load_isotonic_map(out / STUDENT_MAP_FILE),
-        (out / SCORE_CACHE_DIR, teacher_paths),
     )
     reward_model = RewardModel.load(out)
     rows = prompt_major_rows(data, held_out)
