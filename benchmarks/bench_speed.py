@@ -13,11 +13,12 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
 2. Evaluation: responses/s of ``EmbeddingSet.score`` with the stacked ensemble scorer (memory-mapped
    reads in chunks, all members) against a bare per-member forward pass on an in-memory tensor;
    and the share of step 6's time spent computing metrics.
-3. ``FORCE=1 bash run_all.sh`` on the default demo (data present), the best of ``--repeats`` runs,
-   against its floor: 4 step processes x (start Python, import torch, exit; measured here) + the FLOPs
-   the run must do (:func:`pipeline_flops`, counted from its manifests) at the bare GEMM rate
-   measured here (run_all.sh runs steps 6 and 7 side by side, so a run could beat this sum of
-   starts). Targets: <= 1.25x the floor and <= 10 s.
+3. ``FORCE=1 bash run_all.sh`` on the default demo (data present; the score cache removed before
+   each run, or steps 6-8 would take the scores of the identical checkpoints FORCE=1 retrains from
+   it), the best of ``--repeats`` runs, against its floor: 4 step processes x (start Python, import
+   torch, exit; measured here) + the FLOPs the run must do (:func:`pipeline_flops`, counted from its
+   manifests) at the bare GEMM rate measured here (run_all.sh runs steps 6 and 7 side by side, so a
+   run could beat this sum of starts). Targets: <= 1.25x the floor and <= 10 s.
 4. The seed's "real embeddings" configuration on synthetic data of the same shape (5000 prompts x 10
    responses x 2048, N_SAMPLE=1000, ENSEMBLE_NUMBER=3), conversion included (each repeat converts
    afresh), against the same floor plus the converter's (start Python + a bare copy of its
@@ -281,9 +282,9 @@ def pipeline_flops(out_dir: Path) -> dict[str, float]:
     Counted: ORM training (forward and backward of every training response in every epoch run) and
     its validation each epoch; step 6 scoring held-out and test responses with every member; step 7
     scoring calibration and student_train responses with the teacher, the student's training and
-    early-stopping passes, its final training-set error, and the student scoring the calibration
-    responses; step 8 scoring held-out and test responses with the student (the teacher's scores are
-    step 6's). Not counted: element-wise work, metrics, isotonic fits, reading files.
+    early-stopping passes, its final training-set error, and the student scoring the calibration,
+    held-out and test responses (step 8 takes the held-out and test scores of both models from the
+    score cache). Not counted: element-wise work, metrics, isotonic fits, reading files.
     """
     manifest = json.loads((out_dir / rm_data.MANIFEST_FILE).read_text())
     distill = json.loads((out_dir / "distillation_config.json").read_text())
@@ -302,10 +303,9 @@ def pipeline_flops(out_dir: Path) -> dict[str, float]:
     step7 = (
         (calibration + fit_rows + stop_rows) * distill["teacher"]["n_members"] * forward
         + student["epochs_run"] * (fit_rows * train + stop_rows * forward)
-        + (fit_rows + calibration) * forward
+        + (fit_rows + calibration + sum(scored)) * forward
     )
-    step8 = sum(scored) * forward
-    return {"step 5": step5, "step 6": step6, "step 7": step7, "step 8": step8}
+    return {"step 5": step5, "step 6": step6, "step 7": step7}
 
 
 def report_against_floor(name: str, timing: Timing, floor: float, target: str, note: str) -> None:
@@ -327,8 +327,16 @@ def report_pipeline(
     if copy is not None:
         floor = floor + machine.numpy_start + copy
         parts += f" + conversion {machine.numpy_start:.2f} + {copy:.1f} s (bare copy of the sources)"
+    # Step 8 imports no torch when the cache holds both models' scores: with its process counted as a
+    # numpy one, the floor is lower by the difference.
+    strict = floor - machine.torch_start + machine.numpy_start
     report_against_floor(
-        name, best, floor, target, f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout)
+        name,
+        best,
+        floor,
+        target,
+        f"with step 8 counted as a numpy process: floor {strict:.1f} s, ratio {best.wall / strict:.2f}; "
+        f"least CPU of the runs {min(t.cpu for t in runs):.1f} s; " + step_times(best.stdout),
     )
     report(
         "   floor = 4 x start + FLOPs / GEMM rate" + ("" if copy is None else " + copy"),
@@ -361,7 +369,10 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {"DATA_DIR": f"{tmp}/data", "OUTPUT_DIR": f"{tmp}/out"}
         run(["bash", "run_all.sh"], env)  # generates the demo once (not part of the timed runs)
-        runs = [run(["bash", "run_all.sh"], {**env, "FORCE": "1"}) for _ in range(repeats)]  # FORCE: no resuming
+        runs = []
+        for _ in range(repeats):  # FORCE: no resuming; no score cache: every FLOP counted is done
+            shutil.rmtree(Path(tmp) / "out" / rm_data.SCORE_CACHE_DIR)
+            runs.append(run(["bash", "run_all.sh"], {**env, "FORCE": "1"}))
         flops = pipeline_flops(Path(tmp) / "out")
     report_pipeline("3. run_all.sh default demo (FORCE=1)", runs, machine, flops, "target <= 10 s and <= 1.25x floor")
 
