@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import file_sha256, read_json, sampled_blocks, write_npy, write_text
+from artifacts import read_json, sampled_blocks, write_npy, write_text
 from cli import InputError, finite_number
 from random_streams import seed_sequence
 
@@ -232,18 +232,16 @@ class EmbeddingSet:
     ) -> np.ndarray:
         """:meth:`score`, reusing an earlier step's result when nothing it depends on changed.
 
-        The key hashes the model files' bytes, the prompt ids, the rewards and each embedding
-        file's name, size, mtime and inode (a cache miss costs time; content hashing 10 GB would cost more).
-        The cache keeps one entry per ``prefix`` and kind of set: step 6 scores the held-out and test
-        prompts with the ensemble, step 7 with the student (``prefix`` :data:`STUDENT_SCORES`); step 8
-        reuses both.
+        The key hashes the prompt ids, the rewards and each model and embedding file's name, size,
+        mtime and inode, as build tools do: a rewritten file (the atomic writers give it a new inode) or
+        a copy is a miss, which costs time; hashing the files' bytes would cost ~0.1 s per step for 10
+        checkpoints, and minutes for 10 GB of embeddings. The cache keeps one entry per ``prefix`` and
+        kind of set: step 6 scores the held-out and test prompts with the ensemble, step 7 with the
+        student (``prefix`` :data:`STUDENT_SCORES`); step 8 reuses both.
         """
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         digest = hashlib.sha256(self.rewards.tobytes() + prompt_ids.tobytes())
-        for path in model_files:
-            stat = Path(path).stat()
-            digest.update(_file_sha256(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
-        for path in self.embedding_paths:
+        for path in map(Path, [*model_files, *self.embedding_paths]):
             stat = path.stat()
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
         cache_dir = Path(cache_dir)
@@ -266,17 +264,10 @@ class EmbeddingSet:
         return scores
 
 
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
-    """sha256 of a file's bytes, computed once per process while its inode, size and mtime stay the
-    same (a step scores held-out and test prompts with the same 10 checkpoints: 2 x 100 MB to hash)."""
-    return bytes.fromhex(file_sha256(path))
-
-
 def lazy_ensemble_scorer(paths: Sequence[Path], expected_dim: int) -> Callable[[np.ndarray], np.ndarray]:
     """``networks.StackedEnsemble`` of the checkpoints ``paths``, loaded on its first call (torch is
     imported then): step 8 takes the scores from the cache that steps 6 and 7 fill and then never
-    imports torch. A cache hit means these very bytes were scored on this data, so the checks loading
+    imports torch. A cache hit means these very files were scored on this data, so the checks loading
     does had passed."""
     for path in paths:
         if not Path(path).is_file():
