@@ -7,7 +7,6 @@ memory), the seeded prompt partition, fingerprints and the run manifest.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -222,15 +221,15 @@ class EmbeddingSet:
             out[:, start : start + len(ids)] = scores.reshape(-1, self.n_splits, len(ids)).transpose(0, 2, 1)
         return out
 
-    def score_cached(
+    def score_cache_entry(
         self,
         prompt_ids: np.ndarray,
-        score_fn: Callable[[np.ndarray], np.ndarray],
         cache_dir: str | os.PathLike,
         model_files: list[Path],
         prefix: str = ENSEMBLE_SCORES,
-    ) -> np.ndarray:
-        """:meth:`score`, reusing an earlier step's result when nothing it depends on changed.
+    ) -> tuple[Path, np.ndarray | None]:
+        """The score cache's file for the models' scores of ``prompt_ids`` and what it holds: (M, P, K)
+        float32 scores, or None where it is missing, unreadable, truncated or inconsistent (a miss).
 
         The key hashes the prompt ids, the rewards and each model and embedding file's name, size,
         mtime and inode, as build tools do: a rewritten file (the atomic writers give it a new inode) or
@@ -244,42 +243,61 @@ class EmbeddingSet:
         for path in map(Path, [*model_files, *self.embedding_paths]):
             stat = path.stat()
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
-        cache_dir = Path(cache_dir)
-        cache_file = cache_dir / f"{prefix}_{self.kind}_{digest.hexdigest()[:32]}.npy"
-        try:  # a missing, unreadable, truncated or inconsistent entry is a cache miss: score again
+        cache_file = Path(cache_dir) / f"{prefix}_{self.kind}_{digest.hexdigest()[:32]}.npy"
+        try:
             cached = np.load(cache_file, allow_pickle=False)
         except (OSError, ValueError, EOFError):
-            cached = None
-        if (
+            return cache_file, None
+        usable = (
             isinstance(cached, np.ndarray)
             and cached.shape == (len(model_files), len(prompt_ids), self.n_splits)
             and cached.dtype == np.float32
             and np.isfinite(cached).all()
-        ):
+        )
+        return cache_file, cached if usable else None
+
+    def score_cached(
+        self,
+        prompt_ids: np.ndarray,
+        score_fn: Callable[[np.ndarray], np.ndarray],
+        cache_dir: str | os.PathLike,
+        model_files: list[Path],
+        prefix: str = ENSEMBLE_SCORES,
+    ) -> np.ndarray:
+        """:meth:`score`, taken from the score cache (:meth:`score_cache_entry`) where an earlier step
+        left it; a miss is scored and written, replacing the entry of the same ``prefix`` and kind."""
+        cache_file, cached = self.score_cache_entry(prompt_ids, cache_dir, model_files, prefix)
+        if cached is not None:
             return cached
         scores = self.score(prompt_ids, score_fn)
-        for stale in cache_dir.glob(f"{prefix}_{self.kind}_*.npy"):
+        for stale in cache_file.parent.glob(f"{prefix}_{self.kind}_*.npy"):
             stale.unlink()
         write_npy(cache_file, scores)
         return scores
 
 
-def lazy_ensemble_scorer(paths: Sequence[Path], expected_dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``networks.StackedEnsemble`` of the checkpoints ``paths``, loaded on its first call (torch is
-    imported then): step 8 takes the scores from the cache that steps 6 and 7 fill and then never
-    imports torch. A cache hit means these very files were scored on this data, so the checks loading
-    does had passed."""
-    for path in paths:
-        if not Path(path).is_file():
-            raise InputError(f"checkpoint not found: {path}")
+class LazyEnsemble:
+    """``networks.StackedEnsemble`` of the checkpoints ``paths`` as a scorer ((B, D) rows -> (M, B)),
+    loaded (and torch imported) on first use: step 8 takes the scores from the cache that steps 6 and
+    7 fill and then never imports torch. A cache hit means these very files were scored on this data,
+    so the checks loading does had passed."""
 
-    @functools.cache
-    def ensemble():
-        from networks import StackedEnsemble, load_ensemble
+    def __init__(self, paths: Sequence[Path], expected_dim: int):
+        for path in paths:
+            if not Path(path).is_file():
+                raise InputError(f"checkpoint not found: {path}")
+        self.paths, self.expected_dim, self._ensemble = list(paths), expected_dim, None
 
-        return StackedEnsemble(load_ensemble(paths, expected_dim))
+    def load(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The ensemble, read from its checkpoints on the first call."""
+        if self._ensemble is None:
+            from networks import StackedEnsemble, load_ensemble
 
-    return lambda rows: ensemble()(rows)
+            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim))
+        return self._ensemble
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return self.load()(rows)
 
 
 def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", required: bool = True) -> EmbeddingSet | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,8 @@ from rm_data import (
     SEED_FLAGS,
     STUDENT_SCORES,
     EmbeddingSet,
+    LazyEnsemble,
     add_run_flags,
-    lazy_ensemble_scorer,
     open_run,
     student_checkpoint_name,
 )
@@ -87,16 +86,12 @@ def parse_args(argv=None):
 
 
 def cached_scores(
-    sets: dict[str, tuple[EmbeddingSet, np.ndarray]],
-    scorer: Callable[[np.ndarray], np.ndarray],
-    cache_dir: Path,
-    model_files: list[Path],
-    prefix: str,
+    sets: dict[str, tuple[EmbeddingSet, np.ndarray]], model: LazyEnsemble, cache_dir: Path, prefix: str
 ) -> dict[str, np.ndarray]:
-    """Each set's (P, R) float64 mean of the models' scores: from the score cache where step 6 (the
-    teacher's members) or step 7 (the student) left them, else computed with ``scorer``."""
+    """Each set's (P, R) float64 mean of the model's scores: from the score cache where step 6 (the
+    teacher's members) or step 7 (the student) left them, else scored with ``model``."""
     return {
-        name: eset.score_cached(prompts, scorer, cache_dir, model_files, prefix).mean(axis=0).astype(np.float64)
+        name: eset.score_cached(prompts, model, cache_dir, model.paths, prefix).mean(axis=0).astype(np.float64)
         for name, (eset, prompts) in sets.items()
     }
 
@@ -185,22 +180,22 @@ def main(argv=None) -> dict:
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
     # Checkpoints are loaded (and torch imported) only for scores the cache lacks.
-    teacher = lazy_ensemble_scorer(teacher_paths, data.dim)
-    student = lazy_ensemble_scorer([student_path], data.dim)
-    partition = run.partition()
-    sets = run.evaluation_sets(partition, test)
-    cache_dir = output_dir / SCORE_CACHE_DIR
-    start = time.perf_counter()
-    # The student first, so that a student checkpoint step 7 did not score is read (and any problem
-    # with it reported) before the maps are.
-    student_scores = cached_scores(sets, student, cache_dir, [student_path], STUDENT_SCORES)
+    teacher, student = LazyEnsemble(teacher_paths, data.dim), LazyEnsemble([student_path], data.dim)
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
     check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)
     check_map_provenance(student_map, student_map_path, "student", [student_path])
-    teacher_scores = cached_scores(sets, teacher, cache_dir, teacher_paths, ENSEMBLE_SCORES)
+    partition = run.partition()
     # The constant floor is fitted where the maps are: the calibration prompts' golden rewards.
     constant = float(data.rewards[partition["calibration"]].mean())
+
+    start = time.perf_counter()
+    sets, cache_dir = run.evaluation_sets(partition, test), output_dir / SCORE_CACHE_DIR
+    models = {"teacher": (teacher, ENSEMBLE_SCORES), "student": (student, STUDENT_SCORES)}
+    for model, prefix in models.values():  # every checkpoint to read is read before any score is written
+        if any(eset.score_cache_entry(ids, cache_dir, model.paths, prefix)[1] is None for eset, ids in sets.values()):
+            model.load()
+    scores = {name: cached_scores(sets, model, cache_dir, prefix) for name, (model, prefix) in models.items()}
 
     results = {
         "manifest": str(output_dir / MANIFEST_FILE),
@@ -214,7 +209,7 @@ def main(argv=None) -> dict:
         },
     }
     for name, (eset, prompts) in sets.items():
-        variants = score_variants(teacher_scores[name], student_scores[name], teacher_map, student_map)
+        variants = score_variants(scores["teacher"][name], scores["student"][name], teacher_map, student_map)
         results[name] = evaluate(variants, eset.rewards[prompts], constant, args, seed)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 

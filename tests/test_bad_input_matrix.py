@@ -578,13 +578,20 @@ def step8_truncated_map_json(w):
     )
 
 
+# Under the student's own name (the student map names the checkpoint it was fitted on, and step 8
+# checks the maps before it reads a checkpoint whose scores the cache lacks).
+STUDENT_NAME = "distilled_rm_helpful_bt.ckpt"
+
+
 def step8_foreign_student(w):
-    path = w.checkpoint("foreign.ckpt", {"weight": torch.zeros(1, D), "bias": torch.zeros(1)})
+    (w.tmp / "foreign").mkdir()
+    path = w.checkpoint(f"foreign/{STUDENT_NAME}", {"weight": torch.zeros(1, D), "bias": torch.zeros(1)})
     return step8(w, [f"{path}: not an MLP checkpoint"], "--student_ckpt", str(path))
 
 
 def step8_student_of_other_embedding_size(w):
-    path = w.tmp / "student64.ckpt"
+    path = w.tmp / "student64" / STUDENT_NAME
+    path.parent.mkdir()
     save_checkpoint(MLP(64, generator=torch.Generator().manual_seed(0)), path)
     return step8(
         w, [f"{path}: checkpoint expects embeddings of size D=64, data has D={D}"], "--student_ckpt", str(path)

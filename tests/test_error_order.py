@@ -143,12 +143,12 @@ ORDER: dict[str, tuple[Callable, str, list[Break]]] = {
             ),
             short_test_rewards,
             member_missing,
-            partition_role_a_string,
-            student_corrupt,
             map_truncated("teacher"),
             map_truncated("student"),
             map_of_other_checkpoints("teacher"),
             map_of_other_checkpoints("student"),
+            partition_role_a_string,
+            student_corrupt,  # read only for the scores the cache lacks
         ],
     ),
 }

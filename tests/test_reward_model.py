@@ -43,8 +43,8 @@ from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # n
 from rm_data import (  # noqa: E402
     ENSEMBLE_SCORES,
     SCORE_CACHE_DIR,
+    LazyEnsemble,
     checkpoint_paths,
-    lazy_ensemble_scorer,
     load_embedding_set,
     load_manifest,
     load_partition,
@@ -162,9 +162,9 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     assert manifest["data"]["embedding"]["model"] is None  # demo data: synthetic vectors, no model
     teacher_paths = checkpoint_paths(out, manifest)
     student_path = out / student_checkpoint_name("helpful", "bt")
-    teacher = lazy_ensemble_scorer(teacher_paths, data.dim)
+    teacher = LazyEnsemble(teacher_paths, data.dim)
     teacher_scores = step8.cached_scores(
-        {"held_out": (data, held_out)}, teacher, out / SCORE_CACHE_DIR, teacher_paths, ENSEMBLE_SCORES
+        {"held_out": (data, held_out)}, teacher, out / SCORE_CACHE_DIR, ENSEMBLE_SCORES
     )
     student = StackedEnsemble([load_checkpoint(student_path, data.dim)])  # not step 7's cached scores
     expected = step8.score_variants(

@@ -303,9 +303,10 @@ def step_lines(stdout: str) -> dict[int, str]:
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` except the run records, by relative path."""
+    """Every file under ``folder`` except the run records, by relative path; score cache entries without
+    their key, which names the model files' stat information (differs from run to run)."""
     return {
-        path.relative_to(folder).as_posix(): path.read_bytes()
+        re.sub(r"_[0-9a-f]{32}\.npy\Z", ".npy", path.relative_to(folder).as_posix()): path.read_bytes()
         for path in sorted(folder.rglob("*"))
         if path.is_file() and run_state.STATE_DIR not in path.relative_to(folder).parts
     }
