@@ -29,6 +29,7 @@ for var in MODEL_NAME EMBED_MODEL_NAME GOLDEN_RM; do
 done
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
+PYTHON_SET="${PYTHON:+1}"
 PYTHON="${PYTHON:-python3}"
 RUN_GPU_STEPS="${RUN_GPU_STEPS:-0}"
 USE_REPO_EMBD="${USE_REPO_EMBD:-0}"
@@ -133,12 +134,12 @@ need_flag RUN_GPU_STEPS USE_REPO_EMBD FORCE DATA_ONLY
 [[ "$LAST_STEP" =~ ^[5-8]$ ]] || die "LAST_STEP must be 5, 6, 7 or 8, got '$LAST_STEP'"
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
 # One Python process reads step 5's objectives (its registry: no list here) and the interpreter's own
-# path, which every later process then starts directly: a launcher such as pyenv's shim costs ~0.05 s
-# per process (README, "Performance").
+# path. Unless PYTHON was set (a wrapper of the user's is kept), every later process starts that path
+# directly: through a launcher such as pyenv's shim each start costs ~0.05 s (README, "Performance").
 PYTHON_INFO="$("$PYTHON" -c 'import sys, objectives; print(*objectives.OBJECTIVES); print(sys.executable)' 2>/dev/null)" \
     || die "PYTHON '$PYTHON' cannot import objectives.py of this checkout"
 OBJECTIVES="${PYTHON_INFO%%$'\n'*}"
-[[ -x "${PYTHON_INFO#*$'\n'}" ]] && PYTHON="${PYTHON_INFO#*$'\n'}"
+[[ -z "$PYTHON_SET" && -x "${PYTHON_INFO#*$'\n'}" ]] && PYTHON="${PYTHON_INFO#*$'\n'}"
 [[ "$RM_OBJECTIVE" =~ ^[A-Za-z0-9_]+$ && " $OBJECTIVES " == *" $RM_OBJECTIVE "* ]] \
     || die "RM_OBJECTIVE must be ${OBJECTIVES// / or }, got '$RM_OBJECTIVE'"
 for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
