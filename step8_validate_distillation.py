@@ -1,11 +1,12 @@
 """Step 8: validate the four reward variants: Teacher, Teacher+Isotonic, Student, Student+Isotonic.
 
-Story: open step 5's run; read the teacher checkpoints, step 7's student and the two isotonic maps
-(from their JSON sidecars: nothing is unpickled); score the ``held_out`` prompts (and the test set,
-when the data directory has one); report every variant's ranking metrics, best-of-N and error to the
-golden reward beside a constant predictor, the floor (README, "Step 8: four-variant validation");
-write the JSON, table and plots; print the table. Raw teacher scores are not on the golden scale, so
-their MSE is reported but marked not meaningful.
+Story: open step 5's run; read the two isotonic maps (from their JSON sidecars: nothing is
+unpickled); take the teacher's and the student's scores of the ``held_out`` prompts (and of the test
+set, when the data directory has one) from the score cache that steps 6 and 7 fill, reading a
+checkpoint (and importing torch) only for scores it lacks; report every variant's ranking metrics,
+best-of-N and error to the golden reward beside a constant predictor, the floor (README, "Step 8:
+four-variant validation"); write the JSON, table and plots; print the table. Raw teacher scores are
+not on the golden scale, so their MSE is reported but marked not meaningful.
 """
 
 from __future__ import annotations
