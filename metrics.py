@@ -77,6 +77,17 @@ def _check(pred: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pred, gold
 
 
+def _row_correlations(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson's r of each row pair of (P, R) arrays where neither row is constant, and the (P,)
+    mask of those rows. Constancy is tested on the values (np.ptp), not on the centred sums, which
+    rounding can leave a hair above zero for a constant row."""
+    valid = (np.ptp(x, axis=1) > 0) & (np.ptp(y, axis=1) > 0)
+    x, y = x[valid], y[valid]
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    return (x * y).sum(axis=1) / np.sqrt((x**2).sum(axis=1) * (y**2).sum(axis=1)), valid
+
+
 def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
     """Mean over prompts of Spearman's rho between prediction and golden reward within a prompt.
 
@@ -84,15 +95,22 @@ def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
     have no defined rho and are excluded, and ``n_prompts_used`` says how many remain.
     """
     pred, gold = _check(pred, gold)
-    rank_pred = rankdata(pred)
-    rank_gold = rankdata(gold)
-    rank_pred -= rank_pred.mean(axis=1, keepdims=True)
-    rank_gold -= rank_gold.mean(axis=1, keepdims=True)
-    denom = np.sqrt((rank_pred**2).sum(axis=1) * (rank_gold**2).sum(axis=1))
-    valid = denom > 0
-    rho = (rank_pred * rank_gold).sum(axis=1)[valid] / denom[valid]
+    return per_prompt_pearson(rankdata(pred), rankdata(gold))
+
+
+def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float | None:
+    """Spearman's rho over all responses of all prompts pooled (None if either side is constant)."""
+    pred, gold = _check(pred, gold)
+    return global_pearson(rankdata(pred.reshape(1, -1)), rankdata(gold.reshape(1, -1)))
+
+
+def per_prompt_pearson(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Mean over prompts of Pearson's r between prediction and golden reward within a prompt;
+    prompts where either row is constant are excluded (``n_prompts_used`` says how many remain)."""
+    pred, gold = _check(pred, gold)
+    r, valid = _row_correlations(pred, gold)
     return _with_reason(
-        mean=float(rho.mean()) if valid.any() else None,
+        mean=float(r.mean()) if valid.any() else None,
         reason=None if valid.any() else "every prompt has constant golden rewards or predictions",
         n_prompts_used=int(valid.sum()),
         n_prompts=pred.shape[0],
@@ -100,13 +118,12 @@ def per_prompt_spearman(pred: np.ndarray, gold: np.ndarray) -> dict:
     )
 
 
-def global_spearman(pred: np.ndarray, gold: np.ndarray) -> float | None:
-    """Spearman's rho over all responses of all prompts pooled (None if either side is constant)."""
+def global_pearson(pred: np.ndarray, gold: np.ndarray) -> float | None:
+    """Pearson's r over all responses of all prompts pooled (None if either side is constant): the
+    correlation most published reward-model tables report."""
     pred, gold = _check(pred, gold)
-    rank_pred, rank_gold = rankdata(pred.reshape(1, -1))[0], rankdata(gold.reshape(1, -1))[0]
-    if np.ptp(rank_pred) == 0 or np.ptp(rank_gold) == 0:
-        return None
-    return float(np.corrcoef(rank_pred, rank_gold)[0, 1])
+    r, valid = _row_correlations(pred.reshape(1, -1), gold.reshape(1, -1))
+    return float(r[0]) if valid[0] else None
 
 
 def _accuracy(total: float, count: int, reason: str, pred: np.ndarray) -> dict:
@@ -240,15 +257,18 @@ def binned_calibration(pred: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> 
 
 
 def ranking_report(pred: np.ndarray, gold: np.ndarray, seed: int, n_cross_pairs: int) -> dict:
-    """Spearman (per prompt and global) and same-/cross-prompt pairwise accuracy of one predictor."""
+    """Spearman and Pearson (per prompt and global) and same-/cross-prompt pairwise accuracy of one predictor."""
     report = {
         "spearman_per_prompt": per_prompt_spearman(pred, gold),
         "spearman_global": global_spearman(pred, gold),
+        "pearson_per_prompt": per_prompt_pearson(pred, gold),
+        "pearson_global": global_pearson(pred, gold),
         "pairwise_accuracy_same_prompt": same_prompt_pairwise_accuracy(pred, gold),
         "pairwise_accuracy_cross_prompt": cross_prompt_pairwise_accuracy(pred, gold, n_cross_pairs, seed),
     }
-    if report["spearman_global"] is None:
-        report["spearman_global_reason"] = "the golden rewards or the predictions are all equal"
+    for name in ("spearman_global", "pearson_global"):
+        if report[name] is None:
+            report[f"{name}_reason"] = "the golden rewards or the predictions are all equal"
     return report
 
 

@@ -79,12 +79,13 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> 
 # --------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------
-def read_rewards_jsonl(path: Path) -> np.ndarray:
-    """Golden rewards from a JSONL file: (N,) float64. Every line must be ``{"reward": number}``."""
+def read_rewards_jsonl(path: Path, key: str = "reward") -> np.ndarray:
+    """Golden rewards from a JSONL file: (N,) float64. Every line must be ``{"reward": number}``
+    (``{key: number}``: the same reader serves other per-response values, e.g. lengths)."""
     try:
         text = path.read_text()
     except OSError as err:
-        raise InputError(f"cannot read rewards file {path}: {err.strerror or err}") from None
+        raise InputError(f"cannot read {key}s file {path}: {err.strerror or err}") from None
     lines = text.splitlines()
     if lines and not lines[-1].strip():
         lines = lines[:-1]
@@ -96,19 +97,19 @@ def read_rewards_jsonl(path: Path) -> np.ndarray:
             records = json.loads(f"[{','.join(lines)}]")
         except ValueError:
             records = []
-        if len(records) == len(lines) and all(isinstance(r, dict) and finite_number(r.get("reward")) for r in records):
-            return np.array([record["reward"] for record in records], dtype=np.float64)
+        if len(records) == len(lines) and all(isinstance(r, dict) and finite_number(r.get(key)) for r in records):
+            return np.array([record[key] for record in records], dtype=np.float64)
     rewards = np.empty(len(lines), dtype=np.float64)
     for i, line in enumerate(lines):
         try:
             record = json.loads(line)
         except ValueError:
             raise InputError(f"{path} line {i + 1}: not valid JSON") from None
-        if not isinstance(record, dict) or "reward" not in record:
-            raise InputError(f'{path} line {i + 1}: expected an object with key "reward"')
-        value = record["reward"]
+        if not isinstance(record, dict) or key not in record:
+            raise InputError(f'{path} line {i + 1}: expected an object with key "{key}"')
+        value = record[key]
         if not finite_number(value):
-            raise InputError(f"{path} line {i + 1}: reward must be a finite number, got {value!r}")
+            raise InputError(f"{path} line {i + 1}: {key} must be a finite number, got {value!r}")
         rewards[i] = value
     return rewards
 

@@ -1,9 +1,10 @@
 """Step 6: evaluate the ranking quality of each ORM member and of the ensemble.
 
 Story: open step 5's run; score the ``held_out`` prompts (and the test set, when the data directory
-has one) chunk by chunk with every member; report the ranking metrics and best-of-N curves of each
-member and ensemble rule (README, "Step 6: evaluation"); write the JSON and PNGs; print a table.
-No prompt used to train the ORMs is read.
+has one) chunk by chunk with every member; fit the baselines (``baselines.py``: ridge on the ORM's
+training prompts, response length); report the ranking metrics and best-of-N curves of each member,
+ensemble rule and baseline (README, "Step 6: evaluation"); write the JSON and PNGs; print a table.
+No evaluation prompt is used for fitting.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 import numpy as np
 
 from artifacts import atomic_paths, json_text
+from baselines import baseline_scores
 from cli import ArgumentParser, finite_float, random_seed, run_cli, setup_logging
-from metrics import add_evaluation_draw_flags, best_of_n, fmt, ranking_report
+from metrics import add_evaluation_draw_flags, best_of_n, calibration_errors, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
 from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, add_run_flags, open_run
 
@@ -58,15 +60,20 @@ def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(member_scores: np.ndarray, gold: np.ndarray, args, seed: int) -> dict:
+def evaluate(member_scores: np.ndarray, gold: np.ndarray, baselines: dict[str, np.ndarray], args, seed: int) -> dict:
+    """Ranking metrics of every member and ensemble rule and of the ``baselines`` (name -> (P, R)
+    scores), best-of-N curves of the ensembles and baselines; ridge's error to the golden reward."""
     variants = ensemble_variants(member_scores)
     ranking = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
     ensembles = {name: pred for name, pred in variants.items() if name.startswith("ensemble")}
+    baseline_reports = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in baselines.items()}
+    baseline_reports["ridge"]["calibration"] = calibration_errors(baselines["ridge"], gold)  # on the golden scale
     return {
         "n_prompts": gold.shape[0],
         "n_responses": gold.size,
         "ranking": ranking,
-        "best_of_n": best_of_n(gold, ensembles, args.bon_draws, seed),
+        "baselines": baseline_reports,
+        "best_of_n": best_of_n(gold, {**ensembles, **baselines}, args.bon_draws, seed),
     }
 
 
@@ -75,20 +82,23 @@ def print_table(title: str, result: dict) -> None:
     curves = result["best_of_n"]["curves"]
     top_n = curves["oracle"]["n"][-1] if curves["oracle"]["n"] else None
     print(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
-    print(f"{'variant':<26}{'spearman':>9}{'acc same':>9}{'acc cross':>10}{f'BoN@{top_n}':>10}")
-    for name in rows:
-        report = result["ranking"][name]
-        bon = curves[name]["mean"][-1] if name in curves and top_n else None
+    print(f"{'variant':<26}{'spearman':>9}{'pearson':>9}{'acc same':>9}{'acc cross':>10}{f'BoN@{top_n}':>10}")
+    reports = {**result["ranking"], **{f"baseline: {name}": report for name, report in result["baselines"].items()}}
+    for name in [*rows, *(f"baseline: {name}" for name in result["baselines"])]:
+        report = reports[name]
+        curve = curves.get(name.removeprefix("baseline: "))
+        bon = curve["mean"][-1] if curve and top_n else None
         print(
-            f"{name:<26}{fmt(report['spearman_per_prompt']['mean'], 9)}"
+            f"{name:<26}{fmt(report['spearman_per_prompt']['mean'], 9)}{fmt(report['pearson_global'], 9)}"
             f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
             f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}{fmt(bon, 10)}"
         )
     if top_n:
         print(
-            f"{'(oracle / random)':<54}{curves['oracle']['mean'][-1]:>10.3f}\n"
-            f"{'':<54}{curves['random']['mean'][-1]:>10.3f}"
+            f"{'(oracle / random)':<63}{curves['oracle']['mean'][-1]:>10.3f}\n"
+            f"{'':<63}{curves['random']['mean'][-1]:>10.3f}"
         )
+    print("pearson: over all responses pooled; baselines: ridge on orm_train's golden rewards, response length")
 
 
 def main(argv=None) -> dict:
@@ -99,17 +109,19 @@ def main(argv=None) -> dict:
     run = open_run(args, MANIFEST_FLAGS, seed=args.eval_seed)
     output_dir, manifest, data, member_paths, seed = run.output_dir, run.manifest, run.data, run.checkpoints, run.seed
     models = load_ensemble(member_paths, data.dim)
-    sets = run.evaluation_sets(run.partition(), run.test_set())
+    partition = run.partition()
+    sets = run.evaluation_sets(partition, run.test_set())
     objective = manifest["config"]["rm_objective"]
 
     start = time.perf_counter()
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
     scorer = StackedEnsemble(models)
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
+    baselines = baseline_scores(data, partition["orm_train"], sets)
     for name, (eset, prompts) in sets.items():
         scores = eset.score_cached(prompts, scorer, cache_dir, member_paths)
-        results[name] = evaluate(scores, eset.rewards[prompts], args, seed)
-    log.info("evaluated %d members in %.2fs", len(models), time.perf_counter() - start)
+        results[name] = evaluate(scores, eset.rewards[prompts], baselines[name], args, seed)
+    log.info("evaluated %d members and the baselines in %.2fs", len(models), time.perf_counter() - start)
 
     json_path = output_dir / f"eval_results_{objective}.json"
     plot_path = output_dir / f"eval_best_of_n_{objective}.png"
@@ -130,6 +142,8 @@ def main(argv=None) -> dict:
     held = results["held_out"]["ranking"]["ensemble_mean"]
     print(
         f"step6: held-out ensemble-mean Spearman {fmt(held['spearman_per_prompt']['mean'], 0)}, "
+        f"Pearson {fmt(held['pearson_global'], 0)} (ridge "
+        f"{fmt(results['held_out']['baselines']['ridge']['pearson_global'], 0)}), "
         f"pairwise acc {fmt(held['pairwise_accuracy_same_prompt']['accuracy'], 0)} -> {json_path}, {plot_path}"
     )
     return results

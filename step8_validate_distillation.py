@@ -143,7 +143,7 @@ def format_table(title: str, result: dict) -> str:
     bon_header = f"BoN@{top_n}" if top_n else "BoN"
     lines.append(f"\n{title}: {result['n_prompts']} prompts, {result['n_responses']} responses")
     lines.append(
-        f"{'variant':<18}{'spearman':>9}{'global':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
+        f"{'variant':<18}{'spearman':>9}{'global':>8}{'pearson':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
         f"{'levels':>8}{bon_header:>9}"
     )
     for name in VARIANT_NAMES:
@@ -153,17 +153,19 @@ def format_table(title: str, result: dict) -> str:
         bon = curves[name]["mean"][-1] if top_n else None
         lines.append(
             f"{name:<18}{fmt(report['spearman_per_prompt']['mean'], 9)}{fmt(report['spearman_global'], 8)}"
+            f"{fmt(report['pearson_global'], 8)}"
             f"{fmt(report['pairwise_accuracy_same_prompt']['accuracy'], 9)}"
             f"{fmt(report['pairwise_accuracy_cross_prompt']['accuracy'], 10)}"
             f"{errors['mse']:>8.3f}{mark:1}{errors['mae']:>8.3f}{report['n_distinct_values']:>8d}{fmt(bon, 9)}"
         )
     constant = result["constant_predictor"]
-    lines.append(f"{'Constant':<18}{'':>36}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
+    lines.append(f"{'Constant':<18}{'':>44}{constant['mse']:>8.3f} {constant['mae']:>8.3f}{1:>8d}")
     if top_n:
         lines.append(
-            f"{'(oracle / random)':<79}{curves['oracle']['mean'][-1]:>9.3f}\n"
-            f"{'':<79}{curves['random']['mean'][-1]:>9.3f}"
+            f"{'(oracle / random)':<87}{curves['oracle']['mean'][-1]:>9.3f}\n"
+            f"{'':<87}{curves['random']['mean'][-1]:>9.3f}"
         )
+    lines.append("pearson: over all responses pooled (spearman: per prompt and pooled)")
     lines.append("* raw teacher scores are not on the golden scale: their MSE is not meaningful")
     return "\n".join(lines)
 

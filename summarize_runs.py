@@ -47,15 +47,35 @@ EVAL_SETS = {"held_out": "held-out", "test": "test"}
 METRICS = {
     "spearman_per_prompt": "per-prompt Spearman",
     "spearman_global": "global Spearman",
+    "pearson_global": "global Pearson",
     "acc_same_prompt": "same-prompt pairwise acc.",
     "acc_cross_prompt": "cross-prompt pairwise acc.",
     "member_spearman_per_prompt": "per-prompt Spearman, mean member",
     "member_acc_same_prompt": "same-prompt pairwise acc., mean member",
     "bon_gain": "best-of-N gain over random",
+    "ridge_spearman_per_prompt": "ridge baseline, per-prompt Spearman",
+    "ridge_pearson_global": "ridge baseline, global Pearson",
+    "length_spearman_per_prompt": "length baseline, per-prompt Spearman",
+    "length_pearson_global": "length baseline, global Pearson",
+    "teacher_iso_pearson_global": "Teacher+Isotonic global Pearson",
+    "student_pearson_global": "Student global Pearson",
+    "student_iso_pearson_global": "Student+Isotonic global Pearson",
     "teacher_iso_mse": "Teacher+Isotonic MSE",
     "student_iso_mse": "Student+Isotonic MSE",
+    "ridge_mse": "ridge baseline MSE",
     "constant_mse": "constant-predictor MSE",
 }
+# The swept-setting figures' panels: the teacher's ranking beside the baselines, and calibration.
+FIGURE_METRICS = (
+    "spearman_per_prompt",
+    "pearson_global",
+    "ridge_pearson_global",
+    "length_pearson_global",
+    "acc_same_prompt",
+    "bon_gain",
+    "student_iso_mse",
+    "constant_mse",
+)
 
 
 def parse_args(argv=None):
@@ -124,19 +144,29 @@ def read_metrics(evaluation: dict | None, validation: dict | None, eval_set: str
         picked, random_mean = number(ensemble["mean"][-1]), number(random_pick["mean"][-1])
         bon_gain = None if picked is None or random_mean is None else picked - random_mean
     variants = dig(validation, eval_set, "variants")
+    baselines = dig(evaluation, eval_set, "baselines")
     members = [
         report for name, report in (dig(evaluation, eval_set, "ranking") or {}).items() if name.startswith("member_")
     ]
     values = {
         "spearman_per_prompt": dig(ranking, "spearman_per_prompt", "mean"),
         "spearman_global": dig(ranking, "spearman_global"),
+        "pearson_global": dig(ranking, "pearson_global"),
         "acc_same_prompt": dig(ranking, "pairwise_accuracy_same_prompt", "accuracy"),
         "acc_cross_prompt": dig(ranking, "pairwise_accuracy_cross_prompt", "accuracy"),
         "member_spearman_per_prompt": member_mean(members, "spearman_per_prompt", "mean"),
         "member_acc_same_prompt": member_mean(members, "pairwise_accuracy_same_prompt", "accuracy"),
         "bon_gain": bon_gain,
+        "ridge_spearman_per_prompt": dig(baselines, "ridge", "spearman_per_prompt", "mean"),
+        "ridge_pearson_global": dig(baselines, "ridge", "pearson_global"),
+        "length_spearman_per_prompt": dig(baselines, "length", "spearman_per_prompt", "mean"),
+        "length_pearson_global": dig(baselines, "length", "pearson_global"),
+        "teacher_iso_pearson_global": dig(variants, "Teacher+Isotonic", "pearson_global"),
+        "student_pearson_global": dig(variants, "Student", "pearson_global"),
+        "student_iso_pearson_global": dig(variants, "Student+Isotonic", "pearson_global"),
         "teacher_iso_mse": dig(variants, "Teacher+Isotonic", "calibration", "mse"),
         "student_iso_mse": dig(variants, "Student+Isotonic", "calibration", "mse"),
+        "ridge_mse": dig(baselines, "ridge", "calibration", "mse"),
         "constant_mse": dig(validation, eval_set, "constant_predictor", "mse"),
     }
     return {f"{eval_set}_{name}": number(value) for name, value in values.items()}, bon_n
@@ -289,8 +319,8 @@ def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], r
     paths = []
     for x_name, curves in figures.items():
         panels = {}
-        for metric, metric_label in METRICS.items():
-            column = f"held_out_{metric}"
+        for metric in FIGURE_METRICS:
+            column, metric_label = f"held_out_{metric}", METRICS[metric]
             panels[metric_label] = {
                 label: {
                     "x": [row[x_name] for row in curve_rows],

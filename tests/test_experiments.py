@@ -109,6 +109,13 @@ def ensemble_metrics(run: Path, eval_set: str) -> dict:
             ]
         ),
         "bon_gain": curves["ensemble_mean"]["mean"][-1] - curves["random"]["mean"][-1],
+        "pearson_global": ranking["pearson_global"],
+        "ridge_spearman_per_prompt": evaluation["baselines"]["ridge"]["spearman_per_prompt"]["mean"],
+        "ridge_pearson_global": evaluation["baselines"]["ridge"]["pearson_global"],
+        "ridge_mse": evaluation["baselines"]["ridge"]["calibration"]["mse"],
+        "teacher_iso_pearson_global": validation["variants"]["Teacher+Isotonic"]["pearson_global"],
+        "student_pearson_global": validation["variants"]["Student"]["pearson_global"],
+        "student_iso_pearson_global": validation["variants"]["Student+Isotonic"]["pearson_global"],
         "teacher_iso_mse": validation["variants"]["Teacher+Isotonic"]["calibration"]["mse"],
         "student_iso_mse": validation["variants"]["Student+Isotonic"]["calibration"]["mse"],
         "constant_mse": validation["constant_predictor"]["mse"],
@@ -141,7 +148,8 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
         assert row["n_seeds"] == "2" and row["seeds"] == "1 2"
         for eval_set in ("held_out", "test"):
             per_run = [ensemble_metrics(run, eval_set) for run in runs]
-            for metric in summarize_runs.METRICS:
+            assert row[f"{eval_set}_length_pearson_global_mean"] == "n/a"  # demo data has no lengths
+            for metric in per_run[0]:
                 values = np.array([metrics[metric] for metrics in per_run])
                 assert float(row[f"{eval_set}_{metric}_mean"]) == pytest.approx(values.mean(), rel=1e-12)
                 expected_se = values.std(ddof=1) / np.sqrt(2)

@@ -4,7 +4,7 @@ from itertools import combinations
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import mean_absolute_error, mean_squared_error
 
 import metrics
@@ -33,6 +33,21 @@ def test_global_spearman_matches_scipy():
     rng = np.random.default_rng(1)
     pred, gold = tied_scores(rng, (12, 5)), rng.normal(size=(12, 5))
     assert metrics.global_spearman(pred, gold) == pytest.approx(spearmanr(pred.ravel(), gold.ravel()).statistic)
+
+
+def test_per_prompt_and_global_pearson_match_scipy():
+    rng = np.random.default_rng(2)
+    pred, gold = rng.normal(size=(20, 6)), rng.normal(size=(20, 6))
+    pred[3] = 0.1  # constant row whose mean rounds off 0.1: still excluded, not a spurious r
+    gold[7] = -2.0
+    expected = [pearsonr(p, g).statistic for i, (p, g) in enumerate(zip(pred, gold)) if i not in (3, 7)]
+    result = metrics.per_prompt_pearson(pred, gold)
+    assert result["n_prompts_used"] == 18 and result["mean"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert metrics.global_pearson(pred, gold) == pytest.approx(pearsonr(pred.ravel(), gold.ravel()).statistic)
+    assert metrics.global_pearson(np.full((2, 3), 0.1), gold[:2, :3]) is None
+    # Pearson sees the scale, Spearman does not: a monotone distortion changes one only
+    assert metrics.global_spearman(np.exp(3 * gold), gold) == pytest.approx(1.0)
+    assert metrics.global_pearson(np.exp(3 * gold), gold) < 0.9
 
 
 def brute_force_pair_accuracy(pairs):
