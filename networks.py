@@ -68,6 +68,9 @@ class TrainConfig:
     patience: int = 3  # epochs without validation improvement before stopping
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay; 0 is plain Adam
     stop_metric: str = "loss"  # early stopping on the validation "loss", or "accuracy" (ties: lower loss)
+    # An epoch of fewer mini-batches repeats its pass (freshly shuffled) until it has this many
+    # optimizer steps, so the epoch cap and patience are budgets in steps at small data sizes too.
+    min_epoch_steps: int = 1
 
 
 @dataclass
@@ -311,23 +314,26 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
         losses = []
         for i, (task, optimizer) in enumerate(zip(tasks, optimizers)):
             task.model.train()
-            order = torch.randperm(task.n_items, generator=task.generator)
+            batches_per_pass = math.ceil(task.n_items / config.batch_size)
+            passes = math.ceil(config.min_epoch_steps / batches_per_pass)
             start_time = time.perf_counter()
             loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
-            for start in range(0, task.n_items, config.batch_size):
-                loss = task.batch_loss(order[start : start + config.batch_size])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
+            for _ in range(passes):
+                order = torch.randperm(task.n_items, generator=task.generator)
+                for start in range(0, task.n_items, config.batch_size):
+                    loss = task.batch_loss(order[start : start + config.batch_size])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.detach()
             train_seconds[i] += time.perf_counter() - start_time
-            samples[i] += task.n_items
+            samples[i] += task.n_items * passes
             if not torch.isfinite(loss_sum):
                 raise TrainingDiverged(f"non-finite training loss in epoch {epoch}", i)
             loss, accuracy = task.validate() if task.validate is not None else (None, None)
             if loss is not None and not math.isfinite(loss):
                 raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}", i)
-            train_loss = float(loss_sum) / math.ceil(task.n_items / config.batch_size)
+            train_loss = float(loss_sum) / (passes * batches_per_pass)
             histories[i].append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
             if accuracy is not None:  # ORMs: the validation pairs ranked right, ties 1/2
                 histories[i][-1]["val_accuracy"] = accuracy

@@ -53,6 +53,8 @@ DISTILL_LEARNING_RATE="${DISTILL_LEARNING_RATE:-0.001}" # the student's
 EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
 STOP_METRIC="${STOP_METRIC:-loss}"              # loss | accuracy: what early stopping minimises / maximises
 MIN_VAL_PAIRS="${MIN_VAL_PAIRS:-20}"            # fewer validation pairs: no early stopping
+MIN_EPOCH_STEPS="${MIN_EPOCH_STEPS:-}"          # optimizer steps an epoch takes at least (default: step 5's)
+REWARD_SCALE="${REWARD_SCALE:-}"                # the annotator's s (default: step 5's, from TASK)
 WEIGHT_DECAY="${WEIGHT_DECAY:-0}"               # decoupled (AdamW) weight decay of the ORMs
 BAGGING="${BAGGING:-0}"                         # 1: members train on bootstrap resamples of the pairs
 STANDARDIZE="${STANDARDIZE:-0}"                 # 1: standardise ORM inputs (folded into the checkpoints)
@@ -158,6 +160,8 @@ is_int "$CONSIDER_FIRST_N" && (( CONSIDER_FIRST_N > 0 || CONSIDER_FIRST_N == -1 
 need_number ANNOTATION_QUALITY
 need_number LEARNING_RATE positive
 need_number DISTILL_LEARNING_RATE positive
+[[ -z "$REWARD_SCALE" ]] || need_number REWARD_SCALE positive
+[[ -z "$MIN_EPOCH_STEPS" ]] || need_pos_int MIN_EPOCH_STEPS
 [[ "$EARLY_STOPPING" =~ ^(member|pooled|none)$ ]] || die "EARLY_STOPPING must be member, pooled or none, got '$EARLY_STOPPING'"
 [[ "$STOP_METRIC" == loss || "$STOP_METRIC" == accuracy ]] || die "STOP_METRIC must be loss or accuracy, got '$STOP_METRIC'"
 [[ "$MIN_VAL_PAIRS" =~ ^[0-9]{1,10}$ ]] && (( 10#$MIN_VAL_PAIRS <= MAX_SIZE )) \
@@ -315,7 +319,8 @@ resumable run_child 5 "" "$PYTHON" step5_train_rms.py \
     --training_epochs "$TRAINING_EPOCHS" --learning_rate "$LEARNING_RATE" --seed "$SEED" \
     --annotation_quality "$ANNOTATION_QUALITY" --ensemble_number "$ENSEMBLE_NUMBER" \
     --early_stopping "$EARLY_STOPPING" --stop_metric "$STOP_METRIC" --min_val_pairs "$((10#$MIN_VAL_PAIRS))" --weight_decay "$WEIGHT_DECAY" \
-    --bagging "$BAGGING" --standardize "$STANDARDIZE" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
+    --bagging "$BAGGING" --standardize "$STANDARDIZE" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" \
+    ${MIN_EPOCH_STEPS:+--min_epoch_steps "$MIN_EPOCH_STEPS"} ${REWARD_SCALE:+--reward_scale "$REWARD_SCALE"}
 stop_after() {  # stop_after N: end the run here when LAST_STEP is N
     (( LAST_STEP > $1 )) && return 0
     section "Done in $((SECONDS - step_start)) s (LAST_STEP=$LAST_STEP)"

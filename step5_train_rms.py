@@ -114,6 +114,13 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
     parser.add_argument(
+        "--min_epoch_steps",
+        type=positive_int,
+        default=1,
+        help="optimizer steps an epoch takes at least: fewer mini-batches than this repeat their (reshuffled) "
+        "pass, so --training_epochs and --patience are budgets in steps at small N_SAMPLE too",
+    )
+    parser.add_argument(
         "--val_fraction", type=fraction, default=0.1, help="share of pairs held out (whole pairs) for early stopping"
     )
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
@@ -393,7 +400,13 @@ def main(argv=None) -> dict:
     features = torch.from_numpy(features)
 
     config = TrainConfig(
-        args.training_epochs, args.learning_rate, args.batch_size, args.patience, args.weight_decay, args.stop_metric
+        args.training_epochs,
+        args.learning_rate,
+        args.batch_size,
+        args.patience,
+        args.weight_decay,
+        args.stop_metric,
+        args.min_epoch_steps,
     )
     generators = [torch.Generator().manual_seed(member_seed) for member_seed in member_seeds]
     splits, scheme, decision_pairs = member_splits(len(winners), generators, args, pair_rng)

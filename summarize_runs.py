@@ -39,6 +39,7 @@ STEP5_DEFAULTS = {
     "weight_decay": 0.0,
     "bagging": 0,
     "standardize": 0,
+    "min_epoch_steps": 1,
 }
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}

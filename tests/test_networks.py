@@ -96,6 +96,31 @@ def test_training_history_records_each_epoch_and_the_best_one():
     assert validate()[0] == min(val)  # the best weights were restored
 
 
+def test_min_epoch_steps_repeats_small_passes_each_with_every_item_once():
+    """An epoch of 2 mini-batches with min_epoch_steps 5 is 3 reshuffled passes (6 steps), each
+    covering every item once; the recorded train loss is the mean over all 6 steps."""
+    gen = torch.Generator().manual_seed(0)
+    features, targets = torch.randn(30, 6, generator=gen), torch.randn(30, generator=gen)
+    model = networks.MLP(6, hidden=(8, 4), generator=gen)
+    batches, batch_losses = [], []
+
+    def batch_loss(batch):
+        batches.append(batch.tolist())
+        loss = torch.nn.functional.mse_loss(model(features[batch]), targets[batch])
+        batch_losses.append(float(loss.detach()))
+        return loss
+
+    config = networks.TrainConfig(epochs=2, learning_rate=1e-2, batch_size=16, min_epoch_steps=5)
+    fit = networks.fit_models(
+        [networks.FitTask(model, 30, batch_loss, None, gen, constant_loss=10.0)], config, early_stopping=False
+    )[0]
+    assert len(batches) == 12 and fit.epochs_run == 2
+    passes = [sorted(batches[i] + batches[i + 1]) for i in range(0, 12, 2)]
+    assert all(items == list(range(30)) for items in passes)
+    assert len({tuple(batches[i]) for i in range(0, 12, 2)}) == 6  # each pass shuffled afresh
+    assert fit.history[1]["train_loss"] == pytest.approx(np.mean(batch_losses[6:]), rel=1e-6)
+
+
 @pytest.mark.parametrize("weight_decay", [1e-2, 0.3])
 def test_fused_adam_with_weight_decay_is_bit_identical_to_torch_adamw(weight_decay):
     ours = _train(lambda params: networks.FusedAdam(params, lr=1e-2, weight_decay=weight_decay), steps=100)
