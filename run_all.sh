@@ -48,7 +48,7 @@ EVAL_PROMPTS="${EVAL_PROMPTS:-}"                # evaluation pool size; default:
 ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-10}"
 TRAINING_EPOCHS="${TRAINING_EPOCHS:-30}"
 DISTILL_EPOCHS="${DISTILL_EPOCHS:-20}"
-LEARNING_RATE="${LEARNING_RATE:-0.0001}"                # the ORMs' (README, "Small budgets")
+LEARNING_RATE="${LEARNING_RATE:-0.0001}"                # the ORMs' (docs/studies/small_budget_demo.md)
 DISTILL_LEARNING_RATE="${DISTILL_LEARNING_RATE:-0.001}" # the student's
 EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
 STOP_METRIC="${STOP_METRIC:-loss}"              # loss | accuracy: what early stopping minimises / maximises
@@ -137,7 +137,7 @@ need_flag RUN_GPU_STEPS USE_REPO_EMBD FORCE DATA_ONLY
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
 # One Python process reads step 5's objectives (its registry: no list here) and the interpreter's own
 # path. Unless PYTHON was set (a wrapper of the user's is kept), every later process starts that path
-# directly: through a launcher such as pyenv's shim each start costs ~0.05 s (README, "Performance").
+# directly: through a launcher such as pyenv's shim each start costs ~0.05 s (docs/performance.md).
 PYTHON_INFO="$("$PYTHON" -c 'import sys, objectives; print(*objectives.OBJECTIVES); print(sys.executable)' 2>/dev/null)" \
     || die "PYTHON '$PYTHON' cannot import objectives.py of this checkout"
 OBJECTIVES="${PYTHON_INFO%%$'\n'*}"

@@ -37,7 +37,7 @@ case "$SWEEP" in
     pairing)
         PRESET_GRID="RM_OBJECTIVE=bt,clf PAIR_MODE=xprompt,same N_PAIRS=1,2,5"
         export CONSIDER_FIRST_N="${CONSIDER_FIRST_N:-10}" ;;  # enough candidates for 5 pairs per prompt
-    small_budget)  # README, "Small budgets: early stopping, measured over seeds"
+    small_budget)  # docs/studies/small_budget_demo.md
         PRESET_GRID="EARLY_STOPPING=member,pooled STOP_METRIC=loss,accuracy ANNOTATION_QUALITY=10,1 N_SAMPLE=100,300,1000"
         export ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-3}" TRAINING_EPOCHS="${TRAINING_EPOCHS:-30}" LAST_STEP="${LAST_STEP:-6}" ;;
     "") PRESET_GRID="" ;;

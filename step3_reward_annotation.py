@@ -8,7 +8,7 @@ Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (``--split k`` or ``all`
 "\\n\\nHuman", their rewards (same order as step 2's response_i), the input format, label and dtype,
 and the counts of responses cut at ``--max_length`` or empty after the cut. The golden RM defaults
 to the paper's for the task; what it reads (``--rm_input_format``), ``--reward_label`` and its
-float32 score head: README, "Steps 1-4 (GPU)". Texts are batched by similar length.
+float32 score head: docs/gpu_steps.md. Texts are batched by similar length.
 """
 
 from __future__ import annotations

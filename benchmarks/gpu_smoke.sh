@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke check of steps 1-4 on tiny local models, as README "Steps 1-4 (GPU)" describes; the
+# GPU smoke check of steps 1-4 on tiny local models, as docs/gpu_steps.md describes; the
 # models are width 256 so attention heads have GPU-kernel size 64. Needs no network.
 #   bash benchmarks/gpu_smoke.sh [WORK_DIR]     # default: a fresh temporary folder
 set -euo pipefail

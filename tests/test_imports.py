@@ -1,4 +1,4 @@
-"""Steps 5-8 import only what their path uses (README, "Performance"): start-up is most of a demo step.
+"""Steps 5-8 import only what their path uses (docs/performance.md): start-up is most of a demo step.
 
 Each check runs in a fresh interpreter, since this test process has imported everything already.
 """
