@@ -70,6 +70,7 @@ def run_cell(cell: dict) -> dict:
             ["--data_dir", cell["data_dir"], "--output_dir", out, "--n_sample", str(cell["n_sample"])]
             + ["--n_pairs", str(pairs), "--consider_first_n", str(max(2, min(pairs, 10)))]
             + ["--ensemble_number", "3", "--seed", str(cell["seed"]), "--task", cell["task"]]
+            + (["--reward_scale", str(cell["reward_scale"])] if cell.get("reward_scale") else [])
             + CANDIDATES[cell["candidate"]]
         )
         results = step6_eval_rms.main(["--output_dir", out, "--bon_draws", "10", "--n_cross_pairs", "10000"])
@@ -121,6 +122,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", required=True, help="NAME=DATA_DIR pairs")
     parser.add_argument("--task", default="helpful", help="step 5's --task (sets the annotator's scale)")
+    parser.add_argument(
+        "--reward_scales", nargs="*", default=[], help="NAME=S: the annotator's s for that data (default: the task's)"
+    )
     parser.add_argument("--budgets", nargs="+", default=["n100", "half"], choices=sorted(BUDGETS))
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
@@ -129,6 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     data = dict(item.split("=", 1) for item in args.data)
+    scales = {name: float(scale) for name, scale in (item.split("=", 1) for item in args.reward_scales)}
     results = Path(args.results)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done_keys = {(r["data"], r["budget"], r["candidate"], r["seed"]) for r in done}
@@ -143,6 +148,7 @@ def main(argv=None) -> None:
                         cell = {"data": name, "data_dir": data_dir, "budget": budget, "n_sample": n_sample}
                         cells.append(
                             {**cell, "n_pairs": pairs, "candidate": candidate, "seed": seed, "task": args.task}
+                            | ({"reward_scale": scales[name]} if name in scales else {})
                         )
     if cells and not args.report_only:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
