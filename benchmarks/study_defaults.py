@@ -33,6 +33,7 @@ CANDIDATES = {
     "lr 1e-3, min_val_pairs 0": ["--learning_rate", "1e-3", "--min_val_pairs", "0", "--min_epoch_steps", "1"],
     "lr 1e-4, >=10 steps/epoch": ["--learning_rate", "1e-4", "--min_val_pairs", "20", "--min_epoch_steps", "10"],
     "lr 1e-3, >=10 steps/epoch": ["--learning_rate", "1e-3", "--min_val_pairs", "20", "--min_epoch_steps", "10"],
+    "lr 1e-3, standardize": ["--learning_rate", "1e-3", "--min_val_pairs", "20", "--standardize", "1"],
 }
 # budget name -> (N_SAMPLE, or a share of the most the data allows; pairs per prompt)
 BUDGETS = {"n50": (50, 1), "n100": (100, 1), "half": (0.5, 1), "max": (1.0, 1), "max-10pairs": (1.0, 10)}
