@@ -102,7 +102,7 @@ class RewardModel:
         scorers, maps = {}, {}
         for model in ("teacher", "student"):
             if model in variants or f"{model}_iso" in variants:
-                scorers[model] = StackedEnsemble(load_ensemble(checkpoints[model], dim))
+                scorers[model] = StackedEnsemble(load_ensemble(checkpoints[model], dim), checkpoints[model])
             if f"{model}_iso" in variants:
                 map_path = output_dir / map_files[model]
                 maps[model] = load_isotonic_map(map_path, f"{model} isotonic map (run step7_isotonic_distillation.py)")

@@ -293,7 +293,7 @@ class LazyEnsemble:
         if self._ensemble is None:
             from networks import StackedEnsemble, load_ensemble
 
-            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim))
+            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim), self.paths)
         return self._ensemble
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:

@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
-    scorer = StackedEnsemble(models)
+    scorer = StackedEnsemble(models, member_paths)
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
     for name, (eset, prompts) in sets.items():
         scores = eset.score_cached(prompts, scorer, cache_dir, member_paths)

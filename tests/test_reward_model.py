@@ -36,6 +36,7 @@ import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
 from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
+from cli import InputError  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
 from networks import StackedEnsemble, load_checkpoint  # noqa: E402
@@ -191,6 +192,34 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     np.testing.assert_array_equal(
         reward_model.score_embeddings(half), reward_model.score_embeddings(half.astype(np.float32))
     )
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(demo_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[0], out)
+    student = out / student_checkpoint_name("helpful", "bt")
+    state = torch.load(student, weights_only=True)
+    state["fc1.bias"][0] = float("nan")
+    torch.save(state, student)
+    with pytest.raises(InputError) as err:
+        RewardModel.load(out, variants=["student"])
+    assert str(err.value) == f"{student}: non-finite weights (NaN or inf) in fc1.bias; the checkpoint is damaged"
+
+
+def test_non_finite_cached_scores_are_rescored_never_evaluated(demo_run, tmp_path):
+    """A score-cache file holding NaN is a miss: step 8 scores the set afresh, so its results are the
+    run's own (a NaN can only come from a damaged cache; the checkpoints are checked when loaded)."""
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[0], out)
+    for path in (out / SCORE_CACHE_DIR).glob("*.npy"):
+        scores = np.load(path)
+        scores[..., 0] = np.nan
+        np.save(path, scores)
+    step8.main(["--output_dir", str(out)])
+    fresh, saved = (json.loads((run / "validation_results.json").read_text()) for run in (out, demo_run[0]))
+    assert {key: fresh[key] for key in ("held_out", "test")} == {key: saved[key] for key in ("held_out", "test")}
+    for path in (out / SCORE_CACHE_DIR).glob("*.npy"):
+        assert np.isfinite(np.load(path)).all()
 
 
 def test_manifest_records_step4_embedding_model(text_run, tiny):
