@@ -954,7 +954,17 @@ def step8_student_with_nan_weights(w):
     return step8(w, [f"{path}: non-finite weights (NaN or inf) in fc2.weight"], "--student_ckpt", str(path))
 
 
+def step6_test_set_out_of_order(w):
+    data = w.data_copy()
+    low, high = (data / f"rewards_test_split_{k}.json" for k in (0, 39))
+    low_text, high_text = low.read_text(), high.read_text()
+    low.write_text(high_text)
+    high.write_text(low_text)
+    return step6(w, [f"prompt 0 (line 1) is not sorted ascending by reward across splits: {low} has"], data=data)
+
+
 NEW_CASES = [
+    step6_test_set_out_of_order,
     step6_member_with_nan_weights,
     step6_member_whose_scores_overflow,
     step7_teacher_with_nan_weights,
