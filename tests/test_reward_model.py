@@ -305,6 +305,45 @@ def test_cli_best_of_n_is_the_first_argmax_per_prompt(text_run, tmp_path, capsys
         )
 
 
+def test_cli_writes_nothing_but_errors_to_a_log_file(text_run, tmp_path):
+    """stderr that is not a terminal gets no progress bar and no transformers load report (README,
+    "Pipeline"); the one-line summary goes to stdout."""
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, text_run)
+    argv = ["--output_dir", str(text_run["out"]), "--input", str(requests), "--output", str(tmp_path / "out.jsonl")]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "score_responses.py"), *argv, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines()[-1].startswith("score_responses: 39 responses of 6 prompts scored")
+
+
+def test_a_long_text_is_cut_before_it_is_tokenised(tiny):
+    """A 1 MB response is cut to a few thousand characters before tokenising; its first max_length
+    tokens, and the warning that it was cut, are those of the whole text."""
+    from llm_models import load_tokenizer, tokenize_texts
+
+    tokenizer = load_tokenizer(str(tiny["embed-left"]), "--embedding_model")
+    seen = []
+
+    def spy(texts, **kwargs):
+        seen.extend(map(len, texts))
+        return tokenizer(texts, **kwargs)
+
+    spy.get_vocab = tokenizer.get_vocab
+    texts = [hh_prompt("bake bread") + " " + "Mix flour, water and yeast. " * 40_000, "short"]
+    ids, truncated = tokenize_texts(spy, texts, max_length=64)
+    whole = tokenizer(texts)["input_ids"]
+    assert ids == [whole[0][:64], whole[1]] and truncated.tolist() == [True, False]
+    longest_token = max(map(len, tokenizer.get_vocab()))
+    assert seen == [2 * 65 * longest_token, 5] and seen[0] < len(texts[0]) / 100
+
+
 def test_best_of_n_breaks_ties_by_first_response():
     requests = [
         (1, {"prompt": "a", "responses": ["x", "y", "z"]}, ["x", "y", "z"]),
