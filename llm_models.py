@@ -607,7 +607,8 @@ def tokenize_texts(
     if any(len(text) > limit for text in texts):
         limit *= max(map(len, tokenizer.get_vocab()), default=1)
         texts = [text[:limit] for text in texts]
-    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    # verbose=False: no "longer than the specified maximum" notice; the cut below is what counts
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
     truncated = np.array([len(seq) > max_length for seq in ids], dtype=bool)
     if truncated.any():
         logger.warning(

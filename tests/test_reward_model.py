@@ -310,6 +310,8 @@ def test_cli_writes_nothing_but_errors_to_a_log_file(text_run, tmp_path):
     "Pipeline"); the one-line summary goes to stdout."""
     requests = tmp_path / "requests.jsonl"
     write_requests(requests, text_run)
+    with requests.open("a") as handle:  # far beyond any max_length: cut, with a warning on stdout only
+        handle.write(json.dumps({"prompt": hh_prompt("bake bread"), "response": "Use yeast. " * 50_000}) + "\n")
     argv = ["--output_dir", str(text_run["out"]), "--input", str(requests), "--output", str(tmp_path / "out.jsonl")]
     proc = subprocess.run(
         [sys.executable, str(REPO / "score_responses.py"), *argv, "--device", "cpu"],
@@ -320,7 +322,7 @@ def test_cli_writes_nothing_but_errors_to_a_log_file(text_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == ""
-    assert proc.stdout.splitlines()[-1].startswith("score_responses: 39 responses of 6 prompts scored")
+    assert proc.stdout.splitlines()[-1].startswith("score_responses: 40 responses of 6 prompts scored")
 
 
 def test_a_long_text_is_cut_before_it_is_tokenised(tiny):
