@@ -29,6 +29,11 @@ MAX_SIZE = 2**31 - 1
 # Seeds feed numpy's SeedSequence, torch.Generator.manual_seed and sklearn's random_state; the
 # range all of them accept (and that run_all.sh checks) is 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
+# Choices of flags whose values belong to torch-importing modules (reward_model.py's variants,
+# llm_models.py's dtypes), here so that their scripts answer --help and flag errors without torch.
+REWARD_VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
+DEFAULT_REWARD_VARIANT = "student_iso"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # run_all.sh reports an interrupted step itself; a step run by it then prints nothing more.
 QUIET_INTERRUPT_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
 
@@ -101,6 +106,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         raise InputError(f"{self.prog}: {message}")
+
+
+def add_dtype_arg(parser) -> None:
+    """``--dtype`` of the scripts that run transformers models (``llm_models.pick_dtype`` reads it)."""
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPE_NAMES),
+        default="auto",
+        help="compute dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 "
+        "on CPU); outputs are stored as float32 whatever it is",
+    )
 
 
 # --------------------------------------------------------------------------------------------

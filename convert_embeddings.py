@@ -20,8 +20,8 @@ is an error that asks for --layout.
 Output (--output_dir), for k = 0..K-1: ``EMBD-TRAIN-split_{k}.npy`` (N, D), same dtype as the
 input, and ``rewards_split_{k}.json`` (JSONL ``{"reward": float}``); the test files become
 ``EMBD-TEST-split_{k}.npy`` and ``rewards_test_split_{k}.json``. Within each prompt the responses
-are sorted ascending by reward (stable), so split 0 is the worst and split K-1 the best;
---no_sort keeps the file order. --max_prompts M keeps the first M prompts of each set.
+are sorted ascending by reward (stable), so split 0 is the worst and split K-1 the best, as steps
+5-8 require. --max_prompts M keeps the first M prompts of each set.
 
 Streaming: every header and all rewards are validated before anything is written. Embeddings are
 then copied one chunk of prompts at a time (--chunk_prompts, by default ~96 MiB of input) into
@@ -108,9 +108,6 @@ def parse_args(argv=None):
         "--max_prompts",
         type=positive_int,
         help="keep only the first M prompts of each set (default: all)",
-    )
-    conversion.add_argument(
-        "--no_sort", action="store_true", help="keep the file's response order instead of sorting by reward"
     )
     conversion.add_argument(
         "--chunk_prompts",
@@ -313,10 +310,7 @@ def plan_set(source: Source, args) -> SetPlan:
             f"{source.reward_path}: non-finite reward {rewards_nk[prompt, response]} for "
             f"prompt {prompt}, response {response}"
         )
-    if args.no_sort:
-        order = np.broadcast_to(np.arange(n_responses), rewards_nk.shape)
-    else:
-        order = np.argsort(rewards_nk, axis=1, kind="stable")
+    order = np.argsort(rewards_nk, axis=1, kind="stable")
     return SetPlan(source, layout, tuple(embd_shape), dtype, rewards_nk, order)
 
 
@@ -382,7 +376,7 @@ def conversion_record(plans: list[SetPlan], args) -> dict:
     options = {
         "layout": {plan.kind: plan.layout for plan in plans},
         "n_prompts": {plan.kind: plan.n_prompts for plan in plans},
-        "sort": not args.no_sort,
+        "sort": True,  # always (steps 5-8 need sorted splits); kept so earlier records stay current
         "converter_version": CONVERTER_VERSION,
     }
     sets = {
@@ -505,7 +499,7 @@ def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[st
                 plan.n_responses,
                 plan.dim,
                 plan.dtype,
-                ", sorting responses by reward" if record["options"]["sort"] else "",
+                ", sorting responses by reward",
             )
             per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
             copy_embeddings(plan, out_dir, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))

@@ -29,7 +29,9 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from artifacts import atomic_path
-from cli import InputError, non_negative_float, non_negative_int, positive_int
+from cli import DTYPE_NAMES, InputError, non_negative_float, non_negative_int, positive_int
 from random_streams import int_seed, seed_sequence
 from rm_data import TASKS
 
@@ -414,7 +416,7 @@ def part_bounds(n_items: int, n_parts: int, part: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 # Devices, dtypes, models
 # --------------------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def pick_device() -> torch.device:
@@ -438,14 +440,25 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def add_dtype_arg(parser) -> None:
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="compute dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 "
-        "on CPU); outputs are stored as float32 whatever it is",
-    )
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Where stderr is not a terminal (a log file), transformers' progress bars and its notices (the
+    load report: a backbone loaded without its LM head, as embedding models are) are left out while
+    the block runs, so the log holds only errors and warnings (README, "Pipeline")."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty():
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs):
@@ -454,7 +467,8 @@ def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs)
 
     path = resolve_model(name, flag)  # its own one-line error, not wrapped in the one below
     try:
-        return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
+        with quiet_transformers():
+            return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
     if name in MODEL_IDS:
@@ -585,7 +599,16 @@ def tokenize_texts(
 
     Returns the id lists and a (len(texts),) bool array marking the texts that were cut.
     """
-    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    # Texts far longer than max_length tokens are cut before tokenising (tokenising a 5 MB response
+    # whole took 1.5 GB). No token spans more characters than the longest vocabulary entry, so the
+    # kept characters hold over twice max_length tokens: the first max_length are the whole text's
+    # (tokenisers merge locally, and the cut is max_length tokens away from them).
+    limit = 2 * (max_length + 1)
+    if any(len(text) > limit for text in texts):
+        limit *= max(map(len, tokenizer.get_vocab()), default=1)
+        texts = [text[:limit] for text in texts]
+    # verbose=False: no "longer than the specified maximum" notice; the cut below is what counts
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
     truncated = np.array([len(seq) > max_length for seq in ids], dtype=bool)
     if truncated.any():
         logger.warning(
@@ -611,13 +634,14 @@ def iter_length_batches(
 
     Sorting by length keeps padding small (dynamic padding per batch) and surfaces out-of-memory on
     the first batch. Inputs hold ``input_ids``, ``attention_mask`` and ``position_ids``, padded on
-    the tokenizer's side. ``progress``: show a tqdm bar named ``desc``.
+    the tokenizer's side. ``progress``: show a tqdm bar named ``desc`` when stderr is a terminal (a
+    log file gets none, README "Pipeline").
     """
     from tqdm import tqdm
 
     lengths = np.array([len(seq) for seq in token_ids])
     order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None if progress else True):
         rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -437,7 +437,8 @@ def save_checkpoint(model: MLP, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:
-    """Load an MLP ``state_dict`` safely (``weights_only=True``) and check its input size."""
+    """Load an MLP ``state_dict`` safely (``weights_only=True``) and check its weights are finite and its
+    input size. Every checkpoint any step or ``reward_model.py`` reads comes through here."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
@@ -452,6 +453,9 @@ def load_checkpoint(path: str | Path, expected_dim: int | None = None) -> MLP:
         or not all(isinstance(v, torch.Tensor) for v in state.values())
     ):
         raise InputError(f"{path}: not an MLP checkpoint (expected keys {sorted(expected)})")
+    corrupted = next((name for name, tensor in sorted(state.items()) if not torch.isfinite(tensor).all()), None)
+    if corrupted is not None:
+        raise InputError(f"{path}: non-finite weights (NaN or inf) in {corrupted}; the checkpoint is damaged")
     hidden = (state["fc1.weight"].shape[0], state["fc2.weight"].shape[0])
     input_dim = state["fc1.weight"].shape[1]
     if expected_dim is not None and input_dim != expected_dim:
@@ -484,9 +488,14 @@ class StackedEnsemble:
 
     The first layer, whose input all members share, is one (B, D) x (D, M * H1) product; the other
     two are batched over members. This replaces M small forward passes per chunk.
+
+    Scores are checked finite where they are made, so no metric, map or cache entry is computed from
+    NaN or inf: finite weights can still overflow float32 on some embeddings, which is an InputError
+    naming the member's ``sources`` entry (its checkpoint file).
     """
 
-    def __init__(self, models: Sequence[MLP]):
+    def __init__(self, models: Sequence[MLP], sources: Sequence[str | Path] | None = None):
+        self.sources = [str(s) for s in sources] if sources is not None else [f"member {i}" for i in range(len(models))]
         with torch.no_grad():
             self.w1 = torch.cat([m.fc1.weight for m in models]).T.contiguous()  # (D, M * H1)
             self.b1 = torch.cat([m.fc1.bias for m in models])  # (M * H1,)
@@ -502,7 +511,13 @@ class StackedEnsemble:
         h1 = torch.addmm(self.b1, x, self.w1).relu_()  # (B, M * H1); in place: no second (B, M * H1) buffer
         h1 = h1.view(len(x), self.n_members, self.hidden).transpose(0, 1)  # (M, B, H1)
         h2 = torch.baddbmm(self.b2, h1, self.w2).relu_()
-        return torch.baddbmm(self.b3, h2, self.w3).squeeze(-1).numpy()  # (M, B)
+        scores = torch.baddbmm(self.b3, h2, self.w3).squeeze(-1).numpy()  # (M, B)
+        if not np.isfinite(scores).all():
+            member = int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])
+            raise InputError(
+                f"{self.sources[member]}: non-finite scores (the weights overflow float32 on these embeddings)"
+            )
+        return scores
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,31 +32,44 @@ def save_figure(fig, path: str | Path) -> None:
         _pyplot().close(fig)
 
 
-def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str) -> None:
+def coinciding_curves(curves: Mapping[str, dict]) -> dict[str, dict]:
+    """Curves with equal values (N, mean and standard error) drawn once: label "A = B" -> curve."""
+    merged: dict[tuple, list[str]] = {}
+    for name, curve in curves.items():
+        key = (tuple(curve["n"]), tuple(curve["mean"]), tuple(curve["stderr"]))
+        merged.setdefault(key, []).append(name)
+    return {" = ".join(names): curves[names[0]] for names in merged.values()}
+
+
+def plot_best_of_n(panels: Mapping[str, dict], path: str | Path, title: str, note: str | None = None) -> None:
     """One panel per evaluation set: mean golden reward of the pick vs N, +-1 standard error.
 
     panels: panel title -> ``metrics.best_of_n`` result (its curves include oracle and random).
+    Curves that coincide exactly are one line with one legend entry ("A = B"), so none is hidden
+    under another; ``note`` (why curves coincide) is printed below the panels.
     """
     from matplotlib import ticker
 
-    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for ax, (panel_title, result) in zip(axes[0], panels.items()):
-        for name, curve in result["curves"].items():
+        for label, curve in coinciding_curves(result["curves"]).items():
             if not curve["n"]:
                 continue
-            style = REFERENCE_STYLE.get(name, {})
+            style = REFERENCE_STYLE.get(label, {})
             stderr = [math.nan if value is None else value for value in curve["stderr"]]  # None: one prompt
-            ax.errorbar(curve["n"], curve["mean"], yerr=stderr, label=name, capsize=2, **POINTS, **style)
+            ax.errorbar(curve["n"], curve["mean"], yerr=stderr, label=label, capsize=2, **POINTS, **style)
         ax.set_xscale("log")
         ax.set_xticks(result["curves"]["oracle"]["n"])
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set_xlabel("N (responses sampled per prompt)")
         ax.set_ylabel("golden reward of best-of-N pick")
-        ax.set_title(f"{panel_title}, {result['n_draws']} draws/N")
+        ax.set_title(f"{panel_title}\n{result['n_draws']} draws per N", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)  # above the two-line panel titles
+    if note:
+        fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8)
     save_figure(fig, path)
 
 
@@ -148,10 +161,16 @@ def plot_training_curves(
     the epoch whose weights were kept marked (``kept_epochs``; default: the lowest validation loss).
 
     curves: model name -> per-epoch records ``{"epoch", "train_loss", "val_loss"[, "val_accuracy"]}``
-    (networks.FitResult); a ``val_loss`` of None (no validation data) is not drawn.
+    (networks.FitResult); a ``val_loss`` of None (no validation data) is not drawn, and with no
+    validation data at all the figure has no validation panels (its title says so).
     """
-    panels = ["training loss (mean over mini-batches)", "validation loss (* kept epoch)"]
-    if any("val_accuracy" in record for history in curves.values() for record in history):
+    records = [record for history in curves.values() for record in history]
+    panels = ["training loss (mean over mini-batches)"]
+    if any(record.get("val_loss") is not None for record in records):
+        panels.append("validation loss (* kept epoch)")
+    else:  # no validation slice (e.g. fewer validation pairs than --min_val_pairs): no empty panel
+        title += "\nno validation data: no early stopping, every epoch trained"
+    if any(record.get("val_accuracy") is not None for record in records):
         panels.append("validation pair accuracy")
     fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for name, history in curves.items():
@@ -159,14 +178,14 @@ def plot_training_curves(
             continue
         epochs = [record["epoch"] for record in history]
         (line,) = axes[0, 0].plot(epochs, [record["train_loss"] for record in history], label=name, **POINTS)
-        points = [(record["epoch"], record["val_loss"]) for record in history if record["val_loss"] is not None]
+        points = [(record["epoch"], record["val_loss"]) for record in history if record.get("val_loss") is not None]
         if not points:
             continue
         axes[0, 1].plot(*zip(*points), color=line.get_color(), label=name, **POINTS)
         kept = (kept_epochs or {}).get(name)
         best = next((p for p in points if p[0] == kept), None) or min(points, key=lambda p: p[1])
         axes[0, 1].plot(*best, marker="*", markersize=10, color=line.get_color())
-        accuracy = [(record["epoch"], record["val_accuracy"]) for record in history if "val_accuracy" in record]
+        accuracy = [(r["epoch"], r["val_accuracy"]) for r in history if r.get("val_accuracy") is not None]
         if accuracy:
             axes[0, 2].plot(*zip(*accuracy), color=line.get_color(), label=name, **POINTS)
     for ax, what in zip(axes[0], panels):
@@ -176,7 +195,7 @@ def plot_training_curves(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         else:
-            ax.text(0.5, 0.5, "no validation data", transform=ax.transAxes, ha="center", va="center")
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, check_map_provenance, load_isotonic_map
-from cli import InputError
+from cli import DEFAULT_REWARD_VARIANT, REWARD_VARIANTS, InputError
 from llm_models import (
     ASSISTANT_TURN,
     HUMAN_TURN,
@@ -51,8 +51,7 @@ from rm_data import (
 
 log = logging.getLogger("reward_model")
 
-VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
-DEFAULT_VARIANT = "student_iso"
+VARIANTS, DEFAULT_VARIANT = REWARD_VARIANTS, DEFAULT_REWARD_VARIANT
 STEP8_NAMES = dict(zip(VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
 ON_GOLDEN_SCALE = ("teacher_iso", "student", "student_iso")
 DEFAULT_MAX_LENGTH = 1024  # step 4's --max_length default, for manifests that do not record it
@@ -102,7 +101,7 @@ class RewardModel:
         scorers, maps = {}, {}
         for model in ("teacher", "student"):
             if model in variants or f"{model}_iso" in variants:
-                scorers[model] = StackedEnsemble(load_ensemble(checkpoints[model], dim))
+                scorers[model] = StackedEnsemble(load_ensemble(checkpoints[model], dim), checkpoints[model])
             if f"{model}_iso" in variants:
                 map_path = output_dir / map_files[model]
                 maps[model] = load_isotonic_map(map_path, f"{model} isotonic map (run step7_isotonic_distillation.py)")

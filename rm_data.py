@@ -294,11 +294,26 @@ class LazyEnsemble:
         if self._ensemble is None:
             from networks import StackedEnsemble, load_ensemble
 
-            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim))
+            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim), self.paths)
         return self._ensemble
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         return self.load()(rows)
+
+
+def check_sorted(rewards: np.ndarray, reward_paths: Sequence[Path]) -> None:
+    """Each prompt's splits must be sorted ascending by golden reward (split 0 lowest; ties are fine):
+    ``--consider_first_n -1`` and ``-2`` pick splits by that order. rewards: (N, K), column k read
+    from ``reward_paths[k]``."""
+    descending = np.diff(rewards, axis=1) < 0  # (N, K - 1)
+    if descending.any():
+        prompt, k = np.argwhere(descending)[0]
+        raise InputError(
+            f"prompt {prompt} (line {prompt + 1}) is not sorted ascending by reward across splits: "
+            f"{reward_paths[k]} has {float(rewards[prompt, k])!r}, {reward_paths[k + 1].name} "
+            f"{float(rewards[prompt, k + 1])!r} "
+            "(split 0 must hold each prompt's lowest reward; convert_embeddings.py sorts them)"
+        )
 
 
 def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", required: bool = True) -> EmbeddingSet | None:
@@ -330,6 +345,7 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", require
         rewards[:, k] = column
     if len(splits) < 2:
         raise InputError(f"{data_dir}: need at least 2 {kind} splits (responses per prompt), found 1")
+    check_sorted(rewards, reward_paths)
     return EmbeddingSet(kind, data_dir, emb_paths, rewards, d, dtype)
 
 

@@ -4,21 +4,32 @@
 
 Input and output lines and ``--best_of_n``: README, "Using the trained reward model" (scoring is
 ``reward_model.RewardModel``). The output is written atomically, and bad input stops the run with
-one line before any model is loaded.
+one line before any model is loaded. torch and transformers are imported once the flags are read, so
+``--help`` and flag errors answer at once.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from llm_models import add_dtype_arg, numbered_jsonl, pick_device, write_jsonl
-from reward_model import DEFAULT_VARIANT, ON_GOLDEN_SCALE, VARIANTS, RewardModel
+from cli import (
+    DEFAULT_REWARD_VARIANT,
+    REWARD_VARIANTS,
+    ArgumentParser,
+    InputError,
+    add_dtype_arg,
+    positive_int,
+    run_cli,
+    setup_logging,
+)
 from rm_data import ensure_writable_dir
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_args(argv=None):
@@ -32,8 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="JSONL to write (atomically)")
     parser.add_argument(
         "--variant",
-        choices=VARIANTS,
-        default=DEFAULT_VARIANT,
+        choices=REWARD_VARIANTS,
+        default=DEFAULT_REWARD_VARIANT,
         help="teacher (raw ensemble mean), teacher_iso, student, or student_iso (student + isotonic map; golden scale)",
     )
     parser.add_argument(
@@ -59,6 +70,10 @@ def parse_args(argv=None):
 
 def parse_device(text: str) -> torch.device:
     """``--device``: 'auto' (a GPU if present) or a torch device that exists here."""
+    import torch
+
+    from llm_models import pick_device
+
     if text == "auto":
         return pick_device()
     try:
@@ -74,6 +89,8 @@ def parse_device(text: str) -> torch.device:
 
 def read_requests(path: Path) -> list[tuple[int, dict, list[str]]]:
     """(line number, record, its responses) per non-blank line; every problem names the file and line."""
+    from llm_models import numbered_jsonl
+
     requests = []
     for number, record in numbered_jsonl(path, "--input"):
         if not isinstance(record.get("prompt"), str):
@@ -120,6 +137,9 @@ def best_per_prompt(requests: list[tuple[int, dict, list[str]]], rewards: np.nda
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    from llm_models import write_jsonl  # torch and transformers: after the flags
+    from reward_model import ON_GOLDEN_SCALE, RewardModel
+
     setup_logging()
     device = parse_device(args.device)
     output = Path(args.output)

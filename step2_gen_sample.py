@@ -21,10 +21,18 @@ from pathlib import Path
 import torch
 
 from artifacts import write_json
-from cli import ArgumentParser, InputError, positive_float, positive_int, random_seed, run_cli, setup_logging
+from cli import (
+    ArgumentParser,
+    InputError,
+    add_dtype_arg,
+    positive_float,
+    positive_int,
+    random_seed,
+    run_cli,
+    setup_logging,
+)
 from llm_models import (
     GenerationRun,
-    add_dtype_arg,
     add_generation_args,
     cut_response,
     dtype_name,

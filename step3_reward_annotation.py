@@ -19,10 +19,9 @@ import time
 import numpy as np
 import torch
 
-from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, add_dtype_arg, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
-    add_dtype_arg,
     add_generation_args,
     add_reward_model_args,
     cut_response,

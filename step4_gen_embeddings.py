@@ -22,10 +22,9 @@ import time
 import numpy as np
 
 from artifacts import atomic_paths, write_json
-from cli import ArgumentParser, InputError, finite_number, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
-    add_dtype_arg,
     add_generation_args,
     add_reward_model_args,
     check_rm_input_format,

@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
-    scorer = StackedEnsemble(models)
+    scorer = StackedEnsemble(models, member_paths)
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
     baselines = baseline_scores(data, partition["orm_train"], sets)
     for name, (eset, prompts) in sets.items():

@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
     task = args.task or run.manifest["config"]["task"]
     objective = args.rm_objective or run.manifest["config"]["rm_objective"]
     teacher = load_ensemble(teacher_paths, data.dim)
-    teacher_scorer = StackedEnsemble(teacher)  # scores calibration and student_train prompts
+    teacher_scorer = StackedEnsemble(teacher, teacher_paths)  # scores calibration and student_train prompts
     partition = run.partition()
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     if len(calibration_prompts) < args.cv_folds:
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
 
     # --- 3. student -> golden isotonic map on calibration prompts ---
     student_name = student_checkpoint_name(task, objective)
-    student_scorer = StackedEnsemble([student])
+    student_scorer = StackedEnsemble([student], [f"the student just trained ({student_name})"])
     calibration_student = data.score(calibration_prompts, student_scorer)[0]
     student_cv = cross_validate(
         calibration_student, calibration_gold, args.cv_folds, seed, args.isotonic_variant, args.n_cross_pairs

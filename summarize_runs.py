@@ -7,7 +7,9 @@ Story: find the runs (folders holding ``orm_manifest.json``, given directly, as 
 below a given folder); read each run's own JSON; group the runs by their configuration minus the
 seed, refusing to put runs evaluated on different held-out prompts in one row or one curve; write
 ``summary.csv``, ``summary.md`` and one figure per swept setting (README, "Reproducing the paper's
-comparisons", lists the metrics).
+comparisons", lists the metrics). Each cell is the mean over the runs that have its metric, and says
+how many that is where some runs lack it; summary.md names the runs left out (no step-6 results, or
+cells run_sweep.sh recorded as failed) and the runs that stopped before step 8.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ STEP5_DEFAULTS = {
     "standardize": 0,
     "min_epoch_steps": 1,
 }
+# Settings under the run_all.sh variable that sets them (each is also the key used here); the other
+# settings are step flags that run_all.sh does not forward, named as flags (:func:`setting_text`).
+RUN_ALL_VARIABLES = {
+    "MODEL_NAME", "TASK", "SFT_OBJ", "GEN_PREF_MODEL", "RM_OBJECTIVE", "CONSIDER_FIRST_N", "N_SAMPLE",
+    "EVAL_PROMPTS", "SPLIT_SEED", "N_PAIRS", "PAIR_MODE", "REPLACEMENT", "TRAINING_EPOCHS", "LEARNING_RATE",
+    "ANNOTATION_QUALITY", "ENSEMBLE_NUMBER", "EARLY_STOPPING", "STOP_METRIC", "MIN_VAL_PAIRS", "WEIGHT_DECAY",
+    "BAGGING", "STANDARDIZE", "DISTILL_EPOCHS",
+}  # fmt: skip
+FAILED_CELLS = Path("logs") / "failed_cells.txt"  # run_sweep.sh's list of the cells whose run_all.sh failed
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
 # Metric column -> label (read by read_metrics). The ensemble is the members' mean; "mean member"
@@ -95,6 +106,7 @@ class Run:
     n_held_out: int
     metrics: dict  # "{set}_{metric}" -> float or None
     bon_n: dict  # set -> largest best-of-N N, or None
+    last_step: int  # the last step whose results the folder holds (5 to 8)
 
 
 def find_runs(patterns: list[str]) -> list[Path]:
@@ -186,7 +198,10 @@ def load_run(path: Path) -> Run:
     # A run from before a step-5 flag existed was trained as that flag's default: compare it as such.
     config = {**{key: value for key, value in STEP5_DEFAULTS.items() if key not in config}, **config}
     settings = {SETTING_NAMES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
-    step7 = dig(optional_json(path / "distillation_config.json"), "config") or {}
+    if "REPLACEMENT" in settings:  # run_all.sh's REPLACEMENT=1 is step 5's --replacement replacement_true
+        settings["REPLACEMENT"] = int(settings["REPLACEMENT"] == "replacement_true")
+    distillation = optional_json(path / "distillation_config.json")
+    step7 = dig(distillation, "config") or {}
     settings.update({key.upper(): step7[key] for key in STEP7_SETTINGS if key in step7})
     data_fingerprint = dig(manifest, "data", "fingerprint")
     settings["DATA"] = str(data_fingerprint)[:12]  # runs on other data are other configurations
@@ -200,7 +215,8 @@ def load_run(path: Path) -> Run:
     for eval_set in EVAL_SETS:
         values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
         metrics.update(values)
-    return Run(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n)
+    last_step = 8 if validation else 7 if distillation else 6 if evaluation else 5
+    return Run(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step)
 
 
 def sort_key(value) -> tuple:
@@ -219,44 +235,124 @@ def check_same_held_out(runs: list[Run], what: str) -> None:
             )
 
 
-def mean_se(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and standard error (sample std / sqrt(n)) of the defined values; SE needs two."""
+def mean_se(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, standard error (sample std / sqrt(n)) and count n of the defined values; SE needs two."""
     defined = np.array([v for v in values if v is not None], dtype=np.float64)
     if len(defined) == 0:
-        return None, None
+        return None, None, 0
     se = float(defined.std(ddof=1) / np.sqrt(len(defined))) if len(defined) > 1 else None
-    return float(defined.mean()), se
+    return float(defined.mean()), se, len(defined)
+
+
+def settings_key(settings: dict, leave_out: set[str] = frozenset()) -> str:
+    return json.dumps({name: value for name, value in settings.items() if name not in leave_out}, sort_keys=True)
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """The runs of each configuration (every setting but the seed). A run that stopped before step 7
+    has no step-7 settings: it joins the one configuration whose other settings are its own."""
+    step7_names = {name.upper() for name in STEP7_SETTINGS}
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.last_step >= 7:
+            groups[settings_key(run.settings)].append(run)
+    by_step5 = defaultdict(list)
+    for key, members in groups.items():
+        by_step5[settings_key(members[0].settings, step7_names)].append(key)
+    for run in runs:
+        if run.last_step < 7:
+            partial = settings_key(run.settings, step7_names)
+            matches = by_step5.get(partial, [])
+            groups[matches[0] if len(matches) == 1 else partial].append(run)
+    return list(groups.values())
+
+
+def setting_value(runs: list[Run], name: str):
+    """The setting's value in the first of ``runs`` that has it (None where none has)."""
+    return next((run.settings[name] for run in runs if name in run.settings), None)
 
 
 def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
     """Rows of the summary: (varied settings, metric columns, rows, common settings)."""
-    groups: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        groups[json.dumps(run.settings, sort_keys=True)].append(run)
     all_names = sorted({name for run in runs for name in run.settings})
     varied = ["RM_OBJECTIVE"] + [
         name
         for name in all_names
-        if name != "RM_OBJECTIVE" and len({json.dumps(r.settings.get(name)) for r in runs}) > 1
+        if name != "RM_OBJECTIVE" and len({json.dumps(r.settings[name]) for r in runs if name in r.settings}) > 1
     ]
-    common = {name: runs[0].settings.get(name) for name in all_names if name not in varied}
+    common = {name: setting_value(runs, name) for name in all_names if name not in varied}
     sets = [s for s in EVAL_SETS if any(run.metrics[f"{s}_spearman_per_prompt"] is not None for run in runs)]
     columns = [f"{s}_{metric}" for s in sets for metric in METRICS]
     rows = []
-    for members in groups.values():
+    for members in group_runs(runs):
         check_same_held_out(members, "a row")
-        row = {name: members[0].settings.get(name) for name in varied}
+        row = {name: setting_value(members, name) for name in varied}
         row["n_seeds"] = len(members)
         row["seeds"] = " ".join(str(seed) for seed in sorted(run.seed for run in members))
         for column in columns:
-            row[f"{column}_mean"], row[f"{column}_se"] = mean_se([run.metrics[column] for run in members])
+            row[f"{column}_mean"], row[f"{column}_se"], row[f"{column}_n"] = mean_se(
+                [run.metrics[column] for run in members]
+            )
         for s in sets:
-            ns = {run.bon_n[s] for run in members}
+            ns = {run.bon_n[s] for run in members if run.bon_n[s] is not None}
             row[f"{s}_bon_n"] = ns.pop() if len(ns) == 1 else None
         row["_runs"] = members
         rows.append(row)
     rows.sort(key=lambda row: [sort_key(row[name]) for name in varied])
     return varied, columns, rows, common
+
+
+def failed_cells(patterns: list[str], runs: list[Run]) -> dict[Path, Path]:
+    """Cells that run_sweep.sh recorded as failed (``logs/failed_cells.txt`` of a sweep folder: a
+    folder given, or one holding a run): cell folder -> its log."""
+    folders = {run.path.parent for run in runs} | {Path(p).resolve() for p in patterns if Path(p).is_dir()}
+    failed = {}
+    for folder in sorted(folders):
+        if (folder / FAILED_CELLS).is_file():
+            for cell in filter(None, (folder / FAILED_CELLS).read_text().splitlines()):
+                failed[folder / cell] = folder / "logs" / f"{cell}.log"
+    return failed
+
+
+def leave_out(runs: list[Run], failed: dict[Path, Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The runs to summarise, and the others with the reason each is left out (an error if none is left)."""
+    kept, left_out = [], []
+    for run in runs:
+        if run.path in failed:
+            left_out.append((run.path, f"run_sweep.sh recorded the cell as failed (log {failed[run.path]})"))
+        elif run.last_step < 6:
+            name = f"eval_results_{run.settings['RM_OBJECTIVE']}.json"
+            left_out.append((run.path, f"no step-6 results ({name}): the run stopped after step 5"))
+        else:
+            kept.append(run)
+    if not kept:
+        path, reason = left_out[0]
+        others = f" (and {len(left_out) - 1} more runs left out)" if len(left_out) > 1 else ""
+        raise InputError(f"no run to summarise: {path}: {reason}{others}")
+    return kept, left_out
+
+
+def run_notes(runs: list[Run], left_out: list[tuple[Path, str]], failed: dict[Path, Path]) -> list[str]:
+    """summary.md's closing sections: failed sweep cells, runs left out, runs counted in part."""
+    lines = []
+    if failed:
+        lines += ["## Failed cells (run_sweep.sh)", ""]
+        for cell, log in failed.items():
+            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else ["(no log)"]
+            lines.append(f"- `{cell.name}`: {last[0] if last else '(empty log)'} (log {log})")
+        lines.append("")
+    if left_out:
+        lines += ["## Runs left out", ""] + [f"- `{path}`: {reason}" for path, reason in left_out] + [""]
+    partial = [run for run in runs if run.last_step < 8]
+    if partial:
+        lines += ["## Runs counted in part", ""]
+        lines += [
+            f"- `{run.path}`: stopped after step {run.last_step} (no validation_results.json): "
+            "counted in the step-6 metrics, not in the MSE columns"
+            for run in partial
+        ]
+        lines.append("")
+    return lines
 
 
 def figure_curves(rows: list[dict], varied: list[str]) -> dict[str, dict[str, list[dict]]]:
@@ -273,28 +369,54 @@ def figure_curves(rows: list[dict], varied: list[str]) -> dict[str, dict[str, li
     return figures
 
 
-def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: list[dict], common: dict) -> None:
+def setting_label(name: str) -> str:
+    """How a user sets it: the run_all.sh variable, else the step flag (the data: its fingerprint)."""
+    if name in RUN_ALL_VARIABLES:
+        return name
+    return "data fingerprint" if name == "DATA" else f"--{name.lower()}"
+
+
+def setting_text(name: str, value) -> str:
+    if name in RUN_ALL_VARIABLES:
+        return f"{name}={value}"
+    if name == "DATA":
+        return f"data fingerprint {value}"
+    return f"step {7 if name.lower() in STEP7_SETTINGS else 5} --{name.lower()} {value}"
+
+
+def cell_text(mean: float | None, se: float | None, n: int, n_runs: int) -> str:
+    """Mean ± SE; "(n=k)" where only k of the row's runs have the metric."""
+    text = "n/a" if mean is None else f"{mean:.4g}" if se is None else f"{mean:.3f} ± {se:.3f}"
+    return f"{text} (n={n})" if mean is not None and n < n_runs else text
+
+
+def write_tables(
+    output_dir: Path, varied: list[str], columns: list[str], rows: list[dict], common: dict, notes: list[str]
+) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     extra = [f"{s}_bon_n" for s in EVAL_SETS if f"{s}_spearman_per_prompt" in columns]
-    header = [*varied, "n_seeds", "seeds", *[f"{c}_{stat}" for c in columns for stat in ("mean", "se")], *extra]
-    writer.writerow(header)
+    stats = [f"{c}_{stat}" for c in columns for stat in ("mean", "se", "n")]
+    writer.writerow([*map(setting_label, varied), "n_seeds", "seeds", *stats, *extra])
     for row in rows:  # csv writes a float as its repr, every digit
-        writer.writerow(["n/a" if row[name] is None else row[name] for name in header])
+        writer.writerow(
+            ["n/a" if row[name] is None else row[name] for name in [*varied, "n_seeds", "seeds", *stats, *extra]]
+        )
     write_text(output_dir / "summary.csv", buffer.getvalue())
 
     lines = [
         f"# Summary of {sum(row['n_seeds'] for row in rows)} runs",
         "",
-        "Mean ± standard error over seeds; the ensemble is the mean of its members.",
-        "Common settings: " + ", ".join(f"{k}={v}" for k, v in common.items()),
+        "Mean ± standard error over seeds; the ensemble is the mean of its members. (n=k): only k of the",
+        "row's runs have that metric (the others stopped before the step that computes it, or it is undefined).",
+        "Common settings: " + ", ".join(setting_text(k, v) for k, v in common.items() if v is not None),
         "",
     ]
     for eval_set, label in EVAL_SETS.items():
         set_columns = [c for c in columns if c.startswith(f"{eval_set}_")]
         if not set_columns:
             continue
-        bon_ns = {row[f"{eval_set}_bon_n"] for row in rows}
+        bon_ns = {row[f"{eval_set}_bon_n"] for row in rows} - {None}
         bon = f"@N={bon_ns.pop()}" if len(bon_ns) == 1 else "@largest N"
         names = [
             METRICS[c.removeprefix(f"{eval_set}_")].replace("best-of-N gain", f"BoN{bon} gain") for c in set_columns
@@ -302,17 +424,17 @@ def write_tables(output_dir: Path, varied: list[str], columns: list[str], rows: 
         lines += [
             f"## {label} prompts",
             "",
-            "| " + " | ".join([*varied, "n seeds", *names]) + " |",
+            "| " + " | ".join([*map(setting_label, varied), "n seeds", *names]) + " |",
             "|" + "---|" * (len(varied) + 1 + len(names)),
         ]
         for row in rows:
-            cells = [str(row[name]) for name in varied] + [str(row["n_seeds"])]
+            cells = ["n/a" if row[name] is None else str(row[name]) for name in varied] + [str(row["n_seeds"])]
             for column in set_columns:
-                mean, se = row[f"{column}_mean"], row[f"{column}_se"]
-                cells.append("n/a" if mean is None else f"{mean:.4g}" if se is None else f"{mean:.3f} ± {se:.3f}")
+                stats = (row[f"{column}_{stat}"] for stat in ("mean", "se", "n"))
+                cells.append(cell_text(*stats, row["n_seeds"]))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    write_text(output_dir / "summary.md", "\n".join(lines))
+    write_text(output_dir / "summary.md", "\n".join(lines + notes))
 
 
 def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], rows: list[dict]) -> list[Path]:
@@ -349,15 +471,18 @@ def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], r
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    runs = [load_run(path) for path in find_runs(args.runs)]
+    found = [load_run(path) for path in find_runs(args.runs)]
+    failed = failed_cells(args.runs, found)
+    runs, left_out = leave_out(found, failed)
     varied, columns, rows, common = summarize(runs)
     curves = figure_curves(rows, varied)
     output_dir = ensure_writable_dir(args.output_dir)  # only once the runs are known to fit together
-    write_tables(output_dir, varied, columns, rows, common)
+    write_tables(output_dir, varied, columns, rows, common, run_notes(runs, left_out, failed))
     figures = write_figures(output_dir, curves, rows)
     print((output_dir / "summary.md").read_text())
     print(
-        f"summarize_runs: {len(runs)} runs in {len(rows)} rows -> {output_dir / 'summary.csv'}, "
+        f"summarize_runs: {len(runs)} runs in {len(rows)} rows ({len(left_out)} left out, {len(failed)} failed "
+        f"cells) -> {output_dir / 'summary.csv'}, "
         f"{output_dir / 'summary.md'}" + "".join(f", {path}" for path in figures)
     )
     return output_dir

@@ -183,7 +183,7 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
             artifacts.write_npy(
                 Path(tmp) / f"EMBD-TRAIN-split_{k}.npy", rng.standard_normal((n_prompts, dim), dtype=np.float32)
             )
-            rm_data.write_rewards_jsonl(Path(tmp) / f"rewards_split_{k}.json", rng.standard_normal(n_prompts))
+            rm_data.write_rewards_jsonl(Path(tmp) / f"rewards_split_{k}.json", k + rng.random(n_prompts))  # sorted
         data = rm_data.load_embedding_set(tmp)
         models = [networks.MLP(dim, generator=torch.Generator().manual_seed(i)).eval() for i in range(members)]
         prompts = np.arange(n_prompts)

@@ -917,7 +917,58 @@ def run_all_learning_rate_10_diverges(w):
     return case
 
 
+def nan_state(dim: int) -> dict:
+    """A checkpoint whose weights hold NaN (a corrupted file that torch still reads)."""
+    state = mlp_state(dim)
+    state["fc2.weight"][3, 5] = float("nan")
+    return state
+
+
+def step6_member_with_nan_weights(w):
+    run = w.run_copy()
+    path = w.member(run, 1)
+    torch.save(nan_state(D), path)
+    return step6(w, [f"{path}: non-finite weights (NaN or inf) in fc2.weight; the checkpoint is damaged"], run=run)
+
+
+def step6_member_whose_scores_overflow(w):
+    run = w.run_copy()
+    path = w.member(run, 0)
+    state = mlp_state(D)
+    state["fc3.weight"].fill_(3e38)  # finite weights, scores beyond float32
+    torch.save(state, path)
+    return step6(
+        w, [f"{path}: non-finite scores (the weights overflow float32 on these embeddings)"], run=run, subprocess=True
+    )
+
+
+def step7_teacher_with_nan_weights(w):
+    path = w.checkpoint("nan_teacher.ckpt", nan_state(D))
+    return step7(w, [f"{path}: non-finite weights (NaN or inf) in fc2.weight"], "--teacher_ckpt", str(path))
+
+
+def step8_student_with_nan_weights(w):
+    path = w.tmp / "nan_student" / STUDENT_NAME
+    path.parent.mkdir()
+    torch.save(nan_state(D), path)
+    return step8(w, [f"{path}: non-finite weights (NaN or inf) in fc2.weight"], "--student_ckpt", str(path))
+
+
+def step6_test_set_out_of_order(w):
+    data = w.data_copy()
+    low, high = (data / f"rewards_test_split_{k}.json" for k in (0, 39))
+    low_text, high_text = low.read_text(), high.read_text()
+    low.write_text(high_text)
+    high.write_text(low_text)
+    return step6(w, [f"prompt 0 (line 1) is not sorted ascending by reward across splits: {low} has"], data=data)
+
+
 NEW_CASES = [
+    step6_test_set_out_of_order,
+    step6_member_with_nan_weights,
+    step6_member_whose_scores_overflow,
+    step7_teacher_with_nan_weights,
+    step8_student_with_nan_weights,
     step5_negative_seed,
     step5_huge_ensemble,
     step5_learning_rate_beyond_float_range,

@@ -56,22 +56,18 @@ def convert(*argv) -> Path:
     return conv.main([str(a) for a in argv])
 
 
-def check_converted(data_dir: Path, kind: str, embeddings: np.ndarray, rewards: np.ndarray, sort: bool = True) -> None:
+def check_converted(data_dir: Path, kind: str, embeddings: np.ndarray, rewards: np.ndarray) -> None:
     """The data directory holds exactly the (N, K, D) embeddings, responses sorted (stably)."""
     eset = rm_data.load_embedding_set(data_dir, kind)
     n_prompts, n_responses = rewards.shape
     assert (eset.n_prompts, eset.n_splits, eset.dim) == (n_prompts, n_responses, embeddings.shape[2])
-    if sort:
-        order = np.argsort(rewards, axis=1, kind="stable")
-    else:
-        order = np.broadcast_to(np.arange(n_responses), rewards.shape)
+    order = np.argsort(rewards, axis=1, kind="stable")
     for k in range(n_responses):
         split = eset.embeddings[k]
         assert split.dtype == embeddings.dtype
         assert np.array_equal(split, embeddings[np.arange(n_prompts), order[:, k]])
     assert np.array_equal(eset.rewards, np.take_along_axis(rewards.astype(np.float64), order, axis=1))
-    if sort:
-        assert (np.diff(eset.rewards, axis=1) >= 0).all()
+    assert (np.diff(eset.rewards, axis=1) >= 0).all()
 
 
 def file_states(folder: Path) -> dict[str, int]:
@@ -107,12 +103,27 @@ def test_round_trip_sorted_with_test_set(tmp_path, layout, dtype):
     assert sorted(record["files"]) == sorted(p.name for p in out.iterdir() if p.name != conv.CONVERSION_FILE)
 
 
-def test_no_sort_keeps_file_order(tmp_path):
+def test_unsorted_splits_are_refused_naming_the_first_prompt_out_of_order(tmp_path, capsys):
+    """Steps 5-8 read split 0 as each prompt's lowest reward (--consider_first_n -1 / -2): data in
+    another order is one line naming the prompt and the files; ties are in order."""
     train = random_set(2, 11, 4)
     write_repo(tmp_path / "repo", "nk", "train", *train)
-    out = convert("--embd_dir", tmp_path / "repo", "--output_dir", tmp_path / "data", "--no_sort")
-    check_converted(out, "train", *train, sort=False)
+    out = convert("--embd_dir", tmp_path / "repo", "--output_dir", tmp_path / "data")
     assert rm_data.load_embedding_set(out, "test", required=False) is None
+    rewards = [rm_data.read_rewards_jsonl(out / f"rewards_split_{k}.json") for k in range(4)]
+    rm_data.write_rewards_jsonl(out / "rewards_split_3.json", rewards[2])  # a tie: still sorted
+    rm_data.load_embedding_set(out)
+    rm_data.write_rewards_jsonl(out / "rewards_split_1.json", rewards[2])
+    rm_data.write_rewards_jsonl(out / "rewards_split_2.json", rewards[1])
+    first = int(np.flatnonzero(rewards[1] < rewards[2])[0])
+    with pytest.raises(rm_data.InputError) as err:
+        rm_data.load_embedding_set(out)
+    assert str(err.value) == (
+        f"prompt {first} (line {first + 1}) is not sorted ascending by reward across splits: "
+        f"{out / 'rewards_split_1.json'} has {float(rewards[2][first])!r}, rewards_split_2.json "
+        f"{float(rewards[1][first])!r} "
+        "(split 0 must hold each prompt's lowest reward; convert_embeddings.py sorts them)"
+    )
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])

@@ -129,7 +129,8 @@ def test_step6_refuses_data_the_partition_was_not_made_for(trained_run, demo_cop
 
     out = tmp_path / "out"
     shutil.copytree(trained_run, out)
-    rm_data.write_rewards_jsonl(demo_copy / "rewards_split_0.json", np.zeros(260))
+    lowest = rm_data.read_rewards_jsonl(demo_copy / "rewards_split_0.json")
+    rm_data.write_rewards_jsonl(demo_copy / "rewards_split_0.json", lowest - 1.0)  # other data, still sorted
     err = run_failing(step6.main, ["--output_dir", str(out), "--data_dir", str(demo_copy)], capsys)
     assert "prompt_split.json was written for other data" in err
     assert not list(out.glob("eval_results*"))

@@ -187,10 +187,21 @@ def test_sweep_bad_settings_are_one_line(tmp_path, env, message):
     assert not any((tmp_path / "sweeps").rglob("orm_manifest.json"))
 
 
-def fake_run(folder: Path, seed: int, held_out: list[int], n_sample: int = 40, metrics: bool = True) -> Path:
-    """A run folder with the JSON summarize_runs.py reads (step 6-8 results optional)."""
+def fake_run(
+    folder: Path, seed: int, held_out: list[int], n_sample: int = 40, metrics: bool = True, last_step: int = 6
+) -> Path:
+    """A run folder with the JSON summarize_runs.py reads (step 6-8 results optional: none without
+    ``metrics``, else those of the steps up to ``last_step``)."""
     folder.mkdir(parents=True)
-    config = {"rm_objective": "bt", "seed": seed, "n_sample": n_sample, "annotation_quality": 10.0, "data_dir": "data"}
+    config = {
+        "rm_objective": "bt",
+        "seed": seed,
+        "n_sample": n_sample,
+        "annotation_quality": 10.0,
+        "data_dir": "data",
+        "batch_size": 64,
+        "replacement": "replacement_false",
+    }
     (folder / "orm_manifest.json").write_text(
         json.dumps({"config": config, "data": {"fingerprint": "f" * 64}, "checkpoints": ["a.ckpt"]})
     )
@@ -205,6 +216,13 @@ def fake_run(folder: Path, seed: int, held_out: list[int], n_sample: int = 40, m
         (folder / "eval_results_bt.json").write_text(
             json.dumps({"held_out": {"ranking": {"ensemble_mean": ranking}, "best_of_n": {"curves": {}}}})
         )
+    if metrics and last_step >= 7:
+        step7 = {"distill_epochs": 20, "isotonic_variant": "centered", "cv_folds": 5, "seed": seed}
+        (folder / "distillation_config.json").write_text(json.dumps({"config": step7}))
+    if metrics and last_step >= 8:
+        mse = {"calibration": {"mse": 0.25 + seed}}
+        variants = {"Teacher+Isotonic": mse, "Student+Isotonic": mse}
+        (folder / "validation_results.json").write_text(json.dumps({"held_out": {"variants": variants}}))
     return folder
 
 
@@ -213,15 +231,19 @@ def test_summary_shows_missing_metrics_as_na_and_refuses_mixed_held_out(tmp_path
     fake_run(runs / "a", 1, [1, 2])
     fake_run(runs / "b", 2, [1, 2])  # its per-prompt Spearman is undefined (null)
     fake_run(runs / "c", 3, [1, 2])
-    fake_run(runs / "d", 1, [1, 2], n_sample=80, metrics=False)  # steps 6-8 never ran
+    fake_run(runs / "d", 1, [1, 2], n_sample=80, metrics=False)  # steps 6-8 never ran: left out
     summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
     with open(tmp_path / "out" / "summary.csv") as handle:
-        rows = {row["N_SAMPLE"]: row for row in csv.DictReader(handle)}
-    assert rows["40"]["n_seeds"] == "3"
+        rows = {row["RM_OBJECTIVE"]: row for row in csv.DictReader(handle)}
+    rows["40"] = rows.pop("bt")  # the only row: run d, the only one with N_SAMPLE 80, is left out
+    assert list(rows) == ["40"] and rows["40"]["n_seeds"] == "3"
     assert float(rows["40"]["held_out_spearman_per_prompt_mean"]) == pytest.approx(0.7)  # seeds 1 and 3
     assert float(rows["40"]["held_out_spearman_per_prompt_se"]) == pytest.approx(0.1)
-    assert rows["40"]["held_out_teacher_iso_mse_mean"] == rows["80"]["held_out_spearman_global_mean"] == "n/a"
-    assert "n/a" in (tmp_path / "out" / "summary.md").read_text()
+    assert rows["40"]["held_out_spearman_per_prompt_n"] == "2"
+    assert rows["40"]["held_out_teacher_iso_mse_mean"] == "n/a"
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| bt | 3 | 0.700 ± 0.100 (n=2) | 0.3 ± 0.000 |" in summary.replace("0.300 ± 0.000", "0.3 ± 0.000")
+    assert f"- `{runs / 'd'}`: no step-6 results (eval_results_bt.json): the run stopped after step 5" in summary
     fake_run(runs / "e", 4, [1, 3])  # same configuration as a-c, other held-out prompts
     mixed = tmp_path / "mixed"
     err = run_failing(summarize_runs.main, [str(runs / "a"), str(runs / "e"), "--output_dir", str(mixed)], capsys)
@@ -273,3 +295,53 @@ def test_last_step_stops_run_all_after_step_6_with_the_study_options(tmp_path):
         config["standardize"],
         config["weight_decay"],
     ) == ("pooled", "accuracy", 1, 1, 0.01)
+
+
+def test_unfinished_runs_count_only_where_they_have_the_metric_and_are_named(tmp_path, capsys):
+    """One finished run, one stopped after step 6, one after step 5: one row of the two evaluated runs,
+    the MSE from one run (n=1), the step-5 run left out with its reason; settings that run_all.sh
+    does not set are named as step flags, and no cell reads None."""
+    runs = tmp_path / "sweep"
+    fake_run(runs / "done", 1, [1, 2], last_step=8)
+    fake_run(runs / "after6", 3, [1, 2], last_step=6)
+    fake_run(runs / "after5", 4, [1, 2], metrics=False)
+    (runs / "logs").mkdir()
+    (runs / "logs" / "failed_cells.txt").write_text("after5\n")
+    (runs / "logs" / "after5.log").write_text("=== Step 6 ===\nerror: something broke\n")
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        (row,) = csv.DictReader(handle)
+    assert (row["n_seeds"], row["seeds"]) == ("2", "1 3")
+    assert float(row["held_out_spearman_per_prompt_mean"]) == pytest.approx(0.7)
+    assert row["held_out_spearman_per_prompt_n"] == "2"
+    assert (float(row["held_out_teacher_iso_mse_mean"]), row["held_out_teacher_iso_mse_n"]) == (1.25, "1")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "None" not in summary
+    assert "| bt | 2 | 0.700 ± 0.100 | 0.300 ± 0.000 | 0.600 ± 0.000 | 0.700 ± 0.000 | n/a | n/a | n/a |" in summary
+    assert "1.25 (n=1) | 1.25 (n=1) | n/a |" in summary
+    common = next(line for line in summary.splitlines() if line.startswith("Common settings: "))
+    assert "ANNOTATION_QUALITY=10.0" in common and "REPLACEMENT=0" in common and "N_SAMPLE=40" in common
+    assert "step 5 --batch_size 64" in common and "step 7 --cv_folds 5" in common
+    assert "step 7 --isotonic_variant centered" in common and "DISTILL_EPOCHS=20" in common
+    assert "BATCH_SIZE" not in common and "CV_FOLDS" not in common
+    assert f"- `after5`: error: something broke (log {runs / 'logs' / 'after5.log'})" in summary
+    assert f"- `{runs / 'after5'}`: run_sweep.sh recorded the cell as failed" in summary
+    assert f"- `{runs / 'after6'}`: stopped after step 6 (no validation_results.json)" in summary
+
+    # A folder of step-5-only runs: one line saying why there is nothing to summarise, no files.
+    only5 = tmp_path / "only5"
+    fake_run(only5 / "a", 1, [1, 2], metrics=False)
+    fake_run(only5 / "b", 2, [1, 2], metrics=False)
+    err = run_failing(summarize_runs.main, [str(only5), "--output_dir", str(tmp_path / "none")], capsys)
+    assert err == (
+        f"error: no run to summarise: {only5 / 'a'}: no step-6 results (eval_results_bt.json): the run stopped "
+        "after step 5 (and 1 more runs left out)"
+    )
+    assert not (tmp_path / "none").exists()
+
+
+def test_summary_names_as_run_all_variables_only_what_run_all_sh_reads():
+    text = (ROOT / "run_all.sh").read_text()
+    assert all(f'{name}="${{{name}:-' in text for name in summarize_runs.RUN_ALL_VARIABLES)
+    for name in ("BATCH_SIZE", "PATIENCE", "CV_FOLDS", "VAL_FRACTION", "REWARD_SCALE", "ISOTONIC_VARIANT"):
+        assert f'{name}="${{{name}:-' not in text and name not in summarize_runs.RUN_ALL_VARIABLES

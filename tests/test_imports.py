@@ -85,3 +85,11 @@ def test_each_step_imports_only_what_its_path_uses(demo_dir, tmp_path):
     assert {"sklearn", "scipy"} <= after7 and "torch._dynamo" not in after7  # step 7 fits and saves maps
     # Maps from JSON (no sklearn), both models' scores from the cache that steps 6 and 7 filled (no torch)
     assert step8_loaded == {"matplotlib", "matplotlib.pyplot"}
+
+
+def test_score_responses_answers_help_and_flag_errors_without_torch():
+    (help_status, help_loaded), (error_status, error_loaded) = run_steps(
+        [("score_responses", ["--help"]), ("score_responses", ["--input", "x", "--output", "y", "--batch_size", "0"])]
+    )
+    assert help_status == 0 and error_status == 2
+    assert help_loaded == error_loaded == set()

@@ -36,6 +36,7 @@ import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
 from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
+from cli import InputError  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
 from networks import StackedEnsemble, load_checkpoint  # noqa: E402
@@ -193,6 +194,34 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     )
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(demo_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[0], out)
+    student = out / student_checkpoint_name("helpful", "bt")
+    state = torch.load(student, weights_only=True)
+    state["fc1.bias"][0] = float("nan")
+    torch.save(state, student)
+    with pytest.raises(InputError) as err:
+        RewardModel.load(out, variants=["student"])
+    assert str(err.value) == f"{student}: non-finite weights (NaN or inf) in fc1.bias; the checkpoint is damaged"
+
+
+def test_non_finite_cached_scores_are_rescored_never_evaluated(demo_run, tmp_path):
+    """A score-cache file holding NaN is a miss: step 8 scores the set afresh, so its results are the
+    run's own (a NaN can only come from a damaged cache; the checkpoints are checked when loaded)."""
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[0], out)
+    for path in (out / SCORE_CACHE_DIR).glob("*.npy"):
+        scores = np.load(path)
+        scores[..., 0] = np.nan
+        np.save(path, scores)
+    step8.main(["--output_dir", str(out)])
+    fresh, saved = (json.loads((run / "validation_results.json").read_text()) for run in (out, demo_run[0]))
+    assert {key: fresh[key] for key in ("held_out", "test")} == {key: saved[key] for key in ("held_out", "test")}
+    for path in (out / SCORE_CACHE_DIR).glob("*.npy"):
+        assert np.isfinite(np.load(path)).all()
+
+
 def test_manifest_records_step4_embedding_model(text_run, tiny):
     embedding = load_manifest(text_run["out"])["data"]["embedding"]
     assert embedding["model"] == str(tiny["embed-left"]) and embedding["max_length"] == 1024
@@ -274,6 +303,47 @@ def test_cli_best_of_n_is_the_first_argmax_per_prompt(text_run, tmp_path, capsys
             top,
             len(mine),
         )
+
+
+def test_cli_writes_nothing_but_errors_to_a_log_file(text_run, tmp_path):
+    """stderr that is not a terminal gets no progress bar and no transformers load report (README,
+    "Pipeline"); the one-line summary goes to stdout."""
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, text_run)
+    with requests.open("a") as handle:  # far beyond any max_length: cut, with a warning on stdout only
+        handle.write(json.dumps({"prompt": hh_prompt("bake bread"), "response": "Use yeast. " * 50_000}) + "\n")
+    argv = ["--output_dir", str(text_run["out"]), "--input", str(requests), "--output", str(tmp_path / "out.jsonl")]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "score_responses.py"), *argv, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines()[-1].startswith("score_responses: 40 responses of 6 prompts scored")
+
+
+def test_a_long_text_is_cut_before_it_is_tokenised(tiny):
+    """A 1 MB response is cut to a few thousand characters before tokenising; its first max_length
+    tokens, and the warning that it was cut, are those of the whole text."""
+    from llm_models import load_tokenizer, tokenize_texts
+
+    tokenizer = load_tokenizer(str(tiny["embed-left"]), "--embedding_model")
+    seen = []
+
+    def spy(texts, **kwargs):
+        seen.extend(map(len, texts))
+        return tokenizer(texts, **kwargs)
+
+    spy.get_vocab = tokenizer.get_vocab
+    texts = [hh_prompt("bake bread") + " " + "Mix flour, water and yeast. " * 40_000, "short"]
+    ids, truncated = tokenize_texts(spy, texts, max_length=64)
+    whole = tokenizer(texts)["input_ids"]
+    assert ids == [whole[0][:64], whole[1]] and truncated.tolist() == [True, False]
+    longest_token = max(map(len, tokenizer.get_vocab()))
+    assert seen == [2 * 65 * longest_token, 5] and seen[0] < len(texts[0]) / 100
 
 
 def test_best_of_n_breaks_ties_by_first_response():
