@@ -35,7 +35,8 @@ CANDIDATES = {
     "lr 1e-3, >=10 steps/epoch": ["--learning_rate", "1e-3", "--min_val_pairs", "20", "--min_epoch_steps", "10"],
     "lr 1e-3, standardize": ["--learning_rate", "1e-3", "--min_val_pairs", "20", "--standardize", "1"],
 }
-# budget name -> (N_SAMPLE, or a share of the most the data allows; pairs per prompt)
+# budget name -> (N_SAMPLE, or a share of all prompts capped at the most the evaluation pool leaves;
+# pairs per prompt). "half" is the reference budget: N_SAMPLE = half the prompts.
 BUDGETS = {"n50": (50, 1), "n100": (100, 1), "half": (0.5, 1), "max": (1.0, 1), "max-10pairs": (1.0, 10)}
 METRICS = ("pearson_global", "spearman_per_prompt", "acc_same_prompt")
 
@@ -53,8 +54,8 @@ def n_sample_for(data_dir: str, share_or_count: float) -> int:
 
     if share_or_count >= 2:
         return int(share_or_count)
-    n_prompts = load_embedding_set(data_dir).n_prompts
-    return max(1, int((n_prompts - default_eval_prompts(n_prompts)) * share_or_count))
+    n_prompts = load_embedding_set(data_dir).n_prompts  # a share of all prompts, at most what the pool leaves
+    return max(1, min(int(n_prompts * share_or_count), n_prompts - default_eval_prompts(n_prompts)))
 
 
 def run_cell(cell: dict) -> dict:
