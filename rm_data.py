@@ -376,9 +376,14 @@ def make_partition(
             f"prompts for calibration/student/held-out"
         )
     if n_sample < 1 or n_sample + pool > n_prompts:
+        # Advice that can be followed: the pool cannot go below MIN_EVAL_PROMPTS.
+        fixes = [f"--n_sample (N_SAMPLE) to at most {n_prompts - pool}"] if n_prompts > pool else []
+        if n_prompts - n_sample >= MIN_EVAL_PROMPTS:
+            fixes.append(f"--eval_prompts (EVAL_PROMPTS) to at most {n_prompts - n_sample}")
+        advice = f"lower {' or '.join(fixes)}, or use more prompts" if fixes else "use more prompts"
         raise InputError(
             f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
-            f"the {n_prompts} prompts of the data; lower one of them or use more prompts"
+            f"the {n_prompts} prompts of the data; {advice}"
         )
     rng = np.random.default_rng(seed_sequence(split_seed, "partition"))
     order = rng.permutation(n_prompts)

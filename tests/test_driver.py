@@ -13,6 +13,9 @@ import subprocess
 import pytest
 from conftest import ROOT
 
+import cli
+import rm_data
+
 
 @pytest.mark.parametrize("script", ["run_sweep.sh"])
 def test_sh_is_refused_in_one_line(script):
@@ -32,3 +35,14 @@ def test_duplicate_sweep_seeds_run_once(tmp_path):
     assert proc.stderr.strip() == "run_sweep.sh: note: SEEDS lists a seed more than once; running each once: 1 2"
     cells = [line.split("OUTPUT_DIR=")[1].split()[0] for line in proc.stdout.splitlines()]
     assert len(cells) == 4 and len(set(cells)) == 4  # bt and clf x seeds 1 and 2
+
+
+def test_the_eval_prompts_advice_respects_its_minimum():
+    with pytest.raises(cli.InputError) as err:
+        rm_data.make_partition(300, 290, 0, rm_data.MIN_EVAL_PROMPTS)
+    assert str(err.value).endswith("lower --n_sample (N_SAMPLE) to at most 280, or use more prompts")
+    with pytest.raises(cli.InputError) as err:
+        rm_data.make_partition(300, 101, 0, 200)
+    assert "lower --n_sample (N_SAMPLE) to at most 100 or --eval_prompts (EVAL_PROMPTS) to at most 199" in str(
+        err.value
+    )
