@@ -62,6 +62,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: run_all.sh starts steps with it ignored
             handlers[signum] = signal.signal(signum, _raise_interrupted)
+    interrupted = False
     try:
         main(argv)
     except InputError as err:
@@ -71,13 +72,20 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
+        # SIGINT and SIGTERM stay ignored from here on: the same Ctrl-C comes again forwarded by
+        # run_all.sh and run_state.py, and one landing in an atexit callback (torch registers some)
+        # would print "Exception ignored in atexit callback" and a traceback after our one line.
+        interrupted = True
         signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
+        for other in handlers:
+            signal.signal(other, signal.SIG_IGN)
         if not os.environ.get(QUIET_INTERRUPT_ENV):
             print(f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        if not interrupted:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")

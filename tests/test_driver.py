@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -46,3 +47,24 @@ def test_the_eval_prompts_advice_respects_its_minimum():
     assert "lower --n_sample (N_SAMPLE) to at most 100 or --eval_prompts (EVAL_PROMPTS) to at most 199" in str(
         err.value
     )
+
+
+def test_an_interrupt_during_exit_prints_nothing_more(tmp_path):
+    """Ctrl-C reaches a step again (forwarded by run_all.sh and run_state.py) while it exits: a
+    signal that lands in an atexit callback (torch registers some) must not print a traceback."""
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import atexit, os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from cli import run_cli\n"
+        "def late_signal():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "def main(argv):\n"
+        "    atexit.register(late_signal)\n"
+        "    raise KeyboardInterrupt\n"
+        "run_cli(main)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == "interrupted by SIGINT; nothing half-written was kept"
