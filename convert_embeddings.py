@@ -118,6 +118,11 @@ def parse_args(argv=None):
         help=f"prompts copied per chunk (default: ~{CHUNK_BYTES >> 20} MiB of input)",
     )
     conversion.add_argument("--output_dir", default="data", help="data directory to write (DATA_DIR)")
+    conversion.add_argument(
+        "--in_use",
+        action="store_true",
+        help="other runs read --output_dir: refuse to write it unless it is up to date (run_all.sh sets this)",
+    )
     args = parser.parse_args(argv)
     for pair in (("embd_file", "reward_file"), ("test_embd_file", "test_reward_file")):
         given = [flag for flag in pair if getattr(args, flag) is not None]
@@ -550,6 +555,11 @@ def main(argv=None) -> Path:
             f"{CONVERSION_FILE} matches the sources and options): nothing to do"
         )
         return out_dir
+    if args.in_use:
+        raise InputError(
+            f"--output_dir {out_dir} must be converted again ({CONVERSION_FILE} does not match the sources and "
+            f"options) but another run is reading it; wait for that run, or set another --output_dir"
+        )
     needed = sum(plan.output_bytes() for plan in plans)
     available = shutil.disk_usage(out_dir).free + sum(
         (out_dir / name).stat().st_size for name in old_files if (out_dir / name).is_file()
