@@ -140,11 +140,31 @@ for combo in "${COMBOS[@]}"; do
 done
 FAILED="$ROOT/logs/failed_cells.txt"
 rm -f "$FAILED"
+CELL_SCRIPTS="$(mktemp)"
+trap 'rm -f "$CELL_SCRIPTS"' EXIT
 for i in "${!COMMANDS[@]}"; do
     cell="$(quote "${CELLS[i]##*/}")"
     printf 'if %s; then echo "[done $(date +%%T)] "%s; else echo "[FAILED] "%s; echo %s >> %q; fi\0' \
         "${COMMANDS[i]}" "$cell" "$cell" "$cell" "$FAILED"
-done | xargs -0 -n 1 -P "$JOBS" bash -c || true
+done > "$CELL_SCRIPTS"
+# The cells run in a process group of their own (set -m), in the background while this script
+# waits, so that Ctrl-C or a SIGTERM sent to this script alone (a scheduler's) reaches every running
+# cell (each run_all.sh stops its step cleanly) and no new cell starts; without it the cells ran on.
+stop_cells() {  # stop_cells NAME STATUS
+    trap '' INT TERM
+    kill -"$1" -- -"$CELLS_PID" 2>/dev/null || true
+    wait "$CELLS_PID" 2>/dev/null || true
+    echo "run_sweep.sh: stopped by SIG$1; run the same command again to finish the sweep" >&2
+    exit "$2"
+}
+set -m
+xargs -0 -n 1 -P "$JOBS" bash -c < "$CELL_SCRIPTS" &
+CELLS_PID=$!
+set +m
+trap 'stop_cells INT 130' INT
+trap 'stop_cells TERM 143' TERM
+wait "$CELLS_PID" 2>/dev/null || true
+trap - INT TERM
 echo "sweep $NAME: ${#CELLS[@]} cells in $((SECONDS - start)) s"
 
 DONE=()

@@ -344,3 +344,37 @@ def test_a_conversion_in_use_is_not_redone(tmp_path, capsys):
         "options) but another run is reading it; wait for that run, or set another --output_dir"
     )
     assert {path.name: path.stat().st_mtime_ns for path in data.iterdir()} == files
+
+
+@needs_proc
+def test_a_stopped_sweep_stops_its_cells(tmp_path):
+    """SIGTERM to run_sweep.sh alone (a scheduler's): the running cell stops cleanly (its run_all.sh
+    says so in the cell's log), no further cell starts, and the sweep ends with one line."""
+    sweep = tmp_path / "sweeps"
+    env = env_for(
+        SWEEP="objective",
+        GRID="RM_OBJECTIVE=bt",
+        SEEDS="1 2",
+        JOBS="1",
+        SWEEP_DIR=str(sweep),
+        DATA_DIR=str(tmp_path / "data"),
+        **LONG_STEP5,
+    )
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "run_sweep.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    log = sweep / "objective" / "logs" / "RM_OBJECTIVE=bt,SEED=1.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "label flip rate" in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip() == "run_sweep.sh: stopped by SIGTERM; run the same command again to finish the sweep"
+    deadline = time.monotonic() + 120
+    while pids_naming(str(sweep)):
+        assert time.monotonic() < deadline, "a cell kept running after the sweep was stopped"
+        time.sleep(0.1)
+    assert "run_all.sh: stopped by SIGTERM during Step 5" in log.read_text()
+    assert not (sweep / "objective" / "RM_OBJECTIVE=bt,SEED=2").exists()
