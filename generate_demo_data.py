@@ -42,7 +42,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
-from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, ensure_writable_dir, write_rewards_jsonl
+from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, data_dir_claim, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1
@@ -123,11 +123,13 @@ def main(argv=None) -> Path:
     out_dir = ensure_writable_dir(args.output_dir)
     with open(out_dir / ".demo.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-        return write_demo(args, out_dir)
+        with data_dir_claim(out_dir) as unused:  # no run_all.sh reads the folder meanwhile
+            return write_demo(args, out_dir, in_use=args.in_use or not unused)
 
 
-def write_demo(args, out_dir: Path) -> Path:
-    """Write the demo set into ``out_dir`` unless it already holds one with these settings."""
+def write_demo(args, out_dir: Path, in_use: bool) -> Path:
+    """Write the demo set into ``out_dir`` unless it already holds one with these settings; with
+    ``in_use`` (other runs read it), refuse to change it."""
     config = {key: value for key, value in vars(args).items() if key not in ("output_dir", "in_use")}
     config |= {"version": DEMO_VERSION}
     config_path = out_dir / DEMO_CONFIG_FILE
@@ -143,7 +145,7 @@ def write_demo(args, out_dir: Path) -> Path:
             for key, value in config.items()
             if not isinstance(old, dict) or old.get(key) != value
         )
-        if args.in_use:
+        if in_use:
             raise InputError(
                 f"--output_dir {out_dir} holds demo data made with other settings ({changes}) and another run "
                 f"is reading it; wait for that run, or set another --output_dir for these settings"
@@ -154,7 +156,7 @@ def write_demo(args, out_dir: Path) -> Path:
             stale.unlink()
     elif data_files:
         raise InputError(f"--output_dir {out_dir} holds embedding data that is not a demo; refusing to overwrite it")
-    elif args.in_use:
+    elif in_use:
         raise InputError(f"--output_dir {out_dir} holds no demo data yet and another run is reading it; wait for it")
 
     rng = np.random.default_rng(args.seed)

@@ -7,18 +7,20 @@ memory), the seeded prompt partition, fingerprints and the run manifest.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from artifacts import read_json, sampled_blocks, write_npy, write_text
-from cli import InputError, finite_number
+from cli import RUN_ALL_ENV, InputError, finite_number
 from random_streams import seed_sequence
 
 FILE_PATTERNS = {
@@ -74,6 +76,28 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> 
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: not a writable directory")
     return path
+
+
+@contextlib.contextmanager
+def data_dir_claim(path: Path) -> Iterator[bool]:
+    """Hold the data folder ``path`` exclusively while the block writes it; yield False (and hold
+    nothing) if another process holds its lock: a run_all.sh run reading it (shared) or writing it.
+
+    Under run_all.sh, which holds the lock itself and passes ``--in_use`` to the writers while other
+    runs read the folder, this yields True without locking (a second lock would wait on its own)."""
+    if os.environ.get(RUN_ALL_ENV):
+        yield True
+        return
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(handle)
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_a_killed_wrapper_is_one_line_and_its_step_stops(tmp_path):
 # Shared DATA_DIR
 # --------------------------------------------------------------------------------------------
 @needs_flock
-def test_data_read_by_another_run_is_never_regenerated(tmp_path):
+def test_data_read_by_another_run_is_never_regenerated(tmp_path, capsys):
     """While another run reads DATA_DIR (a shared lock), a run with the same demo settings proceeds
     at once, and one with other DEMO_* settings stops with one line instead of regenerating it."""
     data = tmp_path / "data"
@@ -194,6 +194,10 @@ def test_data_read_by_another_run_is_never_regenerated(tmp_path):
         proc = run_all(tmp_path, timeout=120, DATA_DIR=str(data), DATA_ONLY="1")
         assert proc.returncode == 0 and "Waiting" not in proc.stdout, proc.stderr
         proc = run_all(tmp_path, timeout=120, DATA_DIR=str(data), DATA_ONLY="1", DEMO_PROMPTS="130")
+        # generate_demo_data.py run by hand checks the lock itself.
+        demo = ["--output_dir", str(data), "--n_prompts", "130", "--emb_dim", "8", "--n_test_prompts", "2"]
+        err = run_failing(generate_demo_data.main, [*demo, "--n_test_responses", "6"], capsys)
+        assert "holds demo data made with other settings" in err and "another run is reading it" in err
     finally:
         os.close(reader)
     assert proc.returncode == 2
