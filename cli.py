@@ -192,20 +192,19 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
-        # SIGINT and SIGTERM stay ignored from here on: the same Ctrl-C comes again forwarded by
-        # run_all.sh and run_state.py, and one landing in an atexit callback (torch registers some)
-        # would print "Exception ignored in atexit callback" and a traceback after our one line.
         interrupted = True
         signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
-        for other in handlers:
-            signal.signal(other, signal.SIG_IGN)
         if not under_run_all:
             print(f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
-        if not interrupted:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+        # A script (argv None) or an interrupted run is exiting: SIGINT and SIGTERM stay ignored, as
+        # the same Ctrl-C comes again forwarded by run_all.sh and run_state.py, and one landing in an
+        # atexit callback (torch registers some) or in the interpreter's shutdown would print
+        # "Exception ignored in ..." and a traceback after our one line. Callers in-process get
+        # their handlers back.
+        for signum, handler in handlers.items():
+            signal.signal(signum, signal.SIG_IGN if interrupted or argv is None else handler)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
