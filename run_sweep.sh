@@ -105,6 +105,10 @@ for i in "${!AXES[@]}"; do
 done
 [[ "$SWEEP_DIR" == /* ]] || SWEEP_DIR="$CALLER_DIR/$SWEEP_DIR"
 ROOT="$SWEEP_DIR/$NAME"
+mkdir -p "$ROOT/logs" 2>/dev/null || die "SWEEP_DIR '$SWEEP_DIR' is not writable"
+# Canonical (symbolic links and '..' resolved, as run_all.sh does for its paths), so that the cells'
+# OUTPUT_DIR and the summary's run paths do not depend on how SWEEP_DIR was spelled.
+ROOT="$(cd "$ROOT" && pwd -P)"
 quote() {  # shell-quote $1, leaving plain words (paths, VAR=a,b) readable
     if [[ "$1" =~ ^[A-Za-z0-9_./:=,+-]+$ ]]; then printf '%s' "$1"; else printf '%q' "$1"; fi
 }
@@ -123,7 +127,6 @@ for combo in "${COMBOS[@]}"; do
         COMMANDS+=("$(cell_command "$combo" "$seed")") CELLS+=("$ROOT/${combo:+$combo,}SEED=$seed")
     done
 done
-mkdir -p "$ROOT/logs" 2>/dev/null || die "SWEEP_DIR '$SWEEP_DIR' is not writable"
 if [[ "$PRINT" == 1 ]]; then
     printf '%s\n' "${COMMANDS[@]}"
     exit 0

@@ -385,3 +385,16 @@ def test_a_stopped_sweep_stops_its_cells(tmp_path):
         time.sleep(0.1)
     assert "run_all.sh: stopped by SIGTERM during Step 5" in log.read_text()
     assert not (sweep / "objective" / "RM_OBJECTIVE=bt,SEED=2").exists()
+
+
+def test_a_sweep_folder_spelled_another_way_is_the_same_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    env = {**os.environ, "SEEDS": "1", "SWEEP": "objective", "PRINT": "1", "SWEEP_DIR": "sub/../sweeps/"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "run_sweep.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    cells = [line.split("OUTPUT_DIR=")[1].split()[0] for line in proc.stdout.splitlines()]
+    assert cells == [
+        str(tmp_path.resolve() / "sweeps" / "objective" / f"RM_OBJECTIVE={o},SEED=1") for o in ("bt", "clf")
+    ]
