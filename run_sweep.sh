@@ -153,21 +153,30 @@ done > "$CELL_SCRIPTS"
 # The cells run in a process group of their own (set -m), in the background while this script
 # waits, so that Ctrl-C or a SIGTERM sent to this script alone (a scheduler's) reaches every running
 # cell (each run_all.sh stops its step cleanly) and no new cell starts; without it the cells ran on.
+# If this script dies all the same (kill -9), a watcher sends the cells SIGTERM.
 stop_cells() {  # stop_cells NAME STATUS
     trap '' INT TERM
+    kill "$WATCHER_PID" 2>/dev/null || true
     kill -"$1" -- -"$CELLS_PID" 2>/dev/null || true
     wait "$CELLS_PID" 2>/dev/null || true
     echo "run_sweep.sh: stopped by SIG$1; run the same command again to finish the sweep" >&2
     exit "$2"
 }
+WATCHER_PID=""
 set -m
 xargs -0 -n 1 -P "$JOBS" bash -c < "$CELL_SCRIPTS" &
 CELLS_PID=$!
 set +m
 trap 'stop_cells INT 130' INT
 trap 'stop_cells TERM 143' TERM
+# The watcher reads a pipe that only this script writes to (opened after the cells started, so they
+# do not hold it): when this script is gone, however it died, the read ends.
+exec {ALIVE}> >(read -r _ || kill -TERM -- -"$CELLS_PID" >/dev/null 2>&1)
+WATCHER_PID=$!
 wait "$CELLS_PID" 2>/dev/null || true
 trap - INT TERM
+kill "$WATCHER_PID" 2>/dev/null || true
+exec {ALIVE}>&-
 echo "sweep $NAME: ${#CELLS[@]} cells in $((SECONDS - start)) s"
 
 DONE=()

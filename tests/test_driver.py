@@ -354,9 +354,11 @@ def test_a_conversion_in_use_is_not_redone(tmp_path, capsys):
 
 
 @needs_proc
-def test_a_stopped_sweep_stops_its_cells(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_sweep_stops_its_cells(tmp_path, how):
     """SIGTERM to run_sweep.sh alone (a scheduler's): the running cell stops cleanly (its run_all.sh
-    says so in the cell's log), no further cell starts, and the sweep ends with one line."""
+    says so in the cell's log), no further cell starts, and the sweep ends with one line. After
+    kill -9 of run_sweep.sh its watcher stops the cells the same way."""
     sweep = tmp_path / "sweeps"
     env = env_for(
         SWEEP="objective",
@@ -375,10 +377,11 @@ def test_a_stopped_sweep_stops_its_cells(tmp_path):
     while not (log.is_file() and "label flip rate" in log.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, how))
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
-    assert err.strip() == "run_sweep.sh: stopped by SIGTERM; run the same command again to finish the sweep"
+    if how == "SIGTERM":
+        assert process.returncode == 143, err
+        assert err.strip() == "run_sweep.sh: stopped by SIGTERM; run the same command again to finish the sweep"
     deadline = time.monotonic() + 120
     while pids_naming(str(sweep)):
         assert time.monotonic() < deadline, "a cell kept running after the sweep was stopped"
