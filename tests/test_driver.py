@@ -401,3 +401,21 @@ def test_a_sweep_folder_spelled_another_way_is_the_same_folder(tmp_path):
     assert cells == [
         str(tmp_path.resolve() / "sweeps" / "objective" / f"RM_OBJECTIVE={o},SEED=1") for o in ("bt", "clf")
     ]
+
+
+@needs_flock
+def test_gpu_steps_do_not_start_on_data_another_run_reads(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    reader = os.open(data, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    try:
+        proc = run_all(tmp_path, timeout=120, RUN_GPU_STEPS="1", DATA_DIR=str(data), OUTPUT_DIR=str(tmp_path / "out"))
+    finally:
+        os.close(reader)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"run_all.sh: error: DATA_DIR '{data}' is in use by another run_all.sh, and steps 1-4 would rewrite it; "
+        "wait for that run or set another DATA_DIR"
+    )
+    assert not (tmp_path / "out").exists()
