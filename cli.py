@@ -5,6 +5,10 @@ on stderr and exit status 2 (README, "Pipeline"). Scripts validate everything be
 artifact, and write artifacts atomically (``artifacts.atomic_path``), so a failed run leaves none.
 Ctrl-C and SIGTERM end a script with one line and status 130 / 143, after the atomic writers have
 removed their temporary files. Flags are validated at the door by the argparse types below.
+
+Under run_all.sh (:data:`RUN_ALL_ENV` set), a step also stops as if by SIGTERM when the process
+that started it dies (:func:`watch_parent`), and an error's flags are named with the run_all.sh
+variables that set them (:func:`name_variables`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import gc
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 # ORM early-stopping schemes (README, "Early stopping and ensemble options"); the first is step 5's
 # default. Here, not in networks.py, so steps parse flags before importing torch.
@@ -34,8 +40,14 @@ MAX_SEED = 2**32 - 1
 REWARD_VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
 DEFAULT_REWARD_VARIANT = "student_iso"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-# run_all.sh reports an interrupted step itself; a step run by it then prints nothing more.
-QUIET_INTERRUPT_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
+# Set by run_all.sh for everything it starts: it reports an interrupted step itself (a step run by it
+# then prints nothing more), and its users know the variables, not the flags.
+RUN_ALL_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
+# The pid of the process that started this one (run_all.sh exports its own, run_state.py sets its own
+# for its step): if that process dies, this one stops instead of writing on alone.
+PARENT_PID_ENV = "RUN_ALL_PARENT_PID"
+PARENT_POLL_SECONDS = 0.2
+RUN_ALL_SH = Path(__file__).with_name("run_all.sh")
 
 
 class InputError(ValueError):
@@ -54,6 +66,112 @@ def _raise_interrupted(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
+def watch_parent() -> None:
+    """If :data:`PARENT_PID_ENV` names this process's parent, send this process SIGTERM once that
+    parent has died (it is then reparented), so a step whose driver was killed (``kill -9`` of
+    run_all.sh or of run_state.py) stops cleanly instead of writing on alone. A thread polling
+    ``os.getppid`` works on every POSIX system, unlike Linux's ``PR_SET_PDEATHSIG``."""
+    try:
+        parent = int(os.environ.get(PARENT_PID_ENV, ""))
+    except ValueError:
+        return
+    if parent <= 1:
+        return
+    if os.getppid() != parent:  # the parent died before we looked, or another process started this one
+        if not _alive(parent):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=poll, name="watch-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def name_variables(message: str, script: str) -> str:
+    """``message`` with each ``--flag`` that run_all.sh sets from a variable for ``script`` followed
+    by ``(VARIABLE)``, unless it already names it: under run_all.sh users set variables, not flags.
+
+    The map is read from run_all.sh itself (its ``"$PYTHON" script.py ... --flag "$VAR"`` commands,
+    for the variables of :func:`run_all_variables`), so it cannot drift from the driver.
+    """
+    flags = run_all_flag_variables().get(Path(script).name, {})
+
+    def name(match: re.Match) -> str:
+        variable = flags.get(match.group(1))
+        return f"{match.group(1)} ({variable})" if variable and variable != match.group(2) else match.group(0)
+
+    return re.sub(r"(--[a-z][a-z0-9_]*)(?![a-z0-9_])(?: \(([A-Z][A-Z0-9_]*)(?: in run_all\.sh)?\))?", name, message)
+
+
+def for_user(message: str) -> str:
+    """``message`` as the user should read it: under run_all.sh, with the variables named."""
+    return name_variables(message, sys.argv[0]) if os.environ.get(RUN_ALL_ENV) else message
+
+
+def run_all_flag_variables(path: Path = RUN_ALL_SH) -> dict[str, dict[str, str]]:
+    """{script name: {flag: run_all.sh variable ("" where ambiguous)}} from run_all.sh's step commands."""
+    try:
+        text = path.read_text().replace("\\\n", " ")
+    except OSError:
+        return {}
+    variables = run_all_variables(path)
+    found: dict[str, dict[str, str]] = {}
+    for command in re.findall(r'"\$PYTHON" ([\w.]+\.py\b[^\n]*)', text):
+        script, _, rest = command.partition(" ")
+        for flag, variable in re.findall(r'(--[a-z][a-z0-9_]*) +"\$[^A-Z\n]*?\$?\{?([A-Z][A-Z0-9_]*)', rest):
+            if variable in variables:  # not loop variables
+                flags = found.setdefault(script, {})
+                # A flag set from two variables (step 2's --n_samples for train and test) is not named.
+                flags[flag] = variable if flags.get(flag, variable) == variable else ""
+    return found
+
+
+# Environment variables that are not run_all.sh settings but belong to the project or its tools.
+OTHER_VARIABLES = {"LOG_LEVEL", "SWEEP", "GRID", "SEEDS", "NAME", "SWEEP_DIR", "JOBS", "THREADS", "PRINT"}
+
+
+def run_all_variables(path: Path = RUN_ALL_SH) -> set[str]:
+    """The settings of run_all.sh: the variables of its ``VAR="${VAR:-default}"`` lines."""
+    try:
+        return set(re.findall(r'^([A-Z][A-Z0-9_]*)="\$\{\1:-', path.read_text(), re.M))
+    except OSError:
+        return set()
+
+
+def setting_typos(environ: Mapping[str, str]) -> list[str]:
+    """One warning per environment variable that looks like a misspelt run_all.sh setting: a
+    lower-case spelling of one (``n_sample``) or a near miss (``NSAMPLE``, by difflib's ratio)."""
+    import difflib
+
+    known = run_all_variables()
+    warnings = []
+    for name in sorted(environ):
+        if name in known or name in OTHER_VARIABLES or name.startswith("RUN_ALL_") or len(name) < 4:
+            continue
+        if name.upper() in known:
+            guess = name.upper()
+        else:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.85)
+            if not close:
+                continue
+            guess = close[0]
+        warnings.append(f"{name} is not a run_all.sh setting and is ignored; did you mean {guess}?")
+    return warnings
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)``; report an :class:`InputError` as one stderr line and exit with 2.
 
@@ -64,25 +182,34 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     # created (~0.3-0.7 s per step process); frozen, they are skipped. Files are closed by then.
     atexit.register(gc.freeze)
     handlers = {}
+    under_run_all = bool(os.environ.get(RUN_ALL_ENV))
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: run_all.sh starts steps with it ignored
             handlers[signum] = signal.signal(signum, _raise_interrupted)
+        watch_parent()
+    interrupted = False
     try:
         main(argv)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {for_user(str(err))}", file=sys.stderr)
         sys.exit(2)
     except MemoryError as err:
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
+        interrupted = True
         signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
-        if not os.environ.get(QUIET_INTERRUPT_ENV):
+        if not under_run_all:
             print(f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
+        # A script (argv None) or an interrupted run is exiting: SIGINT and SIGTERM stay ignored, as
+        # the same Ctrl-C comes again forwarded by run_all.sh and run_state.py, and one landing in an
+        # atexit callback (torch registers some) or in the interpreter's shutdown would print
+        # "Exception ignored in ..." and a traceback after our one line. Callers in-process get
+        # their handlers back.
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if interrupted or argv is None else handler)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")

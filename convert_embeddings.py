@@ -62,7 +62,7 @@ from artifacts import (
     write_json,
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, ensure_writable_dir, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 
@@ -115,6 +115,11 @@ def parse_args(argv=None):
         help=f"prompts copied per chunk (default: ~{CHUNK_BYTES >> 20} MiB of input)",
     )
     conversion.add_argument("--output_dir", default="data", help="data directory to write (DATA_DIR)")
+    conversion.add_argument(
+        "--in_use",
+        action="store_true",
+        help="other runs read --output_dir: refuse to write it unless it is up to date (run_all.sh sets this)",
+    )
     args = parser.parse_args(argv)
     for pair in (("embd_file", "reward_file"), ("test_embd_file", "test_reward_file")):
         given = [flag for flag in pair if getattr(args, flag) is not None]
@@ -529,6 +534,13 @@ def main(argv=None) -> Path:
         )
     record = conversion_record(plans, args)
     out_dir = ensure_writable_dir(args.output_dir)
+    with data_dir_claim(out_dir) as unused:  # no run_all.sh reads the folder meanwhile
+        return write_conversion(args, plans, record, out_dir, in_use=args.in_use or not unused)
+
+
+def write_conversion(args, plans: list[SetPlan], record: dict, out_dir: Path, in_use: bool) -> Path:
+    """Convert into ``out_dir`` unless its conversion is up to date; with ``in_use`` (other runs
+    read it), refuse to change it."""
     old, old_files = previous_conversion(out_dir)
     foreign = sorted({path.name for pattern in SPLIT_GLOBS for path in out_dir.glob(pattern)} - old_files)
     if foreign:
@@ -544,6 +556,11 @@ def main(argv=None) -> Path:
             f"{CONVERSION_FILE} matches the sources and options): nothing to do"
         )
         return out_dir
+    if in_use:
+        raise InputError(
+            f"--output_dir {out_dir} must be converted again ({CONVERSION_FILE} does not match the sources and "
+            f"options) but another run is reading it; wait for that run, or set another --output_dir"
+        )
     needed = sum(plan.output_bytes() for plan in plans)
     available = shutil.disk_usage(out_dir).free + sum(
         (out_dir / name).stat().st_size for name in old_files if (out_dir / name).is_file()

@@ -16,8 +16,10 @@ written sorted ascending by golden reward within each prompt (split 0 lowest, RE
 An optional test set draws fresh prompts with ``--n_test_responses`` responses each.
 
 The folder also gets ``demo_config.json``; rerunning with the same settings is a no-op, and other
-settings regenerate the demo (a folder with non-demo data is never overwritten). Runs on one folder
-take turns (a lock file, ``.demo.lock``): parallel sweep cells never race to write the demo.
+settings regenerate the demo, saying which settings changed (a folder with non-demo data is never
+overwritten; with ``--in_use``, which run_all.sh passes while other runs read the folder, nothing
+is). Runs on one folder take turns (a lock file, ``.demo.lock``): parallel sweep cells never race
+to write the demo.
 """
 
 from __future__ import annotations
@@ -30,8 +32,17 @@ import numpy as np
 from tqdm import tqdm
 
 from artifacts import read_json, write_json, write_npy
-from cli import ArgumentParser, InputError, non_negative_int, positive_int, random_seed, run_cli, setup_logging
-from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, ensure_writable_dir, write_rewards_jsonl
+from cli import (
+    ArgumentParser,
+    InputError,
+    for_user,
+    non_negative_int,
+    positive_int,
+    random_seed,
+    run_cli,
+    setup_logging,
+)
+from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, data_dir_claim, ensure_writable_dir, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1
@@ -47,6 +58,11 @@ def parse_args(argv=None):
     parser.add_argument("--n_test_prompts", type=non_negative_int, default=0, help="test prompts (0: no test set)")
     parser.add_argument("--n_test_responses", type=positive_int, default=500, help="responses per test prompt")
     parser.add_argument("--seed", type=random_seed, default=0, help="random seed")
+    parser.add_argument(
+        "--in_use",
+        action="store_true",
+        help="other runs read --output_dir: refuse to write it unless it is up to date (run_all.sh sets this)",
+    )
     args = parser.parse_args(argv)
     if args.n_splits < 2:
         raise InputError("--n_splits must be at least 2 (responses to compare per prompt)")
@@ -107,23 +123,41 @@ def main(argv=None) -> Path:
     out_dir = ensure_writable_dir(args.output_dir)
     with open(out_dir / ".demo.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-        return write_demo(args, out_dir)
+        with data_dir_claim(out_dir) as unused:  # no run_all.sh reads the folder meanwhile
+            return write_demo(args, out_dir, in_use=args.in_use or not unused)
 
 
-def write_demo(args, out_dir: Path) -> Path:
-    """Write the demo set into ``out_dir`` unless it already holds one with these settings."""
-    config = {key: value for key, value in vars(args).items() if key != "output_dir"} | {"version": DEMO_VERSION}
+def write_demo(args, out_dir: Path, in_use: bool) -> Path:
+    """Write the demo set into ``out_dir`` unless it already holds one with these settings; with
+    ``in_use`` (other runs read it), refuse to change it."""
+    config = {key: value for key, value in vars(args).items() if key not in ("output_dir", "in_use")}
+    config |= {"version": DEMO_VERSION}
     config_path = out_dir / DEMO_CONFIG_FILE
     data_files = [*out_dir.glob("EMBD-*-split_*.npy"), *out_dir.glob("rewards*_split_*.json")]
     if config_path.exists():
-        if read_json(config_path, "demo config") == config:
+        old = read_json(config_path, "demo config")
+        if old == config:
             log.info("demo data in %s is up to date", out_dir)
             return out_dir
+        changes = ", ".join(
+            f"{'the demo version' if key == 'version' else '--' + key} "
+            f"{old.get(key) if isinstance(old, dict) else None} -> {value}"
+            for key, value in config.items()
+            if not isinstance(old, dict) or old.get(key) != value
+        )
+        if in_use:
+            raise InputError(
+                f"--output_dir {out_dir} holds demo data made with other settings ({changes}) and another run "
+                f"is reading it; wait for that run, or set another --output_dir for these settings"
+            )
+        print(for_user(f"regenerating the demo data in {out_dir}: its settings changed ({changes})"), flush=True)
         config_path.unlink()  # the folder holds an older demo: regenerate it whole
         for stale in data_files:
             stale.unlink()
     elif data_files:
         raise InputError(f"--output_dir {out_dir} holds embedding data that is not a demo; refusing to overwrite it")
+    elif in_use:
+        raise InputError(f"--output_dir {out_dir} holds no demo data yet and another run is reading it; wait for it")
 
     rng = np.random.default_rng(args.seed)
     world = DemoWorld(rng, args.emb_dim, args.latent_dim)

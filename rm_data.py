@@ -7,18 +7,20 @@ memory), the seeded prompt partition, fingerprints and the run manifest.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from artifacts import read_json, sampled_blocks, write_npy, write_text
-from cli import InputError, finite_number
+from cli import RUN_ALL_ENV, InputError, finite_number
 from random_streams import seed_sequence
 
 FILE_PATTERNS = {
@@ -74,6 +76,28 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> 
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: not a writable directory")
     return path
+
+
+@contextlib.contextmanager
+def data_dir_claim(path: Path) -> Iterator[bool]:
+    """Hold the data folder ``path`` exclusively while the block writes it; yield False (and hold
+    nothing) if another process holds its lock: a run_all.sh run reading it (shared) or writing it.
+
+    Under run_all.sh, which holds the lock itself and passes ``--in_use`` to the writers while other
+    runs read the folder, this yields True without locking (a second lock would wait on its own)."""
+    if os.environ.get(RUN_ALL_ENV):
+        yield True
+        return
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(handle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,9 +417,14 @@ def make_partition(
             f"prompts for calibration/student/held-out"
         )
     if n_sample < 1 or n_sample + pool > n_prompts:
+        # Advice that can be followed: the pool cannot go below MIN_EVAL_PROMPTS.
+        fixes = [f"--n_sample (N_SAMPLE) to at most {n_prompts - pool}"] if n_prompts > pool else []
+        if n_prompts - n_sample >= MIN_EVAL_PROMPTS:
+            fixes.append(f"--eval_prompts (EVAL_PROMPTS) to at most {n_prompts - n_sample}")
+        advice = f"lower {' or '.join(fixes)}, or use more prompts" if fixes else "use more prompts"
         raise InputError(
             f"--n_sample (N_SAMPLE) {n_sample} + --eval_prompts (EVAL_PROMPTS) {pool} exceed "
-            f"the {n_prompts} prompts of the data; lower one of them or use more prompts"
+            f"the {n_prompts} prompts of the data; {advice}"
         )
     rng = np.random.default_rng(seed_sequence(split_seed, "partition"))
     order = rng.permutation(n_prompts)

@@ -10,6 +10,10 @@
 # Relative paths given in variables are relative to the caller's directory; the defaults (data/,
 # distill_out/, embd/...) are folders of this checkout. Ctrl-C or SIGTERM stops the running step
 # cleanly and exits with 130 / 143.
+if [ -z "${BASH_VERSION:-}" ]; then  # POSIX sh up to here: sh (dash) would fail on pipefail below
+    echo "run_all.sh: error: run it with bash (bash run_all.sh), not sh" >&2
+    exit 2
+fi
 set -euo pipefail
 CALLER_DIR="$PWD"
 for var in OUTPUT_DIR DATA_DIR EMBD_REPO_DIR SFT_TRAIN_FILE TRAIN_PROMPTS_FILE TEST_PROMPTS_FILE; do
@@ -99,6 +103,7 @@ DEMO_SEED="${DEMO_SEED:-0}"
 DEMO_EMB_DIM="${DEMO_EMB_DIM:-2048}"
 DEMO_TEST_PROMPTS="${DEMO_TEST_PROMPTS:-20}"
 DEMO_TEST_RESPONSES="${DEMO_TEST_RESPONSES:-100}"
+DEMO_N_SPLITS="${DEMO_N_SPLITS:-10}"            # responses per demo training prompt (K)
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 # The checks of cli.py's argparse types, so that bad values stop here, before any work: integers
@@ -135,18 +140,40 @@ need_flag() { local var; for var; do [[ "${!var}" == 0 || "${!var}" == 1 ]] || d
 need_flag RUN_GPU_STEPS USE_REPO_EMBD FORCE DATA_ONLY
 [[ "$LAST_STEP" =~ ^[5-8]$ ]] || die "LAST_STEP must be 5, 6, 7 or 8, got '$LAST_STEP'"
 [[ "$TASK" == helpful || "$TASK" == harmless ]] || die "TASK must be helpful or harmless, got '$TASK'"
-# One Python process reads step 5's objectives (its registry: no list here) and the interpreter's own
-# path. Unless PYTHON was set (a wrapper of the user's is kept), every later process starts that path
-# directly: through a launcher such as pyenv's shim each start costs ~0.05 s (docs/performance.md).
-PYTHON_INFO="$("$PYTHON" -c 'import sys, objectives; print(*objectives.OBJECTIVES); print(sys.executable)' 2>/dev/null)" \
-    || die "PYTHON '$PYTHON' cannot import objectives.py of this checkout"
-OBJECTIVES="${PYTHON_INFO%%$'\n'*}"
-[[ -z "$PYTHON_SET" && -x "${PYTHON_INFO#*$'\n'}" ]] && PYTHON="${PYTHON_INFO#*$'\n'}"
+# One Python process reads step 5's objectives (its registry: no list here), the interpreter's own
+# path, the canonical paths of the folders and files below, and warns about environment variables
+# that look like misspelt settings (cli.setting_typos). Unless PYTHON was set (a wrapper of the
+# user's is kept), every later process starts that path directly: through a launcher such as pyenv's
+# shim each start costs ~0.05 s (docs/performance.md). Canonical paths (os.path.realpath) make
+# data/, ./data/, data/../data and the absolute path one folder: the steps' command lines, which
+# key their up-to-date records (run_state.py), and the paths recorded in their JSON do not change.
+PATH_VARS=(OUTPUT_DIR DATA_DIR EMBD_REPO_DIR SFT_TRAIN_FILE TRAIN_PROMPTS_FILE TEST_PROMPTS_FILE)
+PATH_VALUES=()
+for var in "${PATH_VARS[@]}"; do
+    [[ "${!var}" != *$'\n'* ]] || die "$var must not contain a newline"
+    PATH_VALUES+=("${!var}")
+done
+PYTHON_INFO="$("$PYTHON" -c '
+import os, sys, cli, objectives
+print(*objectives.OBJECTIVES)
+print(sys.executable)
+for path in sys.argv[1:]:
+    print(os.path.realpath(path) if path else "")
+for warning in cli.setting_typos(os.environ):
+    print(f"run_all.sh: warning: {warning}")
+print("end")  # command substitution drops trailing newlines: empty paths last would be lost
+' "${PATH_VALUES[@]}" 2>/dev/null)" || die "PYTHON '$PYTHON' cannot import objectives.py of this checkout"
+mapfile -t PYTHON_INFO <<< "$PYTHON_INFO"
+OBJECTIVES="${PYTHON_INFO[0]}"
+[[ -z "$PYTHON_SET" && -x "${PYTHON_INFO[1]}" ]] && PYTHON="${PYTHON_INFO[1]}"
+for i in "${!PATH_VARS[@]}"; do printf -v "${PATH_VARS[i]}" '%s' "${PYTHON_INFO[i + 2]}"; done
+for warning in "${PYTHON_INFO[@]:${#PATH_VARS[@]} + 2}"; do [[ "$warning" == end ]] || echo "$warning" >&2; done
 [[ "$RM_OBJECTIVE" =~ ^[A-Za-z0-9_]+$ && " $OBJECTIVES " == *" $RM_OBJECTIVE "* ]] \
     || die "RM_OBJECTIVE must be ${OBJECTIVES// / or }, got '$RM_OBJECTIVE'"
-for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES; do
+for var in N_SAMPLE N_PAIRS ENSEMBLE_NUMBER TRAINING_EPOCHS DISTILL_EPOCHS DEMO_PROMPTS DEMO_EMB_DIM DEMO_TEST_RESPONSES DEMO_N_SPLITS; do
     need_pos_int "$var"
 done
+(( 10#$DEMO_N_SPLITS >= 2 )) || die "DEMO_N_SPLITS must be at least 2 (responses to compare per prompt), got '$DEMO_N_SPLITS'"
 [[ "$DEMO_TEST_PROMPTS" =~ ^[0-9]{1,10}$ ]] && (( 10#$DEMO_TEST_PROMPTS <= MAX_SIZE )) \
     || die "DEMO_TEST_PROMPTS must be an integer in 0..$MAX_SIZE, got '$DEMO_TEST_PROMPTS'"
 for var in SEED SPLIT_SEED DEMO_SEED; do
@@ -182,31 +209,43 @@ fi
 [[ "$RUN_GPU_STEPS" == 1 && "$USE_REPO_EMBD" == 1 ]] && die "set at most one of RUN_GPU_STEPS=1 and USE_REPO_EMBD=1"
 # The output folder must be usable before any work starts. It stays locked while this script and
 # its steps run, so two runs never interleave their steps in one folder.
+[[ -e "$OUTPUT_DIR" ]] || CREATED_DIRS=("$OUTPUT_DIR")
 mkdir -p "$OUTPUT_DIR" 2>/dev/null && [[ -d "$OUTPUT_DIR" && -w "$OUTPUT_DIR" ]] \
     || die "OUTPUT_DIR '$OUTPUT_DIR' is not a writable directory"
+# Locks (util-linux's flock): OUTPUT_DIR exclusively for the whole run; DATA_DIR exclusively while
+# this run writes it and shared while it reads it, so data another run reads is never rewritten
+# (lock_data_dir). Every process started here inherits the lock descriptors, and run_state.py
+# passes them on to its step: a lock is released only when the last process that could still write
+# has exited, even if this script is killed first.
 HAVE_FLOCK=0
 command -v flock >/dev/null && HAVE_FLOCK=1
-LOCKS=()  # file descriptors of held locks; steps never inherit them
 if [[ "$HAVE_FLOCK" == 1 ]]; then
     exec {output_lock}<"$OUTPUT_DIR"
-    flock -n "$output_lock" || die "OUTPUT_DIR '$OUTPUT_DIR' is in use by another run_all.sh"
-    LOCKS+=("$output_lock")
+    flock -n "$output_lock" \
+        || die "OUTPUT_DIR '$OUTPUT_DIR' is in use by another run_all.sh (or by a step of a killed one, which stops in a moment)"
 fi
 
 # Steps run in the background while this script waits for them, so that a SIGTERM sent to this
-# script alone (a scheduler's) is forwarded to the running step instead of leaving it orphaned.
-# Steps report an interrupt through this script's one line, not their own.
-export RUN_ALL_REPORTS_INTERRUPTS=1
+# script alone (a scheduler's) is forwarded to the running step instead of leaving it orphaned. If
+# this script dies all the same (kill -9), the processes it started stop by themselves: each
+# watches its parent (RUN_ALL_PARENT_PID, cli.watch_parent). Steps report an interrupt through this
+# script's one line, not their own.
+export RUN_ALL_REPORTS_INTERRUPTS=1 RUN_ALL_PARENT_PID=$$
 CURRENT="setup"
-start_child() {  # start_child COMMAND...: run it in the background without our lock descriptors
-    (
-        for fd in ${LOCKS[@]+"${LOCKS[@]}"}; do eval "exec $fd<&-"; done
-        exec "$@"
-    ) &
+start_child() {  # start_child COMMAND...: run it in the background (its pid in $!)
+    "$@" &
 }
 run_child() {  # run_child COMMAND...: start_child, then wait for it and return its status
     start_child "$@"
-    wait "$!"
+    local status=0
+    wait "$!" 2>/dev/null || status=$?  # 2>/dev/null: no "Killed (source of the job)" from bash
+    report_signal "$status"
+    return "$status"
+}
+report_signal() {  # report_signal STATUS: one line if a step was killed by a signal this script did not send
+    (( $1 > 128 && $1 <= 128 + 64 )) || return 0
+    echo "run_all.sh: $CURRENT was stopped by SIG$(kill -l "$(($1 - 128))") (exit status $1);" \
+        "run the same command again to resume" >&2
 }
 on_signal() {  # on_signal NAME STATUS: forward to the running steps, wait for them, exit with one line
     trap '' INT TERM
@@ -222,6 +261,15 @@ on_signal() {  # on_signal NAME STATUS: forward to the running steps, wait for t
 }
 trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
+TEMP_FILES=()
+cleanup() {  # at exit: temporary files; after a failure, the folders this run created if still empty
+    local status=$? dir
+    rm -f ${TEMP_FILES[@]+"${TEMP_FILES[@]}"}
+    if (( status != 0 )); then
+        for dir in ${CREATED_DIRS[@]+"${CREATED_DIRS[@]}"}; do rmdir "$dir" 2>/dev/null || true; done
+    fi
+}
+trap cleanup EXIT
 
 section() { CURRENT="${2:-$1}"; printf '\n=== %s ===\n' "$1"; }  # section TITLE [NAME]: a stop now names NAME
 step_start=$SECONDS
@@ -231,27 +279,46 @@ timed() {  # run a step and report its wall time
     run_child "$@"
     echo "[$name took $((SECONDS - t0)) s]"
 }
-lock_data_dir() {  # hold DATA_DIR while data is written into it: two runs never both write it
+wait_for_lock() {  # wait_for_lock FLOCK_ARGS...: in the background, so that a signal need not wait for it
+    flock "$@" >/dev/null 2>&1 &
+    wait "$!"
+}
+# lock_data_dir: DATA_WRITABLE=1 when no other run uses DATA_DIR (this run holds it exclusively and
+# may write it), else 0: other runs read it (this run holds it shared), so the data must stay as it
+# is and a step that would change it refuses instead (--in_use). A run that is writing DATA_DIR is
+# waited for. OUTPUT_DIR may be DATA_DIR: its lock is then already this run's, exclusively.
+DATA_WRITABLE=1
+lock_data_dir() {
+    [[ -e "$DATA_DIR" ]] || CREATED_DIRS+=("$DATA_DIR")
     mkdir -p "$DATA_DIR" 2>/dev/null && [[ -d "$DATA_DIR" ]] || die "DATA_DIR '$DATA_DIR' is not a directory that can be created"
     [[ "$HAVE_FLOCK" == 1 ]] || return 0
-    exec {data_lock}<"$DATA_DIR"
-    if ! flock -n "$data_lock"; then
-        CURRENT="the wait for DATA_DIR"
-        flock "$data_lock" >/dev/null 2>&1 &  # in the background: a signal must not wait for the lock
-        echo "Waiting for another run_all.sh that is writing DATA_DIR '$DATA_DIR' ..."
-        wait "$!"
+    if [[ "$DATA_DIR" -ef "$OUTPUT_DIR" ]]; then
+        data_lock=$output_lock
+        return 0
     fi
-    LOCKS+=("$data_lock")
+    exec {data_lock}<"$DATA_DIR"
+    flock -n "$data_lock" && return 0
+    if ! flock -n -s "$data_lock"; then
+        CURRENT="the wait for DATA_DIR"
+        echo "Waiting for another run_all.sh that is writing DATA_DIR '$DATA_DIR' ..."
+        wait_for_lock -s "$data_lock"
+        flock -n "$data_lock" && return 0  # the writer has gone and no run reads the data
+        wait_for_lock -s "$data_lock"      # (a failed upgrade may drop the shared lock: take it again)
+    fi
+    DATA_WRITABLE=0
 }
-unlock_data_dir() {
-    [[ "$HAVE_FLOCK" == 1 ]] || return 0
-    LOCKS=("$output_lock")
-    exec {data_lock}<&-
+share_data_dir() {  # after writing: hold DATA_DIR shared, so that other runs may read it too
+    [[ "$HAVE_FLOCK" == 1 && "$data_lock" != "$output_lock" ]] || return 0
+    flock -s "$data_lock"  # a downgrade: never waits
 }
+IN_USE=()  # flag for the data writers while other runs read DATA_DIR
 
 # --- data: GPU steps, published embeddings, or demo data ---------------------------------------
 lock_data_dir
+[[ "$DATA_WRITABLE" == 1 ]] || IN_USE=(--in_use)
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
+    [[ "$DATA_WRITABLE" == 1 ]] \
+        || die "DATA_DIR '$DATA_DIR' is in use by another run_all.sh, and steps 1-4 would rewrite it; wait for that run or set another DATA_DIR"
     GEN_ARGS=(--model_name "$MODEL_NAME" --adapter_name sft --dataset "$DATASET" --eval_dataset "$EVAL_DATASET"
               --max_len "$GEN_MAX_LEN" --output_dir "$OUTPUT_DIR")
     RM_ARGS=(${GOLDEN_RM:+--reward_model "$GOLDEN_RM"} --rm_input_format "$RM_INPUT_FORMAT")
@@ -280,18 +347,18 @@ elif [[ "$USE_REPO_EMBD" == 1 ]]; then
     section "Convert published embeddings from $EMBD_REPO_DIR -> $DATA_DIR"
     timed "conversion" "$PYTHON" convert_embeddings.py --embd_dir "$EMBD_REPO_DIR" --task "$TASK" \
         --sft_obj "$SFT_OBJ" --embed_model "$MODEL_NAME" --gen_model "$REPO_GEN_MODEL" \
-        --output_dir "$DATA_DIR" ${MAX_PROMPTS:+--max_prompts "$MAX_PROMPTS"}
+        --output_dir "$DATA_DIR" ${MAX_PROMPTS:+--max_prompts "$MAX_PROMPTS"} ${IN_USE[@]+"${IN_USE[@]}"}
 else
     if [[ -f "$DATA_DIR/demo_config.json" ]] || ! compgen -G "$DATA_DIR/EMBD-TRAIN-split_*.npy" >/dev/null; then
         section "Demo data -> $DATA_DIR"
         timed "demo data" "$PYTHON" generate_demo_data.py --output_dir "$DATA_DIR" \
-            --n_prompts "$DEMO_PROMPTS" --emb_dim "$DEMO_EMB_DIM" --seed "$DEMO_SEED" \
-            --n_test_prompts "$DEMO_TEST_PROMPTS" --n_test_responses "$DEMO_TEST_RESPONSES"
+            --n_prompts "$DEMO_PROMPTS" --n_splits "$DEMO_N_SPLITS" --emb_dim "$DEMO_EMB_DIM" --seed "$DEMO_SEED" \
+            --n_test_prompts "$DEMO_TEST_PROMPTS" --n_test_responses "$DEMO_TEST_RESPONSES" ${IN_USE[@]+"${IN_USE[@]}"}
     else
         echo "Using embeddings in $DATA_DIR/"
     fi
 fi
-unlock_data_dir
+share_data_dir
 [[ "$DATA_ONLY" == 1 ]] && exit 0
 
 # --- steps 5-8 on the CPU, resumable --------------------------------------------------------
@@ -299,7 +366,7 @@ unlock_data_dir
 # command line, the code and the previous step's outputs (step 5: the data's fingerprint), and whose
 # outputs are unchanged; otherwise it runs the step and prints "[step N took X s]".
 STEPS_STARTED="$(mktemp)"  # files the steps write from here on are newer than this marker
-trap 'rm -f "$STEPS_STARTED"' EXIT
+TEMP_FILES+=("$STEPS_STARTED")
 FORCE_FLAG=()
 [[ "$FORCE" == 1 ]] && FORCE_FLAG=(--force)
 resumable() {  # resumable run_child|start_child STEP PREVIOUS_STEP COMMAND...  (no PREVIOUS_STEP: keyed on the data)
@@ -333,7 +400,7 @@ stop_after 5
 # (start-up, metrics, plots) overlap on two cores. Its output is kept and shown after step 6's; if
 # step 6 fails, step 7 is stopped, as if it had not started.
 STEP7_LOG="$(mktemp)" STEP7_ERR="$(mktemp)"
-trap 'rm -f "$STEPS_STARTED" "$STEP7_LOG" "$STEP7_ERR"' EXIT
+TEMP_FILES+=("$STEP7_LOG" "$STEP7_ERR")
 STEP7_PID=""
 if (( LAST_STEP >= 7 )); then
     resumable start_child 7 5 "$PYTHON" step7_isotonic_distillation.py --output_dir "$OUTPUT_DIR" \
@@ -347,16 +414,17 @@ resumable run_child 6 5 "$PYTHON" step6_eval_rms.py --output_dir "$OUTPUT_DIR" -
 if (( STATUS != 0 )); then
     if [[ -n "$STEP7_PID" ]]; then
         kill -TERM "$STEP7_PID" 2>/dev/null || true
-        wait "$STEP7_PID" || true
+        wait "$STEP7_PID" 2>/dev/null || true
     fi
     exit "$STATUS"
 fi
 stop_after 6
 
 section "Step 7: isotonic calibration and distillation"
-wait "$STEP7_PID" || STATUS=$?
+wait "$STEP7_PID" 2>/dev/null || STATUS=$?
 cat "$STEP7_LOG"
 cat "$STEP7_ERR" >&2
+report_signal "$STATUS"
 (( STATUS == 0 )) || exit "$STATUS"
 stop_after 7
 

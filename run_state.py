@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from artifacts import WRITE_LOG_ENV, file_sha256, json_sha256, remove_leftover_temps, write_json
-from cli import ArgumentParser, InputError, run_cli
+from cli import PARENT_PID_ENV, ArgumentParser, InputError, run_cli
 
 STATE_DIR = ".run_state"
 # Folders of OUTPUT_DIR that hold no step outputs: the records, and rm_data.SCORE_CACHE_DIR, scores
@@ -186,10 +186,14 @@ def run_command(command: Sequence[str], write_log: Path) -> int:
     """Run the step, its atomic writers logging to ``write_log``; return its status (128 + signal if killed).
 
     SIGINT and SIGTERM received meanwhile are forwarded to the step (run_all.sh forwards them here),
-    which stops cleanly; this process waits for it, so it never leaves the step running alone.
+    which stops cleanly; this process waits for it, so it never leaves the step running alone. The
+    step stops by itself if this process dies (``cli.watch_parent``), and it inherits the descriptors
+    of run_all.sh's folder locks (``close_fds=False``; descriptors Python opens are not inheritable),
+    so no lock is released while the step still writes.
     """
+    env = {**os.environ, WRITE_LOG_ENV: str(write_log.resolve()), PARENT_PID_ENV: str(os.getpid())}
     try:
-        process = subprocess.Popen(list(command), env={**os.environ, WRITE_LOG_ENV: str(write_log.resolve())})
+        process = subprocess.Popen(list(command), env=env, close_fds=False)
     except OSError as err:
         raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
     forward = {

@@ -7,6 +7,10 @@
 #                                                          # GNU parallel or a SLURM array
 # Every cell is a normal, resumable run_all.sh run in $SWEEP_DIR/$NAME/VAR=value,...,SEED=s; a rerun
 # finishes what is missing. Other run_all.sh variables in the environment apply to every cell.
+if [ -z "${BASH_VERSION:-}" ]; then  # POSIX sh up to here: sh (dash) would fail on pipefail below
+    echo "run_sweep.sh: error: run it with bash (bash run_sweep.sh), not sh" >&2
+    exit 2
+fi
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CALLER_DIR="$PWD"  # relative paths (SWEEP_DIR, DATA_DIR) mean what they mean to the caller
@@ -50,6 +54,16 @@ NAME="${NAME:-${SWEEP:-custom}}"
 read -r -a SEED_LIST <<< "$SEEDS"
 (( ${#SEED_LIST[@]} > 0 )) || die "SEEDS must list at least one integer seed"
 for seed in "${SEED_LIST[@]}"; do [[ "$seed" =~ ^-?[0-9]+$ ]] || die "SEEDS must be integers, got '$seed'"; done
+# A seed listed twice would be one cell twice (one folder, one log), run side by side with JOBS > 1.
+UNIQUE_SEEDS=()
+for seed in "${SEED_LIST[@]}"; do
+    [[ " ${UNIQUE_SEEDS[*]-} " == *" $seed "* ]] && continue
+    UNIQUE_SEEDS+=("$seed")
+done
+if (( ${#UNIQUE_SEEDS[@]} < ${#SEED_LIST[@]} )); then
+    echo "run_sweep.sh: note: SEEDS lists a seed more than once; running each once: ${UNIQUE_SEEDS[*]}" >&2
+    SEED_LIST=("${UNIQUE_SEEDS[@]}")
+fi
 
 # run_all.sh's variables, read from its NAME="${NAME:-default}" lines: the grid may set any of them.
 mapfile -t RUN_ALL_VARS < <(sed -nE 's/^([A-Z][A-Z0-9_]*)="\$\{\1:-.*/\1/p' "$REPO/run_all.sh" | sort -u)
@@ -91,6 +105,10 @@ for i in "${!AXES[@]}"; do
 done
 [[ "$SWEEP_DIR" == /* ]] || SWEEP_DIR="$CALLER_DIR/$SWEEP_DIR"
 ROOT="$SWEEP_DIR/$NAME"
+mkdir -p "$ROOT/logs" 2>/dev/null || die "SWEEP_DIR '$SWEEP_DIR' is not writable"
+# Canonical (symbolic links and '..' resolved, as run_all.sh does for its paths), so that the cells'
+# OUTPUT_DIR and the summary's run paths do not depend on how SWEEP_DIR was spelled.
+ROOT="$(cd "$ROOT" && pwd -P)"
 quote() {  # shell-quote $1, leaving plain words (paths, VAR=a,b) readable
     if [[ "$1" =~ ^[A-Za-z0-9_./:=,+-]+$ ]]; then printf '%s' "$1"; else printf '%q' "$1"; fi
 }
@@ -109,7 +127,6 @@ for combo in "${COMBOS[@]}"; do
         COMMANDS+=("$(cell_command "$combo" "$seed")") CELLS+=("$ROOT/${combo:+$combo,}SEED=$seed")
     done
 done
-mkdir -p "$ROOT/logs" 2>/dev/null || die "SWEEP_DIR '$SWEEP_DIR' is not writable"
 if [[ "$PRINT" == 1 ]]; then
     printf '%s\n' "${COMMANDS[@]}"
     exit 0
@@ -126,11 +143,40 @@ for combo in "${COMBOS[@]}"; do
 done
 FAILED="$ROOT/logs/failed_cells.txt"
 rm -f "$FAILED"
+CELL_SCRIPTS="$(mktemp)"
+trap 'rm -f "$CELL_SCRIPTS"' EXIT
 for i in "${!COMMANDS[@]}"; do
     cell="$(quote "${CELLS[i]##*/}")"
     printf 'if %s; then echo "[done $(date +%%T)] "%s; else echo "[FAILED] "%s; echo %s >> %q; fi\0' \
         "${COMMANDS[i]}" "$cell" "$cell" "$cell" "$FAILED"
-done | xargs -0 -n 1 -P "$JOBS" bash -c || true
+done > "$CELL_SCRIPTS"
+# The cells run in a process group of their own (set -m), in the background while this script
+# waits, so that Ctrl-C or a SIGTERM sent to this script alone (a scheduler's) reaches every running
+# cell (each run_all.sh stops its step cleanly) and no new cell starts; without it the cells ran on.
+# If this script dies all the same (kill -9), a watcher sends the cells SIGTERM.
+stop_cells() {  # stop_cells NAME STATUS
+    trap '' INT TERM
+    kill "$WATCHER_PID" 2>/dev/null || true
+    kill -"$1" -- -"$CELLS_PID" 2>/dev/null || true
+    wait "$CELLS_PID" 2>/dev/null || true
+    echo "run_sweep.sh: stopped by SIG$1; run the same command again to finish the sweep" >&2
+    exit "$2"
+}
+WATCHER_PID=""
+set -m
+xargs -0 -n 1 -P "$JOBS" bash -c < "$CELL_SCRIPTS" &
+CELLS_PID=$!
+set +m
+trap 'stop_cells INT 130' INT
+trap 'stop_cells TERM 143' TERM
+# The watcher reads a pipe that only this script writes to (opened after the cells started, so they
+# do not hold it): when this script is gone, however it died, the read ends.
+exec {ALIVE}> >(read -r _ || kill -TERM -- -"$CELLS_PID" >/dev/null 2>&1)
+WATCHER_PID=$!
+wait "$CELLS_PID" 2>/dev/null || true
+trap - INT TERM
+kill "$WATCHER_PID" 2>/dev/null || true
+exec {ALIVE}>&-
 echo "sweep $NAME: ${#CELLS[@]} cells in $((SECONDS - start)) s"
 
 DONE=()

@@ -39,7 +39,8 @@ def test_run_all_demo_end_to_end(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: --n_sample (N_SAMPLE) 101 + --eval_prompts (EVAL_PROMPTS) 200 exceed "
-        "the 300 prompts of the data; lower one of them or use more prompts"
+        "the 300 prompts of the data; lower --n_sample (N_SAMPLE) to at most 100 or --eval_prompts "
+        "(EVAL_PROMPTS) to at most 199, or use more prompts"
     )
 
 
