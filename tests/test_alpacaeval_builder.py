@@ -125,6 +125,8 @@ def build_argv(tiny, tmp: Path, data: Path, *extra: str) -> list[str]:
         "4",
         "--threads",
         "1",
+        "--eps",
+        str(EPS),
         *extra,
     ]
 
