@@ -337,7 +337,7 @@ def embed_with_step4(sets: dict[str, ResponseSet], args, model_path: str) -> tup
     done = folder / "cache_entry.json"
     if done.is_file() and read_json(done, "embedding cache entry").get("settings") == settings:
         log.info("embeddings found in the cache: %s", folder)
-        return folder, read_json(done, "embedding cache entry")
+        return folder, {**read_json(done, "embedding cache entry"), "cached": True}
     for kind, kind_records in records.items():
         write_jsonl(run.ranked_path(kind, args.annotator), kind_records)
     import torch
@@ -372,7 +372,7 @@ def embed_with_step4(sets: dict[str, ResponseSet], args, model_path: str) -> tup
     log.info(
         "embedded %d texts in %.0f s (%.2f texts/s, %d threads)", n_texts, seconds, n_texts / seconds, args.threads
     )
-    return folder, entry
+    return folder, {**entry, "cached": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,8 +514,9 @@ def main(argv=None):
         for kind, c in info["counts"].items()
     )
     print(
-        f"make_alpacaeval_data: {summary}; D={info['embedding']['dim']}; embedding {entry['seconds']} s "
-        f"({entry['texts']} texts) -> {data_dir}"
+        f"make_alpacaeval_data: {summary}; D={info['embedding']['dim']}; embeddings "
+        f"{'from the cache (embedded in' if entry['cached'] else 'embedded in'} {entry['seconds']} s"
+        f"{')' if entry['cached'] else ''} -> {data_dir}"
     )
 
 
