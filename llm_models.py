@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -56,13 +57,18 @@ HH_RLHF_HUB_ID = "Anthropic/hh-rlhf"
 HUMAN_TURN = "\n\nHuman"
 ASSISTANT_TURN = "\n\nAssistant:"
 REPO_ROOT = Path(__file__).resolve().parent
+# A single-file llama.cpp checkpoint: transformers reads its config, tokenizer and (dequantized to
+# the compute dtype) weights with ``from_pretrained(folder, gguf_file=name)``; needs the ``gguf`` package.
+GGUF_SUFFIX = ".gguf"
+POOLINGS = ("last", "mean")
 
 
 # --------------------------------------------------------------------------------------------
 # Names: models, datasets, tasks
 # --------------------------------------------------------------------------------------------
 def resolve_model(name: str, flag: str) -> str:
-    """A short name, an existing local folder or a hub id ``owner/name`` -> what ``from_pretrained`` takes.
+    """A short name, an existing local folder, a local ``.gguf`` file or a hub id ``owner/name`` -> what
+    ``from_pretrained`` takes (for a ``.gguf`` file, its path: see :func:`gguf_source`).
 
     Checked without importing transformers: a folder must hold ``config.json``; a name that can only
     be a path (it starts with ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a
@@ -72,9 +78,13 @@ def resolve_model(name: str, flag: str) -> str:
     if name in MODEL_IDS:
         name = MODEL_IDS[name]
     path = Path(name).expanduser()
+    if path.suffix == GGUF_SUFFIX:
+        if not path.is_file():
+            raise InputError(f"{flag} {name}: no such .gguf file ({path.resolve()})")
+        return str(path)
     if path.exists():
         if not path.is_dir():
-            raise InputError(f"{flag} {name}: expected a model folder, found a file")
+            raise InputError(f"{flag} {name}: expected a model folder or a .gguf file, found another file")
         if not (path / "config.json").is_file():
             raise InputError(f"{flag} {name}: folder {path.resolve()} holds no config.json (not a model folder)")
         return str(path)
@@ -461,14 +471,27 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def gguf_source(path: str) -> tuple[str, dict]:
+    """What ``from_pretrained`` takes for a resolved model: ``(folder, {"gguf_file": file name})`` for
+    a ``.gguf`` file, else ``(path, {})``."""
+    if Path(path).suffix != GGUF_SUFFIX:
+        return path, {}
+    return str(Path(path).parent), {"gguf_file": Path(path).name}
+
+
 def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs):
     """``transformers.{auto_class}.from_pretrained`` of model ``name``; a failure is one InputError line."""
     import transformers
 
     path = resolve_model(name, flag)  # its own one-line error, not wrapped in the one below
+    path, gguf_kwargs = gguf_source(path)
+    if gguf_kwargs and importlib.util.find_spec("gguf") is None:
+        raise InputError(
+            f"{flag} {name}: reading a .gguf file needs the gguf package (pip install -r requirements-bench.txt)"
+        )
     try:
         with quiet_transformers():
-            return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
+            return getattr(transformers, auto_class).from_pretrained(path, **gguf_kwargs, **kwargs)
     except (OSError, ValueError) as err:
         first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
     if name in MODEL_IDS:
@@ -503,7 +526,8 @@ def load_causal_lm(name: str, flag: str, device: torch.device, dtype: torch.dtyp
 
 def load_embedding_model(name: str, flag: str, device: torch.device, dtype: torch.dtype):
     """The backbone alone (``AutoModel``, no LM head): its ``last_hidden_state`` is the final layer's
-    hidden state after the final norm, i.e. ``hidden_states[-1]`` of the full model."""
+    hidden state after the final norm, i.e. ``hidden_states[-1]`` of the full model. Encoders (BERT)
+    load the same way; their final hidden states are what ``--pooling mean`` averages."""
     return _from_pretrained("AutoModel", name, flag, "embedding model", dtype=dtype).to(device).eval()
 
 
@@ -658,37 +682,68 @@ def iter_length_batches(
         yield rows, {name: tensor.to(device) for name, tensor in batch.items()}
 
 
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, D) final hidden states -> (B, D) float32 embeddings.
+
+    ``last``: the hidden state at the last real token of each row, for left or right padding alike
+    (the paper's embedding of a causal LM). ``mean``: the attention-mask-weighted mean over the real
+    tokens (special tokens included, as sentence-transformers pools), the embedding an encoder such as
+    all-MiniLM-L6-v2 was trained to give; averaged in float32.
+    """
+    if pooling == "last":
+        last = (torch.arange(hidden.shape[1], device=hidden.device) * attention_mask).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    if pooling == "mean":
+        weights = attention_mask.to(torch.float32).unsqueeze(-1)
+        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
+
+
 def iter_embeddings(
-    model, tokenizer, token_ids: Sequence[Sequence[int]], batch_size: int, device: torch.device, progress: bool = True
+    model,
+    tokenizer,
+    token_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    pooling: str = "last",
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (row indices, (B, D) float32 embeddings): the final layer's hidden state at the last
-    real token of each sequence, for ``model`` from ``load_embedding_model`` (step 4's procedure).
-    ``progress``: show a tqdm bar. Raises RuntimeError on a non-finite hidden state."""
+    """Yield (row indices, (B, D) float32 embeddings) pooled from the final layer's hidden states
+    (:func:`pool_hidden`; by default the last real token of each sequence), for ``model`` from
+    ``load_embedding_model`` (step 4's procedure). ``progress``: show a tqdm bar. Raises RuntimeError
+    on a non-finite hidden state."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
     for rows, batch in iter_length_batches(
         token_ids, tokenizer.pad_token_id, tokenizer.padding_side, batch_size, device, "embedding", progress
     ):
         with torch.inference_mode():
             hidden = model(**batch, use_cache=False).last_hidden_state
-            # the last real token of each row, for left or right padding alike
-            last = (torch.arange(hidden.shape[1], device=device) * batch["attention_mask"]).argmax(dim=1)
-            vectors = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
+            vectors = pool_hidden(hidden, batch["attention_mask"], pooling).cpu().numpy()
         if not np.isfinite(vectors).all():
             raise RuntimeError("the embedding model returned non-finite hidden states")
         yield rows, vectors
 
 
 def embed_texts(
-    model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 1024, progress: bool = True
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 1024,
+    progress: bool = True,
+    pooling: str = "last",
 ) -> np.ndarray:
     """(N, D) float32 embeddings of ``texts`` exactly as step 4 computes them (texts cut to
-    ``max_length`` tokens, a warning says how many). For a (prompt, response) pair pass
-    ``scored_text(prompt, cut_response(response))``. ``progress``: show a tqdm bar."""
+    ``max_length`` tokens, a warning says how many; ``pooling`` as step 4's ``--pooling``). For a
+    (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``. ``progress``: show
+    a tqdm bar."""
     out = np.empty((len(texts), model.config.get_text_config().hidden_size), dtype=np.float32)
     if not len(texts):
         return out
     device = next(model.parameters()).device
     token_ids, _ = tokenize_texts(tokenizer, texts, max_length)
-    for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress):
+    for rows, vectors in iter_embeddings(model, tokenizer, token_ids, batch_size, device, progress, pooling):
         out[rows] = vectors
     return out
 

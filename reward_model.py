@@ -63,7 +63,7 @@ class RewardModel:
 
     dim: D, the embedding size the checkpoints take
     variants: the variants loaded
-    embedding: the manifest's record of the embedding model ({"source", "model", "max_length"})
+    embedding: the manifest's record of the embedding model ({"source", "model", "max_length", "pooling"})
     """
 
     def __init__(self, output_dir: Path, dim: int, variants: Sequence[str], scorers: dict, maps: dict, embedding: dict):
@@ -178,7 +178,8 @@ class RewardModel:
         tokenizer = load_tokenizer(name, flag)
         model = load_embedding_model(name, flag, device, pick_dtype(device, requested=dtype))
         max_length = max_length or self.embedding.get("max_length") or DEFAULT_MAX_LENGTH
-        self._embedder = (name, tokenizer, model, batch_size, max_length)
+        pooling = self.embedding.get("pooling", "last")  # manifests written before --pooling existed: last
+        self._embedder = (name, tokenizer, model, batch_size, max_length, pooling)
         log.info(
             "embedding texts with %s on %s in %s (max %d tokens, padding side %s)",
             name,
@@ -194,9 +195,9 @@ class RewardModel:
             raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
         if self._embedder is None:
             self.load_embedder()
-        _, tokenizer, model, batch_size, max_length = self._embedder
+        _, tokenizer, model, batch_size, max_length, pooling = self._embedder
         texts = [scored_text(prompt, cut_response(response)) for prompt, response in zip(prompts, responses)]
-        return embed_texts(model, tokenizer, texts, batch_size, max_length, progress)
+        return embed_texts(model, tokenizer, texts, batch_size, max_length, progress, pooling)
 
     def score_texts(
         self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT, progress: bool = True

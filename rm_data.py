@@ -542,9 +542,10 @@ def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
     """Which model embedded the training set of ``data_dir``: what step 5 stores in its manifest, so the
     trained reward model can embed new text the same way (``reward_model.py``).
 
-    Returns ``{"source", "model", "max_length"}``: step 4's record (``embedding_info_train.json``: the
-    resolved model, its ``--max_length``); ``model`` None for synthetic demo data; otherwise
-    ``claimed_model`` (step 5's ``--embed_model_name``, which names the model of converted published files).
+    Returns ``{"source", "model", "max_length", "pooling"}``: step 4's record (``embedding_info_train.json``:
+    the resolved model, its ``--max_length`` and ``--pooling``, 'last' where it does not record one);
+    ``model`` None for synthetic demo data; otherwise ``claimed_model`` (step 5's ``--embed_model_name``,
+    which names the model of converted published files, embedded at the last token as in the paper).
     """
     data_dir = Path(data_dir)
     info_path = data_dir / EMBEDDING_INFO_FILE.format(kind="train")
@@ -554,10 +555,11 @@ def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
             "source": str(info_path),
             "model": info.get("embed_model_path") or info.get("embed_model_name"),
             "max_length": info.get("max_length"),
+            "pooling": info.get("pooling", "last"),
         }
     if (data_dir / DEMO_CONFIG_FILE).is_file():
-        return {"source": "demo data (synthetic vectors)", "model": None, "max_length": None}
-    return {"source": "--embed_model_name", "model": claimed_model, "max_length": None}
+        return {"source": "demo data (synthetic vectors)", "model": None, "max_length": None, "pooling": "last"}
+    return {"source": "--embed_model_name", "model": claimed_model, "max_length": None, "pooling": "last"}
 
 
 def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:

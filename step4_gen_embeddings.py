@@ -7,7 +7,9 @@ Reads step 3.5's ``{gen_dir}/{data_class}_ranked_{rm}.jsonl`` (``--train_test tr
 ``both``: train, plus test when it was generated) and embeds the raw hh-rlhf text step 3 scored
 (``llm_models.scored_text``) as docs/gpu_steps.md describes: the final hidden state at the
 last real token, whatever the padding side (the seed took position -1 after right padding, a pad
-token). Writes README's "Data format" into ``--data_dir`` (row p of split k is the k-th
+token), or with ``--pooling mean`` its masked mean over the real tokens (for encoders such as BERT).
+``--embed_model_name`` may also be a local ``.gguf`` file (needs the ``gguf`` package).
+Writes README's "Data format" into ``--data_dir`` (row p of split k is the k-th
 lowest-reward response of prompt p) and ``embedding_info_{train,test}.json``, where the data came
 from. Embeddings are filled into memory-mapped temporary files (a 500-response test set does not fit
 in memory) renamed into place only once every split is complete; splits left over from an earlier
@@ -24,12 +26,14 @@ import numpy as np
 from artifacts import atomic_paths, write_json
 from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
+    POOLINGS,
     GenerationRun,
     add_generation_args,
     add_reward_model_args,
     check_rm_input_format,
     default_golden_rm,
     dtype_name,
+    gguf_source,
     iter_embeddings,
     load_config,
     load_embedding_model,
@@ -73,6 +77,13 @@ def parse_args(argv=None):
         type=positive_int,
         default=1024,
         help="tokens per text; longer texts are cut at the end and counted",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default="last",
+        help="last: the final hidden state at the last real token (the paper's, for causal LMs); "
+        "mean: its attention-mask-weighted mean over the real tokens (for encoders such as all-MiniLM-L6-v2)",
     )
     parser.add_argument(
         "--embedding_dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored embeddings"
@@ -131,7 +142,9 @@ def embed_into(paths, model, tokenizer, texts: list[str], args) -> tuple[int, in
             np.lib.format.open_memmap(tmp, mode="w+", dtype=args.embedding_dtype, shape=(n_prompts, dim))
             for tmp in tmp_paths
         ]
-        for rows, vectors in iter_embeddings(model, tokenizer, token_ids, args.batch_size, model.device):
+        for rows, vectors in iter_embeddings(
+            model, tokenizer, token_ids, args.batch_size, model.device, pooling=args.pooling
+        ):
             prompt_of, split_of = np.divmod(rows, n_splits)
             for k in np.unique(split_of):
                 chosen = split_of == k
@@ -164,7 +177,12 @@ def main(argv=None):
     dtype = pick_dtype(device, requested=args.dtype)
     model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
     log.info(
-        "embedding with %s on %s in %s (padding side %s)", args.embed_model_name, device, dtype, tokenizer.padding_side
+        "embedding with %s on %s in %s (padding side %s, %s pooling)",
+        args.embed_model_name,
+        device,
+        dtype,
+        tokenizer.padding_side,
+        args.pooling,
     )
 
     # ---- embed and write, one kind at a time ------------------------------------------------
@@ -191,6 +209,10 @@ def main(argv=None):
             {
                 "embed_model_name": args.embed_model_name,
                 "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
+                "gguf_file": gguf_source(resolve_model(args.embed_model_name, "--embed_model_name"))[1].get(
+                    "gguf_file"
+                ),
+                "model_type": model.config.model_type,
                 "source": str(run.ranked_path(kind, rm_name)),
                 "reward_model": rm_name,
                 "generation_model": args.model_name,
@@ -207,6 +229,7 @@ def main(argv=None):
                 "max_length": args.max_length,
                 "n_cut_at_max_length": n_cut,
                 "padding_side": tokenizer.padding_side,
+                "pooling": args.pooling,
                 "order": "ascending golden reward within each prompt",
             },
         )
