@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from sklearn.isotonic import IsotonicRegression
 
 VARIANTS = ("standard", "centered")
-# Centered: never worse beyond noise out of fold on the demo (README, "Step 7: calibration and
+# Centered: never worse beyond noise out of fold on the demo (docs/method.md, "Step 7: calibration and
 # distillation"), and it keeps the teacher's ranking, so calibrating does not change which response
 # best-of-N picks.
 DEFAULT_VARIANT = "centered"

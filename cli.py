@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-# ORM early-stopping schemes (README, "Early stopping and ensemble options"); the first is step 5's
+# ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
 # default. Here, not in networks.py, so steps parse flags before importing torch.
 EARLY_STOPPING = ("member", "pooled", "none")
 # Sizes (counts, dimensions) above this are refused: no array here can hold 2**31 rows, and

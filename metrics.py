@@ -1,4 +1,4 @@
-"""Ranking, best-of-N and calibration metrics (README, "Step 6" and "Step 8"), vectorised over prompts.
+"""Ranking, best-of-N and calibration metrics (docs/method.md, "Step 6" and "Step 8"), vectorised over prompts.
 
 Every function takes score matrices of shape (P, R): P prompts, R responses per prompt, row p
 holding the responses of prompt p. Results carry the number of prompts and responses they rest on.
@@ -179,7 +179,7 @@ def best_of_n(
     gold: np.ndarray, predictions: Mapping[str, np.ndarray], n_draws: int, seed: int, ns: Sequence[int] = BEST_OF_N
 ) -> dict:
     """Best-of-N curves of several predictors on shared random subsets, with oracle and random
-    (README, "Step 6: evaluation").
+    (docs/method.md, "Step 6: evaluation").
 
     The first N responses of each seeded random ordering are its N-subset, nested across N (common
     random numbers: differences between N are not swamped by resampling noise); tie-break keys are

@@ -1,4 +1,4 @@
-"""ORM training objectives (README, "Step 5"): adding one is one entry in :data:`OBJECTIVES`, whose
+"""ORM training objectives (docs/method.md, "Step 5"): adding one is one entry in :data:`OBJECTIVES`, whose
 name is the ``--rm_objective`` choice and the objective's piece of checkpoint and result file names.
 Loaded without torch, so steps parse flags before importing it; the losses import torch when called.
 """

@@ -7,8 +7,8 @@ Prompts: the hh-rlhf ``{task}-base`` split ``--data_class`` (prompt = text up to
 last "\\n\\nAssistant:" of the chosen dialogue), or ``--prompts_file`` (.jsonl/.csv, column prompt).
 ``--max_prompts`` keeps the first M prompts (tiny runs); the rest is cut into ``--n_parts``
 contiguous parts and ``--split`` picks one (or ``all``). The backends (vllm, transformers), the
-per-prompt seeds ``llm_models.prompt_seed(--seed, i)`` and the summary file: README, "Steps 1-4
-(GPU)"; the file flow: ``llm_models``. Files are replaced atomically, so reruns never append.
+per-prompt seeds ``llm_models.prompt_seed(--seed, i)`` and the summary file: docs/gpu_steps.md; the file
+flow: ``llm_models``. Files are replaced atomically, so reruns never append.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Story: open step 5's run; score the ``held_out`` prompts (and the test set, when the data directory
 has one) chunk by chunk with every member; fit the baselines (``baselines.py``: ridge on the ORM's
 training prompts, response length); report the ranking metrics and best-of-N curves of each member,
-ensemble rule and baseline (README, "Step 6: evaluation"); write the JSON and PNGs; print a table.
+ensemble rule and baseline (docs/method.md, "Step 6: evaluation"); write the JSON and PNGs; print a table.
 No evaluation prompt is used for fitting.
 """
 

@@ -5,7 +5,7 @@ Cross-validate the isotonic map teacher -> golden reward over folds of ``calibra
 refit it on all of them; train a student MLP by MSE towards isotonic(teacher(x)) on the
 ``student_train`` prompts; fit the student's own map on the calibration prompts; write the student
 checkpoint, the maps (``.joblib`` plus the ``.json`` sidecars that step 8 reads) and
-``distillation_config.json``. ``held_out`` prompts reach no fit (README, "Step 7: calibration and
+``distillation_config.json``. ``held_out`` prompts reach no fit (docs/method.md, "Step 7: calibration and
 distillation" and "Who sees which prompts"): only once all of that is written does the student score
 them and the test set, for step 8.
 """

@@ -4,7 +4,7 @@ Story: open step 5's run; read the two isotonic maps (from their JSON sidecars: 
 unpickled); take the teacher's and the student's scores of the ``held_out`` prompts (and of the test
 set, when the data directory has one) from the score cache that steps 6 and 7 fill, reading a
 checkpoint (and importing torch) only for scores it lacks; report every variant's ranking metrics,
-best-of-N and error to the golden reward beside a constant predictor, the floor (README, "Step 8:
+best-of-N and error to the golden reward beside a constant predictor, the floor (docs/method.md, "Step 8:
 four-variant validation"); write the JSON, table and plots; print the table. Raw teacher scores are
 not on the golden scale, so their MSE is reported but marked not meaningful.
 """

@@ -329,7 +329,7 @@ def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, 
 
 
 # --------------------------------------------------------------------------------------------
-# Early-stopping schemes, bagging (README, "Early stopping and ensemble options")
+# Early-stopping schemes, bagging (docs/method.md, "Early stopping and ensemble options")
 # --------------------------------------------------------------------------------------------
 def _splits(n_pairs, n_members, min_val_pairs=0, **flags):
     args = step5.parse_args(["--min_val_pairs", str(min_val_pairs), *[f"--{k}={v}" for k, v in flags.items()]])
