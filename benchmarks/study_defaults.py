@@ -97,26 +97,31 @@ def mean_se(values: list[float]) -> str:
     return f"{values.mean():.3f} ± {se:.3f}"
 
 
-def report(rows: list[dict]) -> str:
+def report(rows: list[dict], reference: str = "before (lr 1e-4)") -> str:
     lines = []
     keys = sorted({(row["data"], row["budget"], row["n_sample"], row["n_pairs"]) for row in rows})
     for data, budget, n_sample, n_pairs in keys:
         cell_rows = [r for r in rows if (r["data"], r["budget"]) == (data, budget)]
         lines += [
             f"\n#### {data}, N_SAMPLE={n_sample}, N_PAIRS={n_pairs} ({cell_rows[0]['n_held_out']} held-out prompts)\n",
-            "| candidate | seeds | Pearson (pooled) | Spearman (per prompt) | pairwise acc. | mean best epoch |",
-            "|---|---|---|---|---|---|",
+            "| candidate | seeds | Pearson (pooled) | Spearman (per prompt) | pairwise acc. "
+            f"| Pearson - {reference}'s (paired by seed) | mean best epoch |",
+            "|---|---|---|---|---|---|---|",
         ]
+        by_seed = {r["seed"]: r["teacher"]["pearson_global"] for r in cell_rows if r["candidate"] == reference}
         for candidate in CANDIDATES:
             mine = [r for r in cell_rows if r["candidate"] == candidate]
             if not mine:
                 continue
             best = np.mean([e for r in mine for e in r["best_epochs"] if e is not None])
             cells = [mean_se([r["teacher"][m] for r in mine]) for m in METRICS]
+            # The same seed draws the same pairs and labels for every candidate: compare seed by seed.
+            paired = [r["teacher"]["pearson_global"] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
+            cells.append("-" if candidate == reference else mean_se(paired))
             lines.append(f"| {candidate} | {len(mine)} | " + " | ".join(cells) + f" | {best:.1f} |")
         for name in cell_rows[0]["baselines"]:
             cells = [mean_se([r["baselines"][name][m] for r in cell_rows]) for m in METRICS]
-            lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - |")
+            lines.append(f"| baseline: {name} | - | " + " | ".join(cells) + " | - | - |")
     return "\n".join(lines)
 
 
