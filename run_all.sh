@@ -52,7 +52,7 @@ EVAL_PROMPTS="${EVAL_PROMPTS:-}"                # evaluation pool size; default:
 ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-10}"
 TRAINING_EPOCHS="${TRAINING_EPOCHS:-30}"
 DISTILL_EPOCHS="${DISTILL_EPOCHS:-20}"
-LEARNING_RATE="${LEARNING_RATE:-0.0001}"                # the ORMs' (docs/studies/small_budget_demo.md)
+LEARNING_RATE="${LEARNING_RATE:-0.0001}"                # the ORMs' (docs/studies/defaults.md)
 DISTILL_LEARNING_RATE="${DISTILL_LEARNING_RATE:-0.001}" # the student's
 EARLY_STOPPING="${EARLY_STOPPING:-member}"      # member | pooled | none (README, "Early stopping")
 STOP_METRIC="${STOP_METRIC:-loss}"              # loss | accuracy: what early stopping minimises / maximises
@@ -61,7 +61,7 @@ MIN_EPOCH_STEPS="${MIN_EPOCH_STEPS:-}"          # optimizer steps an epoch takes
 REWARD_SCALE="${REWARD_SCALE:-}"                # the annotator's s (default: step 5's, from TASK)
 WEIGHT_DECAY="${WEIGHT_DECAY:-0}"               # decoupled (AdamW) weight decay of the ORMs
 BAGGING="${BAGGING:-0}"                         # 1: members train on bootstrap resamples of the pairs
-STANDARDIZE="${STANDARDIZE:-0}"                 # 1: standardise ORM inputs (folded into the checkpoints)
+STANDARDIZE="${STANDARDIZE:-}"                  # 0: raw ORM inputs (default: step 5's, standardised)
 ANNOTATION_QUALITY="${ANNOTATION_QUALITY:-10}"
 SEED="${SEED:-6}"
 OUTPUT_DIR="${OUTPUT_DIR:-distill_out}"
@@ -195,7 +195,8 @@ need_number DISTILL_LEARNING_RATE positive
     || die "MIN_VAL_PAIRS must be an integer in 0..$MAX_SIZE, got '$MIN_VAL_PAIRS'"
 need_number WEIGHT_DECAY
 [[ ! "$WEIGHT_DECAY" =~ ^- ]] || die "WEIGHT_DECAY must be a number >= 0, got '$WEIGHT_DECAY'"
-need_flag BAGGING STANDARDIZE
+need_flag BAGGING
+[[ -z "$STANDARDIZE" ]] || need_flag STANDARDIZE
 [[ -z "$MAX_PROMPTS" ]] || is_pos_int "$MAX_PROMPTS" || die "MAX_PROMPTS must be empty or a positive integer, got '$MAX_PROMPTS'"
 if [[ "$RUN_GPU_STEPS" == 1 ]]; then
     for var in N_TRAIN_SAMPLES N_TEST_SAMPLES GEN_MAX_LEN TP_SIZE; do need_pos_int "$var"; done
@@ -386,7 +387,7 @@ resumable run_child 5 "" "$PYTHON" step5_train_rms.py \
     --training_epochs "$TRAINING_EPOCHS" --learning_rate "$LEARNING_RATE" --seed "$SEED" \
     --annotation_quality "$ANNOTATION_QUALITY" --ensemble_number "$ENSEMBLE_NUMBER" \
     --early_stopping "$EARLY_STOPPING" --stop_metric "$STOP_METRIC" --min_val_pairs "$((10#$MIN_VAL_PAIRS))" --weight_decay "$WEIGHT_DECAY" \
-    --bagging "$BAGGING" --standardize "$STANDARDIZE" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" \
+    --bagging "$BAGGING" ${STANDARDIZE:+--standardize "$STANDARDIZE"} --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" \
     ${MIN_EPOCH_STEPS:+--min_epoch_steps "$MIN_EPOCH_STEPS"} ${REWARD_SCALE:+--reward_scale "$REWARD_SCALE"}
 stop_after() {  # stop_after N: end the run here when LAST_STEP is N
     (( LAST_STEP > $1 )) && return 0

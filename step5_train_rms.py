@@ -159,9 +159,10 @@ def parse_args(argv=None):
         "--standardize",
         type=int,
         choices=(0, 1),
-        default=0,
-        help="1: standardise inputs with the training responses' mean and std, folded "
-        "into the checkpoint's first layer",
+        default=1,
+        help="1: standardise inputs with the training responses' mean and std, folded into the checkpoint's "
+        "first layer, so that training does not depend on the embedding's scale (docs/studies/defaults.md); "
+        "0: raw inputs",
     )
     parser.add_argument("--seed", type=random_seed, default=6, help="seeds pairs, labels and members")
     args = parser.parse_args(argv)

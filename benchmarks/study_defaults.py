@@ -34,6 +34,7 @@ CANDIDATES = {
     "lr 1e-4, >=10 steps/epoch": ["--learning_rate", "1e-4", "--min_val_pairs", "20", "--min_epoch_steps", "10"],
     "lr 1e-3, >=10 steps/epoch": ["--learning_rate", "1e-3", "--min_val_pairs", "20", "--min_epoch_steps", "10"],
     "lr 1e-3, standardize": ["--learning_rate", "1e-3", "--min_val_pairs", "20", "--standardize", "1"],
+    "lr 1e-4, standardize": ["--learning_rate", "1e-4", "--min_val_pairs", "20", "--standardize", "1"],
 }
 # budget name -> (N_SAMPLE, or a share of all prompts capped at the most the evaluation pool leaves;
 # pairs per prompt). "half" is the reference budget: N_SAMPLE = half the prompts.
