@@ -249,8 +249,8 @@ def hh_rlhf_prompt(messages: Sequence[dict]) -> str:
 
 
 class TRLRewardFunction:
-    """``reward_func(prompts, completions, **kwargs) -> list[float]`` for TRL's online trainers (README,
-    "TRL"): strings, or conversational lists of ``{"role", "content"}`` messages (completions: assistant
+    """``reward_func(prompts, completions, **kwargs) -> list[float]`` for TRL's online trainers
+    (docs/trl.md): strings, or conversational lists of ``{"role", "content"}`` messages (completions: assistant
     messages only) rendered as hh-rlhf text (:func:`hh_rlhf_prompt`); other keyword arguments are ignored.
     """
 

@@ -5,7 +5,7 @@
 
 ``run`` runs CMD (one step script) unless ``OUT/.run_state/step{N}.json`` records a finished run
 with the same key (:func:`main` lists its ingredients) and every output it recorded still has the
-recorded sha256; then it prints ``[step N up to date]`` (README, "Resuming runs"). The key chains
+recorded sha256; then it prints ``[step N up to date]`` (docs/resuming.md). The key chains
 the previous step's key and output hashes, so a step rerun only because one of its own outputs was
 changed or deleted leaves later steps up to date when it reproduces its outputs byte for byte.
 
