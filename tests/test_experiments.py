@@ -317,7 +317,9 @@ def test_unfinished_runs_count_only_where_they_have_the_metric_and_are_named(tmp
     assert (float(row["held_out_teacher_iso_mse_mean"]), row["held_out_teacher_iso_mse_n"]) == (1.25, "1")
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "None" not in summary
-    assert "| bt | 2 | 0.700 ± 0.100 | 0.300 ± 0.000 | 0.600 ± 0.000 | 0.700 ± 0.000 | n/a | n/a | n/a |" in summary
+    assert (
+        "| bt | 2 | 0.700 ± 0.100 | 0.300 ± 0.000 | n/a | 0.600 ± 0.000 | 0.700 ± 0.000 | n/a | n/a | n/a |" in summary
+    )
     assert "1.25 (n=1) | 1.25 (n=1) | n/a |" in summary
     common = next(line for line in summary.splitlines() if line.startswith("Common settings: "))
     assert "ANNOTATION_QUALITY=10.0" in common and "REPLACEMENT=0" in common and "N_SAMPLE=40" in common
