@@ -345,5 +345,5 @@ def test_unfinished_runs_count_only_where_they_have_the_metric_and_are_named(tmp
 def test_summary_names_as_run_all_variables_only_what_run_all_sh_reads():
     text = (ROOT / "run_all.sh").read_text()
     assert all(f'{name}="${{{name}:-' in text for name in summarize_runs.RUN_ALL_VARIABLES)
-    for name in ("BATCH_SIZE", "PATIENCE", "CV_FOLDS", "VAL_FRACTION", "REWARD_SCALE", "ISOTONIC_VARIANT"):
+    for name in ("BATCH_SIZE", "PATIENCE", "CV_FOLDS", "VAL_FRACTION", "ISOTONIC_VARIANT"):
         assert f'{name}="${{{name}:-' not in text and name not in summarize_runs.RUN_ALL_VARIABLES
