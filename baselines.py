@@ -1,5 +1,5 @@
-"""The simple predictors a reward model must beat, scored on step 6's evaluation sets (README,
-"Step 6: evaluation", baselines).
+"""The simple predictors a reward model must beat, scored on step 6's evaluation sets (docs/method.md,
+"Step 6: evaluation").
 
 - ``ridge``: ridge regression from the embedding to the golden reward, fitted on every response of
   the ORM's training prompts (``orm_train``: no evaluation prompt is read for fitting). It sees the

@@ -90,12 +90,13 @@ def run_cell(cell: dict) -> dict:
     }
 
 
-def mean_se(values: list[float]) -> str:
-    values = np.array([v for v in values if v is not None], dtype=float)
-    if len(values) == 0:
-        return "n/a"
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{values.mean():.3f} ± {se:.3f}"
+def mean_se(values: list[float | None]) -> str:
+    """A table cell of the defined values: summarize_runs' mean ± standard error, as in sweep summaries."""
+    from summarize_runs import cell_text
+    from summarize_runs import mean_se as mean_se_n
+
+    mean, se, n = mean_se_n(values)
+    return cell_text(mean, se, n, n)
 
 
 def report(rows: list[dict], reference: str = "before (lr 1e-4)") -> str:
