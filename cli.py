@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 # ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
 # default. Here, not in networks.py, so steps parse flags before importing torch.
@@ -47,7 +46,6 @@ RUN_ALL_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
 # for its step): if that process dies, this one stops instead of writing on alone.
 PARENT_PID_ENV = "RUN_ALL_PARENT_PID"
 PARENT_POLL_SECONDS = 0.2
-RUN_ALL_SH = Path(__file__).with_name("run_all.sh")
 
 
 class InputError(ValueError):
@@ -101,13 +99,12 @@ def _alive(pid: int) -> bool:
 
 
 def name_variables(message: str, script: str) -> str:
-    """``message`` with each ``--flag`` that run_all.sh sets from a variable for ``script`` followed
-    by ``(VARIABLE)``, unless it already names it: under run_all.sh users set variables, not flags.
+    """``message`` with each ``--flag`` that a run_all.sh variable sets for ``script`` followed by
+    ``(VARIABLE)``, unless it already names it: under run_all.sh users set variables, not flags.
+    The map is settings.py's, the one run_all.sh's preflight builds the steps' arguments from."""
+    from settings import flag_variables  # settings.py imports this module
 
-    The map is read from run_all.sh itself (its ``"$PYTHON" script.py ... --flag "$VAR"`` commands,
-    for the variables of :func:`run_all_variables`), so it cannot drift from the driver.
-    """
-    flags = run_all_flag_variables().get(Path(script).name, {})
+    flags = flag_variables(script)
 
     def name(match: re.Match) -> str:
         variable = flags.get(match.group(1))
@@ -121,34 +118,8 @@ def for_user(message: str) -> str:
     return name_variables(message, sys.argv[0]) if os.environ.get(RUN_ALL_ENV) else message
 
 
-def run_all_flag_variables(path: Path = RUN_ALL_SH) -> dict[str, dict[str, str]]:
-    """{script name: {flag: run_all.sh variable ("" where ambiguous)}} from run_all.sh's step commands."""
-    try:
-        text = path.read_text().replace("\\\n", " ")
-    except OSError:
-        return {}
-    variables = run_all_variables(path)
-    found: dict[str, dict[str, str]] = {}
-    for command in re.findall(r'"\$PYTHON" ([\w.]+\.py\b[^\n]*)', text):
-        script, _, rest = command.partition(" ")
-        for flag, variable in re.findall(r'(--[a-z][a-z0-9_]*) +"\$[^A-Z\n]*?\$?\{?([A-Z][A-Z0-9_]*)', rest):
-            if variable in variables:  # not loop variables
-                flags = found.setdefault(script, {})
-                # A flag set from two variables (step 2's --n_samples for train and test) is not named.
-                flags[flag] = variable if flags.get(flag, variable) == variable else ""
-    return found
-
-
 # Environment variables that are not run_all.sh settings but belong to the project or its tools.
 OTHER_VARIABLES = {"LOG_LEVEL", "SWEEP", "GRID", "SEEDS", "NAME", "SWEEP_DIR", "JOBS", "THREADS", "PRINT"}
-
-
-def run_all_variables(path: Path = RUN_ALL_SH) -> set[str]:
-    """The settings of run_all.sh: the variables of its ``VAR="${VAR:-default}"`` lines."""
-    try:
-        return set(re.findall(r'^([A-Z][A-Z0-9_]*)="\$\{\1:-', path.read_text(), re.M))
-    except OSError:
-        return set()
 
 
 def setting_typos(environ: Mapping[str, str]) -> list[str]:
@@ -156,7 +127,9 @@ def setting_typos(environ: Mapping[str, str]) -> list[str]:
     lower-case spelling of one (``n_sample``) or a near miss (``NSAMPLE``, by difflib's ratio)."""
     import difflib
 
-    known = run_all_variables()
+    from settings import variables  # settings.py imports this module
+
+    known = set(variables())
     warnings = []
     for name in sorted(environ):
         if name in known or name in OTHER_VARIABLES or name.startswith("RUN_ALL_") or len(name) < 4:
@@ -275,6 +248,13 @@ def non_negative_int(text: str) -> int:
 def random_seed(text: str) -> int:
     """argparse type: a random seed, an integer in 0 .. :data:`MAX_SEED`."""
     return _integer(text, 0, MAX_SEED, "a non-negative integer seed")
+
+
+def zero_one(text: str) -> int:
+    """argparse type: a switch, 0 or 1."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return int(text)
 
 
 def finite_number(value: object) -> bool:

@@ -79,7 +79,8 @@ HASH_BLOCKS = 64  # 64 KiB blocks sampled from a source's embeddings: 4 MiB of a
 REWARD_LINE_BYTES = 40
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     explicit = parser.add_argument_group("sources given as files")
     explicit.add_argument("--embd_file", help="training embeddings (.npy, (K, N, D) or (N, K, D))")
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     explicit.add_argument("--test_embd_file", help="test embeddings (optional)")
     explicit.add_argument("--test_reward_file", help="test rewards (optional, with --test_embd_file)")
     found = parser.add_argument_group("sources found in a repository folder (without --embd_file)")
-    found.add_argument("--embd_dir", default="embd", help="folder holding the repository's .npy files")
+    found.add_argument("--embd_dir", default="embd/RM-Embeddings", help="folder holding the repository's .npy files")
     found.add_argument("--task", choices=TASKS, default="helpful", help="hh-rlhf task")
     found.add_argument(
         "--sft_obj",
@@ -96,7 +97,7 @@ def parse_args(argv=None):
         help="SFT objective of the generator; 'none' drops the -gpt4 dataset suffix",
     )
     found.add_argument("--embed_model", default="gemma2b", help="model that produced the embeddings")
-    found.add_argument("--gen_model", default="gemma2b", help="model that generated the responses")
+    found.add_argument("--gen_model", default="gemma7b", help="model that generated the responses")
     conversion = parser.add_argument_group("conversion")
     conversion.add_argument(
         "--layout",
@@ -120,7 +121,11 @@ def parse_args(argv=None):
         action="store_true",
         help="other runs read --output_dir: refuse to write it unless it is up to date (run_all.sh sets this)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     for pair in (("embd_file", "reward_file"), ("test_embd_file", "test_reward_file")):
         given = [flag for flag in pair if getattr(args, flag) is not None]
         if len(given) == 1:

@@ -48,22 +48,32 @@ log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="data", help="data directory to write (DATA_DIR)")
-    parser.add_argument("--n_prompts", type=positive_int, default=1100, help="training prompts")
+    parser.add_argument(
+        "--n_prompts",
+        type=positive_int,
+        default=3000,
+        help="training prompts (3000 fit N_SAMPLE up to 2000 beside step 5's evaluation pool)",
+    )
     parser.add_argument("--n_splits", type=positive_int, default=10, help="responses per training prompt (K)")
     parser.add_argument("--emb_dim", type=positive_int, default=2048, help="embedding size D")
     parser.add_argument("--latent_dim", type=positive_int, default=16, help="latent size L per part")
-    parser.add_argument("--n_test_prompts", type=non_negative_int, default=0, help="test prompts (0: no test set)")
-    parser.add_argument("--n_test_responses", type=positive_int, default=500, help="responses per test prompt")
-    parser.add_argument("--seed", type=random_seed, default=0, help="random seed")
+    parser.add_argument("--n_test_prompts", type=non_negative_int, default=20, help="test prompts (0: no test set)")
+    parser.add_argument("--n_test_responses", type=positive_int, default=100, help="responses per test prompt")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the demo data")
     parser.add_argument(
         "--in_use",
         action="store_true",
         help="other runs read --output_dir: refuse to write it unless it is up to date (run_all.sh sets this)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.n_splits < 2:
         raise InputError("--n_splits must be at least 2 (responses to compare per prompt)")
     return args

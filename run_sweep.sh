@@ -65,8 +65,9 @@ if (( ${#UNIQUE_SEEDS[@]} < ${#SEED_LIST[@]} )); then
     SEED_LIST=("${UNIQUE_SEEDS[@]}")
 fi
 
-# run_all.sh's variables, read from its NAME="${NAME:-default}" lines: the grid may set any of them.
-mapfile -t RUN_ALL_VARS < <(sed -nE 's/^([A-Z][A-Z0-9_]*)="\$\{\1:-.*/\1/p' "$REPO/run_all.sh" | sort -u)
+# run_all.sh's variables (settings.py): the grid may set any of them.
+RUN_ALL_VARS_TEXT="$("$PYTHON" "$REPO/settings.py" variables)" || die "PYTHON '$PYTHON' cannot run settings.py of $REPO"
+mapfile -t RUN_ALL_VARS <<< "$RUN_ALL_VARS_TEXT"
 is_run_all_var() { [[ " ${RUN_ALL_VARS[*]} " == *" $1 "* ]]; }
 AXES=() AXIS_VALUES=()
 for axis in $GRID; do

@@ -61,7 +61,8 @@ TOP_P = 0.95
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser)
     parser.add_argument(
@@ -71,7 +72,10 @@ def parse_args(argv=None):
         help="which prompts: train (ORM data) or test (best-of-N evaluation)",
     )
     parser.add_argument(
-        "--n_samples", type=positive_int, default=10, help="responses per prompt (the paper: 10 train, 500 test)"
+        "--n_samples",
+        type=positive_int,
+        default=None,
+        help="responses per prompt (default: the paper's, 10 per training prompt and 500 per test prompt)",
     )
     parser.add_argument("--split", type=split_arg, default=0, help="part index 0..n_parts-1, or 'all'")
     parser.add_argument("--n_parts", type=positive_int, default=5, help="parts the prompt set is cut into")
@@ -113,9 +117,15 @@ def parse_args(argv=None):
     )
     add_dtype_arg(parser)
     parser.add_argument(
-        "--seed", type=random_seed, default=42, help="run seed; prompt i is sampled with a seed derived from (seed, i)"
+        "--seed", type=random_seed, default=6, help="run seed; prompt i is sampled with a seed derived from (seed, i)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.n_samples is None:
+        args.n_samples = 10 if args.data_class == "train" else 500
     if args.gpu_memory_utilization > 1:
         raise InputError(f"--gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.max_model_len is None:

@@ -34,7 +34,8 @@ from llm_models import (
 log = logging.getLogger("step3.5_processing_data")
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser)
     parser.add_argument(
@@ -49,7 +50,11 @@ def parse_args(argv=None):
         type=positive_int,
         help="expected responses per prompt (checked; default: as scored)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_scored(record: dict, path, line: int) -> int:

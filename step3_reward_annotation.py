@@ -47,7 +47,8 @@ from rm_data import ensure_writable_dir
 log = logging.getLogger("step3_reward_annotation")
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser)
     parser.add_argument("--data_class", choices=("train", "test"), default="train", help="which generations")
@@ -70,7 +71,11 @@ def parse_args(argv=None):
         default=1024,
         help="tokens per scored text; longer texts are cut at the end and counted",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def load_samples(path, n_expected: int | None) -> tuple[list[dict], int]:

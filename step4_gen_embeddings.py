@@ -50,7 +50,8 @@ from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, ensure_
 log = logging.getLogger("step4_gen_embeddings")
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser, model_aliases=("--gen_pref_model_name",))
     parser.add_argument(
@@ -89,7 +90,11 @@ def parse_args(argv=None):
         "--embedding_dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored embeddings"
     )
     add_dtype_arg(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[list[dict], int]:

@@ -10,6 +10,7 @@ steps and run_all.sh read instead of rebuilding file names.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from cli import (
     random_seed,
     run_cli,
     setup_logging,
+    zero_one,
 )
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
@@ -51,10 +53,37 @@ PAIR_MODES = ("xprompt", "same")
 RAISE_CANDIDATES = "raise --consider_first_n (CONSIDER_FIRST_N) or use --replacement replacement_true (REPLACEMENT=1)"
 
 
-def parse_args(argv=None):
+# The flags added after runs had been made, each with the value that reproduces those runs' training
+# (summarize_runs.py fills it in where a manifest lacks the flag, to compare old and new runs).
+VALUES_BEFORE_FLAGS = {
+    "early_stopping": "member",
+    "stop_metric": "loss",
+    "min_val_pairs": 0,
+    "weight_decay": 0.0,
+    "bagging": 0,
+    "standardize": 0,
+    "min_epoch_steps": 1,
+}
+
+
+def replacement_arg(text: str) -> str:
+    """argparse type of --replacement: the reference implementation's names, or 1 / 0 (REPLACEMENT)."""
+    value = {"1": "replacement_true", "0": "replacement_false"}.get(text, text)
+    if value not in ("replacement_true", "replacement_false"):
+        raise argparse.ArgumentTypeError(f"expected 1, 0, replacement_true or replacement_false, got {text!r}")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description="Train an ORM ensemble on simulated pairwise preferences.")
     parser.add_argument("--embed_model_name", default="gemma2b", help="embedding model (recorded in the manifest)")
-    parser.add_argument("--task", default="helpful", choices=sorted(TASKS), help="task; sets s")
+    parser.add_argument(
+        "--task",
+        default="helpful",
+        choices=sorted(TASKS),
+        help="hh-rlhf task: helpful or harmless (sets the annotator scale s)",
+    )
     parser.add_argument("--sft_obj", default="gpt4", help="SFT objective of the generator (recorded)")
     parser.add_argument("--gen_pref_model_name", default="gemma7b", help="generation model (recorded)")
     parser.add_argument("--data_dir", default="data", help="folder with EMBD-TRAIN-split_k.npy/rewards_split_k.json")
@@ -94,9 +123,11 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--replacement",
+        type=replacement_arg,
         default="replacement_false",
         choices=["replacement_true", "replacement_false"],
-        help="may a prompt's n_pairs pairs reuse one of its responses (xprompt) or one pair (same)",
+        help="may a prompt's n_pairs pairs reuse one of its responses (xprompt) or one pair (same); "
+        "1 and 0 stand for replacement_true and replacement_false",
     )
     parser.add_argument(
         "--annotation_quality",
@@ -110,8 +141,18 @@ def parse_args(argv=None):
         help="s in sigmoid(beta (r1 - r2) / s); default 6 for helpful, 1 for harmless",
     )
     parser.add_argument("--ensemble_number", type=positive_int, default=10, help="members, differing by seed")
-    parser.add_argument("--training_epochs", type=positive_int, default=30, help="maximum epochs per member")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Adam learning rate")
+    parser.add_argument(
+        "--training_epochs",
+        type=positive_int,
+        default=30,
+        help="maximum epochs per member (early stopping usually ends sooner)",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=positive_float,
+        default=1e-4,
+        help="the ORMs' Adam learning rate (docs/studies/defaults.md)",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
     parser.add_argument(
         "--min_epoch_steps",
@@ -150,22 +191,30 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--bagging",
-        type=int,
-        choices=(0, 1),
+        type=zero_one,
         default=0,
         help="1: each member trains on a bootstrap resample of the pairs and validates on its out-of-bag pairs",
     )
     parser.add_argument(
         "--standardize",
-        type=int,
-        choices=(0, 1),
+        type=zero_one,
         default=1,
         help="1: standardise inputs with the training responses' mean and std, folded into the checkpoint's "
         "first layer, so that training does not depend on the embedding's scale (docs/studies/defaults.md); "
         "0: raw inputs",
     )
-    parser.add_argument("--seed", type=random_seed, default=6, help="seeds pairs, labels and members")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--seed",
+        type=random_seed,
+        default=6,
+        help="seeds pairs, labels and members' initialisations (and, by default, steps 7 and 8's draws); "
+        "not the prompt partition (--split_seed)",
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.consider_first_n == 0 or args.consider_first_n < -2:
         raise InputError(f"--consider_first_n must be > 0, -1 or -2, got {args.consider_first_n}")
     if args.reward_scale is None:

@@ -65,7 +65,8 @@ log = logging.getLogger("step7")
 CONFIG_FILE = "distillation_config.json"
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description="Isotonic calibration of the ORM teacher and distillation into a student.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder; artifacts go here")
     add_run_flags(parser, teacher=True)
@@ -116,7 +117,11 @@ def parse_args(argv=None):
         default=None,
         help="seeds folds, student split, init and shuffling (default: step 5's seed)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.cv_folds < 2:
         raise InputError(f"--cv_folds must be at least 2, got {args.cv_folds}")
     return args

@@ -28,29 +28,20 @@ from artifacts import json_sha256, read_json, write_text
 from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
 from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir
+from settings import flag_variables
+from step5_train_rms import VALUES_BEFORE_FLAGS
 
-# Step-5/7 flags under their run_all.sh names (the rest are the flag in capitals).
-SETTING_NAMES = {"embed_model_name": "MODEL_NAME", "gen_pref_model_name": "GEN_PREF_MODEL"}
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
 STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
-# Step-5 flags added after runs were made (their defaults reproduce the earlier training).
-STEP5_DEFAULTS = {
-    "early_stopping": "member",
-    "stop_metric": "loss",
-    "min_val_pairs": 0,
-    "weight_decay": 0.0,
-    "bagging": 0,
-    "standardize": 0,
-    "min_epoch_steps": 1,
+# Step-5/7 settings under the run_all.sh variable that sets them (settings.py); a setting without one
+# is named as its flag (:func:`setting_text`).
+VARIABLES = {
+    flag[2:]: variable
+    for script in ("step5_train_rms.py", "step7_isotonic_distillation.py")
+    for flag, variable in flag_variables(script).items()
+    if flag[2:] not in NOT_SETTINGS and (script.startswith("step5") or flag[2:] in STEP7_SETTINGS)
 }
-# Settings under the run_all.sh variable that sets them (each is also the key used here); the other
-# settings are step flags that run_all.sh does not forward, named as flags (:func:`setting_text`).
-RUN_ALL_VARIABLES = {
-    "MODEL_NAME", "TASK", "SFT_OBJ", "GEN_PREF_MODEL", "RM_OBJECTIVE", "CONSIDER_FIRST_N", "N_SAMPLE",
-    "EVAL_PROMPTS", "SPLIT_SEED", "N_PAIRS", "PAIR_MODE", "REPLACEMENT", "TRAINING_EPOCHS", "LEARNING_RATE",
-    "ANNOTATION_QUALITY", "ENSEMBLE_NUMBER", "EARLY_STOPPING", "STOP_METRIC", "MIN_VAL_PAIRS", "WEIGHT_DECAY",
-    "BAGGING", "STANDARDIZE", "MIN_EPOCH_STEPS", "REWARD_SCALE", "DISTILL_EPOCHS",
-}  # fmt: skip
+RUN_ALL_VARIABLES = set(VARIABLES.values())
 FAILED_CELLS = Path("logs") / "failed_cells.txt"  # run_sweep.sh's list of the cells whose run_all.sh failed
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
@@ -195,14 +186,14 @@ def load_run(path: Path) -> Run:
     config = manifest.get("config")
     if not isinstance(config, dict) or "seed" not in config or "rm_objective" not in config:
         raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with seed and rm_objective")
-    # A run from before a step-5 flag existed was trained as that flag's default: compare it as such.
-    config = {**{key: value for key, value in STEP5_DEFAULTS.items() if key not in config}, **config}
-    settings = {SETTING_NAMES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
+    # A run from before a step-5 flag existed was trained as that flag's value then: compare it as such.
+    config = {**{key: value for key, value in VALUES_BEFORE_FLAGS.items() if key not in config}, **config}
+    settings = {VARIABLES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
     if "REPLACEMENT" in settings:  # run_all.sh's REPLACEMENT=1 is step 5's --replacement replacement_true
         settings["REPLACEMENT"] = int(settings["REPLACEMENT"] == "replacement_true")
     distillation = optional_json(path / "distillation_config.json")
     step7 = dig(distillation, "config") or {}
-    settings.update({key.upper(): step7[key] for key in STEP7_SETTINGS if key in step7})
+    settings.update({VARIABLES.get(key, key.upper()): step7[key] for key in STEP7_SETTINGS if key in step7})
     data_fingerprint = dig(manifest, "data", "fingerprint")
     settings["DATA"] = str(data_fingerprint)[:12]  # runs on other data are other configurations
     held_out = split.get("held_out")

@@ -64,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--task", choices=TASKS, default="helpful", help="task in the file names")
     parser.add_argument("--sft_obj", choices=("gpt4", "none"), default="gpt4", help="SFT objective in the names")
     parser.add_argument("--embed_model", default="gemma2b", help="embedding model in the file names")
-    parser.add_argument("--gen_model", default="gemma2b", help="generator model in the file names")
+    parser.add_argument("--gen_model", default="gemma7b", help="generator model in the file names")
     return parser.parse_args(argv)
 
 

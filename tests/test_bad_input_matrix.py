@@ -102,8 +102,8 @@ class Workspace:
         """A repository folder in the seed's kn layout: (K, N, D) embeddings, (K, N) rewards."""
         repo = self.tmp / "repo"
         repo.mkdir(exist_ok=True)
-        np.save(repo / "EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy", embeddings, allow_pickle=True)
-        np.save(repo / "REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy", rewards, allow_pickle=True)
+        np.save(repo / "EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma7b_train.npy", embeddings, allow_pickle=True)
+        np.save(repo / "REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma7b_train.npy", rewards, allow_pickle=True)
         return repo
 
 
@@ -154,45 +154,54 @@ def run_all_case(
 
 def settings_case(variable: str, value: str, message: str) -> Callable[[Workspace], Case]:
     def make(w: Workspace) -> Case:
-        return run_all_case(w, [f"run_all.sh: error: {variable} {message}, got '{value}'"], **{variable: value})
+        return run_all_case(w, [f"run_all.sh: error: {message}"], **{variable: value})
 
     make.__name__ = f"run_all_{variable}_{value}"
     return make
 
 
+# The messages are the steps' own parsers' (settings.py parses every step's flags before any work).
 RUN_ALL_SETTINGS = [
-    settings_case("RM_OBJECTIVE", "foo", "must be bt or clf"),
-    settings_case("N_SAMPLE", "-3", "must be a positive integer"),
-    settings_case("N_SAMPLE", "ten", "must be a positive integer"),
-    settings_case("N_SAMPLE", "99999999999999999999", "must be at most 2147483647"),
-    settings_case("ENSEMBLE_NUMBER", "0", "must be a positive integer"),
-    settings_case("ANNOTATION_QUALITY", "nan", "must be a number"),
-    settings_case("CONSIDER_FIRST_N", "-3", "must be a positive integer, -1 or -2"),
-    settings_case("TASK", "funny", "must be helpful or harmless"),
-    settings_case("N_PAIRS", "0", "must be a positive integer"),
-    settings_case("PAIR_MODE", "cross", "must be xprompt or same"),
-    settings_case("REPLACEMENT", "yes", "must be 0 or 1"),
-    settings_case("SPLIT_SEED", "x", "must be an integer in 0..4294967295"),
-    settings_case("EVAL_PROMPTS", "-5", "must be empty or a positive integer"),
-    settings_case("DEMO_PROMPTS", "0", "must be a positive integer"),
-    settings_case("LEARNING_RATE", "0", "must be a positive number"),
-    settings_case("DISTILL_LEARNING_RATE", "-0.1", "must be a positive number"),
-    settings_case("SEED", "1.5", "must be an integer in 0..4294967295"),
-    settings_case("SEED", "-1", "must be an integer in 0..4294967295"),
-    settings_case("SEED", "4294967296", "must be an integer in 0..4294967295"),
-    settings_case("LEARNING_RATE", "1e999", "must be a number between 1e-300 and 1e300 in magnitude"),
-    settings_case("LEARNING_RATE", "1e-400", "must be a number between 1e-300 and 1e300 in magnitude"),
-    settings_case("ANNOTATION_QUALITY", "-1e400", "must be a number between 1e-300 and 1e300 in magnitude"),
-    settings_case("DEMO_TEST_PROMPTS", "-1", "must be an integer in 0..2147483647"),
-    settings_case("FORCE", "yes", "must be 0 or 1"),
-    settings_case("EARLY_STOPPING", "early", "must be member, pooled or none"),
-    settings_case("STOP_METRIC", "auc", "must be loss or accuracy"),
-    settings_case("MIN_VAL_PAIRS", "-1", "must be an integer in 0..2147483647"),
-    settings_case("WEIGHT_DECAY", "-0.1", "must be a number >= 0"),
-    settings_case("WEIGHT_DECAY", "1e999", "must be a number between 1e-300 and 1e300 in magnitude"),
-    settings_case("BAGGING", "yes", "must be 0 or 1"),
-    settings_case("STANDARDIZE", "2", "must be 0 or 1"),
-    settings_case("LAST_STEP", "4", "must be 5, 6, 7 or 8"),
+    settings_case("RM_OBJECTIVE", "foo", "RM_OBJECTIVE: invalid choice: 'foo' (choose from 'bt', 'clf')"),
+    settings_case("N_SAMPLE", "-3", "N_SAMPLE: expected a positive integer, got '-3'"),
+    settings_case("N_SAMPLE", "ten", "N_SAMPLE: expected a positive integer, got 'ten'"),
+    settings_case(
+        "N_SAMPLE",
+        "99999999999999999999",
+        "N_SAMPLE: expected a positive integer up to 2147483647, got '99999999999999999999'",
+    ),
+    settings_case("ENSEMBLE_NUMBER", "0", "ENSEMBLE_NUMBER: expected a positive integer, got '0'"),
+    settings_case("ANNOTATION_QUALITY", "nan", "ANNOTATION_QUALITY: expected a finite number, got 'nan'"),
+    settings_case("CONSIDER_FIRST_N", "-3", "--consider_first_n (CONSIDER_FIRST_N) must be > 0, -1 or -2, got -3"),
+    settings_case("TASK", "funny", "TASK: invalid choice: 'funny' (choose from 'harmless', 'helpful')"),
+    settings_case("N_PAIRS", "0", "N_PAIRS: expected a positive integer, got '0'"),
+    settings_case("PAIR_MODE", "cross", "PAIR_MODE: invalid choice: 'cross' (choose from 'xprompt', 'same')"),
+    settings_case("REPLACEMENT", "yes", "REPLACEMENT: expected 1, 0, replacement_true or replacement_false, got 'yes'"),
+    settings_case("SPLIT_SEED", "x", "SPLIT_SEED: expected a non-negative integer seed, got 'x'"),
+    settings_case("EVAL_PROMPTS", "-5", "EVAL_PROMPTS: expected a positive integer, got '-5'"),
+    settings_case("DEMO_PROMPTS", "0", "DEMO_PROMPTS: expected a positive integer, got '0'"),
+    settings_case("LEARNING_RATE", "0", "LEARNING_RATE: expected a positive number, got '0'"),
+    settings_case("DISTILL_LEARNING_RATE", "-0.1", "DISTILL_LEARNING_RATE: expected a positive number, got '-0.1'"),
+    settings_case("SEED", "1.5", "SEED: expected a non-negative integer seed, got '1.5'"),
+    settings_case("SEED", "-1", "SEED: expected a non-negative integer seed, got '-1'"),
+    settings_case(
+        "SEED", "4294967296", "SEED: expected a non-negative integer seed up to 4294967295, got '4294967296'"
+    ),
+    settings_case("LEARNING_RATE", "1e999", "LEARNING_RATE: expected a finite number, got '1e999'"),
+    settings_case("LEARNING_RATE", "1e-400", "LEARNING_RATE: expected a positive number, got '1e-400'"),
+    settings_case("ANNOTATION_QUALITY", "-1e400", "ANNOTATION_QUALITY: expected a finite number, got '-1e400'"),
+    settings_case("DEMO_TEST_PROMPTS", "-1", "DEMO_TEST_PROMPTS: expected an integer >= 0, got '-1'"),
+    settings_case("FORCE", "yes", "FORCE: expected 0 or 1, got 'yes'"),
+    settings_case(
+        "EARLY_STOPPING", "early", "EARLY_STOPPING: invalid choice: 'early' (choose from 'member', 'pooled', 'none')"
+    ),
+    settings_case("STOP_METRIC", "auc", "STOP_METRIC: invalid choice: 'auc' (choose from 'loss', 'accuracy')"),
+    settings_case("MIN_VAL_PAIRS", "-1", "MIN_VAL_PAIRS: expected an integer >= 0, got '-1'"),
+    settings_case("WEIGHT_DECAY", "-0.1", "WEIGHT_DECAY: expected a number >= 0, got '-0.1'"),
+    settings_case("WEIGHT_DECAY", "1e999", "WEIGHT_DECAY: expected a finite number, got '1e999'"),
+    settings_case("BAGGING", "yes", "BAGGING: expected 0 or 1, got 'yes'"),
+    settings_case("STANDARDIZE", "2", "STANDARDIZE: expected 0 or 1, got '2'"),
+    settings_case("LAST_STEP", "4", "LAST_STEP: invalid choice: 4 (choose from 5, 6, 7, 8)"),
 ]
 
 
@@ -657,7 +666,7 @@ def convert_object_embeddings(w):
     return convert(
         w,
         [
-            f"cannot read embeddings {repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'} "
+            f"cannot read embeddings {repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma7b_train.npy'} "
             "(expected a .npy file of float32 or float16 numbers)",
             "Python objects",
         ],
@@ -671,7 +680,7 @@ def convert_int_embeddings(w):
     return convert(
         w,
         [
-            f"{repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy'}: expected float32 or "
+            f"{repo / 'EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma7b_train.npy'}: expected float32 or "
             f"float16 embeddings, got int32"
         ],
         repo,
@@ -684,7 +693,7 @@ def convert_string_rewards(w):
     return convert(
         w,
         [
-            f"{repo / 'REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy'}: expected "
+            f"{repo / 'REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma7b_train.npy'}: expected "
             f"real-valued rewards, got dtype <U"
         ],
         repo,
@@ -693,7 +702,7 @@ def convert_string_rewards(w):
 
 def convert_truncated_rewards(w):
     repo = w.repo(*valid_repo_arrays())
-    path = truncate(repo / "REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma2b_train.npy", 140)
+    path = truncate(repo / "REWARD_hh-rlhf-helpful-gpt4_rmmistral7b_gemma7b_train.npy", 140)
     return convert(w, [f"cannot read rewards {path} (expected a .npy file of real numbers)"], repo)
 
 

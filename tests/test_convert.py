@@ -13,7 +13,7 @@ import convert_embeddings as conv
 import rm_data
 from cli import run_cli
 
-SETUP = {"task": "helpful", "sft_obj": "gpt4", "embed_model": "gemma2b", "gen_model": "gemma2b"}
+SETUP = {"task": "helpful", "sft_obj": "gpt4", "embed_model": "gemma2b", "gen_model": "gemma7b"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +229,8 @@ def test_harmless_none_names():
 def _no_match(repo):
     np.save(repo / "other.npy", np.zeros(3))
     return ["--embd_dir", repo], [
-        "looked for EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma2b_train.npy + REWARD_",
-        "embd_gemma2b_gemma2b_helpful_train.npy",
+        "looked for EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma7b_train.npy + REWARD_",
+        "embd_gemma7b_gemma2b_helpful_train.npy",
         "holds other.npy",
     ]
 

@@ -23,6 +23,7 @@ import cli
 import convert_embeddings
 import generate_demo_data
 import rm_data
+import settings
 
 needs_flock = pytest.mark.skipif(shutil.which("flock") is None, reason="run_all.sh locks folders with flock")
 needs_proc = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
@@ -226,7 +227,7 @@ def test_demo_data_of_another_shape_is_regenerated_with_a_line_saying_so(tmp_pat
     assert len(list(data.glob("EMBD-TRAIN-split_*.npy"))) == 10
     proc = run_all(tmp_path, DATA_DIR=str(data), DATA_ONLY="1", DEMO_N_SPLITS="1")
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "run_all.sh: error: DEMO_N_SPLITS must be at least 2 (responses to compare per prompt), got '1'"
+        "run_all.sh: error: --n_splits (DEMO_N_SPLITS) must be at least 2 (responses to compare per prompt)"
     )
 
 
@@ -246,10 +247,9 @@ def test_errors_of_a_step_under_run_all_name_the_variables(tmp_path):
     proc = run_all(tmp_path, DATA_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(tmp_path / "out"), N_SAMPLE="1")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --pair_mode (PAIR_MODE) xprompt needs --n_sample (N_SAMPLE) >= 2"
-    flags = cli.run_all_flag_variables()
-    assert flags["step7_isotonic_distillation.py"]["--learning_rate"] == "DISTILL_LEARNING_RATE"
-    assert flags["step5_train_rms.py"]["--learning_rate"] == "LEARNING_RATE"
-    assert flags["step2_gen_sample.py"]["--n_samples"] == ""  # set from two variables: not named
+    assert settings.flag_variables("step7_isotonic_distillation.py")["--learning_rate"] == "DISTILL_LEARNING_RATE"
+    assert settings.flag_variables("step5_train_rms.py")["--learning_rate"] == "LEARNING_RATE"
+    assert settings.flag_variables("step2_gen_sample.py")["--n_samples"] == ""  # two variables set it: not named
     assert cli.name_variables("--learning_rate (LEARNING_RATE) 3", "step7_isotonic_distillation.py") == (
         "--learning_rate (DISTILL_LEARNING_RATE) 3"
     )
@@ -272,7 +272,7 @@ def test_misspelt_settings_are_warned_about(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "run_all.sh: warning: NSAMPLE is not a run_all.sh setting and is ignored; did you mean N_SAMPLE?",
         "run_all.sh: warning: n_sample is not a run_all.sh setting and is ignored; did you mean N_SAMPLE?",
-        "run_all.sh: error: RM_OBJECTIVE must be bt or clf, got 'foo'",
+        "run_all.sh: error: RM_OBJECTIVE: invalid choice: 'foo' (choose from 'bt', 'clf')",
     ]
 
 

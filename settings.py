@@ -1,0 +1,546 @@
+"""run_all.sh's settings: which environment variable sets which flag of which step.
+
+A setting's default, type, choices and help live in one place, the argparse parser of the step that
+takes it (``python stepN_....py --help``). This module only says which run_all.sh variable sets
+which flag; run_all.sh passes a flag only when its variable is set (and not empty), so an unset
+variable means the step's own default. Besides, run_all.sh has a few switches of its own that no
+step takes (:func:`driver_parser`).
+
+``python settings.py preflight CALLER_DIR`` is run_all.sh's first Python process: it reads the
+environment, builds every step's argument list, parses each with that step's own parser before any
+work starts (a bad value is one line and exit status 2), and prints bash assignments that
+run_all.sh evaluates (the argument lists, the resolved folders, the interpreter's path, and the
+resolved settings to show once). ``python settings.py variables`` lists the variables (run_sweep.sh
+reads them), and ``python settings.py table`` writes the README's configuration table from the
+parsers' help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shlex
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli import ArgumentParser, InputError, setting_typos, zero_one
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command run_all.sh runs: its script, the flags its variables set, and the flags that are
+    the command's shape rather than settings (which data class, which parts)."""
+
+    name: str  # the bash array that receives its arguments: NAME_ARGS
+    script: str
+    flags: Mapping[str, str]  # flag -> variable
+    fixed: tuple[str, ...] = ()
+    stage: str = "cpu"  # gpu (steps 1-4), convert, demo, cpu (steps 5-8)
+    parse: bool = True  # parse in the preflight (steps 6 and 8 take only folders and import matplotlib)
+    paths: Mapping[str, str] = field(default_factory=dict)  # folder flag -> variable: always passed
+
+
+OUT = {"--output_dir": "OUTPUT_DIR"}
+OUT_DATA = {"--output_dir": "OUTPUT_DIR", "--data_dir": "DATA_DIR"}
+_GENERATION = {
+    "--model_name": "MODEL_NAME",
+    "--dataset": "DATASET",
+    "--eval_dataset": "EVAL_DATASET",
+    "--max_len": "GEN_MAX_LEN",
+}
+_GOLDEN_RM = {"--reward_model": "GOLDEN_RM", "--rm_input_format": "RM_INPUT_FORMAT"}
+_STEP2 = {**_GENERATION, "--backend": "GEN_BACKEND", "--tensor_parallel_size": "TP_SIZE", "--seed": "SEED"}
+
+COMMANDS = (
+    Command(
+        "STEP1",
+        "step1_sft.py",
+        {
+            "--model_name": "MODEL_NAME",
+            "--dataset": "DATASET",
+            "--max_steps": "SFT_MAX_STEPS",
+            "--seed": "SEED",
+            "--train_file": "SFT_TRAIN_FILE",
+        },
+        stage="gpu",
+        paths=OUT,
+    ),
+    Command(
+        "STEP2_TRAIN",
+        "step2_gen_sample.py",
+        {
+            **_STEP2,
+            "--n_samples": "N_TRAIN_SAMPLES",
+            "--max_prompts": "GPU_MAX_PROMPTS",
+            "--prompts_file": "TRAIN_PROMPTS_FILE",
+        },
+        ("--adapter_name", "sft", "--data_class", "train", "--split", "all"),
+        stage="gpu",
+        paths=OUT,
+    ),
+    Command(
+        "STEP2_TEST",
+        "step2_gen_sample.py",
+        {
+            **_STEP2,
+            "--n_samples": "N_TEST_SAMPLES",
+            "--max_prompts": "GPU_MAX_TEST_PROMPTS",
+            "--prompts_file": "TEST_PROMPTS_FILE",
+        },
+        ("--adapter_name", "sft", "--data_class", "test", "--split", "all"),
+        stage="gpu",
+        paths=OUT,
+    ),
+    *(
+        Command(
+            f"STEP3_{data_class.upper()}",
+            "step3_reward_annotation.py",
+            {**_GENERATION, **_GOLDEN_RM},
+            ("--adapter_name", "sft", "--data_class", data_class, "--split", "all"),
+            stage="gpu",
+            paths=OUT,
+        )
+        for data_class in ("train", "test")
+    ),
+    Command(
+        "STEP3_5",
+        "step3.5_processing_data.py",
+        {**_GENERATION, **_GOLDEN_RM},
+        ("--adapter_name", "sft", "--data_class", "both"),
+        stage="gpu",
+        paths=OUT,
+    ),
+    Command(
+        "STEP4",
+        "step4_gen_embeddings.py",
+        {**_GENERATION, **_GOLDEN_RM, "--embed_model_name": "EMBED_MODEL_NAME"},
+        ("--adapter_name", "sft", "--train_test", "both"),
+        stage="gpu",
+        paths=OUT_DATA,
+    ),
+    Command(
+        "CONVERT",
+        "convert_embeddings.py",
+        {
+            "--embd_dir": "EMBD_REPO_DIR",
+            "--task": "TASK",
+            "--sft_obj": "SFT_OBJ",
+            "--embed_model": "MODEL_NAME",
+            "--gen_model": "REPO_GEN_MODEL",
+            "--max_prompts": "MAX_PROMPTS",
+        },
+        stage="convert",
+        paths={"--output_dir": "DATA_DIR"},
+    ),
+    Command(
+        "DEMO",
+        "generate_demo_data.py",
+        {
+            "--n_prompts": "DEMO_PROMPTS",
+            "--n_splits": "DEMO_N_SPLITS",
+            "--emb_dim": "DEMO_EMB_DIM",
+            "--seed": "DEMO_SEED",
+            "--n_test_prompts": "DEMO_TEST_PROMPTS",
+            "--n_test_responses": "DEMO_TEST_RESPONSES",
+        },
+        stage="demo",
+        paths={"--output_dir": "DATA_DIR"},
+    ),
+    Command(
+        "STEP5",
+        "step5_train_rms.py",
+        {
+            "--embed_model_name": "EMBED_MODEL_NAME",
+            "--task": "TASK",
+            "--sft_obj": "SFT_OBJ",
+            "--gen_pref_model_name": "GEN_PREF_MODEL",
+            "--rm_objective": "RM_OBJECTIVE",
+            "--consider_first_n": "CONSIDER_FIRST_N",
+            "--n_sample": "N_SAMPLE",
+            "--eval_prompts": "EVAL_PROMPTS",
+            "--split_seed": "SPLIT_SEED",
+            "--n_pairs": "N_PAIRS",
+            "--pair_mode": "PAIR_MODE",
+            "--replacement": "REPLACEMENT",
+            "--training_epochs": "TRAINING_EPOCHS",
+            "--learning_rate": "LEARNING_RATE",
+            "--seed": "SEED",
+            "--annotation_quality": "ANNOTATION_QUALITY",
+            "--ensemble_number": "ENSEMBLE_NUMBER",
+            "--early_stopping": "EARLY_STOPPING",
+            "--stop_metric": "STOP_METRIC",
+            "--min_val_pairs": "MIN_VAL_PAIRS",
+            "--min_epoch_steps": "MIN_EPOCH_STEPS",
+            "--reward_scale": "REWARD_SCALE",
+            "--weight_decay": "WEIGHT_DECAY",
+            "--bagging": "BAGGING",
+            "--standardize": "STANDARDIZE",
+        },
+        paths={"--data_dir": "DATA_DIR", "--output_dir": "OUTPUT_DIR"},
+    ),
+    Command(
+        "STEP7",
+        "step7_isotonic_distillation.py",
+        {
+            "--task": "TASK",
+            "--rm_objective": "RM_OBJECTIVE",
+            "--distill_epochs": "DISTILL_EPOCHS",
+            "--learning_rate": "DISTILL_LEARNING_RATE",
+            "--seed": "SEED",
+        },
+        paths=OUT_DATA,
+    ),
+    Command("STEP6", "step6_eval_rms.py", {}, parse=False, paths=OUT_DATA),
+    Command("STEP8", "step8_validate_distillation.py", {}, parse=False, paths=OUT_DATA),
+)
+
+# A variable left unset takes this other variable's value when that one is set (else the step's
+# default): the embedding model is the generation model unless named, the published files'
+# generator is the preference data's, and the test prompts are capped like the training prompts.
+FALLBACKS = {
+    "EMBED_MODEL_NAME": "MODEL_NAME",
+    "REPO_GEN_MODEL": "GEN_PREF_MODEL",
+    "GPU_MAX_TEST_PROMPTS": "GPU_MAX_PROMPTS",
+}
+# Variables naming files and folders: relative to the caller's directory, then made canonical
+# (os.path.realpath), so data/, ./data/ and the absolute path are one folder for the steps' command
+# lines, which key their up-to-date records (run_state.py).
+PATH_VARIABLES = (
+    "OUTPUT_DIR",
+    "DATA_DIR",
+    "EMBD_REPO_DIR",
+    "SFT_TRAIN_FILE",
+    "TRAIN_PROMPTS_FILE",
+    "TEST_PROMPTS_FILE",
+)
+# Model variables: short names, hub ids or local folders; a relative value naming a folder of the
+# caller's directory is that folder (as from_pretrained would find it from there).
+MODEL_VARIABLES = ("MODEL_NAME", "EMBED_MODEL_NAME", "GOLDEN_RM")
+STEP_NAMES = {"STEP3_5": "step 3.5", "CONVERT": "conversion", "DEMO": "demo data"}
+
+
+def driver_parser() -> ArgumentParser:
+    """run_all.sh's own switches: what it runs, where it writes, whether it redoes work."""
+    parser = ArgumentParser(prog="run_all.sh", add_help=False)
+
+    def switch(name: str, help: str) -> None:
+        parser.add_argument(f"--{name}", dest=name, type=zero_one, default=0, help=help)
+
+    switch("RUN_GPU_STEPS", "`1`: run steps 1-4 (LoRA SFT, sampling, golden rewards, embeddings) first")
+    switch("USE_REPO_EMBD", "`1`: convert the published embeddings in `EMBD_REPO_DIR` first")
+    switch("DATA_ONLY", "`1`: prepare `DATA_DIR` (steps 1-4, conversion or demo data), then stop")
+    switch("FORCE", "`1`: rerun steps 5-8 even where they are up to date")
+    parser.add_argument(
+        "--LAST_STEP", dest="LAST_STEP", type=int, choices=(5, 6, 7, 8), default=8,
+        help="stop after this step (e.g. `6` for ranking studies, which need no calibration)",
+    )  # fmt: skip
+    parser.add_argument("--OUTPUT_DIR", dest="OUTPUT_DIR", default="distill_out", help="steps 5-8's outputs")
+    parser.add_argument(
+        "--DATA_DIR", dest="DATA_DIR", default=None,
+        help="embedding data (default: `data` for the demo, a folder named after the setup for converted or "
+        "generated data, so setups never overwrite each other)",
+    )  # fmt: skip
+    return parser
+
+
+def commands(stage: str | None = None) -> list[Command]:
+    return [c for c in COMMANDS if stage is None or c.stage == stage]
+
+
+def variables() -> list[str]:
+    """Every run_all.sh setting, sorted: the driver's switches and the variables of the step flags."""
+    names = {action.dest for action in driver_parser()._actions}
+    names.update(variable for command in COMMANDS for variable in command.flags.values())
+    return sorted(names | {"PYTHON"})
+
+
+def flag_variables(script: str) -> dict[str, str]:
+    """{flag: variable} for ``script`` under run_all.sh ("" where two variables set it, as
+    step 2's --n_samples is set by N_TRAIN_SAMPLES for the training prompts and N_TEST_SAMPLES for
+    the test prompts)."""
+    found: dict[str, str] = {}
+    for command in COMMANDS:
+        if command.script != Path(script).name:
+            continue
+        for flag, variable in {**command.flags, **command.paths}.items():
+            found[flag] = variable if found.get(flag, variable) == variable else ""
+    return found
+
+
+def load_script(script: str):
+    """A step script as a module (its file name may hold a dot: step3.5_processing_data.py)."""
+    name = "_settings_" + Path(script).stem.replace(".", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_parser(script: str) -> argparse.ArgumentParser:
+    """The step's own parser (its ``build_parser``)."""
+    return load_script(script).build_parser()
+
+
+def step_defaults(script: str) -> dict[str, object]:
+    """{dest: default} of a step's parser (summarize_runs.py compares runs by these)."""
+    return {a.dest: a.default for a in step_parser(script)._actions if a.dest != "help"}
+
+
+# --------------------------------------------------------------------------------------------
+# the preflight
+# --------------------------------------------------------------------------------------------
+def resolve_environment(environ: Mapping[str, str], caller_dir: str) -> dict[str, str]:
+    """The set (non-empty) variables, with fallbacks applied and paths made absolute."""
+    values = {name: value for name, value in environ.items() if value != "" and name in set(variables())}
+    for name, other in FALLBACKS.items():
+        if name not in values and other in values:
+            values[name] = values[other]
+    for name in PATH_VARIABLES:
+        if name in values:
+            if "\n" in values[name]:
+                raise InputError(f"{name} must not contain a newline")
+            values[name] = os.path.realpath(os.path.join(caller_dir, values[name]))
+    for name in MODEL_VARIABLES:
+        if name in values and not os.path.isabs(values[name]) and os.path.isdir(os.path.join(caller_dir, values[name])):
+            values[name] = os.path.join(caller_dir, values[name])
+    return values
+
+
+def parse_driver(values: Mapping[str, str]) -> argparse.Namespace:
+    parser = driver_parser()
+    argv = [f"--{action.dest}={values[action.dest]}" for action in parser._actions if action.dest in values]
+    try:
+        args = parser.parse_args(argv)
+    except InputError as err:
+        raise InputError(_variable_message(str(err), {f"--{a.dest}": a.dest for a in parser._actions})) from None
+    if args.RUN_GPU_STEPS and args.USE_REPO_EMBD:
+        raise InputError("set at most one of RUN_GPU_STEPS=1 and USE_REPO_EMBD=1")
+    return args
+
+
+def _variable_message(message: str, flags: Mapping[str, str]) -> str:
+    """A parser's error with the variable named: ``N_SAMPLE: expected a positive integer, got '-3'``."""
+    message = re.sub(r"^[\w.-]+: (error: )?", "", message)
+    match = re.match(r"argument (--[A-Za-z0-9_]+)(?:/[^:]*)?: (.*)", message, re.S)
+    if match and flags.get(match.group(1)):
+        return f"{flags[match.group(1)]}: {match.group(2)}"
+    for flag, variable in flags.items():  # a step's own check (parse_args after argparse)
+        if variable:
+            message = re.sub(rf"{re.escape(flag)}(?![a-z0-9_])(?! \()", f"{flag} ({variable})", message)
+    return message
+
+
+def flag_lookalikes(environ: Mapping[str, str], scripts: Sequence[str]) -> list[str]:
+    """One warning per environment variable named like a flag of a step that no variable sets
+    (``PATIENCE``, ``BATCH_SIZE``): run_all.sh would ignore it silently."""
+    known = set(variables())
+    found: dict[str, list[str]] = {}
+    for script in dict.fromkeys(scripts):
+        for action in step_parser(script)._actions:
+            name = action.dest.upper()
+            if name in environ and name not in known and len(name) >= 4 and action.option_strings:
+                found.setdefault(name, []).append(f"{_step_label(script)}'s {action.option_strings[0]}")
+    return [
+        f"{name} is not a run_all.sh setting and is ignored: no variable sets {' or '.join(flags)} "
+        "(run that step by hand to change it)"
+        for name, flags in found.items()
+    ]
+
+
+def build_argv(command: Command, values: Mapping[str, str], folders: Mapping[str, str]) -> list[str]:
+    argv = [*command.fixed]
+    for flag, variable in command.paths.items():
+        argv += [flag, folders[variable]]
+    for flag, variable in command.flags.items():
+        if variable in values:  # --flag=value: a value may start with "-" (ANNOTATION_QUALITY=-1e400)
+            argv.append(f"{flag}={values[variable]}")
+    return argv
+
+
+def parse_command(command: Command, argv: list[str]) -> argparse.Namespace:
+    module = load_script(command.script)
+    try:
+        return module.parse_args(argv)
+    except InputError as err:
+        raise InputError(_variable_message(str(err), flag_variables(command.script))) from None
+
+
+def default_data_dir(args: argparse.Namespace, parsed: Mapping[str, argparse.Namespace]) -> str:
+    """Converted or generated embeddings go to a folder named after the setup, so that setups never
+    overwrite each other (nor the demo data in data/)."""
+    if args.USE_REPO_EMBD:
+        c = parsed["CONVERT"]
+        return f"data_{c.task}_{c.sft_obj}_{os.path.basename(c.embed_model.rstrip('/'))}_{c.gen_model}" + (
+            f"_max{c.max_prompts}" if c.max_prompts else ""
+        )
+    if args.RUN_GPU_STEPS:
+        s = parsed["STEP4"]
+        return f"data_gpu_{s.dataset}_{os.path.basename(s.embed_model_name.rstrip('/'))}"
+    return "data"
+
+
+def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+    """(bash variables, {command name: argv}, settings text) for run_all.sh; InputError on a bad value."""
+    values = resolve_environment(environ, caller_dir)
+    args = parse_driver(values)
+    stages = ["cpu", "gpu" if args.RUN_GPU_STEPS else "convert" if args.USE_REPO_EMBD else "demo"]
+    folders = {name: values.get(name, "") for name in ("OUTPUT_DIR", "DATA_DIR")}
+    folders["OUTPUT_DIR"] = folders["OUTPUT_DIR"] or str(REPO / args.OUTPUT_DIR)
+    placeholder = "DATA_DIR"  # the default data folder depends on the parsed settings
+    parsed: dict[str, argparse.Namespace] = {}
+    argvs: dict[str, list[str]] = {}
+    for command in COMMANDS:
+        if command.stage not in stages:
+            continue
+        argv = build_argv(command, values, {**folders, "DATA_DIR": folders["DATA_DIR"] or placeholder})
+        if command.parse:
+            parsed[command.name] = parse_command(command, argv)
+        argvs[command.name] = argv
+    if not folders["DATA_DIR"]:
+        folders["DATA_DIR"] = os.path.realpath(REPO / default_data_dir(args, parsed))
+        for argv in argvs.values():
+            argv[:] = [folders["DATA_DIR"] if arg is placeholder else arg for arg in argv]
+    shown = {"EMBD_REPO_DIR": parsed["CONVERT"].embd_dir} if "CONVERT" in parsed else {}
+    bash = {
+        **{
+            name: str(getattr(args, name))
+            for name in ("RUN_GPU_STEPS", "USE_REPO_EMBD", "DATA_ONLY", "FORCE", "LAST_STEP")
+        },
+        **folders,
+        **shown,
+    }
+    if "STEP4" in parsed:
+        s2, s4 = parsed["STEP2_TRAIN"], parsed["STEP4"]
+        bash.update(
+            MODEL_NAME=s4.model_name, DATASET=s4.dataset, EMBED_MODEL_NAME=s4.embed_model_name,
+            N_TRAIN_SAMPLES=str(s2.n_samples), N_TEST_SAMPLES=str(parsed["STEP2_TEST"].n_samples),
+        )  # fmt: skip
+    return bash, argvs, settings_text(values, parsed, stages)
+
+
+def settings_text(values: Mapping[str, str], parsed: Mapping[str, argparse.Namespace], stages: list[str]) -> list[str]:
+    """The run's settings once, as ``VARIABLE=value`` per step (``*``: set in the environment)."""
+    lines = []
+    for command in COMMANDS:
+        if command.name not in parsed or command.name in ("STEP2_TEST", "STEP3_TEST"):
+            continue
+        shown = []
+        for flag, variable in command.flags.items():
+            if variable == "TASK" and command.name == "STEP7":
+                continue
+            value = getattr(parsed[command.name], flag[2:].replace("-", "_"))
+            shown.append(f"{variable}={'' if value is None else value}{'*' if variable in values else ''}")
+        name = STEP_NAMES.get(command.name, re.sub(r"STEP(\d)(_TRAIN)?", r"step \1", command.name))
+        lines += textwrap.wrap(" ".join(shown), 100, initial_indent=f"  {name}: ", subsequent_indent="    ")
+    return ["Settings (* set here, the rest the steps' defaults):", *lines]
+
+
+def bash_assignments(bash: Mapping[str, str], argvs: Mapping[str, list[str]], text: list[str]) -> str:
+    out = [f"{name}={shlex.quote(value)}" for name, value in bash.items()]
+    out += [f"{name}_ARGS=({' '.join(shlex.quote(arg) for arg in argv)})" for name, argv in argvs.items()]
+    out.append(f"SETTINGS_TEXT={shlex.quote(chr(10).join(text))}")
+    out.append(f"PYTHON_EXECUTABLE={shlex.quote(sys.executable)}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# the README's configuration table
+# --------------------------------------------------------------------------------------------
+TABLE_BEGIN = "<!-- settings table: written by `python settings.py table`; tests/test_settings.py checks it -->"
+TABLE_END = "<!-- end of settings table -->"
+
+
+def _help_text(action: argparse.Action) -> str:
+    text = (action.help or "").replace("%(default)s", str(action.default)).replace("|", "\\|")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _default_text(action: argparse.Action, variable: str) -> str:
+    if variable in FALLBACKS:
+        return f"`{FALLBACKS[variable]}`" + ("" if action.default is None else f", else `{action.default}`")
+    return "(see meaning)" if action.default is None else f"`{action.default}`"
+
+
+def _step_label(script: str) -> str:
+    special = {"convert_embeddings.py": "conversion", "generate_demo_data.py": "demo data"}
+    return special.get(script) or "step " + re.match(r"step([\d.]+)_", script).group(1)
+
+
+def _flag_text(flag: str, steps: list[str]) -> str:
+    numbers = sorted(step[5:] for step in steps if step.startswith("step "))
+    named = [step for step in steps if not step.startswith("step ")]
+    steps_text = [f"step{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}"] if numbers else []
+    return f"{', '.join(named + steps_text)} `{flag}`"
+
+
+def table(gpu: bool = False) -> str:
+    """Markdown: a row per variable, its flags and the parser's default and help: the variables of
+    steps 1-4 (``gpu``), or the others with run_all.sh's own switches."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    if not gpu:
+        for action in driver_parser()._actions:
+            rows.append(f"| `{action.dest}` | | {_default_text(action, action.dest)} | {_help_text(action)} |")
+        rows.append(
+            "| `PYTHON` | | `python3` | interpreter of every step (an unset `PYTHON` is resolved once to the "
+            "interpreter's own path, so that a launcher such as pyenv's shim does not start before each step) |"
+        )
+    uses: dict[str, dict[str, list[str]]] = {}  # variable -> flag -> steps
+    actions: dict[str, argparse.Action] = {}
+    # The help shown is that of steps 5-8 where they take the variable, else the data's, else steps 1-4's.
+    for command in sorted(COMMANDS, key=lambda c: ("cpu", "demo", "convert", "gpu").index(c.stage)):
+        parser_actions = (
+            {o: a for a in step_parser(command.script)._actions for o in a.option_strings} if command.flags else {}
+        )
+        for flag, variable in command.flags.items():
+            steps = uses.setdefault(variable, {}).setdefault(flag, [])
+            if _step_label(command.script) not in steps:
+                steps.append(_step_label(command.script))
+            actions.setdefault(variable, parser_actions[flag])
+    gpu_only = {v for v in uses if all(c.stage == "gpu" for c in COMMANDS if v in c.flags.values())}
+    for variable in sorted(uses, key=lambda v: min(i for i, c in enumerate(COMMANDS) if v in c.flags.values())):
+        if (variable in gpu_only) == gpu:
+            where = "; ".join(_flag_text(flag, steps) for flag, steps in uses[variable].items())
+            action = actions[variable]
+            rows.append(f"| `{variable}` | {where} | {_default_text(action, variable)} | {_help_text(action)} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(description="run_all.sh's settings (see the module docstring)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("preflight", help="bash assignments for run_all.sh")
+    pre.add_argument("caller_dir")
+    sub.add_parser("variables", help="the variables, one per line")
+    table_parser = sub.add_parser("table", help="the README's configuration table (docs/gpu_steps.md's with --gpu)")
+    table_parser.add_argument("--gpu", action="store_true", help="the variables of steps 1-4")
+    args = parser.parse_args(argv)
+    if args.command == "variables":
+        print("\n".join(variables()))
+    elif args.command == "table":
+        print(table(args.gpu))
+    else:
+        for warning in setting_typos(os.environ):
+            print(f"run_all.sh: warning: {warning}", file=sys.stderr)
+        try:
+            bash, argvs, text = preflight(os.environ, args.caller_dir)
+            scripts = [c.script for c in COMMANDS if c.name in argvs and c.parse]
+            for warning in flag_lookalikes(os.environ, scripts):
+                print(f"run_all.sh: warning: {warning}", file=sys.stderr)
+            print(bash_assignments(bash, argvs, text))
+        except InputError as err:
+            print(f"run_all.sh: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
