@@ -41,6 +41,10 @@ PREFLIGHT="$("$PYTHON" settings.py preflight "$CALLER_DIR")" || STATUS=$?
 eval "$PREFLIGHT"
 [[ -z "$PYTHON_SET" && -x "$PYTHON_EXECUTABLE" ]] && PYTHON="$PYTHON_EXECUTABLE"
 echo "$SETTINGS_TEXT"
+threads() {  # threads N: every later process's torch, OpenMP and BLAS threads
+    export OMP_NUM_THREADS="$1" MKL_NUM_THREADS="$1" OPENBLAS_NUM_THREADS="$1"
+}
+threads "$THREADS"
 
 # The output folder must be usable before any work starts. It stays locked while this script and
 # its steps run, so two runs never interleave their steps in one folder.
@@ -211,6 +215,7 @@ stop_after 5
 STEP7_LOG="$(mktemp)" STEP7_ERR="$(mktemp)"
 TEMP_FILES+=("$STEP7_LOG" "$STEP7_ERR")
 STEP7_PID=""
+threads "$SIDE_THREADS"  # steps 6 and 7 share the CPUs
 if (( LAST_STEP >= 7 )); then
     resumable start_child 7 5 "$PYTHON" step7_isotonic_distillation.py "${STEP7_ARGS[@]}" >"$STEP7_LOG" 2>"$STEP7_ERR"
     STEP7_PID=$!
@@ -234,6 +239,7 @@ cat "$STEP7_ERR" >&2
 report_signal "$STATUS"
 (( STATUS == 0 )) || exit "$STATUS"
 stop_after 7
+threads "$THREADS"
 
 section "Step 8: validate Teacher, Teacher+Isotonic, Student, Student+Isotonic"
 resumable run_child 8 7 "$PYTHON" step8_validate_distillation.py "${STEP8_ARGS[@]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # run_sweep.sh: a grid of run_all.sh runs over seeds, then one summary table and figures
-# (README, "Reproducing the paper's comparisons").
+# (README, "Reproducing the paper's comparisons"; its settings: docs/sweeps.md).
 #   SWEEP=annotation_quality SEEDS="1 2 3" JOBS=2 bash run_sweep.sh
 #   GRID="RM_OBJECTIVE=bt,clf N_PAIRS=1,5" SEEDS="1 2" NAME=my_study bash run_sweep.sh
 #   PRINT=1 SWEEP=n_sample bash run_sweep.sh > cells.txt   # one command per cell, for xargs -P,

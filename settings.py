@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import ArgumentParser, InputError, setting_typos, zero_one
+from cli import ArgumentParser, InputError, positive_int, setting_typos, zero_one
 
 REPO = Path(__file__).resolve().parent
 
@@ -247,7 +247,25 @@ def driver_parser() -> ArgumentParser:
         help="embedding data (default: `data` for the demo, a folder named after the setup for converted or "
         "generated data, so setups never overwrite each other)",
     )  # fmt: skip
+    parser.add_argument(
+        "--THREADS", dest="THREADS", type=positive_int, default=None,
+        help="torch and BLAS threads of each step (exported as `OMP_NUM_THREADS`, `MKL_NUM_THREADS`, "
+        "`OPENBLAS_NUM_THREADS`); steps 6 and 7, which run side by side, get half each. Default: "
+        "`OMP_NUM_THREADS` when set, else the CPUs this process may run on (its affinity mask, which a "
+        "scheduler sets). A matrix product's last bits depend on its threads, so results are "
+        "bit-identical only at the same THREADS (docs/performance.md)",
+    )  # fmt: skip
     return parser
+
+
+def resolve_threads(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """THREADS, else a valid OMP_NUM_THREADS, else the CPUs of this process's affinity mask."""
+    if args.THREADS:
+        return args.THREADS
+    omp = environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def commands(stage: str | None = None) -> list[Command]:
@@ -411,11 +429,14 @@ def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, st
         for argv in argvs.values():
             argv[:] = [folders["DATA_DIR"] if arg is placeholder else arg for arg in argv]
     shown = {"EMBD_REPO_DIR": parsed["CONVERT"].embd_dir} if "CONVERT" in parsed else {}
+    threads = resolve_threads(args, environ)
     bash = {
         **{
             name: str(getattr(args, name))
             for name in ("RUN_GPU_STEPS", "USE_REPO_EMBD", "DATA_ONLY", "FORCE", "LAST_STEP")
         },
+        "THREADS": str(threads),
+        "SIDE_THREADS": str(max(1, threads // 2)),
         **folders,
         **shown,
     }
@@ -425,7 +446,11 @@ def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, st
             MODEL_NAME=s4.model_name, DATASET=s4.dataset, EMBED_MODEL_NAME=s4.embed_model_name,
             N_TRAIN_SAMPLES=str(s2.n_samples), N_TEST_SAMPLES=str(parsed["STEP2_TEST"].n_samples),
         )  # fmt: skip
-    return bash, argvs, settings_text(values, parsed, stages)
+    text = settings_text(values, parsed, stages)
+    text.append(
+        f"  threads: THREADS={threads}{'*' if 'THREADS' in values else ''} (steps 6 and 7: {bash['SIDE_THREADS']} each)"
+    )
+    return bash, argvs, text
 
 
 def settings_text(values: Mapping[str, str], parsed: Mapping[str, argparse.Namespace], stages: list[str]) -> list[str]:

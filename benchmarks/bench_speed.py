@@ -27,6 +27,9 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
    a fraction of its prompts, against one process start + its scoring FLOPs at the GEMM rate, and
    its evaluation throughput against a bare forward of the 10 members.
 6. ``python3 stepN_*.py --help`` for steps 5-8. Target <= 0.3 s.
+7. Threads on a shared machine (``--only threads``): the default demo (as row 3) at ``THREADS`` = all
+   CPUs and at ``THREADS=1``, alone and beside a fixed burner (one process spinning on one core),
+   runs interleaved; each setting's best of ``--repeats`` against ``THREADS`` = all CPUs alone.
 
 Every run row also prints the CPU time (user + sys) of its processes, which a shared machine
 disturbs less than the wall time. The lead's command (rows 3-6, ~15 minutes on 2 idle cores):
@@ -377,6 +380,35 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
     report_pipeline("3. run_all.sh default demo (FORCE=1)", runs, machine, flops, "target <= 10 s and <= 1.25x floor")
 
 
+def bench_threads(repeats: int) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    settings = sorted({cpus, 1}, reverse=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"DATA_DIR": f"{tmp}/data", "OUTPUT_DIR": f"{tmp}/out"}
+        run(["bash", "run_all.sh"], env)  # the demo data, once
+        best: dict[tuple[bool, int], Timing] = {}
+        for burner in (False, True):
+            spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if burner else None
+            try:
+                for _ in range(repeats):
+                    for threads in settings:
+                        shutil.rmtree(Path(tmp) / "out" / rm_data.SCORE_CACHE_DIR, ignore_errors=True)
+                        timing = run(["bash", "run_all.sh"], {**env, "FORCE": "1", "THREADS": str(threads)})
+                        key = (burner, threads)
+                        best[key] = min(best.get(key, timing), timing)
+            finally:
+                if spin is not None:
+                    spin.kill()
+                    spin.wait()
+    base = best[(False, cpus)].wall
+    for (burner, threads), timing in best.items():
+        report(
+            f"7. demo, THREADS={threads}" + (", beside a 1-core burner" if burner else ", alone"),
+            f"{timing.wall:.1f} s",
+            f"{timing.wall / base:.2f}x THREADS={cpus} alone; CPU {timing.cpu:.1f} s; {step_times(timing.stdout)}",
+        )
+
+
 def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
     """The seed's "real embeddings" run (conversion included): each repeat converts and trains afresh."""
     n_prompts = 1200 if quick else 5000
@@ -479,9 +511,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument(
         "--only",
-        choices=["throughput", "runs"],
+        choices=["throughput", "runs", "threads"],
         default=None,
-        help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale)",
+        help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale); threads: row 7",
     )
     parser.add_argument(
         "--step6_scale",
@@ -497,10 +529,12 @@ def main() -> None:
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     dim = 2048
-    if args.only != "runs":
+    if args.only == "threads":
+        bench_threads(args.repeats)
+    if args.only not in ("runs", "threads"):
         bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
         bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
-    if args.only != "throughput":
+    if args.only not in ("throughput", "threads"):
         machine = measure_machine(args.repeats)
         bench_run_all(machine, args.repeats)
         bench_real_shape(machine, args.repeats, args.quick)

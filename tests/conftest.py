@@ -40,6 +40,7 @@ SMALL_RUN_ALL = {
     "DEMO_EMB_DIM": "32",
     "DEMO_TEST_PROMPTS": "4",
     "DEMO_TEST_RESPONSES": "12",
+    "THREADS": "1",  # tiny models gain nothing from threads; in-process checks compare at one thread
 }
 
 

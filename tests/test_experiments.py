@@ -178,7 +178,10 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
         ),
         ({"SWEEP": "objective", "SEEDS": "1 x"}, "SEEDS must be integers, got 'x'"),
         ({"SWEEP": "objective", "JOBS": "0"}, "JOBS must be a positive integer, got '0'"),
-        ({"SWEEP": "objective", "PAIR_MODE": "cross"}, "PAIR_MODE must be xprompt or same, got 'cross'"),
+        (
+            {"SWEEP": "objective", "PAIR_MODE": "cross"},
+            "PAIR_MODE: invalid choice: 'cross' (choose from 'xprompt', 'same')",
+        ),
     ],
 )
 def test_sweep_bad_settings_are_one_line(tmp_path, env, message):

@@ -61,8 +61,8 @@ def test_gpu_path_flows_into_steps_5_to_8(tmp_path):
 
 def test_gpu_variables_are_validated_before_any_work(tmp_path):
     for name, value, fragment in (
-        ("RM_INPUT_FORMAT", "jinja", "RM_INPUT_FORMAT must be raw or chat_template"),
-        ("TP_SIZE", "0", "TP_SIZE must be a positive integer"),
+        ("RM_INPUT_FORMAT", "jinja", "RM_INPUT_FORMAT: invalid choice: 'jinja' (choose from 'raw', 'chat_template')"),
+        ("TP_SIZE", "0", "TP_SIZE: expected a positive integer, got '0'"),
     ):
         env = {
             **os.environ,

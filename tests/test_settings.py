@@ -74,12 +74,24 @@ def test_fallbacks_and_the_data_folder_named_after_the_setup(tmp_path):
         ({"LAST_STEP": "9"}, "LAST_STEP: invalid choice: 9 (choose from 5, 6, 7, 8)"),
         ({"RUN_GPU_STEPS": "1", "USE_REPO_EMBD": "1"}, "set at most one of RUN_GPU_STEPS=1 and USE_REPO_EMBD=1"),
         ({"DATA_DIR": "a\nb"}, "DATA_DIR must not contain a newline"),
+        ({"THREADS": "0"}, "THREADS: expected a positive integer, got '0'"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(env, message, tmp_path):
     with pytest.raises(cli.InputError) as err:
         settings.preflight(env, str(tmp_path))
     assert str(err.value) == message
+
+
+def test_threads_from_the_setting_then_openmp_then_the_affinity_mask(tmp_path):
+    def threads(env):
+        bash = settings.preflight(env, str(tmp_path))[0]
+        return int(bash["THREADS"]), int(bash["SIDE_THREADS"])
+
+    assert threads({"THREADS": "3", "OMP_NUM_THREADS": "8"}) == (3, 1)
+    assert threads({"OMP_NUM_THREADS": "8"}) == (8, 4)
+    cpus = len(os.sched_getaffinity(0))
+    assert threads({"OMP_NUM_THREADS": "x"}) == threads({}) == (cpus, max(1, cpus // 2))
 
 
 def test_the_gpu_steps_are_checked_only_when_they_run(tmp_path):
