@@ -399,7 +399,7 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     from networks import (
-        OrmTask,
+        OrmMember,
         TrainConfig,
         TrainingDiverged,
         mlp_train_flops_per_sample,
@@ -461,7 +461,7 @@ def main(argv=None) -> dict:
     generators = [torch.Generator().manual_seed(member_seed) for member_seed in member_seeds]
     splits, scheme, decision_pairs = member_splits(len(winners), generators, args, pair_rng)
     setups = [
-        OrmTask(
+        OrmMember(
             features,
             winners[train],
             losers[train],
