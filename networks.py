@@ -98,7 +98,7 @@ def _score_pairs(
 
 
 @dataclass
-class FitTask:
+class FitProblem:
     """One model for :func:`fit_models`: its mini-batch loss, validation loss and random stream."""
 
     model: MLP
@@ -111,8 +111,8 @@ class FitTask:
     constant_loss: float = 0.0  # a constant predictor's loss (log 2 for pairs, ~1 for standardised targets)
 
 
-class OrmTask:
-    """One ORM member's training set-up (model, losses, optional input standardisation) for :func:`fit_models`.
+class OrmMember:
+    """One ORM member's training problem (model, losses, optional input standardisation) for :func:`fit_models`.
 
     features: (R, D) float32 rows referenced by the index arrays
     winners, losers: (P,) int64 row indices of the training pairs (winner preferred); repeats allowed
@@ -167,7 +167,7 @@ class OrmTask:
             n_items = len(winners)
 
         validate = functools.partial(evaluate_pairs, model, objective, inputs, val_winners, val_losers)
-        self.task = FitTask(
+        self.problem = FitProblem(
             model,
             n_items,
             batch_loss,
@@ -179,7 +179,7 @@ class OrmTask:
 
     def finish(self, fit: FitResult) -> tuple[MLP, FitResult]:
         """The trained model taking raw embeddings (standardisation folded in) and its summary."""
-        model = self.task.model
+        model = self.problem.model
         if self.scale is not None:
             with torch.no_grad():  # W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)
                 model.fc1.weight.div_(self.scale)
@@ -189,12 +189,12 @@ class OrmTask:
 
 
 def train_orms(
-    setups: Sequence[OrmTask], config: TrainConfig, early_stopping: bool = True
+    members: Sequence[OrmMember], config: TrainConfig, early_stopping: bool = True
 ) -> list[tuple[MLP, FitResult]]:
-    """:func:`fit_models` of the members' tasks, then each member's :meth:`OrmTask.finish`: several
-    setups train side by side with one stopping epoch (``--early_stopping pooled``)."""
-    fits = fit_models([setup.task for setup in setups], config, early_stopping)
-    return [setup.finish(fit) for setup, fit in zip(setups, fits)]
+    """:func:`fit_models` of the members' problems, then each member's :meth:`OrmMember.finish`: several
+    members train side by side with one stopping epoch (``--early_stopping pooled``)."""
+    fits = fit_models([member.problem for member in members], config, early_stopping)
+    return [member.finish(fit) for member, fit in zip(members, fits)]
 
 
 class FusedAdam:
@@ -274,14 +274,95 @@ class TrainingDiverged(RuntimeError):
         self.index = index
 
 
-def _pooled(tasks: Sequence[FitTask], values: Sequence[float]) -> float:
-    """The tasks' values weighted by their ``val_weight`` (one task: its value, unchanged)."""
-    if len(tasks) == 1:
+def _pooled(problems: Sequence[FitProblem], values: Sequence[float]) -> float:
+    """The problems' values weighted by their ``val_weight`` (one problem: its value, unchanged)."""
+    if len(problems) == 1:
         return values[0]
-    return sum(task.val_weight * value for task, value in zip(tasks, values)) / sum(task.val_weight for task in tasks)
+    weights = [problem.val_weight for problem in problems]
+    return sum(weight * value for weight, value in zip(weights, values)) / sum(weights)
 
 
-def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bool = True) -> list[FitResult]:
+def check_diverged(
+    loss: float, untrained_loss: float, constant_loss: float, what: str, epochs_run: int, index: int
+) -> None:
+    """Raise :class:`TrainingDiverged` if ``loss`` is above :data:`DIVERGED_LOSS_RATIO` times the larger
+    of the untrained model's and a constant predictor's loss."""
+    reference = max(untrained_loss, constant_loss)
+    if loss > DIVERGED_LOSS_RATIO * reference:
+        whose = "the untrained model's" if reference == untrained_loss else "a constant predictor's"
+        raise TrainingDiverged(
+            f"{what} {loss:.4g} in {epochs_run} epoch(s), more than {DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}",
+            index,
+        )
+
+
+class EarlyStopping:
+    """The best epoch so far by (pooled) validation loss, or with ``by_accuracy`` by validation accuracy
+    (ties broken by the lower loss), its weights, and the patience left."""
+
+    def __init__(self, patience: int, by_accuracy: bool):
+        self.patience, self.by_accuracy = patience, by_accuracy
+        self.best_key, self.best_epoch, self.best_states = (math.inf,), 0, None
+        self.lowest_loss = math.inf  # of any epoch: what divergence is judged on
+
+    def should_stop(self, epoch: int, problems: Sequence[FitProblem], histories: Sequence[list[dict]]) -> bool:
+        """Take the epoch's validation values (the histories' last records); True once ``patience``
+        epochs have passed without a better one."""
+        pooled = _pooled(problems, [history[-1]["val_loss"] for history in histories])
+        self.lowest_loss = min(self.lowest_loss, pooled)
+        key = (pooled,)
+        if self.by_accuracy:
+            key = (-_pooled(problems, [history[-1]["val_accuracy"] for history in histories]), pooled)
+        if key < self.best_key:
+            self.best_key, self.best_epoch = key, epoch
+            self.best_states = [copy.deepcopy(problem.model.state_dict()) for problem in problems]
+            return False
+        if epoch - self.best_epoch < self.patience:
+            return False
+        log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, self.best_epoch, self.best_key[-1])
+        return True
+
+
+def _train_epoch(problem: FitProblem, optimizer: FusedAdam, config: TrainConfig) -> tuple[float, int]:
+    """One epoch of shuffled mini-batches (passes repeated up to ``config.min_epoch_steps`` steps): the
+    mean of its mini-batch losses and the number of samples seen."""
+    problem.model.train()
+    batches_per_pass = math.ceil(problem.n_items / config.batch_size)
+    passes = math.ceil(config.min_epoch_steps / batches_per_pass)
+    loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
+    for _ in range(passes):
+        order = torch.randperm(problem.n_items, generator=problem.generator)
+        for start in range(0, problem.n_items, config.batch_size):
+            loss = problem.batch_loss(order[start : start + config.batch_size])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+    return float(loss_sum) / (passes * batches_per_pass), problem.n_items * passes
+
+
+def _epoch_record(problem: FitProblem, epoch: int, train_loss: float, index: int) -> dict:
+    """The epoch's history record, with the validation pass of the trained weights; raises
+    :class:`TrainingDiverged` on a non-finite loss."""
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"non-finite training loss in epoch {epoch}", index)
+    loss, accuracy = problem.validate() if problem.validate is not None else (None, None)
+    if loss is not None and not math.isfinite(loss):
+        raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}", index)
+    record = {"epoch": epoch, "train_loss": train_loss, "val_loss": loss}
+    if accuracy is not None:  # ORMs: the validation pairs ranked right, ties 1/2
+        record["val_accuracy"] = accuracy
+    log.debug(
+        "epoch %d: train loss %.4f, val loss %s, val accuracy %s",
+        epoch,
+        train_loss,
+        "n/a" if loss is None else f"{loss:.4f}",
+        "n/a" if accuracy is None else f"{accuracy:.3f}",
+    )
+    return record
+
+
+def fit_models(problems: Sequence[FitProblem], config: TrainConfig, early_stopping: bool = True) -> list[FitResult]:
     """Adam over true epochs of shuffled mini-batches, the models side by side (each its own optimizer
     and random stream, so a model's updates do not depend on the others).
 
@@ -296,108 +377,62 @@ def fit_models(tasks: Sequence[FitTask], config: TrainConfig, early_stopping: bo
     :data:`DIVERGED_LOSS_RATIO` times the larger of the untrained models' (pooled) validation loss and
     ``constant_loss``: too high a learning rate, typically.
     """
-    if early_stopping and any(task.validate is None for task in tasks):
+    if early_stopping and any(problem.validate is None for problem in problems):
         raise ValueError("early stopping needs validation data for every model")
     optimizers = [
-        FusedAdam(task.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay) for task in tasks
+        FusedAdam(problem.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        for problem in problems
     ]
-    untrained = [task.validate() if task.validate is not None else (-math.inf, None) for task in tasks]
+    untrained = [problem.validate() if problem.validate is not None else (-math.inf, None) for problem in problems]
     by_accuracy = config.stop_metric == "accuracy"
     if by_accuracy and any(accuracy is None for _, accuracy in untrained):
         raise ValueError("stop_metric 'accuracy' needs a validation pair accuracy for every model")
-    untrained = [loss for loss, _ in untrained]
-    histories: list[list[dict]] = [[] for _ in tasks]
-    best_key, lowest_loss, best_epoch, best_states, epochs_run = (math.inf,), math.inf, 0, None, 0
-    samples, train_seconds = [0] * len(tasks), [0.0] * len(tasks)
+    stopping = EarlyStopping(config.patience, by_accuracy) if early_stopping else None
+    histories: list[list[dict]] = [[] for _ in problems]
+    samples, train_seconds = [0] * len(problems), [0.0] * len(problems)
     for epoch in range(1, config.epochs + 1):
-        epochs_run = epoch
-        losses = []
-        for i, (task, optimizer) in enumerate(zip(tasks, optimizers)):
-            task.model.train()
-            batches_per_pass = math.ceil(task.n_items / config.batch_size)
-            passes = math.ceil(config.min_epoch_steps / batches_per_pass)
+        for i, (problem, optimizer) in enumerate(zip(problems, optimizers)):
             start_time = time.perf_counter()
-            loss_sum = torch.zeros(())  # checked once per epoch: no per-step synchronisation
-            for _ in range(passes):
-                order = torch.randperm(task.n_items, generator=task.generator)
-                for start in range(0, task.n_items, config.batch_size):
-                    loss = task.batch_loss(order[start : start + config.batch_size])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += loss.detach()
+            train_loss, n_samples = _train_epoch(problem, optimizer, config)
             train_seconds[i] += time.perf_counter() - start_time
-            samples[i] += task.n_items * passes
-            if not torch.isfinite(loss_sum):
-                raise TrainingDiverged(f"non-finite training loss in epoch {epoch}", i)
-            loss, accuracy = task.validate() if task.validate is not None else (None, None)
-            if loss is not None and not math.isfinite(loss):
-                raise TrainingDiverged(f"non-finite validation loss in epoch {epoch}", i)
-            train_loss = float(loss_sum) / (passes * batches_per_pass)
-            histories[i].append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss})
-            if accuracy is not None:  # ORMs: the validation pairs ranked right, ties 1/2
-                histories[i][-1]["val_accuracy"] = accuracy
-            log.debug(
-                "epoch %d: train loss %.4f, val loss %s, val accuracy %s",
-                epoch,
-                train_loss,
-                "n/a" if loss is None else f"{loss:.4f}",
-                "n/a" if accuracy is None else f"{accuracy:.3f}",
-            )
-            losses.append(loss)
-        if not early_stopping:
-            continue
-        pooled = _pooled(tasks, losses)
-        lowest_loss = min(lowest_loss, pooled)
-        # "accuracy": the highest (pooled) validation accuracy, ties broken by the lower loss
-        key = (-_pooled(tasks, [h[-1]["val_accuracy"] for h in histories]), pooled) if by_accuracy else (pooled,)
-        if key < best_key:
-            best_key, best_epoch = key, epoch
-            best_states = [copy.deepcopy(task.model.state_dict()) for task in tasks]
-        elif epoch - best_epoch >= config.patience:
-            log.info("early stop at epoch %d (best %d, val loss %.4f)", epoch, best_epoch, best_key[-1])
+            samples[i] += n_samples
+            histories[i].append(_epoch_record(problem, epoch, train_loss, i))
+        if stopping is not None and stopping.should_stop(epoch, problems, histories):
             break
+    speeds = [n / max(seconds, 1e-9) for n, seconds in zip(samples, train_seconds)]
+    return _finish_fits(problems, histories, [loss for loss, _ in untrained], stopping, speeds)
 
-    def check(loss: float, untrained_loss: float, constant_loss: float, what: str, index: int) -> None:
-        reference = max(untrained_loss, constant_loss)
-        if loss > DIVERGED_LOSS_RATIO * reference:
-            whose = "the untrained model's" if reference == untrained_loss else "a constant predictor's"
-            raise TrainingDiverged(
-                f"{what} {loss:.4g} in {epochs_run} epoch(s), more than "
-                f"{DIVERGED_LOSS_RATIO:g}x {whose} {reference:.4g}",
-                index,
-            )
 
-    if early_stopping:  # on the loss the epoch was chosen on: a tiny slice of one model alone is too noisy
-        check(
-            lowest_loss,
-            _pooled(tasks, untrained),
-            max(task.constant_loss for task in tasks),
-            "best validation loss" if len(tasks) == 1 else "best pooled validation loss",
-            -1 if len(tasks) > 1 else 0,
+def _finish_fits(
+    problems: Sequence[FitProblem],
+    histories: list[list[dict]],
+    untrained: list[float],
+    stopping: EarlyStopping | None,
+    speeds: list[float],
+) -> list[FitResult]:
+    """Check for divergence, restore the best epoch's weights (early stopping) and report each fit."""
+    epochs_run = len(histories[0])
+    if stopping is not None:  # on the loss the epoch was chosen on: a tiny slice of one model alone is too noisy
+        check_diverged(
+            stopping.lowest_loss,
+            _pooled(problems, untrained),
+            max(problem.constant_loss for problem in problems),
+            "best validation loss" if len(problems) == 1 else "best pooled validation loss",
+            epochs_run,
+            -1 if len(problems) > 1 else 0,
         )
-    else:
-        best_epoch = epochs_run
+    best_epoch = stopping.best_epoch if stopping is not None else epochs_run
     fits = []
-    for i, task in enumerate(tasks):
-        record = histories[i][best_epoch - 1]
-        if not early_stopping:
-            monitored = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
-            check(
-                monitored,
-                untrained[i],
-                task.constant_loss,
-                "validation loss" if record["val_loss"] is not None else "training loss",
-                i,
-            )
-        if best_states is not None:
-            task.model.load_state_dict(best_states[i])
-        task.model.eval()
-        fits.append(
-            FitResult(
-                best_epoch, epochs_run, record["val_loss"], samples[i] / max(train_seconds[i], 1e-9), histories[i]
-            )
-        )
+    for i, (problem, history) in enumerate(zip(problems, histories)):
+        record = history[best_epoch - 1]
+        if stopping is None:
+            trained_on = "validation" if record["val_loss"] is not None else "training"
+            loss = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
+            check_diverged(loss, untrained[i], problem.constant_loss, f"{trained_on} loss", epochs_run, i)
+        else:
+            problem.model.load_state_dict(stopping.best_states[i])
+        problem.model.eval()
+        fits.append(FitResult(best_epoch, epochs_run, record["val_loss"], speeds[i], history))
     return fits
 
 
@@ -563,7 +598,7 @@ def train_student(
     def validate() -> tuple[float, None]:
         return float(F.mse_loss(predict_rows(model, features, val_rows), scaled[val_rows])), None
 
-    fit = fit_models([FitTask(model, len(train_rows), batch_loss, validate, generator, 1.0, 1.0)], config)[0]
+    fit = fit_models([FitProblem(model, len(train_rows), batch_loss, validate, generator, 1.0, 1.0)], config)[0]
     with torch.no_grad():  # fold the target standardisation into the output layer
         model.fc3.weight.mul_(std)
         model.fc3.bias.mul_(std).add_(mean)

@@ -392,20 +392,173 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
     return [(torch.arange(n_pairs), no_val) for _ in generators], "none", 0
 
 
+def label_pairs(
+    rewards: np.ndarray, pairs: tuple[np.ndarray, ...], annotation_quality: float, reward_scale: float, rng
+) -> tuple[np.ndarray, dict]:
+    """The simulated annotator's labels of the pairs (first_wins) and their :func:`pair_statistics`;
+    ``rewards`` is (prompts, splits) golden rewards."""
+    first_r, second_r = rewards[pairs[0], pairs[1]], rewards[pairs[2], pairs[3]]
+    first_wins, prob = simulate_annotator(first_r, second_r, annotation_quality, reward_scale, rng)
+    stats = pair_statistics(first_r, second_r, first_wins, prob, reward_scale)
+    log.info(
+        "%d pairs, label flip rate %.3f (theory %.3f)",
+        stats["n_pairs"],
+        stats["label_flip_rate"],
+        stats["expected_flip_rate"],
+    )
+    return first_wins, stats
+
+
+def pair_features(data, pairs: tuple[np.ndarray, ...], first_wins: np.ndarray):
+    """Each response used in a pair read once: features (R, D) and the pairs' winners and losers as
+    row indices into them (torch tensors)."""
+    import torch
+
+    first_p, first_k, second_p, second_k = pairs
+    keys = np.concatenate([first_k * data.n_prompts + first_p, second_k * data.n_prompts + second_p])
+    unique_keys, inverse = np.unique(keys, return_inverse=True)
+    features = np.empty((len(unique_keys), data.dim), dtype=np.float32)
+    for k in range(data.n_splits):
+        in_split = unique_keys // data.n_prompts == k
+        features[in_split] = data.read_rows(k, unique_keys[in_split] % data.n_prompts)
+    first_rows, second_rows = np.split(inverse, 2)
+    winners = torch.from_numpy(np.where(first_wins, first_rows, second_rows))
+    losers = torch.from_numpy(np.where(first_wins, second_rows, first_rows))
+    return torch.from_numpy(features), winners, losers
+
+
+def member_pairs(winners, losers, splits: list) -> list[tuple]:
+    """Each member's (winners, losers, val_winners, val_losers) from its :func:`member_splits` split."""
+    return [(winners[train], losers[train], winners[val], losers[val]) for train, val in splits]
+
+
+def train_config(args):
+    """The ``networks.TrainConfig`` of the flags."""
+    from networks import TrainConfig
+
+    return TrainConfig(
+        args.training_epochs,
+        args.learning_rate,
+        args.batch_size,
+        args.patience,
+        args.weight_decay,
+        args.stop_metric,
+        args.min_epoch_steps,
+    )
+
+
+def train_members(members: list, config, scheme: str, learning_rate: float) -> list:
+    """Train the members (``networks.OrmMember``) by the early-stopping scheme: (model, FitResult) each.
+    Divergence is an InputError naming the member and --learning_rate."""
+    from tqdm import tqdm
+
+    from networks import TrainingDiverged, train_orms
+
+    trained = []
+    try:
+        if scheme == "pooled":
+            start = time.perf_counter()
+            trained = train_orms(members, config)  # one stopping epoch for all
+            log.info(
+                "pooled early stopping: best epoch %d/%d for all %d members, %.2fs",
+                trained[0][1].best_epoch,
+                trained[0][1].epochs_run,
+                len(trained),
+                time.perf_counter() - start,
+            )
+        else:
+            for member in tqdm(members, desc="ensemble members", disable=None):
+                trained += train_orms([member], config, early_stopping=scheme == "member")
+    except TrainingDiverged as err:
+        index = err.index if scheme == "pooled" else len(trained)
+        who = "ORM members" if index < 0 else f"ORM member {index}"
+        raise InputError(
+            f"{who} diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {learning_rate:g}"
+        ) from None
+    return trained
+
+
+def member_record(member: int, checkpoint: str, seed: int, result, train_pairs: int, val_pairs: int) -> dict:
+    """A member's entry in the manifest; ``result`` is its ``networks.FitResult``."""
+    return {
+        "member": member,
+        "checkpoint": checkpoint,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "val_loss": result.best_val_loss,
+        "val_pair_accuracy": result.val_pair_accuracy,
+        "train_pairs": train_pairs,
+        "val_pairs": val_pairs,
+        "history": result.history,
+    }
+
+
+def log_member(member: int, result, responses_per_sample: int, flops_per_response: int) -> None:
+    """A member's line: its stopping epoch, validation loss and accuracy, training speed."""
+    responses_per_second = result.samples_per_second * responses_per_sample
+    log.info(
+        "member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
+        member,
+        result.best_epoch,
+        result.epochs_run,
+        "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}",
+        "n/a" if result.val_pair_accuracy is None else f"{result.val_pair_accuracy:.4f}",
+        responses_per_second,
+        responses_per_second * flops_per_response / 1e9,
+    )
+
+
+def partition_record(
+    partition: dict, split_seed: int, eval_prompts: int, n_sample: int, data, data_fingerprint
+) -> dict:
+    """``prompt_split.json``: the partition and what it was drawn from (steps 6-8 refuse it for other data)."""
+    return {
+        "split_seed": split_seed,
+        "eval_prompts": eval_prompts,
+        "n_prompts": data.n_prompts,
+        "n_sample": n_sample,
+        "data_fingerprint": data_fingerprint,
+        **partition,
+    }
+
+
+def manifest_record(
+    args, data, data_fingerprint, partition: dict, stats: dict, scheme: str, decision_pairs: int, records: list
+) -> dict:
+    """``orm_manifest.json``: the flags (``args``, but the output folder), the data, the pairs, the
+    early-stopping scheme used and each member's record."""
+    return {
+        "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
+        "data": {
+            "data_dir": str(Path(args.data_dir)),
+            "fingerprint": data_fingerprint,
+            "n_prompts": data.n_prompts,
+            "n_splits": data.n_splits,
+            "dim": data.dim,
+            "dtype": str(data.dtype),
+            "embedding": embedding_record(args.data_dir, args.embed_model_name),
+        },
+        "prompt_counts": {role: len(ids) for role, ids in partition.items()},
+        "pair_statistics": stats,
+        "checkpoints": [record["checkpoint"] for record in records],
+        "early_stopping": {
+            "scheme": scheme,
+            "requested": args.early_stopping,
+            "stop_metric": args.stop_metric,
+            "decision_validation_pairs": decision_pairs,
+            "bagging": bool(args.bagging),
+        },
+        "members": records,
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # torch is imported once the flags are valid: --help and flag errors return at once.
     import torch
-    from tqdm import tqdm
 
-    from networks import (
-        OrmTask,
-        TrainConfig,
-        TrainingDiverged,
-        mlp_train_flops_per_sample,
-        save_checkpoint,
-        train_orms,
-    )
+    from networks import OrmMember, mlp_train_flops_per_sample, save_checkpoint
 
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
@@ -422,150 +575,39 @@ def main(argv=None) -> dict:
     partition = make_partition(data.n_prompts, args.n_sample, args.split_seed, args.eval_prompts)
     orm_prompts = np.asarray(partition["orm_train"], dtype=np.int64)
     candidates = candidate_splits(len(orm_prompts), data.n_splits, args.consider_first_n, pair_rng)
-    first_p, first_k, second_p, second_k = build_pairs(
+    pairs = build_pairs(
         orm_prompts, candidates, args.n_pairs, args.pair_mode, args.replacement == "replacement_true", pair_rng
     )
-    first_r, second_r = data.rewards[first_p, first_k], data.rewards[second_p, second_k]
-    first_wins, prob = simulate_annotator(first_r, second_r, args.annotation_quality, args.reward_scale, label_rng)
-    stats = pair_statistics(first_r, second_r, first_wins, prob, args.reward_scale)
-    if stats["n_pairs"] < 2:
+    if len(pairs[0]) < 2:
         raise InputError(f"--n_sample {args.n_sample} x --n_pairs {args.n_pairs} gives fewer than 2 pairs")
-    log.info(
-        "%d pairs, label flip rate %.3f (theory %.3f)",
-        stats["n_pairs"],
-        stats["label_flip_rate"],
-        stats["expected_flip_rate"],
-    )
+    first_wins, stats = label_pairs(data.rewards, pairs, args.annotation_quality, args.reward_scale, label_rng)
+    features, winners, losers = pair_features(data, pairs, first_wins)
 
-    # Read each response used in a pair once: features (R, D), pairs as row indices into it.
-    keys = np.concatenate([first_k * data.n_prompts + first_p, second_k * data.n_prompts + second_p])
-    unique_keys, inverse = np.unique(keys, return_inverse=True)
-    features = np.empty((len(unique_keys), data.dim), dtype=np.float32)
-    for k in range(data.n_splits):
-        in_split = unique_keys // data.n_prompts == k
-        features[in_split] = data.read_rows(k, unique_keys[in_split] % data.n_prompts)
-    first_rows, second_rows = np.split(inverse, 2)
-    winners = torch.from_numpy(np.where(first_wins, first_rows, second_rows))
-    losers = torch.from_numpy(np.where(first_wins, second_rows, first_rows))
-    features = torch.from_numpy(features)
-
-    config = TrainConfig(
-        args.training_epochs,
-        args.learning_rate,
-        args.batch_size,
-        args.patience,
-        args.weight_decay,
-        args.stop_metric,
-        args.min_epoch_steps,
-    )
     generators = [torch.Generator().manual_seed(member_seed) for member_seed in member_seeds]
     splits, scheme, decision_pairs = member_splits(len(winners), generators, args, pair_rng)
-    setups = [
-        OrmTask(
-            features,
-            winners[train],
-            losers[train],
-            winners[val],
-            losers[val],
-            args.rm_objective,
-            generator,
-            bool(args.standardize),
-        )
-        for (train, val), generator in zip(splits, generators)
+    members = [
+        OrmMember(features, *own_pairs, args.rm_objective, generator, bool(args.standardize))
+        for own_pairs, generator in zip(member_pairs(winners, losers, splits), generators)
     ]
-    trained = []
-    try:
-        if scheme == "pooled":
-            start = time.perf_counter()
-            trained = train_orms(setups, config)  # one stopping epoch for all
-            log.info(
-                "pooled early stopping: best epoch %d/%d for all %d members, %.2fs",
-                trained[0][1].best_epoch,
-                trained[0][1].epochs_run,
-                len(trained),
-                time.perf_counter() - start,
-            )
-        else:
-            for setup in tqdm(setups, desc="ensemble members", disable=None):
-                trained += train_orms([setup], config, early_stopping=scheme == "member")
-    except TrainingDiverged as err:
-        member = err.index if scheme == "pooled" else len(trained)
-        who = "ORM members" if member < 0 else f"ORM member {member}"
-        raise InputError(
-            f"{who} diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {args.learning_rate:g}"
-        ) from None
-    members = []
+    trained = train_members(members, train_config(args), scheme, args.learning_rate)
+    records = []
     flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
     for member, ((_, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):
-        responses_per_second = result.samples_per_second * OBJECTIVES[args.rm_objective].responses_per_sample
-        log.info(
-            "member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
-            member,
-            result.best_epoch,
-            result.epochs_run,
-            "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}",
-            "n/a" if result.val_pair_accuracy is None else f"{result.val_pair_accuracy:.4f}",
-            responses_per_second,
-            responses_per_second * flops / 1e9,
-        )
-        members.append(
-            {
-                "member": member,
-                "checkpoint": checkpoint_name(args, member),
-                "seed": member_seed,
-                "best_epoch": result.best_epoch,
-                "epochs_run": result.epochs_run,
-                "val_loss": result.best_val_loss,
-                "val_pair_accuracy": result.val_pair_accuracy,
-                "train_pairs": len(train),
-                "val_pairs": len(val),
-                "history": result.history,
-            }
-        )
+        log_member(member, result, OBJECTIVES[args.rm_objective].responses_per_sample, flops)
+        records.append(member_record(member, checkpoint_name(args, member), member_seed, result, len(train), len(val)))
 
-    checkpoints = [record["checkpoint"] for record in members]
     # Saved once every member has trained: a diverged one leaves no files.
-    for name, (model, _) in zip(checkpoints, trained):
-        save_checkpoint(model, output_dir / name)
+    for record, (model, _) in zip(records, trained):
+        save_checkpoint(model, output_dir / record["checkpoint"])
     data_fingerprint = fingerprint(data)
-    # What the partition was drawn from: steps 6-8 refuse it for other data.
     write_json(
         output_dir / PARTITION_FILE,
-        {
-            "split_seed": args.split_seed,
-            "eval_prompts": args.eval_prompts,
-            "n_prompts": data.n_prompts,
-            "n_sample": args.n_sample,
-            "data_fingerprint": data_fingerprint,
-            **partition,
-        },
+        partition_record(partition, args.split_seed, args.eval_prompts, args.n_sample, data, data_fingerprint),
     )
-    manifest = {
-        "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
-        "data": {
-            "data_dir": str(Path(args.data_dir)),
-            "fingerprint": data_fingerprint,
-            "n_prompts": data.n_prompts,
-            "n_splits": data.n_splits,
-            "dim": data.dim,
-            "dtype": str(data.dtype),
-            "embedding": embedding_record(args.data_dir, args.embed_model_name),
-        },
-        "prompt_counts": {role: len(ids) for role, ids in partition.items()},
-        "pair_statistics": stats,
-        "checkpoints": checkpoints,
-        "early_stopping": {
-            "scheme": scheme,
-            "requested": args.early_stopping,
-            "stop_metric": args.stop_metric,
-            "decision_validation_pairs": decision_pairs,
-            "bagging": bool(args.bagging),
-        },
-        "members": members,
-    }
+    manifest = manifest_record(args, data, data_fingerprint, partition, stats, scheme, decision_pairs, records)
     write_json(output_dir / MANIFEST_FILE, manifest)  # written last: marks the run complete
     print(
-        f"step5: trained {len(checkpoints)} {args.rm_objective} members on {stats['n_pairs']} pairs "
+        f"step5: trained {len(records)} {args.rm_objective} members on {stats['n_pairs']} pairs "
         f"(flip rate {stats['label_flip_rate']:.3f}) -> {output_dir / MANIFEST_FILE}"
     )
     return manifest

@@ -96,8 +96,8 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
 
     def project():
         generator = torch.Generator().manual_seed(1)
-        setup = networks.OrmTask(features, winners[val:], losers[val:], winners[:val], losers[:val], "bt", generator)
-        networks.train_orms([setup], config)
+        member = networks.OrmMember(features, winners[val:], losers[val:], winners[:val], losers[:val], "bt", generator)
+        networks.train_orms([member], config)
 
     bare_model = networks.MLP(dim)
     bare_opt = torch.optim.Adam(bare_model.parameters(), lr=1e-3)

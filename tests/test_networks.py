@@ -87,7 +87,7 @@ def test_training_history_records_each_epoch_and_the_best_one():
             return float(torch.nn.functional.mse_loss(model(features[:16]), targets[:16])), None
 
     config = networks.TrainConfig(epochs=6, learning_rate=1e-2, batch_size=16, patience=10)
-    fit = networks.fit_models([networks.FitTask(model, 64, batch_loss, validate, gen)], config)[0]
+    fit = networks.fit_models([networks.FitProblem(model, 64, batch_loss, validate, gen)], config)[0]
     assert [record["epoch"] for record in fit.history] == list(range(1, 7)) and fit.epochs_run == 6
     for epoch, record in enumerate(fit.history):
         assert record["train_loss"] == pytest.approx(np.mean(batch_losses[4 * epoch : 4 * epoch + 4]), rel=1e-6)
@@ -112,7 +112,7 @@ def test_min_epoch_steps_repeats_small_passes_each_with_every_item_once():
 
     config = networks.TrainConfig(epochs=2, learning_rate=1e-2, batch_size=16, min_epoch_steps=5)
     fit = networks.fit_models(
-        [networks.FitTask(model, 30, batch_loss, None, gen, constant_loss=10.0)], config, early_stopping=False
+        [networks.FitProblem(model, 30, batch_loss, None, gen, constant_loss=10.0)], config, early_stopping=False
     )[0]
     assert len(batches) == 12 and fit.epochs_run == 2
     passes = [sorted(batches[i] + batches[i + 1]) for i in range(0, 12, 2)]
@@ -131,29 +131,29 @@ def test_fused_adam_with_weight_decay_is_bit_identical_to_torch_adamw(weight_dec
     assert sum(float(a.norm()) for a in ours) < sum(float(c.norm()) for c in plain)  # decay shrinks the weights
 
 
-def _pair_tasks(n_val: list[int]) -> tuple[list[networks.OrmTask], list[tuple[torch.Tensor, ...]]]:
-    """OrmTask set-ups on pairs labelled by a linear score with 20% flips: 40 rows of 12 features,
+def _pair_members(n_val: list[int]) -> tuple[list[networks.OrmMember], list[tuple[torch.Tensor, ...]]]:
+    """OrmMembers on pairs labelled by a linear score with 20% flips: 40 rows of 12 features,
     60 training pairs and n_val[i] validation pairs per model; also each model's four pair tensors."""
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(40, 12, generator=gen)
     score = features @ torch.randn(12, generator=gen)
-    setups, pair_sets = [], []
+    members, pair_sets = [], []
     for i, n in enumerate(n_val):
         first, second = torch.randint(40, (2, 60 + n), generator=gen)
         flip = torch.rand(60 + n, generator=gen) < 0.2
         first_wins = (score[first] > score[second]) ^ flip
         winners, losers = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
         pairs = (winners[:60], losers[:60], winners[60:], losers[60:])
-        setups.append(networks.OrmTask(features, *pairs, "bt", torch.Generator().manual_seed(100 + i)))
+        members.append(networks.OrmMember(features, *pairs, "bt", torch.Generator().manual_seed(100 + i)))
         pair_sets.append(pairs)
-    return setups, pair_sets
+    return members, pair_sets
 
 
 def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
     n_val = [4, 10, 30]
     config = networks.TrainConfig(epochs=12, learning_rate=1e-2, batch_size=16, patience=12)
-    setups, pair_sets = _pair_tasks(n_val)
-    trained = networks.train_orms(setups, config)
+    members, pair_sets = _pair_members(n_val)
+    trained = networks.train_orms(members, config)
     histories = [result.history for _, result in trained]
     loss_history = histories[0]
     pooled = [sum(n * h[e]["val_loss"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
@@ -161,16 +161,18 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
     own_best = [int(np.argmin([r["val_loss"] for r in h])) + 1 for h in histories]
     assert len(set(own_best)) > 1  # the case is informative: the members alone would disagree
     assert {result.best_epoch for _, result in trained} == {best} and all(r.epochs_run == 12 for _, r in trained)
-    for setup, pairs, (model, result) in zip(setups, pair_sets, trained):
+    for member, pairs, (model, result) in zip(members, pair_sets, trained):
         assert result.best_val_loss == result.history[best - 1]["val_loss"]
-        loss, _ = networks.evaluate_pairs(model, "bt", setup.features, pairs[2], pairs[3])
+        loss, _ = networks.evaluate_pairs(model, "bt", member.features, pairs[2], pairs[3])
         assert loss == pytest.approx(result.best_val_loss, rel=1e-6)  # that epoch's weights were restored
     # A model's updates do not depend on the others: trained alone for that many epochs, it is the same.
-    alone = networks.OrmTask(setups[1].features, *pair_sets[1], "bt", torch.Generator().manual_seed(101))
+    alone = networks.OrmMember(members[1].features, *pair_sets[1], "bt", torch.Generator().manual_seed(101))
     [(model, _)] = networks.train_orms([alone], networks.TrainConfig(best, 1e-2, 16), early_stopping=False)
     assert torch.equal(model.fc1.weight, trained[1][0].fc1.weight)
     # "accuracy": the highest pooled validation accuracy, ties broken by the pooled loss
-    trained = networks.train_orms(_pair_tasks(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy"))
+    trained = networks.train_orms(
+        _pair_members(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy")
+    )
     histories = [result.history for _, result in trained]
     accuracy = [sum(n * h[e]["val_accuracy"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
     keys = [(-accuracy[e], pooled[e]) for e in range(12)]
@@ -184,18 +186,18 @@ def test_standardised_training_is_folded_into_a_plain_first_layer():
     features[:, 4] = 2.5  # a constant column: its std 0 is replaced by 1
     winners, losers = torch.arange(0, 40, 2), torch.arange(1, 40, 2)
     val_winners, val_losers = torch.arange(40, 50, 2), torch.arange(41, 50, 2)
-    setup = networks.OrmTask(
+    member = networks.OrmMember(
         features, winners, losers, val_winners, val_losers, "bt", torch.Generator().manual_seed(0), standardize=True
     )
     train_rows = features[:40].double()
-    torch.testing.assert_close(setup.shift, train_rows.mean(0).float())  # training rows only
+    torch.testing.assert_close(member.shift, train_rows.mean(0).float())  # training rows only
     expected_scale = train_rows.std(0, correction=0).float()
     expected_scale[4] = 1.0
-    torch.testing.assert_close(setup.scale, expected_scale)
-    fit = networks.fit_models([setup.task], networks.TrainConfig(5, 1e-2, 8, 5))[0]
+    torch.testing.assert_close(member.scale, expected_scale)
+    fit = networks.fit_models([member.problem], networks.TrainConfig(5, 1e-2, 8, 5))[0]
     with torch.no_grad():
-        on_standardised = setup.task.model(setup.inputs(torch.arange(50)))
-    model, result = setup.finish(fit)
+        on_standardised = member.problem.model(member.inputs(torch.arange(50)))
+    model, result = member.finish(fit)
     with torch.no_grad():
         on_raw = model(features)
     torch.testing.assert_close(on_raw, on_standardised, rtol=1e-4, atol=1e-4)
@@ -203,19 +205,19 @@ def test_standardised_training_is_folded_into_a_plain_first_layer():
     assert result.val_pair_accuracy == networks.evaluate_pairs(model, "bt", features, val_winners, val_losers)[1]
 
 
-def _noisy_slice_setups() -> list[networks.OrmTask]:
+def _noisy_slice_members() -> list[networks.OrmMember]:
     """Three members on clean training pairs; member 0 validates on 4 pairs of which 3 have flipped
     labels (a tiny, unlucky slice), members 1 and 2 on 20 clean pairs each."""
     gen = torch.Generator().manual_seed(5)
     features = torch.randn(60, 16, generator=gen)
     score = features @ torch.randn(16, generator=gen)
-    setups = []
+    members = []
     for member, (n_val, flipped) in enumerate([(4, True), (20, False), (20, False)]):
         first, second = torch.randint(60, (2, 80 + n_val), generator=gen)
         first_wins = (score[first] > score[second]) ^ (torch.arange(80 + n_val) >= 81 if flipped else False)
         winners, losers = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
-        setups.append(
-            networks.OrmTask(
+        members.append(
+            networks.OrmMember(
                 features,
                 winners[:80],
                 losers[:80],
@@ -225,14 +227,14 @@ def _noisy_slice_setups() -> list[networks.OrmTask]:
                 torch.Generator().manual_seed(member),
             )
         )
-    return setups
+    return members
 
 
 def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
     defaults = step5.parse_args([])  # step 5's defaults: learning rate, patience, --min_val_pairs
     config = networks.TrainConfig(10, defaults.learning_rate, 16, defaults.patience)
     # Stopping on its own 4 pairs, 3 of them flipped (--min_val_pairs 0), member 0 keeps epoch 1:
-    old = networks.fit_models([_noisy_slice_setups()[0].task], config)[0]
+    old = networks.fit_models([_noisy_slice_members()[0].problem], config)[0]
     assert old.best_epoch == 1 and old.epochs_run == 1 + defaults.patience
     val = [record["val_loss"] for record in old.history]
     assert val == sorted(val)  # every epoch only made the flipped pairs worse
@@ -240,14 +242,14 @@ def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
     splits, scheme, decision_pairs = step5.member_splits(40, [torch.Generator()], defaults, np.random.default_rng(0))
     assert defaults.early_stopping == "member" and len(splits[0][1]) == 0 and (scheme, decision_pairs) == ("none", 0)
     assert defaults.min_val_pairs > 4 == round(defaults.val_fraction * 40)
-    setup = _noisy_slice_setups()[0]
-    new = networks.fit_models([setup.task], config, early_stopping=False)[0]
+    member = _noisy_slice_members()[0]
+    new = networks.fit_models([member.problem], config, early_stopping=False)[0]
     assert new.best_epoch == new.epochs_run == 10
     train = [record["train_loss"] for record in new.history]
     assert train[-1] < train[0] < math.log(2) + 0.1
     # --early_stopping pooled (with either --stop_metric): one epoch for all, chosen on all 44 pairs.
     for stop_metric in ("loss", "accuracy"):
         pooled_config = dataclasses.replace(config, stop_metric=stop_metric)
-        trained = networks.train_orms(_noisy_slice_setups(), pooled_config)
+        trained = networks.train_orms(_noisy_slice_members(), pooled_config)
         epochs = {result.best_epoch for _, result in trained}
         assert len(epochs) == 1 and epochs.pop() > 1, stop_metric
