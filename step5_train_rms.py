@@ -524,12 +524,21 @@ def partition_record(
 
 
 def manifest_record(
-    args, data, data_fingerprint, partition: dict, stats: dict, scheme: str, decision_pairs: int, records: list
+    args,
+    data,
+    data_fingerprint,
+    partition: dict,
+    stats: dict,
+    scheme: str,
+    decision_pairs: int,
+    records: list,
+    threads: int,
 ) -> dict:
-    """``orm_manifest.json``: the flags (``args``, but the output folder), the data, the pairs, the
-    early-stopping scheme used and each member's record."""
+    """``orm_manifest.json``: the flags (``args``, but the output folder), the threads, the data, the
+    pairs, the early-stopping scheme used and each member's record."""
     return {
         "config": {key: value for key, value in vars(args).items() if key != "output_dir"},
+        "threads": threads,  # a matrix product's last bits depend on its threads (run_all.sh THREADS)
         "data": {
             "data_dir": str(Path(args.data_dir)),
             "fingerprint": data_fingerprint,
@@ -558,8 +567,9 @@ def main(argv=None) -> dict:
     # torch is imported once the flags are valid: --help and flag errors return at once.
     import torch
 
-    from networks import OrmMember, mlp_train_flops_per_sample, save_checkpoint
+    from networks import OrmMember, flush_denormals, mlp_train_flops_per_sample, save_checkpoint
 
+    flush_denormals()
     setup_logging()
     output_dir = ensure_writable_dir(args.output_dir)
     data = load_embedding_set(args.data_dir, "train")
@@ -604,7 +614,9 @@ def main(argv=None) -> dict:
         output_dir / PARTITION_FILE,
         partition_record(partition, args.split_seed, args.eval_prompts, args.n_sample, data, data_fingerprint),
     )
-    manifest = manifest_record(args, data, data_fingerprint, partition, stats, scheme, decision_pairs, records)
+    manifest = manifest_record(
+        args, data, data_fingerprint, partition, stats, scheme, decision_pairs, records, torch.get_num_threads()
+    )
     write_json(output_dir / MANIFEST_FILE, manifest)  # written last: marks the run complete
     print(
         f"step5: trained {len(records)} {args.rm_objective} members on {stats['n_pairs']} pairs "

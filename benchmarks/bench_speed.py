@@ -30,6 +30,8 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
 7. Threads on a shared machine (``--only threads``): the default demo (as row 3) at ``THREADS`` = all
    CPUs and at ``THREADS=1``, alone and beside a fixed burner (one process spinning on one core),
    runs interleaved; each setting's best of ``--repeats`` against ``THREADS`` = all CPUs alone.
+8. Denormals (``--only denormals``): step 5 of the default demo at learning rates 1e-3 and 1e-4,
+   with float32 denormals flushed to zero (as the step runs) against the same step without it.
 
 Every run row also prints the CPU time (user + sys) of its processes, which a shared machine
 disturbs less than the wall time. The lead's command (rows 3-6, ~15 minutes on 2 idle cores):
@@ -411,6 +413,32 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
     report_pipeline("3. run_all.sh default demo (FORCE=1)", runs, machine, flops, "target <= 10 s and <= 1.25x floor")
 
 
+def bench_denormals(repeats: int) -> None:
+    code = "import sys, networks, step5_train_rms; {}step5_train_rms.main(sys.argv[1:])"
+    with tempfile.TemporaryDirectory() as tmp:
+        run([sys.executable, "generate_demo_data.py", "--output_dir", f"{tmp}/data"], {})
+        for learning_rate in ("1e-3", "1e-4"):
+            best: dict[str, Timing] = {}
+            for _ in range(repeats):  # interleaved
+                for name, patch in (("flushed", ""), ("plain", "networks.flush_denormals = lambda: None; ")):
+                    argv = [
+                        "--data_dir",
+                        f"{tmp}/data",
+                        "--output_dir",
+                        f"{tmp}/{name}",
+                        "--learning_rate",
+                        learning_rate,
+                    ]
+                    timing = run([sys.executable, "-c", code.format(patch), *argv], {})
+                    best[name] = min(best.get(name, timing), timing)
+            report(
+                f"8. step 5, demo, lr {learning_rate}: flushed vs plain",
+                f"{best['plain'].wall / best['flushed'].wall:.2f}x",
+                f"{best['flushed'].wall:.1f} s against {best['plain'].wall:.1f} s; "
+                f"CPU {best['flushed'].cpu:.1f} against {best['plain'].cpu:.1f} s",
+            )
+
+
 def bench_threads(repeats: int) -> None:
     cpus = len(os.sched_getaffinity(0))
     settings = sorted({cpus, 1}, reverse=True)
@@ -542,9 +570,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument(
         "--only",
-        choices=["throughput", "runs", "threads"],
+        choices=["throughput", "runs", "threads", "denormals"],
         default=None,
-        help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale); threads: row 7",
+        help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale); threads: row 7; "
+        "denormals: row 8",
     )
     parser.add_argument(
         "--step6_scale",
@@ -562,10 +591,12 @@ def main() -> None:
     dim = 2048
     if args.only == "threads":
         bench_threads(args.repeats)
-    if args.only not in ("runs", "threads"):
+    if args.only == "denormals":
+        bench_denormals(args.repeats)
+    if args.only not in ("runs", "threads", "denormals"):
         bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
         bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
-    if args.only not in ("throughput", "threads"):
+    if args.only not in ("throughput", "threads", "denormals"):
         machine = measure_machine(args.repeats)
         bench_run_all(machine, args.repeats)
         bench_real_shape(machine, args.repeats, args.quick)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, STEP5_FAST
 
 import networks
 import step5_train_rms as step5
@@ -253,3 +257,20 @@ def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
         trained = networks.train_orms(_noisy_slice_members(), pooled_config)
         epochs = {result.best_epoch for _, result in trained}
         assert len(epochs) == 1 and epochs.pop() > 1, stop_metric
+
+
+@pytest.mark.parametrize("learning_rate", ["1e-3", "1e-4"])
+def test_flushing_denormals_leaves_step5_byte_identical(demo_dir, tmp_path, learning_rate):
+    """Step 5 computes with float32 denormals flushed to zero (networks.flush_denormals), which is
+    faster; its outputs are byte for byte those of a run without it, at both learning rates."""
+    code = "import sys, networks, step5_train_rms; {}step5_train_rms.main(sys.argv[1:])"
+    argv = ["--data_dir", str(demo_dir), *STEP5_FAST[:-2], "--learning_rate", learning_rate]
+    for name, patch in (("flushed", ""), ("plain", "networks.flush_denormals = lambda: None; ")):
+        subprocess.run(
+            [sys.executable, "-c", code.format(patch), *argv, "--output_dir", str(tmp_path / name)],
+            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True,
+        )  # fmt: skip
+    outputs = sorted(path.name for path in (tmp_path / "flushed").iterdir())
+    assert sum(name.endswith(".ckpt") for name in outputs) == 2
+    for name in outputs:
+        assert (tmp_path / "flushed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
