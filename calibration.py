@@ -47,11 +47,6 @@ VARIANTS = ("standard", "centered")
 DEFAULT_VARIANT = "centered"
 MAP_FORMAT, MAP_FORMAT_VERSION = "isotonic_map", 1
 
-# The maps step 7 writes into the output directory (the seed's names).
-TEACHER_MAP_FILE = "isotonic_teacher_map.joblib"
-STUDENT_MAP_FILE = "isotonic_student_map.joblib"
-LEGACY_MAP_FILE = "isotonic_map.joblib"  # the seed's name for the teacher map
-
 
 # --------------------------------------------------------------------------------------------
 # The map

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from artifacts import (
     SAMPLE_BLOCK,
     atomic_paths,
+    ensure_writable_dir,
     file_sha256,
     json_sha256,
     read_json,
@@ -62,7 +63,7 @@ from artifacts import (
     write_json,
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, ensure_writable_dir, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, check_map_provenance, load_isotonic_map
+from calibration import check_map_provenance, load_isotonic_map
 from cli import DEFAULT_REWARD_VARIANT, REWARD_VARIANTS, InputError
 from llm_models import (
     ASSISTANT_TURN,
@@ -40,11 +40,12 @@ from llm_models import (
     scored_text,
 )
 from networks import StackedEnsemble, load_ensemble
-from rm_data import (
-    DEFAULT_CHUNK_ROWS,
+from rm_data import DEFAULT_CHUNK_ROWS, embedding_record
+from run_folder import (
     MANIFEST_FILE,
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
     checkpoint_paths,
-    embedding_record,
     load_manifest,
     student_checkpoint_name,
 )

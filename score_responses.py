@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from artifacts import ensure_writable_dir
 from cli import (
     DEFAULT_REWARD_VARIANT,
     REWARD_VARIANTS,
@@ -26,7 +27,6 @@ from cli import (
     run_cli,
     setup_logging,
 )
-from rm_data import ensure_writable_dir
 
 if TYPE_CHECKING:
     import torch

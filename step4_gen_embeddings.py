@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from artifacts import atomic_paths, write_json
+from artifacts import atomic_paths, ensure_writable_dir, write_json
 from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     POOLINGS,
@@ -45,7 +45,7 @@ from llm_models import (
     scored_text,
     tokenize_texts,
 )
-from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, ensure_writable_dir, write_rewards_jsonl
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, write_rewards_jsonl
 
 log = logging.getLogger("step4_gen_embeddings")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import write_json
+from artifacts import ensure_writable_dir, write_json
 from cli import (
     EARLY_STOPPING,
     ArgumentParser,
@@ -37,16 +37,15 @@ from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
 from rm_data import (
     DEFAULT_SPLIT_SEED,
-    MANIFEST_FILE,
     PARTITION_FILE,
     TASKS,
     default_eval_prompts,
     embedding_record,
-    ensure_writable_dir,
     fingerprint,
     load_embedding_set,
     make_partition,
 )
+from run_folder import MANIFEST_FILE
 
 log = logging.getLogger("step5")
 PAIR_MODES = ("xprompt", "same")

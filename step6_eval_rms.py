@@ -19,13 +19,22 @@ from baselines import baseline_scores
 from cli import ArgumentParser, finite_float, random_seed, run_cli, setup_logging
 from metrics import add_evaluation_draw_flags, best_of_n, calibration_errors, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, add_run_flags, open_run
+from run_folder import (
+    MANIFEST_FILE,
+    RUN_IDENTITY_FLAGS,
+    SCORE_CACHE_DIR,
+    add_run_flags,
+    eval_plot_files,
+    eval_results_file,
+    open_run,
+    score_cached,
+)
 
 log = logging.getLogger("step6")
 # Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
 # they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
 MANIFEST_FLAGS = {
-    **dict.fromkeys(SEED_FLAGS, str),
+    **dict.fromkeys(RUN_IDENTITY_FLAGS, str),
     "consider_first_n": int,
     "n_sample": int,
     "training_epochs": int,
@@ -119,14 +128,13 @@ def main(argv=None) -> dict:
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
     baselines = baseline_scores(data, partition["orm_train"], sets)
     for name, (eset, prompts) in sets.items():
-        scores = eset.score_cached(prompts, scorer, cache_dir, member_paths)
+        scores = score_cached(eset, prompts, scorer, cache_dir, member_paths)
         results[name] = evaluate(scores, eset.rewards[prompts], baselines[name], args, seed)
     log.info("evaluated %d members and the baselines in %.2fs", len(models), time.perf_counter() - start)
 
-    json_path = output_dir / f"eval_results_{objective}.json"
-    plot_path = output_dir / f"eval_best_of_n_{objective}.png"
+    json_path = output_dir / eval_results_file(objective)
+    plot_path, curves_path = (output_dir / name for name in eval_plot_files(objective))
     panels = {f"{name} ({results[name]['n_prompts']} prompts)": results[name]["best_of_n"] for name in sets}
-    curves_path = output_dir / f"training_curves_{objective}.png"
     records = {f"member {record.get('member', i)}": record for i, record in enumerate(manifest.get("members") or [])}
     curves = {name: record.get("history") or [] for name, record in records.items()}
     kept = {name: record.get("best_epoch") for name, record in records.items()}

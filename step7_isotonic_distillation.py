@@ -25,9 +25,6 @@ import numpy as np
 from artifacts import json_sha256, write_json
 from calibration import (
     DEFAULT_VARIANT,
-    LEGACY_MAP_FILE,
-    STUDENT_MAP_FILE,
-    TEACHER_MAP_FILE,
     VARIANTS,
     IsotonicMap,
     cross_validate,
@@ -48,21 +45,24 @@ from cli import (
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
-from rm_data import (
+from rm_data import TASKS, EmbeddingSet
+from run_folder import (
+    DISTILLATION_CONFIG_FILE,
+    LEGACY_MAP_FILE,
     MANIFEST_FILE,
+    RUN_IDENTITY_FLAGS,
     SCORE_CACHE_DIR,
-    SEED_FLAGS,
+    STUDENT_MAP_FILE,
     STUDENT_SCORES,
-    TASKS,
-    EmbeddingSet,
+    TEACHER_MAP_FILE,
     Run,
     add_run_flags,
     open_run,
+    score_cached,
     student_checkpoint_name,
 )
 
 log = logging.getLogger("step7")
-CONFIG_FILE = "distillation_config.json"
 
 
 def build_parser() -> ArgumentParser:
@@ -79,7 +79,7 @@ def build_parser() -> ArgumentParser:
         choices=OBJECTIVES,
         help="names the student checkpoint (default and check: the manifest's)",
     )
-    for flag in SEED_FLAGS:
+    for flag in RUN_IDENTITY_FLAGS:
         if flag not in ("task", "rm_objective"):
             parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
     parser.add_argument(
@@ -190,7 +190,7 @@ def cache_student_scores(
     report: here it only means that step 8 scores them itself."""
     try:
         for eset, prompts in run.evaluation_sets(partition, run.test_set()).values():
-            eset.score_cached(prompts, student, run.output_dir / SCORE_CACHE_DIR, [student_path], STUDENT_SCORES)
+            score_cached(eset, prompts, student, run.output_dir / SCORE_CACHE_DIR, [student_path], STUDENT_SCORES)
     except InputError as err:
         log.info("student scores of the evaluation sets not cached (%s)", err)
 
@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
     )
 
     setup_logging()
-    run = open_run(args, SEED_FLAGS, seed=args.seed)
+    run = open_run(args, RUN_IDENTITY_FLAGS, seed=args.seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     task = args.task or run.manifest["config"]["task"]
     objective = args.rm_objective or run.manifest["config"]["rm_objective"]
@@ -372,13 +372,13 @@ def main(argv=None) -> dict:
             "student_map_json": sidecar_path(STUDENT_MAP_FILE).name,
         },
     }
-    write_json(output_dir / CONFIG_FILE, config)
+    write_json(output_dir / DISTILLATION_CONFIG_FILE, config)
     cache_student_scores(run, partition, student_scorer, output_dir / student_name)
     print(
         f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
         f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
         f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
-        f"{output_dir / CONFIG_FILE}"
+        f"{output_dir / DISTILLATION_CONFIG_FILE}"
     )
     return config
 

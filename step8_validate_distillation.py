@@ -19,8 +19,6 @@ import numpy as np
 
 from artifacts import atomic_paths, json_text
 from calibration import (
-    STUDENT_MAP_FILE,
-    TEACHER_MAP_FILE,
     IsotonicMap,
     check_map_provenance,
     load_isotonic_map,
@@ -36,16 +34,24 @@ from metrics import (
     prediction_report,
 )
 from plots import plot_best_of_n, plot_calibration
-from rm_data import (
+from rm_data import EmbeddingSet
+from run_folder import (
     ENSEMBLE_SCORES,
     MANIFEST_FILE,
+    RUN_IDENTITY_FLAGS,
     SCORE_CACHE_DIR,
-    SEED_FLAGS,
+    STUDENT_MAP_FILE,
     STUDENT_SCORES,
-    EmbeddingSet,
+    TEACHER_MAP_FILE,
+    VALIDATION_BEST_OF_N_PLOT,
+    VALIDATION_CALIBRATION_PLOT,
+    VALIDATION_RESULTS_FILE,
+    VALIDATION_TABLE_FILE,
     LazyEnsemble,
     add_run_flags,
     open_run,
+    score_cache_entry,
+    score_cached,
     student_checkpoint_name,
 )
 
@@ -74,7 +80,7 @@ def parse_args(argv=None):
         default=None,
         help=f"student map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{STUDENT_MAP_FILE})",
     )
-    for flag in SEED_FLAGS:
+    for flag in RUN_IDENTITY_FLAGS:
         parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
     add_evaluation_draw_flags(parser)
     parser.add_argument(
@@ -92,7 +98,7 @@ def cached_scores(
     """Each set's (P, R) float64 mean of the model's scores: from the score cache where step 6 (the
     teacher's members) or step 7 (the student) left them, else scored with ``model``."""
     return {
-        name: eset.score_cached(prompts, model, cache_dir, model.paths, prefix).mean(axis=0).astype(np.float64)
+        name: score_cached(eset, prompts, model, cache_dir, model.paths, prefix).mean(axis=0).astype(np.float64)
         for name, (eset, prompts) in sets.items()
     }
 
@@ -180,7 +186,7 @@ def format_table(title: str, result: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    run = open_run(args, SEED_FLAGS, seed=args.seed)
+    run = open_run(args, RUN_IDENTITY_FLAGS, seed=args.seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     test = run.test_set()
     student_path = Path(
@@ -203,7 +209,7 @@ def main(argv=None) -> dict:
     sets, cache_dir = run.evaluation_sets(partition, test), output_dir / SCORE_CACHE_DIR
     models = {"teacher": (teacher, ENSEMBLE_SCORES), "student": (student, STUDENT_SCORES)}
     for model, prefix in models.values():  # every checkpoint to read is read before any score is written
-        if any(eset.score_cache_entry(ids, cache_dir, model.paths, prefix)[1] is None for eset, ids in sets.values()):
+        if any(score_cache_entry(eset, ids, cache_dir, model.paths, prefix)[1] is None for eset, ids in sets.values()):
             model.load()
     scores = {name: cached_scores(sets, model, cache_dir, prefix) for name, (model, prefix) in models.items()}
 
@@ -223,8 +229,8 @@ def main(argv=None) -> dict:
         results[name] = evaluate(variants, eset.rewards[prompts], constant, args, seed)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 
-    json_path, calibration_plot = output_dir / "validation_results.json", output_dir / "validation_calibration.png"
-    bon_plot = output_dir / "validation_best_of_n.png"
+    json_path, calibration_plot = output_dir / VALIDATION_RESULTS_FILE, output_dir / VALIDATION_CALIBRATION_PLOT
+    bon_plot = output_dir / VALIDATION_BEST_OF_N_PLOT
     label = {"held_out": "held-out prompts", "test": "test set"}
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
     table = "\n".join(format_table(label[name], results[name]) for name in sets)
@@ -233,7 +239,7 @@ def main(argv=None) -> dict:
         for name in sets
     }
     # All four files or none: a failure in any (a plot, a full disk) leaves no half of the results.
-    with atomic_paths(json_path, output_dir / "validation_table.txt", calibration_plot, bon_plot) as tmp_paths:
+    with atomic_paths(json_path, output_dir / VALIDATION_TABLE_FILE, calibration_plot, bon_plot) as tmp_paths:
         tmp_paths[0].write_text(json_text(results))
         tmp_paths[1].write_text(table + "\n")  # run_all.sh shows it when step 8 is up to date
         plot_calibration(

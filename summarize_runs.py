@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import json_sha256, read_json, write_text
+from artifacts import ensure_writable_dir, json_sha256, read_json, write_text
 from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
-from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir
+from rm_data import PARTITION_FILE
+from run_folder import DISTILLATION_CONFIG_FILE, MANIFEST_FILE, VALIDATION_RESULTS_FILE, eval_results_file
 from settings import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
 
@@ -191,7 +192,7 @@ def load_run(path: Path) -> Run:
     settings = {VARIABLES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
     if "REPLACEMENT" in settings:  # run_all.sh's REPLACEMENT=1 is step 5's --replacement replacement_true
         settings["REPLACEMENT"] = int(settings["REPLACEMENT"] == "replacement_true")
-    distillation = optional_json(path / "distillation_config.json")
+    distillation = optional_json(path / DISTILLATION_CONFIG_FILE)
     step7 = dig(distillation, "config") or {}
     settings.update({VARIABLES.get(key, key.upper()): step7[key] for key in STEP7_SETTINGS if key in step7})
     data_fingerprint = dig(manifest, "data", "fingerprint")
@@ -200,8 +201,8 @@ def load_run(path: Path) -> Run:
     if not isinstance(held_out, list):
         raise InputError(f"{path / PARTITION_FILE}: no held_out prompt list")
     held_out_key = json_sha256([data_fingerprint, sorted(held_out)])
-    evaluation = optional_json(path / f"eval_results_{config['rm_objective']}.json")
-    validation = optional_json(path / "validation_results.json")
+    evaluation = optional_json(path / eval_results_file(config["rm_objective"]))
+    validation = optional_json(path / VALIDATION_RESULTS_FILE)
     metrics, bon_n = {}, {}
     for eval_set in EVAL_SETS:
         values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
@@ -312,7 +313,7 @@ def leave_out(runs: list[Run], failed: dict[Path, Path]) -> tuple[list[Run], lis
         if run.path in failed:
             left_out.append((run.path, f"run_sweep.sh recorded the cell as failed (log {failed[run.path]})"))
         elif run.last_step < 6:
-            name = f"eval_results_{run.settings['RM_OBJECTIVE']}.json"
+            name = eval_results_file(run.settings["RM_OBJECTIVE"])
             left_out.append((run.path, f"no step-6 results ({name}): the run stopped after step 5"))
         else:
             kept.append(run)
@@ -338,7 +339,7 @@ def run_notes(runs: list[Run], left_out: list[tuple[Path, str]], failed: dict[Pa
     if partial:
         lines += ["## Runs counted in part", ""]
         lines += [
-            f"- `{run.path}`: stopped after step {run.last_step} (no validation_results.json): "
+            f"- `{run.path}`: stopped after step {run.last_step} (no {VALIDATION_RESULTS_FILE}): "
             "counted in the step-6 metrics, not in the MSE columns"
             for run in partial
         ]

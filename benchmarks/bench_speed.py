@@ -61,6 +61,7 @@ import artifacts  # noqa: E402
 import networks  # noqa: E402
 import objectives  # noqa: E402
 import rm_data  # noqa: E402
+import run_folder  # noqa: E402
 import step6_eval_rms  # noqa: E402
 
 
@@ -286,9 +287,9 @@ def pipeline_flops(out_dir: Path) -> dict[str, float]:
     held-out and test responses (step 8 takes the held-out and test scores of both models from the
     score cache). Not counted: element-wise work, metrics, isotonic fits, reading files.
     """
-    manifest = json.loads((out_dir / rm_data.MANIFEST_FILE).read_text())
-    distill = json.loads((out_dir / "distillation_config.json").read_text())
-    evaluation = json.loads((out_dir / f"eval_results_{manifest['config']['rm_objective']}.json").read_text())
+    manifest = json.loads((out_dir / run_folder.MANIFEST_FILE).read_text())
+    distill = json.loads((out_dir / run_folder.DISTILLATION_CONFIG_FILE).read_text())
+    evaluation = json.loads((out_dir / run_folder.eval_results_file(manifest["config"]["rm_objective"])).read_text())
     dim = manifest["data"]["dim"]
     forward, train = networks.mlp_flops_per_sample(dim), networks.mlp_train_flops_per_sample(dim)
     step5 = sum(
@@ -371,7 +372,7 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
         run(["bash", "run_all.sh"], env)  # generates the demo once (not part of the timed runs)
         runs = []
         for _ in range(repeats):  # FORCE: no resuming; no score cache: every FLOP counted is done
-            shutil.rmtree(Path(tmp) / "out" / rm_data.SCORE_CACHE_DIR)
+            shutil.rmtree(Path(tmp) / "out" / run_folder.SCORE_CACHE_DIR)
             runs.append(run(["bash", "run_all.sh"], {**env, "FORCE": "1"}))
         flops = pipeline_flops(Path(tmp) / "out")
     report_pipeline("3. run_all.sh default demo (FORCE=1)", runs, machine, flops, "target <= 10 s and <= 1.25x floor")
@@ -441,9 +442,9 @@ def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
         run(step5, {})
         runs = []
         for _ in range(repeats):
-            shutil.rmtree(out / rm_data.SCORE_CACHE_DIR, ignore_errors=True)  # score afresh each time
+            shutil.rmtree(out / run_folder.SCORE_CACHE_DIR, ignore_errors=True)  # score afresh each time
             runs.append(run(command("step6_eval_rms.py", output_dir=out), {}))
-        evaluation = json.loads((out / "eval_results_bt.json").read_text())
+        evaluation = json.loads((out / run_folder.eval_results_file("bt")).read_text())
     best = min(runs)
     responses = sum(evaluation[name]["n_responses"] for name in ("held_out", "test"))
     flops = responses * 10 * networks.mlp_flops_per_sample(2048)

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts import atomic_path, read_json, write_json, write_npy
+from artifacts import atomic_path, ensure_writable_dir, read_json, write_json, write_npy
 from cli import ArgumentParser, non_negative_float, non_negative_int, positive_int, random_seed, run_cli
 from convert_embeddings import LAYOUTS, repo_file_names
-from rm_data import TASKS, ensure_writable_dir
+from rm_data import TASKS
 
 CONFIG_FILE = "synthetic_repo.json"
 BLOCK_BYTES = 64 << 20

@@ -29,12 +29,14 @@ from conftest import run_failing  # noqa: E402
 import calibration  # noqa: E402
 import generate_demo_data  # noqa: E402
 import networks  # noqa: E402
+import run_folder  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
 from cli import InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
-from rm_data import SCORE_CACHE_DIR, EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
+from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
+from run_folder import SCORE_CACHE_DIR  # noqa: E402
 
 DEMO = [
     "--n_prompts",
@@ -69,7 +71,7 @@ STEP5 = [
     "3",
 ]
 STEP7 = ["--distill_epochs", "12", "--batch_size", "64"]
-MAP_FILES = (calibration.TEACHER_MAP_FILE, calibration.STUDENT_MAP_FILE, calibration.LEGACY_MAP_FILE)
+MAP_FILES = (run_folder.TEACHER_MAP_FILE, run_folder.STUDENT_MAP_FILE, run_folder.LEGACY_MAP_FILE)
 
 
 class WritesMarker:
@@ -204,7 +206,7 @@ def pipeline(tmp_path_factory):
     original_read_rows = EmbeddingSet.read_rows
 
     def recording_read_rows(self, split, prompt_ids):  # after_fits: once the config, written last, exists
-        after_fits = (out / step7.CONFIG_FILE).exists()
+        after_fits = (out / run_folder.DISTILLATION_CONFIG_FILE).exists()
         reads.append((self.kind, np.asarray(prompt_ids).copy(), after_fits))
         return original_read_rows(self, split, prompt_ids)
 
@@ -301,7 +303,7 @@ def test_student_reproduces_the_calibrated_teacher_on_held_out(pipeline):
     manifest = json.loads((pipeline["out"] / "orm_manifest.json").read_text())
     teacher = [load_checkpoint(pipeline["out"] / name, data.dim) for name in manifest["checkpoints"]]
     student = load_checkpoint(pipeline["out"] / "distilled_rm_helpful_bt.ckpt", data.dim)
-    teacher_map = calibration.load_isotonic_map(pipeline["out"] / calibration.TEACHER_MAP_FILE)
+    teacher_map = calibration.load_isotonic_map(pipeline["out"] / run_folder.TEACHER_MAP_FILE)
     targets = teacher_map.predict(data.score(held_out, networks.StackedEnsemble(teacher)).mean(axis=0))
     predictions = data.score(held_out, networks.StackedEnsemble([student]))[0]
     mse = float(np.mean((predictions - targets) ** 2))
@@ -331,7 +333,7 @@ def test_calibrated_variants_beat_the_constant_predictor(pipeline):
 
 def test_step7_artifacts_and_config(pipeline):
     out, config = pipeline["out"], pipeline["config"]
-    written = json.loads((out / step7.CONFIG_FILE).read_text())
+    written = json.loads((out / run_folder.DISTILLATION_CONFIG_FILE).read_text())
     assert written == json.loads(json.dumps(config))
     teacher_json = json.loads((out / "isotonic_teacher_map.json").read_text())
     assert teacher_json == json.loads((out / "isotonic_map.json").read_text())  # legacy alias

@@ -35,20 +35,21 @@ import step4_gen_embeddings  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
-from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
+from calibration import load_isotonic_map  # noqa: E402
 from cli import InputError  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
 from networks import StackedEnsemble, load_checkpoint  # noqa: E402
 from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # noqa: E402
-from rm_data import (  # noqa: E402
+from rm_data import load_embedding_set, load_partition  # noqa: E402
+from run_folder import (  # noqa: E402
     ENSEMBLE_SCORES,
     SCORE_CACHE_DIR,
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
     LazyEnsemble,
     checkpoint_paths,
-    load_embedding_set,
     load_manifest,
-    load_partition,
     student_checkpoint_name,
 )
 
