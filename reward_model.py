@@ -52,9 +52,6 @@ from run_folder import (
 
 log = logging.getLogger("reward_model")
 
-VARIANTS, DEFAULT_VARIANT = REWARD_VARIANTS, DEFAULT_REWARD_VARIANT
-STEP8_NAMES = dict(zip(VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
-ON_GOLDEN_SCALE = ("teacher_iso", "student", "student_iso")
 DEFAULT_MAX_LENGTH = 1024  # step 4's --max_length default, for manifests that do not record it
 TEXTS_PER_ROUND = 4096  # texts embedded, then scored, at a time: memory stays at ~TEXTS_PER_ROUND x D floats
 
@@ -73,16 +70,16 @@ class RewardModel:
         self._embedder = None
 
     @classmethod
-    def load(cls, output_dir: str | os.PathLike, variants: Sequence[str] = VARIANTS) -> RewardModel:
+    def load(cls, output_dir: str | os.PathLike, variants: Sequence[str] = REWARD_VARIANTS) -> RewardModel:
         """Load what ``variants`` need from ``output_dir`` (the teacher members, the student, their maps).
 
         Every problem (missing or foreign artifact, a map fitted on other checkpoints) is an
         :class:`cli.InputError` naming the file.
         """
         output_dir = Path(output_dir)
-        unknown = [v for v in variants if v not in VARIANTS]
+        unknown = [v for v in variants if v not in REWARD_VARIANTS]
         if unknown or not variants:
-            raise InputError(f"unknown reward variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+            raise InputError(f"unknown reward variant(s) {unknown}; choose from {', '.join(REWARD_VARIANTS)}")
         if not output_dir.is_dir():
             raise InputError(f"output directory {output_dir} does not exist (run run_all.sh or steps 5-7 first)")
         manifest = load_manifest(output_dir)
@@ -115,7 +112,7 @@ class RewardModel:
     # ----------------------------------------------------------------------------------------
     # Embeddings -> rewards
     # ----------------------------------------------------------------------------------------
-    def score_embeddings(self, embeddings: np.ndarray, variant: str = DEFAULT_VARIANT) -> np.ndarray:
+    def score_embeddings(self, embeddings: np.ndarray, variant: str = DEFAULT_REWARD_VARIANT) -> np.ndarray:
         """Rewards (N,) float64 of ``embeddings`` (N, D) float32 or float16."""
         return self.score_variants(embeddings, [variant])[variant]
 
@@ -201,7 +198,11 @@ class RewardModel:
         return embed_texts(model, tokenizer, texts, batch_size, max_length, progress, pooling)
 
     def score_texts(
-        self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT, progress: bool = True
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        variant: str = DEFAULT_REWARD_VARIANT,
+        progress: bool = True,
     ) -> np.ndarray:
         """Rewards (N,) float64 of (prompt, response) texts, ``TEXTS_PER_ROUND`` texts at a time."""
         if len(prompts) != len(responses):
@@ -213,7 +214,7 @@ class RewardModel:
             rewards[start:stop] = self.score_embeddings(embeddings, variant)
         return rewards
 
-    def trl_reward_function(self, variant: str = DEFAULT_VARIANT) -> TRLRewardFunction:
+    def trl_reward_function(self, variant: str = DEFAULT_REWARD_VARIANT) -> TRLRewardFunction:
         """A reward function for TRL's ``GRPOTrainer``/``RLOOTrainer`` (``reward_funcs=``)."""
         return TRLRewardFunction(self, variant)
 
@@ -255,7 +256,7 @@ class TRLRewardFunction:
     messages only) rendered as hh-rlhf text (:func:`hh_rlhf_prompt`); other keyword arguments are ignored.
     """
 
-    def __init__(self, reward_model: RewardModel, variant: str = DEFAULT_VARIANT):
+    def __init__(self, reward_model: RewardModel, variant: str = DEFAULT_REWARD_VARIANT):
         if variant not in reward_model.variants:
             raise InputError(f"variant {variant!r} not loaded; loaded: {', '.join(reward_model.variants)}")
         self.reward_model, self.variant = reward_model, variant

@@ -31,22 +31,23 @@ from run_folder import (
 )
 
 log = logging.getLogger("step6")
-# Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
-# they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
+# Step 5 flags that step 6 accepts, as the original authors' command lines pass them: when given,
+# they must match the ensemble recorded in the manifest (a mismatch means the wrong run). Step 5's
+# --seed is not among them: step 6's own seed is --eval_seed.
 MANIFEST_FLAGS = {
     **dict.fromkeys(RUN_IDENTITY_FLAGS, str),
     "consider_first_n": int,
     "n_sample": int,
     "training_epochs": int,
     "learning_rate": float,
-    "seed": random_seed,
     "annotation_quality": finite_float,
     "ensemble_number": int,
     "replacement": str,
 }
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description="Evaluate ORM ranking quality on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
     add_run_flags(parser)
@@ -54,7 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--eval_seed", type=random_seed, help="seed of evaluation draws (default: run seed)")
     for flag, kind in MANIFEST_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, help="checked against the manifest")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -69,20 +74,27 @@ def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(member_scores: np.ndarray, gold: np.ndarray, baselines: dict[str, np.ndarray], args, seed: int) -> dict:
+def evaluate(
+    member_scores: np.ndarray,
+    gold: np.ndarray,
+    baselines: dict[str, np.ndarray],
+    seed: int,
+    n_cross_pairs: int,
+    bon_draws: int,
+) -> dict:
     """Ranking metrics of every member and ensemble rule and of the ``baselines`` (name -> (P, R)
     scores), best-of-N curves of the ensembles and baselines; ridge's error to the golden reward."""
     variants = ensemble_variants(member_scores)
-    ranking = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
+    ranking = {name: ranking_report(pred, gold, seed, n_cross_pairs) for name, pred in variants.items()}
     ensembles = {name: pred for name, pred in variants.items() if name.startswith("ensemble")}
-    baseline_reports = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in baselines.items()}
+    baseline_reports = {name: ranking_report(pred, gold, seed, n_cross_pairs) for name, pred in baselines.items()}
     baseline_reports["ridge"]["calibration"] = calibration_errors(baselines["ridge"], gold)  # on the golden scale
     return {
         "n_prompts": gold.shape[0],
         "n_responses": gold.size,
         "ranking": ranking,
         "baselines": baseline_reports,
-        "best_of_n": best_of_n(gold, {**ensembles, **baselines}, args.bon_draws, seed),
+        "best_of_n": best_of_n(gold, {**ensembles, **baselines}, bon_draws, seed),
     }
 
 
@@ -129,7 +141,9 @@ def main(argv=None) -> dict:
     baselines = baseline_scores(data, partition["orm_train"], sets)
     for name, (eset, prompts) in sets.items():
         scores = score_cached(eset, prompts, scorer, cache_dir, member_paths)
-        results[name] = evaluate(scores, eset.rewards[prompts], baselines[name], args, seed)
+        results[name] = evaluate(
+            scores, eset.rewards[prompts], baselines[name], seed, args.n_cross_pairs, args.bon_draws
+        )
     log.info("evaluated %d members and the baselines in %.2fs", len(models), time.perf_counter() - start)
 
     json_path = output_dir / eval_results_file(objective)

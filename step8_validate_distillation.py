@@ -24,7 +24,7 @@ from calibration import (
     load_isotonic_map,
     sidecar_path,
 )
-from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
+from cli import GOLDEN_SCALE_VARIANTS, VARIANT_TITLES, ArgumentParser, positive_int, random_seed, run_cli, setup_logging
 from metrics import (
     add_evaluation_draw_flags,
     best_of_n,
@@ -56,12 +56,11 @@ from run_folder import (
 )
 
 log = logging.getLogger("step8")
-VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
-# Variants whose values are meant to be on the golden reward scale (MSE is meaningful).
-ON_GOLDEN_SCALE = ("Teacher+Isotonic", "Student", "Student+Isotonic")
+GOLDEN_SCALE_TITLES = tuple(VARIANT_TITLES[variant] for variant in GOLDEN_SCALE_VARIANTS)  # MSE meaningful
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description="Validate teacher, student and their isotonic maps on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="folder of steps 5 and 7; results go here")
     add_run_flags(parser, teacher=True)
@@ -81,15 +80,19 @@ def parse_args(argv=None):
         help=f"student map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{STUDENT_MAP_FILE})",
     )
     for flag in RUN_IDENTITY_FLAGS:
-        parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
+        parser.add_argument(f"--{flag}", default=None, help="step 5's flag, checked against the manifest")
     add_evaluation_draw_flags(parser)
     parser.add_argument(
         "--calibration_bins", type=positive_int, default=15, help="equal-count bins of the calibration plot"
     )
     parser.add_argument(
-        "--seed", type=random_seed, default=None, help="seed of evaluation draws (default: step 5's seed)"
+        "--eval_seed", type=random_seed, default=None, help="seed of evaluation draws (default: step 5's seed)"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def cached_scores(
@@ -103,22 +106,26 @@ def cached_scores(
     }
 
 
-def score_variants(
+def variants_from_scores(
     teacher: np.ndarray, student: np.ndarray, teacher_map: IsotonicMap, student_map: IsotonicMap
 ) -> dict[str, np.ndarray]:
     """The four variants' scores from the teacher's (the members' mean) and the student's raw scores."""
-    return {
-        "Teacher": teacher,
-        "Teacher+Isotonic": teacher_map.predict(teacher),
-        "Student": student,
-        "Student+Isotonic": student_map.predict(student),
-    }
+    values = (teacher, teacher_map.predict(teacher), student, student_map.predict(student))
+    return dict(zip(VARIANT_TITLES.values(), values))
 
 
-def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float, args, seed: int) -> dict:
-    reports = {name: prediction_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
+def evaluate(
+    variants: dict[str, np.ndarray],
+    gold: np.ndarray,
+    constant: float,
+    seed: int,
+    n_cross_pairs: int,
+    bon_draws: int,
+    calibration_bins: int,
+) -> dict:
+    reports = {name: prediction_report(pred, gold, seed, n_cross_pairs) for name, pred in variants.items()}
     for name, report in reports.items():
-        report["calibration"]["meaningful"] = name in ON_GOLDEN_SCALE
+        report["calibration"]["meaningful"] = name in GOLDEN_SCALE_TITLES
     reports["Teacher"]["calibration"]["note"] = "raw teacher scores are not on the golden scale"
     calibrated = variants["Teacher+Isotonic"]
     fidelity = calibration_errors(variants["Student"], calibrated)
@@ -134,9 +141,9 @@ def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float,
             "relative_mse": fidelity["mse"] / float(calibrated.var()) if calibrated.var() > 0 else None,
             **({} if calibrated.var() > 0 else {"relative_mse_reason": "Teacher+Isotonic is constant"}),
         },
-        "best_of_n": best_of_n(gold, variants, args.bon_draws, seed),
+        "best_of_n": best_of_n(gold, variants, bon_draws, seed),
         "calibration_curves": {
-            name: binned_calibration(variants[name], gold, args.calibration_bins) for name in ON_GOLDEN_SCALE
+            name: binned_calibration(variants[name], gold, calibration_bins) for name in GOLDEN_SCALE_TITLES
         },
     }
 
@@ -159,7 +166,7 @@ def format_table(title: str, result: dict) -> str:
         f"{'variant':<18}{'spearman':>9}{'global':>8}{'pearson':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
         f"{'levels':>8}{bon_header:>9}"
     )
-    for name in VARIANT_NAMES:
+    for name in VARIANT_TITLES.values():
         report = result["variants"][name]
         errors = report["calibration"]
         mark = "" if errors["meaningful"] else "*"
@@ -186,7 +193,7 @@ def format_table(title: str, result: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    run = open_run(args, RUN_IDENTITY_FLAGS, seed=args.seed)
+    run = open_run(args, RUN_IDENTITY_FLAGS, seed=args.eval_seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     test = run.test_set()
     student_path = Path(
@@ -225,8 +232,9 @@ def main(argv=None) -> dict:
         },
     }
     for name, (eset, prompts) in sets.items():
-        variants = score_variants(scores["teacher"][name], scores["student"][name], teacher_map, student_map)
-        results[name] = evaluate(variants, eset.rewards[prompts], constant, args, seed)
+        variants = variants_from_scores(scores["teacher"][name], scores["student"][name], teacher_map, student_map)
+        draws = (seed, args.n_cross_pairs, args.bon_draws, args.calibration_bins)
+        results[name] = evaluate(variants, eset.rewards[prompts], constant, *draws)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 
     json_path, calibration_plot = output_dir / VALIDATION_RESULTS_FILE, output_dir / VALIDATION_CALIBRATION_PLOT
