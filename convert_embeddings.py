@@ -2,7 +2,7 @@
 
 Input: a ``train`` pair of files and optionally a ``test`` pair, in one of two layouts (N prompts,
 K responses per prompt, D embedding size; embeddings float32 or float16, rewards any real dtype):
-  kn, the seed's:  EMBD_{dataset}_{embed}_{gen}_{split}.npy       (K, N, D)
+  kn, original:   EMBD_{dataset}_{embed}_{gen}_{split}.npy       (K, N, D)
                    REWARD_{dataset}_{rm}_{gen}_{split}.npy        (K, N)
       dataset = hh-rlhf-{task}-gpt4 (hh-rlhf-{task} with --sft_obj none); rm = rmmistral7b for
       helpful, rayharmless for harmless; e.g. EMBD_hh-rlhf-harmless-gpt4_gemma2b_gemma7b_train.npy

@@ -19,7 +19,7 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
    torch, exit; measured here) + the FLOPs the run must do (:func:`pipeline_flops`, counted from its
    manifests) at the bare GEMM rate measured here (run_all.sh runs steps 6 and 7 side by side, so a
    run could beat this sum of starts). Targets: <= 1.25x the floor and <= 10 s.
-4. The seed's "real embeddings" configuration on synthetic data of the same shape (5000 prompts x 10
+4. The original authors' "real embeddings" configuration on synthetic data of the same shape (5000 prompts x 10
    responses x 2048, N_SAMPLE=1000, ENSEMBLE_NUMBER=3), conversion included (each repeat converts
    afresh), against the same floor plus the converter's (start Python + a bare copy of its
    inputs). Target <= 25 s.
@@ -379,7 +379,7 @@ def bench_run_all(machine: Machine, repeats: int) -> None:
 
 
 def bench_real_shape(machine: Machine, repeats: int, quick: bool) -> None:
-    """The seed's "real embeddings" run (conversion included): each repeat converts and trains afresh."""
+    """The original authors' "real embeddings" run (conversion included): each repeat converts and trains afresh."""
     n_prompts = 1200 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_repo = command(

@@ -99,7 +99,7 @@ class Workspace:
         return run / json.loads((run / "orm_manifest.json").read_text())["checkpoints"][index]
 
     def repo(self, embeddings: np.ndarray, rewards: np.ndarray) -> Path:
-        """A repository folder in the seed's kn layout: (K, N, D) embeddings, (K, N) rewards."""
+        """A repository folder in the original authors' kn layout: (K, N, D) embeddings, (K, N) rewards."""
         repo = self.tmp / "repo"
         repo.mkdir(exist_ok=True)
         np.save(repo / "EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma7b_train.npy", embeddings, allow_pickle=True)
