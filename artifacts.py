@@ -137,3 +137,15 @@ def sampled_blocks(path: str | os.PathLike, n_blocks: int, block: int = SAMPLE_B
         for offset in np.linspace(0, max(size - block, 0), n_blocks).astype(np.int64):
             handle.seek(int(offset))
             yield handle.read(block)
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Create ``path`` if needed and check it is a writable directory, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot create directory ({err.strerror or err})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: not a writable directory")
+    return path

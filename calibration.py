@@ -40,17 +40,12 @@ from random_streams import int_seed, seed_sequence
 if TYPE_CHECKING:
     from sklearn.isotonic import IsotonicRegression
 
-VARIANTS = ("standard", "centered")
+ISOTONIC_VARIANTS = ("standard", "centered")
 # Centered: never worse beyond noise out of fold on the demo (docs/method.md, "Step 7: calibration and
 # distillation"), and it keeps the teacher's ranking, so calibrating does not change which response
 # best-of-N picks.
-DEFAULT_VARIANT = "centered"
+DEFAULT_ISOTONIC_VARIANT = "centered"
 MAP_FORMAT, MAP_FORMAT_VERSION = "isotonic_map", 1
-
-# The maps step 7 writes into the output directory (the seed's names).
-TEACHER_MAP_FILE = "isotonic_teacher_map.joblib"
-STUDENT_MAP_FILE = "isotonic_student_map.joblib"
-LEGACY_MAP_FILE = "isotonic_map.joblib"  # the seed's name for the teacher map
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,8 +113,8 @@ def map_from_json(record: dict, path: Path) -> IsotonicMap:
     """Validate a map's JSON record; every problem is an InputError naming ``path``."""
     if record.get("format") != MAP_FORMAT:
         raise InputError(f'{path}: not an isotonic map (expected "format": "{MAP_FORMAT}")')
-    if record.get("variant") not in VARIANTS:
-        raise InputError(f"{path}: variant must be one of {VARIANTS}, got {record.get('variant')!r}")
+    if record.get("variant") not in ISOTONIC_VARIANTS:
+        raise InputError(f"{path}: variant must be one of {ISOTONIC_VARIANTS}, got {record.get('variant')!r}")
     if not isinstance(record.get("increasing"), bool) or record.get("out_of_bounds") != "clip":
         raise InputError(f'{path}: expected a boolean "increasing" and "out_of_bounds": "clip"')
     x, y = _float_array(record, "x_thresholds", path), _float_array(record, "y_thresholds", path)
@@ -191,8 +186,8 @@ def fit_isotonic(
     """
     from sklearn.isotonic import IsotonicRegression
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in ISOTONIC_VARIANTS:
+        raise ValueError(f"variant must be one of {ISOTONIC_VARIANTS}, got {variant!r}")
     scores = np.asarray(scores, dtype=np.float64).ravel()
     gold = np.asarray(gold, dtype=np.float64).ravel()
     estimator = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(scores, gold)

@@ -38,6 +38,10 @@ MAX_SEED = 2**32 - 1
 # llm_models.py's dtypes), here so that their scripts answer --help and flag errors without torch.
 REWARD_VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
 DEFAULT_REWARD_VARIANT = "student_iso"
+# The variants as step 8 names them (validation_results.json's keys, its table's rows), and those meant
+# to be on the golden reward scale (their MSE is meaningful; raw teacher scores are not).
+VARIANT_TITLES = dict(zip(REWARD_VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
+GOLDEN_SCALE_VARIANTS = ("teacher_iso", "student", "student_iso")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Set by run_all.sh for everything it starts: it reports an interrupted step itself (a step run by it
 # then prints nothing more), and its users know the variables, not the flags.

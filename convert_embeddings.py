@@ -2,7 +2,7 @@
 
 Input: a ``train`` pair of files and optionally a ``test`` pair, in one of two layouts (N prompts,
 K responses per prompt, D embedding size; embeddings float32 or float16, rewards any real dtype):
-  kn, the seed's:  EMBD_{dataset}_{embed}_{gen}_{split}.npy       (K, N, D)
+  kn, original:   EMBD_{dataset}_{embed}_{gen}_{split}.npy       (K, N, D)
                    REWARD_{dataset}_{rm}_{gen}_{split}.npy        (K, N)
       dataset = hh-rlhf-{task}-gpt4 (hh-rlhf-{task} with --sft_obj none); rm = rmmistral7b for
       helpful, rayharmless for harmless; e.g. EMBD_hh-rlhf-harmless-gpt4_gemma2b_gemma7b_train.npy
@@ -54,6 +54,7 @@ from tqdm import tqdm
 from artifacts import (
     SAMPLE_BLOCK,
     atomic_paths,
+    ensure_writable_dir,
     file_sha256,
     json_sha256,
     read_json,
@@ -62,7 +63,7 @@ from artifacts import (
     write_json,
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, ensure_writable_dir, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from artifacts import read_json, write_json, write_npy
+from artifacts import ensure_writable_dir, read_json, write_json, write_npy
 from cli import (
     ArgumentParser,
     InputError,
@@ -42,7 +42,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
-from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, data_dir_claim, ensure_writable_dir, write_rewards_jsonl
+from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, data_dir_claim, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1

@@ -211,8 +211,8 @@ def rm_texts(tokenizer, queries: Sequence[str], responses: Sequence[str], rm_inp
 
 
 def gpt4_demo_prompt(query: str) -> str:
-    """Prompt of a GPT-4 demonstration row: the dialogue from its first "Human:" on (the seed CSV's
-    queries open with an instruction preamble, which the seed dropped as ``query[85:]``), ending
+    """Prompt of a GPT-4 demonstration row: the dialogue from its first "Human:" on (the original CSV's
+    queries open with an instruction preamble, which the original code dropped as ``query[85:]``), ending
     with "\\n\\nAssistant:"."""
     start = query.find("Human:")
     dialogue = query if start == -1 else "\n\n" + query[start:]
@@ -419,7 +419,7 @@ class GenerationRun:
 
 def part_bounds(n_items: int, n_parts: int, part: int) -> tuple[int, int]:
     """[start, stop) of contiguous part ``part`` of ``n_parts``; the parts cover all items (no remainder
-    is dropped, unlike the seed's ``int(total / 5)`` slices)."""
+    is dropped, unlike the original code's ``int(total / 5)`` slices)."""
     return n_items * part // n_parts, n_items * (part + 1) // n_parts
 
 

@@ -1,7 +1,7 @@
 """The reward-model network: MLP, losses, training loop with early stopping, checkpoint I/O.
 
 Nothing here knows the data-directory layout: training takes a feature matrix and index arrays.
-Checkpoints are plain ``state_dict``s (keys ``fc1``/``fc2``/``fc3``, as in the seed code) and are
+Checkpoints are plain ``state_dict``s (keys ``fc1``/``fc2``/``fc3``, as in the original authors' code) and are
 loaded with ``torch.load(..., weights_only=True)``, which never runs pickled code.
 """
 
@@ -34,7 +34,7 @@ def flush_denormals() -> None:
     """Compute with float32 denormals (magnitudes below 1.2e-38) flushed to zero, in this process.
 
     Training at a learning rate of 1e-3 makes some gradients and Adam moments denormal, and the CPU
-    computes with those many times slower (docs/performance.md). The training steps call this first,
+    computes with those many times slower (docs/performance.md). Steps 5 and 7 call this first,
     before torch starts its threads, which inherit the setting; their outputs are byte-identical with
     and without it (tests/test_networks.py). Library callers (reward_model) are left as they are.
     """

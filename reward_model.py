@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, check_map_provenance, load_isotonic_map
+from calibration import check_map_provenance, load_isotonic_map
 from cli import DEFAULT_REWARD_VARIANT, REWARD_VARIANTS, InputError
 from llm_models import (
     ASSISTANT_TURN,
@@ -40,20 +40,18 @@ from llm_models import (
     scored_text,
 )
 from networks import StackedEnsemble, load_ensemble
-from rm_data import (
-    DEFAULT_CHUNK_ROWS,
+from rm_data import DEFAULT_CHUNK_ROWS, embedding_record
+from run_folder import (
     MANIFEST_FILE,
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
     checkpoint_paths,
-    embedding_record,
     load_manifest,
     student_checkpoint_name,
 )
 
 log = logging.getLogger("reward_model")
 
-VARIANTS, DEFAULT_VARIANT = REWARD_VARIANTS, DEFAULT_REWARD_VARIANT
-STEP8_NAMES = dict(zip(VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
-ON_GOLDEN_SCALE = ("teacher_iso", "student", "student_iso")
 DEFAULT_MAX_LENGTH = 1024  # step 4's --max_length default, for manifests that do not record it
 TEXTS_PER_ROUND = 4096  # texts embedded, then scored, at a time: memory stays at ~TEXTS_PER_ROUND x D floats
 
@@ -72,16 +70,16 @@ class RewardModel:
         self._embedder = None
 
     @classmethod
-    def load(cls, output_dir: str | os.PathLike, variants: Sequence[str] = VARIANTS) -> RewardModel:
+    def load(cls, output_dir: str | os.PathLike, variants: Sequence[str] = REWARD_VARIANTS) -> RewardModel:
         """Load what ``variants`` need from ``output_dir`` (the teacher members, the student, their maps).
 
         Every problem (missing or foreign artifact, a map fitted on other checkpoints) is an
         :class:`cli.InputError` naming the file.
         """
         output_dir = Path(output_dir)
-        unknown = [v for v in variants if v not in VARIANTS]
+        unknown = [v for v in variants if v not in REWARD_VARIANTS]
         if unknown or not variants:
-            raise InputError(f"unknown reward variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+            raise InputError(f"unknown reward variant(s) {unknown}; choose from {', '.join(REWARD_VARIANTS)}")
         if not output_dir.is_dir():
             raise InputError(f"output directory {output_dir} does not exist (run run_all.sh or steps 5-7 first)")
         manifest = load_manifest(output_dir)
@@ -114,7 +112,7 @@ class RewardModel:
     # ----------------------------------------------------------------------------------------
     # Embeddings -> rewards
     # ----------------------------------------------------------------------------------------
-    def score_embeddings(self, embeddings: np.ndarray, variant: str = DEFAULT_VARIANT) -> np.ndarray:
+    def score_embeddings(self, embeddings: np.ndarray, variant: str = DEFAULT_REWARD_VARIANT) -> np.ndarray:
         """Rewards (N,) float64 of ``embeddings`` (N, D) float32 or float16."""
         return self.score_variants(embeddings, [variant])[variant]
 
@@ -200,7 +198,11 @@ class RewardModel:
         return embed_texts(model, tokenizer, texts, batch_size, max_length, progress, pooling)
 
     def score_texts(
-        self, prompts: Sequence[str], responses: Sequence[str], variant: str = DEFAULT_VARIANT, progress: bool = True
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        variant: str = DEFAULT_REWARD_VARIANT,
+        progress: bool = True,
     ) -> np.ndarray:
         """Rewards (N,) float64 of (prompt, response) texts, ``TEXTS_PER_ROUND`` texts at a time."""
         if len(prompts) != len(responses):
@@ -212,7 +214,7 @@ class RewardModel:
             rewards[start:stop] = self.score_embeddings(embeddings, variant)
         return rewards
 
-    def trl_reward_function(self, variant: str = DEFAULT_VARIANT) -> TRLRewardFunction:
+    def trl_reward_function(self, variant: str = DEFAULT_REWARD_VARIANT) -> TRLRewardFunction:
         """A reward function for TRL's ``GRPOTrainer``/``RLOOTrainer`` (``reward_funcs=``)."""
         return TRLRewardFunction(self, variant)
 
@@ -254,7 +256,7 @@ class TRLRewardFunction:
     messages only) rendered as hh-rlhf text (:func:`hh_rlhf_prompt`); other keyword arguments are ignored.
     """
 
-    def __init__(self, reward_model: RewardModel, variant: str = DEFAULT_VARIANT):
+    def __init__(self, reward_model: RewardModel, variant: str = DEFAULT_REWARD_VARIANT):
         if variant not in reward_model.variants:
             raise InputError(f"variant {variant!r} not loaded; loaded: {', '.join(reward_model.variants)}")
         self.reward_model, self.variant = reward_model, variant

@@ -2,7 +2,7 @@
 
 This module is the one door to that data: discovery in numeric split order, validation with one-line
 errors naming the file, memory-mapped chunked reading (a 10 GB directory is never copied into
-memory), the seeded prompt partition, fingerprints and the run manifest.
+memory), the seeded prompt partition and fingerprints. What steps 5-8 write beside it is run_folder.py's.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from artifacts import read_json, sampled_blocks, write_npy, write_text
+from artifacts import read_json, sampled_blocks, write_text
 from cli import RUN_ALL_ENV, InputError, finite_number
 from random_streams import seed_sequence
 
@@ -36,11 +36,6 @@ ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
 MIN_EVAL_PROMPTS = 20
 DEFAULT_SPLIT_SEED = 0
 PARTITION_FILE = "prompt_split.json"
-MANIFEST_FILE = "orm_manifest.json"
-# Scores of the evaluation sets that step 8 reuses: the ensemble's from step 6 (files scores_*), the
-# student's from step 7 (student_scores_*).
-SCORE_CACHE_DIR = "score_cache"
-ENSEMBLE_SCORES, STUDENT_SCORES = "scores", "student_scores"
 EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the model that embedded a set
 DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
 # Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
@@ -64,18 +59,6 @@ def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
     # than json.dumps per line on a 1M-reward test set.
     lines = "".join(f'{{"reward": {r!r}}}\n' for r in np.asarray(rewards, dtype=np.float64).ravel().tolist())
     write_text(path, lines)
-
-
-def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
-    """Create ``path`` if needed and check it is a writable directory, before any work starts."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"{flag} {path}: cannot create directory ({err.strerror or err})") from None
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: not a writable directory")
-    return path
 
 
 @contextlib.contextmanager
@@ -245,84 +228,6 @@ class EmbeddingSet:
                 out = np.empty((scores.shape[0], len(prompt_ids), self.n_splits), np.float32)
             out[:, start : start + len(ids)] = scores.reshape(-1, self.n_splits, len(ids)).transpose(0, 2, 1)
         return out
-
-    def score_cache_entry(
-        self,
-        prompt_ids: np.ndarray,
-        cache_dir: str | os.PathLike,
-        model_files: list[Path],
-        prefix: str = ENSEMBLE_SCORES,
-    ) -> tuple[Path, np.ndarray | None]:
-        """The score cache's file for the models' scores of ``prompt_ids`` and what it holds: (M, P, K)
-        float32 scores, or None where it is missing, unreadable, truncated or inconsistent (a miss).
-
-        The key hashes the prompt ids, the rewards and each model and embedding file's name, size,
-        mtime and inode, as build tools do: a rewritten file (the atomic writers give it a new inode) or
-        a copy is a miss, which costs time; hashing the files' bytes would cost ~0.1 s per step for 10
-        checkpoints, and minutes for 10 GB of embeddings. The cache keeps one entry per ``prefix`` and
-        kind of set: step 6 scores the held-out and test prompts with the ensemble, step 7 with the
-        student (``prefix`` :data:`STUDENT_SCORES`); step 8 reuses both.
-        """
-        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
-        digest = hashlib.sha256(self.rewards.tobytes() + prompt_ids.tobytes())
-        for path in map(Path, [*model_files, *self.embedding_paths]):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
-        cache_file = Path(cache_dir) / f"{prefix}_{self.kind}_{digest.hexdigest()[:32]}.npy"
-        try:
-            cached = np.load(cache_file, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            return cache_file, None
-        usable = (
-            isinstance(cached, np.ndarray)
-            and cached.shape == (len(model_files), len(prompt_ids), self.n_splits)
-            and cached.dtype == np.float32
-            and np.isfinite(cached).all()
-        )
-        return cache_file, cached if usable else None
-
-    def score_cached(
-        self,
-        prompt_ids: np.ndarray,
-        score_fn: Callable[[np.ndarray], np.ndarray],
-        cache_dir: str | os.PathLike,
-        model_files: list[Path],
-        prefix: str = ENSEMBLE_SCORES,
-    ) -> np.ndarray:
-        """:meth:`score`, taken from the score cache (:meth:`score_cache_entry`) where an earlier step
-        left it; a miss is scored and written, replacing the entry of the same ``prefix`` and kind."""
-        cache_file, cached = self.score_cache_entry(prompt_ids, cache_dir, model_files, prefix)
-        if cached is not None:
-            return cached
-        scores = self.score(prompt_ids, score_fn)
-        for stale in cache_file.parent.glob(f"{prefix}_{self.kind}_*.npy"):
-            stale.unlink()
-        write_npy(cache_file, scores)
-        return scores
-
-
-class LazyEnsemble:
-    """``networks.StackedEnsemble`` of the checkpoints ``paths`` as a scorer ((B, D) rows -> (M, B)),
-    loaded (and torch imported) on first use: step 8 takes the scores from the cache that steps 6 and
-    7 fill and then never imports torch. A cache hit means these very files were scored on this data,
-    so the checks loading does had passed."""
-
-    def __init__(self, paths: Sequence[Path], expected_dim: int):
-        for path in paths:
-            if not Path(path).is_file():
-                raise InputError(f"checkpoint not found: {path}")
-        self.paths, self.expected_dim, self._ensemble = list(paths), expected_dim, None
-
-    def load(self) -> Callable[[np.ndarray], np.ndarray]:
-        """The ensemble, read from its checkpoints on the first call."""
-        if self._ensemble is None:
-            from networks import StackedEnsemble, load_ensemble
-
-            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim), self.paths)
-        return self._ensemble
-
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        return self.load()(rows)
 
 
 def check_sorted(rewards: np.ndarray, reward_paths: Sequence[Path]) -> None:
@@ -494,50 +399,6 @@ def require_key(
     return value
 
 
-def load_manifest(output_dir: str | os.PathLike) -> dict:
-    """The ORM run manifest written by step 5 (config, member checkpoints, pair statistics).
-
-    Every key a later step reads is checked here, so a damaged manifest is one line naming the key.
-    """
-    path = Path(output_dir) / MANIFEST_FILE
-    manifest = read_json(path, "ORM manifest (run step5_train_rms.py first)")
-    config = require_key(manifest, "config", dict, path, "an object")
-    require_key(config, "seed", int, path, "a non-negative integer seed", lambda v: 0 <= v < 2**32, "config")
-    for key in ("task", "rm_objective"):
-        require_key(config, key, str, path, "a string", within="config")
-    data = require_key(manifest, "data", dict, path, "an object")
-    require_key(data, "data_dir", str, path, "a folder name", bool, "data")
-    require_key(
-        manifest,
-        "checkpoints",
-        list,
-        path,
-        "a non-empty list of checkpoint file names",
-        lambda names: bool(names) and all(isinstance(n, str) and n and Path(n).name == n for n in names),
-    )
-    require_key(
-        manifest,
-        "members",
-        list,
-        path,
-        "a list of member records with numeric per-epoch histories",
-        lambda members: all(isinstance(m, dict) and _numeric_history(m.get("history", [])) for m in members),
-    )
-    return manifest
-
-
-def _numeric_history(history: object) -> bool:
-    """A list of per-epoch records whose epoch and training loss are numbers (validation values numbers
-    or null), as step 6 draws them."""
-    return isinstance(history, list) and all(
-        isinstance(r, dict)
-        and finite_number(r.get("epoch"))
-        and finite_number(r.get("train_loss"))
-        and all(r.get(key) is None or finite_number(r[key]) for key in ("val_loss", "val_accuracy"))
-        for r in history
-    )
-
-
 def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
     """Which model embedded the training set of ``data_dir``: what step 5 stores in its manifest, so the
     trained reward model can embed new text the same way (``reward_model.py``).
@@ -560,91 +421,3 @@ def embedding_record(data_dir: str | os.PathLike, claimed_model: str) -> dict:
     if (data_dir / DEMO_CONFIG_FILE).is_file():
         return {"source": "demo data (synthetic vectors)", "model": None, "max_length": None, "pooling": "last"}
     return {"source": "--embed_model_name", "model": claimed_model, "max_length": None, "pooling": "last"}
-
-
-def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path]:
-    return [Path(output_dir) / name for name in manifest["checkpoints"]]
-
-
-def student_checkpoint_name(task: str, objective: str) -> str:
-    """Step 7's student checkpoint in the output folder (the seed's name)."""
-    return f"distilled_rm_{task}_{objective}.ckpt"
-
-
-# --------------------------------------------------------------------------------------------
-# Opening step 5's run (steps 6-8)
-# --------------------------------------------------------------------------------------------
-# Step 5 flags that steps 6-8 accept from the seed's command lines (step 6 a few more), checked against the manifest.
-SEED_FLAGS = ("embed_model_name", "task", "sft_obj", "gen_pref_model_name", "rm_objective")
-
-
-@dataclass
-class Run:
-    """Step 5's run as steps 6-8 open it (:func:`open_run`).
-
-    checkpoints: the ensemble members' files, or the step's ``--teacher_ckpt`` where given
-    seed: the step's own seed flag where given, else step 5's seed
-    """
-
-    output_dir: Path
-    manifest: dict
-    data: EmbeddingSet
-    checkpoints: list[Path]
-    seed: int
-
-    def partition(self) -> dict[str, np.ndarray]:
-        """:func:`load_partition` of this run, read when the step asks for it (each step keeps its order)."""
-        return load_partition(self.output_dir, self.data)
-
-    def test_set(self) -> EmbeddingSet | None:
-        """The data directory's optional test set (None if absent), checked to have the training set's D."""
-        test = load_embedding_set(self.data.data_dir, "test", required=False)
-        if test is not None and test.dim != self.data.dim:
-            raise InputError(
-                f"{test.embedding_paths[0]}: test embeddings have D={test.dim}, the training "
-                f"embeddings ({self.data.embedding_paths[0].name}) D={self.data.dim}"
-            )
-        return test
-
-    def evaluation_sets(
-        self, partition: dict[str, np.ndarray], test: EmbeddingSet | None
-    ) -> dict[str, tuple[EmbeddingSet, np.ndarray]]:
-        """What steps 6 and 8 evaluate, each set with its prompt ids: the held-out prompts and, where
-        the data has one, the whole test set."""
-        sets = {"held_out": (self.data, partition["held_out"])}
-        if test is not None:
-            sets["test"] = (test, np.arange(test.n_prompts))
-        return sets
-
-
-def add_run_flags(parser, teacher: bool = False) -> None:
-    """The flags :func:`open_run` reads: ``--data_dir`` and, with ``teacher``, ``--teacher_ckpt``."""
-    parser.add_argument("--data_dir", help="data folder (default: the one recorded by step 5)")
-    if teacher:
-        parser.add_argument(
-            "--teacher_ckpt",
-            nargs="+",
-            help="teacher checkpoint(s), averaged (default: every member in the manifest)",
-        )
-
-
-def open_run(args, flags: Iterable[str], seed: int | None = None) -> Run:
-    """Open step 5's run in ``args.output_dir`` for steps 6-8.
-
-    Checked in this order, the order in which a user meets the errors: the output folder is writable,
-    the manifest's keys (:func:`load_manifest`), the step 5 ``flags`` repeated on the command line
-    against the manifest, the training data (``args.data_dir``, by default the folder step 5 recorded).
-    The step then loads checkpoints, partition and test set in its own order (tests/test_error_order.py).
-    """
-    output_dir = ensure_writable_dir(args.output_dir)
-    manifest = load_manifest(output_dir)
-    for flag in flags:
-        given, recorded = getattr(args, flag), manifest["config"].get(flag)
-        if given is not None and given != recorded:
-            raise InputError(
-                f"--{flag} {given} does not match the ensemble in {output_dir / MANIFEST_FILE} ({recorded})"
-            )
-    data = load_embedding_set(args.data_dir or manifest["data"]["data_dir"], "train")
-    teacher = getattr(args, "teacher_ckpt", None)
-    checkpoints = [Path(p) for p in teacher] if teacher else checkpoint_paths(output_dir, manifest)
-    return Run(output_dir, manifest, data, checkpoints, manifest["config"]["seed"] if seed is None else seed)

@@ -39,7 +39,7 @@ from artifacts import WRITE_LOG_ENV, file_sha256, json_sha256, remove_leftover_t
 from cli import PARENT_PID_ENV, ArgumentParser, InputError, run_cli
 
 STATE_DIR = ".run_state"
-# Folders of OUTPUT_DIR that hold no step outputs: the records, and rm_data.SCORE_CACHE_DIR, scores
+# Folders of OUTPUT_DIR that hold no step outputs: the records, and run_folder.SCORE_CACHE_DIR, scores
 # that step 6 writes and later steps reuse when they would compute the same ones (a hit or a miss
 # gives the same results, so whether a rerun found the cache must not change its record).
 NOT_OUTPUTS = (STATE_DIR, "score_cache")

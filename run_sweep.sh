@@ -28,7 +28,7 @@ CORES="$(nproc 2>/dev/null || echo 1)"
 THREADS="${THREADS:-$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))}"  # torch/BLAS threads per cell
 [[ "$THREADS" =~ ^[0-9]+$ ]] && (( THREADS > 0 )) || die "THREADS must be a positive integer, got '$THREADS'"
 
-# Presets: the seed README's recommended experiments and the paper's pairing-design study. Each
+# Presets: the original authors' README's recommended experiments and the paper's pairing-design study. Each
 # crosses its variable with both objectives; GRID overrides a preset's grid, the environment its
 # fixed settings.
 case "$SWEEP" in

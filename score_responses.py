@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from artifacts import ensure_writable_dir
 from cli import (
     DEFAULT_REWARD_VARIANT,
+    GOLDEN_SCALE_VARIANTS,
     REWARD_VARIANTS,
     ArgumentParser,
     InputError,
@@ -26,7 +28,6 @@ from cli import (
     run_cli,
     setup_logging,
 )
-from rm_data import ensure_writable_dir
 
 if TYPE_CHECKING:
     import torch
@@ -138,7 +139,7 @@ def best_per_prompt(requests: list[tuple[int, dict, list[str]]], rewards: np.nda
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     from llm_models import write_jsonl  # torch and transformers: after the flags
-    from reward_model import ON_GOLDEN_SCALE, RewardModel
+    from reward_model import RewardModel
 
     setup_logging()
     device = parse_device(args.device)
@@ -164,7 +165,7 @@ def main(argv=None) -> list[dict]:
             for (_, record, _), values in zip(requests, per_record)
         ]
     write_jsonl(output, records)
-    scale = "golden scale" if args.variant in ON_GOLDEN_SCALE else "raw ensemble scale"
+    scale = "golden scale" if args.variant in GOLDEN_SCALE_VARIANTS else "raw ensemble scale"
     print(
         f"score_responses: {len(responses)} responses of {len(set(prompts))} prompts scored with {args.variant} "
         f"({scale}; mean reward {rewards.mean():.4f}; {len(responses) / max(seconds, 1e-9):.1f} texts/s) -> "

@@ -43,7 +43,6 @@ class Command:
     flags: Mapping[str, str]  # flag -> variable
     fixed: tuple[str, ...] = ()
     stage: str = "cpu"  # gpu (steps 1-4), convert, demo, cpu (steps 5-8)
-    parse: bool = True  # parse in the preflight (steps 6 and 8 take only folders and import matplotlib)
     paths: Mapping[str, str] = field(default_factory=dict)  # folder flag -> variable: always passed
 
 
@@ -193,12 +192,12 @@ COMMANDS = (
             "--rm_objective": "RM_OBJECTIVE",
             "--distill_epochs": "DISTILL_EPOCHS",
             "--learning_rate": "DISTILL_LEARNING_RATE",
-            "--seed": "SEED",
+            "--student_seed": "SEED",
         },
         paths=OUT_DATA,
     ),
-    Command("STEP6", "step6_eval_rms.py", {}, parse=False, paths=OUT_DATA),
-    Command("STEP8", "step8_validate_distillation.py", {}, parse=False, paths=OUT_DATA),
+    Command("STEP6", "step6_eval_rms.py", {"--eval_seed": "SEED"}, paths=OUT_DATA),
+    Command("STEP8", "step8_validate_distillation.py", {"--eval_seed": "SEED"}, paths=OUT_DATA),
 )
 
 # A variable left unset takes this other variable's value when that one is set (else the step's
@@ -421,8 +420,7 @@ def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, st
         if command.stage not in stages:
             continue
         argv = build_argv(command, values, {**folders, "DATA_DIR": folders["DATA_DIR"] or placeholder})
-        if command.parse:
-            parsed[command.name] = parse_command(command, argv)
+        parsed[command.name] = parse_command(command, argv)
         argvs[command.name] = argv
     if not folders["DATA_DIR"]:
         folders["DATA_DIR"] = os.path.realpath(REPO / default_data_dir(args, parsed))
@@ -455,16 +453,19 @@ def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, st
 
 def settings_text(values: Mapping[str, str], parsed: Mapping[str, argparse.Namespace], stages: list[str]) -> list[str]:
     """The run's settings once, as ``VARIABLE=value`` per step (``*``: set in the environment)."""
-    lines = []
+    lines, seen = [], set()
     for command in COMMANDS:
         if command.name not in parsed or command.name in ("STEP2_TEST", "STEP3_TEST"):
             continue
         shown = []
         for flag, variable in command.flags.items():
-            if variable == "TASK" and command.name == "STEP7":
+            if variable in seen:  # an earlier step shows it (steps 6-8 take step 5's by default)
                 continue
+            seen.add(variable)
             value = getattr(parsed[command.name], flag[2:].replace("-", "_"))
             shown.append(f"{variable}={'' if value is None else value}{'*' if variable in values else ''}")
+        if not shown:
+            continue
         name = STEP_NAMES.get(command.name, re.sub(r"STEP(\d)(_TRAIN)?", r"step \1", command.name))
         lines += textwrap.wrap(" ".join(shown), 100, initial_indent=f"  {name}: ", subsequent_indent="    ")
     return ["Settings (* set here, the rest the steps' defaults):", *lines]
@@ -558,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"run_all.sh: warning: {warning}", file=sys.stderr)
         try:
             bash, argvs, text = preflight(os.environ, args.caller_dir)
-            scripts = [c.script for c in COMMANDS if c.name in argvs and c.parse]
+            scripts = [c.script for c in COMMANDS if c.name in argvs]
             for warning in flag_lookalikes(os.environ, scripts):
                 print(f"run_all.sh: warning: {warning}", file=sys.stderr)
             print(bash_assignments(bash, argvs, text))

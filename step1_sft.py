@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts import write_json
+from artifacts import ensure_writable_dir, write_json
 from cli import ArgumentParser, InputError, finite_float, positive_int, random_seed, run_cli, setup_logging
 from llm_models import (
     ASSISTANT_TURN,
@@ -39,7 +39,6 @@ from llm_models import (
     split_hh_dialogue,
     task_of,
 )
-from rm_data import ensure_writable_dir
 
 log = logging.getLogger("step1_sft")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts import write_json
+from artifacts import ensure_writable_dir, write_json
 from cli import (
     ArgumentParser,
     InputError,
@@ -52,7 +52,6 @@ from llm_models import (
     task_of,
     write_jsonl,
 )
-from rm_data import ensure_writable_dir
 
 log = logging.getLogger("step2_gen_sample")
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from artifacts import ensure_writable_dir
 from cli import ArgumentParser, InputError, add_dtype_arg, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
@@ -42,7 +43,6 @@ from llm_models import (
     tokenize_texts,
     write_jsonl,
 )
-from rm_data import ensure_writable_dir
 
 log = logging.getLogger("step3_reward_annotation")
 

@@ -6,7 +6,7 @@
 Reads step 3.5's ``{gen_dir}/{data_class}_ranked_{rm}.jsonl`` (``--train_test train``, ``test`` or
 ``both``: train, plus test when it was generated) and embeds the raw hh-rlhf text step 3 scored
 (``llm_models.scored_text``) as docs/gpu_steps.md describes: the final hidden state at the
-last real token, whatever the padding side (the seed took position -1 after right padding, a pad
+last real token, whatever the padding side (the original code took position -1 after right padding, a pad
 token), or with ``--pooling mean`` its masked mean over the real tokens (for encoders such as BERT).
 ``--embed_model_name`` may also be a local ``.gguf`` file (needs the ``gguf`` package).
 Writes README's "Data format" into ``--data_dir`` (row p of split k is the k-th
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from artifacts import atomic_paths, write_json
+from artifacts import atomic_paths, ensure_writable_dir, write_json
 from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     POOLINGS,
@@ -45,7 +45,7 @@ from llm_models import (
     scored_text,
     tokenize_texts,
 )
-from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, ensure_writable_dir, write_rewards_jsonl
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, write_rewards_jsonl
 
 log = logging.getLogger("step4_gen_embeddings")
 

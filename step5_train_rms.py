@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import write_json
+from artifacts import ensure_writable_dir, write_json
 from cli import (
     EARLY_STOPPING,
     ArgumentParser,
@@ -37,16 +37,15 @@ from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
 from rm_data import (
     DEFAULT_SPLIT_SEED,
-    MANIFEST_FILE,
     PARTITION_FILE,
     TASKS,
     default_eval_prompts,
     embedding_record,
-    ensure_writable_dir,
     fingerprint,
     load_embedding_set,
     make_partition,
 )
+from run_folder import MANIFEST_FILE
 
 log = logging.getLogger("step5")
 PAIR_MODES = ("xprompt", "same")
@@ -207,7 +206,7 @@ def build_parser() -> ArgumentParser:
         "--seed",
         type=random_seed,
         default=6,
-        help="seeds pairs, labels and members' initialisations (and, by default, steps 7 and 8's draws); "
+        help="seeds pairs, labels and members' initialisations (and, by default, steps 6-8's draws); "
         "not the prompt partition (--split_seed)",
     )
     return parser
@@ -223,7 +222,7 @@ def parse_args(argv=None):
 
 
 def checkpoint_name(args, member: int) -> str:
-    """The seed code's checkpoint naming, one file per ensemble member."""
+    """The original authors' checkpoint naming, one file per ensemble member."""
     prefix = "XPrompt" if args.pair_mode == "xprompt" else "SamePrompt"
     replacement = args.replacement == "replacement_true"
     return (

@@ -19,25 +19,35 @@ from baselines import baseline_scores
 from cli import ArgumentParser, finite_float, random_seed, run_cli, setup_logging
 from metrics import add_evaluation_draw_flags, best_of_n, calibration_errors, fmt, ranking_report
 from plots import plot_best_of_n, plot_training_curves
-from rm_data import MANIFEST_FILE, SCORE_CACHE_DIR, SEED_FLAGS, add_run_flags, open_run
+from run_folder import (
+    MANIFEST_FILE,
+    RUN_IDENTITY_FLAGS,
+    SCORE_CACHE_DIR,
+    add_run_flags,
+    eval_plot_files,
+    eval_results_file,
+    open_run,
+    score_cached,
+)
 
 log = logging.getLogger("step6")
-# Step 5 flags that step 6 accepts for compatibility with the seed's command lines: when given,
-# they must match the ensemble recorded in the manifest (a mismatch means the wrong run).
+# Step 5 flags that step 6 accepts, as the original authors' command lines pass them: when given,
+# they must match the ensemble recorded in the manifest (a mismatch means the wrong run). Step 5's
+# --seed is not among them: step 6's own seed is --eval_seed.
 MANIFEST_FLAGS = {
-    **dict.fromkeys(SEED_FLAGS, str),
+    **dict.fromkeys(RUN_IDENTITY_FLAGS, str),
     "consider_first_n": int,
     "n_sample": int,
     "training_epochs": int,
     "learning_rate": float,
-    "seed": random_seed,
     "annotation_quality": finite_float,
     "ensemble_number": int,
     "replacement": str,
 }
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description="Evaluate ORM ranking quality on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="step 5's output folder (holds the manifest)")
     add_run_flags(parser)
@@ -45,7 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--eval_seed", type=random_seed, help="seed of evaluation draws (default: run seed)")
     for flag, kind in MANIFEST_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, help="checked against the manifest")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -60,20 +74,27 @@ def ensemble_variants(member_scores: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(member_scores: np.ndarray, gold: np.ndarray, baselines: dict[str, np.ndarray], args, seed: int) -> dict:
+def evaluate(
+    member_scores: np.ndarray,
+    gold: np.ndarray,
+    baselines: dict[str, np.ndarray],
+    seed: int,
+    n_cross_pairs: int,
+    bon_draws: int,
+) -> dict:
     """Ranking metrics of every member and ensemble rule and of the ``baselines`` (name -> (P, R)
     scores), best-of-N curves of the ensembles and baselines; ridge's error to the golden reward."""
     variants = ensemble_variants(member_scores)
-    ranking = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
+    ranking = {name: ranking_report(pred, gold, seed, n_cross_pairs) for name, pred in variants.items()}
     ensembles = {name: pred for name, pred in variants.items() if name.startswith("ensemble")}
-    baseline_reports = {name: ranking_report(pred, gold, seed, args.n_cross_pairs) for name, pred in baselines.items()}
+    baseline_reports = {name: ranking_report(pred, gold, seed, n_cross_pairs) for name, pred in baselines.items()}
     baseline_reports["ridge"]["calibration"] = calibration_errors(baselines["ridge"], gold)  # on the golden scale
     return {
         "n_prompts": gold.shape[0],
         "n_responses": gold.size,
         "ranking": ranking,
         "baselines": baseline_reports,
-        "best_of_n": best_of_n(gold, {**ensembles, **baselines}, args.bon_draws, seed),
+        "best_of_n": best_of_n(gold, {**ensembles, **baselines}, bon_draws, seed),
     }
 
 
@@ -119,14 +140,15 @@ def main(argv=None) -> dict:
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
     baselines = baseline_scores(data, partition["orm_train"], sets)
     for name, (eset, prompts) in sets.items():
-        scores = eset.score_cached(prompts, scorer, cache_dir, member_paths)
-        results[name] = evaluate(scores, eset.rewards[prompts], baselines[name], args, seed)
+        scores = score_cached(eset, prompts, scorer, cache_dir, member_paths)
+        results[name] = evaluate(
+            scores, eset.rewards[prompts], baselines[name], seed, args.n_cross_pairs, args.bon_draws
+        )
     log.info("evaluated %d members and the baselines in %.2fs", len(models), time.perf_counter() - start)
 
-    json_path = output_dir / f"eval_results_{objective}.json"
-    plot_path = output_dir / f"eval_best_of_n_{objective}.png"
+    json_path = output_dir / eval_results_file(objective)
+    plot_path, curves_path = (output_dir / name for name in eval_plot_files(objective))
     panels = {f"{name} ({results[name]['n_prompts']} prompts)": results[name]["best_of_n"] for name in sets}
-    curves_path = output_dir / f"training_curves_{objective}.png"
     records = {f"member {record.get('member', i)}": record for i, record in enumerate(manifest.get("members") or [])}
     curves = {name: record.get("history") or [] for name, record in records.items()}
     kept = {name: record.get("best_epoch") for name, record in records.items()}

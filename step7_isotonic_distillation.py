@@ -18,17 +18,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from artifacts import json_sha256, write_json
 from calibration import (
-    DEFAULT_VARIANT,
-    LEGACY_MAP_FILE,
-    STUDENT_MAP_FILE,
-    TEACHER_MAP_FILE,
-    VARIANTS,
+    DEFAULT_ISOTONIC_VARIANT,
+    ISOTONIC_VARIANTS,
     IsotonicMap,
     cross_validate,
     fit_isotonic,
@@ -48,21 +47,30 @@ from cli import (
 from metrics import global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
-from rm_data import (
+from rm_data import TASKS, EmbeddingSet
+from run_folder import (
+    DISTILLATION_CONFIG_FILE,
+    LEGACY_MAP_FILE,
     MANIFEST_FILE,
+    RUN_IDENTITY_FLAGS,
     SCORE_CACHE_DIR,
-    SEED_FLAGS,
+    STUDENT_MAP_FILE,
     STUDENT_SCORES,
-    TASKS,
-    EmbeddingSet,
+    TEACHER_MAP_FILE,
     Run,
     add_run_flags,
     open_run,
+    score_cached,
     student_checkpoint_name,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from sklearn.isotonic import IsotonicRegression
+
+    from networks import TrainConfig
+
 log = logging.getLogger("step7")
-CONFIG_FILE = "distillation_config.json"
 
 
 def build_parser() -> ArgumentParser:
@@ -79,13 +87,13 @@ def build_parser() -> ArgumentParser:
         choices=OBJECTIVES,
         help="names the student checkpoint (default and check: the manifest's)",
     )
-    for flag in SEED_FLAGS:
+    for flag in RUN_IDENTITY_FLAGS:
         if flag not in ("task", "rm_objective"):
-            parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
+            parser.add_argument(f"--{flag}", default=None, help="step 5's flag, checked against the manifest")
     parser.add_argument(
         "--isotonic_variant",
-        default=DEFAULT_VARIANT,
-        choices=VARIANTS,
+        default=DEFAULT_ISOTONIC_VARIANT,
+        choices=ISOTONIC_VARIANTS,
         help="standard: sklearn's step function (ties); centered: strictly increasing "
         "through the PAV block centres (keeps the teacher's ranking)",
     )
@@ -112,7 +120,7 @@ def build_parser() -> ArgumentParser:
         help="cross-prompt pairs in the out-of-fold ranking report",
     )
     parser.add_argument(
-        "--seed",
+        "--student_seed",
         type=random_seed,
         default=None,
         help="seeds folds, student split, init and shuffling (default: step 5's seed)",
@@ -133,6 +141,14 @@ def read_prompt_rows(data: EmbeddingSet, prompt_ids: np.ndarray) -> np.ndarray:
     for k in range(data.n_splits):
         features[:, k] = data.read_rows(k, prompt_ids)
     return features.reshape(-1, data.dim)
+
+
+def check_cv_folds(cv_folds: int, n_calibration_prompts: int) -> None:
+    if n_calibration_prompts < cv_folds:
+        raise InputError(
+            f"--cv_folds {cv_folds} needs at least {cv_folds} calibration prompts, "
+            f"the partition has {n_calibration_prompts}"
+        )
 
 
 def split_prompts(prompt_ids: np.ndarray, val_fraction: float, rng: np.random.Generator):
@@ -190,99 +206,82 @@ def cache_student_scores(
     report: here it only means that step 8 scores them itself."""
     try:
         for eset, prompts in run.evaluation_sets(partition, run.test_set()).values():
-            eset.score_cached(prompts, student, run.output_dir / SCORE_CACHE_DIR, [student_path], STUDENT_SCORES)
+            score_cached(eset, prompts, student, run.output_dir / SCORE_CACHE_DIR, [student_path], STUDENT_SCORES)
     except InputError as err:
         log.info("student scores of the evaluation sets not cached (%s)", err)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    # torch is imported once the flags are valid: --help and flag errors return at once.
-    import torch
+@dataclass
+class Calibrated:
+    """An isotonic map fitted on all calibration prompts, and its out-of-fold report."""
 
-    from networks import (
-        StackedEnsemble,
-        TrainConfig,
-        TrainingDiverged,
-        load_ensemble,
-        mlp_train_flops_per_sample,
-        save_checkpoint,
-        train_student,
-    )
+    imap: IsotonicMap
+    estimator: IsotonicRegression  # saved beside the map's JSON sidecar
+    out_of_fold: dict
 
-    setup_logging()
-    run = open_run(args, SEED_FLAGS, seed=args.seed)
-    output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
-    task = args.task or run.manifest["config"]["task"]
-    objective = args.rm_objective or run.manifest["config"]["rm_objective"]
-    teacher = load_ensemble(teacher_paths, data.dim)
-    teacher_scorer = StackedEnsemble(teacher, teacher_paths)  # scores calibration and student_train prompts
-    partition = run.partition()
-    calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
-    if len(calibration_prompts) < args.cv_folds:
-        raise InputError(
-            f"--cv_folds {args.cv_folds} needs at least {args.cv_folds} calibration prompts, "
-            f"the partition has {len(calibration_prompts)}"
-        )
 
-    # --- seeding: each random stream derives from the seed through its own SeedSequence ---
-    split_stream, torch_stream = seed_sequence(seed, "distillation").spawn(2)
-    split_rng = np.random.default_rng(split_stream)
-    generator = torch.Generator().manual_seed(int_seed(torch_stream))
-
-    # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
+def calibrate_teacher(
+    scores: np.ndarray, gold: np.ndarray, variant: str, cv_folds: int, seed: int, n_cross_pairs: int, provenance: dict
+) -> tuple[Calibrated, dict, dict]:
+    """The teacher's ``variant`` map from its calibration ``scores`` (P, K), every variant's out-of-fold
+    report (the comparison), and :func:`check_teacher`'s verdict, its warnings printed."""
     start = time.perf_counter()
-    # scikit-learn's imports (~1 s, isotonic maps and folds) run in a thread while the teacher's matrix
-    # products, which release the GIL, score the calibration prompts; the first fit waits for them.
-    threading.Thread(target=importlib.import_module, args=("sklearn.model_selection",), daemon=True).start()
-    calibration_gold = data.rewards[calibration_prompts]
-    calibration_teacher = data.score(calibration_prompts, teacher_scorer).mean(axis=0)  # the members' mean
-    variant_comparison = {
-        variant: cross_validate(calibration_teacher, calibration_gold, args.cv_folds, seed, variant, args.n_cross_pairs)
-        for variant in VARIANTS
-    }
-    teacher_cv = variant_comparison[args.isotonic_variant]
-    teacher_fit = prompt_set_record("calibration", calibration_prompts, data.n_splits)
-    teacher_map, teacher_estimator = fit_isotonic(
-        calibration_teacher,
-        calibration_gold,
-        args.isotonic_variant,
-        {"input": "teacher", "teacher_checkpoints": [path.name for path in teacher_paths], **teacher_fit},
-    )
+    comparison = {v: cross_validate(scores, gold, cv_folds, seed, v, n_cross_pairs) for v in ISOTONIC_VARIANTS}
+    calibrated = Calibrated(*fit_isotonic(scores, gold, variant, provenance), comparison[variant])
     log.info(
         "teacher isotonic (%s): out-of-fold MSE %.4f, MAE %.4f over %d calibration prompts (%.2fs)",
-        args.isotonic_variant,
-        teacher_cv["calibration"]["mse"],
-        teacher_cv["calibration"]["mae"],
-        len(calibration_prompts),
+        variant,
+        calibrated.out_of_fold["calibration"]["mse"],
+        calibrated.out_of_fold["calibration"]["mae"],
+        len(gold),
         time.perf_counter() - start,
     )
-    teacher_check = check_teacher(calibration_teacher, calibration_gold, teacher_map)
-    for warning in teacher_check["warnings"]:
+    check = check_teacher(scores, gold, calibrated.imap)
+    for warning in check["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
+    return calibrated, comparison, check
 
-    # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
-    fit_prompts, stop_prompts = split_prompts(student_prompts, args.val_fraction, split_rng)
-    features = torch.from_numpy(read_prompt_rows(data, student_prompts))
-    targets = teacher_map.predict(data.score(student_prompts, teacher_scorer).mean(axis=0)).ravel()
+
+def calibrate_student(
+    scores: np.ndarray, gold: np.ndarray, variant: str, cv_folds: int, seed: int, n_cross_pairs: int, provenance: dict
+) -> Calibrated:
+    out_of_fold = cross_validate(scores, gold, cv_folds, seed, variant, n_cross_pairs)
+    return Calibrated(*fit_isotonic(scores, gold, variant, provenance), out_of_fold)
+
+
+def distil(
+    data: EmbeddingSet,
+    student_prompts: np.ndarray,
+    targets: np.ndarray,
+    val_fraction: float,
+    config: TrainConfig,
+    split_rng: np.random.Generator,
+    generator: torch.Generator,
+):
+    """Train the student by MSE towards ``targets`` ((P, K): isotonic(teacher)) on ``student_prompts``,
+    early-stopped on a seeded share of whole prompts: (student, result, fit prompts, stopping prompts)."""
+    import torch
+
+    from networks import TrainingDiverged, mlp_train_flops_per_sample, train_student
+
+    fit_prompts, stop_prompts = split_prompts(student_prompts, val_fraction, split_rng)
     rows = np.arange(len(student_prompts) * data.n_splits).reshape(len(student_prompts), data.n_splits)
     is_fit_prompt = np.isin(student_prompts, fit_prompts)
     start = time.perf_counter()
     try:
         student, result = train_student(
-            features,
-            torch.from_numpy(targets.astype(np.float32)),
+            torch.from_numpy(read_prompt_rows(data, student_prompts)),
+            torch.from_numpy(targets.ravel().astype(np.float32)),
             torch.from_numpy(rows[is_fit_prompt].ravel()),
             torch.from_numpy(rows[~is_fit_prompt].ravel()),
-            TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size, args.patience),
+            config,
             generator,
         )
     except TrainingDiverged as err:
         raise InputError(
             f"student diverged ({err}); lower --learning_rate (DISTILL_LEARNING_RATE in run_all.sh), "
-            f"now {args.learning_rate:g}"
+            f"now {config.learning_rate:g}"
         ) from None
-    del features
     log.info(
         "student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
         "(%.1f GFLOP/s), %.2fs",
@@ -294,91 +293,165 @@ def main(argv=None) -> dict:
         result.samples_per_second * mlp_train_flops_per_sample(data.dim) / 1e9,
         time.perf_counter() - start,
     )
+    return student, result, fit_prompts, stop_prompts
 
-    # --- 3. student -> golden isotonic map on calibration prompts ---
-    student_name = student_checkpoint_name(task, objective)
-    student_scorer = StackedEnsemble([student], [f"the student just trained ({student_name})"])
-    calibration_student = data.score(calibration_prompts, student_scorer)[0]
-    student_cv = cross_validate(
-        calibration_student, calibration_gold, args.cv_folds, seed, args.isotonic_variant, args.n_cross_pairs
-    )
-    student_map, student_estimator = fit_isotonic(
-        calibration_student,
-        calibration_gold,
-        args.isotonic_variant,
-        {"input": "student", "student_checkpoint": student_name, **teacher_fit},
-    )
 
-    # --- write: checkpoint, maps (+ JSON sidecars), then the config, which marks the run complete ---
-    save_checkpoint(student, output_dir / student_name)
-    for name, imap, estimator in (
-        (TEACHER_MAP_FILE, teacher_map, teacher_estimator),
-        (LEGACY_MAP_FILE, teacher_map, teacher_estimator),
-        (STUDENT_MAP_FILE, student_map, student_estimator),
-    ):
-        save_isotonic_map(imap, estimator, output_dir / name)
-    config = {
-        "config": dict(vars(args)),
-        "task": task,
-        "rm_objective": objective,
-        "seed": seed,
-        "manifest": str(output_dir / MANIFEST_FILE),
+def save_maps(output_dir: Path, teacher: Calibrated, student: Calibrated) -> None:
+    """The maps (``.joblib`` plus the JSON sidecars step 8 reads); the teacher's also under its legacy name."""
+    for name, calibrated in ((TEACHER_MAP_FILE, teacher), (LEGACY_MAP_FILE, teacher), (STUDENT_MAP_FILE, student)):
+        save_isotonic_map(calibrated.imap, calibrated.estimator, output_dir / name)
+
+
+def teacher_record(paths: list[Path], n_members: int, from_flag: bool) -> dict:
+    return {
+        "checkpoints": [str(path) for path in paths],
+        "n_members": n_members,
+        "source": "--teacher_ckpt" if from_flag else "manifest",
+        "rule": "mean",
+    }
+
+
+def student_record(checkpoint: str, result) -> dict:
+    return {
+        "checkpoint": checkpoint,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "early_stopping_mse": result.best_val_loss,
+        "train_mse": result.train_mse,
+        # no throughput here: results are byte-identical across runs (it is logged by distil)
+        "target_mean": result.target_mean,
+        "target_variance": result.target_std**2,
+        "history": result.history,
+    }
+
+
+def artifacts_record(student_checkpoint: str) -> dict:
+    return {
+        "student_checkpoint": student_checkpoint,
+        "teacher_map": TEACHER_MAP_FILE,
+        "teacher_map_json": sidecar_path(TEACHER_MAP_FILE).name,
+        "legacy_teacher_map": LEGACY_MAP_FILE,
+        "student_map": STUDENT_MAP_FILE,
+        "student_map_json": sidecar_path(STUDENT_MAP_FILE).name,
+    }
+
+
+def distillation_record(
+    settings: dict,
+    run: Run,
+    partition: dict[str, np.ndarray],
+    teacher: dict,
+    fit_prompts: tuple[dict, np.ndarray, np.ndarray],
+    teacher_check: dict,
+    teacher_map: Calibrated,
+    comparison: dict,
+    student: dict,
+    student_map: Calibrated,
+) -> dict:
+    """``distillation_config.json``: the resolved settings, the data, which prompts reached each fit,
+    and what each fit gave. ``fit_prompts``: the calibration prompts' record, and the student's
+    training and early-stopping prompts."""
+    data, variant = run.data, settings["isotonic_variant"]
+    calibration, training, early_stopping = fit_prompts
+    return {
+        "config": settings,
+        "task": settings["task"],
+        "rm_objective": settings["rm_objective"],
+        "student_seed": run.seed,
+        "manifest": str(run.output_dir / MANIFEST_FILE),
         "data": {
             "data_dir": str(data.data_dir),
             "n_prompts": data.n_prompts,
             "n_splits": data.n_splits,
             "dim": data.dim,
         },
-        "teacher": {
-            "checkpoints": [str(path) for path in teacher_paths],
-            "n_members": len(teacher),
-            "source": "--teacher_ckpt" if args.teacher_ckpt else "manifest",
-            "rule": "mean",
-        },
+        "teacher": teacher,
         "prompt_counts": {role: int(len(ids)) for role, ids in partition.items()},
         "fits": {  # which prompts reached each fit; held_out reaches none
-            "teacher_isotonic": teacher_fit,
-            "student_training": prompt_set_record("student_train", fit_prompts, data.n_splits),
-            "student_early_stopping": prompt_set_record("student_train", stop_prompts, data.n_splits),
-            "student_isotonic": teacher_fit,
+            "teacher_isotonic": calibration,
+            "student_training": prompt_set_record("student_train", training, data.n_splits),
+            "student_early_stopping": prompt_set_record("student_train", early_stopping, data.n_splits),
+            "student_isotonic": calibration,
         },
-        "isotonic_variant": args.isotonic_variant,
+        "isotonic_variant": variant,
         "teacher_check": teacher_check,  # warnings: a constant map or a backwards-ranking teacher
-        "teacher_isotonic": {"out_of_fold": teacher_cv, **teacher_map.sizes},
+        "teacher_isotonic": {"out_of_fold": teacher_map.out_of_fold, **teacher_map.imap.sizes},
         "isotonic_variant_comparison": {
             "measured_on": "out-of-fold teacher predictions on calibration prompts "
-            f"({args.cv_folds} folds over prompts)",
-            "selected": args.isotonic_variant,
-            **variant_comparison,
+            f"({settings['cv_folds']} folds over prompts)",
+            "selected": variant,
+            **comparison,
         },
-        "student": {
-            "checkpoint": student_name,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "early_stopping_mse": result.best_val_loss,
-            "train_mse": result.train_mse,
-            # no throughput here: results are byte-identical across runs (it is logged above)
-            "target_mean": result.target_mean,
-            "target_variance": result.target_std**2,
-            "history": result.history,
-        },
-        "student_isotonic": {"out_of_fold": student_cv, **student_map.sizes},
-        "artifacts": {
-            "student_checkpoint": student_name,
-            "teacher_map": TEACHER_MAP_FILE,
-            "teacher_map_json": sidecar_path(TEACHER_MAP_FILE).name,
-            "legacy_teacher_map": LEGACY_MAP_FILE,
-            "student_map": STUDENT_MAP_FILE,
-            "student_map_json": sidecar_path(STUDENT_MAP_FILE).name,
-        },
+        "student": student,
+        "student_isotonic": {"out_of_fold": student_map.out_of_fold, **student_map.imap.sizes},
+        "artifacts": artifacts_record(student["checkpoint"]),
     }
-    write_json(output_dir / CONFIG_FILE, config)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # torch is imported once the flags are valid: --help and flag errors return at once.
+    import torch
+
+    from networks import StackedEnsemble, TrainConfig, flush_denormals, load_ensemble, save_checkpoint
+
+    flush_denormals()
+    setup_logging()
+    run = open_run(args, RUN_IDENTITY_FLAGS, seed=args.student_seed)
+    output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
+    # The settings step 7 used: step 5's flags (checked equal where given) and seed where not given.
+    identity = {flag: run.manifest["config"].get(flag) for flag in RUN_IDENTITY_FLAGS}
+    settings = {**vars(args), **identity, "student_seed": seed}
+    teacher = load_ensemble(teacher_paths, data.dim)
+    teacher_scorer = StackedEnsemble(teacher, teacher_paths)  # scores calibration and student_train prompts
+    partition = run.partition()
+    calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
+    check_cv_folds(args.cv_folds, len(calibration_prompts))
+    # each random stream derives from the seed through its own SeedSequence
+    split_stream, torch_stream = seed_sequence(seed, "distillation").spawn(2)
+    split_rng = np.random.default_rng(split_stream)
+    generator = torch.Generator().manual_seed(int_seed(torch_stream))
+    cv = (args.isotonic_variant, args.cv_folds, seed, args.n_cross_pairs)
+
+    # --- 1. teacher -> golden isotonic map on calibration prompts, cross-validated over prompts ---
+    # scikit-learn's imports (~1 s, isotonic maps and folds) run in a thread while the teacher's matrix
+    # products, which release the GIL, score the calibration prompts; the first fit waits for them.
+    threading.Thread(target=importlib.import_module, args=("sklearn.model_selection",), daemon=True).start()
+    gold = data.rewards[calibration_prompts]
+    teacher_fit = prompt_set_record("calibration", calibration_prompts, data.n_splits)
+    provenance = {"input": "teacher", "teacher_checkpoints": [path.name for path in teacher_paths], **teacher_fit}
+    teacher_map, comparison, teacher_check = calibrate_teacher(
+        data.score(calibration_prompts, teacher_scorer).mean(axis=0), gold, *cv, provenance
+    )
+
+    # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
+    targets = teacher_map.imap.predict(data.score(student_prompts, teacher_scorer).mean(axis=0))
+    train_config = TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size, args.patience)
+    student, result, fit_prompts, stop_prompts = distil(
+        data, student_prompts, targets, args.val_fraction, train_config, split_rng, generator
+    )
+
+    # --- 3. student -> golden isotonic map on calibration prompts ---
+    student_name = student_checkpoint_name(settings["task"], settings["rm_objective"])
+    student_scorer = StackedEnsemble([student], [f"the student just trained ({student_name})"])
+    provenance = {"input": "student", "student_checkpoint": student_name, **teacher_fit}
+    student_map = calibrate_student(data.score(calibration_prompts, student_scorer)[0], gold, *cv, provenance)
+
+    # --- write: checkpoint, maps (+ JSON sidecars), then the config, which marks the run complete ---
+    save_checkpoint(student, output_dir / student_name)
+    save_maps(output_dir, teacher_map, student_map)
+    teacher_info = teacher_record(teacher_paths, len(teacher), bool(args.teacher_ckpt))
+    fits, student_info = (teacher_fit, fit_prompts, stop_prompts), student_record(student_name, result)
+    config = distillation_record(
+        settings, run, partition, teacher_info, fits, teacher_check, teacher_map, comparison, student_info, student_map
+    )
+    write_json(output_dir / DISTILLATION_CONFIG_FILE, config)
     cache_student_scores(run, partition, student_scorer, output_dir / student_name)
     print(
         f"step7: teacher isotonic ({args.isotonic_variant}) out-of-fold MSE "
-        f"{teacher_cv['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
+        f"{teacher_map.out_of_fold['calibration']['mse']:.4f}; student early-stopping MSE {result.best_val_loss:.4f} "
         f"(target variance {result.target_std**2:.4f}) -> {output_dir / student_name}, "
-        f"{output_dir / CONFIG_FILE}"
+        f"{output_dir / DISTILLATION_CONFIG_FILE}"
     )
     return config
 

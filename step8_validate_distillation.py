@@ -19,14 +19,12 @@ import numpy as np
 
 from artifacts import atomic_paths, json_text
 from calibration import (
-    STUDENT_MAP_FILE,
-    TEACHER_MAP_FILE,
     IsotonicMap,
     check_map_provenance,
     load_isotonic_map,
     sidecar_path,
 )
-from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
+from cli import GOLDEN_SCALE_VARIANTS, VARIANT_TITLES, ArgumentParser, positive_int, random_seed, run_cli, setup_logging
 from metrics import (
     add_evaluation_draw_flags,
     best_of_n,
@@ -36,26 +34,33 @@ from metrics import (
     prediction_report,
 )
 from plots import plot_best_of_n, plot_calibration
-from rm_data import (
+from rm_data import EmbeddingSet
+from run_folder import (
     ENSEMBLE_SCORES,
     MANIFEST_FILE,
+    RUN_IDENTITY_FLAGS,
     SCORE_CACHE_DIR,
-    SEED_FLAGS,
+    STUDENT_MAP_FILE,
     STUDENT_SCORES,
-    EmbeddingSet,
+    TEACHER_MAP_FILE,
+    VALIDATION_BEST_OF_N_PLOT,
+    VALIDATION_CALIBRATION_PLOT,
+    VALIDATION_RESULTS_FILE,
+    VALIDATION_TABLE_FILE,
     LazyEnsemble,
     add_run_flags,
     open_run,
+    score_cache_entry,
+    score_cached,
     student_checkpoint_name,
 )
 
 log = logging.getLogger("step8")
-VARIANT_NAMES = ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")
-# Variants whose values are meant to be on the golden reward scale (MSE is meaningful).
-ON_GOLDEN_SCALE = ("Teacher+Isotonic", "Student", "Student+Isotonic")
+GOLDEN_SCALE_TITLES = tuple(VARIANT_TITLES[variant] for variant in GOLDEN_SCALE_VARIANTS)  # MSE meaningful
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
+    """The flags: each setting's one home (run_all.sh's variables set them: settings.py)."""
     parser = ArgumentParser(description="Validate teacher, student and their isotonic maps on held-out prompts.")
     parser.add_argument("--output_dir", default="distill_out", help="folder of steps 5 and 7; results go here")
     add_run_flags(parser, teacher=True)
@@ -74,16 +79,20 @@ def parse_args(argv=None):
         default=None,
         help=f"student map .joblib; its .json sidecar is read (default: OUTPUT_DIR/{STUDENT_MAP_FILE})",
     )
-    for flag in SEED_FLAGS:
-        parser.add_argument(f"--{flag}", default=None, help="seed flag, checked against the manifest")
+    for flag in RUN_IDENTITY_FLAGS:
+        parser.add_argument(f"--{flag}", default=None, help="step 5's flag, checked against the manifest")
     add_evaluation_draw_flags(parser)
     parser.add_argument(
         "--calibration_bins", type=positive_int, default=15, help="equal-count bins of the calibration plot"
     )
     parser.add_argument(
-        "--seed", type=random_seed, default=None, help="seed of evaluation draws (default: step 5's seed)"
+        "--eval_seed", type=random_seed, default=None, help="seed of evaluation draws (default: step 5's seed)"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def cached_scores(
@@ -92,27 +101,31 @@ def cached_scores(
     """Each set's (P, R) float64 mean of the model's scores: from the score cache where step 6 (the
     teacher's members) or step 7 (the student) left them, else scored with ``model``."""
     return {
-        name: eset.score_cached(prompts, model, cache_dir, model.paths, prefix).mean(axis=0).astype(np.float64)
+        name: score_cached(eset, prompts, model, cache_dir, model.paths, prefix).mean(axis=0).astype(np.float64)
         for name, (eset, prompts) in sets.items()
     }
 
 
-def score_variants(
+def variants_from_scores(
     teacher: np.ndarray, student: np.ndarray, teacher_map: IsotonicMap, student_map: IsotonicMap
 ) -> dict[str, np.ndarray]:
     """The four variants' scores from the teacher's (the members' mean) and the student's raw scores."""
-    return {
-        "Teacher": teacher,
-        "Teacher+Isotonic": teacher_map.predict(teacher),
-        "Student": student,
-        "Student+Isotonic": student_map.predict(student),
-    }
+    values = (teacher, teacher_map.predict(teacher), student, student_map.predict(student))
+    return dict(zip(VARIANT_TITLES.values(), values))
 
 
-def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float, args, seed: int) -> dict:
-    reports = {name: prediction_report(pred, gold, seed, args.n_cross_pairs) for name, pred in variants.items()}
+def evaluate(
+    variants: dict[str, np.ndarray],
+    gold: np.ndarray,
+    constant: float,
+    seed: int,
+    n_cross_pairs: int,
+    bon_draws: int,
+    calibration_bins: int,
+) -> dict:
+    reports = {name: prediction_report(pred, gold, seed, n_cross_pairs) for name, pred in variants.items()}
     for name, report in reports.items():
-        report["calibration"]["meaningful"] = name in ON_GOLDEN_SCALE
+        report["calibration"]["meaningful"] = name in GOLDEN_SCALE_TITLES
     reports["Teacher"]["calibration"]["note"] = "raw teacher scores are not on the golden scale"
     calibrated = variants["Teacher+Isotonic"]
     fidelity = calibration_errors(variants["Student"], calibrated)
@@ -128,9 +141,9 @@ def evaluate(variants: dict[str, np.ndarray], gold: np.ndarray, constant: float,
             "relative_mse": fidelity["mse"] / float(calibrated.var()) if calibrated.var() > 0 else None,
             **({} if calibrated.var() > 0 else {"relative_mse_reason": "Teacher+Isotonic is constant"}),
         },
-        "best_of_n": best_of_n(gold, variants, args.bon_draws, seed),
+        "best_of_n": best_of_n(gold, variants, bon_draws, seed),
         "calibration_curves": {
-            name: binned_calibration(variants[name], gold, args.calibration_bins) for name in ON_GOLDEN_SCALE
+            name: binned_calibration(variants[name], gold, calibration_bins) for name in GOLDEN_SCALE_TITLES
         },
     }
 
@@ -153,7 +166,7 @@ def format_table(title: str, result: dict) -> str:
         f"{'variant':<18}{'spearman':>9}{'global':>8}{'pearson':>8}{'acc same':>9}{'acc cross':>10}{'MSE':>9}{'MAE':>8}"
         f"{'levels':>8}{bon_header:>9}"
     )
-    for name in VARIANT_NAMES:
+    for name in VARIANT_TITLES.values():
         report = result["variants"][name]
         errors = report["calibration"]
         mark = "" if errors["meaningful"] else "*"
@@ -180,7 +193,7 @@ def format_table(title: str, result: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    run = open_run(args, SEED_FLAGS, seed=args.seed)
+    run = open_run(args, RUN_IDENTITY_FLAGS, seed=args.eval_seed)
     output_dir, data, teacher_paths, seed = run.output_dir, run.data, run.checkpoints, run.seed
     test = run.test_set()
     student_path = Path(
@@ -203,7 +216,7 @@ def main(argv=None) -> dict:
     sets, cache_dir = run.evaluation_sets(partition, test), output_dir / SCORE_CACHE_DIR
     models = {"teacher": (teacher, ENSEMBLE_SCORES), "student": (student, STUDENT_SCORES)}
     for model, prefix in models.values():  # every checkpoint to read is read before any score is written
-        if any(eset.score_cache_entry(ids, cache_dir, model.paths, prefix)[1] is None for eset, ids in sets.values()):
+        if any(score_cache_entry(eset, ids, cache_dir, model.paths, prefix)[1] is None for eset, ids in sets.values()):
             model.load()
     scores = {name: cached_scores(sets, model, cache_dir, prefix) for name, (model, prefix) in models.items()}
 
@@ -219,12 +232,13 @@ def main(argv=None) -> dict:
         },
     }
     for name, (eset, prompts) in sets.items():
-        variants = score_variants(scores["teacher"][name], scores["student"][name], teacher_map, student_map)
-        results[name] = evaluate(variants, eset.rewards[prompts], constant, args, seed)
+        variants = variants_from_scores(scores["teacher"][name], scores["student"][name], teacher_map, student_map)
+        draws = (seed, args.n_cross_pairs, args.bon_draws, args.calibration_bins)
+        results[name] = evaluate(variants, eset.rewards[prompts], constant, *draws)
     log.info("validated four variants in %.2fs", time.perf_counter() - start)
 
-    json_path, calibration_plot = output_dir / "validation_results.json", output_dir / "validation_calibration.png"
-    bon_plot = output_dir / "validation_best_of_n.png"
+    json_path, calibration_plot = output_dir / VALIDATION_RESULTS_FILE, output_dir / VALIDATION_CALIBRATION_PLOT
+    bon_plot = output_dir / VALIDATION_BEST_OF_N_PLOT
     label = {"held_out": "held-out prompts", "test": "test set"}
     results["artifacts"] = {"calibration_plot": str(calibration_plot), "best_of_n_plot": str(bon_plot)}
     table = "\n".join(format_table(label[name], results[name]) for name in sets)
@@ -233,7 +247,7 @@ def main(argv=None) -> dict:
         for name in sets
     }
     # All four files or none: a failure in any (a plot, a full disk) leaves no half of the results.
-    with atomic_paths(json_path, output_dir / "validation_table.txt", calibration_plot, bon_plot) as tmp_paths:
+    with atomic_paths(json_path, output_dir / VALIDATION_TABLE_FILE, calibration_plot, bon_plot) as tmp_paths:
         tmp_paths[0].write_text(json_text(results))
         tmp_paths[1].write_text(table + "\n")  # run_all.sh shows it when step 8 is up to date
         plot_calibration(

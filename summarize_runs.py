@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import json_sha256, read_json, write_text
+from artifacts import ensure_writable_dir, json_sha256, read_json, write_text
 from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
-from rm_data import MANIFEST_FILE, PARTITION_FILE, ensure_writable_dir
+from rm_data import PARTITION_FILE
+from run_folder import DISTILLATION_CONFIG_FILE, MANIFEST_FILE, VALIDATION_RESULTS_FILE, eval_results_file
 from settings import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
 
@@ -89,7 +90,7 @@ def parse_args(argv=None):
 
 
 @dataclass
-class Run:
+class RunSummary:
     path: Path
     seed: int
     settings: dict  # run_all.sh name -> value, seed excluded
@@ -180,7 +181,7 @@ def optional_json(path: Path) -> dict | None:
     return read_json(path, "run result") if path.is_file() else None
 
 
-def load_run(path: Path) -> Run:
+def load_run(path: Path) -> RunSummary:
     manifest = read_json(path / MANIFEST_FILE, "ORM manifest")
     split = read_json(path / PARTITION_FILE, "prompt partition")
     config = manifest.get("config")
@@ -191,7 +192,7 @@ def load_run(path: Path) -> Run:
     settings = {VARIABLES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
     if "REPLACEMENT" in settings:  # run_all.sh's REPLACEMENT=1 is step 5's --replacement replacement_true
         settings["REPLACEMENT"] = int(settings["REPLACEMENT"] == "replacement_true")
-    distillation = optional_json(path / "distillation_config.json")
+    distillation = optional_json(path / DISTILLATION_CONFIG_FILE)
     step7 = dig(distillation, "config") or {}
     settings.update({VARIABLES.get(key, key.upper()): step7[key] for key in STEP7_SETTINGS if key in step7})
     data_fingerprint = dig(manifest, "data", "fingerprint")
@@ -200,21 +201,21 @@ def load_run(path: Path) -> Run:
     if not isinstance(held_out, list):
         raise InputError(f"{path / PARTITION_FILE}: no held_out prompt list")
     held_out_key = json_sha256([data_fingerprint, sorted(held_out)])
-    evaluation = optional_json(path / f"eval_results_{config['rm_objective']}.json")
-    validation = optional_json(path / "validation_results.json")
+    evaluation = optional_json(path / eval_results_file(config["rm_objective"]))
+    validation = optional_json(path / VALIDATION_RESULTS_FILE)
     metrics, bon_n = {}, {}
     for eval_set in EVAL_SETS:
         values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
         metrics.update(values)
     last_step = 8 if validation else 7 if distillation else 6 if evaluation else 5
-    return Run(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step)
+    return RunSummary(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step)
 
 
 def sort_key(value) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
-def check_same_held_out(runs: list[Run], what: str) -> None:
+def check_same_held_out(runs: list[RunSummary], what: str) -> None:
     """One line if ``runs`` (one row or one curve) were evaluated on different held-out prompts."""
     first = runs[0]
     for run in runs[1:]:
@@ -239,11 +240,11 @@ def settings_key(settings: dict, leave_out: set[str] = frozenset()) -> str:
     return json.dumps({name: value for name, value in settings.items() if name not in leave_out}, sort_keys=True)
 
 
-def group_runs(runs: list[Run]) -> list[list[Run]]:
+def group_runs(runs: list[RunSummary]) -> list[list[RunSummary]]:
     """The runs of each configuration (every setting but the seed). A run that stopped before step 7
     has no step-7 settings: it joins the one configuration whose other settings are its own."""
     step7_names = {name.upper() for name in STEP7_SETTINGS}
-    groups: dict[str, list[Run]] = defaultdict(list)
+    groups: dict[str, list[RunSummary]] = defaultdict(list)
     for run in runs:
         if run.last_step >= 7:
             groups[settings_key(run.settings)].append(run)
@@ -258,12 +259,12 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
-def setting_value(runs: list[Run], name: str):
+def setting_value(runs: list[RunSummary], name: str):
     """The setting's value in the first of ``runs`` that has it (None where none has)."""
     return next((run.settings[name] for run in runs if name in run.settings), None)
 
 
-def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
+def summarize(runs: list[RunSummary]) -> tuple[list[str], list[str], list[dict], dict]:
     """Rows of the summary: (varied settings, metric columns, rows, common settings)."""
     all_names = sorted({name for run in runs for name in run.settings})
     varied = ["RM_OBJECTIVE"] + [
@@ -293,7 +294,7 @@ def summarize(runs: list[Run]) -> tuple[list[str], list[str], list[dict], dict]:
     return varied, columns, rows, common
 
 
-def failed_cells(patterns: list[str], runs: list[Run]) -> dict[Path, Path]:
+def failed_cells(patterns: list[str], runs: list[RunSummary]) -> dict[Path, Path]:
     """Cells that run_sweep.sh recorded as failed (``logs/failed_cells.txt`` of a sweep folder: a
     folder given, or one holding a run): cell folder -> its log."""
     folders = {run.path.parent for run in runs} | {Path(p).resolve() for p in patterns if Path(p).is_dir()}
@@ -305,14 +306,14 @@ def failed_cells(patterns: list[str], runs: list[Run]) -> dict[Path, Path]:
     return failed
 
 
-def leave_out(runs: list[Run], failed: dict[Path, Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+def leave_out(runs: list[RunSummary], failed: dict[Path, Path]) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
     """The runs to summarise, and the others with the reason each is left out (an error if none is left)."""
     kept, left_out = [], []
     for run in runs:
         if run.path in failed:
             left_out.append((run.path, f"run_sweep.sh recorded the cell as failed (log {failed[run.path]})"))
         elif run.last_step < 6:
-            name = f"eval_results_{run.settings['RM_OBJECTIVE']}.json"
+            name = eval_results_file(run.settings["RM_OBJECTIVE"])
             left_out.append((run.path, f"no step-6 results ({name}): the run stopped after step 5"))
         else:
             kept.append(run)
@@ -323,7 +324,7 @@ def leave_out(runs: list[Run], failed: dict[Path, Path]) -> tuple[list[Run], lis
     return kept, left_out
 
 
-def run_notes(runs: list[Run], left_out: list[tuple[Path, str]], failed: dict[Path, Path]) -> list[str]:
+def run_notes(runs: list[RunSummary], left_out: list[tuple[Path, str]], failed: dict[Path, Path]) -> list[str]:
     """summary.md's closing sections: failed sweep cells, runs left out, runs counted in part."""
     lines = []
     if failed:
@@ -338,7 +339,7 @@ def run_notes(runs: list[Run], left_out: list[tuple[Path, str]], failed: dict[Pa
     if partial:
         lines += ["## Runs counted in part", ""]
         lines += [
-            f"- `{run.path}`: stopped after step {run.last_step} (no validation_results.json): "
+            f"- `{run.path}`: stopped after step {run.last_step} (no {VALIDATION_RESULTS_FILE}): "
             "counted in the step-6 metrics, not in the MSE columns"
             for run in partial
         ]

@@ -67,7 +67,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts import atomic_paths, json_sha256, json_text, read_json, write_json
+from artifacts import atomic_paths, ensure_writable_dir, json_sha256, json_text, read_json, write_json
 from cli import (
     ArgumentParser,
     InputError,
@@ -85,7 +85,7 @@ from llm_models import (
     resolve_model,
     write_jsonl,
 )
-from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, ensure_writable_dir
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits
 
 log = logging.getLogger("make_alpacaeval_data")
 

@@ -1,7 +1,7 @@
 """Write a synthetic embedding repository (the input of convert_embeddings.py), up to full size.
 
 Defaults are one published setup at full size: train 40000 prompts x 10 responses x 2048 and test
-2000 x 500 x 2048, float32 (11.5 GB), in the seed's kn layout ((K, N, D) embeddings, (K, N)
+2000 x 500 x 2048, float32 (11.5 GB), in the original authors' kn layout ((K, N, D) embeddings, (K, N)
 rewards) or with --layout nk the infrastructure's ((N, K, D), (N, K, 1)), under the names that
 convert_embeddings.py looks for with the same --task/--sft_obj/--embed_model/--gen_model.
 
@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts import atomic_path, read_json, write_json, write_npy
+from artifacts import atomic_path, ensure_writable_dir, read_json, write_json, write_npy
 from cli import ArgumentParser, non_negative_float, non_negative_int, positive_int, random_seed, run_cli
 from convert_embeddings import LAYOUTS, repo_file_names
-from rm_data import TASKS, ensure_writable_dir
+from rm_data import TASKS
 
 CONFIG_FILE = "synthetic_repo.json"
 BLOCK_BYTES = 64 << 20

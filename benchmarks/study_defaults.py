@@ -65,6 +65,7 @@ def run_cell(cell: dict) -> dict:
     torch.set_num_threads(1)
     import step5_train_rms
     import step6_eval_rms
+    from run_folder import load_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "run")
@@ -77,7 +78,7 @@ def run_cell(cell: dict) -> dict:
             + CANDIDATES[cell["candidate"]]
         )
         results = step6_eval_rms.main(["--output_dir", out, "--bon_draws", "10", "--n_cross_pairs", "10000"])
-        manifest = json.loads((Path(out) / "orm_manifest.json").read_text())
+        manifest = load_manifest(out)
     held = results["held_out"]
     members = manifest["members"]
     return {

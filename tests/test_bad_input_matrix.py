@@ -99,7 +99,7 @@ class Workspace:
         return run / json.loads((run / "orm_manifest.json").read_text())["checkpoints"][index]
 
     def repo(self, embeddings: np.ndarray, rewards: np.ndarray) -> Path:
-        """A repository folder in the seed's kn layout: (K, N, D) embeddings, (K, N) rewards."""
+        """A repository folder in the original authors' kn layout: (K, N, D) embeddings, (K, N) rewards."""
         repo = self.tmp / "repo"
         repo.mkdir(exist_ok=True)
         np.save(repo / "EMBD_hh-rlhf-helpful-gpt4_gemma2b_gemma7b_train.npy", embeddings, allow_pickle=True)
@@ -542,7 +542,7 @@ def step7_reward_string_value(w):
 
 
 def step7_negative_seed(w):
-    return step7(w, ["argument --seed: expected a non-negative integer seed, got '-1'"], "--seed", "-1")
+    return step7(w, ["argument --student_seed: expected a non-negative integer seed, got '-1'"], "--student_seed", "-1")
 
 
 # --- step8_validate_distillation.py ---
@@ -904,8 +904,8 @@ def step8_manifest_checkpoint_outside_the_folder(w):
 def step8_seed_beyond_range(w):
     return step8(
         w,
-        ["argument --seed: expected a non-negative integer seed up to 4294967295, got '4294967296'"],
-        "--seed",
+        ["argument --eval_seed: expected a non-negative integer seed up to 4294967295, got '4294967296'"],
+        "--eval_seed",
         "4294967296",
     )
 

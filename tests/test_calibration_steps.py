@@ -29,12 +29,14 @@ from conftest import run_failing  # noqa: E402
 import calibration  # noqa: E402
 import generate_demo_data  # noqa: E402
 import networks  # noqa: E402
+import run_folder  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
-from cli import InputError  # noqa: E402
+from cli import VARIANT_TITLES, InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
-from rm_data import SCORE_CACHE_DIR, EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
+from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
+from run_folder import SCORE_CACHE_DIR  # noqa: E402
 
 DEMO = [
     "--n_prompts",
@@ -69,7 +71,7 @@ STEP5 = [
     "3",
 ]
 STEP7 = ["--distill_epochs", "12", "--batch_size", "64"]
-MAP_FILES = (calibration.TEACHER_MAP_FILE, calibration.STUDENT_MAP_FILE, calibration.LEGACY_MAP_FILE)
+MAP_FILES = (run_folder.TEACHER_MAP_FILE, run_folder.STUDENT_MAP_FILE, run_folder.LEGACY_MAP_FILE)
 
 
 class WritesMarker:
@@ -95,7 +97,7 @@ def tied_scores(rng, n):
     return scores, scores + rng.normal(scale=1.0, size=n)
 
 
-@pytest.mark.parametrize("variant", calibration.VARIANTS)
+@pytest.mark.parametrize("variant", calibration.ISOTONIC_VARIANTS)
 @pytest.mark.parametrize("seed,n", [(0, 1), (1, 2), (2, 7), (3, 200), (4, 3000)])
 def test_json_map_reproduces_sklearn_predict_exactly(tmp_path, variant, seed, n):
     rng = np.random.default_rng(seed)
@@ -204,7 +206,7 @@ def pipeline(tmp_path_factory):
     original_read_rows = EmbeddingSet.read_rows
 
     def recording_read_rows(self, split, prompt_ids):  # after_fits: once the config, written last, exists
-        after_fits = (out / step7.CONFIG_FILE).exists()
+        after_fits = (out / run_folder.DISTILLATION_CONFIG_FILE).exists()
         reads.append((self.kind, np.asarray(prompt_ids).copy(), after_fits))
         return original_read_rows(self, split, prompt_ids)
 
@@ -301,7 +303,7 @@ def test_student_reproduces_the_calibrated_teacher_on_held_out(pipeline):
     manifest = json.loads((pipeline["out"] / "orm_manifest.json").read_text())
     teacher = [load_checkpoint(pipeline["out"] / name, data.dim) for name in manifest["checkpoints"]]
     student = load_checkpoint(pipeline["out"] / "distilled_rm_helpful_bt.ckpt", data.dim)
-    teacher_map = calibration.load_isotonic_map(pipeline["out"] / calibration.TEACHER_MAP_FILE)
+    teacher_map = calibration.load_isotonic_map(pipeline["out"] / run_folder.TEACHER_MAP_FILE)
     targets = teacher_map.predict(data.score(held_out, networks.StackedEnsemble(teacher)).mean(axis=0))
     predictions = data.score(held_out, networks.StackedEnsemble([student]))[0]
     mse = float(np.mean((predictions - targets) ** 2))
@@ -331,11 +333,11 @@ def test_calibrated_variants_beat_the_constant_predictor(pipeline):
 
 def test_step7_artifacts_and_config(pipeline):
     out, config = pipeline["out"], pipeline["config"]
-    written = json.loads((out / step7.CONFIG_FILE).read_text())
+    written = json.loads((out / run_folder.DISTILLATION_CONFIG_FILE).read_text())
     assert written == json.loads(json.dumps(config))
     teacher_json = json.loads((out / "isotonic_teacher_map.json").read_text())
     assert teacher_json == json.loads((out / "isotonic_map.json").read_text())  # legacy alias
-    assert teacher_json["variant"] == calibration.DEFAULT_VARIANT
+    assert teacher_json["variant"] == calibration.DEFAULT_ISOTONIC_VARIANT
     for name in (
         "distilled_rm_helpful_bt.ckpt",
         *MAP_FILES,
@@ -348,7 +350,7 @@ def test_step7_artifacts_and_config(pipeline):
     assert oof["n_folds"] == 5 and sum(oof["prompts_per_fold"]) == config["prompt_counts"]["calibration"] == 240
     assert oof["calibration"]["n_responses"] == 2400 and oof["calibration"]["mse"] > 0
     comparison = config["isotonic_variant_comparison"]
-    assert comparison["selected"] == calibration.DEFAULT_VARIANT
+    assert comparison["selected"] == calibration.DEFAULT_ISOTONIC_VARIANT
     assert comparison["centered"]["n_distinct_values"] > comparison["standard"]["n_distinct_values"]
     assert config["student"]["early_stopping_mse"] < config["student"]["target_variance"]
 
@@ -425,7 +427,7 @@ def test_run_all_runs_steps_5_to_8_and_prints_the_table(tmp_path):
     for plot in ("validation_best_of_n.png", "validation_calibration.png"):
         assert str(tmp_path / "out" / plot) in last_lines
     results = json.loads((tmp_path / "out" / "validation_results.json").read_text())
-    assert set(results["held_out"]["variants"]) == set(step8.VARIANT_NAMES)
+    assert set(results["held_out"]["variants"]) == set(VARIANT_TITLES.values())
 
 
 def test_step8_takes_the_teacher_from_the_cache_without_loading_it(pipeline, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, run_failing
 
 import rm_data
+import run_folder
 import step5_train_rms as step5
 import step6_eval_rms as step6
 from cli import finite_number
@@ -147,7 +148,7 @@ def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
 
     out = tmp_path / "out"
     shutil.copytree(trained_run, out)
-    manifest = json.loads((out / rm_data.MANIFEST_FILE).read_text())
+    manifest = json.loads((out / run_folder.MANIFEST_FILE).read_text())
     (out / manifest["checkpoints"][0]).write_bytes(b"PK\x03\x04 not a zip")
     err = run_failing(step6.main, ["--output_dir", str(out)], capsys)
     assert "not a readable weights-only PyTorch checkpoint" in err

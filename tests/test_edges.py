@@ -24,7 +24,8 @@ import step6_eval_rms
 import step7_isotonic_distillation
 import step8_validate_distillation
 from calibration import fit_isotonic
-from rm_data import SCORE_CACHE_DIR, write_rewards_jsonl
+from rm_data import write_rewards_jsonl
+from run_folder import SCORE_CACHE_DIR
 from step7_isotonic_distillation import check_teacher
 
 

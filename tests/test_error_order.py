@@ -105,7 +105,7 @@ def map_of_other_checkpoints(model: str) -> Break:
 
 
 def opened_run(flag_error: Break, mismatched_flag: Break) -> list[Break]:
-    """A step's own flag error, then what ``rm_data.open_run`` checks, in its order."""
+    """A step's own flag error, then what ``run_folder.open_run`` checks, in its order."""
     return [flag_error, output_dir_under_a_file, manifest_seed_a_string, mismatched_flag, short_train_rewards]
 
 

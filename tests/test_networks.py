@@ -260,17 +260,23 @@ def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
 
 
 @pytest.mark.parametrize("learning_rate", ["1e-3", "1e-4"])
-def test_flushing_denormals_leaves_step5_byte_identical(demo_dir, tmp_path, learning_rate):
-    """Step 5 computes with float32 denormals flushed to zero (networks.flush_denormals), which is
-    faster; its outputs are byte for byte those of a run without it, at both learning rates."""
-    code = "import sys, networks, step5_train_rms; {}step5_train_rms.main(sys.argv[1:])"
-    argv = ["--data_dir", str(demo_dir), *STEP5_FAST[:-2], "--learning_rate", learning_rate]
-    for name, patch in (("flushed", ""), ("plain", "networks.flush_denormals = lambda: None; ")):
+def test_flushing_denormals_leaves_steps_5_and_7_byte_identical(demo_dir, tmp_path, learning_rate):
+    """Steps 5 and 7 compute with float32 denormals flushed to zero (networks.flush_denormals), which
+    is faster; their outputs are byte for byte those of runs without it, at both learning rates."""
+    code = (
+        "import sys, networks, step5_train_rms as s5, step7_isotonic_distillation as s7; {}"
+        "s5.main(sys.argv[1:]); s7.main(['--output_dir', sys.argv[-1], '--distill_epochs', '2', "
+        "'--learning_rate', sys.argv[-3]])"
+    )
+    out = tmp_path / "out"
+    argv = ["--data_dir", str(demo_dir), *STEP5_FAST[:-2], "--learning_rate", learning_rate, "--output_dir", str(out)]
+    for name, patch in (("plain", "networks.flush_denormals = lambda: None; "), ("flushed", "")):
         subprocess.run(
-            [sys.executable, "-c", code.format(patch), *argv, "--output_dir", str(tmp_path / name)],
+            [sys.executable, "-c", code.format(patch), *argv],
             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True,
         )  # fmt: skip
-    outputs = sorted(path.name for path in (tmp_path / "flushed").iterdir())
-    assert sum(name.endswith(".ckpt") for name in outputs) == 2
+        out.rename(tmp_path / name)  # both ran in the same folder: the records name it alike
+    outputs = sorted(path.name for path in (tmp_path / "flushed").iterdir() if path.is_file())
+    assert sum(name.endswith(".ckpt") for name in outputs) == 3 and "distillation_config.json" in outputs
     for name in outputs:
         assert (tmp_path / "flushed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name

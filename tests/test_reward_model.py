@@ -35,20 +35,25 @@ import step4_gen_embeddings  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
-from calibration import STUDENT_MAP_FILE, TEACHER_MAP_FILE, load_isotonic_map  # noqa: E402
-from cli import InputError  # noqa: E402
+from calibration import load_isotonic_map  # noqa: E402
+from cli import (  # noqa: E402
+    REWARD_VARIANTS,
+    VARIANT_TITLES,
+    InputError,
+)
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
 from networks import StackedEnsemble, load_checkpoint  # noqa: E402
-from reward_model import STEP8_NAMES, VARIANTS, RewardModel, hh_rlhf_prompt  # noqa: E402
-from rm_data import (  # noqa: E402
+from reward_model import RewardModel, hh_rlhf_prompt  # noqa: E402
+from rm_data import load_embedding_set, load_partition  # noqa: E402
+from run_folder import (  # noqa: E402
     ENSEMBLE_SCORES,
     SCORE_CACHE_DIR,
+    STUDENT_MAP_FILE,
+    TEACHER_MAP_FILE,
     LazyEnsemble,
     checkpoint_paths,
-    load_embedding_set,
     load_manifest,
-    load_partition,
     student_checkpoint_name,
 )
 
@@ -168,7 +173,7 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
         {"held_out": (data, held_out)}, teacher, out / SCORE_CACHE_DIR, ENSEMBLE_SCORES
     )
     student = StackedEnsemble([load_checkpoint(student_path, data.dim)])  # not step 7's cached scores
-    expected = step8.score_variants(
+    expected = step8.variants_from_scores(
         teacher_scores["held_out"],
         data.score(held_out, student)[0].astype(np.float64),
         load_isotonic_map(out / TEACHER_MAP_FILE),
@@ -178,15 +183,15 @@ def test_scores_equal_step8_predictions_on_held_out_prompts(demo_run):
     rows = prompt_major_rows(data, held_out)
     scores = reward_model.score_variants(rows)
     shape = (len(held_out), data.n_splits)
-    for variant in VARIANTS:
-        np.testing.assert_array_equal(scores[variant].reshape(shape), expected[STEP8_NAMES[variant]])
+    for variant in REWARD_VARIANTS:
+        np.testing.assert_array_equal(scores[variant].reshape(shape), expected[VARIANT_TITLES[variant]])
         np.testing.assert_array_equal(reward_model.score_embeddings(rows, variant), scores[variant])
     # ... and step 8's saved calibration errors are those of these scores
     saved = json.loads((out / "validation_results.json").read_text())["held_out"]["variants"]
     gold = data.rewards[held_out]
     for variant in ("teacher_iso", "student_iso"):
         errors = calibration_errors(scores[variant].reshape(shape), gold)
-        assert errors["mse"] == saved[STEP8_NAMES[variant]]["calibration"]["mse"]
+        assert errors["mse"] == saved[VARIANT_TITLES[variant]]["calibration"]["mse"]
     # float16 rows are read as steps 5-8 read them: cast to float32
     half = rows.astype(np.float16)
     np.testing.assert_array_equal(
@@ -236,7 +241,7 @@ def test_text_scores_equal_scores_of_step4_embeddings(text_run, tiny):
     reward_model.load_embedder(device="cpu")  # the manifest's model, step 4's batch size
     # Same texts in the same batches: the same vectors, bit for bit, and so the same rewards.
     np.testing.assert_array_equal(reward_model.embed_texts(prompts, responses), step4_rows)
-    for variant in VARIANTS:
+    for variant in REWARD_VARIANTS:
         np.testing.assert_array_equal(
             reward_model.score_texts(prompts, responses, variant), reward_model.score_embeddings(step4_rows, variant)
         )

@@ -2,10 +2,15 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 from conftest import ROOT, SMALL_RUN_ALL
+
+import rm_data
+import run_folder
+import summarize_runs
 
 
 def run_all(tmp_path, **env):
@@ -90,3 +95,15 @@ def test_run_all_on_published_embeddings(tmp_path):
     # A rerun finds the conversion up to date.
     proc = run_all(tmp_path, **env)
     assert proc.returncode == 0 and "up to date" in proc.stdout
+
+
+def test_the_bash_scripts_spell_file_names_as_run_folder_does():
+    """run_all.sh and run_sweep.sh name a few artifacts by hand: each is a constant of run_folder.py
+    (or of the data folder, or run_sweep.sh's list of failed cells)."""
+    known = {value for name, value in vars(run_folder).items() if name.endswith("_FILE")}
+    known |= {rm_data.DEMO_CONFIG_FILE, summarize_runs.FAILED_CELLS.name}
+    for script in ("run_all.sh", "run_sweep.sh"):
+        text = (ROOT / script).read_text()
+        spelled = set(re.findall(r"[\w.-]+\.(?:json|txt|ckpt|joblib)\b", text)) - {"cells.txt"}  # a usage example
+        assert spelled <= known, (script, spelled - known)
+        assert run_folder.MANIFEST_FILE in spelled, script

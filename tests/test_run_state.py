@@ -215,10 +215,10 @@ def test_steps_side_by_side_record_only_their_own_writes(stepper, tmp_path):
 
 def test_the_score_cache_is_not_a_step_output(stepper):
     """Whether a rerun found step 6's cached scores must not change its record (nor later keys)."""
-    import rm_data
+    import run_folder
 
-    assert rm_data.SCORE_CACHE_DIR in run_state.NOT_OUTPUTS
-    cache = stepper.out / rm_data.SCORE_CACHE_DIR / "scores_train_x.npy"
+    assert run_folder.SCORE_CACHE_DIR in run_state.NOT_OUTPUTS
+    cache = stepper.out / run_folder.SCORE_CACHE_DIR / "scores_train_x.npy"
     write_cache = (
         f"import sys; sys.path.insert(0, {str(ROOT)!r}); import artifacts; artifacts.write_text({str(cache)!r}, '1')"
     )

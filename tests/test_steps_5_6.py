@@ -13,6 +13,7 @@ from scipy.special import expit
 import networks
 import objectives
 import rm_data
+import run_folder
 import step5_train_rms as step5
 import step6_eval_rms as step6
 
@@ -124,7 +125,7 @@ def test_negative_quality_gives_noise_free_labels():
 
 
 def test_step5_outputs_and_manifest(trained_run, demo_dir):
-    manifest = json.loads((trained_run / rm_data.MANIFEST_FILE).read_text())
+    manifest = json.loads((trained_run / run_folder.MANIFEST_FILE).read_text())
     assert len(manifest["checkpoints"]) == 2
     assert manifest["checkpoints"][1] == (
         "XPrompt_mlp_bt_1_seed3_firstn_2_n_120_pair_1_replacement_False_epoch3_lr0.0001.ckpt"
@@ -285,8 +286,8 @@ def test_ensemble_variants():
 
 def test_score_reads_in_chunks_identically(trained_run, demo_dir):
     data = rm_data.load_embedding_set(demo_dir)
-    manifest = rm_data.load_manifest(trained_run)
-    models = [networks.load_checkpoint(p) for p in rm_data.checkpoint_paths(trained_run, manifest)]
+    manifest = run_folder.load_manifest(trained_run)
+    models = [networks.load_checkpoint(p) for p in run_folder.checkpoint_paths(trained_run, manifest)]
     prompts = np.array([5, 3, 200, 17, 44])
     whole = data.score(prompts, networks.StackedEnsemble(models))
     chunked = data.score(prompts, networks.StackedEnsemble(models), chunk_rows=2)
@@ -298,34 +299,34 @@ def test_score_reads_in_chunks_identically(trained_run, demo_dir):
 
 
 def test_paths_are_relative_to_output_dir(trained_run):
-    manifest = rm_data.load_manifest(trained_run)
-    assert all(Path(p).parent == trained_run for p in rm_data.checkpoint_paths(trained_run, manifest))
+    manifest = run_folder.load_manifest(trained_run)
+    assert all(Path(p).parent == trained_run for p in run_folder.checkpoint_paths(trained_run, manifest))
 
 
 def test_score_cache_is_reused_and_invalidated(trained_run, demo_dir, tmp_path, monkeypatch):
     data = rm_data.load_embedding_set(demo_dir)
-    paths = rm_data.checkpoint_paths(trained_run, rm_data.load_manifest(trained_run))
+    paths = run_folder.checkpoint_paths(trained_run, run_folder.load_manifest(trained_run))
     members = [tmp_path / p.name for p in paths]
     for src, dst in zip(paths, members):
         shutil.copy(src, dst)
     scorer = networks.StackedEnsemble(networks.load_ensemble(members))
     prompts = np.array([4, 9, 30])
-    first = data.score_cached(prompts, scorer, tmp_path / "cache", members)
+    first = run_folder.score_cached(data, prompts, scorer, tmp_path / "cache", members)
     assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored again despite a valid cache")
 
     monkeypatch.setattr(rm_data.EmbeddingSet, "score", no_scoring)
-    np.testing.assert_array_equal(data.score_cached(prompts, scorer, tmp_path / "cache", members), first)
+    np.testing.assert_array_equal(run_folder.score_cached(data, prompts, scorer, tmp_path / "cache", members), first)
     monkeypatch.undo()
     # Other weights in one member's file, or other prompts: the cache must not answer.
     networks.save_checkpoint(networks.MLP(48, generator=torch.Generator().manual_seed(9)), members[0])
     changed = networks.StackedEnsemble(networks.load_ensemble(members))
-    again = data.score_cached(prompts, changed, tmp_path / "cache", members)
+    again = run_folder.score_cached(data, prompts, changed, tmp_path / "cache", members)
     assert not np.array_equal(again[0], first[0]) and np.array_equal(again[1], first[1])
     assert len(list((tmp_path / "cache").glob("scores_train_*.npy"))) == 1  # the stale one is gone
-    assert data.score_cached(prompts[:2], changed, tmp_path / "cache", members).shape == (2, 2, 10)
+    assert run_folder.score_cached(data, prompts[:2], changed, tmp_path / "cache", members).shape == (2, 2, 10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_step5_alternatives_are_deterministic_and_recorded(flags, demo_dir, tmp_
         step5.main(["--data_dir", str(demo_dir), "--output_dir", str(out), *STEP5_FAST, *flags])
     for path in sorted(runs[0].iterdir()):
         assert (runs[1] / path.name).read_bytes() == path.read_bytes(), path.name
-    manifest = json.loads((runs[0] / rm_data.MANIFEST_FILE).read_text())
+    manifest = json.loads((runs[0] / run_folder.MANIFEST_FILE).read_text())
     scheme = flags[1]
     assert manifest["early_stopping"]["scheme"] == scheme and manifest["config"]["early_stopping"] == scheme
     members = manifest["members"]
