@@ -43,6 +43,10 @@ DEFAULT_REWARD_VARIANT = "student_iso"
 VARIANT_TITLES = dict(zip(REWARD_VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
 GOLDEN_SCALE_VARIANTS = ("teacher_iso", "student", "student_iso")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# True once run_cli runs a script that owns its process (argv None): process-wide settings (flushing
+# denormals, networks.flush_denormals) are then the step's to make; a caller's process (tests, a
+# library user calling main) keeps its own.
+OWNS_PROCESS = False
 # Set by run_all.sh for everything it starts: it reports an interrupted step itself (a step run by it
 # then prints nothing more), and its users know the variables, not the flags.
 RUN_ALL_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
@@ -155,6 +159,8 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     Ctrl-C (SIGINT) and SIGTERM stop the script with one line (no traceback) and status 130 / 143;
     running out of memory (a size flag far too large) is one line and status 2.
     """
+    global OWNS_PROCESS
+    OWNS_PROCESS = OWNS_PROCESS or argv is None
     # At exit Python's last garbage collection walks every object torch, scikit-learn and matplotlib
     # created (~0.3-0.7 s per step process); frozen, they are skipped. Files are closed by then.
     atexit.register(gc.freeze)

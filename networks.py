@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cli
 from artifacts import atomic_path
 from cli import InputError
 from objectives import OBJECTIVES
@@ -31,14 +32,16 @@ log = logging.getLogger(__name__)
 
 
 def flush_denormals() -> None:
-    """Compute with float32 denormals (magnitudes below 1.2e-38) flushed to zero, in this process.
+    """Compute with float32 denormals (magnitudes below 1.2e-38) flushed to zero, when the step owns
+    its process (``cli.OWNS_PROCESS``: run as a script); a caller's process keeps its own setting.
 
     Training at a learning rate of 1e-3 makes some gradients and Adam moments denormal, and the CPU
     computes with those many times slower (docs/performance.md). Steps 5 and 7 call this first,
     before torch starts its threads, which inherit the setting; their outputs are byte-identical with
-    and without it (tests/test_networks.py). Library callers (reward_model) are left as they are.
+    and without it (tests/test_networks.py).
     """
-    torch.set_flush_denormal(True)
+    if cli.OWNS_PROCESS:
+        torch.set_flush_denormal(True)
 
 
 class MLP(nn.Module):

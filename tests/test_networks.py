@@ -261,20 +261,26 @@ def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
 
 @pytest.mark.parametrize("learning_rate", ["1e-3", "1e-4"])
 def test_flushing_denormals_leaves_steps_5_and_7_byte_identical(demo_dir, tmp_path, learning_rate):
-    """Steps 5 and 7 compute with float32 denormals flushed to zero (networks.flush_denormals), which
-    is faster; their outputs are byte for byte those of runs without it, at both learning rates."""
+    """Steps 5 and 7 run as scripts compute with float32 denormals flushed to zero
+    (networks.flush_denormals), which is faster; called in a caller's process they leave its setting
+    alone. Their outputs are byte for byte the same either way, at both learning rates."""
     code = (
-        "import sys, networks, step5_train_rms as s5, step7_isotonic_distillation as s7; {}"
-        "s5.main(sys.argv[1:]); s7.main(['--output_dir', sys.argv[-1], '--distill_epochs', '2', "
-        "'--learning_rate', sys.argv[-3]])"
+        "import sys, torch, step5_train_rms as s5, step7_isotonic_distillation as s7; from cli import run_cli\n"
+        "step7 = ['--output_dir', sys.argv[-1], '--distill_epochs', '2', '--learning_rate', sys.argv[-3]]\n"
+        "if sys.argv.pop(1) == 'script':\n"
+        "    run_cli(s5.main); sys.argv[1:] = step7; run_cli(s7.main)\n"
+        "else:\n"
+        "    s5.main(sys.argv[1:]); s7.main(step7)\n"
+        "print('flushed' if torch.tensor([1e-40]).mul(1.0).item() == 0.0 else 'plain')"
     )
     out = tmp_path / "out"
     argv = ["--data_dir", str(demo_dir), *STEP5_FAST[:-2], "--learning_rate", learning_rate, "--output_dir", str(out)]
-    for name, patch in (("plain", "networks.flush_denormals = lambda: None; "), ("flushed", "")):
-        subprocess.run(
-            [sys.executable, "-c", code.format(patch), *argv],
-            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True,
+    for how, name in (("in-process", "plain"), ("script", "flushed")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, how, *argv],
+            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, text=True,
         )  # fmt: skip
+        assert proc.stdout.split()[-1] == name
         out.rename(tmp_path / name)  # both ran in the same folder: the records name it alike
     outputs = sorted(path.name for path in (tmp_path / "flushed").iterdir() if path.is_file())
     assert sum(name.endswith(".ckpt") for name in outputs) == 3 and "distillation_config.json" in outputs
