@@ -38,8 +38,10 @@ DEFAULT_SPLIT_SEED = 0
 PARTITION_FILE = "prompt_split.json"
 EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the model that embedded a set
 DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
-# Rows scored per chunk (4096 x 2048 float32 = 32 MiB in, 4096 x 1024 x M hidden activations).
-DEFAULT_CHUNK_ROWS = 4096
+# Rows scored per chunk: 2048 x 2048 float32 = 16 MiB in, 2048 x 1024 x M float32 first-layer
+# activations (80 MiB for 10 members). The scores do not depend on it; 4096 rows cost ~1 % less time
+# and step 7 ~125 MiB more memory (docs/performance.md).
+DEFAULT_CHUNK_ROWS = 2048
 
 
 @dataclass(frozen=True)

@@ -454,7 +454,7 @@ def bench_threads(repeats: int) -> None:
             try:
                 for _ in range(repeats):
                     for threads in settings:
-                        shutil.rmtree(Path(tmp) / "out" / rm_data.SCORE_CACHE_DIR, ignore_errors=True)
+                        shutil.rmtree(Path(tmp) / "out" / run_folder.SCORE_CACHE_DIR, ignore_errors=True)
                         timing = run(["bash", "run_all.sh"], {**env, "FORCE": "1", "THREADS": str(threads)})
                         key = (burner, threads)
                         best[key] = min(best.get(key, timing), timing)
