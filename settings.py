@@ -71,31 +71,21 @@ COMMANDS = (
         stage="gpu",
         paths=OUT,
     ),
-    Command(
-        "STEP2_TRAIN",
-        "step2_gen_sample.py",
-        {
-            **_STEP2,
-            "--n_samples": "N_TRAIN_SAMPLES",
-            "--max_prompts": "GPU_MAX_PROMPTS",
-            "--prompts_file": "TRAIN_PROMPTS_FILE",
-        },
-        ("--adapter_name", "sft", "--data_class", "train", "--split", "all"),
-        stage="gpu",
-        paths=OUT,
-    ),
-    Command(
-        "STEP2_TEST",
-        "step2_gen_sample.py",
-        {
-            **_STEP2,
-            "--n_samples": "N_TEST_SAMPLES",
-            "--max_prompts": "GPU_MAX_TEST_PROMPTS",
-            "--prompts_file": "TEST_PROMPTS_FILE",
-        },
-        ("--adapter_name", "sft", "--data_class", "test", "--split", "all"),
-        stage="gpu",
-        paths=OUT,
+    *(
+        Command(
+            f"STEP2_{data_class.upper()}",
+            "step2_gen_sample.py",
+            {
+                **_STEP2,
+                "--n_samples": f"N_{data_class.upper()}_SAMPLES",
+                "--max_prompts": max_prompts,
+                "--prompts_file": f"{data_class.upper()}_PROMPTS_FILE",
+            },
+            ("--adapter_name", "sft", "--data_class", data_class, "--split", "all"),
+            stage="gpu",
+            paths=OUT,
+        )
+        for data_class, max_prompts in (("train", "GPU_MAX_PROMPTS"), ("test", "GPU_MAX_TEST_PROMPTS"))
     ),
     *(
         Command(
