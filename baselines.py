@@ -5,7 +5,8 @@
   the ORM's training prompts (``orm_train``: no evaluation prompt is read for fitting). It sees the
   golden rewards that the ORM only sees through a few noisy preferences, so it is the supervised
   ceiling of a linear head on the same embeddings. Features are standardised (LLM hidden states
-  have a few huge dimensions) and the penalty is chosen by scikit-learn's leave-one-out RidgeCV.
+  have a few huge dimensions) and the penalty is the one of ``RIDGE_ALPHAS`` with the least
+  leave-one-out error (scikit-learn's RidgeCV, computed from one eigendecomposition: see ``ridge_loo``).
 - ``length``: the response's length, where the data directory has per-response lengths
   (``lengths_split_{k}.json``, JSONL ``{"length": number}``, rows as the embeddings'). A judge that
   favours long answers makes this a strong baseline on real data; demo data has none.
@@ -42,19 +43,45 @@ def response_lengths(eset: EmbeddingSet) -> np.ndarray | None:
     return lengths
 
 
+def ridge_loo(features: np.ndarray, targets: np.ndarray, alphas: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """(penalty, coefficients, intercept) of the ridge regression with an intercept whose penalty in
+    ``alphas`` has the least mean squared leave-one-out error (the first on ties): the choice and fit
+    of scikit-learn's ``RidgeCV(alphas)``, which tests/test_baselines.py checks it against.
+
+    ``features`` (N, D) float64 must have centred columns (they are overwritten). With X^T X = V S V^T
+    and Q = X V, the fit at penalty a is V diag(1 / (S + a)) Q^T y and response i's leverage is
+    sum_j Q_ij^2 / (S_j + a) + 1 / N (the intercept's), so every penalty costs O(N D) once Q is known.
+    scikit-learn's RidgeCV computes the same from an SVD of X (gcv_mode='svd'), ~2.5x slower at
+    10,000 x 2048 on one thread, or per penalty from an N x D^2 product (its default here); it takes
+    this eigendecomposition route only for sparse X.
+    """
+    n_rows = len(targets)
+    mean = targets.mean()
+    centred = targets - mean
+    eigenvalues, eigenvectors = np.linalg.eigh(features.T @ features)
+    shrink = 1.0 / (np.clip(eigenvalues, 0.0, None)[:, None] + np.asarray(alphas)[None, :])  # (D, A)
+    rotated = np.matmul(features, eigenvectors, out=features)  # Q, in place of X
+    projected = rotated.T @ centred  # Q^T y
+    fitted = rotated @ (projected[:, None] * shrink)  # (N, A)
+    leverage = np.square(rotated, out=rotated) @ shrink + 1.0 / n_rows
+    errors = np.mean(((centred[:, None] - fitted) / (1.0 - leverage)) ** 2, axis=0)
+    best = int(np.argmin(errors))
+    return float(alphas[best]), eigenvectors @ (projected * shrink[:, best]), float(mean)
+
+
 def fit_ridge(data: EmbeddingSet, prompts: np.ndarray):
     """Ridge fitted on all K responses of ``prompts``: a scorer (B, D) float32 -> (1, B) float64."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    features = np.concatenate([data.read_rows(k, prompts) for k in range(data.n_splits)])
+    features = np.concatenate([data.read_rows(k, prompts) for k in range(data.n_splits)], dtype=np.float64)
     targets = data.rewards[prompts].T.ravel()  # split-major, as the rows
-    # The leave-one-out errors from one SVD of the design matrix: scikit-learn's default for more rows
-    # than features recomputes an N x D^2 diagonal per penalty (39 s against 19 s for step 6 at
-    # 10,000 x 2048 on one thread; the same results).
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS, gcv_mode="svd")).fit(features, targets)
-    return lambda rows: model.predict(rows)[None, :]
+    # Standardised as scikit-learn's StandardScaler does (a constant column keeps scale 1).
+    offset, scale = features.mean(axis=0), features.std(axis=0)
+    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(offset))] = 1.0
+    features -= offset
+    features /= scale
+    _, coefficients, intercept = ridge_loo(features, targets, RIDGE_ALPHAS)
+    weights = coefficients / scale  # on the raw embedding
+    bias = intercept - offset @ weights
+    return lambda rows: (rows.astype(np.float64) @ weights + bias)[None, :]
 
 
 def baseline_scores(

@@ -32,6 +32,12 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
    runs interleaved; each setting's best of ``--repeats`` against ``THREADS`` = all CPUs alone.
 8. Denormals (``--only denormals``): step 5 of the default demo at learning rates 1e-3 and 1e-4,
    with float32 denormals flushed to zero (as the step runs) against the same step without it.
+9. Side by side with the original authors' implementation (``--only reference --reference_dir
+   DIR``, DIR a checkout of holarissun/RewardModelingBeyondBradleyTerry; its steps import lightgbm,
+   datasets and transformers: ``pip install -r requirements-bench.txt``): their steps 5 and 6 and
+   our run_all.sh (conversion and steps 5-6, then 5-8) on one synthetic repository (5000 prompts x
+   10 x 2048, 20 test prompts x 500; N_SAMPLE 1000, 10 members, their 30 epochs and learning rate
+   1e-3), runs interleaved, wall and CPU time and peak memory of each, with the FLOPs each does.
 
 Every run row also prints the CPU time (user + sys) of its processes, which a shared machine
 disturbs less than the wall time. The lead's command (rows 3-6, ~15 minutes on 2 idle cores):
@@ -45,7 +51,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -257,23 +262,27 @@ def bench_evaluation(dim: int, n_prompts: int, n_splits: int, members: int) -> N
 # --------------------------------------------------------------------------------------------
 @dataclass(order=True)
 class Timing:
-    """Wall seconds of one command (runs compare by it) and the CPU seconds (user + sys) of its processes."""
+    """Wall seconds of one command (runs compare by it), the CPU seconds (user + sys) of its processes and
+    the largest peak resident memory among them (MiB)."""
 
     wall: float
     cpu: float
     stdout: str
+    peak_mib: float = 0.0
 
 
-def run(cmd: list[str], env: dict) -> Timing:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def run(cmd: list[str], env: dict, cwd: Path = ROOT) -> Timing:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return Timing(wall, cpu, proc.stdout)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=err, text=True, cwd=cwd)
+        # wait4's usage covers the command and every descendant it waited for (ru_maxrss: the largest).
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"benchmark command failed: {' '.join(map(str, cmd))}\n{stderr[-3000:]}")
+    return Timing(wall, usage.ru_utime + usage.ru_stime, stdout, usage.ru_maxrss / 1024)
 
 
 @dataclass
@@ -567,16 +576,209 @@ def bench_step6_published(machine: Machine, scale: float, repeats: int) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# 9. Side by side with the original authors' implementation
+# --------------------------------------------------------------------------------------------
+# Their steps 5 and 6 read fixed paths under /mnt/bn and ./data_10split; the benchmark runs copies of
+# those two scripts (and their networks.py) with "/mnt/bn/" pointed into its temporary folder, and
+# writes their inputs there from the same synthetic repository our converter reads. Their training
+# loop's verbose default is turned on, so its log shows the epochs each member ran (their FLOPs).
+REFERENCE_SCRIPTS = ("step5_train_rms.py", "step6_eval_rms.py", "networks.py")
+REFERENCE_SPLITS = 5  # their step 6 evaluates five test splits of 500 responses per prompt
+REFERENCE_TASK, REFERENCE_MODEL = "harmless", "gemma2b"
+
+
+def reference_paths(root: Path, members: int) -> dict[str, object]:
+    """Where the reference's steps 5 and 6 look for their inputs (--task harmless --sft_obj gpt4,
+    gemma2b embeddings and generations, server alias lq, annotation quality 10), under ``root``."""
+    task, model, rm = REFERENCE_TASK, REFERENCE_MODEL, "rayharmless"
+    dataset = f"hh-rlhf-{task}-gpt4"
+    mnt = root / "mnt/bn/hsunvolume-lq"
+    setup = f"embed_model_name_{model}_dataset_orig_{dataset}_gen_pref_model_name_{model}"
+    return {
+        "train_embeddings": lambda i: (
+            mnt
+            / "Step4_2_reorg_tensors_all"
+            / f"{setup}_golden_rm_name_{rm}_train_test_train_server_alias_lq_embedding_only_rank_{i}.pt"
+        ),
+        "train_rewards": lambda i: root / f"data_10split/{rm}_{model}_train_{dataset}_database_split{i}.json",
+        "test_embeddings": lambda s: (
+            mnt
+            / f"Step4_2_testall/EXP{setup}_n_samples_500_max_len_128_split_{s}_server_alias_lq"
+            / f"{model}_{model}_{dataset}_{s}_testembedding_total_128.pt"
+        ),
+        "test_rewards": lambda s: (
+            mnt / f"Step3_Annotate_Test_RPT/EXPmodel_name_{model}_dataset_{dataset}_n_samples_500_split_{s}"
+            f"_data_class_test_server_alias_yg_rm{rm}_{s}_maxlen128.json"
+        ),
+        "checkpoints": mnt
+        / f"Step5_CNT_ML_ALLCASE_ET3_beta/EXPembed_model_name_{model}_task_{task}_sft_obj_gpt4_rm_objective_bt"
+        f"_annotation_quality_10_0_replacement_replacement_false_gen_pref_model_name_{model}"
+        f"_ensemble_number_{members}_server_alias_lq",
+    }
+
+
+def write_reference_inputs(repo: Path, root: Path, members: int) -> None:
+    """The synthetic repository's train and test sets as the reference's step 5 and 6 read them:
+    per-rank (N, D) tensors with each prompt's responses sorted by reward (its ``scores_sorted``),
+    and the test set cut into five splits of (500, N / 5, D) with one JSON line of rewards per prompt."""
+    from convert_embeddings import repo_file_names
+
+    paths = reference_paths(root, members)
+    names = {
+        split: repo_file_names("kn", split, REFERENCE_TASK, "gpt4", REFERENCE_MODEL, REFERENCE_MODEL)
+        for split in ("train", "test")
+    }
+    embeddings, rewards = (np.load(repo / name, mmap_mode="r") for name in names["train"])
+    order = np.argsort(rewards, axis=0, kind="stable")  # (K, N): rank -> response, per prompt
+    for rank in range(order.shape[0]):
+        picked = order[rank]
+        path = paths["train_embeddings"](rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.from_numpy(np.ascontiguousarray(embeddings[picked, np.arange(len(picked))])), path)
+        sorted_rewards = rewards[picked, np.arange(len(picked))]
+        path = paths["train_rewards"](rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = (json.dumps({"query": f"prompt {n}", "scores_sorted": float(r)}) for n, r in enumerate(sorted_rewards))
+        path.write_text("\n".join(lines) + "\n")
+    embeddings, rewards = (np.load(repo / name, mmap_mode="r") for name in names["test"])
+    for split, prompts in enumerate(np.array_split(np.arange(rewards.shape[1]), REFERENCE_SPLITS)):
+        path = paths["test_embeddings"](split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.from_numpy(np.ascontiguousarray(embeddings[:, prompts])), path)
+        path = paths["test_rewards"](split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = (
+            json.dumps({"id": int(n), **{f"rm_rayharmless_{k}": float(r) for k, r in enumerate(rewards[:, n])}})
+            for n in prompts
+        )
+        path.write_text("\n".join(lines) + "\n")
+
+
+def bench_reference(reference_dir: Path, repeats: int, quick: bool) -> None:
+    """The same workload through the original authors' steps 5-6 and through ours (steps 5-6, and 5-8)."""
+    missing = [name for name in REFERENCE_SCRIPTS if not (reference_dir / name).is_file()]
+    if missing:
+        sys.exit(
+            f"--reference_dir {reference_dir}: no {', '.join(missing)} (a checkout of "
+            "holarissun/RewardModelingBeyondBradleyTerry)"
+        )
+    n_prompts, n_test, n_sample, members = (1200, 10, 300, 10) if quick else (5000, 20, 1000, 10)
+    epochs, learning_rate = 30, "0.001"  # the reference's defaults
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run(
+            command(
+                "benchmarks/make_synthetic_repo.py",
+                output_dir=tmp / "repo",
+                n_prompts=n_prompts,
+                n_test_prompts=n_test,
+                task=REFERENCE_TASK,
+                gen_model=REFERENCE_MODEL,
+            ),
+            {},
+        )
+        ref = tmp / "reference"
+        ref.mkdir()
+        for name in REFERENCE_SCRIPTS:
+            text = (reference_dir / name).read_text()
+            text = text.replace("/mnt/bn/", f"{ref}/mnt/bn/")
+            (ref / name).write_text(text.replace("verbose=False", "verbose=True"))
+        write_reference_inputs(tmp / "repo", ref, members)
+        shared = ["--embed_model_name", REFERENCE_MODEL, "--task", REFERENCE_TASK, "--sft_obj", "gpt4"]
+        shared += ["--gen_pref_model_name", REFERENCE_MODEL, "--rm_objective", "bt", "--consider_first_n", "2"]
+        shared += ["--n_sample", str(n_sample), "--ensemble_number", str(members), "--seed", "6"]
+        shared += ["--training_epochs", str(epochs), "--learning_rate", learning_rate]
+        checkpoints = reference_paths(ref, members)["checkpoints"]
+        ours_env = {
+            "USE_REPO_EMBD": "1",
+            "EMBD_REPO_DIR": str(tmp / "repo"),
+            "TASK": REFERENCE_TASK,
+            "GEN_PREF_MODEL": REFERENCE_MODEL,
+            "MAX_PROMPTS": str(n_prompts),
+            "N_SAMPLE": str(n_sample),
+            "ENSEMBLE_NUMBER": str(members),
+            "TRAINING_EPOCHS": str(epochs),
+            "LEARNING_RATE": learning_rate,
+            "DATA_DIR": str(tmp / "data"),
+            "OUTPUT_DIR": str(tmp / "out"),
+        }
+        best: dict[str, Timing] = {}
+        for _ in range(repeats):  # interleaved; each repeat starts from the repository files
+            for folder in (checkpoints, ref / "out", tmp / "hf_cache", tmp / "data", tmp / "out"):
+                shutil.rmtree(folder, ignore_errors=True)
+            checkpoints.mkdir(parents=True)
+            (ref / "out").mkdir()
+            # Their steps load the JSON files with datasets, which caches them: a fresh cache each repeat.
+            env = {"HF_DATASETS_CACHE": str(tmp / "hf_cache"), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+            five = run([sys.executable, "step5_train_rms.py", *shared, "--output_dir", str(checkpoints)], env, ref)
+            six = run([sys.executable, "step6_eval_rms.py", *shared, "--output_dir", str(ref / "out")], env, ref)
+            timings = {
+                "reference step 5": five,
+                "reference step 6": six,
+                "reference steps 5-6": Timing(
+                    five.wall + six.wall, five.cpu + six.cpu, "", max(five.peak_mib, six.peak_mib)
+                ),
+                "ours: conversion, steps 5-6": run(["bash", "run_all.sh"], {**ours_env, "LAST_STEP": "6"}),
+            }
+            shutil.rmtree(tmp / "data"), shutil.rmtree(tmp / "out")
+            timings["ours: conversion, steps 5-8"] = run(["bash", "run_all.sh"], ours_env)
+            flops = pipeline_flops(tmp / "out")
+            for name, timing in timings.items():
+                best[name] = min(best.get(name, timing), timing)
+    base = best["reference steps 5-6"]
+    setup = (
+        f"train {n_prompts} x 10 x 2048, test {n_test} x 500, N_SAMPLE {n_sample}, {members} members, "
+        f"{epochs} epochs, lr {learning_rate}"
+    )
+    print(f"9. side by side with the original authors' steps 5-6 ({setup}; best of {repeats} interleaved)")
+    forward, train = networks.mlp_flops_per_sample(2048), networks.mlp_train_flops_per_sample(2048)
+    # Their step 5 trains each member on 80 % of 2 N_SAMPLE pairs (each pair in both orders), one
+    # mini-batch of them per epoch, and validates on the rest, until 3 rising validation losses or
+    # `epochs`; their step 6 scores the test set with one member (the last), where ours uses all.
+    reference_epochs = len(re.findall(r"^(Epoch \d|Early stopping)", best["reference step 5"].stdout, re.M))
+    reference_flops = {
+        "step 5": reference_epochs * 2 * (1.6 * n_sample * train + 0.4 * n_sample * forward),
+        "step 6": n_test * 500 * forward,
+    }
+    notes = {
+        "reference step 5": f"{reference_epochs} epochs in all, {reference_flops['step 5'] / 1e12:.2f} TFLOP; "
+        f"ours: step 5 {flops['step 5'] / 1e12:.2f} TFLOP",
+        "reference step 6": f"{reference_flops['step 6'] / 1e12:.2f} TFLOP (one member scores the test set); ours: "
+        f"step 6 {flops['step 6'] / 1e12:.2f} TFLOP ({members} members score the held-out and test sets, and the "
+        "ridge baseline)",
+    }
+    for name, timing in best.items():
+        report(
+            f"   {name}",
+            f"{timing.wall:.1f} s",
+            f"CPU {timing.cpu:.1f} s, peak memory {timing.peak_mib:.0f} MiB"
+            + (
+                ""
+                if name.startswith("reference") and name != "reference steps 5-6"
+                else f"; {base.wall / timing.wall:.2f}x the reference's steps 5-6 (CPU {base.cpu / timing.cpu:.2f}x)"
+            )
+            + (f"; {notes[name]}" if name in notes else "")
+            + (f"; {step_times(timing.stdout)}" if timing.stdout else ""),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument(
         "--only",
-        choices=["throughput", "runs", "threads", "denormals"],
+        choices=["throughput", "runs", "threads", "denormals", "reference"],
         default=None,
         help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale); threads: row 7; "
-        "denormals: row 8",
+        "denormals: row 8; reference: row 9 (needs --reference_dir)",
+    )
+    parser.add_argument(
+        "--reference_dir",
+        type=Path,
+        help="a checkout of the original authors' repository (holarissun/RewardModelingBeyondBradleyTerry) for "
+        "row 9; their steps import datasets, transformers and lightgbm (pip install -r requirements-bench.txt)",
     )
     parser.add_argument(
         "--step6_scale",
@@ -596,10 +798,14 @@ def main() -> None:
         bench_threads(args.repeats)
     if args.only == "denormals":
         bench_denormals(args.repeats)
-    if args.only not in ("runs", "threads", "denormals"):
+    if args.only == "reference" or (args.only is None and args.reference_dir):
+        if args.reference_dir is None:
+            parser.error("--only reference needs --reference_dir")
+        bench_reference(args.reference_dir, args.repeats, args.quick)
+    if args.only not in ("runs", "threads", "denormals", "reference"):
         bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
         bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
-    if args.only not in ("throughput", "threads", "denormals"):
+    if args.only not in ("throughput", "threads", "denormals", "reference"):
         machine = measure_machine(args.repeats)
         bench_run_all(machine, args.repeats)
         bench_real_shape(machine, args.repeats, args.quick)

@@ -20,6 +20,22 @@ def write_lengths(data_dir, kind, lengths):
         path.write_text("".join(json.dumps({"length": int(v)}) + "\n" for v in column))
 
 
+@pytest.mark.parametrize("rows, columns", [(300, 40), (40, 90)])
+def test_ridge_loo_chooses_and_fits_as_scikit_learns_ridgecv(rows, columns):
+    rng = np.random.default_rng(rows)
+    features = rng.standard_normal((rows, columns)) * rng.uniform(0.1, 30.0, columns)
+    features[:, 3] = features[:, 2]  # a repeated column: a zero eigenvalue
+    targets = features[:, :5] @ rng.standard_normal(5) + rng.standard_normal(rows) * 3.0 + 7.0
+    # penalties on both sides of the best, so the choice is not an end of the grid
+    alphas = np.logspace(-3, 5, 9)
+    expected = RidgeCV(alphas=alphas).fit(features, targets)
+    centred = features - features.mean(axis=0)
+    alpha, coefficients, intercept = baselines.ridge_loo(centred.copy(), targets, alphas)
+    assert alphas[0] < alpha == expected.alpha_ < alphas[-1]
+    np.testing.assert_allclose(coefficients, expected.coef_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(centred @ coefficients + intercept, expected.predict(features), rtol=1e-9, atol=1e-9)
+
+
 def test_ridge_is_fitted_on_orm_train_and_lengths_follow_the_rows(trained_run, demo_copy, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained_run, out)
