@@ -48,25 +48,36 @@ def ridge_loo(features: np.ndarray, targets: np.ndarray, alphas: np.ndarray) -> 
     ``alphas`` has the least mean squared leave-one-out error (the first on ties): the choice and fit
     of scikit-learn's ``RidgeCV(alphas)``, which tests/test_baselines.py checks it against.
 
-    ``features`` (N, D) float64 must have centred columns (they are overwritten). With X^T X = V S V^T
-    and Q = X V, the fit at penalty a is V diag(1 / (S + a)) Q^T y and response i's leverage is
-    sum_j Q_ij^2 / (S_j + a) + 1 / N (the intercept's), so every penalty costs O(N D) once Q is known.
-    scikit-learn's RidgeCV computes the same from an SVD of X (gcv_mode='svd'), ~2.5x slower at
-    10,000 x 2048 on one thread, or per penalty from an N x D^2 product (its default here); it takes
-    this eigendecomposition route only for sparse X.
+    ``features`` (N, D) float64 must have centred columns (overwritten when N >= D). From one
+    eigendecomposition of the smaller Gram matrix, every penalty costs O(N min(N, D)):
+    - N >= D: X^T X = V S V^T, Q = X V; the fit at penalty a is V diag(1 / (S + a)) Q^T y and
+      response i's leverage sum_j Q_ij^2 / (S_j + a);
+    - N < D: X X^T = U S U^T; the fit is X^T U diag(1 / (S + a)) U^T y and the leverage
+      sum_j U_ij^2 S_j / (S_j + a);
+    plus 1 / N for the intercept. scikit-learn's RidgeCV takes the second route for N <= D; for
+    N > D it takes an SVD of X (gcv_mode='svd', ~2.5x slower at 10,000 x 2048 on one thread) or
+    recomputes an N x D^2 product per penalty (its default there), and the first route for sparse X only.
     """
-    n_rows = len(targets)
+    n_rows, n_features = features.shape
     mean = targets.mean()
     centred = targets - mean
-    eigenvalues, eigenvectors = np.linalg.eigh(features.T @ features)
-    shrink = 1.0 / (np.clip(eigenvalues, 0.0, None)[:, None] + np.asarray(alphas)[None, :])  # (D, A)
-    rotated = np.matmul(features, eigenvectors, out=features)  # Q, in place of X
-    projected = rotated.T @ centred  # Q^T y
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if n_rows >= n_features:
+        eigenvalues, basis = np.linalg.eigh(features.T @ features)
+        eigenvalues = np.clip(eigenvalues, 0.0, None)[:, None]
+        rotated = np.matmul(features, basis, out=features)  # Q, in place of X
+        shrink = 1.0 / (eigenvalues + alphas)  # (D, A)
+    else:
+        eigenvalues, rotated = np.linalg.eigh(features @ features.T)
+        eigenvalues = np.clip(eigenvalues, 0.0, None)[:, None]
+        basis = features.T @ rotated  # X^T U
+        shrink = eigenvalues / (eigenvalues + alphas)  # (N, A)
+    projected = rotated.T @ centred
     fitted = rotated @ (projected[:, None] * shrink)  # (N, A)
     leverage = np.square(rotated, out=rotated) @ shrink + 1.0 / n_rows
     errors = np.mean(((centred[:, None] - fitted) / (1.0 - leverage)) ** 2, axis=0)
     best = int(np.argmin(errors))
-    return float(alphas[best]), eigenvectors @ (projected * shrink[:, best]), float(mean)
+    return float(alphas[best]), basis @ (projected / (eigenvalues[:, 0] + alphas[best])), float(mean)
 
 
 def fit_ridge(data: EmbeddingSet, prompts: np.ndarray):
