@@ -348,7 +348,7 @@ def add_reward_model_args(parser) -> None:
     parser.add_argument(
         "--rm_input_format",
         choices=("raw", "chat_template"),
-        default="raw",  # what the authors' step 3 scored (README, "Steps 1-4")
+        default="raw",  # what the authors' step 3 scored (README, "Steps 1-4 (GPU)")
         help='how the golden RM sees a response: raw hh-rlhf text "...Assistant: response" '
         "(the authors' choice) or the RM tokenizer's chat template over user/assistant "
         "turns; recorded by step 3 and checked by steps 3.5 and 4",

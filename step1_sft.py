@@ -102,7 +102,7 @@ def load_sft_pairs(args) -> list[dict]:
         if not csv_path.is_file():
             raise InputError(
                 f"--dataset {args.dataset}: GPT-4 demonstration file {csv_path} not found (it is not "
-                'distributed with this code: see README "Steps 1-4"; or pass --train_file, '
+                'distributed with this code: see README "Steps 1-4 (GPU)"; or pass --train_file, '
                 f"or --dataset hh-rlhf-{task})"
             )
         rows = read_table(csv_path, ("query", "response"), "--dataset")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
 # Versions CI tested (python 3.11): install with -c constraints.txt to reproduce them, e.g.
 #   pip install torch==2.13.0 && pip install -r requirements-dev.txt -c constraints.txt
-# Refresh after a tested upgrade: python3 benchmarks/refresh_constraints.py (README, "Tests").
+# Refresh after a tested upgrade: python3 benchmarks/refresh_constraints.py (README, "Tests and benchmarks").
 """
 
 
