@@ -81,7 +81,7 @@ COMMANDS = (
                 "--max_prompts": max_prompts,
                 "--prompts_file": f"{data_class.upper()}_PROMPTS_FILE",
             },
-            ("--adapter_name", "sft", "--data_class", data_class, "--split", "all"),
+            ("--adapter_name", "sft", "--data_class", data_class, "--shard_index", "all"),
             stage="gpu",
             paths=OUT,
         )
@@ -92,7 +92,7 @@ COMMANDS = (
             f"STEP3_{data_class.upper()}",
             "step3_reward_annotation.py",
             {**_GENERATION, **_GOLDEN_RM},
-            ("--adapter_name", "sft", "--data_class", data_class, "--split", "all"),
+            ("--adapter_name", "sft", "--data_class", data_class, "--shard_index", "all"),
             stage="gpu",
             paths=OUT,
         )
