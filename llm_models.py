@@ -462,10 +462,18 @@ def resolve_shard(args, environ: dict | None = None) -> None:
     task_id = environ.get("SLURM_ARRAY_TASK_ID", "")
     if args.shard_index is None and task_id:
         try:
-            index = int(task_id) - int(environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+            low = int(environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+            index = int(task_id) - low
             count = int(environ.get("SLURM_ARRAY_TASK_COUNT", "0") or 0)
+            high = int(environ.get("SLURM_ARRAY_TASK_MAX") or low + count - 1)
         except ValueError:
-            raise InputError(f"SLURM_ARRAY_TASK_ID {task_id!r}: expected an integer") from None
+            raise InputError(f"SLURM_ARRAY_TASK_ID {task_id!r}: expected integers in SLURM's array variables") from None
+        if high - low + 1 != count or environ.get("SLURM_ARRAY_TASK_STEP", "1") not in ("", "1"):
+            raise InputError(
+                f"SLURM_ARRAY_TASK_ID {task_id}: the job array is not one range of consecutive ids "
+                f"({low}..{high}, {count} tasks), so its ids do not number the shards "
+                "(submit with --array=0-{num_shards-1}, or pass --shard_index)"
+            )
         if args.num_shards is None and count:
             args.num_shards = count
         if not 0 <= index < (args.num_shards or count or index + 1):
@@ -491,7 +499,10 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU if there is one (under torchrun, this process's: ``LOCAL_RANK``), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def pick_dtype(device: torch.device, training: bool = False, requested: str = "auto") -> torch.dtype:

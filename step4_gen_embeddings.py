@@ -257,8 +257,9 @@ def embed_shard(run, kind, records, settings: dict, compute_dtype: str, model, t
             n_cut = fill_embeddings([array[:, k] for k in range(n_splits)], model, tokenizer, texts, args)
             array.flush()
             del array
-        else:  # an empty memory map cannot be opened
-            np.save(tmp, np.empty((0, n_splits, dim), dtype=args.embedding_dtype), allow_pickle=False)
+        else:  # an empty memory map cannot be opened (and np.save given a name would append ".npy")
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.empty((0, n_splits, dim), dtype=args.embedding_dtype), allow_pickle=False)
     write_json(
         record_path,
         {**settings, "compute_dtype": compute_dtype, "shard_index": args.shard_index, "rows": [start, stop],

@@ -1,7 +1,7 @@
 """Steps 2, 3 and 4 cut into shards on a CPU with tiny models: 1, 2 and 3 shards (by flags or by a
 SLURM job array's variables) merge into files byte-identical to one unsharded run, and the merges
 refuse a missing shard, a shard made with other settings and a shard killed mid-write (which a rerun
-of that shard alone repairs)."""
+of that shard alone repairs). Step 1 trains data-parallel in two processes under torchrun."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,9 +77,15 @@ def run_steps(tiny, root: Path, n: int | None, slurm: pytest.MonkeyPatch | None 
             # sbatch --array=1-n: the index is TASK_ID - TASK_MIN, the count TASK_COUNT
             slurm.setenv("SLURM_ARRAY_TASK_ID", str(shard + 1))
             slurm.setenv("SLURM_ARRAY_TASK_MIN", "1")
+            slurm.setenv("SLURM_ARRAY_TASK_MAX", str(n))
             slurm.setenv("SLURM_ARRAY_TASK_COUNT", str(n))
             main(argv)
-            for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
+            for name in (
+                "SLURM_ARRAY_TASK_ID",
+                "SLURM_ARRAY_TASK_MIN",
+                "SLURM_ARRAY_TASK_MAX",
+                "SLURM_ARRAY_TASK_COUNT",
+            ):
                 slurm.delenv(name)  # the merges are single jobs
 
     for data_class in ("train", "test"):
@@ -208,6 +215,17 @@ def test_step4_merge_refuses_missing_and_mismatched_shards(tiny, tmp_path, two_s
     assert not (root / "data").exists()
 
 
+def test_step4_shards_may_be_empty(tiny, tmp_path, two_shards, unsharded):
+    """More shards than test prompts (4): shard 0 of 5 has none, and the merge still gives the same bytes."""
+    root, _ = copy_run(two_shards, tmp_path)
+    f = flags(tiny, root / "out")
+    step35_main(f["rm"])
+    for shard in range(5):
+        step4_gen_embeddings.main(f["embed"] + shard_flags(shard, 5))
+    step4_gen_embeddings.main(f["embed"] + ["--merge", "--num_shards", "5"])
+    assert merged_files(root) == unsharded
+
+
 def test_shard_flags_are_checked(tiny, tmp_path, capsys, monkeypatch):
     f = flags(tiny, tmp_path / "out")
     err = run_failing(step2_gen_sample.main, f["train"] + shard_flags(3, 3), capsys)
@@ -216,6 +234,34 @@ def test_shard_flags_are_checked(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     err = run_failing(step2_gen_sample.main, f["train"], capsys)
     assert "SLURM_ARRAY_TASK_ID 4: shard 4 is outside 0..3" in err
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")  # --array=0-6:2
+    err = run_failing(step2_gen_sample.main, f["train"], capsys)
+    assert "the job array is not one range of consecutive ids" in err
     err = run_failing(step4_gen_embeddings.main, f["embed"] + ["--merge"], capsys)
     assert "--merge needs --num_shards" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_step1_trains_data_parallel_under_torchrun_and_alone_by_default(tiny, tmp_path):
+    """Two processes on the CPU (gloo): one adapter, written once, from 2 x batch examples per step."""
+    argv = ["step1_sft.py", "--model_name", str(tiny["policy-lm"]), "--dataset", "tiny-helpful"]
+    argv += ["--train_file", str(tiny["train_prompts"]), "--max_steps", "2", "--batch_size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for name, launcher in (
+        ("one", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    ):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [*launcher, *argv, "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("step1: LoRA adapter -> ") == 1, proc.stdout  # process 0 alone writes
+        adapter = out / "ckpts_SFT" / "SFT_policy-lm_tiny-helpful"
+        runs[name] = json.loads((adapter / "sft_run.json").read_text())
+        assert (adapter / "adapter_model.safetensors").is_file()
+        assert not [p.name for p in adapter.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    assert (runs["one"]["world_size"], runs["two"]["world_size"]) == (1, 2)
+    assert runs["one"]["global_steps"] == runs["two"]["global_steps"] == 2
