@@ -67,7 +67,12 @@ def build_parser() -> ArgumentParser:
         help="for a golden RM with several labels: the label (index or name) whose log-odds is the reward",
     )
     add_dtype_arg(parser)
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=16,
+        help="texts per forward pass, all of one prompt (a prompt's responses are batched alone)",
+    )
     parser.add_argument(
         "--max_length",
         type=positive_int,

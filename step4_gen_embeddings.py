@@ -95,7 +95,12 @@ def build_parser() -> ArgumentParser:
         help="expected responses per prompt (checked; default: as ranked)",
     )
     parser.add_argument("--data_dir", default="data", help="data directory for steps 5-8")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=16,
+        help="texts per forward pass, all of one prompt (a prompt's responses are batched alone)",
+    )
     parser.add_argument(
         "--max_length",
         type=positive_int,
