@@ -14,7 +14,9 @@ data directory that steps 5-8 read (README, "Data format")::
 ``gen_dir`` = ``{output_dir}/generations/{model}_{adapter}_{dataset}_{eval_dataset}_len{max_len}_temp{T}``;
 steps 2-4 take the same generation flags (``add_generation_args``) so they all find it. ``data_class``
 is ``train`` (10 responses per prompt in the paper) or ``test`` (500, for best-of-N curves); ``k`` is
-one of ``--n_parts`` (5) contiguous parts of the prompt set, so parts can run on separate GPUs.
+one of ``--num_shards`` (5) contiguous shards of the prompt set, so shards can run on separate GPUs
+(docs/gpu_steps.md, "Shards on a cluster"); step 3.5 merges them, and step 4's shards
+(``{gen_dir}/{data_class}_embd_{model}.shard{i}of{n}.npy`` + ``.json``) are merged by its ``--merge``.
 
 Text conventions: step 3 (``--rm_input_format raw``, the default) scores and step 4 embeds the same
 string, ``scored_text(query, cut_response(response))``; ``rm_texts`` gives the reward model the
@@ -424,13 +426,83 @@ def part_bounds(n_items: int, n_parts: int, part: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Shards: one slice of the prompts per worker (docs/gpu_steps.md, "Shards on a cluster")
+# --------------------------------------------------------------------------------------------
+def add_shard_args(parser, index_default: int | str | None, count_default: int | None, all_ok: bool) -> None:
+    """``--shard_index`` (alias ``--split``, the original code's name) and ``--num_shards`` (alias
+    ``--n_parts``). Left out, they come from a SLURM job array (:func:`resolve_shard`), else the defaults."""
+    parser.add_argument(
+        "--shard_index",
+        "--split",
+        dest="shard_index",
+        type=split_arg if all_ok else non_negative_int,
+        default=None,
+        help="shard (contiguous slice of the prompts) this run handles, 0..num_shards-1"
+        + (", or 'all'" if all_ok else "")
+        + f" (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN in a job array, else {index_default})",
+    )
+    parser.add_argument(
+        "--num_shards",
+        "--n_parts",
+        dest="num_shards",
+        type=positive_int,
+        default=None,
+        help="shards the prompts are cut into (default: SLURM_ARRAY_TASK_COUNT in a job array, else "
+        f"{count_default if count_default is not None else 'as written by the previous step'})",
+    )
+    parser.set_defaults(shard_defaults=(index_default, count_default))
+
+
+def resolve_shard(args, environ: dict | None = None) -> None:
+    """Fill ``args.shard_index`` / ``args.num_shards`` left unset from a SLURM job array
+    (``--array=0-{n-1}``: index = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, count =
+    SLURM_ARRAY_TASK_COUNT, so ``--array=1-4`` works too), else the step's defaults; check the index."""
+    environ = os.environ if environ is None else environ
+    index_default, count_default = args.shard_defaults
+    task_id = environ.get("SLURM_ARRAY_TASK_ID", "")
+    if args.shard_index is None and task_id:
+        try:
+            low = int(environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+            index = int(task_id) - low
+            count = int(environ.get("SLURM_ARRAY_TASK_COUNT", "0") or 0)
+            high = int(environ.get("SLURM_ARRAY_TASK_MAX") or low + count - 1)
+        except ValueError:
+            raise InputError(f"SLURM_ARRAY_TASK_ID {task_id!r}: expected integers in SLURM's array variables") from None
+        if high - low + 1 != count or environ.get("SLURM_ARRAY_TASK_STEP", "1") not in ("", "1"):
+            raise InputError(
+                f"SLURM_ARRAY_TASK_ID {task_id}: the job array is not one range of consecutive ids "
+                f"({low}..{high}, {count} tasks), so its ids do not number the shards "
+                "(submit with --array=0-{num_shards-1}, or pass --shard_index)"
+            )
+        if args.num_shards is None and count:
+            args.num_shards = count
+        if not 0 <= index < (args.num_shards or count or index + 1):
+            raise InputError(
+                f"SLURM_ARRAY_TASK_ID {task_id}: shard {index} is outside 0..{(args.num_shards or count) - 1} "
+                "(submit with --array=0-{num_shards-1}, without steps, or pass --shard_index)"
+            )
+        args.shard_index = index
+    if args.shard_index is None:
+        args.shard_index = index_default
+    if args.num_shards is None:
+        args.num_shards = count_default
+    if isinstance(args.shard_index, int) and args.num_shards is not None and args.shard_index >= args.num_shards:
+        raise InputError(
+            f"--shard_index {args.shard_index}: expected 0..{args.num_shards - 1} (--num_shards {args.num_shards})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Devices, dtypes, models
 # --------------------------------------------------------------------------------------------
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU if there is one (under torchrun, this process's: ``LOCAL_RANK``), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def pick_dtype(device: torch.device, training: bool = False, requested: str = "auto") -> torch.dtype:
@@ -653,20 +725,29 @@ def iter_length_batches(
     device: torch.device,
     desc: str,
     progress: bool = True,
+    group_size: int | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """Yield (row indices, model inputs) over batches of similar length, longest first.
 
     Sorting by length keeps padding small (dynamic padding per batch) and surfaces out-of-memory on
-    the first batch. Inputs hold ``input_ids``, ``attention_mask`` and ``position_ids``, padded on
-    the tokenizer's side. ``progress``: show a tqdm bar named ``desc`` when stderr is a terminal (a
-    log file gets none, README "Pipeline").
+    the first batch. With ``group_size`` g, rows g*j .. g*j+g-1 (one prompt's responses) are batched
+    among themselves only, longest first: a row's batch, hence its floating-point result, is then the
+    same whichever prompts share its shard or run. Inputs hold ``input_ids``, ``attention_mask`` and
+    ``position_ids``, padded on the tokenizer's side. ``progress``: show a tqdm bar named ``desc``
+    when stderr is a terminal (a log file gets none, README "Pipeline").
     """
     from tqdm import tqdm
 
     lengths = np.array([len(seq) for seq in token_ids])
-    order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None if progress else True):
-        rows = order[start : start + batch_size]
+    if group_size is None:
+        order = np.argsort(-lengths, kind="stable")
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    else:
+        batches = []
+        for first in range(0, len(lengths), group_size):
+            order = first + np.argsort(-lengths[first : first + group_size], kind="stable")
+            batches += [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for rows in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True):
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -707,15 +788,16 @@ def iter_embeddings(
     device: torch.device,
     progress: bool = True,
     pooling: str = "last",
+    group_size: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, (B, D) float32 embeddings) pooled from the final layer's hidden states
     (:func:`pool_hidden`; by default the last real token of each sequence), for ``model`` from
-    ``load_embedding_model`` (step 4's procedure). ``progress``: show a tqdm bar. Raises RuntimeError
-    on a non-finite hidden state."""
+    ``load_embedding_model`` (step 4's procedure). ``progress``: show a tqdm bar; ``group_size``: as
+    :func:`iter_length_batches`. Raises RuntimeError on a non-finite hidden state."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
     for rows, batch in iter_length_batches(
-        token_ids, tokenizer.pad_token_id, tokenizer.padding_side, batch_size, device, "embedding", progress
+        token_ids, tokenizer.pad_token_id, tokenizer.padding_side, batch_size, device, "embedding", progress, group_size
     ):
         with torch.inference_mode():
             hidden = model(**batch, use_cache=False).last_hidden_state

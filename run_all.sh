@@ -3,6 +3,7 @@
 #   bash run_all.sh                          # demo data -> steps 5-8 on the CPU
 #   USE_REPO_EMBD=1 TASK=harmless bash run_all.sh   # published embeddings -> steps 5-8
 #   RUN_GPU_STEPS=1 bash run_all.sh          # steps 1-4 on a GPU, then 5-8
+#   RUN_GPU_STEPS=1 NUM_SHARDS=8 PRINT_JOBS=slurm bash run_all.sh > jobs.sh   # the same as SLURM job arrays
 #   FORCE=1 bash run_all.sh                  # redo steps 5-8 even where they are up to date
 # Every value is validated before any work starts; file names come from step 5's manifest.
 # Steps 5-8 resume: a rerun skips each step whose record in $OUTPUT_DIR/.run_state still matches
@@ -40,6 +41,10 @@ PREFLIGHT="$("$PYTHON" settings.py preflight "$CALLER_DIR")" || STATUS=$?
 (( STATUS == 0 )) || die "PYTHON '$PYTHON' cannot run settings.py of this checkout"
 eval "$PREFLIGHT"
 [[ -z "$PYTHON_SET" && -x "$PYTHON_EXECUTABLE" ]] && PYTHON="$PYTHON_EXECUTABLE"
+if [[ "$PRINT_JOBS" != 0 ]]; then  # the GPU steps as job arrays for a cluster: printed, not run
+    printf '%s\n' "$JOBS_TEXT"
+    exit 0
+fi
 echo "$SETTINGS_TEXT"
 threads() {  # threads N: every later process's torch, OpenMP and BLAS threads
     export OMP_NUM_THREADS="$1" MKL_NUM_THREADS="$1" OPENBLAS_NUM_THREADS="$1"

@@ -55,7 +55,14 @@ _GENERATION = {
     "--max_len": "GEN_MAX_LEN",
 }
 _GOLDEN_RM = {"--reward_model": "GOLDEN_RM", "--rm_input_format": "RM_INPUT_FORMAT"}
-_STEP2 = {**_GENERATION, "--backend": "GEN_BACKEND", "--tensor_parallel_size": "TP_SIZE", "--seed": "SEED"}
+_SHARDS = {"--num_shards": "NUM_SHARDS"}
+_STEP2 = {
+    **_GENERATION,
+    **_SHARDS,
+    "--backend": "GEN_BACKEND",
+    "--tensor_parallel_size": "TP_SIZE",
+    "--seed": "SEED",
+}
 
 COMMANDS = (
     Command(
@@ -81,7 +88,7 @@ COMMANDS = (
                 "--max_prompts": max_prompts,
                 "--prompts_file": f"{data_class.upper()}_PROMPTS_FILE",
             },
-            ("--adapter_name", "sft", "--data_class", data_class, "--split", "all"),
+            ("--adapter_name", "sft", "--data_class", data_class, "--shard_index", "all"),
             stage="gpu",
             paths=OUT,
         )
@@ -91,8 +98,8 @@ COMMANDS = (
         Command(
             f"STEP3_{data_class.upper()}",
             "step3_reward_annotation.py",
-            {**_GENERATION, **_GOLDEN_RM},
-            ("--adapter_name", "sft", "--data_class", data_class, "--split", "all"),
+            {**_GENERATION, **_GOLDEN_RM, **_SHARDS},
+            ("--adapter_name", "sft", "--data_class", data_class, "--shard_index", "all"),
             stage="gpu",
             paths=OUT,
         )
@@ -225,6 +232,13 @@ def driver_parser() -> ArgumentParser:
     switch("RUN_GPU_STEPS", "`1`: run steps 1-4 (LoRA SFT, sampling, golden rewards, embeddings) first")
     switch("USE_REPO_EMBD", "`1`: convert the published embeddings in `EMBD_REPO_DIR` first")
     switch("DATA_ONLY", "`1`: prepare `DATA_DIR` (steps 1-4, conversion or demo data), then stop")
+    parser.add_argument(
+        "--PRINT_JOBS", dest="PRINT_JOBS", choices=("0", "slurm", "lines"), default="0",
+        help="with `RUN_GPU_STEPS=1`: print the run as jobs instead of running it, each GPU step an array of "
+        "`NUM_SHARDS` jobs: `slurm`, a bash script of `sbatch --array` commands chained by "
+        "`--dependency=afterok`; `lines`, one command per line, stage after stage, for GNU parallel "
+        "(docs/gpu_steps.md, \"Shards on a cluster\")",
+    )  # fmt: skip
     switch("FORCE", "`1`: rerun steps 5-8 even where they are up to date")
     parser.add_argument(
         "--LAST_STEP", dest="LAST_STEP", type=int, choices=(5, 6, 7, 8), default=8,
@@ -332,6 +346,8 @@ def parse_driver(values: Mapping[str, str]) -> argparse.Namespace:
         raise InputError(_variable_message(str(err), {f"--{a.dest}": a.dest for a in parser._actions})) from None
     if args.RUN_GPU_STEPS and args.USE_REPO_EMBD:
         raise InputError("set at most one of RUN_GPU_STEPS=1 and USE_REPO_EMBD=1")
+    if args.PRINT_JOBS != "0" and not args.RUN_GPU_STEPS:
+        raise InputError(f"PRINT_JOBS={args.PRINT_JOBS} prints the GPU steps' jobs: set RUN_GPU_STEPS=1 too")
     return args
 
 
@@ -421,7 +437,7 @@ def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, st
     bash = {
         **{
             name: str(getattr(args, name))
-            for name in ("RUN_GPU_STEPS", "USE_REPO_EMBD", "DATA_ONLY", "FORCE", "LAST_STEP")
+            for name in ("RUN_GPU_STEPS", "USE_REPO_EMBD", "DATA_ONLY", "FORCE", "LAST_STEP", "PRINT_JOBS")
         },
         "THREADS": str(threads),
         "SIDE_THREADS": str(max(1, threads // 2)),
@@ -438,7 +454,110 @@ def preflight(environ: Mapping[str, str], caller_dir: str) -> tuple[dict[str, st
     text.append(
         f"  threads: THREADS={threads}{'*' if 'THREADS' in values else ''} (steps 6 and 7: {bash['SIDE_THREADS']} each)"
     )
+    if args.PRINT_JOBS != "0":
+        stages = job_stages(argvs, values, folders, parsed["STEP2_TRAIN"].num_shards)
+        bash["JOBS_TEXT"] = slurm_script(stages) if args.PRINT_JOBS == "slurm" else job_lines(stages)
     return bash, argvs, text
+
+
+# --------------------------------------------------------------------------------------------
+# the GPU steps as jobs (PRINT_JOBS): arrays of shards chained by their merges
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobStage:
+    """One stage of the run: its jobs may run together, each after every job of the stage before."""
+
+    title: str
+    jobs: tuple[tuple[str, str], ...]  # (job name, command): one job, or one array (the shard from SLURM)
+    shards: tuple[str, ...] = ()  # the arrays' tasks as plain command lines
+    gpu: bool = True
+
+
+def job_stages(
+    argvs: Mapping[str, list[str]], values: Mapping[str, str], folders: Mapping[str, str], num_shards: int
+) -> list[JobStage]:
+    """The GPU path as stages: step 1, step 2's arrays, step 3's arrays, step 3.5 (the merge of steps
+    2-3), step 4's array, step 4's merge into DATA_DIR, then run_all.sh for steps 5-8 on that data."""
+    python = values.get("PYTHON") or sys.executable
+
+    def command(script: str, argv: Sequence[str]) -> str:
+        return f"cd {shlex.quote(str(REPO))} && {shlex.quote(python)} {script} {shlex.join(argv)}"
+
+    def array(title: str, names: Sequence[str]) -> JobStage:
+        cells, lines = [], []
+        for command_name in names:
+            script = next(c.script for c in COMMANDS if c.name == command_name)
+            argv = list(argvs[command_name])
+            if "--shard_index" in argv:  # the fixed "--shard_index all" of the one-machine run
+                del argv[argv.index("--shard_index") : argv.index("--shard_index") + 2]
+            argv = [arg for arg in argv if not arg.startswith("--num_shards")] + ["--num_shards", str(num_shards)]
+            cells.append((command_name.lower(), command(script, argv)))
+            lines += [command(script, [*argv, "--shard_index", str(i)]) for i in range(num_shards)]
+        return JobStage(title, tuple(cells), tuple(lines))
+
+    later = {name: value for name, value in values.items() if name not in ("RUN_GPU_STEPS", "PRINT_JOBS", "PYTHON")}
+    later.update(folders, PYTHON=python)
+    steps_5_8 = "cd {} && env {} bash run_all.sh".format(
+        shlex.quote(str(REPO)), " ".join(f"{name}={shlex.quote(value)}" for name, value in sorted(later.items()))
+    )
+    return [
+        JobStage("step 1: LoRA SFT", (("step1", command("step1_sft.py", argvs["STEP1"])),)),
+        array("step 2: sampling, an array per data class", ("STEP2_TRAIN", "STEP2_TEST")),
+        array("step 3: golden rewards, an array per data class", ("STEP3_TRAIN", "STEP3_TEST")),
+        JobStage(
+            "step 3.5: merge steps 2-3",
+            (("step3_5", command("step3.5_processing_data.py", argvs["STEP3_5"])),),
+            gpu=False,
+        ),
+        array("step 4: embeddings", ("STEP4",)),
+        JobStage(
+            "step 4 --merge: check the shards, write DATA_DIR",
+            (
+                (
+                    "step4_merge",
+                    command("step4_gen_embeddings.py", [*argvs["STEP4"], "--merge", "--num_shards", str(num_shards)]),
+                ),
+            ),
+            gpu=False,
+        ),
+        JobStage("steps 5-8 on the CPU", (("steps5_8", steps_5_8),), gpu=False),
+    ]
+
+
+def job_lines(stages: Sequence[JobStage]) -> str:
+    """Plain command lines: a comment line per stage, then its commands (any order, in parallel);
+    a stage starts when the one before has finished."""
+    out = []
+    for stage in stages:
+        cells = stage.shards or [cell for _, cell in stage.jobs]
+        out += [f"# {stage.title}: {len(cells)} command(s), after the stage above", *cells]
+    return "\n".join(out)
+
+
+def slurm_script(stages: Sequence[JobStage]) -> str:
+    """A bash script of sbatch commands, each stage's jobs after all of the previous stage's."""
+    out = [
+        "#!/usr/bin/env bash",
+        '# The GPU steps as SLURM jobs (docs/gpu_steps.md, "Shards on a cluster"); edit the options, then run it.',
+        "set -euo pipefail",
+        'GPU_OPTS="${GPU_OPTS:---gres=gpu:1}"  # options of the GPU jobs (partition, time, memory, ...)',
+        'CPU_OPTS="${CPU_OPTS:-}"             # options of the merges and of steps 5-8',
+    ]
+    previous = ""
+    for stage in stages:
+        options = "$GPU_OPTS" if stage.gpu else "$CPU_OPTS"
+        after = f" --dependency=afterok:{previous}" if previous else ""
+        ids = []
+        for name, cell in stage.jobs:
+            size = f" --array=0-{len(stage.shards) // len(stage.jobs) - 1}" if stage.shards else ""
+            out.append(
+                f"{name}=$(sbatch --parsable {options} --job-name={name}{size}{after} --wrap {shlex.quote(cell)})"
+                f"  # {stage.title}"
+            )
+            ids.append(f"${name}")
+        previous = ":".join(ids)
+    out.append(f'echo "submitted; the last job is {previous}"')
+    return "\n".join(out)
 
 
 def settings_text(values: Mapping[str, str], parsed: Mapping[str, argparse.Namespace], stages: list[str]) -> list[str]:

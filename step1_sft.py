@@ -9,6 +9,11 @@ Data (``load_sft_pairs``): the GPT-4 demonstrations for ``hh-rlhf-{task}-gpt4`` 
 ``llm_models.sft_adapter_dir``, where step 2 looks for ``--adapter_name sft``; the swap into place
 is atomic, so a failed run leaves the previous adapter intact. Trainer checkpoints and logs go to
 the sibling folder ``..._trainer``.
+
+One process is the default. Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) the
+same command trains data-parallel (DDP: NCCL on GPUs, one per process; gloo on CPUs), each process on
+1/N of every batch-step's examples, so the effective batch is N x ``--batch_size`` x
+``--gradient_accumulation_steps``; process 0 alone writes the adapter (docs/gpu_steps.md).
 """
 
 from __future__ import annotations
@@ -151,6 +156,7 @@ def main(argv=None):
         seed=args.seed,
         data_seed=args.seed,
         report_to="none",
+        use_cpu=device.type == "cpu",  # so that torchrun on CPUs trains data-parallel (gloo), not N copies
     )
     torch.manual_seed(args.seed)  # SFTTrainer initialises the LoRA weights before it seeds anything itself
     trainer = SFTTrainer(
@@ -166,7 +172,9 @@ def main(argv=None):
     result = trainer.train()
     seconds = time.perf_counter() - started
 
-    # ---- write: save beside the target, then swap it into place -----------------------------
+    # ---- write: save beside the target, then swap it into place (process 0 of a torchrun) ----
+    if not trainer.is_world_process_zero():
+        return
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}."))
     staging.chmod(0o755)  # mkdtemp creates it private; the adapter is a normal shared artifact
@@ -179,6 +187,7 @@ def main(argv=None):
                 "model_path": resolve_model(args.model_name, "--model_name"),
                 "n_pairs": len(pairs),
                 "global_steps": int(result.global_step),
+                "world_size": trainer.args.world_size,  # processes that trained data-parallel (torchrun)
                 "train_loss": float(result.training_loss),
                 "dtype": dtype_name(dtype),
                 "lora": LORA_SETTINGS,

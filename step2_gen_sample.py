@@ -5,10 +5,12 @@
 
 Prompts: the hh-rlhf ``{task}-base`` split ``--data_class`` (prompt = text up to and including the
 last "\\n\\nAssistant:" of the chosen dialogue), or ``--prompts_file`` (.jsonl/.csv, column prompt).
-``--max_prompts`` keeps the first M prompts (tiny runs); the rest is cut into ``--n_parts``
-contiguous parts and ``--split`` picks one (or ``all``). The backends (vllm, transformers), the
-per-prompt seeds ``llm_models.prompt_seed(--seed, i)`` and the summary file: docs/gpu_steps.md; the file
-flow: ``llm_models``. Files are replaced atomically, so reruns never append.
+``--max_prompts`` keeps the first M prompts (tiny runs); the rest is cut into ``--num_shards``
+contiguous shards (alias ``--n_parts``) and ``--shard_index`` (alias ``--split``) picks one (or ``all``);
+in a SLURM job array the array task picks it. Each shard writes its own part files, atomically, so a
+killed shard is redone by running it again and reruns never append. The backends (vllm, transformers),
+the per-prompt seeds ``llm_models.prompt_seed(--seed, i)``, shards and the summary file:
+docs/gpu_steps.md; the file flow: ``llm_models``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts import ensure_writable_dir, write_json
+from artifacts import ensure_writable_dir, file_sha256, json_sha256, remove_leftover_temps, write_json
 from cli import (
     ArgumentParser,
     InputError,
@@ -34,6 +36,7 @@ from cli import (
 from llm_models import (
     GenerationRun,
     add_generation_args,
+    add_shard_args,
     cut_response,
     dtype_name,
     load_causal_lm,
@@ -46,8 +49,8 @@ from llm_models import (
     prompt_seed,
     read_table,
     resolve_model,
+    resolve_shard,
     sft_adapter_dir,
-    split_arg,
     split_hh_dialogue,
     task_of,
     write_jsonl,
@@ -76,13 +79,12 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="responses per prompt (default: the paper's, 10 per training prompt and 500 per test prompt)",
     )
-    parser.add_argument("--split", type=split_arg, default=0, help="part index 0..n_parts-1, or 'all'")
-    parser.add_argument("--n_parts", type=positive_int, default=5, help="parts the prompt set is cut into")
+    add_shard_args(parser, index_default=0, count_default=5, all_ok=True)
     parser.add_argument("--prompts_file", help="local .jsonl/.csv with a prompt column, instead of hh-rlhf")
     parser.add_argument(
         "--max_prompts",
         type=positive_int,
-        help="use only the first M prompts of the set (before it is cut into parts)",
+        help="use only the first M prompts of the set (before it is cut into shards)",
     )
     parser.add_argument(
         "--max_prompt_len", type=positive_int, default=450, help="skip (and count) prompts longer than this many tokens"
@@ -134,8 +136,7 @@ def parse_args(argv=None):
             f"--max_model_len {args.max_model_len} is less than --max_prompt_len + --max_len "
             f"({args.max_prompt_len + args.max_len})"
         )
-    if args.split != "all" and args.split >= args.n_parts:
-        raise InputError(f"--split {args.split}: expected 0..{args.n_parts - 1} or 'all' (--n_parts {args.n_parts})")
+    resolve_shard(args)
     return args
 
 
@@ -172,6 +173,15 @@ def resolve_adapter(args) -> Path | None:
     if not (path / "adapter_config.json").is_file():
         raise InputError(f"--adapter_name {args.adapter_name}: no LoRA adapter at {path}{hint}")
     return path
+
+
+def adapter_fingerprint(adapter: Path | None) -> str | None:
+    """sha256 of the adapter's config and weights, so shards sampled from different step-1 runs are
+    told apart; None for the base model."""
+    if adapter is None:
+        return None
+    files = sorted(p for p in adapter.glob("adapter_*") if p.is_file())
+    return json_sha256([[p.name, file_sha256(p)] for p in files])
 
 
 def vllm_imports() -> bool:
@@ -270,7 +280,7 @@ def main(argv=None):
     model_path = resolve_model(args.model_name, "--model_name")
     adapter = resolve_adapter(args)
     all_prompts = load_prompts(args)
-    parts = range(args.n_parts) if args.split == "all" else [args.split]
+    parts = range(args.num_shards) if args.shard_index == "all" else [args.shard_index]
     backend = args.backend
     if backend == "auto":
         backend = "vllm" if torch.cuda.is_available() and vllm_imports() else "transformers"
@@ -283,7 +293,7 @@ def main(argv=None):
     part_prompts = {}
     skipped = {}
     for part in parts:
-        start, stop = part_bounds(len(all_prompts), args.n_parts, part)
+        start, stop = part_bounds(len(all_prompts), args.num_shards, part)
         kept, too_long = [], []
         for prompt_id, prompt in all_prompts[start:stop]:
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -303,10 +313,14 @@ def main(argv=None):
     )
     if not work:
         raise InputError(
-            f"no prompts to generate for --split {args.split} "
+            f"no prompts to generate for --shard_index {args.shard_index} "
             f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})"
         )
     ensure_writable_dir(run.folder, "--output_dir")
+    for part in parts:  # what a shard killed mid-write left behind
+        remove_leftover_temps(
+            run.folder, [run.samples_path(args.data_class, part).name, run.summary_path(args.data_class, part).name]
+        )
 
     # ---- generate ---------------------------------------------------------------------------
     seeds = [prompt_seed(args.seed, prompt_id) for prompt_id, _, _ in work]
@@ -341,9 +355,14 @@ def main(argv=None):
         "seed_rule": "prompt_seed(seed, id)",
         "backend": backend,
         "dtype": dtype_name(dtype),
-        "n_parts": args.n_parts,
+        "num_shards": args.num_shards,
         "max_prompt_len": args.max_prompt_len,
         "max_prompts": args.max_prompts,
+        # what step 3.5's merge compares between shards besides the flags: the whole prompt set
+        # (every shard reads it all) and the adapter's files
+        "n_prompts_in_set": len(all_prompts),
+        "prompt_set_sha256": json_sha256(all_prompts),
+        "adapter_sha256": adapter_fingerprint(adapter),
     }
     if backend == "vllm":
         settings.update(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
@@ -354,7 +373,7 @@ def main(argv=None):
                 "query": prompt,
                 "id": prompt_id,
                 **{f"response_{i}": text for i, text in enumerate(next(responses_in_order))},
-                "settings": {**settings, "split": part},
+                "settings": {**settings, "shard_index": part},
             }
             for prompt_id, prompt, _ in part_prompts[part]
         ]
@@ -364,7 +383,7 @@ def main(argv=None):
             run.summary_path(args.data_class, part),
             {
                 **settings,
-                "split": part,
+                "shard_index": part,
                 "n_prompts_in_part": len(records) + len(skipped[part]),
                 "n_generated": len(records),
                 "n_skipped_over_length": len(skipped[part]),

@@ -1,16 +1,21 @@
-"""Step 3.5: merge the scored parts and sort each prompt's responses ascending by golden reward.
+"""Step 3.5: merge the scored shards and sort each prompt's responses ascending by golden reward.
 
     python3 step3.5_processing_data.py --output_dir distill_out --model_name gemma2b \\
         --dataset hh-rlhf-helpful-gpt4 --eval_dataset hh-rlhf-helpful
 
 For each data class (``--data_class train``, ``test`` or ``both``: every class step 3 scored), reads
-``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl`` for all parts present, in part order, and writes
+``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl`` for the shards k = 0..n-1 of step 2, in order, and writes
 ``{gen_dir}/{data_class}_ranked_{rm}.jsonl``: one line per prompt with ``responses_sorted`` and
 ``rewards_sorted`` (ascending; position k is rank split k, so split 0 is the worst response and
 split K-1 the best, README "Data format") and ``original_index`` (each one's response_i in step 2).
 Ties keep step 2's order (stable sort). Every scored record must carry ``--rm_input_format``
-(records without one were scored raw); the format is copied into the ranked records. The output
-depends on the inputs alone and replaces the file atomically, so a rerun leaves identical bytes.
+(records without one were scored raw); the format is copied into the ranked records.
+
+The merge refuses (one line naming the shard, exit 2) unless every shard 0..n-1 of step 2 is present
+and finished (its summary written, its record count the summary's), all were made with the same
+flags, prompt set and adapter, and each was scored in full by the same reward-model settings
+(:func:`check_shards`). The output depends on the prompts' results alone, not on how they were
+sharded, and replaces the file atomically, so a rerun leaves identical bytes.
 """
 
 from __future__ import annotations
@@ -69,21 +74,108 @@ def check_scored(record: dict, path, line: int) -> int:
     return len(rewards)
 
 
+# Summary keys that differ from shard to shard; every other key is a setting all shards must share.
+PER_SHARD_KEYS = (
+    "shard_index",
+    "n_prompts_in_part",
+    "n_generated",
+    "n_skipped_over_length",
+    "skipped_ids",
+    "n_responses",
+    "n_empty_after_cut",
+)
+# What step 3 records per scored record that must be one value across all shards.
+RM_SETTINGS = ("reward_label", "rm_dtype", "rm_max_length")
+
+
+def shard_settings(summary: dict) -> dict:
+    return {key: value for key, value in summary.items() if key not in PER_SHARD_KEYS}
+
+
+def differences(found: dict, expected: dict) -> str:
+    """``key found (shard 0: expected)`` for each key whose values differ."""
+    keys = sorted(set(found) | set(expected), key=str)
+    return ", ".join(
+        f"{k} {found.get(k)!r} (shard 0: {expected.get(k)!r})" for k in keys if found.get(k) != expected.get(k)
+    )
+
+
+def check_shards(run: GenerationRun, data_class: str, rm_name: str) -> list[int]:
+    """The shards 0..n-1 of ``data_class``, once each is known present, finished and made like shard 0
+    by step 2 (its summary file) and scored in full by step 3; else InputError naming the first bad shard."""
+    present = run.parts_present(data_class)
+    summaries = {}
+    for part in present:
+        path = run.summary_path(data_class, part)
+        if not path.is_file():
+            raise InputError(
+                f"{data_class} shard {part}: {run.samples_path(data_class, part).name} has no summary "
+                f"{path.name}, so the shard did not finish (run step2_gen_sample.py --shard_index {part} again)"
+            )
+        summaries[part] = read_json(path, "step 2 summary")
+    first = summaries[present[0]]
+    num_shards = first.get("num_shards")
+    if not isinstance(num_shards, int):
+        raise InputError(f"{run.summary_path(data_class, present[0])}: no num_shards (rerun step2_gen_sample.py)")
+    expected = shard_settings(first)
+    for part, summary in summaries.items():
+        if summary.get("num_shards") != num_shards or part >= num_shards:
+            raise InputError(
+                f"{data_class} shard {part}: {run.summary_path(data_class, part).name} is from a run with "
+                f"{summary.get('num_shards')} shards, shard {present[0]} from one with {num_shards} "
+                "(remove the other run's part files or rerun every shard with one --num_shards)"
+            )
+        if shard_settings(summary) != expected:
+            raise InputError(
+                f"{data_class} shard {part}: {run.summary_path(data_class, part).name} was made with other "
+                f"settings or inputs than shard {present[0]}: "
+                f"{differences(shard_settings(summary), expected)}"
+            )
+    missing = [part for part in range(num_shards) if part not in summaries]
+    if missing:
+        raise InputError(
+            f"{data_class} shard {missing[0]} of {num_shards} is missing: no "
+            f"{run.samples_path(data_class, missing[0]).name} in {run.folder} "
+            f"(run step2_gen_sample.py --data_class {data_class} --shard_index {missing[0]} --num_shards {num_shards})"
+        )
+    rm_settings = None
+    for part in range(num_shards):
+        samples, scored = run.samples_path(data_class, part), run.scored_path(data_class, part, rm_name)
+        if not scored.is_file():
+            raise InputError(
+                f"{data_class} shard {part}: {samples.name} has no scores by {rm_name} "
+                f"(run step3_reward_annotation.py --data_class {data_class} --shard_index {part})"
+            )
+        sample_ids = [record.get("id") for _, record in numbered_jsonl(samples)]
+        if len(sample_ids) != summaries[part].get("n_generated"):
+            raise InputError(
+                f"{data_class} shard {part}: {samples.name} holds {len(sample_ids)} prompts, its summary "
+                f"{summaries[part].get('n_generated')} (rerun step2_gen_sample.py --shard_index {part})"
+            )
+        scored_records = [record for _, record in numbered_jsonl(scored)]
+        if [record.get("id") for record in scored_records] != sample_ids or any(
+            shard_settings(record.get("settings", {})) != expected for record in scored_records
+        ):
+            raise InputError(
+                f"{data_class} shard {part}: {scored.name} does not score the prompts of {samples.name} as "
+                f"generated now (rerun step3_reward_annotation.py --data_class {data_class} --shard_index {part})"
+            )
+        for record in scored_records:
+            found = {key: record.get(key) for key in RM_SETTINGS}
+            rm_settings = rm_settings or found
+            if found != rm_settings:
+                raise InputError(
+                    f"{data_class} shard {part}: {scored.name} was scored with other settings than shard 0: "
+                    f"{differences(found, rm_settings)}"
+                )
+    return list(range(num_shards))
+
+
 def rank_class(
     run: GenerationRun, data_class: str, rm_name: str, n_expected: int | None, rm_input_format: str
 ) -> tuple[list[dict], list]:
-    """Sorted records of every scored part of ``data_class``, in part order."""
-    scored_parts = run.parts_present(data_class, rm_name)
-    unscored = sorted(set(run.parts_present(data_class)) - set(scored_parts))
-    if unscored:
-        raise InputError(
-            f"{run.samples_path(data_class, unscored[0])} has no scores by {rm_name} "
-            f"(run step3_reward_annotation.py --data_class {data_class} --split {unscored[0]})"
-        )
-    summary = run.summary_path(data_class, scored_parts[0])
-    n_parts = read_json(summary, "step 2 summary").get("n_parts") if summary.is_file() else None
-    if n_parts is not None and scored_parts != list(range(n_parts)):
-        log.warning("%s: only parts %s of %d were generated and scored", data_class, scored_parts, n_parts)
+    """Sorted records of every shard of ``data_class``, in shard order (:func:`check_shards` first)."""
+    scored_parts = check_shards(run, data_class, rm_name)
     ranked, counts = [], set()
     for part in scored_parts:
         path = run.scored_path(data_class, part, rm_name)
@@ -96,7 +188,6 @@ def rank_class(
                 {
                     "query": record["query"],
                     "id": record.get("id"),
-                    "part": part,
                     "responses_sorted": [record["responses"][i] for i in order],
                     "rewards_sorted": rewards[order].tolist(),
                     "original_index": order.tolist(),
@@ -139,7 +230,7 @@ def main(argv=None):
     print(
         "step3.5: "
         + "; ".join(
-            f"{c}: {len(ranked)} prompts x {len(ranked[0]['rewards_sorted'])} responses from parts "
+            f"{c}: {len(ranked)} prompts x {len(ranked[0]['rewards_sorted'])} responses from shards "
             f"{','.join(map(str, parts))} ({sum(r['n_empty_after_cut'] for r in ranked)} empty after the cut, "
             f"{sum(len(set(r['rewards_sorted'])) < len(r['rewards_sorted']) for r in ranked)} prompts with "
             f"tied rewards) -> {run.ranked_path(c, rm_name).name}"

@@ -3,12 +3,14 @@
     python3 step3_reward_annotation.py --adapter_name sft --model_name gemma2b \\
         --dataset hh-rlhf-helpful-gpt4 --eval_dataset hh-rlhf-helpful --data_class train --n_samples 10
 
-Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (``--split k`` or ``all``) and writes
+Reads step 2's ``{gen_dir}/{data_class}_part{k}.jsonl`` (shard ``--shard_index k``, alias ``--split``,
+or ``all``; in a SLURM job array the array task picks k) and writes
 ``{gen_dir}/{data_class}_part{k}.scored_{rm}.jsonl``: query, id, the responses cut at their first
 "\\n\\nHuman", their rewards (same order as step 2's response_i), the input format, label and dtype,
 and the counts of responses cut at ``--max_length`` or empty after the cut. The golden RM defaults
 to the paper's for the task; what it reads (``--rm_input_format``), ``--reward_label`` and its
-float32 score head: docs/gpu_steps.md. Texts are batched by similar length.
+float32 score head: docs/gpu_steps.md. Each prompt's responses are batched among themselves, longest
+first, so a reward does not depend on the shard layout.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import time
 import numpy as np
 import torch
 
-from artifacts import ensure_writable_dir
+from artifacts import ensure_writable_dir, read_json, remove_leftover_temps
 from cli import ArgumentParser, InputError, add_dtype_arg, positive_int, run_cli, setup_logging
 from llm_models import (
     GenerationRun,
     add_generation_args,
     add_reward_model_args,
+    add_shard_args,
     cut_response,
     default_golden_rm,
     dtype_name,
@@ -36,10 +39,10 @@ from llm_models import (
     pick_dtype,
     read_jsonl,
     resolve_model,
+    resolve_shard,
     reward_label_index,
     rewards_from_logits,
     rm_texts,
-    split_arg,
     tokenize_texts,
     write_jsonl,
 )
@@ -52,7 +55,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generation_args(parser)
     parser.add_argument("--data_class", choices=("train", "test"), default="train", help="which generations")
-    parser.add_argument("--split", type=split_arg, default=0, help="part index, or 'all' parts present")
+    add_shard_args(parser, index_default=0, count_default=None, all_ok=True)
     parser.add_argument(
         "--n_samples",
         type=positive_int,
@@ -64,7 +67,12 @@ def build_parser() -> ArgumentParser:
         help="for a golden RM with several labels: the label (index or name) whose log-odds is the reward",
     )
     add_dtype_arg(parser)
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=16,
+        help="texts per forward pass, all of one prompt (a prompt's responses are batched alone)",
+    )
     parser.add_argument(
         "--max_length",
         type=positive_int,
@@ -75,7 +83,9 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    resolve_shard(args)
+    return args
 
 
 def load_samples(path, n_expected: int | None) -> tuple[list[dict], int]:
@@ -101,6 +111,20 @@ def load_samples(path, n_expected: int | None) -> tuple[list[dict], int]:
     return records, n
 
 
+def check_num_shards(run: GenerationRun, data_class: str, parts: list[int], num_shards: int | None) -> None:
+    """``--num_shards``, when given, must be the shard count step 2 cut the prompts into."""
+    for part in parts:
+        summary = run.summary_path(data_class, part)
+        if num_shards is None or not summary.is_file():
+            continue
+        written = read_json(summary, "step 2 summary").get("num_shards")
+        if written != num_shards:
+            raise InputError(
+                f"--num_shards {num_shards}: {summary.name} is shard {part} of {written} "
+                "(run step 2 and step 3 with the same --num_shards)"
+            )
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
@@ -109,13 +133,19 @@ def main(argv=None):
 
     # ---- inputs, checked before the model loads ---------------------------------------------
     resolve_model(rm_name, "--reward_model")
-    parts = run.parts_present(args.data_class) if args.split == "all" else [args.split]
+    parts = run.parts_present(args.data_class) if args.shard_index == "all" else [args.shard_index]
     if not parts:
         raise InputError(f"no {args.data_class}_part*.jsonl in {run.folder} (run step2_gen_sample.py first)")
     ensure_writable_dir(run.folder, "--output_dir")
+    check_num_shards(run, args.data_class, parts, args.num_shards)
     samples = {part: load_samples(run.samples_path(args.data_class, part), args.n_samples) for part in parts}
     if not any(records for records, _ in samples.values()):
-        raise InputError(f"no generated responses in {run.folder} for --split {args.split}")
+        raise InputError(f"no generated responses in {run.folder} for --shard_index {args.shard_index}")
+    n_per_prompt = {n for records, n in samples.values() if records}
+    if len(n_per_prompt) > 1:
+        raise InputError(f"parts {parts} hold different response counts {sorted(n_per_prompt)}; score them one by one")
+    for part in parts:  # what a shard killed mid-write left behind
+        remove_leftover_temps(run.folder, [run.scored_path(args.data_class, part, rm_name).name])
     queries, cut_rows = [], {}
     for part, (records, n) in samples.items():
         cut_rows[part] = [[cut_response(r[f"response_{i}"]) for i in range(n)] for r in records]
@@ -148,7 +178,13 @@ def main(argv=None):
     started = time.perf_counter()
     with torch.inference_mode():
         for rows, batch in iter_length_batches(
-            token_ids, tokenizer.pad_token_id, tokenizer.padding_side, args.batch_size, device, desc="scoring"
+            token_ids,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+            args.batch_size,
+            device,
+            desc="scoring",
+            group_size=n_per_prompt.pop(),
         ):
             rewards[rows] = rewards_from_logits(model(**batch).logits, label).cpu().numpy()
     seconds = time.perf_counter() - started
@@ -170,6 +206,7 @@ def main(argv=None):
                     "rm_input_format": args.rm_input_format,
                     "reward_label": label,
                     "rm_dtype": dtype_name(dtype),
+                    "rm_max_length": args.max_length,
                     "n_cut_at_max_length": int(truncated[position : position + n].sum()),
                     "n_empty_after_cut": sum(not cut for cut in cut_row),
                     "settings": record.get("settings", {}),

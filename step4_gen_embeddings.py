@@ -13,23 +13,43 @@ Writes README's "Data format" into ``--data_dir`` (row p of split k is the k-th
 lowest-reward response of prompt p) and ``embedding_info_{train,test}.json``, where the data came
 from. Embeddings are filled into memory-mapped temporary files (a 500-response test set does not fit
 in memory) renamed into place only once every split is complete; splits left over from an earlier
-run with more responses are removed.
+run with more responses are removed. Each prompt's responses are embedded in batches of their own, so
+an embedding does not depend on the other prompts of the run.
+
+Shards (docs/gpu_steps.md, "Shards on a cluster"): with ``--shard_index i --num_shards n`` (or a SLURM
+job array) the run embeds only prompts ``[N*i//n, N*(i+1)//n)`` of each ranked file into
+``{gen_dir}/{kind}_embd_{model}.shard{i}of{n}.npy`` (rows, K, D) and its ``.json`` record, written
+last; ``--merge --num_shards n`` with the same flags checks that every shard is there, finished
+and made with these settings from this ranked file, and writes the data directory byte for byte as
+one unsharded run would.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
-from artifacts import atomic_paths, ensure_writable_dir, write_json
+from artifacts import (
+    atomic_path,
+    atomic_paths,
+    ensure_writable_dir,
+    file_sha256,
+    read_json,
+    remove_leftover_temps,
+    write_json,
+)
 from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
 from llm_models import (
     POOLINGS,
     GenerationRun,
     add_generation_args,
     add_reward_model_args,
+    add_shard_args,
     check_rm_input_format,
     default_golden_rm,
     dtype_name,
@@ -38,10 +58,13 @@ from llm_models import (
     load_config,
     load_embedding_model,
     load_tokenizer,
+    model_tag,
+    part_bounds,
     pick_device,
     pick_dtype,
     read_jsonl,
     resolve_model,
+    resolve_shard,
     scored_text,
     tokenize_texts,
 )
@@ -72,7 +95,12 @@ def build_parser() -> ArgumentParser:
         help="expected responses per prompt (checked; default: as ranked)",
     )
     parser.add_argument("--data_dir", default="data", help="data directory for steps 5-8")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=16,
+        help="texts per forward pass, all of one prompt (a prompt's responses are batched alone)",
+    )
     parser.add_argument(
         "--max_length",
         type=positive_int,
@@ -90,11 +118,26 @@ def build_parser() -> ArgumentParser:
         "--embedding_dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored embeddings"
     )
     add_dtype_arg(parser)
+    add_shard_args(parser, index_default=None, count_default=None, all_ok=False)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the --num_shards shards' embeddings into --data_dir (same flags as the shards; no model runs)",
+    )
     return parser
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.merge:
+        args.shard_index = None  # an array task's index means nothing to the one merge job
+        if args.num_shards is None:
+            raise InputError("--merge needs --num_shards (the shards' count)")
+    else:
+        resolve_shard(args)
+        if args.shard_index is not None and args.num_shards is None:
+            raise InputError(f"--shard_index {args.shard_index} needs --num_shards")
+    return args
 
 
 def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[list[dict], int]:
@@ -131,33 +174,153 @@ def load_ranked(path, n_expected: int | None, rm_input_format: str) -> tuple[lis
     return records, n
 
 
-def embed_into(paths, model, tokenizer, texts: list[str], args) -> tuple[int, int]:
-    """Embed ``texts`` (prompt-major: text p*K + k is response k of prompt p) into K new .npy files
-    of ``--embedding_dtype``.
-
-    ``paths`` are the K target files; each is filled as a memory-mapped temporary beside it and
-    renamed onto its target only when all K are complete. Returns (D, number of cut texts).
-    """
-    n_splits = len(paths)
-    n_prompts = len(texts) // n_splits
+def fill_embeddings(splits: list[np.ndarray], model, tokenizer, texts: list[str], args) -> int:
+    """Embed ``texts`` (prompt-major: text p*K + k is response k of prompt p) into the K arrays
+    ``splits`` (each (P, D), row p = prompt p), each prompt's responses batched among themselves.
+    Returns the number of texts cut at ``--max_length``."""
+    n_splits = len(splits)
     token_ids, truncated = tokenize_texts(tokenizer, texts, args.max_length, flag="--max_length", logger=log)
-    dim = model.config.get_text_config().hidden_size
+    for rows, vectors in iter_embeddings(
+        model, tokenizer, token_ids, args.batch_size, model.device, pooling=args.pooling, group_size=n_splits
+    ):
+        prompt_of, split_of = np.divmod(rows, n_splits)
+        for k in np.unique(split_of):
+            chosen = split_of == k
+            splits[k][prompt_of[chosen]] = vectors[chosen]
+    return int(truncated.sum())
+
+
+@contextmanager
+def open_splits(paths: list[Path], n_prompts: int, dim: int, dtype: str) -> Iterator[list[np.ndarray]]:
+    """K split arrays (n_prompts, dim) to fill: memory-mapped temporaries beside their targets, renamed
+    into place only when the block completes."""
     with atomic_paths(*paths) as tmp_paths:
-        splits = [
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=args.embedding_dtype, shape=(n_prompts, dim))
-            for tmp in tmp_paths
-        ]
-        for rows, vectors in iter_embeddings(
-            model, tokenizer, token_ids, args.batch_size, model.device, pooling=args.pooling
-        ):
-            prompt_of, split_of = np.divmod(rows, n_splits)
-            for k in np.unique(split_of):
-                chosen = split_of == k
-                splits[k][prompt_of[chosen]] = vectors[chosen]
+        splits = [np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_prompts, dim)) for tmp in tmp_paths]
+        yield splits
         for split in splits:
             split.flush()
         del splits  # close the memory maps before the temporary files are renamed
-    return dim, int(truncated.sum())
+
+
+def shard_files(run: GenerationRun, kind: str, embed_model_name: str, shard: int, num_shards: int) -> tuple[Path, Path]:
+    """A shard's embeddings (rows, K, D) and its record (written last: it marks the shard finished)."""
+    stem = f"{kind}_embd_{model_tag(embed_model_name)}.shard{shard}of{num_shards}"
+    return run.folder / f"{stem}.npy", run.folder / f"{stem}.json"
+
+
+def embedding_settings(args, run: GenerationRun, rm_name: str, kind: str, config, tokenizer, records) -> dict:
+    """``embedding_info_{kind}.json`` but for the compute dtype and the count of cut texts: what a
+    shard must share with the merge that takes it."""
+    embed_path = resolve_model(args.embed_model_name, "--embed_model_name")
+    return {
+        "embed_model_name": args.embed_model_name,
+        "embed_model_path": embed_path,
+        "gguf_file": gguf_source(embed_path)[1].get("gguf_file"),
+        "model_type": config.model_type,
+        "source": str(run.ranked_path(kind, rm_name)),
+        "reward_model": rm_name,
+        "generation_model": args.model_name,
+        "adapter_name": args.adapter_name,
+        "dataset": args.dataset,
+        "eval_dataset": args.eval_dataset,
+        "n_prompts": len(records),
+        "n_splits": len(records[0]["rewards_sorted"]),
+        "dim": config.get_text_config().hidden_size,
+        "embedding_dtype": args.embedding_dtype,
+        "rm_input_format": args.rm_input_format,
+        "n_empty_after_cut": sum(not response for r in records for response in r["responses_sorted"]),
+        "max_length": args.max_length,
+        "padding_side": tokenizer.padding_side,
+        "pooling": args.pooling,
+        "order": "ascending golden reward within each prompt",
+    }
+
+
+# What only shards record: the merge compares these too (the batch size changes a forward pass's bits).
+def shard_only_settings(args, run: GenerationRun, rm_name: str, kind: str) -> dict:
+    return {
+        "ranked_sha256": file_sha256(run.ranked_path(kind, rm_name)),
+        "batch_size": args.batch_size,
+        "num_shards": args.num_shards,
+    }
+
+
+def embed_shard(run, kind, records, settings: dict, compute_dtype: str, model, tokenizer, args) -> str:
+    """Embed this shard's prompts of ``kind`` into its own files; returns a summary line."""
+    npy, record_path = shard_files(run, kind, args.embed_model_name, args.shard_index, args.num_shards)
+    record_path.unlink(missing_ok=True)  # the record marks a finished shard: none until this one is
+    remove_leftover_temps(run.folder, [npy.name, record_path.name])
+    start, stop = part_bounds(len(records), args.num_shards, args.shard_index)
+    n_splits, dim = settings["n_splits"], settings["dim"]
+    texts = [scored_text(r["query"], response) for r in records[start:stop] for response in r["responses_sorted"]]
+    n_cut = 0
+    with atomic_path(npy) as tmp:
+        if texts:
+            array = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=args.embedding_dtype, shape=(stop - start, n_splits, dim)
+            )
+            n_cut = fill_embeddings([array[:, k] for k in range(n_splits)], model, tokenizer, texts, args)
+            array.flush()
+            del array
+        else:  # an empty memory map cannot be opened (and np.save given a name would append ".npy")
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.empty((0, n_splits, dim), dtype=args.embedding_dtype), allow_pickle=False)
+    write_json(
+        record_path,
+        {**settings, "compute_dtype": compute_dtype, "shard_index": args.shard_index, "rows": [start, stop],
+         "n_cut_at_max_length": n_cut},
+    )  # fmt: skip
+    return f"{kind}: shard {args.shard_index} of {args.num_shards}, prompts {start}..{stop - 1} -> {npy.name}"
+
+
+def check_shards(run, kind: str, settings: dict, args) -> tuple[list[tuple[Path, int, int]], str, int]:
+    """Every shard of ``kind`` present, finished and made with ``settings``, else InputError naming the
+    first bad one. Returns [(file, start, stop)], their compute dtype and their count of cut texts."""
+    shards, compute_dtypes, n_cut = [], set(), 0
+    for shard in range(args.num_shards):
+        npy, record_path = shard_files(run, kind, args.embed_model_name, shard, args.num_shards)
+        rerun = f"(run step4_gen_embeddings.py --shard_index {shard} --num_shards {args.num_shards} with these flags)"
+        if not record_path.is_file():
+            state = "did not finish" if npy.is_file() else "is missing"
+            raise InputError(f"step 4 {kind} shard {shard} of {args.num_shards} {state}: no {record_path} {rerun}")
+        record = read_json(record_path, "step 4 shard record")
+        found = {key: record.get(key) for key in settings}
+        if found != settings:
+            diff = ", ".join(f"{k} {found[k]!r} (this merge: {v!r})" for k, v in settings.items() if found[k] != v)
+            raise InputError(
+                f"step 4 {kind} shard {shard}: {record_path.name} was made with other settings or inputs: {diff}"
+            )
+        start, stop = part_bounds(settings["n_prompts"], args.num_shards, shard)
+        shape = (stop - start, settings["n_splits"], settings["dim"])
+        try:
+            array = np.load(npy, mmap_mode="r")
+        except (OSError, ValueError):
+            array = None
+        if (
+            record.get("rows") != [start, stop]
+            or array is None
+            or array.shape != shape
+            or array.dtype != args.embedding_dtype
+        ):
+            raise InputError(
+                f"step 4 {kind} shard {shard}: {npy.name} is not the {shape} {args.embedding_dtype} array "
+                f"its record promises {rerun}"
+            )
+        shards.append((npy, start, stop))
+        compute_dtypes.add(record.get("compute_dtype"))
+        n_cut += int(record.get("n_cut_at_max_length", 0))
+    if len(compute_dtypes) != 1:
+        raise InputError(
+            f"step 4 {kind}: the shards were computed in different dtypes {sorted(map(str, compute_dtypes))}"
+        )
+    return shards, compute_dtypes.pop(), n_cut
+
+
+def copy_shards(splits: list[np.ndarray], shards: list[tuple[Path, int, int]]) -> None:
+    for npy, start, stop in shards:
+        array = np.load(npy, mmap_mode="r")
+        for k, split in enumerate(splits):
+            split[start:stop] = array[:, k]
 
 
 def main(argv=None):
@@ -165,6 +328,7 @@ def main(argv=None):
     setup_logging()
     run = GenerationRun.from_args(args)
     rm_name = args.reward_model or default_golden_rm(args.dataset, args.eval_dataset)
+    sharded = args.shard_index is not None
 
     # ---- inputs, checked before the model loads and the data directory is created ------------
     resolve_model(args.embed_model_name, "--embed_model_name")
@@ -173,34 +337,55 @@ def main(argv=None):
         log.info("no ranked test responses in %s; embedding train only", run.folder)
         kinds = ("train",)
     ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples, args.rm_input_format) for kind in kinds}
-    load_config(args.embed_model_name, "--embed_model_name")
+    config = load_config(args.embed_model_name, "--embed_model_name")
     tokenizer = load_tokenizer(args.embed_model_name, "--embed_model_name")
-    data_dir = ensure_writable_dir(args.data_dir, "--data_dir")
-
-    # ---- model ------------------------------------------------------------------------------
-    device = pick_device()
-    dtype = pick_dtype(device, requested=args.dtype)
-    model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
-    log.info(
-        "embedding with %s on %s in %s (padding side %s, %s pooling)",
-        args.embed_model_name,
-        device,
-        dtype,
-        tokenizer.padding_side,
-        args.pooling,
+    settings = {
+        kind: embedding_settings(args, run, rm_name, kind, config, tokenizer, ranked[kind][0]) for kind in kinds
+    }
+    if sharded or args.merge:
+        for kind in kinds:
+            settings[kind].update(shard_only_settings(args, run, rm_name, kind))
+    merged = {kind: check_shards(run, kind, settings[kind], args) for kind in kinds} if args.merge else {}
+    data_dir = ensure_writable_dir(
+        run.folder if sharded else args.data_dir, "--output_dir" if sharded else "--data_dir"
     )
 
-    # ---- embed and write, one kind at a time ------------------------------------------------
+    # ---- model (none for a merge) ------------------------------------------------------------
+    model, compute_dtype = None, None
+    if not args.merge:
+        device = pick_device()
+        dtype = pick_dtype(device, requested=args.dtype)
+        compute_dtype = dtype_name(dtype)
+        model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
+        log.info(
+            "embedding with %s on %s in %s (padding side %s, %s pooling)",
+            args.embed_model_name,
+            device,
+            dtype,
+            tokenizer.padding_side,
+            args.pooling,
+        )
+
+    # ---- embed (or merge) and write, one kind at a time --------------------------------------
     summary = []
     for kind, (records, n_splits) in ranked.items():
+        if sharded:
+            summary.append(embed_shard(run, kind, records, settings[kind], compute_dtype, model, tokenizer, args))
+            continue
         emb_pattern, reward_pattern = FILE_PATTERNS[kind]
-        texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
         started = time.perf_counter()
         paths = [data_dir / emb_pattern.format(k=k) for k in range(n_splits)]
-        dim, n_cut = embed_into(paths, model, tokenizer, texts, args)
+        dim = settings[kind]["dim"]
+        with open_splits(paths, len(records), dim, args.embedding_dtype) as splits:
+            if args.merge:
+                shards, compute_dtype, n_cut = merged[kind]
+                copy_shards(splits, shards)
+            else:
+                texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
+                n_cut = fill_embeddings(splits, model, tokenizer, texts, args)
+            del splits  # close the memory maps before the temporary files are renamed
         seconds = time.perf_counter() - started
         rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
-        n_empty = sum(not response for r in records for response in r["responses_sorted"])
         for k in range(n_splits):
             write_rewards_jsonl(data_dir / reward_pattern.format(k=k), rewards[:, k])
         for k in discover_splits(data_dir, kind)[n_splits:]:
@@ -209,39 +394,23 @@ def main(argv=None):
             )
             (data_dir / emb_pattern.format(k=k)).unlink()
             (data_dir / reward_pattern.format(k=k)).unlink()
+        info = {
+            key: value
+            for key, value in settings[kind].items()
+            if key not in ("ranked_sha256", "batch_size", "num_shards")
+        }
         write_json(
             data_dir / EMBEDDING_INFO_FILE.format(kind=kind),
-            {
-                "embed_model_name": args.embed_model_name,
-                "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
-                "gguf_file": gguf_source(resolve_model(args.embed_model_name, "--embed_model_name"))[1].get(
-                    "gguf_file"
-                ),
-                "model_type": model.config.model_type,
-                "source": str(run.ranked_path(kind, rm_name)),
-                "reward_model": rm_name,
-                "generation_model": args.model_name,
-                "adapter_name": args.adapter_name,
-                "dataset": args.dataset,
-                "eval_dataset": args.eval_dataset,
-                "n_prompts": len(records),
-                "n_splits": n_splits,
-                "dim": dim,
-                "embedding_dtype": args.embedding_dtype,
-                "compute_dtype": dtype_name(dtype),
-                "rm_input_format": args.rm_input_format,
-                "n_empty_after_cut": n_empty,
-                "max_length": args.max_length,
-                "n_cut_at_max_length": n_cut,
-                "padding_side": tokenizer.padding_side,
-                "pooling": args.pooling,
-                "order": "ascending golden reward within each prompt",
-            },
+            {**info, "compute_dtype": compute_dtype, "n_cut_at_max_length": n_cut},
+        )
+        how = (
+            f"merged from {args.num_shards} shards"
+            if args.merge
+            else f"{len(records) * n_splits / max(seconds, 1e-9):.1f} embeddings/s"
         )
         summary.append(
-            f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
-            f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
-            f"{dtype_name(dtype)} stored as {args.embedding_dtype})"
+            f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {info['n_empty_after_cut']} responses "
+            f"empty after the cut ({how}, {compute_dtype} stored as {args.embedding_dtype})"
         )
     print(f"step4: {'; '.join(summary)} -> {data_dir}")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke check of steps 1-4 on tiny local models, as docs/gpu_steps.md describes; the
-# models are width 256 so attention heads have GPU-kernel size 64. Needs no network.
+# models are width 256 so attention heads have GPU-kernel size 64. Needs no network. Also checks
+# that step 4 in 2 shards, merged, writes the same bytes as one process on this device.
 #   bash benchmarks/gpu_smoke.sh [WORK_DIR]     # default: a fresh temporary folder
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,16 +50,22 @@ timed "step 1" "$WORK/step1.log" "$PYTHON" step1_sft.py --model_name "$TINY/poli
     --train_file "$TINY/train_prompts.jsonl" --max_steps 10 --output_dir "$OUT"
 for DATA_CLASS in train test; do
     timed "step 2 ($DATA_CLASS)" "$WORK/step2_$DATA_CLASS.log" "$PYTHON" step2_gen_sample.py "${GEN[@]}" \
-        --data_class "$DATA_CLASS" --n_samples "${N_SAMPLES[$DATA_CLASS]}" --split all --n_parts 1 \
+        --data_class "$DATA_CLASS" --n_samples "${N_SAMPLES[$DATA_CLASS]}" --shard_index all --num_shards 1 \
         --backend "$BACKEND" --dtype bfloat16 --max_prompt_len 100 --prompts_file "$TINY/${DATA_CLASS}_prompts.jsonl"
     timed "step 3 ($DATA_CLASS)" "$WORK/step3_$DATA_CLASS.log" "$PYTHON" step3_reward_annotation.py "${GEN[@]}" \
-        "${RM[@]}" --data_class "$DATA_CLASS" --split all --dtype bfloat16
+        "${RM[@]}" --data_class "$DATA_CLASS" --shard_index all --dtype bfloat16
 done
 timed "step 3.5" "$WORK/step35.log" "$PYTHON" step3.5_processing_data.py "${GEN[@]}" "${RM[@]}"
 for DTYPE in bfloat16 float32; do
     timed "step 4 ($DTYPE)" "$WORK/step4_$DTYPE.log" "$PYTHON" step4_gen_embeddings.py "${GEN[@]}" "${RM[@]}" \
         --embed_model_name "$TINY/embed-left" --data_dir "$WORK/data_$DTYPE" --dtype "$DTYPE" --batch_size 64
 done
+STEP4_SHARDED=("$PYTHON" step4_gen_embeddings.py "${GEN[@]}" "${RM[@]}" --embed_model_name "$TINY/embed-left"
+               --data_dir "$WORK/data_shards" --dtype bfloat16 --batch_size 64 --num_shards 2)
+for SHARD in 0 1; do
+    timed "step 4 (shard $SHARD/2)" "$WORK/step4_shard$SHARD.log" "${STEP4_SHARDED[@]}" --shard_index "$SHARD"
+done
+timed "step 4 (merge)" "$WORK/step4_merge.log" "${STEP4_SHARDED[@]}" --merge
 
 echo
 echo "=== gpu_smoke: times (${DEVICE:-CPU}, step 2 backend $BACKEND) ==="
@@ -90,4 +97,10 @@ for kind in ("train", "test"):
     if worst >= 0.05:
         sys.exit(1)
 EOF
+if diff -r "$WORK/data_bfloat16" "$WORK/data_shards" >/dev/null; then
+    echo "step 4 in 2 shards, merged: the same bytes as one process: ok"
+else
+    echo "step 4 in 2 shards, merged: differs from one process: FAILED" >&2
+    exit 1
+fi
 echo "gpu_smoke: done"

@@ -707,7 +707,7 @@ def test_bf16_models_give_float32_rewards_and_embeddings(pipeline, tiny, tmp_pat
     capsys.readouterr()
     step35_main(gen + pipeline["rm"])
     assert (
-        "train: 8 prompts x 4 responses from parts 0,1,2,3,4 (0 empty after the cut, 0 prompts with tied rewards)"
+        "train: 8 prompts x 4 responses from shards 0,1,2,3,4 (0 empty after the cut, 0 prompts with tied rewards)"
         in capsys.readouterr().out
     )
     data = tmp_path / "data"
@@ -944,12 +944,13 @@ def test_empty_responses_are_counted_by_every_step(tiny, tmp_path, capsys):
             "response_0": " Sure, one step.",
             "response_1": "\n\nHuman: hello?",
             "response_2": " " if p == 0 else " Ask a friend.",
-            "settings": {},
+            "settings": {"num_shards": 1, "shard_index": 0},
         }
         for p, q in enumerate(queries)
     ]
     run.folder.mkdir(parents=True)
     run.samples_path("train", 0).write_text("".join(json.dumps(r) + "\n" for r in records))
+    run.summary_path("train", 0).write_text(json.dumps({"num_shards": 1, "shard_index": 0, "n_generated": 3}))
     flags = [
         "--model_name",
         "policy",

@@ -125,3 +125,13 @@ def test_summaries_and_sweeps_read_the_variables_from_here():
         [sys.executable, str(ROOT / "settings.py"), "variables"], capture_output=True, text=True, check=True
     ).stdout.split()
     assert listed == settings.variables() and {"N_SAMPLE", "PYTHON", "LAST_STEP", "DEMO_SEED"} <= set(listed)
+
+
+def test_print_jobs_needs_the_gpu_steps(tmp_path):
+    with pytest.raises(cli.InputError, match="PRINT_JOBS=slurm prints the GPU steps' jobs: set RUN_GPU_STEPS=1 too"):
+        settings.preflight({"PRINT_JOBS": "slurm"}, str(tmp_path))
+    bash, argvs, _ = settings.preflight({"RUN_GPU_STEPS": "1", "NUM_SHARDS": "2", "PRINT_JOBS": "lines"}, str(tmp_path))
+    assert argvs["STEP2_TRAIN"][:6] == ["--adapter_name", "sft", "--data_class", "train", "--shard_index", "all"]
+    assert "--num_shards=2" in argvs["STEP2_TRAIN"] and "--num_shards=2" in argvs["STEP3_TEST"]
+    lines = bash["JOBS_TEXT"].splitlines()
+    assert sum(line.endswith("--num_shards 2 --shard_index 1") for line in lines) == 2 + 2 + 1  # steps 2, 3, 4
