@@ -26,7 +26,7 @@ README_SECTION = re.compile(r"README(?:'s|,)?\s+\"([^\"]+)\"")
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*[a-z0-9])(?![\w-])")  # ours use underscores, never hyphens
 # Names of the project's own files: scripts, and paths under its folders (outputs are not checked).
 REPO_FILE = re.compile(r"^(?:(?:[\w.-]+/)*[\w.-]+\.(?:py|sh)|(?:docs|benchmarks|tests|data|\.ci)/[\w./-]+)$")
-# Flags of other programs that the docs quote (pip, pytest, git, sbatch, torchrun, ...), not ours.
+# Flags of other programs that the docs quote (torchrun, accelerate, sbatch, GNU parallel, ruff), not ours.
 OTHER_PROGRAMS_FLAGS = {"nproc_per_node", "array", "dependency", "help", "quiet", "check", "wrap", "nnodes"}
 
 
