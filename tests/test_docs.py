@@ -27,7 +27,8 @@ FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*[a-z0-9])(?![\w-])")  # ours use
 # Names of the project's own files: scripts, and paths under its folders (outputs are not checked).
 REPO_FILE = re.compile(r"^(?:(?:[\w.-]+/)*[\w.-]+\.(?:py|sh)|(?:docs|benchmarks|tests|data|\.ci)/[\w./-]+)$")
 # Flags of other programs that the docs quote (torchrun, accelerate, sbatch, GNU parallel, ruff), not ours.
-OTHER_PROGRAMS_FLAGS = {"nproc_per_node", "array", "dependency", "help", "quiet", "check", "wrap", "nnodes"}
+OTHER_PROGRAMS_FLAGS = {"nproc_per_node", "nnodes", "num_processes", "array", "dependency", "wrap", "gres", "partition"}
+OTHER_PROGRAMS_FLAGS |= {"time", "halt", "help", "quiet", "check"}
 
 
 def slug(title: str) -> str:
