@@ -40,6 +40,9 @@ lists (a demo, say) is refused rather than overwritten.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import hashlib
 import logging
 import os

@@ -24,6 +24,9 @@ to write the demo.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import fcntl
 import logging
 from pathlib import Path

@@ -13,6 +13,9 @@ the sibling folder ``..._trainer``.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import shutil
 import tempfile

@@ -13,6 +13,9 @@ flow: ``llm_models``. Files are replaced atomically, so reruns never append.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import json
 import logging
 import time

@@ -15,6 +15,9 @@ depends on the inputs alone and replaces the file atomically, so a rerun leaves 
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 
 import numpy as np

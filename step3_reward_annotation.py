@@ -13,6 +13,9 @@ float32 score head: docs/gpu_steps.md. Texts are batched by similar length.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import time
 

@@ -18,6 +18,9 @@ run with more responses are removed.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import time
 

@@ -10,6 +10,9 @@ steps and run_all.sh read instead of rebuilding file names.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import argparse
 import logging
 import time

@@ -14,6 +14,9 @@ cells run_sweep.sh recorded as failed) and the runs that stopped before step 8.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import csv
 import glob
 import io
