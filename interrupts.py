@@ -23,10 +23,12 @@ Standard library only: it must cost nothing before the heavy imports.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
 import signal
 import sys
+import time
 
 # Set by run_all.sh for everything it starts: it reports an interrupted step itself (a step run by it
 # then prints nothing more).
@@ -37,6 +39,7 @@ received: int | None = None  # the first signal handled, if any
 _raising = True  # False once the script is exiting: signals are then only noted
 _exit_status: int | None = None  # the status run_cli is exiting with
 _installed = False
+_in_hook = False  # the main thread is in _unraisablehook
 
 
 class Interrupted(BaseException):
@@ -80,14 +83,24 @@ def _excepthook(exc_type, exc, traceback) -> None:
 
 
 def _unraisablehook(unraisable) -> None:
-    global received
-    if isinstance(unraisable.exc_value, (Interrupted, KeyboardInterrupt)):
-        signum = received
-        if _raising and signum is not None:  # raise it again where it can unwind
-            received = None
-            signal.raise_signal(signum)
+    global received, _in_hook
+    if not isinstance(unraisable.exc_value, (Interrupted, KeyboardInterrupt)):
+        _previous_unraisablehook(unraisable)
         return
-    _previous_unraisablehook(unraisable)
+    signum = received
+    if _raising and signum is not None:
+        # Raise it again where it can unwind: a thread sends it once this hook has returned (sent from
+        # here, its handler would run, and raise, inside the hook).
+        _in_hook = True
+        received = None
+        _thread.start_new_thread(_send_after_hook, (signum,))
+        _in_hook = False  # the last statement: no signal is handled between it and the return
+
+
+def _send_after_hook(signum: int) -> None:
+    while _in_hook:
+        time.sleep(0.001)
+    os.kill(os.getpid(), signum)
 
 
 def _at_exit() -> None:
@@ -126,7 +139,7 @@ def exiting(status: int) -> None:
 
 
 def _imported_by_main() -> bool:
-    frame = sys._getframe(1)
+    frame = sys._getframe(2)  # above this function and this module's own code
     while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
         frame = frame.f_back
     return frame is not None and frame.f_globals.get("__name__") == "__main__"

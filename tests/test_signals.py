@@ -7,6 +7,7 @@ with the signals blocked until their handlers are in place (interrupts.py)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import signal
@@ -51,9 +52,12 @@ def start_blocked(argv: list[str], env: dict, cwd: Path | None = None) -> subpro
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def signal_trial(process: subprocess.Popen, signum: int, delay: float, result_prefix: bytes) -> tuple[int, str, bool]:
-    """Send ``signum`` to ``process`` after ``delay`` s; return its status, its stderr, and whether it
-    had printed its result line (``result_prefix``) before the signal was sent."""
+def signal_trial(
+    process: subprocess.Popen, signum: int, delay: float, result_prefix: bytes
+) -> tuple[int, str, bool, bool]:
+    """Send ``signum`` to ``process`` after ``delay`` s; return its status, its stderr, whether it had
+    printed its result line (``result_prefix``) before the signal was sent, and whether it had a
+    handler for the signal then."""
     lines: list[tuple[float, bytes]] = []
 
     def read_stdout() -> None:
@@ -63,13 +67,14 @@ def signal_trial(process: subprocess.Popen, signum: int, delay: float, result_pr
     reader = threading.Thread(target=read_stdout, daemon=True)
     reader.start()
     time.sleep(delay)
+    caught = signal_caught(process.pid, signum)
     sent = time.monotonic()
     process.send_signal(signum)
     err = process.stderr.read().decode(errors="replace")
     process.wait(timeout=120)
     reader.join(timeout=60)
     finished_before = any(when < sent and line.startswith(result_prefix) for when, line in lines)
-    return process.returncode, err, finished_before
+    return process.returncode, err, finished_before, caught
 
 
 def assert_outcome(what: str, status: int, err: str, finished_before: bool, signum: int, message: str) -> None:
@@ -90,30 +95,51 @@ def prepared(demo_dir, distilled_run) -> dict:
     return {"data": demo_dir, "run": distilled_run}
 
 
+# Started by hand (signals not blocked): SIGTERM and SIGHUP at fewer delays. Before the interpreter runs
+# the script's first line (its first ~20 ms) they end it as the system's default does (status 128 + N
+# as a shell sees it, no message); from that line on they are handled.
+HAND_TRIALS = (
+    (0.0, signal.SIGTERM),
+    (0.02, signal.SIGHUP),
+    (0.1, signal.SIGTERM),
+    (0.3, signal.SIGHUP),
+    (0.7, signal.SIGTERM),
+)
+
+
 @pytest.mark.parametrize("step", sorted(STEPS))
 def test_a_signal_at_any_moment_stops_a_step_with_one_line(step, prepared, tmp_path):
-    """Each delay once, the three signals in turn: 10 trials per step, two at a time."""
+    """Each delay once, the three signals in turn, started as run_state.py starts a step (10 trials),
+    then 5 trials started by hand; two at a time."""
     script = STEPS[step]
+    trials = [(delay, SIGNALS[i % len(SIGNALS)], True) for i, delay in enumerate(DELAYS)]
+    trials += [(delay, signum, False) for delay, signum in HAND_TRIALS]
 
     def trial(index: int) -> None:
-        delay, signum = DELAYS[index], SIGNALS[index % len(SIGNALS)]
-        what = f"step {step}, {signal.Signals(signum).name} after {delay} s"
+        delay, signum, blocked = trials[index]
+        what = f"step {step}, {signal.Signals(signum).name} after {delay} s ({'blocked' if blocked else 'by hand'})"
         out = tmp_path / f"trial{index}"
         if step != "5":
             shutil.copytree(prepared["run"], out)
         env, tag = tagged({**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
         env.pop("RUN_ALL_REPORTS_INTERRUPTS", None)
         argv = [sys.executable, str(ROOT / script), *step_argv(step, prepared["data"], out)]
-        process = start_blocked(argv, env)
-        status, err, finished = signal_trial(process, signum, delay, f"step{step}:".encode())
+        if blocked:
+            process = start_blocked(argv, env)
+        else:
+            process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        status, err, finished, caught = signal_trial(process, signum, delay, f"step{step}:".encode())
         message = f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept"
-        assert_outcome(what, status, err, finished, signum, message)
+        if status == -signum:
+            assert not blocked and not caught and err == "", f"{what}: killed with its handler in place: {err!r}"
+        else:
+            assert_outcome(what, status, err, finished, signum, message)
         assert tagged_pids(tag) == [], what
         if out.exists():
             assert_no_leftovers(what, out)
 
     with ThreadPoolExecutor(TRIAL_THREADS) as pool:
-        list(pool.map(trial, range(len(DELAYS))))
+        list(pool.map(trial, range(len(trials))))
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +256,58 @@ def test_a_step_interrupted_as_it_starts_stops_the_run(run_all_data, tmp_path):
         assert b"=== Step 8" not in stdout, what
         wait_until_gone(tag, timeout=30)
         assert_no_leftovers(what, out)
+
+
+@pytest.mark.parametrize("where", ["import", "destructor", "exit"])
+def test_a_signal_where_python_cannot_raise_it_still_counts(where, tmp_path):
+    """A SIGTERM that lands in an import (before run_cli), in a destructor (where Python prints
+    "Exception ignored" and runs on) or in an atexit callback after the script finished: one line,
+    status 143, nothing after it runs."""
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import interrupts\n"
+        "import atexit, gc, os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "def sigterm():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "class Doomed:\n"
+        "    def __del__(self):\n"
+        "        sigterm()\n" + ("sigterm()\n" if where == "import" else "") + "from cli import run_cli\n"
+        "def main(argv):\n"
+        + ("    Doomed()\n    gc.collect()\n" if where == "destructor" else "")
+        + ("    atexit.register(sigterm)\n" if where == "exit" else "")
+        + "    time.sleep(0.1)\n"
+        "    print('ran on')\n"
+        "run_cli(main)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RUN_ALL_REPORTS_INTERRUPTS", None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert (proc.returncode, proc.stderr.strip()) == (143, "interrupted by SIGTERM; nothing half-written was kept")
+    assert ("ran on" in proc.stdout) == (where == "exit")
+
+
+SCRIPTS = sorted(
+    path.name for path in ROOT.glob("*.py") if "run_cli(" in path.read_text() and path.name not in ("cli.py",)
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_handles_signals_before_its_other_imports(script):
+    """The first statement after the docstring and ``from __future__`` is ``import interrupts``."""
+    tree = ast.parse((ROOT / script).read_text())
+    body = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+    if isinstance(body[0], ast.ImportFrom) and body[0].module == "__future__":
+        body = body[1:]
+    assert isinstance(body[0], ast.Import) and [alias.name for alias in body[0].names] == ["interrupts"], script
+
+
+def test_the_handlers_are_in_place_before_numpy_loads():
+    """Imported by a script, interrupts.py installs its handlers at once (SIGHUP too)."""
+    code = (
+        "import interrupts, signal, sys\n"
+        "print(all(signal.getsignal(s) is interrupts._on_signal for s in interrupts.SIGNALS), 'numpy' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.stdout.split() == ["True", "False"], proc.stderr
