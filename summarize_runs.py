@@ -36,6 +36,7 @@ from settings import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
 
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
+PATHS = {"data_dir", "output_dir"}  # where a run's data and outputs were: not what it ran
 STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
 # Step-5/7 settings under the run_all.sh variable that sets them (settings.py); a setting without one
 # is named as its flag (:func:`setting_text`).
@@ -102,6 +103,8 @@ class RunSummary:
     metrics: dict  # "{set}_{metric}" -> float or None
     bon_n: dict  # set -> largest best-of-N N, or None
     last_step: int  # the last step whose results the folder holds (5 to 8)
+    trained: str  # what step 5 ran: its resolved settings (seed included) and the data's fingerprint
+    distilled: str | None  # what step 7 ran on top of it (None before step 7)
 
 
 def find_runs(patterns: list[str]) -> list[Path]:
@@ -188,8 +191,8 @@ def load_run(path: Path) -> RunSummary:
     manifest = read_json(path / MANIFEST_FILE, "ORM manifest")
     split = read_json(path / PARTITION_FILE, "prompt partition")
     config = manifest.get("config")
-    if not isinstance(config, dict) or "seed" not in config or "rm_objective" not in config:
-        raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with seed and rm_objective")
+    if not isinstance(config, dict) or not isinstance(config.get("seed"), int) or "rm_objective" not in config:
+        raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with an integer seed and rm_objective")
     # A run from before a step-5 flag existed was trained as that flag's value then: compare it as such.
     config = {**{key: value for key, value in VALUES_BEFORE_FLAGS.items() if key not in config}, **config}
     settings = {VARIABLES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
@@ -211,7 +214,47 @@ def load_run(path: Path) -> RunSummary:
         values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
         metrics.update(values)
     last_step = 8 if validation else 7 if distillation else 6 if evaluation else 5
-    return RunSummary(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step)
+    # What the run ran, wherever its folder is: a copied folder is the same run.
+    trained = json_sha256([{k: v for k, v in config.items() if k not in PATHS}, data_fingerprint])
+    distilled = json_sha256({k: v for k, v in step7.items() if k not in PATHS}) if distillation else None
+    return RunSummary(
+        path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step, trained, distilled
+    )
+
+
+def load_runs(paths: list[Path]) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
+    """The runs that can be read, and the others with the reason (a damaged or foreign file): one
+    unreadable run is left out and named, not a refusal of the whole summary."""
+    runs, unreadable = [], []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except InputError as err:
+            unreadable.append((path, f"unreadable: {err}"))
+    return runs, unreadable
+
+
+def drop_duplicates(runs: list[RunSummary]) -> tuple[list[RunSummary], list[tuple[Path, Path]]]:
+    """Each run once, however many folders hold it (a copied run folder is not another seed): runs
+    whose step 5 ran the same settings, seed and data are one run, unless both ran step 7 with other
+    settings. Of the folders of one run the one that got furthest is kept (the first of equals).
+    Returns the runs kept and (duplicate folder, folder kept) pairs."""
+    by_training: dict[str, list[RunSummary]] = defaultdict(list)
+    for run in sorted(runs, key=lambda run: (-run.last_step, str(run.path))):
+        by_training[run.trained].append(run)
+    kept, duplicates = [], []
+    for same in by_training.values():
+        distilled: dict[str | None, RunSummary] = {}
+        for run in same:  # furthest first: a run with step 7 comes before its copies without
+            twin = distilled.get(run.distilled)
+            if twin is None and run.distilled is None and distilled:
+                twin = next(iter(distilled.values()))
+            if twin is not None:
+                duplicates.append((run.path, twin.path))
+            else:
+                distilled[run.distilled] = run
+        kept += distilled.values()
+    return sorted(kept, key=lambda run: str(run.path)), sorted(duplicates)
 
 
 def sort_key(value) -> tuple:
@@ -309,9 +352,12 @@ def failed_cells(patterns: list[str], runs: list[RunSummary]) -> dict[Path, Path
     return failed
 
 
-def leave_out(runs: list[RunSummary], failed: dict[Path, Path]) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
-    """The runs to summarise, and the others with the reason each is left out (an error if none is left)."""
-    kept, left_out = [], []
+def leave_out(
+    runs: list[RunSummary], failed: dict[Path, Path], unreadable: list[tuple[Path, str]] = ()
+) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
+    """The runs to summarise, and the others (``unreadable`` ones first) with the reason each is left
+    out (an error if none is left)."""
+    kept, left_out = [], list(unreadable)
     for run in runs:
         if run.path in failed:
             left_out.append((run.path, f"run_sweep.sh recorded the cell as failed (log {failed[run.path]})"))
@@ -327,8 +373,14 @@ def leave_out(runs: list[RunSummary], failed: dict[Path, Path]) -> tuple[list[Ru
     return kept, left_out
 
 
-def run_notes(runs: list[RunSummary], left_out: list[tuple[Path, str]], failed: dict[Path, Path]) -> list[str]:
-    """summary.md's closing sections: failed sweep cells, runs left out, runs counted in part."""
+def run_notes(
+    runs: list[RunSummary],
+    left_out: list[tuple[Path, str]],
+    failed: dict[Path, Path],
+    duplicates: list[tuple[Path, Path]] = (),
+) -> list[str]:
+    """summary.md's closing sections: failed sweep cells, runs left out, duplicate folders, runs
+    counted in part."""
     lines = []
     if failed:
         lines += ["## Failed cells (run_sweep.sh)", ""]
@@ -338,6 +390,10 @@ def run_notes(runs: list[RunSummary], left_out: list[tuple[Path, str]], failed: 
         lines.append("")
     if left_out:
         lines += ["## Runs left out", ""] + [f"- `{path}`: {reason}" for path, reason in left_out] + [""]
+    if duplicates:
+        lines += ["## Duplicate run folders (counted once)", ""]
+        lines += [f"- `{path}`: the same run as `{kept}` (same settings, seed and data)" for path, kept in duplicates]
+        lines.append("")
     partial = [run for run in runs if run.last_step < 8]
     if partial:
         lines += ["## Runs counted in part", ""]
@@ -466,18 +522,19 @@ def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], r
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    found = [load_run(path) for path in find_runs(args.runs)]
+    found, unreadable = load_runs(find_runs(args.runs))
     failed = failed_cells(args.runs, found)
-    runs, left_out = leave_out(found, failed)
+    found, duplicates = drop_duplicates(found)
+    runs, left_out = leave_out(found, failed, unreadable)
     varied, columns, rows, common = summarize(runs)
     curves = figure_curves(rows, varied)
     output_dir = ensure_writable_dir(args.output_dir)  # only once the runs are known to fit together
-    write_tables(output_dir, varied, columns, rows, common, run_notes(runs, left_out, failed))
+    write_tables(output_dir, varied, columns, rows, common, run_notes(runs, left_out, failed, duplicates))
     figures = write_figures(output_dir, curves, rows)
     print((output_dir / "summary.md").read_text())
     print(
-        f"summarize_runs: {len(runs)} runs in {len(rows)} rows ({len(left_out)} left out, {len(failed)} failed "
-        f"cells) -> {output_dir / 'summary.csv'}, "
+        f"summarize_runs: {len(runs)} runs in {len(rows)} rows ({len(left_out)} left out, {len(duplicates)} "
+        f"duplicate folders, {len(failed)} failed cells) -> {output_dir / 'summary.csv'}, "
         f"{output_dir / 'summary.md'}" + "".join(f", {path}" for path in figures)
     )
     return output_dir

@@ -363,7 +363,7 @@ def test_a_stopped_sweep_stops_its_cells(tmp_path, how):
     sweep = tmp_path / "sweeps"
     env, tag = tagged(
         env_for(
-            SWEEP="objective",
+            NAME="objective",
             GRID="RM_OBJECTIVE=bt",
             SEEDS="1 2",
             JOBS="1",
