@@ -406,17 +406,38 @@ def run_notes(
     return lines
 
 
+def figure_settings(rows: list[dict], varied: list[str]) -> tuple[list[str], bool]:
+    """The swept settings that get a figure, and whether they are numeric: those of FIGURE_SETTINGS that
+    vary; else (a sweep of categories, e.g. SWEEP=objective or pairing modes) the first other setting
+    that takes several values, the objective last."""
+    numeric = [name for name in FIGURE_SETTINGS if name in varied]
+    if numeric:
+        return numeric, True
+    several = [name for name in varied if name != "DATA" and len({json.dumps(row[name]) for row in rows}) > 1]
+    several.sort(key=lambda name: name == "RM_OBJECTIVE")
+    return several[:1], False
+
+
 def figure_curves(rows: list[dict], varied: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """Swept setting among FIGURE_SETTINGS -> curve label -> its rows (equal but in that setting), after
-    checking that the runs of each curve share their held-out prompts."""
+    """Swept setting (:func:`figure_settings`) -> curve label -> its rows (equal but in that setting),
+    after checking that the runs of each curve share their held-out prompts (a category whose curves
+    do not, e.g. embedding models on their own data, gets no figure instead)."""
+    names, numeric = figure_settings(rows, varied)
     figures = {}
-    for x_name in (name for name in FIGURE_SETTINGS if name in varied):
+    for x_name in names:
         others = [name for name in varied if name != x_name]
-        curves = figures[x_name] = defaultdict(list)
+        curves = defaultdict(list)
         for row in rows:
-            curves[", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)].append(row)
-        for curve_rows in curves.values():
-            check_same_held_out([run for row in curve_rows for run in row["_runs"]], f"a curve against {x_name}")
+            label = ", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)
+            curves[label or "ensemble mean"].append(row)
+        try:
+            for curve_rows in curves.values():
+                check_same_held_out([run for row in curve_rows for run in row["_runs"]], f"a curve against {x_name}")
+        except InputError:
+            if numeric:
+                raise
+            continue
+        figures[x_name] = curves
     return figures
 
 
@@ -492,19 +513,20 @@ def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], r
     """One PNG per swept setting (:func:`figure_curves`): held-out metrics against it."""
     paths = []
     for x_name, curves in figures.items():
+        xs = [row[x_name] for row in rows]  # numbers (on a log axis where all are positive), else categories
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        log_x = numeric and all(x > 0 for x in xs)
         panels = {}
         for metric in FIGURE_METRICS:
             column, metric_label = f"held_out_{metric}", METRICS[metric]
             panels[metric_label] = {
                 label: {
-                    "x": [row[x_name] for row in curve_rows],
+                    "x": [row[x_name] if numeric else str(row[x_name]) for row in curve_rows],
                     "mean": [row.get(f"{column}_mean") for row in curve_rows],
                     "se": [row.get(f"{column}_se") for row in curve_rows],
                 }
                 for label, curve_rows in curves.items()
             }
-        xs = [row[x_name] for row in rows]
-        log_x = all(isinstance(x, (int, float)) and x > 0 for x in xs)
         path = output_dir / f"summary_vs_{x_name}.png"
         seeds = sorted({row["n_seeds"] for row in rows})
         seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"

@@ -324,6 +324,21 @@ def test_a_run_counts_once_whatever_folders_hold_it_and_a_corrupt_run_is_left_ou
     assert f"- `{runs / 'broken'}`: unreadable: ORM manifest {runs / 'broken' / 'orm_manifest.json'} is not" in summary
 
 
+def test_an_objective_sweep_has_a_figure(tmp_path):
+    """A sweep of categories only (SWEEP=objective) gets its figure against them, like a numeric sweep."""
+    runs = tmp_path / "runs"
+    for objective in ("bt", "clf"):
+        for seed in (1, 3):
+            folder = fake_run(runs / f"{objective}{seed}", seed, [1, 2], last_step=8)
+            manifest = json.loads((folder / "orm_manifest.json").read_text())
+            manifest["config"]["rm_objective"] = objective
+            (folder / "orm_manifest.json").write_text(json.dumps(manifest))
+            (folder / "eval_results_bt.json").rename(folder / f"eval_results_{objective}.json")
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == ["summary_vs_RM_OBJECTIVE.png"]
+    assert (tmp_path / "out" / "summary_vs_RM_OBJECTIVE.png").stat().st_size > 10_000
+
+
 def test_runs_from_before_the_early_stopping_flags_compare_as_their_defaults(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs / "old", 1, [1, 2])  # no early_stopping, stop_metric, ... in its config
