@@ -208,7 +208,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 
 
 def setup_logging() -> None:
-    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars).
+    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars on a terminal, progress.py).
 
     ``LOG_LEVEL=DEBUG`` in the environment adds per-epoch training and validation losses.
     """

@@ -658,14 +658,14 @@ def iter_length_batches(
 
     Sorting by length keeps padding small (dynamic padding per batch) and surfaces out-of-memory on
     the first batch. Inputs hold ``input_ids``, ``attention_mask`` and ``position_ids``, padded on
-    the tokenizer's side. ``progress``: show a tqdm bar named ``desc`` when stderr is a terminal (a
-    log file gets none, README "Pipeline").
+    the tokenizer's side. ``progress``: report progress as ``desc`` (progress.py: a tqdm bar on a
+    terminal, log lines in a log file).
     """
-    from tqdm import tqdm
+    from progress import progress as report_progress
 
     lengths = np.array([len(seq) for seq in token_ids])
     order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None if progress else True):
+    for start in report_progress(range(0, len(order), batch_size), desc, unit="batch", enabled=progress):
         rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -710,7 +710,7 @@ def iter_embeddings(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, (B, D) float32 embeddings) pooled from the final layer's hidden states
     (:func:`pool_hidden`; by default the last real token of each sequence), for ``model`` from
-    ``load_embedding_model`` (step 4's procedure). ``progress``: show a tqdm bar. Raises RuntimeError
+    ``load_embedding_model`` (step 4's procedure). ``progress``: report it (progress.py). Raises RuntimeError
     on a non-finite hidden state."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
@@ -736,8 +736,8 @@ def embed_texts(
 ) -> np.ndarray:
     """(N, D) float32 embeddings of ``texts`` exactly as step 4 computes them (texts cut to
     ``max_length`` tokens, a warning says how many; ``pooling`` as step 4's ``--pooling``). For a
-    (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``. ``progress``: show
-    a tqdm bar."""
+    (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``. ``progress``:
+    report it (progress.py)."""
     out = np.empty((len(texts), model.config.get_text_config().hidden_size), dtype=np.float32)
     if not len(texts):
         return out
