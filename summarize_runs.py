@@ -4,12 +4,14 @@
     python3 summarize_runs.py 'runs/*' distill_out --output_dir summary
 
 Story: find the runs (folders holding ``orm_manifest.json``, given directly, as globs or anywhere
-below a given folder); read each run's own JSON; group the runs by their configuration minus the
-seed, refusing to put runs evaluated on different held-out prompts in one row or one curve; write
-``summary.csv``, ``summary.md`` and one figure per swept setting (README, "Reproducing the paper's
-comparisons", lists the metrics). Each cell is the mean over the runs that have its metric, and says
-how many that is where some runs lack it; summary.md names the runs left out (no step-6 results, or
-cells run_sweep.sh recorded as failed) and the runs that stopped before step 8.
+below a given folder); read each run's own JSON (an unreadable run is left out and named); count
+each run once, identified by what it ran, not by its folder (copies are named as duplicates); group
+the runs by their configuration minus the seed, refusing to put runs evaluated on different held-out
+prompts in one row or one curve; write ``summary.csv``, ``summary.md`` and one figure per swept
+setting (README, "Reproducing the paper's comparisons", lists the metrics). Each cell is the mean
+over the runs that have its metric, and says how many that is where some runs lack it; summary.md
+names the runs left out (no step-6 results, or cells run_sweep.sh recorded as failed) and the runs
+that stopped before step 8.
 """
 
 from __future__ import annotations
