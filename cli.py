@@ -3,8 +3,8 @@
 Bad input raises :class:`InputError` anywhere in the code; :func:`run_cli` turns it into one line
 on stderr and exit status 2 (README, "Pipeline"). Scripts validate everything before writing any
 artifact, and write artifacts atomically (``artifacts.atomic_path``), so a failed run leaves none.
-Ctrl-C and SIGTERM end a script with one line and status 130 / 143, after the atomic writers have
-removed their temporary files. Flags are validated at the door by the argparse types below.
+Ctrl-C, SIGTERM and SIGHUP end a script with one line and status 130 / 143 / 129, after the atomic
+writers have removed their temporary files (interrupts.py). Flags are validated at the door by the argparse types below.
 
 Under run_all.sh (:data:`RUN_ALL_ENV` set), a step also stops as if by SIGTERM when the process
 that started it dies (:func:`watch_parent`), and an error's flags are named with the run_all.sh
@@ -24,6 +24,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+
+import interrupts
+from interrupts import RUN_ALL_ENV, Interrupted
 
 # ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
 # default. Here, not in networks.py, so steps parse flags before importing torch.
@@ -47,9 +50,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # denormals, networks.flush_denormals) are then the step's to make; a caller's process (tests, a
 # library user calling main) keeps its own.
 OWNS_PROCESS = False
-# Set by run_all.sh for everything it starts: it reports an interrupted step itself (a step run by it
-# then prints nothing more), and its users know the variables, not the flags.
-RUN_ALL_ENV = "RUN_ALL_REPORTS_INTERRUPTS"
+# RUN_ALL_ENV (interrupts.py) is set by run_all.sh for everything it starts: it reports an interrupted
+# step itself, and its users know the variables, not the flags.
 # The pid of the process that started this one (run_all.sh exports its own, run_state.py sets its own
 # for its step): if that process dies, this one stops instead of writing on alone.
 PARENT_PID_ENV = "RUN_ALL_PARENT_PID"
@@ -60,14 +62,9 @@ class InputError(ValueError):
     """A user-facing problem with an input file, flag or environment variable."""
 
 
-class Interrupted(BaseException):
-    """SIGTERM (or SIGINT) received, the signal number its argument: unwinds like KeyboardInterrupt,
-    so atomic writes clean up."""
-
-
 def _raise_interrupted(signum: int, _frame) -> None:
-    # One signal is enough: Ctrl-C reaches a step from the terminal and again forwarded by its parent.
-    for other in (signal.SIGINT, signal.SIGTERM):
+    # In-process callers (tests): one signal is enough, as in a script (interrupts.py).
+    for other in interrupts.SIGNALS:
         signal.signal(other, signal.SIG_IGN)
     raise Interrupted(signum)
 
@@ -156,50 +153,62 @@ def setting_typos(environ: Mapping[str, str]) -> list[str]:
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)``; report an :class:`InputError` as one stderr line and exit with 2.
 
-    Ctrl-C (SIGINT) and SIGTERM stop the script with one line (no traceback) and status 130 / 143;
-    running out of memory (a size flag far too large) is one line and status 2.
+    Ctrl-C (SIGINT), SIGTERM and SIGHUP stop the script with one line (no traceback) and status 130 /
+    143 / 129 whenever they arrive (interrupts.py); running out of memory (a size flag far too large) is
+    one line and status 2. A script (``argv`` None) that finishes enters interrupts.py's exit phase.
     """
     global OWNS_PROCESS
-    OWNS_PROCESS = OWNS_PROCESS or argv is None
+    owns = argv is None
+    OWNS_PROCESS = OWNS_PROCESS or owns
     # At exit Python's last garbage collection walks every object torch, scikit-learn and matplotlib
     # created (~0.3-0.7 s per step process); frozen, they are skipped. Files are closed by then.
     atexit.register(gc.freeze)
     handlers = {}
-    under_run_all = bool(os.environ.get(RUN_ALL_ENV))
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: run_all.sh starts steps with it ignored
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and owns:
+        interrupts.install()  # (already done by the script's first import)
+    elif main_thread:  # a caller's process: the same handling while main runs, then its own handlers back
+        for signum in interrupts.SIGNALS:
             handlers[signum] = signal.signal(signum, _raise_interrupted)
+    if main_thread:
         watch_parent()
-    interrupted = False
+    status = 1  # an unexpected exception: Python prints its traceback
     try:
         main(argv)
+        status = 0
+    except SystemExit as err:
+        status = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
+        raise
     except InputError as err:
+        status = 2
         print(f"error: {for_user(str(err))}", file=sys.stderr)
         sys.exit(2)
     except MemoryError as err:
+        status = 2
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
-        interrupted = True
-        signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
-        if not under_run_all:
-            print(f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept", file=sys.stderr)
-        sys.exit(128 + signum)
+        signum = err.args[0] if isinstance(err, Interrupted) and err.args else signal.SIGINT
+        status = 128 + signum
+        if owns:
+            interrupts.exiting(status)
+        if not os.environ.get(RUN_ALL_ENV):
+            print(interrupts.message(signum), file=sys.stderr)
+        sys.exit(status)
     finally:
-        # A script (argv None) or an interrupted run is exiting: SIGINT and SIGTERM stay ignored, as
-        # the same Ctrl-C comes again forwarded by run_all.sh and run_state.py, and one landing in an
-        # atexit callback (torch registers some) or in the interpreter's shutdown would print
-        # "Exception ignored in ..." and a traceback after our one line. Callers in-process get
-        # their handlers back.
+        if owns:
+            # From here a signal only sets the exit status (interrupts.py): one landing in an atexit
+            # callback (torch registers some) or in the interpreter's shutdown prints nothing.
+            interrupts.exiting(status)
         for signum, handler in handlers.items():
-            signal.signal(signum, signal.SIG_IGN if interrupted or argv is None else handler)
+            signal.signal(signum, handler)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 
 
 def setup_logging() -> None:
-    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars).
+    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars on a terminal, progress.py).
 
     ``LOG_LEVEL=DEBUG`` in the environment adds per-epoch training and validation losses.
     """

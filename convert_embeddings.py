@@ -40,6 +40,9 @@ lists (a demo, say) is refused rather than overwritten.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import hashlib
 import logging
 import os
@@ -49,7 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from artifacts import (
     SAMPLE_BLOCK,
@@ -63,6 +65,7 @@ from artifacts import (
     write_json,
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from progress import progress
 from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
@@ -469,7 +472,7 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
             for path in split_paths
         ]
         starts = range(0, plan.n_prompts, chunk_prompts)
-        for start in tqdm(starts, desc=f"convert {plan.kind}", unit="chunk", disable=None, leave=False):
+        for start in progress(starts, f"convert {plan.kind}", unit="chunk"):
             stop = min(start + chunk_prompts, plan.n_prompts)
             block = read_block(plan.source.embd_path, plan.layout, start, stop)
             prompt_index = np.arange(stop - start)

@@ -24,12 +24,14 @@ to write the demo.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import fcntl
 import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from artifacts import ensure_writable_dir, read_json, write_json, write_npy
 from cli import (
@@ -42,6 +44,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
+from progress import progress
 from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, data_dir_claim, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
@@ -122,7 +125,7 @@ def write_set(
     rewards = np.take_along_axis(rewards, order, axis=1)
     response_latent = np.take_along_axis(response_latent, order[..., None], axis=1)
     emb_pattern, reward_pattern = FILE_PATTERNS[kind]
-    for k in tqdm(range(n_responses), desc=f"demo {kind} splits", disable=None, leave=False):
+    for k in progress(range(n_responses), f"demo {kind} splits", unit="split"):
         write_npy(out_dir / emb_pattern.format(k=k), world.embed(prompt_latent, response_latent[:, k], rng))
         write_rewards_jsonl(out_dir / reward_pattern.format(k=k), rewards[:, k])
 

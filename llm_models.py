@@ -733,10 +733,10 @@ def iter_length_batches(
     the first batch. With ``group_size`` g, rows g*j .. g*j+g-1 (one prompt's responses) are batched
     among themselves only, longest first: a row's batch, hence its floating-point result, is then the
     same whichever prompts share its shard or run. Inputs hold ``input_ids``, ``attention_mask`` and
-    ``position_ids``, padded on the tokenizer's side. ``progress``: show a tqdm bar named ``desc``
-    when stderr is a terminal (a log file gets none, README "Pipeline").
+    ``position_ids``, padded on the tokenizer's side. ``progress``: report progress as ``desc``
+    (progress.py: a tqdm bar on a terminal, log lines in a log file).
     """
-    from tqdm import tqdm
+    from progress import progress as report_progress
 
     lengths = np.array([len(seq) for seq in token_ids])
     if group_size is None:
@@ -747,7 +747,7 @@ def iter_length_batches(
         for first in range(0, len(lengths), group_size):
             order = first + np.argsort(-lengths[first : first + group_size], kind="stable")
             batches += [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    for rows in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True):
+    for rows in report_progress(batches, desc, unit="batch", enabled=progress):
         width = int(lengths[rows].max())
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -792,8 +792,8 @@ def iter_embeddings(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, (B, D) float32 embeddings) pooled from the final layer's hidden states
     (:func:`pool_hidden`; by default the last real token of each sequence), for ``model`` from
-    ``load_embedding_model`` (step 4's procedure). ``progress``: show a tqdm bar; ``group_size``: as
-    :func:`iter_length_batches`. Raises RuntimeError on a non-finite hidden state."""
+    ``load_embedding_model`` (step 4's procedure). ``progress``: report it (progress.py); ``group_size``:
+    as :func:`iter_length_batches`. Raises RuntimeError on a non-finite hidden state."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
     for rows, batch in iter_length_batches(
@@ -818,8 +818,8 @@ def embed_texts(
 ) -> np.ndarray:
     """(N, D) float32 embeddings of ``texts`` exactly as step 4 computes them (texts cut to
     ``max_length`` tokens, a warning says how many; ``pooling`` as step 4's ``--pooling``). For a
-    (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``. ``progress``: show
-    a tqdm bar."""
+    (prompt, response) pair pass ``scored_text(prompt, cut_response(response))``. ``progress``:
+    report it (progress.py)."""
     out = np.empty((len(texts), model.config.get_text_config().hidden_size), dtype=np.float32)
     if not len(texts):
         return out

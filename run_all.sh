@@ -9,13 +9,42 @@
 # Steps 5-8 resume: a rerun skips each step whose record in $OUTPUT_DIR/.run_state still matches
 # (run_state.py), so a run killed at any point is finished by running it again.
 # Relative paths given in variables are relative to the caller's directory; the defaults (data/,
-# distill_out/, embd/...) are folders of this checkout. Ctrl-C or SIGTERM stops the running step
-# cleanly and exits with 130 / 143.
+# distill_out/, embd/...) are folders of this checkout. Ctrl-C, SIGTERM or SIGHUP stops the running
+# step cleanly and exits with 130 / 143 / 129.
 if [ -z "${BASH_VERSION:-}" ]; then  # POSIX sh up to here: sh (dash) would fail on pipefail below
     echo "run_all.sh: error: run it with bash (bash run_all.sh), not sh" >&2
     exit 2
 fi
 set -euo pipefail
+# Signals first, so that one arriving at any moment stops the run with one line: Ctrl-C (SIGINT),
+# SIGTERM and SIGHUP are forwarded to the running steps as SIGTERM (a step whose interpreter is still
+# starting cannot lose it, as it could a SIGINT: bash starts background commands with SIGINT
+# ignored), waited for, and the run exits with 128 + N.
+CURRENT="setup"
+on_signal() {  # on_signal NAME STATUS: stop the running steps, wait for them, exit with one line
+    trap '' INT TERM HUP
+    # Every background job: steps 6 and 7 run together, and a signal may land as a job starts.
+    local jobs_running
+    jobs_running="$(jobs -p)"
+    if [[ -n "$jobs_running" ]]; then
+        kill -TERM $jobs_running 2>/dev/null || true
+        wait $jobs_running 2>/dev/null || true
+    fi
+    echo "run_all.sh: stopped by SIG$1 during $CURRENT; run the same command again to resume" >&2
+    exit "$2"
+}
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+trap 'on_signal HUP 129' HUP
+TEMP_FILES=() CREATED_DIRS=()
+cleanup() {  # at exit: temporary files; after a failure, the folders this run created if still empty
+    local status=$? dir
+    rm -f ${TEMP_FILES[@]+"${TEMP_FILES[@]}"}
+    if (( status != 0 )); then
+        for dir in ${CREATED_DIRS[@]+"${CREATED_DIRS[@]}"}; do rmdir "$dir" 2>/dev/null || true; done
+    fi
+}
+trap cleanup EXIT
 CALLER_DIR="$PWD"
 if [[ "${PYTHON:-}" == */* && "$PYTHON" != /* ]]; then
     PYTHON="$CALLER_DIR/$PYTHON"
@@ -75,7 +104,6 @@ fi
 # watches its parent (RUN_ALL_PARENT_PID, cli.watch_parent). Steps report an interrupt through this
 # script's one line, not their own.
 export RUN_ALL_REPORTS_INTERRUPTS=1 RUN_ALL_PARENT_PID=$$
-CURRENT="setup"
 start_child() {  # start_child COMMAND...: run it in the background (its pid in $!)
     "$@" &
 }
@@ -91,29 +119,6 @@ report_signal() {  # report_signal STATUS: one line if a step was killed by a si
     echo "run_all.sh: $CURRENT was stopped by SIG$(kill -l "$(($1 - 128))") (exit status $1);" \
         "run the same command again to resume" >&2
 }
-on_signal() {  # on_signal NAME STATUS: forward to the running steps, wait for them, exit with one line
-    trap '' INT TERM
-    # Every background job: steps 6 and 7 run together, and a signal may land as a job starts.
-    local jobs_running
-    jobs_running="$(jobs -p)"
-    if [[ -n "$jobs_running" ]]; then
-        kill -"$1" $jobs_running 2>/dev/null || true
-        wait $jobs_running 2>/dev/null || true
-    fi
-    echo "run_all.sh: stopped by SIG$1 during $CURRENT; run the same command again to resume" >&2
-    exit "$2"
-}
-trap 'on_signal INT 130' INT
-trap 'on_signal TERM 143' TERM
-TEMP_FILES=()
-cleanup() {  # at exit: temporary files; after a failure, the folders this run created if still empty
-    local status=$? dir
-    rm -f ${TEMP_FILES[@]+"${TEMP_FILES[@]}"}
-    if (( status != 0 )); then
-        for dir in ${CREATED_DIRS[@]+"${CREATED_DIRS[@]}"}; do rmdir "$dir" 2>/dev/null || true; done
-    fi
-}
-trap cleanup EXIT
 
 section() { CURRENT="${2:-$1}"; printf '\n=== %s ===\n' "$1"; }  # section TITLE [NAME]: a stop now names NAME
 step_start=$SECONDS

@@ -23,6 +23,9 @@ step's start-up.
 
 from __future__ import annotations
 
+import interrupts  # first: signals are handled from here on
+
+# isort: split
 import ast
 import hashlib
 import json
@@ -185,25 +188,40 @@ def written_outputs(write_log: Path, output_dir: Path) -> list[str]:
 def run_command(command: Sequence[str], write_log: Path) -> int:
     """Run the step, its atomic writers logging to ``write_log``; return its status (128 + signal if killed).
 
-    SIGINT and SIGTERM received meanwhile are forwarded to the step (run_all.sh forwards them here),
-    which stops cleanly; this process waits for it, so it never leaves the step running alone. The
-    step stops by itself if this process dies (``cli.watch_parent``), and it inherits the descriptors
-    of run_all.sh's folder locks (``close_fds=False``; descriptors Python opens are not inheritable),
-    so no lock is released while the step still writes.
+    SIGINT, SIGTERM and SIGHUP received meanwhile are forwarded to the step (run_all.sh forwards them
+    here), which stops cleanly; this process waits for it, so it never leaves the step running alone.
+    The step starts with those signals blocked and unblocks them once its handlers are in place
+    (interrupts.py), so one that arrives while its interpreter starts waits for them instead of being
+    lost or printing a traceback. The step stops by itself if this process dies (``cli.watch_parent``),
+    and it inherits the descriptors of run_all.sh's folder locks (``close_fds=False``; descriptors
+    Python opens are not inheritable), so no lock is released while the step still writes.
     """
     env = {**os.environ, WRITE_LOG_ENV: str(write_log.resolve()), PARENT_PID_ENV: str(os.getpid())}
+    process, pending = None, []
+
+    def forward(signum: int, _frame) -> None:
+        if process is None:
+            pending.append(signum)
+        else:
+            process.send_signal(signum)
+
+    forward_signals = [s for s in interrupts.SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+    handlers = {signum: signal.signal(signum, forward) for signum in forward_signals}
     try:
-        process = subprocess.Popen(list(command), env=env, close_fds=False)
-    except OSError as err:
-        raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
-    forward = {
-        signum: signal.signal(signum, lambda signum, _frame: process.send_signal(signum))
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
+        if pending:  # stopped before the step started
+            return 128 + pending[0]
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, interrupts.SIGNALS)  # the child inherits the mask
+        try:
+            process = subprocess.Popen(list(command), env=env, close_fds=False)
+        except OSError as err:
+            raise InputError(f"cannot run {command[0]}: {err.strerror or err}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum in pending:
+            process.send_signal(signum)
         status = process.wait()
     finally:
-        for signum, handler in forward.items():
+        for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return 128 - status if status < 0 else status
 
@@ -233,9 +251,9 @@ def main(argv=None) -> int:
         print(f"{label}: running again ({reason})", flush=True)
     path.unlink(missing_ok=True)  # a record exists only for a finished run
     write_log = path.with_name(f".{path.stem}.writes")
-    write_log.parent.mkdir(parents=True, exist_ok=True)
-    write_log.write_text("")
     try:
+        write_log.parent.mkdir(parents=True, exist_ok=True)
+        write_log.write_text("")
         start = time.perf_counter()
         status = run_command(args.command, write_log)
         if status != 0:

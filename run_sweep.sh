@@ -47,22 +47,34 @@ case "$SWEEP" in
     "") PRESET_GRID="" ;;
     *) die "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget (or empty with GRID), got '$SWEEP'" ;;
 esac
+GRID_SET="${GRID:-}"
 GRID="${GRID:-$PRESET_GRID}"
 NAME="${NAME:-${SWEEP:-custom}}"
 [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "NAME must be letters, digits, '.', '_' or '-', got '$NAME'"
 [[ "${RUN_GPU_STEPS:-0}" == 0 ]] || die "RUN_GPU_STEPS=1 is not swept: run the GPU steps once with run_all.sh, then sweep with DATA_DIR set to their data"
+# Each value once: a value listed twice would be one cell twice (one folder, one log), run side by
+# side with JOBS > 1. Numbers are compared by value (10 and 10.0, 1 and 01 are one), the first
+# spelling kept; other words as written.
+unique_values() {  # unique_values VALUE...: one per line, duplicates dropped
+    printf '%s\n' "$@" | awk '{
+        key = ($0 ~ /^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][-+]?[0-9]+)?$/) ? sprintf("n%.17g", $0 + 0) : "s" $0
+    } !seen[key]++'
+}
 read -r -a SEED_LIST <<< "$SEEDS"
 (( ${#SEED_LIST[@]} > 0 )) || die "SEEDS must list at least one integer seed"
-for seed in "${SEED_LIST[@]}"; do [[ "$seed" =~ ^-?[0-9]+$ ]] || die "SEEDS must be integers, got '$seed'"; done
-# A seed listed twice would be one cell twice (one folder, one log), run side by side with JOBS > 1.
-UNIQUE_SEEDS=()
+MAX_SEED=4294967295  # the steps' --seed range (cli.random_seed): 0 .. 2**32 - 1
 for seed in "${SEED_LIST[@]}"; do
-    [[ " ${UNIQUE_SEEDS[*]-} " == *" $seed "* ]] && continue
-    UNIQUE_SEEDS+=("$seed")
+    [[ "$seed" =~ ^[0-9]+$ ]] && (( ${#seed} <= 10 && 10#$seed <= MAX_SEED )) \
+        || die "SEEDS must be integers from 0 to $MAX_SEED (the steps' --seed), got '$seed'"
 done
+mapfile -t UNIQUE_SEEDS < <(unique_values "${SEED_LIST[@]}")
 if (( ${#UNIQUE_SEEDS[@]} < ${#SEED_LIST[@]} )); then
     echo "run_sweep.sh: note: SEEDS lists a seed more than once; running each once: ${UNIQUE_SEEDS[*]}" >&2
     SEED_LIST=("${UNIQUE_SEEDS[@]}")
+fi
+if [[ -n "$SWEEP" && -n "$GRID_SET" ]]; then
+    echo "run_sweep.sh: note: GRID replaces the grid of SWEEP=$SWEEP ($PRESET_GRID); SWEEP=$SWEEP still names" \
+         "the sweep and sets its fixed settings" >&2
 fi
 
 # run_all.sh's variables (settings.py): the grid may set any of them.
@@ -80,6 +92,13 @@ for axis in $GRID; do
         DEMO_*) die "GRID cannot vary $var: the cells share one demo DATA_DIR (run one sweep per demo setting, each with its own DATA_DIR)" ;;
     esac
     [[ "$values" =~ ^[A-Za-z0-9._+-]+(,[A-Za-z0-9._+-]+)*$ ]] || die "GRID values of $var must be plain words separated by commas, got '$values'"
+    [[ " ${AXES[*]-} " != *" $var "* ]] || die "GRID lists $var twice: give all its values in one entry ($var=a,b)"
+    IFS=, read -r -a listed <<< "$values"
+    mapfile -t unique < <(unique_values "${listed[@]}")
+    if (( ${#unique[@]} < ${#listed[@]} )); then
+        echo "run_sweep.sh: note: GRID lists a value of $var more than once; running each once: $(IFS=,; echo "${unique[*]}")" >&2
+        values="$(IFS=,; echo "${unique[*]}")"
+    fi
     AXES+=("$var") AXIS_VALUES+=("$values")
 done
 

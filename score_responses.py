@@ -10,6 +10,9 @@ one line before any model is loaded. torch and transformers are imported once th
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -18,6 +18,9 @@ same command trains data-parallel (DDP: NCCL on GPUs, one per process; gloo on C
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import shutil
 import tempfile

@@ -15,6 +15,9 @@ docs/gpu_steps.md; the file flow: ``llm_models``.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import json
 import logging
 import time
@@ -55,6 +58,7 @@ from llm_models import (
     task_of,
     write_jsonl,
 )
+from progress import progress
 
 log = logging.getLogger("step2_gen_sample")
 
@@ -246,12 +250,10 @@ def generate_transformers(
 ) -> list[list[str]]:
     """n responses per prompt: one ``generate`` call per prompt (``--batch_size`` sequences at most),
     the RNG seeded with the prompt's seed first, so no prompt's samples depend on another's."""
-    from tqdm import tqdm
-
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": TOP_P, "top_k": 0}
     decoding = sampling if args.temperature > 0 else {"do_sample": False}
     responses: list[list[str]] = []
-    for ids, seed in tqdm(list(zip(prompt_ids, seeds)), desc="generating", unit="prompt"):
+    for ids, seed in progress(list(zip(prompt_ids, seeds)), "generating", unit="prompt"):
         torch.manual_seed(seed)  # generate draws from the global RNG (CPU and CUDA)
         input_ids = torch.as_tensor([ids], device=device)
         texts: list[str] = []

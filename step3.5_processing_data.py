@@ -20,6 +20,9 @@ sharded, and replaces the file atomically, so a rerun leaves identical bytes.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 
 import numpy as np

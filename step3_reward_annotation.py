@@ -15,6 +15,9 @@ first, so a reward does not depend on the shard layout.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import time
 

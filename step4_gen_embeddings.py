@@ -26,6 +26,9 @@ one unsharded run would.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import time
 from collections.abc import Iterator

@@ -10,6 +10,9 @@ steps and run_all.sh read instead of rebuilding file names.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import argparse
 import logging
 import time
@@ -34,6 +37,7 @@ from cli import (
     zero_one,
 )
 from objectives import OBJECTIVES
+from progress import progress
 from random_streams import int_seed, seed_sequence
 from rm_data import (
     DEFAULT_SPLIT_SEED,
@@ -449,8 +453,6 @@ def train_config(args):
 def train_members(members: list, config, scheme: str, learning_rate: float) -> list:
     """Train the members (``networks.OrmMember``) by the early-stopping scheme: (model, FitResult) each.
     Divergence is an InputError naming the member and --learning_rate."""
-    from tqdm import tqdm
-
     from networks import TrainingDiverged, train_orms
 
     trained = []
@@ -466,7 +468,7 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
                 time.perf_counter() - start,
             )
         else:
-            for member in tqdm(members, desc="ensemble members", disable=None):
+            for member in progress(members, "ensemble members", unit="member"):
                 trained += train_orms([member], config, early_stopping=scheme == "member")
     except TrainingDiverged as err:
         index = err.index if scheme == "pooled" else len(trained)

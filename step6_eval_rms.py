@@ -9,6 +9,9 @@ No evaluation prompt is used for fitting.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import time
 

@@ -12,6 +12,9 @@ them and the test set, for step 8.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import importlib
 import logging
 import sys

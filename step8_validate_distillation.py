@@ -11,6 +11,9 @@ not on the golden scale, so their MSE is reported but marked not meaningful.
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import logging
 import time
 from pathlib import Path

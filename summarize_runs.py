@@ -4,16 +4,21 @@
     python3 summarize_runs.py 'runs/*' distill_out --output_dir summary
 
 Story: find the runs (folders holding ``orm_manifest.json``, given directly, as globs or anywhere
-below a given folder); read each run's own JSON; group the runs by their configuration minus the
-seed, refusing to put runs evaluated on different held-out prompts in one row or one curve; write
-``summary.csv``, ``summary.md`` and one figure per swept setting (README, "Reproducing the paper's
-comparisons", lists the metrics). Each cell is the mean over the runs that have its metric, and says
-how many that is where some runs lack it; summary.md names the runs left out (no step-6 results, or
-cells run_sweep.sh recorded as failed) and the runs that stopped before step 8.
+below a given folder); read each run's own JSON (an unreadable run is left out and named); count
+each run once, identified by what it ran, not by its folder (copies are named as duplicates); group
+the runs by their configuration minus the seed, refusing to put runs evaluated on different held-out
+prompts in one row or one curve; write ``summary.csv``, ``summary.md`` and one figure per swept
+setting (README, "Reproducing the paper's comparisons", lists the metrics). Each cell is the mean
+over the runs that have its metric, and says how many that is where some runs lack it; summary.md
+names the runs left out (no step-6 results, or cells run_sweep.sh recorded as failed) and the runs
+that stopped before step 8.
 """
 
 from __future__ import annotations
 
+import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
+
+# isort: split
 import csv
 import glob
 import io
@@ -33,6 +38,7 @@ from settings import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
 
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
+PATHS = {"data_dir", "output_dir"}  # where a run's data and outputs were: not what it ran
 STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
 # Step-5/7 settings under the run_all.sh variable that sets them (settings.py); a setting without one
 # is named as its flag (:func:`setting_text`).
@@ -99,6 +105,8 @@ class RunSummary:
     metrics: dict  # "{set}_{metric}" -> float or None
     bon_n: dict  # set -> largest best-of-N N, or None
     last_step: int  # the last step whose results the folder holds (5 to 8)
+    trained: str  # what step 5 ran: its resolved settings (seed included) and the data's fingerprint
+    distilled: str | None  # what step 7 ran on top of it (None before step 7)
 
 
 def find_runs(patterns: list[str]) -> list[Path]:
@@ -185,8 +193,8 @@ def load_run(path: Path) -> RunSummary:
     manifest = read_json(path / MANIFEST_FILE, "ORM manifest")
     split = read_json(path / PARTITION_FILE, "prompt partition")
     config = manifest.get("config")
-    if not isinstance(config, dict) or "seed" not in config or "rm_objective" not in config:
-        raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with seed and rm_objective")
+    if not isinstance(config, dict) or not isinstance(config.get("seed"), int) or "rm_objective" not in config:
+        raise InputError(f"{path / MANIFEST_FILE}: no step-5 config with an integer seed and rm_objective")
     # A run from before a step-5 flag existed was trained as that flag's value then: compare it as such.
     config = {**{key: value for key, value in VALUES_BEFORE_FLAGS.items() if key not in config}, **config}
     settings = {VARIABLES.get(key, key.upper()): value for key, value in config.items() if key not in NOT_SETTINGS}
@@ -208,7 +216,47 @@ def load_run(path: Path) -> RunSummary:
         values, bon_n[eval_set] = read_metrics(evaluation, validation, eval_set)
         metrics.update(values)
     last_step = 8 if validation else 7 if distillation else 6 if evaluation else 5
-    return RunSummary(path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step)
+    # What the run ran, wherever its folder is: a copied folder is the same run.
+    trained = json_sha256([{k: v for k, v in config.items() if k not in PATHS}, data_fingerprint])
+    distilled = json_sha256({k: v for k, v in step7.items() if k not in PATHS}) if distillation else None
+    return RunSummary(
+        path, config["seed"], settings, held_out_key, len(held_out), metrics, bon_n, last_step, trained, distilled
+    )
+
+
+def load_runs(paths: list[Path]) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
+    """The runs that can be read, and the others with the reason (a damaged or foreign file): one
+    unreadable run is left out and named, not a refusal of the whole summary."""
+    runs, unreadable = [], []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except InputError as err:
+            unreadable.append((path, f"unreadable: {err}"))
+    return runs, unreadable
+
+
+def drop_duplicates(runs: list[RunSummary]) -> tuple[list[RunSummary], list[tuple[Path, Path]]]:
+    """Each run once, however many folders hold it (a copied run folder is not another seed): runs
+    whose step 5 ran the same settings, seed and data are one run, unless both ran step 7 with other
+    settings. Of the folders of one run the one that got furthest is kept (the first of equals).
+    Returns the runs kept and (duplicate folder, folder kept) pairs."""
+    by_training: dict[str, list[RunSummary]] = defaultdict(list)
+    for run in sorted(runs, key=lambda run: (-run.last_step, str(run.path))):
+        by_training[run.trained].append(run)
+    kept, duplicates = [], []
+    for same in by_training.values():
+        distilled: dict[str | None, RunSummary] = {}
+        for run in same:  # furthest first: a run with step 7 comes before its copies without
+            twin = distilled.get(run.distilled)
+            if twin is None and run.distilled is None and distilled:
+                twin = next(iter(distilled.values()))
+            if twin is not None:
+                duplicates.append((run.path, twin.path))
+            else:
+                distilled[run.distilled] = run
+        kept += distilled.values()
+    return sorted(kept, key=lambda run: str(run.path)), sorted(duplicates)
 
 
 def sort_key(value) -> tuple:
@@ -306,9 +354,12 @@ def failed_cells(patterns: list[str], runs: list[RunSummary]) -> dict[Path, Path
     return failed
 
 
-def leave_out(runs: list[RunSummary], failed: dict[Path, Path]) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
-    """The runs to summarise, and the others with the reason each is left out (an error if none is left)."""
-    kept, left_out = [], []
+def leave_out(
+    runs: list[RunSummary], failed: dict[Path, Path], unreadable: list[tuple[Path, str]] = ()
+) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
+    """The runs to summarise, and the others (``unreadable`` ones first) with the reason each is left
+    out (an error if none is left)."""
+    kept, left_out = [], list(unreadable)
     for run in runs:
         if run.path in failed:
             left_out.append((run.path, f"run_sweep.sh recorded the cell as failed (log {failed[run.path]})"))
@@ -324,8 +375,14 @@ def leave_out(runs: list[RunSummary], failed: dict[Path, Path]) -> tuple[list[Ru
     return kept, left_out
 
 
-def run_notes(runs: list[RunSummary], left_out: list[tuple[Path, str]], failed: dict[Path, Path]) -> list[str]:
-    """summary.md's closing sections: failed sweep cells, runs left out, runs counted in part."""
+def run_notes(
+    runs: list[RunSummary],
+    left_out: list[tuple[Path, str]],
+    failed: dict[Path, Path],
+    duplicates: list[tuple[Path, Path]] = (),
+) -> list[str]:
+    """summary.md's closing sections: failed sweep cells, runs left out, duplicate folders, runs
+    counted in part."""
     lines = []
     if failed:
         lines += ["## Failed cells (run_sweep.sh)", ""]
@@ -335,6 +392,10 @@ def run_notes(runs: list[RunSummary], left_out: list[tuple[Path, str]], failed: 
         lines.append("")
     if left_out:
         lines += ["## Runs left out", ""] + [f"- `{path}`: {reason}" for path, reason in left_out] + [""]
+    if duplicates:
+        lines += ["## Duplicate run folders (counted once)", ""]
+        lines += [f"- `{path}`: the same run as `{kept}` (same settings, seed and data)" for path, kept in duplicates]
+        lines.append("")
     partial = [run for run in runs if run.last_step < 8]
     if partial:
         lines += ["## Runs counted in part", ""]
@@ -347,17 +408,38 @@ def run_notes(runs: list[RunSummary], left_out: list[tuple[Path, str]], failed: 
     return lines
 
 
+def figure_settings(rows: list[dict], varied: list[str]) -> tuple[list[str], bool]:
+    """The swept settings that get a figure, and whether they are numeric: those of FIGURE_SETTINGS that
+    vary; else (a sweep of categories, e.g. SWEEP=objective or pairing modes) the first other setting
+    that takes several values, the objective last."""
+    numeric = [name for name in FIGURE_SETTINGS if name in varied]
+    if numeric:
+        return numeric, True
+    several = [name for name in varied if name != "DATA" and len({json.dumps(row[name]) for row in rows}) > 1]
+    several.sort(key=lambda name: name == "RM_OBJECTIVE")
+    return several[:1], False
+
+
 def figure_curves(rows: list[dict], varied: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """Swept setting among FIGURE_SETTINGS -> curve label -> its rows (equal but in that setting), after
-    checking that the runs of each curve share their held-out prompts."""
+    """Swept setting (:func:`figure_settings`) -> curve label -> its rows (equal but in that setting),
+    after checking that the runs of each curve share their held-out prompts (a category whose curves
+    do not, e.g. embedding models on their own data, gets no figure instead)."""
+    names, numeric = figure_settings(rows, varied)
     figures = {}
-    for x_name in (name for name in FIGURE_SETTINGS if name in varied):
+    for x_name in names:
         others = [name for name in varied if name != x_name]
-        curves = figures[x_name] = defaultdict(list)
+        curves = defaultdict(list)
         for row in rows:
-            curves[", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)].append(row)
-        for curve_rows in curves.values():
-            check_same_held_out([run for row in curve_rows for run in row["_runs"]], f"a curve against {x_name}")
+            label = ", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)
+            curves[label or "ensemble mean"].append(row)
+        try:
+            for curve_rows in curves.values():
+                check_same_held_out([run for row in curve_rows for run in row["_runs"]], f"a curve against {x_name}")
+        except InputError:
+            if numeric:
+                raise
+            continue
+        figures[x_name] = curves
     return figures
 
 
@@ -433,19 +515,20 @@ def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], r
     """One PNG per swept setting (:func:`figure_curves`): held-out metrics against it."""
     paths = []
     for x_name, curves in figures.items():
+        xs = [row[x_name] for row in rows]  # numbers (on a log axis where all are positive), else categories
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        log_x = numeric and all(x > 0 for x in xs)
         panels = {}
         for metric in FIGURE_METRICS:
             column, metric_label = f"held_out_{metric}", METRICS[metric]
             panels[metric_label] = {
                 label: {
-                    "x": [row[x_name] for row in curve_rows],
+                    "x": [row[x_name] if numeric else str(row[x_name]) for row in curve_rows],
                     "mean": [row.get(f"{column}_mean") for row in curve_rows],
                     "se": [row.get(f"{column}_se") for row in curve_rows],
                 }
                 for label, curve_rows in curves.items()
             }
-        xs = [row[x_name] for row in rows]
-        log_x = all(isinstance(x, (int, float)) and x > 0 for x in xs)
         path = output_dir / f"summary_vs_{x_name}.png"
         seeds = sorted({row["n_seeds"] for row in rows})
         seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
@@ -463,18 +546,19 @@ def write_figures(output_dir: Path, figures: dict[str, dict[str, list[dict]]], r
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    found = [load_run(path) for path in find_runs(args.runs)]
+    found, unreadable = load_runs(find_runs(args.runs))
     failed = failed_cells(args.runs, found)
-    runs, left_out = leave_out(found, failed)
+    found, duplicates = drop_duplicates(found)
+    runs, left_out = leave_out(found, failed, unreadable)
     varied, columns, rows, common = summarize(runs)
     curves = figure_curves(rows, varied)
     output_dir = ensure_writable_dir(args.output_dir)  # only once the runs are known to fit together
-    write_tables(output_dir, varied, columns, rows, common, run_notes(runs, left_out, failed))
+    write_tables(output_dir, varied, columns, rows, common, run_notes(runs, left_out, failed, duplicates))
     figures = write_figures(output_dir, curves, rows)
     print((output_dir / "summary.md").read_text())
     print(
-        f"summarize_runs: {len(runs)} runs in {len(rows)} rows ({len(left_out)} left out, {len(failed)} failed "
-        f"cells) -> {output_dir / 'summary.csv'}, "
+        f"summarize_runs: {len(runs)} runs in {len(rows)} rows ({len(left_out)} left out, {len(duplicates)} "
+        f"duplicate folders, {len(failed)} failed cells) -> {output_dir / 'summary.csv'}, "
         f"{output_dir / 'summary.md'}" + "".join(f", {path}" for path in figures)
     )
     return output_dir

@@ -13,7 +13,8 @@ default) holds, per AlpacaEval instruction, the model's answer ``output_2`` and 
 ``preference`` against the fixed reference answer ``output_1``: a float in [1, 2], 2 minus the judge's
 probability that the reference is better (1 = the reference surely wins). A model is skipped, with the
 reason logged and recorded, when its file is absent, a Git LFS pointer, not a JSON list of records,
-misses an instruction, repeats one, has a null or out-of-range preference, is the reference itself
+answers another set of instructions than the one most models share (misses one, or words one
+differently, even by a trailing space), repeats one, has a null or out-of-range preference, is the reference itself
 (``generator_2 == generator_1``: judged against itself) or is named by ``--exclude_models`` (default
 NullModel, an adversarial attack on the judge that answers every instruction with the same
 gibberish and wins 77 %: its "golden" rewards reward the judge's blind spot, not answer quality).
@@ -60,6 +61,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,17 +216,32 @@ def load_models(root: Path, annotator: str, excluded: set[str]) -> tuple[list[Mo
             models.append(model)
     if not models:
         raise InputError(f"--alpaca_eval_dir {root}: no readable results/*/{annotator}/annotations.json")
-    # The instruction set is every instruction any readable model answered; AlpacaEval's order is
-    # the file order of the first model that answered them all.
-    universe = set().union(*(m.answers for m in models))
-    complete = [m for m in models if len(m.answers) == len(universe)]
+    # The instruction set is the one the models share: the set most models answered (of equally common
+    # sets, the larger, then the first model's), in the file order of the first model that answered it.
+    # A model that answered another set is skipped with what differs (one odd model, e.g. an
+    # instruction with a trailing space, must not make every model incomplete).
+    by_set = Counter(frozenset(m.answers) for m in models)
+    reference = max(by_set, key=lambda answered: (by_set[answered], len(answered)))
+    complete = [m for m in models if frozenset(m.answers) == reference]
     for model in models:
-        if len(model.answers) < len(universe):
-            skipped[model.name] = f"answers {len(model.answers)} of {len(universe)} instructions"
-    instructions = complete[0].order if complete else []
+        if frozenset(model.answers) != reference:
+            skipped[model.name] = instructions_differ(model, reference, by_set[reference])
+    instructions = complete[0].order
     for name in sorted(skipped):
         log.info("skipping %s: %s", name, skipped[name])
     return complete, instructions, dict(sorted(skipped.items()))
+
+
+def instructions_differ(model: ModelAnswers, reference: frozenset[str], n_sharing: int) -> str:
+    """Why ``model`` is not among the models that answered the shared instruction set."""
+    others = [text for text in model.order if text not in reference]
+    if not others:
+        return f"answers {len(model.answers)} of {len(reference)} instructions"
+    missing = len(reference - model.answers.keys())
+    return (
+        f"{len(others)} of its instructions are not in the set that {n_sharing} models share (first: "
+        f"{others[0][:80]!r}; it misses {missing} of theirs)"
+    )
 
 
 def source_commit(root: Path, given: str | None) -> str:

@@ -27,13 +27,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts import atomic_path, ensure_writable_dir, read_json, write_json, write_npy
-from cli import ArgumentParser, non_negative_float, non_negative_int, positive_int, random_seed, run_cli
+from cli import (
+    ArgumentParser,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    random_seed,
+    run_cli,
+    setup_logging,
+)
 from convert_embeddings import LAYOUTS, repo_file_names
+from progress import progress
 from rm_data import TASKS
 
 CONFIG_FILE = "synthetic_repo.json"
@@ -118,7 +126,7 @@ def write_set(
         offset = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).offset  # header and size only
         with open(tmp, "r+b") as handle:
             for block, start in enumerate(
-                tqdm(range(0, n_prompts, block_prompts), desc=f"synthetic {split}", unit="block", disable=None)
+                progress(range(0, n_prompts, block_prompts), f"synthetic {split}", unit="block")
             ):
                 stop = min(start + block_prompts, n_prompts)
                 rng = np.random.default_rng([args.seed, set_index, block])
@@ -137,6 +145,7 @@ def write_set(
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    setup_logging()
     out_dir = ensure_writable_dir(args.output_dir)
     config = {key: value for key, value in vars(args).items() if key != "output_dir"}
     sets = [("train", args.n_prompts, args.n_responses)]

@@ -151,6 +151,21 @@ def test_skipped_models_are_reported_with_their_reasons(built):
     assert skipped["NullModel"] == "excluded by --exclude_models" and skipped["absent"] == "no annotations.json"
 
 
+def test_one_odd_model_is_skipped_not_all(tmp_path):
+    """The instruction set is the one most models share: a model whose instruction text differs by a
+    trailing space is skipped with that reason, and the others stay usable."""
+    root = make_tree(tmp_path / "alpaca_eval")
+    odd = [*INSTRUCTIONS[:2], INSTRUCTIONS[2] + " ", *INSTRUCTIONS[3:]]
+    write_model(root, "odd", records("odd", [1.5] * 6, odd))
+    models, instructions, skipped = builder.load_models(root, ANNOTATOR, {"NullModel"})
+    assert [model.name for model in models] == sorted(PREFERENCES) and instructions == INSTRUCTIONS
+    assert skipped["odd"] == (
+        "1 of its instructions are not in the set that 4 models share (first: 'How do I learn chess? '; "
+        "it misses 1 of theirs)"
+    )
+    assert skipped["incomplete"] == "answers 5 of 6 instructions"
+
+
 def test_train_models_spread_over_the_win_rate_range(built):
     models = built["info"]["models"]
     win = {m: np.mean([float(p) - 1 for p in prefs]) for m, prefs in PREFERENCES.items()}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_failing
+from processes import tagged, tagged_pids
 
 import cli
 import convert_embeddings
@@ -26,7 +27,7 @@ import rm_data
 import settings
 
 needs_flock = pytest.mark.skipif(shutil.which("flock") is None, reason="run_all.sh locks folders with flock")
-needs_proc = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="lists processes through /proc")
 # The smallest run_all.sh setup: step 5 takes a few seconds on a busy machine.
 QUICK = {
     "N_SAMPLE": "40",
@@ -56,14 +57,18 @@ def run_all(cwd: Path, timeout: float = 600, **env) -> subprocess.CompletedProce
 
 
 def start_run_all(cwd: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen(
+    """run_all.sh in the background; ``.tag`` names its process tree (tests/processes.py)."""
+    tagged_env, tag = tagged(env_for(**env))
+    process = subprocess.Popen(
         ["bash", str(ROOT / "run_all.sh")],
         cwd=cwd,
-        env=env_for(**env),
+        env=tagged_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    process.tag = tag
+    return process
 
 
 def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 300) -> None:
@@ -74,20 +79,6 @@ def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 300
             return
         assert time.monotonic() < deadline, f"no {fragment!r} in {lines[-20:]}"
     raise AssertionError(f"the run ended without printing {fragment!r}: {lines[-20:]} {process.stderr.read()}")
-
-
-def pids_naming(fragment: str) -> list[int]:
-    """Running processes (not zombies) whose command line contains ``fragment``."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            text = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if fragment in text and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def lock_state(folder: Path) -> str:
@@ -108,10 +99,12 @@ def lock_state(folder: Path) -> str:
         os.close(handle)
 
 
-def wait_until_stopped(fragment: str, out: Path, timeout: float = 120) -> None:
-    """Poll until no process names ``fragment``; meanwhile OUTPUT_DIR must stay locked."""
+def wait_until_stopped(process: subprocess.Popen, out: Path, fragment: str = "", timeout: float = 120) -> None:
+    """Poll until no process of ``process``'s tree (whose command line contains ``fragment``) runs;
+    meanwhile OUTPUT_DIR must stay locked. Only the test's own tree: other runs of the pipeline may
+    run on the machine."""
     deadline = time.monotonic() + timeout
-    while pids_naming(fragment):
+    while tagged_pids(process.tag, fragment):
         assert lock_state(out) == "exclusive", "OUTPUT_DIR was released while a step still runs"
         assert time.monotonic() < deadline, "the step kept running after its driver was killed"
         time.sleep(0.1)
@@ -119,7 +112,7 @@ def wait_until_stopped(fragment: str, out: Path, timeout: float = 120) -> None:
 
 def wait_until_free(out: Path, timeout: float = 10) -> None:
     """Poll until OUTPUT_DIR's lock is free. An exiting process drops its command line (which
-    ``pids_naming`` reads) before the kernel closes its files, so on a loaded machine the lock it
+    ``tagged_pids`` reads) before the kernel closes its files, so on a loaded machine the lock it
     holds can outlive its name by a moment."""
     deadline = time.monotonic() + timeout
     while lock_state(out) != "free":
@@ -164,7 +157,7 @@ def test_a_killed_driver_stops_its_step_and_keeps_the_lock_until_then(tmp_path):
     assert lock_state(data) == "shared" and lock_state(out) == "exclusive"
     process.kill()
     process.wait(timeout=60)
-    wait_until_stopped(str(out), out)
+    wait_until_stopped(process, out)
     wait_until_free(out)
     assert not (out / "orm_manifest.json").exists() and not (out / ".run_state" / "step5.json").exists()
 
@@ -177,7 +170,7 @@ def test_a_killed_wrapper_is_one_line_and_its_step_stops(tmp_path):
     out = tmp_path / "out"
     process = start_run_all(tmp_path, OUTPUT_DIR=str(out), DATA_DIR=str(tmp_path / "data"), **LONG_STEP5)
     wait_for_line(process, "label flip rate")
-    (wrapper,) = [pid for pid in pids_naming(f"run_state.py run --output_dir {out}")]
+    (wrapper,) = tagged_pids(process.tag, "run_state.py run --output_dir")
     os.kill(wrapper, signal.SIGKILL)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 137
@@ -185,7 +178,7 @@ def test_a_killed_wrapper_is_one_line_and_its_step_stops(tmp_path):
         "run_all.sh: Step 5: train the ORM ensemble was stopped by SIGKILL (exit status 137); "
         "run the same command again to resume"
     )
-    wait_until_stopped("step5_train_rms.py", out)
+    wait_until_stopped(process, out, "step5_train_rms.py")
     assert not (out / "orm_manifest.json").exists()
 
 
@@ -301,7 +294,7 @@ def test_sh_is_refused_in_one_line(script):
 def test_an_interrupt_during_exit_prints_nothing_more(tmp_path, how):
     """Ctrl-C reaches a step again (forwarded by run_all.sh and run_state.py) while it exits, after
     an interrupt or after finishing: a signal that lands in an atexit callback (torch registers some)
-    must not print a traceback."""
+    prints no traceback, and counts: a finished script then exits with 130 and the one line too."""
     script = tmp_path / "step.py"
     script.write_text(
         "import atexit, os, signal, sys, time\n"
@@ -316,9 +309,7 @@ def test_an_interrupt_during_exit_prints_nothing_more(tmp_path, how):
         "run_cli(main)\n"
     )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
-    assert (proc.returncode, proc.stderr.strip()) == (
-        (130, "interrupted by SIGINT; nothing half-written was kept") if how == "interrupted" else (0, "")
-    )
+    assert (proc.returncode, proc.stderr.strip()) == (130, "interrupted by SIGINT; nothing half-written was kept")
 
 
 def test_duplicate_sweep_seeds_run_once(tmp_path):
@@ -370,14 +361,16 @@ def test_a_stopped_sweep_stops_its_cells(tmp_path, how):
     says so in the cell's log), no further cell starts, and the sweep ends with one line. After
     kill -9 of run_sweep.sh its watcher stops the cells the same way."""
     sweep = tmp_path / "sweeps"
-    env = env_for(
-        SWEEP="objective",
-        GRID="RM_OBJECTIVE=bt",
-        SEEDS="1 2",
-        JOBS="1",
-        SWEEP_DIR=str(sweep),
-        DATA_DIR=str(tmp_path / "data"),
-        **LONG_STEP5,
+    env, tag = tagged(
+        env_for(
+            NAME="objective",
+            GRID="RM_OBJECTIVE=bt",
+            SEEDS="1 2",
+            JOBS="1",
+            SWEEP_DIR=str(sweep),
+            DATA_DIR=str(tmp_path / "data"),
+            **LONG_STEP5,
+        )
     )
     process = subprocess.Popen(
         ["bash", str(ROOT / "run_sweep.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -393,7 +386,7 @@ def test_a_stopped_sweep_stops_its_cells(tmp_path, how):
         assert process.returncode == 143, err
         assert err.strip() == "run_sweep.sh: stopped by SIGTERM; run the same command again to finish the sweep"
     deadline = time.monotonic() + 120
-    while pids_naming(str(sweep)):
+    while tagged_pids(tag):
         assert time.monotonic() < deadline, "a cell kept running after the sweep was stopped"
         time.sleep(0.1)
     # The cell's run_all.sh names no sweep path on its command line: once its step has gone it may

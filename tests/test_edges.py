@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, STEP5_FAST
+from processes import tagged, tagged_pids
 
 import step5_train_rms
 import step6_eval_rms
@@ -174,14 +175,18 @@ def run_all_env(**env) -> dict:
 
 
 def start_run_all(cwd: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen(
+    """run_all.sh in the background; ``.tag`` names its process tree (tests/processes.py)."""
+    tagged_env, tag = tagged(run_all_env(**env))
+    process = subprocess.Popen(
         ["bash", str(ROOT / "run_all.sh")],
         cwd=cwd,
-        env=run_all_env(**env),
+        env=tagged_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    process.tag = tag
+    return process
 
 
 def assert_unlocked(folder: Path) -> None:
@@ -234,20 +239,7 @@ def test_run_all_from_another_directory_waits_for_data_and_stops_on_sigterm(tmp_
     assert (caller / "out" / "validation_results.json").is_file()
 
 
-def processes_naming(fragment: str) -> list[str]:
-    """Command lines of running processes that contain ``fragment``."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in text:
-            found.append(text)
-    return found
-
-
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="lists processes through /proc")
 def test_steps_6_and_7_run_side_by_side_and_stop_together(tmp_path):
     """Step 7 runs beside step 6: SIGTERM reaches both (143, one line, no step left running); a
     failed step 6 stops step 7 (only step 6's error is shown); step 7's output follows step 6's."""
@@ -259,7 +251,7 @@ def test_steps_6_and_7_run_side_by_side_and_stop_together(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert err.strip() == "run_all.sh: stopped by SIGTERM during steps 6 and 7; run the same command again to resume"
-    assert processes_naming(str(out)) == []
+    assert tagged_pids(process.tag) == []
     assert not any((out / ".run_state").glob("step[67].json"))
     # Step 6 cannot write its results: its one line, status 2, and step 7 is not reported.
     (out / "eval_results_bt.json").mkdir()
@@ -270,7 +262,7 @@ def test_steps_6_and_7_run_side_by_side_and_stop_together(tmp_path):
         and err.strip().startswith("error: cannot write ")
         and len(err.strip().splitlines()) == 1
     ), err
-    assert "=== Step 7" not in stdout and processes_naming(str(out)) == []
+    assert "=== Step 7" not in stdout and tagged_pids(process.tag) == []
     (out / "eval_results_bt.json").rmdir()
     process = start_run_all(tmp_path, **env, FORCE="1")  # step 7 may have finished before step 6 failed
     stdout, err = process.communicate(timeout=600)

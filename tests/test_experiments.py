@@ -165,6 +165,35 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
     assert all(log.count("up to date]") == 4 for log in logs)
 
 
+def test_sweep_values_listed_twice_make_one_cell(tmp_path):
+    """Grid values are compared as SEEDS are, numbers by value: 10 and 10.0 are one value, N_SAMPLE=40,40
+    one cell, which JOBS=2 runs once (two copies side by side would fail on its folder lock). SWEEP with
+    GRID says that GRID replaces the preset's grid."""
+    env = {"SWEEP_DIR": str(tmp_path / "sweeps"), "PRINT": "1", "SEEDS": "1 01"}
+    proc = run_script("run_sweep.sh", tmp_path, GRID="ANNOTATION_QUALITY=10,10.0,1e1,0.5,.5 N_SAMPLE=40,40", **env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "run_sweep.sh: note: SEEDS lists a seed more than once; running each once: 1",
+        "run_sweep.sh: note: GRID lists a value of ANNOTATION_QUALITY more than once; running each once: 10,0.5",
+        "run_sweep.sh: note: GRID lists a value of N_SAMPLE more than once; running each once: 40",
+    ]
+    cells = [line.split("OUTPUT_DIR=")[1].split()[0].rsplit("/", 1)[1] for line in proc.stdout.splitlines()]
+    assert cells == ["ANNOTATION_QUALITY=10,N_SAMPLE=40,SEED=1", "ANNOTATION_QUALITY=0.5,N_SAMPLE=40,SEED=1"]
+    proc = run_script("run_sweep.sh", tmp_path, SWEEP="objective", GRID="RM_OBJECTIVE=bt", **env)
+    assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == (
+        "run_sweep.sh: note: GRID replaces the grid of SWEEP=objective (RM_OBJECTIVE=bt,clf); SWEEP=objective "
+        "still names the sweep and sets its fixed settings"
+    )
+    env.pop("PRINT")
+    proc = run_script("run_sweep.sh", tmp_path, GRID="N_SAMPLE=40,40", JOBS="2", LAST_STEP="6", NAME="twice", **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "sweeps" / "twice"
+    assert not (root / "logs" / "failed_cells.txt").exists()
+    with open(root / "summary.csv") as handle:
+        ((row),) = list(csv.DictReader(handle))
+    assert (row["n_seeds"], row["seeds"]) == ("1", "1")
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -176,7 +205,16 @@ def test_sweep_driver_and_summary_match_the_runs(tmp_path):
             {"SWEEP": "nope"},
             "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget",
         ),
-        ({"SWEEP": "objective", "SEEDS": "1 x"}, "SEEDS must be integers, got 'x'"),
+        (
+            {"SWEEP": "objective", "SEEDS": "1 x"},
+            "SEEDS must be integers from 0 to 4294967295 (the steps' --seed), got 'x'",
+        ),
+        (
+            {"SWEEP": "objective", "SEEDS": "1 -1"},
+            "SEEDS must be integers from 0 to 4294967295 (the steps' --seed), got '-1'",
+        ),
+        ({"SWEEP": "objective", "SEEDS": "4294967296"}, "got '4294967296'"),
+        ({"GRID": "N_SAMPLE=40 N_SAMPLE=80"}, "GRID lists N_SAMPLE twice: give all its values in one entry"),
         ({"SWEEP": "objective", "JOBS": "0"}, "JOBS must be a positive integer, got '0'"),
         (
             {"SWEEP": "objective", "PAIR_MODE": "cross"},
@@ -255,6 +293,50 @@ def test_summary_shows_missing_metrics_as_na_and_refuses_mixed_held_out(tmp_path
     assert not mixed.exists()  # nothing written
     err = run_failing(summarize_runs.main, [str(tmp_path / "nothing*"), "--output_dir", str(tmp_path)], capsys)
     assert "not a run folder" in err
+
+
+def test_a_run_counts_once_whatever_folders_hold_it_and_a_corrupt_run_is_left_out(tmp_path):
+    """A run is what it ran (settings, seed, data fingerprint), not its folder: a copy, or a copy that
+    stopped earlier, is one run, named as a duplicate in summary.md; an unreadable run is left out and
+    named, and the others are summarised."""
+    runs = tmp_path / "runs"
+    fake_run(runs / "a", 1, [1, 2], last_step=8)
+    fake_run(runs / "b", 3, [1, 2], last_step=8)
+    shutil.copytree(runs / "a", runs / "a_copy")
+    fake_run(runs / "a_step5_copy", 1, [1, 2], metrics=False)  # the same run, copied after step 5
+    fake_run(runs / "other_data", 1, [1, 2], last_step=8)
+    manifest = json.loads((runs / "other_data" / "orm_manifest.json").read_text())
+    manifest["data"]["fingerprint"] = "e" * 64  # the same settings on other data: another run, another row
+    (runs / "other_data" / "orm_manifest.json").write_text(json.dumps(manifest))
+    fake_run(runs / "broken", 5, [1, 2], last_step=8)
+    (runs / "broken" / "orm_manifest.json").write_text('{"config": ')  # cut short
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((row["n_seeds"], row["seeds"]) for row in rows) == [("1", "1"), ("2", "1 3")]
+    row = next(row for row in rows if row["n_seeds"] == "2")
+    assert float(row["held_out_spearman_per_prompt_mean"]) == pytest.approx(0.7)  # seeds 1 and 3, once each
+    assert float(row["held_out_spearman_per_prompt_se"]) == pytest.approx(0.1)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Duplicate run folders (counted once)" in summary
+    for copy in ("a_copy", "a_step5_copy"):
+        assert f"- `{runs / copy}`: the same run as `{runs / 'a'}` (same settings, seed and data)" in summary
+    assert f"- `{runs / 'broken'}`: unreadable: ORM manifest {runs / 'broken' / 'orm_manifest.json'} is not" in summary
+
+
+def test_an_objective_sweep_has_a_figure(tmp_path):
+    """A sweep of categories only (SWEEP=objective) gets its figure against them, like a numeric sweep."""
+    runs = tmp_path / "runs"
+    for objective in ("bt", "clf"):
+        for seed in (1, 3):
+            folder = fake_run(runs / f"{objective}{seed}", seed, [1, 2], last_step=8)
+            manifest = json.loads((folder / "orm_manifest.json").read_text())
+            manifest["config"]["rm_objective"] = objective
+            (folder / "orm_manifest.json").write_text(json.dumps(manifest))
+            (folder / "eval_results_bt.json").rename(folder / f"eval_results_{objective}.json")
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == ["summary_vs_RM_OBJECTIVE.png"]
+    assert (tmp_path / "out" / "summary_vs_RM_OBJECTIVE.png").stat().st_size > 10_000
 
 
 def test_runs_from_before_the_early_stopping_flags_compare_as_their_defaults(tmp_path):
