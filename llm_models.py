@@ -491,8 +491,18 @@ def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs)
         )
     try:
         with quiet_transformers():
-            return getattr(transformers, auto_class).from_pretrained(path, **gguf_kwargs, **kwargs)
+            # Never code from a model folder: a folder whose config.json or tokenizer_config.json asks
+            # for its own classes (auto_map) loads with the library's class when there is one, else is
+            # refused. Passed explicitly, so transformers never asks on stdin, where a "y" would run it.
+            return getattr(transformers, auto_class).from_pretrained(
+                path, **gguf_kwargs, **kwargs, trust_remote_code=False
+            )
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise InputError(
+                f"{flag} {name}: the {what} needs Python code from its own folder (auto_map); "
+                "refused: this pipeline never runs code from a model folder"
+            ) from None
         first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
     if name in MODEL_IDS:
         where = f" (hub id {MODEL_IDS[name]})"

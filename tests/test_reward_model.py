@@ -537,3 +537,34 @@ def test_bad_inputs_exit_2_with_one_line(text_run, tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: score_responses.py: argument --variant: invalid choice: 'best'")
     assert not output.exists()
+
+
+def test_a_run_folder_naming_a_custom_code_model_is_refused_without_a_prompt(text_run, tiny, tmp_path):
+    """An untrusted run folder whose manifest names a model folder with its own code (auto_map): one
+    line, exit 2, nothing asked on stdin, the folder's code never imported, however stdin answers."""
+    from tiny_models import CODE_MARKER
+
+    out = tmp_path / "run"
+    shutil.copytree(text_run["out"], out, ignore=shutil.ignore_patterns("generations"))
+    manifest = json.loads((out / "orm_manifest.json").read_text())
+    manifest["data"]["embedding"]["model"] = str(tiny["code-model"])
+    (out / "orm_manifest.json").write_text(json.dumps(manifest))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": hh_prompt("bake bread"), "response": "Use yeast."}) + "\n")
+    output = tmp_path / "scored.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "score_responses.py"), "--output_dir", str(out), "--input", str(good)]
+        + ["--output", str(output), "--device", "cpu"],
+        input="y\ny\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: {out / 'orm_manifest.json'}: embedding model {tiny['code-model']}: the model config needs Python "
+        "code from its own folder (auto_map); refused: this pipeline never runs code from a model folder\n"
+    )
+    assert result.stdout == ""
+    assert not (tiny["code-model"] / CODE_MARKER).exists()
+    assert not output.exists()

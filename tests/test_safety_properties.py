@@ -1,5 +1,7 @@
-"""No code path unpickles; metric and isotonic-map properties hold on random inputs (hypothesis)."""
+"""No code path unpickles or runs a model folder's code; metric and isotonic-map properties hold on random
+inputs (hypothesis)."""
 
+import ast
 import re
 import tempfile
 from pathlib import Path
@@ -16,16 +18,87 @@ from sklearn.isotonic import IsotonicRegression
 import calibration
 import metrics
 
-UNSAFE = re.compile(r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?![^)]*weights_only=True)|allow_pickle=True")
+UNSAFE = re.compile(
+    r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?![^)]*weights_only=True)|allow_pickle=True"
+    r"|(?<![.\w])(?:eval|exec)\(|yaml\.(?:unsafe_)?load\(|marshal\.loads?\(|shelve\.open\(|dill\.|cloudpickle\."
+)
+SOURCES = [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]
 
 
-def test_no_source_file_unpickles():
+def test_no_source_file_unpickles_or_evaluates():
     offenders = []
-    for path in ROOT.glob("*.py"):
+    for path in SOURCES:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if UNSAFE.search(line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_every_model_load_passes_trust_remote_code_false():
+    """Every ``from_pretrained`` and vllm ``LLM`` call says ``trust_remote_code=False``, so no model
+    folder's code runs and transformers never asks on stdin. peft's ``PeftModel.from_pretrained``
+    takes no such flag: it reads an adapter's JSON config and safetensors (or weights-only) tensors."""
+    calls, offenders = 0, []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name not in ("from_pretrained", "LLM") or ast.unparse(func) == "PeftModel.from_pretrained":
+                continue
+            calls += 1
+            flags = {k.arg: k.value for k in node.keywords}
+            trust = flags.get("trust_remote_code")
+            if not (isinstance(trust, ast.Constant) and trust.value is False):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert calls >= 2 and not offenders, offenders
+
+
+class Exploit:
+    """Unpickling this opens (creates) ``marker``: proof that a loader ran pickled code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_an_object_array_npy_is_refused_and_never_unpickled(demo_copy, tmp_path):
+    import convert_embeddings
+    from cli import InputError
+    from rm_data import load_embedding_set
+
+    marker = tmp_path / "pwned"
+    evil = demo_copy / "EMBD-TRAIN-split_3.npy"
+    np.save(evil, np.array([[Exploit(marker)]], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match=rf"cannot read embeddings {re.escape(str(evil))} \(expected"):
+        load_embedding_set(demo_copy)
+    with pytest.raises(InputError, match=rf"cannot read embeddings {re.escape(str(evil))} \(expected"):
+        convert_embeddings.open_npy(evil, "embeddings", "numbers", mmap=True)
+    assert not marker.exists()
+
+
+def test_an_object_array_in_the_score_cache_is_rescored_never_unpickled(demo_dir, tmp_path):
+    from rm_data import load_embedding_set
+    from run_folder import score_cached
+
+    marker = tmp_path / "pwned"
+    eset = load_embedding_set(demo_dir)
+    prompt_ids = np.arange(3)
+    model_file = tmp_path / "model.ckpt"  # the cache key stats it
+    model_file.write_bytes(b"weights")
+
+    def score(embeddings: np.ndarray) -> np.ndarray:
+        return embeddings[:, :1].T.astype(np.float32)
+
+    first = score_cached(eset, prompt_ids, score, tmp_path / "cache", [model_file], "probe")
+    for cache_file in (tmp_path / "cache").iterdir():
+        np.save(cache_file, np.array([Exploit(marker)], dtype=object), allow_pickle=True)
+    again = score_cached(eset, prompt_ids, score, tmp_path / "cache", [model_file], "probe")
+    assert np.array_equal(first, again)
+    assert not marker.exists()
 
 
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
