@@ -7,20 +7,19 @@ memory), the seeded prompt partition and fingerprints. What steps 5-8 write besi
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from artifacts import read_json, sampled_blocks, write_text
-from cli import RUN_ALL_ENV, InputError, finite_number
+from cli import InputError, finite_number
+from data_folder import hold_shared
 from random_streams import seed_sequence
 
 FILE_PATTERNS = {
@@ -61,28 +60,6 @@ def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
     # than json.dumps per line on a 1M-reward test set.
     lines = "".join(f'{{"reward": {r!r}}}\n' for r in np.asarray(rewards, dtype=np.float64).ravel().tolist())
     write_text(path, lines)
-
-
-@contextlib.contextmanager
-def data_dir_claim(path: Path) -> Iterator[bool]:
-    """Hold the data folder ``path`` exclusively while the block writes it; yield False (and hold
-    nothing) if another process holds its lock: a run_all.sh run reading it (shared) or writing it.
-
-    Under run_all.sh, which holds the lock itself and passes ``--in_use`` to the writers while other
-    runs read the folder, this yields True without locking (a second lock would wait on its own)."""
-    if os.environ.get(RUN_ALL_ENV):
-        yield True
-        return
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(handle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +229,7 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", require
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"data directory {data_dir} does not exist")
+    hold_shared(data_dir)  # until this process exits: no writer swaps the data while it is read
     splits = discover_splits(data_dir, kind)
     emb_pattern, reward_pattern = FILE_PATTERNS[kind]
     if not splits:

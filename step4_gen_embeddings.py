@@ -25,6 +25,7 @@ import numpy as np
 
 from artifacts import atomic_paths, ensure_writable_dir, write_json
 from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
+from data_folder import exclusive_rewrite, split_files
 from llm_models import (
     POOLINGS,
     GenerationRun,
@@ -45,7 +46,7 @@ from llm_models import (
     scored_text,
     tokenize_texts,
 )
-from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, write_rewards_jsonl
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, write_rewards_jsonl
 
 log = logging.getLogger("step4_gen_embeddings")
 
@@ -190,59 +191,56 @@ def main(argv=None):
         args.pooling,
     )
 
-    # ---- embed and write, one kind at a time ------------------------------------------------
+    # ---- embed and write, one kind at a time, into a folder swapped in whole at the end --------
     summary = []
-    for kind, (records, n_splits) in ranked.items():
-        emb_pattern, reward_pattern = FILE_PATTERNS[kind]
-        texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
-        started = time.perf_counter()
-        paths = [data_dir / emb_pattern.format(k=k) for k in range(n_splits)]
-        dim, n_cut = embed_into(paths, model, tokenizer, texts, args)
-        seconds = time.perf_counter() - started
-        rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
-        n_empty = sum(not response for r in records for response in r["responses_sorted"])
-        for k in range(n_splits):
-            write_rewards_jsonl(data_dir / reward_pattern.format(k=k), rewards[:, k])
-        for k in discover_splits(data_dir, kind)[n_splits:]:
-            log.warning(
-                "removing %s and its rewards, left from an earlier run with more responses", emb_pattern.format(k=k)
+    replaced = split_files(*kinds)  # an earlier run's splits of these kinds go, whatever their number
+    infos = [EMBEDDING_INFO_FILE.format(kind=kind) for kind in kinds]
+    with exclusive_rewrite(data_dir, lambda name: replaced(name) or name in infos) as staging:
+        for kind, (records, n_splits) in ranked.items():
+            emb_pattern, reward_pattern = FILE_PATTERNS[kind]
+            texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
+            started = time.perf_counter()
+            paths = [staging / emb_pattern.format(k=k) for k in range(n_splits)]
+            dim, n_cut = embed_into(paths, model, tokenizer, texts, args)
+            seconds = time.perf_counter() - started
+            rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
+            n_empty = sum(not response for r in records for response in r["responses_sorted"])
+            for k in range(n_splits):
+                write_rewards_jsonl(staging / reward_pattern.format(k=k), rewards[:, k])
+            write_json(
+                staging / EMBEDDING_INFO_FILE.format(kind=kind),
+                {
+                    "embed_model_name": args.embed_model_name,
+                    "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
+                    "gguf_file": gguf_source(resolve_model(args.embed_model_name, "--embed_model_name"))[1].get(
+                        "gguf_file"
+                    ),
+                    "model_type": model.config.model_type,
+                    "source": str(run.ranked_path(kind, rm_name)),
+                    "reward_model": rm_name,
+                    "generation_model": args.model_name,
+                    "adapter_name": args.adapter_name,
+                    "dataset": args.dataset,
+                    "eval_dataset": args.eval_dataset,
+                    "n_prompts": len(records),
+                    "n_splits": n_splits,
+                    "dim": dim,
+                    "embedding_dtype": args.embedding_dtype,
+                    "compute_dtype": dtype_name(dtype),
+                    "rm_input_format": args.rm_input_format,
+                    "n_empty_after_cut": n_empty,
+                    "max_length": args.max_length,
+                    "n_cut_at_max_length": n_cut,
+                    "padding_side": tokenizer.padding_side,
+                    "pooling": args.pooling,
+                    "order": "ascending golden reward within each prompt",
+                },
             )
-            (data_dir / emb_pattern.format(k=k)).unlink()
-            (data_dir / reward_pattern.format(k=k)).unlink()
-        write_json(
-            data_dir / EMBEDDING_INFO_FILE.format(kind=kind),
-            {
-                "embed_model_name": args.embed_model_name,
-                "embed_model_path": resolve_model(args.embed_model_name, "--embed_model_name"),
-                "gguf_file": gguf_source(resolve_model(args.embed_model_name, "--embed_model_name"))[1].get(
-                    "gguf_file"
-                ),
-                "model_type": model.config.model_type,
-                "source": str(run.ranked_path(kind, rm_name)),
-                "reward_model": rm_name,
-                "generation_model": args.model_name,
-                "adapter_name": args.adapter_name,
-                "dataset": args.dataset,
-                "eval_dataset": args.eval_dataset,
-                "n_prompts": len(records),
-                "n_splits": n_splits,
-                "dim": dim,
-                "embedding_dtype": args.embedding_dtype,
-                "compute_dtype": dtype_name(dtype),
-                "rm_input_format": args.rm_input_format,
-                "n_empty_after_cut": n_empty,
-                "max_length": args.max_length,
-                "n_cut_at_max_length": n_cut,
-                "padding_side": tokenizer.padding_side,
-                "pooling": args.pooling,
-                "order": "ascending golden reward within each prompt",
-            },
-        )
-        summary.append(
-            f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
-            f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
-            f"{dtype_name(dtype)} stored as {args.embedding_dtype})"
-        )
+            summary.append(
+                f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {n_empty} responses "
+                f"empty after the cut ({len(texts) / max(seconds, 1e-9):.1f} embeddings/s, "
+                f"{dtype_name(dtype)} stored as {args.embedding_dtype})"
+            )
     print(f"step4: {'; '.join(summary)} -> {data_dir}")
 
 

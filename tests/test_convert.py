@@ -487,15 +487,17 @@ def test_interrupted_conversion_is_cleaned_up(tmp_path):
     assert not list(out.glob(".*")) and not (out / "EMBD-TRAIN-split_5.npy").exists()
 
 
-def test_failed_reconversion_leaves_no_split_files(tmp_path, capsys):
+def test_failed_reconversion_leaves_the_previous_conversion_as_it_was(tmp_path, capsys):
     repo, out = tmp_path / "repo", tmp_path / "data"
     embeddings, rewards = random_set(0, 10, 3)
     write_repo(repo, "nk", "train", embeddings, rewards)
     convert("--embd_dir", repo, "--output_dir", out)
-    embeddings[9, 0, 0] = np.nan
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    embeddings[9, 0, 0] = np.nan  # found in the last chunk, after the first chunks were written
     write_repo(repo, "nk", "train", embeddings, rewards)
     run_failing_after_logs(["--embd_dir", repo, "--output_dir", out, "--chunk_prompts", 2], capsys)
-    assert_no_output(out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "repo"]  # no staging folder left
 
 
 # --------------------------------------------------------------------------------------------
