@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import TextIO
 
 # ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
 # default. Here, not in networks.py, so steps parse flags before importing torch.
@@ -198,8 +199,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 
 
-def setup_logging() -> None:
-    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars).
+def setup_logging(stream: TextIO | None = None) -> None:
+    """Progress logs go to stdout (or ``stream``: stderr where stdout carries a result, as
+    ``--output -`` does), so stderr carries only errors (and tqdm bars).
 
     ``LOG_LEVEL=DEBUG`` in the environment adds per-epoch training and validation losses.
     """
@@ -207,7 +209,11 @@ def setup_logging() -> None:
     if level not in LOG_LEVELS:
         raise InputError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     logging.basicConfig(
-        level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True, stream=sys.stdout
+        level=level,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+        stream=stream or sys.stdout,
     )
 
 

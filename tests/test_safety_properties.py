@@ -2,6 +2,7 @@
 inputs (hypothesis)."""
 
 import ast
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -192,3 +193,49 @@ def test_isotonic_json_round_trip_predicts_like_sklearn(data, variant):
     ordered = loaded.predict(np.sort(queries))
     assert (np.diff(ordered) >= 0).all()
     assert ordered.min() >= gold.min() - 1e-9 * abs(gold.min()) and ordered.max() <= gold.max() + 1e-9 * abs(gold.max())
+
+
+def test_an_output_path_is_replaced_only_when_it_is_a_file_or_absent(tmp_path, capsysbinary):
+    """The one output rule of the atomic writers: ``-`` is standard output, a symlink is written
+    through (the link stays), a directory, FIFO or device is refused in one line."""
+    from artifacts import write_text
+    from cli import InputError
+
+    write_text(tmp_path / "new.txt", "a\n")  # absent: created
+    write_text(tmp_path / "new.txt", "b\n")  # a regular file: replaced
+    assert (tmp_path / "new.txt").read_text() == "b\n"
+
+    capsysbinary.readouterr()
+    write_text("-", "to stdout\n")
+    assert capsysbinary.readouterr().out == b"to stdout\n"
+    assert not Path("-").exists()
+
+    real = tmp_path / "real" / "scores.jsonl"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    write_text(link, "new\n")
+    assert link.is_symlink() and link.resolve() == real and real.read_text() == "new\n"
+    assert not list(real.parent.glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "real" / "later.jsonl")
+    write_text(dangling, "x\n")
+    assert dangling.is_symlink() and (tmp_path / "real" / "later.jsonl").read_text() == "x\n"
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=rf"^cannot write {re.escape(str(fifo))}: it is a FIFO, not a file to replace"):
+        write_text(fifo, "x\n")
+    with pytest.raises(InputError, match=rf"^cannot write {re.escape(str(tmp_path / 'real'))}: it is a directory$"):
+        write_text(tmp_path / "real", "x\n")
+    with pytest.raises(InputError, match=r"^cannot write /dev/null: it is a device or socket, not a file"):
+        write_text("/dev/null", "x\n")
+    to_device = tmp_path / "stdout-link"
+    to_device.symlink_to("/dev/null")
+    with pytest.raises(InputError, match=r"\(a symlink to /dev/null\): it is a device or socket"):
+        write_text(to_device, "x\n")
+    assert fifo.exists() and to_device.is_symlink() and Path("/dev/null").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["new.txt", "real", "link.jsonl", "dangling.jsonl", "fifo", "stdout-link"]
+    )
