@@ -129,14 +129,33 @@ def json_text(obj: object) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
+def read_text(path: str | os.PathLike, name: str) -> str:
+    """The UTF-8 text of a file the user gave: the one reader of text inputs, so a missing or
+    unreadable file, or a byte that is not UTF-8, is one :class:`InputError` naming ``name`` (the
+    flag and file, e.g. ``--input in.jsonl``) and, for a bad byte, its line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found") from None
+    except OSError as err:
+        raise InputError(f"cannot read {name}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(
+            f"{name} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     """The JSON object in ``path``; a missing or unreadable file, or other JSON, is an InputError naming ``what``."""
     path = Path(path)
+    if not os.path.lexists(path):
+        raise InputError(f"{what} not found: {path}")
     try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}") from None
-    except (OSError, ValueError) as err:
+        obj = json.loads(read_text(path, f"{what} {path}"))
+    except ValueError as err:
         raise InputError(f"{what} {path} is not readable JSON ({err})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{what} {path} must hold a JSON object")

@@ -155,7 +155,8 @@ def setting_typos(environ: Mapping[str, str]) -> list[str]:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; report an :class:`InputError` as one stderr line and exit with 2.
+    """Run ``main(argv)``; report an :class:`InputError`, or an ``OSError`` about a file, as one
+    stderr line and exit with 2.
 
     Ctrl-C (SIGINT) and SIGTERM stop the script with one line (no traceback) and status 130 / 143;
     running out of memory (a size flag far too large) is one line and status 2.
@@ -179,6 +180,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         sys.exit(2)
     except MemoryError as err:
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.filename is None:  # not about a file: a bug or the machine, worth its traceback
+            raise
+        # A file or folder the run cannot use (an unwritable .run_state/, a full disk, a folder that
+        # vanished): the shared readers and writers name theirs; this names any other.
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        print(f"error: {for_user(f'{where}: {err.strerror or err}')}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
         interrupted = True

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifacts import atomic_path
+from artifacts import atomic_path, read_text
 from cli import DTYPE_NAMES, InputError, non_negative_float, non_negative_int, positive_int
 from random_streams import int_seed, seed_sequence
 from rm_data import TASKS
@@ -270,12 +270,7 @@ def numbered_jsonl(path: str | Path, flag: str = "") -> list[tuple[int, dict]]:
     """(line number, JSON object) of each non-blank line; a bad line is an error naming the file and
     line, an unreadable file one naming ``flag`` (the option that gave it, if any) and the file."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{flag} {path}: file not found".lstrip()) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{flag} {path}: cannot read ({err})".lstrip()) from None
+    lines = read_text(path, f"{flag} {path}".lstrip()).splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import read_json, sampled_blocks, write_text
+from artifacts import read_json, read_text, sampled_blocks, write_text
 from cli import InputError, finite_number
 from data_folder import hold_shared
 from random_streams import seed_sequence
@@ -68,13 +68,10 @@ def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
 def read_rewards_jsonl(path: Path, key: str = "reward") -> np.ndarray:
     """Golden rewards from a JSONL file: (N,) float64. Every line must be ``{"reward": number}``
     (``{key: number}``: the same reader serves other per-response values, e.g. lengths)."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise InputError(f"cannot read {key}s file {path}: {err.strerror or err}") from None
+    text = read_text(path, f"{key}s file {path}")
     lines = text.splitlines()
-    if lines and not lines[-1].strip():
-        lines = lines[:-1]
+    while lines and not lines[-1].strip():  # trailing blank lines (an editor's, a concatenation's)
+        lines.pop()
     # One parse of all lines joined by commas (~6x faster). It can differ from reading line by line
     # only where a line holds "}" followed by ",", so such files, like any that fail here, are read
     # line by line, which names the bad line.

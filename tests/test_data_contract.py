@@ -101,6 +101,24 @@ def test_rewards_read_in_one_parse_equal_those_read_line_by_line(tmp_path, lines
     np.testing.assert_array_equal(rewards, [json.loads(line)["reward"] for line in lines])
 
 
+@pytest.mark.parametrize("tail", ["", "\n", "\n\n", "\n \n\t\n", "\r\n\r\n"])
+def test_trailing_blank_lines_are_accepted_however_many(tmp_path, tail):
+    path = tmp_path / "rewards_split_0.json"
+    path.write_text('{"reward": 1}\n{"reward": 2}\n' + tail)
+    np.testing.assert_array_equal(rm_data.read_rewards_jsonl(path), [1.0, 2.0])
+
+
+def test_a_byte_that_is_not_utf8_is_one_line_naming_file_and_line(demo_copy, tmp_path, capsys):
+    path = demo_copy / "rewards_split_2.json"
+    data = path.read_bytes().split(b"\n")
+    data[4] = data[4].replace(b"reward", b"rew\xffard")
+    path.write_bytes(b"\n".join(data))
+    offset = sum(len(line) + 1 for line in data[:4]) + len(b"{\"rew")
+    assert step5_error(demo_copy, tmp_path, capsys) == (
+        f"error: rewards file {path} line 5: not UTF-8 text (byte 0xff at offset {offset})"
+    )
+
+
 def test_an_object_split_across_lines_is_refused_though_the_lines_join_into_valid_json(tmp_path):
     # Joined with commas these two lines parse as two objects, as many as there are lines.
     path = tmp_path / "rewards_split_0.json"
