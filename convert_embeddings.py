@@ -63,7 +63,7 @@ from artifacts import (
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
 from data_folder import data_dir_claim, rewritten_data_dir, split_files
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, embedding_problem, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 
@@ -449,15 +449,6 @@ def read_block(path: Path, layout: str, start: int, stop: int) -> np.ndarray:
     return block if layout == "nk" else block.transpose(1, 0, 2)
 
 
-def all_finite(rows: np.ndarray) -> bool:
-    if rows.dtype == np.float16:
-        # numpy's float16 min/max are ~50x slower than float32's; inf and nan are exactly the
-        # float16 values whose exponent bits are all set.
-        return bool((rows.view(np.uint16) & 0x7C00).max() != 0x7C00)
-    # min and max propagate nan and expose +-inf without a boolean temporary.
-    return bool(np.isfinite(rows.min()) and np.isfinite(rows.max()))
-
-
 def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
     """Write the set's EMBD-*-split_{k}.npy files, sorted, one chunk of prompts at a time."""
     emb_pattern = FILE_PATTERNS[plan.kind][0]
@@ -477,11 +468,10 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
             # Files are reopened per chunk: K may exceed the open-file limit (test sets have K=500).
             for path, offset, response in zip(split_paths, data_offsets, responses, strict=True):
                 rows = block[prompt_index, response]  # fancy indexing: a new C-contiguous (c, D)
-                if not all_finite(rows):
-                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]
+                if (problem := embedding_problem(rows)) is not None:
+                    bad, what = problem
                     raise InputError(
-                        f"{plan.source.embd_path}: non-finite embedding for prompt "
-                        f"{start + bad}, response {response[bad]}"
+                        f"{plan.source.embd_path}: {what} for prompt {start + bad}, response {response[bad]}"
                     )
                 with open(path, "r+b") as handle:
                     handle.seek(offset + start * row_bytes)

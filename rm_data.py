@@ -27,6 +27,12 @@ FILE_PATTERNS = {
     "test": ("EMBD-TEST-split_{k}.npy", "rewards_test_split_{k}.json"),
 }
 ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# Largest embedding value accepted (absolute). LLM hidden states reach a few thousand in their
+# "massive activation" dimensions and sentence embeddings are near unit norm; float16 files stop at
+# 65504. A value beyond 1e6 is a corrupt or mis-scaled file: fed to the MLP it makes first-layer
+# products of ~1e6 x D and gradients that no learning rate tames (3e38 overflows float32 at once),
+# so it is refused where it is read, naming file and row, instead of surfacing as divergence.
+MAX_ABS_EMBEDDING = 1e6
 PROMPT_ROLES = ("orm_train", "calibration", "student_train", "held_out")
 # Shares of the evaluation pool (README, "Who sees which prompts").
 ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
@@ -113,6 +119,31 @@ def _open_embeddings(path: Path) -> np.ndarray:
     return array
 
 
+def embedding_problem(rows: np.ndarray) -> tuple[int, str] | None:
+    """The first row of ``rows`` (B, D) holding a value that is not finite or beyond
+    :data:`MAX_ABS_EMBEDDING`, and what it holds; None when every value is fine (checked with one
+    min and one max, no temporary, where all are)."""
+    if rows.dtype == np.float16:
+        # numpy's float16 min/max are ~50x slower than float32's; inf and nan are exactly the
+        # float16 values whose exponent bits are all set, and finite ones stay below 65504.
+        if (rows.view(np.uint16) & 0x7C00).max() != 0x7C00:
+            return None
+    else:
+        low, high = rows.min(), rows.max()  # they propagate nan and expose +-inf
+        if -MAX_ABS_EMBEDDING <= low and high <= MAX_ABS_EMBEDDING:
+            return None
+    magnitudes = np.abs(rows.astype(np.float32))
+    index = int(np.flatnonzero(~(magnitudes <= MAX_ABS_EMBEDDING).all(axis=1))[0])
+    row = rows[index].astype(np.float64)
+    if not np.isfinite(row).all():
+        return index, "non-finite embedding"
+    column = int(np.argmax(np.abs(row)))
+    return index, (
+        f"embedding value {row[column]:.3g} (column {column}, beyond +-{MAX_ABS_EMBEDDING:.0e}: "
+        "a corrupt or mis-scaled file)"
+    )
+
+
 def discover_splits(data_dir: Path, kind: str) -> list[int]:
     """Split indices present in ``data_dir`` for ``kind`` ('train' or 'test'), numerically sorted.
 
@@ -179,9 +210,9 @@ class EmbeddingSet:
         order = np.argsort(prompt_ids, kind="stable")  # sorted reads are sequential on disk
         rows = np.empty((len(prompt_ids), self.dim), dtype=np.float32)
         rows[order] = _open_embeddings(self.embedding_paths[split])[prompt_ids[order]]
-        if not np.isfinite(rows).all():
-            bad = int(prompt_ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
-            raise InputError(f"{self.embedding_paths[split]}: non-finite embedding in row {bad}")
+        if (problem := embedding_problem(rows)) is not None:
+            index, what = problem
+            raise InputError(f"{self.embedding_paths[split]}: {what} in row {int(prompt_ids[index])}")
         return rows
 
     def score(

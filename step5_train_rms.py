@@ -451,7 +451,7 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
     Divergence is an InputError naming the member and --learning_rate."""
     from tqdm import tqdm
 
-    from networks import TrainingDiverged, train_orms
+    from networks import TrainingDiverged, diverged_advice, train_orms
 
     trained = []
     try:
@@ -471,9 +471,8 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
     except TrainingDiverged as err:
         index = err.index if scheme == "pooled" else len(trained)
         who = "ORM members" if index < 0 else f"ORM member {index}"
-        raise InputError(
-            f"{who} diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {learning_rate:g}"
-        ) from None
+        advice = diverged_advice(err, "--learning_rate (LEARNING_RATE in run_all.sh)", learning_rate)
+        raise InputError(f"{who} diverged ({err}); {advice}") from None
     return trained
 
 

@@ -380,15 +380,22 @@ def run_failing_after_logs(argv, capsys) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("layout", ["kn", "nk"])
-def test_non_finite_embedding_mid_copy_leaves_nothing(tmp_path, capsys, layout):
+@pytest.mark.parametrize(
+    "layout,value,expected",
+    [
+        ("kn", np.inf, "non-finite embedding"),
+        ("nk", np.inf, "non-finite embedding"),
+        ("kn", 3e38, "embedding value 3e+38 (column 4, beyond +-1e+06: a corrupt or mis-scaled file)"),
+    ],
+)
+def test_non_finite_or_huge_embedding_mid_copy_leaves_nothing(tmp_path, capsys, layout, value, expected):
     embeddings, rewards = random_set(0, 20, 3)
-    embeddings[17, 2, 4] = np.inf
+    embeddings[17, 2, 4] = value
     write_repo(tmp_path / "repo", layout, "train", embeddings, rewards)
     write_repo(tmp_path / "repo", layout, "test", *random_set(1, 4, 5))
     out = tmp_path / "data"
     err = run_failing_after_logs(["--embd_dir", tmp_path / "repo", "--output_dir", out, "--chunk_prompts", 4], capsys)
-    assert "non-finite embedding for prompt 17, response 2" in err
+    assert f"{expected} for prompt 17, response 2" in err
     assert_no_output(out)
 
 

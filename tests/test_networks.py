@@ -286,3 +286,29 @@ def test_flushing_denormals_leaves_steps_5_and_7_byte_identical(demo_dir, tmp_pa
     assert sum(name.endswith(".ckpt") for name in outputs) == 3 and "distillation_config.json" in outputs
     for name in outputs:
         assert (tmp_path / "flushed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
+def test_learning_rate_advice_only_where_a_lower_rate_can_help():
+    """A student whose untrained loss is already not finite (inputs at 3e38) gets no learning-rate
+    advice at any rate; one that diverges by its updates (rate 10) is told to lower it."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 8, generator=gen)
+    targets = features[:, 0] + 0.1 * torch.randn(64, generator=gen)
+    train_rows, val_rows = torch.arange(48), torch.arange(48, 64)
+    huge = features.clone()
+    huge[:, 3] = 3e38
+    for rate in (1e-3, 1e-7):
+        with pytest.raises(networks.TrainingDiverged, match="untrained model's validation loss is already") as err:
+            networks.train_student(
+                huge, targets, train_rows, val_rows, networks.TrainConfig(3, rate, 16, 3), torch.Generator()
+            )
+        assert not err.value.rate_may_help
+        assert networks.diverged_advice(err.value, "--learning_rate", rate) == (
+            "no learning rate helps: the embeddings or targets are at fault (check their scale)"
+        )
+    with pytest.raises(networks.TrainingDiverged) as err:
+        networks.train_student(
+            features * 100, targets, train_rows, val_rows, networks.TrainConfig(20, 10.0, 16, 20), torch.Generator()
+        )
+    assert err.value.rate_may_help
+    assert networks.diverged_advice(err.value, "--learning_rate", 10.0) == "lower --learning_rate, now 10"
