@@ -155,10 +155,13 @@ class OrmMember:
         self.features, self.shift, self.scale = features, None, None
         inputs = features.__getitem__
         if standardize:
+            from rm_data import standard_scale  # numpy only; imported here to keep this file free of data layout
+
             train_rows = features[torch.unique(torch.cat([winners, losers]))].double()
-            std = train_rows.std(dim=0, correction=0) if len(train_rows) > 1 else torch.zeros(features.shape[1])
-            self.shift = train_rows.mean(dim=0).float()
-            self.scale = torch.where(std > 0, std, 1.0).float()
+            mean = train_rows.mean(dim=0)
+            var = train_rows.var(dim=0, correction=0) if len(train_rows) > 1 else torch.zeros(features.shape[1])
+            self.shift = mean.float()
+            self.scale = torch.from_numpy(standard_scale(mean.numpy(), var.numpy(), len(train_rows))).float()
 
             def inputs(rows: torch.Tensor) -> torch.Tensor:
                 return (features[rows] - self.shift) / self.scale

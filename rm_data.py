@@ -144,6 +144,26 @@ def embedding_problem(rows: np.ndarray) -> tuple[int, str] | None:
     )
 
 
+def standard_scale(mean: np.ndarray, var: np.ndarray, n_samples: int) -> np.ndarray:
+    """Per-feature scale (D,) float64 for standardising ``n_samples`` rows with these means and
+    (population) variances: the standard deviation, or 1 for a feature treated as constant.
+
+    Constant is scikit-learn's rule (``StandardScaler``, ``_is_constant_feature``): a variance
+    within the round-off bound of its two-pass computation in float64, var <= n eps var +
+    (n mean eps)^2. Beyond it, a feature whose standard deviation is below float32's eps times the
+    largest feature's is negligible against the others and constant too: embeddings are stored in
+    float32 (or float16), and dividing by such a spread (real sets have dimensions with std 2e-33)
+    gives first-layer weights ~1e30 that turn to inf in any float16 copy of the checkpoint.
+    Step 5's ``--standardize`` and the ridge baseline both scale by this.
+    """
+    mean, var = np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)
+    eps = np.finfo(np.float64).eps
+    std = np.sqrt(var)
+    constant = var <= n_samples * eps * var + (n_samples * mean * eps) ** 2
+    constant |= std <= np.finfo(np.float32).eps * std.max(initial=0.0)
+    return np.where(constant, 1.0, std)
+
+
 def discover_splits(data_dir: Path, kind: str) -> list[int]:
     """Split indices present in ``data_dir`` for ``kind`` ('train' or 'test'), numerically sorted.
 
