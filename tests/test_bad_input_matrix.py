@@ -979,6 +979,15 @@ def step5_rewards_not_utf8(w):
     return step5(w, [f"rewards file {path} line 1: not UTF-8 text (byte 0xe9 at offset 3)"], data=data, subprocess=True)
 
 
+def step5_every_pair_ties(w):
+    data = w.data_copy()
+    for path in data.glob("rewards_split_*.json"):
+        path.write_text('{"reward": 0.5}\n' * 260)
+    return step5(
+        w, ["all 100 training pairs tie in golden reward", "nothing to train on"], "--n_sample", "100", data=data
+    )
+
+
 def run_all_run_state_unwritable(w):
     """A records folder that cannot be made (a file in its place: stops root too, unlike permissions)."""
     data, out = w.data_copy(), w.tmp / "out"
@@ -996,6 +1005,7 @@ def run_all_run_state_unwritable(w):
 
 
 NEW_CASES = [
+    step5_every_pair_ties,
     step5_rewards_not_utf8,
     run_all_run_state_unwritable,
     step6_test_set_out_of_order,
