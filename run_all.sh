@@ -83,7 +83,7 @@ run_child() {  # run_child COMMAND...: start_child, then wait for it and return 
 }
 report_signal() {  # report_signal STATUS: one line if a step was killed by a signal this script did not send
     (( $1 > 128 && $1 <= 128 + 64 )) || return 0
-    echo "run_all.sh: $CURRENT was stopped by SIG$(kill -l "$(($1 - 128))") (exit status $1);" \
+    echo "run_all.sh: SIG$(kill -l "$(($1 - 128))") stopped $CURRENT (exit status $1);" \
         "run the same command again to resume" >&2
 }
 on_signal() {  # on_signal NAME STATUS: forward to the running steps, wait for them, exit with one line
