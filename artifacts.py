@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,15 +33,59 @@ os.umask(_UMASK)
 WRITE_LOG_ENV = "RUN_STATE_WRITE_LOG"
 
 
+STDOUT = "-"
+
+
+def output_target(path: str | os.PathLike, flag: str = "") -> Path | None:
+    """Where an output named ``path`` goes, by the one rule every writer follows: None for ``-``
+    (standard output); the file a symlink points to, for a symlink (written through: the link stays,
+    its target is replaced); ``path`` itself when it is a regular file or absent. A directory, a
+    device, a FIFO or a socket is not ours to replace: one :class:`InputError` naming ``flag`` (or
+    the path alone)."""
+    if os.fspath(path) == STDOUT:
+        return None
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    try:
+        target = path.resolve() if path.is_symlink() else path
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise InputError(f"cannot write {name}: {err}") from None
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise InputError(f"cannot write {name}: {err.strerror or err}") from None
+    if stat.S_ISREG(mode):
+        return target
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+    via = f" (a symlink to {target})" if target != path else ""
+    raise InputError(
+        f"cannot write {name}{via}: it is {kind}, not a file to replace (use - for standard output)"
+        if kind != "a directory"
+        else f"cannot write {name}{via}: it is a directory"
+    )
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (``.NAME.*.tmp``); rename it onto ``path`` only if the
-    block succeeds.
+    block succeeds. ``path`` follows :func:`output_target`: ``-`` sends the finished file's bytes to
+    standard output, a symlink is written through, anything but a regular file is refused.
 
     An OS error while the block writes (a full disk, a file-size limit, a read-only or forbidden
     folder: ENOSPC, EFBIG, EROFS, EACCES) becomes one :class:`InputError` naming ``path``.
     """
-    path = Path(path)
+    target = output_target(path)
+    if target is None:
+        with tempfile.TemporaryDirectory() as folder:
+            yield Path(folder) / "stdout"
+            sys.stdout.flush()
+            with open(Path(folder) / "stdout", "rb") as handle:
+                shutil.copyfileobj(handle, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        return
+    path = target
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -82,14 +129,33 @@ def json_text(obj: object) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
+def read_text(path: str | os.PathLike, name: str) -> str:
+    """The UTF-8 text of a file the user gave: the one reader of text inputs, so a missing or
+    unreadable file, or a byte that is not UTF-8, is one :class:`InputError` naming ``name`` (the
+    flag and file, e.g. ``--input in.jsonl``) and, for a bad byte, its line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found") from None
+    except OSError as err:
+        raise InputError(f"cannot read {name}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(
+            f"{name} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     """The JSON object in ``path``; a missing or unreadable file, or other JSON, is an InputError naming ``what``."""
     path = Path(path)
+    if not os.path.lexists(path):
+        raise InputError(f"{what} not found: {path}")
     try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}") from None
-    except (OSError, ValueError) as err:
+        obj = json.loads(read_text(path, f"{what} {path}"))
+    except ValueError as err:
         raise InputError(f"{what} {path} is not readable JSON ({err})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{what} {path} must hold a JSON object")

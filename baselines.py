@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from cli import InputError
-from rm_data import EmbeddingSet, read_rewards_jsonl
+from rm_data import EmbeddingSet, read_rewards_jsonl, standard_scale
 
 LENGTH_FILES = {"train": "lengths_split_{k}.json", "test": "lengths_test_split_{k}.json"}
 RIDGE_ALPHAS = np.logspace(-2, 6, 17)
@@ -84,9 +84,10 @@ def fit_ridge(data: EmbeddingSet, prompts: np.ndarray):
     """Ridge fitted on all K responses of ``prompts``: a scorer (B, D) float32 -> (1, B) float64."""
     features = np.concatenate([data.read_rows(k, prompts) for k in range(data.n_splits)], dtype=np.float64)
     targets = data.rewards[prompts].T.ravel()  # split-major, as the rows
-    # Standardised as scikit-learn's StandardScaler does (a constant column keeps scale 1).
-    offset, scale = features.mean(axis=0), features.std(axis=0)
-    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(offset))] = 1.0
+    # Standardised as scikit-learn's StandardScaler does (a constant column keeps scale 1), by the
+    # rule step 5's --standardize uses (rm_data.standard_scale).
+    offset = features.mean(axis=0)
+    scale = standard_scale(offset, features.var(axis=0), len(features))
     features -= offset
     features /= scale
     _, coefficients, intercept = ridge_loo(features, targets, RIDGE_ALPHAS)

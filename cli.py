@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import TextIO
 
 import interrupts
 from interrupts import RUN_ALL_ENV, Interrupted
@@ -151,7 +152,8 @@ def setting_typos(environ: Mapping[str, str]) -> list[str]:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; report an :class:`InputError` as one stderr line and exit with 2.
+    """Run ``main(argv)``; report an :class:`InputError`, or an ``OSError`` about a file, as one
+    stderr line and exit with 2.
 
     Ctrl-C (SIGINT), SIGTERM and SIGHUP stop the script with one line (no traceback) and status 130 /
     143 / 129 whenever they arrive (interrupts.py); running out of memory (a size flag far too large) is
@@ -187,6 +189,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         status = 2
         print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.filename is None:  # not about a file: a bug or the machine, worth its traceback
+            raise
+        # A file or folder the run cannot use (an unwritable .run_state/, a full disk, a folder that
+        # vanished): the shared readers and writers name theirs; this names any other.
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        print(f"error: {for_user(f'{where}: {err.strerror or err}')}", file=sys.stderr)
+        sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
         signum = err.args[0] if isinstance(err, Interrupted) and err.args else signal.SIGINT
         status = 128 + signum
@@ -207,8 +217,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 
 
-def setup_logging() -> None:
-    """Progress logs go to stdout, so stderr carries only errors (and tqdm bars on a terminal, progress.py).
+def setup_logging(stream: TextIO | None = None) -> None:
+    """Progress logs go to stdout (or ``stream``: stderr where stdout carries a result, as
+    ``--output -`` does), so stderr carries only errors (and tqdm bars on a terminal, progress.py).
 
     ``LOG_LEVEL=DEBUG`` in the environment adds per-epoch training and validation losses.
     """
@@ -216,7 +227,11 @@ def setup_logging() -> None:
     if level not in LOG_LEVELS:
         raise InputError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     logging.basicConfig(
-        level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True, stream=sys.stdout
+        level=level,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+        stream=stream or sys.stdout,
     )
 
 

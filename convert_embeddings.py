@@ -60,13 +60,13 @@ from artifacts import (
     file_sha256,
     json_sha256,
     read_json,
-    remove_leftover_temps,
     sampled_blocks,
     write_json,
 )
 from cli import ArgumentParser, InputError, positive_int, run_cli, setup_logging
+from data_folder import data_dir_claim, rewritten_data_dir, split_files
 from progress import progress
-from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, data_dir_claim, write_rewards_jsonl
+from rm_data import ALLOWED_DTYPES, FILE_PATTERNS, TASKS, embedding_problem, write_rewards_jsonl
 
 log = logging.getLogger("convert_embeddings")
 
@@ -452,15 +452,6 @@ def read_block(path: Path, layout: str, start: int, stop: int) -> np.ndarray:
     return block if layout == "nk" else block.transpose(1, 0, 2)
 
 
-def all_finite(rows: np.ndarray) -> bool:
-    if rows.dtype == np.float16:
-        # numpy's float16 min/max are ~50x slower than float32's; inf and nan are exactly the
-        # float16 values whose exponent bits are all set.
-        return bool((rows.view(np.uint16) & 0x7C00).max() != 0x7C00)
-    # min and max propagate nan and expose +-inf without a boolean temporary.
-    return bool(np.isfinite(rows.min()) and np.isfinite(rows.max()))
-
-
 def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
     """Write the set's EMBD-*-split_{k}.npy files, sorted, one chunk of prompts at a time."""
     emb_pattern = FILE_PATTERNS[plan.kind][0]
@@ -480,11 +471,10 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
             # Files are reopened per chunk: K may exceed the open-file limit (test sets have K=500).
             for path, offset, response in zip(split_paths, data_offsets, responses, strict=True):
                 rows = block[prompt_index, response]  # fancy indexing: a new C-contiguous (c, D)
-                if not all_finite(rows):
-                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]
+                if (problem := embedding_problem(rows)) is not None:
+                    bad, what = problem
                     raise InputError(
-                        f"{plan.source.embd_path}: non-finite embedding for prompt "
-                        f"{start + bad}, response {response[bad]}"
+                        f"{plan.source.embd_path}: {what} for prompt {start + bad}, response {response[bad]}"
                     )
                 with open(path, "r+b") as handle:
                     handle.seek(offset + start * row_bytes)
@@ -492,43 +482,28 @@ def copy_embeddings(plan: SetPlan, out_dir: Path, chunk_prompts: int) -> None:
             del block, rows  # freed before the next chunk is mapped and copied
 
 
-def convert(plans: list[SetPlan], out_dir: Path, record: dict, old_files: set[str], chunk_prompts: int | None) -> None:
-    """Replace the previous conversion in ``out_dir`` by this one; on any error leave no split files."""
-    record_path = out_dir / CONVERSION_FILE
-    targets = [name for plan in plans for name in plan.output_names()]
-    # Marks the folder's files as ours until the conversion completes, so an interrupted run is
-    # cleaned up by the next one instead of being refused as foreign data.
-    write_json(record_path, {"status": "incomplete", "files": sorted(old_files | set(targets))})
-    try:
-        for name in old_files:
-            (out_dir / name).unlink(missing_ok=True)
-        remove_leftover_temps(out_dir, SPLIT_GLOBS)
-        for plan in plans:
-            log.info(
-                "%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s",
-                plan.kind,
-                plan.source.embd_path,
-                plan.layout,
-                plan.n_prompts,
-                plan.n_responses,
-                plan.dim,
-                plan.dtype,
-                ", sorting responses by reward",
-            )
-            per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
-            copy_embeddings(plan, out_dir, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))
-            sorted_rewards = np.take_along_axis(plan.rewards, plan.order, axis=1)
-            for k in range(plan.n_responses):
-                write_rewards_jsonl(out_dir / FILE_PATTERNS[plan.kind][1].format(k=k), sorted_rewards[:, k])
-        files = {name: (out_dir / name).stat().st_size for name in targets}
-        write_json(record_path, {**record, "files": files})
-    except BaseException as err:
-        for name in targets:
-            (out_dir / name).unlink(missing_ok=True)
-        record_path.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise InputError(f"conversion into {out_dir} failed: {err}") from None
-        raise
+def convert(plans: list[SetPlan], staging: Path, record: dict, chunk_prompts: int | None) -> None:
+    """Write this conversion into the empty folder ``staging`` (``data_folder.rewritten_data_dir``
+    swaps it in whole, so a failure leaves the previous conversion as it was)."""
+    for plan in plans:
+        log.info(
+            "%s: %s, %s layout, %d prompts x K=%d x D=%d %s%s",
+            plan.kind,
+            plan.source.embd_path,
+            plan.layout,
+            plan.n_prompts,
+            plan.n_responses,
+            plan.dim,
+            plan.dtype,
+            ", sorting responses by reward",
+        )
+        per_prompt = plan.n_responses * plan.dim * plan.dtype.itemsize
+        copy_embeddings(plan, staging, chunk_prompts or max(1, CHUNK_BYTES // per_prompt))
+        sorted_rewards = np.take_along_axis(plan.rewards, plan.order, axis=1)
+        for k in range(plan.n_responses):
+            write_rewards_jsonl(staging / FILE_PATTERNS[plan.kind][1].format(k=k), sorted_rewards[:, k])
+    files = {name: (staging / name).stat().st_size for plan in plans for name in plan.output_names()}
+    write_json(staging / CONVERSION_FILE, {**record, "files": files})
 
 
 def main(argv=None) -> Path:
@@ -571,17 +546,17 @@ def write_conversion(args, plans: list[SetPlan], record: dict, out_dir: Path, in
             f"options) but another run is reading it; wait for that run, or set another --output_dir"
         )
     needed = sum(plan.output_bytes() for plan in plans)
-    available = shutil.disk_usage(out_dir).free + sum(
-        (out_dir / name).stat().st_size for name in old_files if (out_dir / name).is_file()
-    )
+    available = shutil.disk_usage(out_dir).free
     if needed > available:
         raise InputError(
-            f"--output_dir {out_dir}: the conversion needs up to {needed / 1e9:.2f} GB, "
-            f"{available / 1e9:.2f} GB are free"
+            f"--output_dir {out_dir}: the conversion needs up to {needed / 1e9:.2f} GB beside the old one "
+            f"(which stays until the new one is complete), {available / 1e9:.2f} GB are free"
         )
 
     started = time.perf_counter()
-    convert(plans, out_dir, record, old_files, args.chunk_prompts)
+    replaced = split_files("train", "test")
+    with rewritten_data_dir(out_dir, lambda name: replaced(name) or name == CONVERSION_FILE) as staging:
+        convert(plans, staging, record, args.chunk_prompts)
     seconds = time.perf_counter() - started
     copied = sum(plan.n_prompts * plan.n_responses * plan.dim * plan.dtype.itemsize for plan in plans)
     print(

@@ -18,8 +18,9 @@ An optional test set draws fresh prompts with ``--n_test_responses`` responses e
 The folder also gets ``demo_config.json``; rerunning with the same settings is a no-op, and other
 settings regenerate the demo, saying which settings changed (a folder with non-demo data is never
 overwritten; with ``--in_use``, which run_all.sh passes while other runs read the folder, nothing
-is). Runs on one folder take turns (a lock file, ``.demo.lock``): parallel sweep cells never race
-to write the demo.
+is). Runs on one folder take turns, and a new demo is built beside the folder and swapped in whole
+(``data_folder``): parallel sweep cells never race to write it, and a step reading the folder sees
+the old demo or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
 
 # isort: split
-import fcntl
 import logging
 from pathlib import Path
 
@@ -44,8 +44,9 @@ from cli import (
     run_cli,
     setup_logging,
 )
+from data_folder import data_dir_claim, rewritten_data_dir, split_files
 from progress import progress
-from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, data_dir_claim, write_rewards_jsonl
+from rm_data import DEMO_CONFIG_FILE, FILE_PATTERNS, write_rewards_jsonl
 
 log = logging.getLogger("generate_demo_data")
 DEMO_VERSION = 1
@@ -134,10 +135,8 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     setup_logging()
     out_dir = ensure_writable_dir(args.output_dir)
-    with open(out_dir / ".demo.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-        with data_dir_claim(out_dir) as unused:  # no run_all.sh reads the folder meanwhile
-            return write_demo(args, out_dir, in_use=args.in_use or not unused)
+    with data_dir_claim(out_dir) as unused:  # no other process reads the folder meanwhile
+        return write_demo(args, out_dir, in_use=args.in_use or not unused)
 
 
 def write_demo(args, out_dir: Path, in_use: bool) -> Path:
@@ -164,20 +163,19 @@ def write_demo(args, out_dir: Path, in_use: bool) -> Path:
                 f"is reading it; wait for that run, or set another --output_dir for these settings"
             )
         print(for_user(f"regenerating the demo data in {out_dir}: its settings changed ({changes})"), flush=True)
-        config_path.unlink()  # the folder holds an older demo: regenerate it whole
-        for stale in data_files:
-            stale.unlink()
     elif data_files:
         raise InputError(f"--output_dir {out_dir} holds embedding data that is not a demo; refusing to overwrite it")
     elif in_use:
         raise InputError(f"--output_dir {out_dir} holds no demo data yet and another run is reading it; wait for it")
 
-    rng = np.random.default_rng(args.seed)
-    world = DemoWorld(rng, args.emb_dim, args.latent_dim)
-    write_set(out_dir, "train", world, args.n_prompts, args.n_splits, rng)
-    if args.n_test_prompts:
-        write_set(out_dir, "test", world, args.n_test_prompts, args.n_test_responses, rng)
-    write_json(config_path, config)  # written last: marks the demo complete
+    replaced = split_files("train", "test")  # an older demo's splits go, whatever their number
+    with rewritten_data_dir(out_dir, lambda name: replaced(name) or name == DEMO_CONFIG_FILE) as staging:
+        rng = np.random.default_rng(args.seed)
+        world = DemoWorld(rng, args.emb_dim, args.latent_dim)
+        write_set(staging, "train", world, args.n_prompts, args.n_splits, rng)
+        if args.n_test_prompts:
+            write_set(staging, "test", world, args.n_test_prompts, args.n_test_responses, rng)
+        write_json(staging / DEMO_CONFIG_FILE, config)
     print(
         f"demo data: {args.n_prompts} prompts x {args.n_splits} responses x D={args.emb_dim}"
         f"{f', test {args.n_test_prompts} x {args.n_test_responses}' if args.n_test_prompts else ''}"

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifacts import atomic_path
+from artifacts import atomic_path, read_text
 from cli import DTYPE_NAMES, InputError, non_negative_float, non_negative_int, positive_int
 from random_streams import int_seed, seed_sequence
 from rm_data import TASKS
@@ -272,12 +272,7 @@ def numbered_jsonl(path: str | Path, flag: str = "") -> list[tuple[int, dict]]:
     """(line number, JSON object) of each non-blank line; a bad line is an error naming the file and
     line, an unreadable file one naming ``flag`` (the option that gave it, if any) and the file."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{flag} {path}: file not found".lstrip()) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{flag} {path}: cannot read ({err})".lstrip()) from None
+    lines = read_text(path, f"{flag} {path}".lstrip()).splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -563,8 +558,18 @@ def _from_pretrained(auto_class: str, name: str, flag: str, what: str, **kwargs)
         )
     try:
         with quiet_transformers():
-            return getattr(transformers, auto_class).from_pretrained(path, **gguf_kwargs, **kwargs)
+            # Never code from a model folder: a folder whose config.json or tokenizer_config.json asks
+            # for its own classes (auto_map) loads with the library's class when there is one, else is
+            # refused. Passed explicitly, so transformers never asks on stdin, where a "y" would run it.
+            return getattr(transformers, auto_class).from_pretrained(
+                path, **gguf_kwargs, **kwargs, trust_remote_code=False
+            )
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise InputError(
+                f"{flag} {name}: the {what} needs Python code from its own folder (auto_map); "
+                "refused: this pipeline never runs code from a model folder"
+            ) from None
         first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
     if name in MODEL_IDS:
         where = f" (hub id {MODEL_IDS[name]})"

@@ -155,10 +155,13 @@ class OrmMember:
         self.features, self.shift, self.scale = features, None, None
         inputs = features.__getitem__
         if standardize:
+            from rm_data import standard_scale  # numpy only; imported here to keep this file free of data layout
+
             train_rows = features[torch.unique(torch.cat([winners, losers]))].double()
-            std = train_rows.std(dim=0, correction=0) if len(train_rows) > 1 else torch.zeros(features.shape[1])
-            self.shift = train_rows.mean(dim=0).float()
-            self.scale = torch.where(std > 0, std, 1.0).float()
+            mean = train_rows.mean(dim=0)
+            var = train_rows.var(dim=0, correction=0) if len(train_rows) > 1 else torch.zeros(features.shape[1])
+            self.shift = mean.float()
+            self.scale = torch.from_numpy(standard_scale(mean.numpy(), var.numpy(), len(train_rows))).float()
 
             def inputs(rows: torch.Tensor) -> torch.Tensor:
                 return (features[rows] - self.shift) / self.scale
@@ -283,9 +286,20 @@ class TrainingDiverged(RuntimeError):
     pooled validation loss).
     """
 
-    def __init__(self, message: str, index: int = 0):
+    def __init__(self, message: str, index: int = 0, rate_may_help: bool = True):
         super().__init__(message)
         self.index = index
+        # False when the untrained model's loss is already not finite: no step has been taken, so
+        # no learning rate changes it (the inputs or targets are at fault).
+        self.rate_may_help = rate_may_help
+
+
+def diverged_advice(err: TrainingDiverged, flag: str, learning_rate: float) -> str:
+    """What to do about ``err``: lower the learning rate ``flag`` where that can help, else look at
+    the data."""
+    if err.rate_may_help:
+        return f"lower {flag}, now {learning_rate:g}"
+    return "no learning rate helps: the embeddings or targets are at fault (check their scale)"
 
 
 def _pooled(problems: Sequence[FitProblem], values: Sequence[float]) -> float:
@@ -398,6 +412,9 @@ def fit_models(problems: Sequence[FitProblem], config: TrainConfig, early_stoppi
         for problem in problems
     ]
     untrained = [problem.validate() if problem.validate is not None else (-math.inf, None) for problem in problems]
+    for i, (loss, _) in enumerate(untrained):
+        if math.isnan(loss) or loss == math.inf:
+            raise TrainingDiverged(f"the untrained model's validation loss is already {loss}", i, rate_may_help=False)
     by_accuracy = config.stop_metric == "accuracy"
     if by_accuracy and any(accuracy is None for _, accuracy in untrained):
         raise ValueError("stop_metric 'accuracy' needs a validation pair accuracy for every model")

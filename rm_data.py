@@ -7,20 +7,19 @@ memory), the seeded prompt partition and fingerprints. What steps 5-8 write besi
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from artifacts import read_json, sampled_blocks, write_text
-from cli import RUN_ALL_ENV, InputError, finite_number
+from artifacts import read_json, read_text, sampled_blocks, write_text
+from cli import InputError, finite_number
+from data_folder import hold_shared
 from random_streams import seed_sequence
 
 FILE_PATTERNS = {
@@ -28,6 +27,12 @@ FILE_PATTERNS = {
     "test": ("EMBD-TEST-split_{k}.npy", "rewards_test_split_{k}.json"),
 }
 ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# Largest embedding value accepted (absolute). LLM hidden states reach a few thousand in their
+# "massive activation" dimensions and sentence embeddings are near unit norm; float16 files stop at
+# 65504. A value beyond 1e6 is a corrupt or mis-scaled file: fed to the MLP it makes first-layer
+# products of ~1e6 x D and gradients that no learning rate tames (3e38 overflows float32 at once),
+# so it is refused where it is read, naming file and row, instead of surfacing as divergence.
+MAX_ABS_EMBEDDING = 1e6
 PROMPT_ROLES = ("orm_train", "calibration", "student_train", "held_out")
 # Shares of the evaluation pool (README, "Who sees which prompts").
 ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
@@ -63,41 +68,16 @@ def write_rewards_jsonl(path: str | os.PathLike, rewards: np.ndarray) -> None:
     write_text(path, lines)
 
 
-@contextlib.contextmanager
-def data_dir_claim(path: Path) -> Iterator[bool]:
-    """Hold the data folder ``path`` exclusively while the block writes it; yield False (and hold
-    nothing) if another process holds its lock: a run_all.sh run reading it (shared) or writing it.
-
-    Under run_all.sh, which holds the lock itself and passes ``--in_use`` to the writers while other
-    runs read the folder, this yields True without locking (a second lock would wait on its own)."""
-    if os.environ.get(RUN_ALL_ENV):
-        yield True
-        return
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(handle)
-
-
 # --------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------
 def read_rewards_jsonl(path: Path, key: str = "reward") -> np.ndarray:
     """Golden rewards from a JSONL file: (N,) float64. Every line must be ``{"reward": number}``
     (``{key: number}``: the same reader serves other per-response values, e.g. lengths)."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise InputError(f"cannot read {key}s file {path}: {err.strerror or err}") from None
+    text = read_text(path, f"{key}s file {path}")
     lines = text.splitlines()
-    if lines and not lines[-1].strip():
-        lines = lines[:-1]
+    while lines and not lines[-1].strip():  # trailing blank lines (an editor's, a concatenation's)
+        lines.pop()
     # One parse of all lines joined by commas (~6x faster). It can differ from reading line by line
     # only where a line holds "}" followed by ",", so such files, like any that fail here, are read
     # line by line, which names the bad line.
@@ -137,6 +117,51 @@ def _open_embeddings(path: Path) -> np.ndarray:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InputError(f"{path}: empty array of shape {array.shape}")
     return array
+
+
+def embedding_problem(rows: np.ndarray) -> tuple[int, str] | None:
+    """The first row of ``rows`` (B, D) holding a value that is not finite or beyond
+    :data:`MAX_ABS_EMBEDDING`, and what it holds; None when every value is fine (checked with one
+    min and one max, no temporary, where all are)."""
+    if rows.dtype == np.float16:
+        # numpy's float16 min/max are ~50x slower than float32's; inf and nan are exactly the
+        # float16 values whose exponent bits are all set, and finite ones stay below 65504.
+        if (rows.view(np.uint16) & 0x7C00).max() != 0x7C00:
+            return None
+    else:
+        low, high = rows.min(), rows.max()  # they propagate nan and expose +-inf
+        if -MAX_ABS_EMBEDDING <= low and high <= MAX_ABS_EMBEDDING:
+            return None
+    magnitudes = np.abs(rows.astype(np.float32))
+    index = int(np.flatnonzero(~(magnitudes <= MAX_ABS_EMBEDDING).all(axis=1))[0])
+    row = rows[index].astype(np.float64)
+    if not np.isfinite(row).all():
+        return index, "non-finite embedding"
+    column = int(np.argmax(np.abs(row)))
+    return index, (
+        f"embedding value {row[column]:.3g} (column {column}, beyond +-{MAX_ABS_EMBEDDING:.0e}: "
+        "a corrupt or mis-scaled file)"
+    )
+
+
+def standard_scale(mean: np.ndarray, var: np.ndarray, n_samples: int) -> np.ndarray:
+    """Per-feature scale (D,) float64 for standardising ``n_samples`` rows with these means and
+    (population) variances: the standard deviation, or 1 for a feature treated as constant.
+
+    Constant is scikit-learn's rule (``StandardScaler``, ``_is_constant_feature``): a variance
+    within the round-off bound of its two-pass computation in float64, var <= n eps var +
+    (n mean eps)^2. Beyond it, a feature whose standard deviation is below float32's eps times the
+    largest feature's is negligible against the others and constant too: embeddings are stored in
+    float32 (or float16), and dividing by such a spread (real sets have dimensions with std 2e-33)
+    gives first-layer weights ~1e30 that turn to inf in any float16 copy of the checkpoint.
+    Step 5's ``--standardize`` and the ridge baseline both scale by this.
+    """
+    mean, var = np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)
+    eps = np.finfo(np.float64).eps
+    std = np.sqrt(var)
+    constant = var <= n_samples * eps * var + (n_samples * mean * eps) ** 2
+    constant |= std <= np.finfo(np.float32).eps * std.max(initial=0.0)
+    return np.where(constant, 1.0, std)
 
 
 def discover_splits(data_dir: Path, kind: str) -> list[int]:
@@ -205,9 +230,9 @@ class EmbeddingSet:
         order = np.argsort(prompt_ids, kind="stable")  # sorted reads are sequential on disk
         rows = np.empty((len(prompt_ids), self.dim), dtype=np.float32)
         rows[order] = _open_embeddings(self.embedding_paths[split])[prompt_ids[order]]
-        if not np.isfinite(rows).all():
-            bad = int(prompt_ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
-            raise InputError(f"{self.embedding_paths[split]}: non-finite embedding in row {bad}")
+        if (problem := embedding_problem(rows)) is not None:
+            index, what = problem
+            raise InputError(f"{self.embedding_paths[split]}: {what} in row {int(prompt_ids[index])}")
         return rows
 
     def score(
@@ -252,6 +277,7 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", require
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"data directory {data_dir} does not exist")
+    hold_shared(data_dir)  # until this process exits: no writer swaps the data while it is read
     splits = discover_splits(data_dir, kind)
     emb_pattern, reward_pattern = FILE_PATTERNS[kind]
     if not splits:

@@ -116,7 +116,7 @@ run_child() {  # run_child COMMAND...: start_child, then wait for it and return 
 }
 report_signal() {  # report_signal STATUS: one line if a step was killed by a signal this script did not send
     (( $1 > 128 && $1 <= 128 + 64 )) || return 0
-    echo "run_all.sh: $CURRENT was stopped by SIG$(kill -l "$(($1 - 128))") (exit status $1);" \
+    echo "run_all.sh: SIG$(kill -l "$(($1 - 128))") stopped $CURRENT (exit status $1);" \
         "run the same command again to resume" >&2
 }
 
@@ -157,8 +157,19 @@ lock_data_dir() {
     DATA_WRITABLE=0
 }
 share_data_dir() {  # after writing: hold DATA_DIR shared, so that other runs may read it too
-    [[ "$HAVE_FLOCK" == 1 && "$data_lock" != "$output_lock" ]] || return 0
-    flock -s "$data_lock"  # a downgrade: never waits
+    [[ "$HAVE_FLOCK" == 1 ]] || return 0
+    # A writer swaps a new folder in at DATA_DIR (data_folder.py): lock that one, not the old.
+    if ! [[ "/dev/fd/$data_lock" -ef "$DATA_DIR" ]]; then
+        local old_lock=$data_lock
+        exec {data_lock}<"$DATA_DIR"
+        if [[ "$old_lock" == "$output_lock" ]]; then  # DATA_DIR is OUTPUT_DIR: it is the output lock too
+            output_lock=$data_lock
+            flock -n "$output_lock" || die "OUTPUT_DIR '$OUTPUT_DIR' was taken by another run while its data were rewritten"
+        fi
+        exec {old_lock}<&-
+    fi
+    [[ "$data_lock" != "$output_lock" ]] || return 0
+    flock -s "$data_lock"  # a downgrade (or, after a swap, a shared lock beside other readers)
 }
 IN_USE=()  # flag for the data writers while other runs read DATA_DIR
 

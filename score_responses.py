@@ -13,13 +13,14 @@ from __future__ import annotations
 import interrupts  # noqa: F401  (first: signals are handled from here on, before the heavy imports)
 
 # isort: split
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from artifacts import ensure_writable_dir
+from artifacts import STDOUT, ensure_writable_dir, output_target
 from cli import (
     DEFAULT_REWARD_VARIANT,
     GOLDEN_SCALE_VARIANTS,
@@ -44,7 +45,11 @@ def parse_args(argv=None):
         help="the finished run to load (run_all.sh's OUTPUT_DIR: manifest, checkpoints, maps)",
     )
     parser.add_argument("--input", required=True, help="JSONL of {prompt, response} or {prompt, responses}")
-    parser.add_argument("--output", required=True, help="JSONL to write (atomically)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="JSONL to write (atomically; - for standard output; a symlink is written through)",
+    )
     parser.add_argument(
         "--variant",
         choices=REWARD_VARIANTS,
@@ -144,12 +149,11 @@ def main(argv=None) -> list[dict]:
     from llm_models import write_jsonl  # torch and transformers: after the flags
     from reward_model import RewardModel
 
-    setup_logging()
+    setup_logging(sys.stderr if args.output == STDOUT else None)
     device = parse_device(args.device)
-    output = Path(args.output)
-    if output.is_dir():
-        raise InputError(f"--output {output}: is a directory")
-    ensure_writable_dir(output.parent, "--output")
+    output = output_target(args.output, "--output")  # None: standard output
+    if output is not None:
+        ensure_writable_dir(output.parent, "--output")
     requests = read_requests(Path(args.input))
     reward_model = RewardModel.load(args.output_dir, variants=[args.variant])
     prompts = [record["prompt"] for _, record, responses in requests for _ in responses]
@@ -167,12 +171,13 @@ def main(argv=None) -> list[dict]:
             {**record, "reward": float(values[0])} if "response" in record else {**record, "rewards": values.tolist()}
             for (_, record, _), values in zip(requests, per_record)
         ]
-    write_jsonl(output, records)
+    write_jsonl(args.output, records)
     scale = "golden scale" if args.variant in GOLDEN_SCALE_VARIANTS else "raw ensemble scale"
     print(
         f"score_responses: {len(responses)} responses of {len(set(prompts))} prompts scored with {args.variant} "
         f"({scale}; mean reward {rewards.mean():.4f}; {len(responses) / max(seconds, 1e-9):.1f} texts/s) -> "
-        f"{output}{' (best of N per prompt)' if args.best_of_n else ''}"
+        f"{args.output}{' (best of N per prompt)' if args.best_of_n else ''}",
+        file=sys.stderr if output is None else sys.stdout,  # standard output holds the records
     )
     return records
 

@@ -256,7 +256,8 @@ def driver_parser() -> ArgumentParser:
         "`OPENBLAS_NUM_THREADS`); steps 6 and 7, which run side by side, get half each. Default: "
         "`OMP_NUM_THREADS` when set, else the CPUs this process may run on (its affinity mask, which a "
         "scheduler sets). A matrix product's last bits depend on its threads, so results are "
-        "bit-identical only at the same THREADS (docs/performance.md)",
+        "bit-identical only at the same THREADS (docs/performance.md). More than the CPUs is allowed with one "
+        "warning line",
     )  # fmt: skip
     return parser
 
@@ -268,7 +269,24 @@ def resolve_threads(args: argparse.Namespace, environ: Mapping[str, str]) -> int
     omp = environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
+    return available_cpus()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a scheduler's allocation sets)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_warning(threads: int) -> str | None:
+    """A warning, not a refusal, when THREADS exceeds the CPUs: oversubscribing is slow but legal
+    (a timing study may want it, and a container's CPU quota may differ from its affinity mask)."""
+    cpus = available_cpus()
+    if threads <= cpus:
+        return None
+    return (
+        f"THREADS={threads} is more than the {cpus} CPU(s) this process may run on: the steps' threads "
+        "will contend for them (slower; results stay bit-identical at the same THREADS)"
+    )
 
 
 def commands(stage: str | None = None) -> list[Command]:
@@ -669,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             bash, argvs, text = preflight(os.environ, args.caller_dir)
             scripts = [c.script for c in COMMANDS if c.name in argvs]
-            for warning in flag_lookalikes(os.environ, scripts):
+            warnings = [*flag_lookalikes(os.environ, scripts), threads_warning(int(bash["THREADS"]))]
+            for warning in filter(None, warnings):
                 print(f"run_all.sh: warning: {warning}", file=sys.stderr)
             print(bash_assignments(bash, argvs, text))
         except InputError as err:

@@ -233,6 +233,7 @@ def generate_vllm(
         tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        trust_remote_code=False,  # never code from a model folder (llm_models._from_pretrained)
         **engine_args,
     )
     top_p = TOP_P if args.temperature > 0 else 1.0

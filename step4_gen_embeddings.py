@@ -47,6 +47,7 @@ from artifacts import (
     write_json,
 )
 from cli import ArgumentParser, InputError, add_dtype_arg, finite_number, positive_int, run_cli, setup_logging
+from data_folder import exclusive_rewrite, split_files
 from llm_models import (
     POOLINGS,
     GenerationRun,
@@ -71,7 +72,7 @@ from llm_models import (
     scored_text,
     tokenize_texts,
 )
-from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits, write_rewards_jsonl
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, write_rewards_jsonl
 
 log = logging.getLogger("step4_gen_embeddings")
 
@@ -369,52 +370,50 @@ def main(argv=None):
             args.pooling,
         )
 
-    # ---- embed (or merge) and write, one kind at a time --------------------------------------
+    # ---- embed (or merge) and write, one kind at a time ------------------------------------
+    # A data directory is written into a folder swapped in whole at the end (data_folder.py); a
+    # shard's part files go to the run folder, each atomically.
     summary = []
-    for kind, (records, n_splits) in ranked.items():
-        if sharded:
+    if sharded:
+        for kind, (records, _) in ranked.items():
             summary.append(embed_shard(run, kind, records, settings[kind], compute_dtype, model, tokenizer, args))
-            continue
-        emb_pattern, reward_pattern = FILE_PATTERNS[kind]
-        started = time.perf_counter()
-        paths = [data_dir / emb_pattern.format(k=k) for k in range(n_splits)]
-        dim = settings[kind]["dim"]
-        with open_splits(paths, len(records), dim, args.embedding_dtype) as splits:
-            if args.merge:
-                shards, compute_dtype, n_cut = merged[kind]
-                copy_shards(splits, shards)
-            else:
-                texts = [scored_text(r["query"], response) for r in records for response in r["responses_sorted"]]
-                n_cut = fill_embeddings(splits, model, tokenizer, texts, args)
-            del splits  # close the memory maps before the temporary files are renamed
-        seconds = time.perf_counter() - started
-        rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
-        for k in range(n_splits):
-            write_rewards_jsonl(data_dir / reward_pattern.format(k=k), rewards[:, k])
-        for k in discover_splits(data_dir, kind)[n_splits:]:
-            log.warning(
-                "removing %s and its rewards, left from an earlier run with more responses", emb_pattern.format(k=k)
+        print(f"step4: {'; '.join(summary)} -> {data_dir}")
+        return
+    replaced = split_files(*kinds)  # an earlier run's splits of these kinds go, whatever their number
+    infos = [EMBEDDING_INFO_FILE.format(kind=kind) for kind in kinds]
+    with exclusive_rewrite(data_dir, lambda name: replaced(name) or name in infos) as staging:
+        for kind, (records, n_splits) in ranked.items():
+            emb_pattern, reward_pattern = FILE_PATTERNS[kind]
+            started = time.perf_counter()
+            paths = [staging / emb_pattern.format(k=k) for k in range(n_splits)]
+            dim = settings[kind]["dim"]
+            with open_splits(paths, len(records), dim, args.embedding_dtype) as splits:
+                if args.merge:
+                    shards, compute_dtype, n_cut = merged[kind]
+                    copy_shards(splits, shards)
+                else:
+                    texts = [scored_text(r["query"], answer) for r in records for answer in r["responses_sorted"]]
+                    n_cut = fill_embeddings(splits, model, tokenizer, texts, args)
+                del splits  # close the memory maps before the temporary files are renamed
+            seconds = time.perf_counter() - started
+            rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
+            for k in range(n_splits):
+                write_rewards_jsonl(staging / reward_pattern.format(k=k), rewards[:, k])
+            skipped = ("ranked_sha256", "batch_size", "num_shards")
+            info = {key: value for key, value in settings[kind].items() if key not in skipped}
+            write_json(
+                staging / EMBEDDING_INFO_FILE.format(kind=kind),
+                {**info, "compute_dtype": compute_dtype, "n_cut_at_max_length": n_cut},
             )
-            (data_dir / emb_pattern.format(k=k)).unlink()
-            (data_dir / reward_pattern.format(k=k)).unlink()
-        info = {
-            key: value
-            for key, value in settings[kind].items()
-            if key not in ("ranked_sha256", "batch_size", "num_shards")
-        }
-        write_json(
-            data_dir / EMBEDDING_INFO_FILE.format(kind=kind),
-            {**info, "compute_dtype": compute_dtype, "n_cut_at_max_length": n_cut},
-        )
-        how = (
-            f"merged from {args.num_shards} shards"
-            if args.merge
-            else f"{len(records) * n_splits / max(seconds, 1e-9):.1f} embeddings/s"
-        )
-        summary.append(
-            f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {info['n_empty_after_cut']} responses "
-            f"empty after the cut ({how}, {compute_dtype} stored as {args.embedding_dtype})"
-        )
+            how = (
+                f"merged from {args.num_shards} shards"
+                if args.merge
+                else f"{len(records) * n_splits / max(seconds, 1e-9):.1f} embeddings/s"
+            )
+            summary.append(
+                f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {info['n_empty_after_cut']} "
+                f"responses empty after the cut ({how}, {compute_dtype} stored as {args.embedding_dtype})"
+            )
     print(f"step4: {'; '.join(summary)} -> {data_dir}")
 
 

@@ -328,19 +328,26 @@ def simulate_annotator(
 
 
 def pair_statistics(first_rewards, second_rewards, first_wins, prob, reward_scale) -> dict:
-    """Realised label-flip rate (winner has the lower golden reward) against sigmoid theory."""
+    """Realised label-flip rate (winner has the lower golden reward) against sigmoid theory.
+
+    A pair whose golden rewards tie has no true order to flip: the rates are over the other pairs,
+    and ``n_pairs_with_golden_tie`` says how many were left out. When every pair ties the rates are
+    None, with ``label_flip_rate_reason`` (step 5 then refuses to train)."""
     delta = first_rewards - second_rewards
     decided = delta != 0
     flipped = np.where(first_wins, delta < 0, delta > 0)[decided]
     expected = np.where(delta > 0, 1 - prob, prob)[decided]
-    return {
+    stats = {
         "n_pairs": int(len(delta)),
         "n_pairs_with_golden_tie": int((~decided).sum()),
-        "label_flip_rate": float(flipped.mean()) if decided.any() else 0.0,
-        "expected_flip_rate": float(expected.mean()) if decided.any() else 0.0,
+        "label_flip_rate": float(flipped.mean()) if decided.any() else None,
+        "expected_flip_rate": float(expected.mean()) if decided.any() else None,
         "mean_abs_delta": float(np.abs(delta).mean()),
         "mean_abs_scaled_delta": float(np.abs(delta / reward_scale).mean()),
     }
+    if not decided.any():
+        stats["label_flip_rate_reason"] = "every pair ties in golden reward: no pair has a true order to flip"
+    return stats
 
 
 def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Generator) -> tuple[list, str, int]:
@@ -403,11 +410,18 @@ def label_pairs(
     first_r, second_r = rewards[pairs[0], pairs[1]], rewards[pairs[2], pairs[3]]
     first_wins, prob = simulate_annotator(first_r, second_r, annotation_quality, reward_scale, rng)
     stats = pair_statistics(first_r, second_r, first_wins, prob, reward_scale)
+    ties = stats["n_pairs_with_golden_tie"]
+    if ties == stats["n_pairs"]:
+        raise InputError(
+            f"all {ties} training pairs tie in golden reward, so no label carries a preference; "
+            "nothing to train on (check the rewards files of --data_dir)"
+        )
     log.info(
-        "%d pairs, label flip rate %.3f (theory %.3f)",
+        "%d pairs, label flip rate %.3f (theory %.3f)%s",
         stats["n_pairs"],
         stats["label_flip_rate"],
         stats["expected_flip_rate"],
+        f"; {ties} pairs tie in golden reward, left out of the rate" if ties else "",
     )
     return first_wins, stats
 
@@ -453,7 +467,7 @@ def train_config(args):
 def train_members(members: list, config, scheme: str, learning_rate: float) -> list:
     """Train the members (``networks.OrmMember``) by the early-stopping scheme: (model, FitResult) each.
     Divergence is an InputError naming the member and --learning_rate."""
-    from networks import TrainingDiverged, train_orms
+    from networks import TrainingDiverged, diverged_advice, train_orms
 
     trained = []
     try:
@@ -473,9 +487,8 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
     except TrainingDiverged as err:
         index = err.index if scheme == "pooled" else len(trained)
         who = "ORM members" if index < 0 else f"ORM member {index}"
-        raise InputError(
-            f"{who} diverged ({err}); lower --learning_rate (LEARNING_RATE in run_all.sh), now {learning_rate:g}"
-        ) from None
+        advice = diverged_advice(err, "--learning_rate (LEARNING_RATE in run_all.sh)", learning_rate)
+        raise InputError(f"{who} diverged ({err}); {advice}") from None
     return trained
 
 

@@ -265,7 +265,7 @@ def distil(
     early-stopped on a seeded share of whole prompts: (student, result, fit prompts, stopping prompts)."""
     import torch
 
-    from networks import TrainingDiverged, mlp_train_flops_per_sample, train_student
+    from networks import TrainingDiverged, diverged_advice, mlp_train_flops_per_sample, train_student
 
     fit_prompts, stop_prompts = split_prompts(student_prompts, val_fraction, split_rng)
     rows = np.arange(len(student_prompts) * data.n_splits).reshape(len(student_prompts), data.n_splits)
@@ -281,10 +281,8 @@ def distil(
             generator,
         )
     except TrainingDiverged as err:
-        raise InputError(
-            f"student diverged ({err}); lower --learning_rate (DISTILL_LEARNING_RATE in run_all.sh), "
-            f"now {config.learning_rate:g}"
-        ) from None
+        advice = diverged_advice(err, "--learning_rate (DISTILL_LEARNING_RATE in run_all.sh)", config.learning_rate)
+        raise InputError(f"student diverged ({err}); {advice}") from None
     log.info(
         "student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
         "(%.1f GFLOP/s), %.2fs",

@@ -69,7 +69,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts import atomic_paths, ensure_writable_dir, json_sha256, json_text, read_json, write_json
+from artifacts import ensure_writable_dir, json_sha256, json_text, read_json, write_json
 from cli import (
     ArgumentParser,
     InputError,
@@ -80,6 +80,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
+from data_folder import exclusive_rewrite, split_files
 from llm_models import (
     POOLINGS,
     GenerationRun,
@@ -87,7 +88,7 @@ from llm_models import (
     resolve_model,
     write_jsonl,
 )
-from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS, discover_splits
+from rm_data import EMBEDDING_INFO_FILE, FILE_PATTERNS
 
 log = logging.getLogger("make_alpacaeval_data")
 
@@ -498,33 +499,26 @@ def main(argv=None):
             for kind, s in sets.items()
         },
     }
-    contents, copies = {data_dir / INFO_FILE: json_text(info)}, {}
+    contents, copies = {INFO_FILE: json_text(info)}, {}
     for kind, s in sets.items():
         emb_pattern, reward_pattern = FILE_PATTERNS[kind]
         lengths = s.lengths
         for k in range(s.rewards.shape[1]):
-            copies[data_dir / emb_pattern.format(k=k)] = folder / emb_pattern.format(k=k)
-            contents[data_dir / reward_pattern.format(k=k)] = rewards_text(s.rewards[:, k])
-            contents[data_dir / SIDECARS[kind]["length"].format(k=k)] = jsonl_text("length", lengths[:, k].tolist())
-            contents[data_dir / SIDECARS[kind]["model"].format(k=k)] = jsonl_text("model", s.models[:, k].tolist())
+            copies[emb_pattern.format(k=k)] = folder / emb_pattern.format(k=k)
+            contents[reward_pattern.format(k=k)] = rewards_text(s.rewards[:, k])
+            contents[SIDECARS[kind]["length"].format(k=k)] = jsonl_text("length", lengths[:, k].tolist())
+            contents[SIDECARS[kind]["model"].format(k=k)] = jsonl_text("model", s.models[:, k].tolist())
         name = EMBEDDING_INFO_FILE.format(kind=kind)
-        contents[data_dir / name] = json_text({**embedding_info[kind], "benchmark_info": INFO_FILE})
-    targets = [*copies, *contents]
-    with atomic_paths(*targets) as tmps:
-        for target, tmp in zip(targets, tmps):
-            if target in copies:
-                shutil.copyfile(copies[target], tmp)
-            else:
-                tmp.write_text(contents[target])
-    for kind, s in sets.items():  # splits left from an earlier build with more responses per prompt
-        for k in discover_splits(data_dir, kind)[s.rewards.shape[1] :]:
-            for pattern in (*FILE_PATTERNS[kind], *SIDECARS[kind].values()):
-                (data_dir / pattern.format(k=k)).unlink(missing_ok=True)
-    if "test" not in sets:
-        for k in discover_splits(data_dir, "test"):
-            for pattern in (*FILE_PATTERNS["test"], *SIDECARS["test"].values()):
-                (data_dir / pattern.format(k=k)).unlink(missing_ok=True)
-        (data_dir / EMBEDDING_INFO_FILE.format(kind="test")).unlink(missing_ok=True)
+        contents[name] = json_text({**embedding_info[kind], "benchmark_info": INFO_FILE})
+    # the whole set is built beside --data_dir and swapped in: an earlier build's splits (of both
+    # sets, whatever their number) go, and a step reading the folder sees the old build or this one
+    replaced = split_files("train", "test")
+    infos = {INFO_FILE, *(EMBEDDING_INFO_FILE.format(kind=kind) for kind in ("train", "test"))}
+    with exclusive_rewrite(data_dir, lambda name: replaced(name) or name in infos) as staging:
+        for name, source in copies.items():
+            shutil.copyfile(source, staging / name)
+        for name, text in contents.items():
+            (staging / name).write_text(text)
     summary = "; ".join(
         f"{kind}: {c['prompts']} prompts x {c['responses_per_prompt']} responses, {c['texts_cut_at_max_length']} "
         f"of {c['texts']} texts cut at {args.max_length} tokens"

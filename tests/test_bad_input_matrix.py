@@ -972,7 +972,42 @@ def step6_test_set_out_of_order(w):
     return step6(w, [f"prompt 0 (line 1) is not sorted ascending by reward across splits: {low} has"], data=data)
 
 
+def step5_rewards_not_utf8(w):
+    data = w.data_copy()
+    path = data / "rewards_split_3.json"
+    path.write_bytes(path.read_bytes().replace(b'{"reward"', b'{"r\xe9ward"', 1))
+    return step5(w, [f"rewards file {path} line 1: not UTF-8 text (byte 0xe9 at offset 3)"], data=data, subprocess=True)
+
+
+def step5_every_pair_ties(w):
+    data = w.data_copy()
+    for path in data.glob("rewards_split_*.json"):
+        path.write_text('{"reward": 0.5}\n' * 260)
+    return step5(
+        w, ["all 100 training pairs tie in golden reward", "nothing to train on"], "--n_sample", "100", data=data
+    )
+
+
+def run_all_run_state_unwritable(w):
+    """A records folder that cannot be made (a file in its place: stops root too, unlike permissions)."""
+    data, out = w.data_copy(), w.tmp / "out"
+    (data / "demo_config.json").unlink()  # real data: used as it is
+    out.mkdir()
+    (out / ".run_state").write_text("a file where the records' folder goes\n")
+    return run_all_case(
+        w,
+        [f"error: {out}/.run_state/step5.json: Not a directory"],
+        settings_error=False,
+        data=data,
+        output=out,
+        EVAL_PROMPTS="100",
+    )
+
+
 NEW_CASES = [
+    step5_every_pair_ties,
+    step5_rewards_not_utf8,
+    run_all_run_state_unwritable,
     step6_test_set_out_of_order,
     step6_member_with_nan_weights,
     step6_member_whose_scores_overflow,

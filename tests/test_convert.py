@@ -380,15 +380,22 @@ def run_failing_after_logs(argv, capsys) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("layout", ["kn", "nk"])
-def test_non_finite_embedding_mid_copy_leaves_nothing(tmp_path, capsys, layout):
+@pytest.mark.parametrize(
+    "layout,value,expected",
+    [
+        ("kn", np.inf, "non-finite embedding"),
+        ("nk", np.inf, "non-finite embedding"),
+        ("kn", 3e38, "embedding value 3e+38 (column 4, beyond +-1e+06: a corrupt or mis-scaled file)"),
+    ],
+)
+def test_non_finite_or_huge_embedding_mid_copy_leaves_nothing(tmp_path, capsys, layout, value, expected):
     embeddings, rewards = random_set(0, 20, 3)
-    embeddings[17, 2, 4] = np.inf
+    embeddings[17, 2, 4] = value
     write_repo(tmp_path / "repo", layout, "train", embeddings, rewards)
     write_repo(tmp_path / "repo", layout, "test", *random_set(1, 4, 5))
     out = tmp_path / "data"
     err = run_failing_after_logs(["--embd_dir", tmp_path / "repo", "--output_dir", out, "--chunk_prompts", 4], capsys)
-    assert "non-finite embedding for prompt 17, response 2" in err
+    assert f"{expected} for prompt 17, response 2" in err
     assert_no_output(out)
 
 
@@ -487,15 +494,17 @@ def test_interrupted_conversion_is_cleaned_up(tmp_path):
     assert not list(out.glob(".*")) and not (out / "EMBD-TRAIN-split_5.npy").exists()
 
 
-def test_failed_reconversion_leaves_no_split_files(tmp_path, capsys):
+def test_failed_reconversion_leaves_the_previous_conversion_as_it_was(tmp_path, capsys):
     repo, out = tmp_path / "repo", tmp_path / "data"
     embeddings, rewards = random_set(0, 10, 3)
     write_repo(repo, "nk", "train", embeddings, rewards)
     convert("--embd_dir", repo, "--output_dir", out)
-    embeddings[9, 0, 0] = np.nan
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    embeddings[9, 0, 0] = np.nan  # found in the last chunk, after the first chunks were written
     write_repo(repo, "nk", "train", embeddings, rewards)
     run_failing_after_logs(["--embd_dir", repo, "--output_dir", out, "--chunk_prompts", 2], capsys)
-    assert_no_output(out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "repo"]  # no staging folder left
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The data-directory contract: numeric split order, validation errors, no partial artifacts."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,23 @@ def test_non_finite_embedding(demo_copy, tmp_path, capsys):
     assert "EMBD-TRAIN-split_3.npy: non-finite embedding in row" in step5_error(demo_copy, tmp_path, capsys)
 
 
+@pytest.mark.parametrize("value", [3e38, -2e6])
+def test_a_huge_finite_embedding_is_refused_naming_file_row_and_column(demo_copy, tmp_path, capsys, value):
+    path = demo_copy / "EMBD-TRAIN-split_3.npy"
+    emb = np.load(path)
+    emb[:, 5] = value  # one column of every row, as a mis-scaled dimension would be
+    np.save(path, emb)
+    err = step5_error(demo_copy, tmp_path, capsys)
+    assert re.fullmatch(
+        rf"error: {re.escape(str(path))}: embedding value {re.escape(f'{value:.3g}')} \(column 5, beyond "
+        r"\+-1e\+06: a corrupt or mis-scaled file\) in row \d+",
+        err,
+    ), err
+    emb[:, 5] = 1e6  # the bound itself is accepted
+    np.save(path, emb)
+    assert (rm_data.load_embedding_set(demo_copy).read_rows(3, np.arange(260))[:, 5] == 1e6).all()
+
+
 def test_finite_number_is_a_json_number_a_float_holds():
     accepted = [0, -3, 1.5, 1e308, 10**308]
     refused = [True, False, None, "1", float("nan"), float("inf"), -float("inf"), 10**400, [1.0]]
@@ -99,6 +117,24 @@ def test_rewards_read_in_one_parse_equal_those_read_line_by_line(tmp_path, lines
     rewards = rm_data.read_rewards_jsonl(path)
     assert rewards.dtype == np.float64
     np.testing.assert_array_equal(rewards, [json.loads(line)["reward"] for line in lines])
+
+
+@pytest.mark.parametrize("tail", ["", "\n", "\n\n", "\n \n\t\n", "\r\n\r\n"])
+def test_trailing_blank_lines_are_accepted_however_many(tmp_path, tail):
+    path = tmp_path / "rewards_split_0.json"
+    path.write_text('{"reward": 1}\n{"reward": 2}\n' + tail)
+    np.testing.assert_array_equal(rm_data.read_rewards_jsonl(path), [1.0, 2.0])
+
+
+def test_a_byte_that_is_not_utf8_is_one_line_naming_file_and_line(demo_copy, tmp_path, capsys):
+    path = demo_copy / "rewards_split_2.json"
+    data = path.read_bytes().split(b"\n")
+    data[4] = data[4].replace(b"reward", b"rew\xffard")
+    path.write_bytes(b"\n".join(data))
+    offset = sum(len(line) + 1 for line in data[:4]) + len(b'{"rew')
+    assert step5_error(demo_copy, tmp_path, capsys) == (
+        f"error: rewards file {path} line 5: not UTF-8 text (byte 0xff at offset {offset})"
+    )
 
 
 def test_an_object_split_across_lines_is_refused_though_the_lines_join_into_valid_json(tmp_path):

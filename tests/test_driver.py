@@ -175,7 +175,7 @@ def test_a_killed_wrapper_is_one_line_and_its_step_stops(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 137
     assert err.strip() == (
-        "run_all.sh: Step 5: train the ORM ensemble was stopped by SIGKILL (exit status 137); "
+        "run_all.sh: SIGKILL stopped Step 5: train the ORM ensemble (exit status 137); "
         "run the same command again to resume"
     )
     wait_until_stopped(process, out, "step5_train_rms.py")

@@ -269,3 +269,85 @@ def test_steps_6_and_7_run_side_by_side_and_stop_together(tmp_path):
     assert process.returncode == 0, err[-3000:]
     step6, step7, step8 = (stdout.index(f"=== Step {n}") for n in (6, 7, 8))
     assert step6 < stdout.index("step6: held-out") < step7 < stdout.index("step7: teacher isotonic") < step8
+
+
+# A demo generator paused half-way through its rewrite: after the training splits, before the test
+# splits and the config, until a line arrives on its stdin.
+PAUSED_WRITER = """
+import sys
+import generate_demo_data as demo
+write_set = demo.write_set
+def paused(out_dir, kind, *args):
+    write_set(out_dir, kind, *args)
+    if kind == "train":
+        print("paused", flush=True)
+        sys.stdin.readline()
+demo.write_set = paused
+demo.main(sys.argv[1:])
+"""
+
+
+def test_a_hand_run_step_waits_for_a_rewrite_and_reads_the_new_data_whole(tmp_path):
+    """A data folder being rewritten still holds the old data, whole; step 5 started by hand meanwhile
+    waits (one line naming the writer's pid and command), then trains on the new data, whole; and a
+    writer leaves the folder alone while a reader holds it."""
+    import generate_demo_data
+    from data_folder import hold_shared
+    from rm_data import fingerprint, load_embedding_set
+
+    data = tmp_path / "data"
+    demo = ["--output_dir", str(data), "--n_prompts", "260", "--emb_dim", "16", "--n_test_prompts", "4"]
+    generate_demo_data.main([*demo, "--seed", "1"])
+    old_files = {p.name: p.read_bytes() for p in data.iterdir()}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_WRITER, *demo, "--seed", "2"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = None
+    try:
+        assert wait_for_line(writer, "paused")[0].startswith("regenerating the demo data")
+        assert {p.name: p.read_bytes() for p in data.iterdir()} == old_files  # the old demo, whole
+        out = tmp_path / "out"
+        reader = subprocess.Popen(
+            [sys.executable, "step5_train_rms.py", "--data_dir", str(data), "--output_dir", str(out), *STEP5_FAST],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = reader.stderr.readline()
+        assert first.startswith(f"waiting for {data}: pid {writer.pid} (python") and first.endswith(
+            "is writing it\n"
+        ), first
+        assert reader.poll() is None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+        _, err = reader.communicate(timeout=300)
+        assert reader.returncode == 0, err
+    finally:
+        for process in (writer, reader):
+            if process is not None and process.poll() is None:
+                process.kill()
+    new = load_embedding_set(data)
+    assert new.n_splits == 10 and load_embedding_set(data, "test").n_splits == 100
+    manifest = json.loads((out / "orm_manifest.json").read_text())
+    assert manifest["data"]["fingerprint"] == fingerprint(new)
+    assert json.loads((data / "demo_config.json").read_text())["seed"] == 2
+    assert not list(tmp_path.glob(".data.new.*"))
+    # a reader holds the folder (this process, since load_embedding_set): a writer changes nothing
+    hold_shared(data)
+    before = {p.name: p.stat().st_ino for p in data.iterdir()}
+    result = subprocess.run(
+        [sys.executable, "generate_demo_data.py", *demo, "--seed", "3"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: --output_dir {data} holds demo data made with other settings (--seed 2 -> 3) and another run is "
+        "reading it; wait for that run, or set another --output_dir for these settings\n"
+    )
+    assert {p.name: p.stat().st_ino for p in data.iterdir()} == before

@@ -9,6 +9,7 @@ exit-2 errors of bad inputs.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import runpy
@@ -27,6 +28,7 @@ for folder in (REPO, REPO / "tests"):
         sys.path.insert(0, str(folder))
 
 import torch  # noqa: E402
+from tiny_models import CODE_MARKER  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import step1_sft  # noqa: E402
@@ -854,6 +856,42 @@ GPU_BAD_INPUTS = [
         lambda tiny, out, tmp: step2_flags(tiny, out) + ["--tensor_parallel_size", "0"],
         ["--tensor_parallel_size", "expected a positive integer"],
     ),
+    # a model folder that asks for its own code is refused by every loader, whatever stdin answers
+    (
+        "custom-code-policy-step1",
+        step1_sft.main,
+        lambda tiny, out, tmp: [
+            "--model_name",
+            str(tiny["code-model"]),
+            "--train_file",
+            str(tiny["train_prompts"]),
+            "--output_dir",
+            str(out),
+        ],
+        ["--model_name", "code-model: the tokenizer needs Python code from its own folder (auto_map); refused"],
+    ),
+    (
+        "custom-code-policy-step2",
+        step2_gen_sample.main,
+        lambda tiny, out, tmp: [*step2_flags(tiny, out)[:1], str(tiny["code-model"]), *step2_flags(tiny, out)[2:]],
+        ["--model_name", "code-model", "needs Python code from its own folder (auto_map); refused"],
+    ),
+    (
+        "custom-code-reward-model-step3",
+        step3_reward_annotation.main,
+        lambda tiny, out, tmp: gen_flags(tiny, out) + ["--reward_model", str(tiny["code-model"])],
+        ["--reward_model", "code-model: the model config needs Python code from its own folder"],
+    ),
+    (
+        "custom-code-embedding-model-step4",
+        step4_gen_embeddings.main,
+        lambda tiny, out, tmp: (
+            gen_flags(tiny, out)
+            + ["--reward_model", str(tiny["golden-rm"]), "--embed_model_name", str(tiny["code-model"])]
+            + ["--data_dir", str(tmp / "data")]
+        ),
+        ["--embed_model_name", "code-model", "needs Python code from its own folder (auto_map); refused"],
+    ),
     (
         "bad-dtype",
         step4_gen_embeddings.main,
@@ -874,6 +912,7 @@ def test_gpu_bad_input(pipeline, tiny, tmp_path, monkeypatch, capsys, main, make
     (tmp_path / "models").mkdir()  # "models/policy" names a folder under an existing local folder
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 5))  # a yes to any question a loader might ask
     argv = make_argv(tiny, out, tmp_path)
     before = folder_state(tmp_path)
     err = exit_2_message(main, argv, capsys)
@@ -881,6 +920,8 @@ def test_gpu_bad_input(pipeline, tiny, tmp_path, monkeypatch, capsys, main, make
         assert fragment in err, err
     assert "Traceback" not in err
     assert folder_state(tmp_path) == before
+    assert not (tiny["code-model"] / CODE_MARKER).exists()
+    assert sys.stdin.read() == "y\n" * 5  # nothing asked
 
 
 def test_step1_reports_a_missing_file_before_loading_trl(tiny, tmp_path):

@@ -184,6 +184,36 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
     assert {result.best_epoch for _, result in trained} == {keys.index(min(keys)) + 1}
 
 
+def test_standard_scale_is_scikit_learns_and_treats_negligible_spreads_as_constant():
+    from sklearn.preprocessing import StandardScaler
+
+    from rm_data import standard_scale
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((500, 5)) * [1.0, 1.0, 1.0, 1e-3, 40.0]
+    features[:, 1] = 0.3 + 1e-17 * rng.standard_normal(500)  # constant up to float64 round-off
+    features[:, 2] = 2e-33 * rng.standard_normal(500)  # a real embedding set's dimension
+    scale = standard_scale(features.mean(axis=0), features.var(axis=0), len(features))
+    reference = StandardScaler().fit(features).scale_
+    assert scale[1] == reference[1] == 1.0  # scikit-learn's own rule
+    assert scale[2] == 1.0 and reference[2] < 1e-32  # negligible against the others: scikit-learn divides
+    np.testing.assert_array_equal(scale[[0, 3, 4]], reference[[0, 3, 4]])
+
+
+def test_a_negligible_spread_leaves_the_checkpoint_usable_in_float16():
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(50, 6, generator=gen)
+    features[:, 2] = 2e-33 * torch.randn(50, generator=gen)
+    winners, losers = torch.arange(0, 40, 2), torch.arange(1, 40, 2)
+    member = networks.OrmMember(
+        features, winners, losers, winners[:0], losers[:0], "bt", torch.Generator().manual_seed(0), standardize=True
+    )
+    assert member.scale[2] == 1.0
+    fit = networks.fit_models([member.problem], networks.TrainConfig(2, 1e-2, 8, 2), early_stopping=False)[0]
+    model, _ = member.finish(fit)
+    assert all(torch.isfinite(value.half()).all() for value in model.state_dict().values())
+
+
 def test_standardised_training_is_folded_into_a_plain_first_layer():
     gen = torch.Generator().manual_seed(3)
     features = torch.randn(50, 6, generator=gen) * torch.tensor([1.0, 100.0, 0.01, 5.0, 1.0, 1.0]) + 7.0
@@ -286,3 +316,29 @@ def test_flushing_denormals_leaves_steps_5_and_7_byte_identical(demo_dir, tmp_pa
     assert sum(name.endswith(".ckpt") for name in outputs) == 3 and "distillation_config.json" in outputs
     for name in outputs:
         assert (tmp_path / "flushed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
+def test_learning_rate_advice_only_where_a_lower_rate_can_help():
+    """A student whose untrained loss is already not finite (inputs at 3e38) gets no learning-rate
+    advice at any rate; one that diverges by its updates (rate 10) is told to lower it."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 8, generator=gen)
+    targets = features[:, 0] + 0.1 * torch.randn(64, generator=gen)
+    train_rows, val_rows = torch.arange(48), torch.arange(48, 64)
+    huge = features.clone()
+    huge[:, 3] = 3e38
+    for rate in (1e-3, 1e-7):
+        with pytest.raises(networks.TrainingDiverged, match="untrained model's validation loss is already") as err:
+            networks.train_student(
+                huge, targets, train_rows, val_rows, networks.TrainConfig(3, rate, 16, 3), torch.Generator()
+            )
+        assert not err.value.rate_may_help
+        assert networks.diverged_advice(err.value, "--learning_rate", rate) == (
+            "no learning rate helps: the embeddings or targets are at fault (check their scale)"
+        )
+    with pytest.raises(networks.TrainingDiverged) as err:
+        networks.train_student(
+            features * 100, targets, train_rows, val_rows, networks.TrainConfig(20, 10.0, 16, 20), torch.Generator()
+        )
+    assert err.value.rate_may_help
+    assert networks.diverged_advice(err.value, "--learning_rate", 10.0) == "lower --learning_rate, now 10"

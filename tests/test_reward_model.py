@@ -537,3 +537,80 @@ def test_bad_inputs_exit_2_with_one_line(text_run, tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: score_responses.py: argument --variant: invalid choice: 'best'")
     assert not output.exists()
+
+
+def test_a_run_folder_naming_a_custom_code_model_is_refused_without_a_prompt(text_run, tiny, tmp_path):
+    """An untrusted run folder whose manifest names a model folder with its own code (auto_map): one
+    line, exit 2, nothing asked on stdin, the folder's code never imported, however stdin answers."""
+    from tiny_models import CODE_MARKER
+
+    out = tmp_path / "run"
+    shutil.copytree(text_run["out"], out, ignore=shutil.ignore_patterns("generations"))
+    manifest = json.loads((out / "orm_manifest.json").read_text())
+    manifest["data"]["embedding"]["model"] = str(tiny["code-model"])
+    (out / "orm_manifest.json").write_text(json.dumps(manifest))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": hh_prompt("bake bread"), "response": "Use yeast."}) + "\n")
+    output = tmp_path / "scored.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "score_responses.py"), "--output_dir", str(out), "--input", str(good)]
+        + ["--output", str(output), "--device", "cpu"],
+        input="y\ny\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: {out / 'orm_manifest.json'}: embedding model {tiny['code-model']}: the model config needs Python "
+        "code from its own folder (auto_map); refused: this pipeline never runs code from a model folder\n"
+    )
+    assert result.stdout == ""
+    assert not (tiny["code-model"] / CODE_MARKER).exists()
+    assert not output.exists()
+
+
+def output_argv(text_run, tmp_path) -> list[str]:
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": hh_prompt("bake bread"), "response": "Use yeast."}) + "\n")
+    return ["--output_dir", str(text_run["out"]), "--input", str(good), "--device", "cpu", "--output"]
+
+
+def test_cli_output_dash_is_stdout_and_a_symlink_is_written_through(text_run, tmp_path, capsysbinary):
+    """--output follows the atomic writer's rule: - is standard output (the summary line goes to
+    stderr), a symlink is written through (the link stays)."""
+    argv = output_argv(text_run, tmp_path)
+    real = tmp_path / "real.jsonl"
+    score_responses.main([*argv, str(real)])
+    expected = real.read_bytes()
+
+    capsysbinary.readouterr()
+    score_responses.main([*argv, "-"])
+    captured = capsysbinary.readouterr()
+    assert captured.out == expected and b"score_responses: 1 responses" in captured.err
+    assert not Path("-").exists() and not (REPO / "-").exists()
+
+    real.write_text("stale\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    score_responses.main([*argv, str(link)])
+    assert link.is_symlink() and real.read_bytes() == expected
+
+
+def test_cli_output_to_a_device_fifo_or_directory_is_refused(text_run, tmp_path, capsys):
+    """One line and exit 2 before any model loads; the FIFO and the link stay as they were."""
+    argv = output_argv(text_run, tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    to_null = tmp_path / "null-link"
+    to_null.symlink_to("/dev/null")
+    cases = {
+        "/dev/null": "error: cannot write --output /dev/null: it is a device or socket, not a file to replace "
+        "(use - for standard output)",
+        str(to_null): f"error: cannot write --output {to_null} (a symlink to /dev/null): it is a device or socket",
+        str(fifo): f"error: cannot write --output {fifo}: it is a FIFO, not a file to replace",
+        str(tmp_path): f"error: cannot write --output {tmp_path}: it is a directory",
+    }
+    for output, message in cases.items():
+        assert run_failing(score_responses.main, [*argv, output], capsys).startswith(message)
+    assert fifo.exists() and to_null.is_symlink()

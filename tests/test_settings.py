@@ -116,6 +116,26 @@ def test_the_preflight_prints_bash_that_sets_the_arrays(tmp_path):
     assert shown[-5:] == ["--output_dir", str(tmp_path / "it's out"), "--n_sample=7", sys.executable, "8"]
 
 
+def test_threads_beyond_the_cpus_are_one_warning_line(tmp_path):
+    cpus = settings.available_cpus()
+    for threads, expected in (
+        (cpus, []),
+        (
+            cpus + 1,
+            [
+                f"run_all.sh: warning: THREADS={cpus + 1} is more than the {cpus} CPU(s) this process may run on: "
+                "the steps' threads will contend for them (slower; results stay bit-identical at the same THREADS)"
+            ],
+        ),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "settings.py"), "preflight", str(tmp_path)],
+            env={**os.environ, "THREADS": str(threads)}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert proc.stderr.splitlines() == expected
+        assert f"THREADS='{threads}'" in proc.stdout or f"THREADS={threads}" in proc.stdout
+
+
 def test_summaries_and_sweeps_read_the_variables_from_here():
     assert summarize_runs.VARIABLES["n_sample"] == "N_SAMPLE"
     assert summarize_runs.VARIABLES["embed_model_name"] == "EMBED_MODEL_NAME"

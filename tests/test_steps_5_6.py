@@ -119,6 +119,21 @@ def test_negative_quality_gives_noise_free_labels():
     assert step5.pair_statistics(first, second, wins, prob, 6.0)["label_flip_rate"] == 0.0
 
 
+def test_tied_pairs_are_counted_and_left_out_of_the_flip_rate():
+    first = np.array([1.0, 2.0, 3.0, 0.5, 0.5])
+    second = np.array([0.0, 2.0, 4.0, 0.5, 0.0])
+    wins = np.array([False, True, True, False, True])  # pair 0 flipped, pair 2 flipped, pair 4 right
+    prob = np.array([0.9, 0.5, 0.2, 0.5, 0.7])
+    stats = step5.pair_statistics(first, second, wins, prob, 1.0)
+    assert stats["n_pairs"] == 5 and stats["n_pairs_with_golden_tie"] == 2
+    assert stats["label_flip_rate"] == pytest.approx(2 / 3)
+    assert stats["expected_flip_rate"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    assert "label_flip_rate_reason" not in stats
+    tied = step5.pair_statistics(first[[1, 3]], second[[1, 3]], wins[[1, 3]], prob[[1, 3]], 1.0)
+    assert tied["label_flip_rate"] is None and tied["expected_flip_rate"] is None
+    assert tied["label_flip_rate_reason"] == "every pair ties in golden reward: no pair has a true order to flip"
+
+
 # --------------------------------------------------------------------------------------------
 # Training, checkpoints, determinism
 # --------------------------------------------------------------------------------------------

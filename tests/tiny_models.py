@@ -10,6 +10,9 @@
 - ``embed-left/`` and ``embed-right-padeos/``: the policy LM's weights with a left-padding tokenizer,
   and with a right-padding tokenizer that has no pad token (the loader falls back to eos, as for
   Llama-3), for the last-real-token embedding tests;
+- ``code-model/``: a model folder that asks for its own Python code (``auto_map`` in its config and
+  tokenizer config, an unknown ``model_type``); importing that code writes ``RAN_CODE`` beside it,
+  so a test can prove no loader ran it (:data:`CODE_MARKER`);
 - ``train_prompts.jsonl`` (prompt + completion columns, usable by step 1 and step 2) and
   ``test_prompts.jsonl`` (prompt column), hh-rlhf formatted, disjoint.
 
@@ -29,6 +32,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+# What the code-model folder's code writes beside itself if anything ever imports it.
+CODE_MARKER = "RAN_CODE"
 # Role markers a test's chat template can use (plain text never contains them).
 ROLE_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
 TOPICS = [
@@ -136,6 +141,29 @@ def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32, **e
     )
 
 
+def build_code_model(folder: str | Path, hidden_size: int = 32) -> Path:
+    """A model folder whose config and tokenizer config name classes in its own ``custom_code.py``
+    (``auto_map``), which no library class can stand in for; importing it writes ``CODE_MARKER`` into
+    ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tokenizer().save_pretrained(folder)
+    auto_map = {
+        auto: f"custom_code.{auto.removeprefix('Auto')}"
+        for auto in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
+    }
+    config = {"model_type": "tiny-custom-code", "hidden_size": hidden_size, "num_labels": 1, "auto_map": auto_map}
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "custom_code.Tok"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (folder / "custom_code.py").write_text(
+        # an absolute path: transformers imports a copy of the file from its modules cache
+        f"from pathlib import Path\n\nPath({str(folder.resolve() / CODE_MARKER)!r}).write_text('ran')\n"
+    )
+    return folder
+
+
 def build_tiny_setup(
     folder: str | Path, seed: int = 0, n_train_prompts: int = 30, n_test_prompts: int = 6, hidden_size: int = 32
 ) -> dict[str, Path]:
@@ -183,6 +211,8 @@ def build_tiny_setup(
         sentiment.score.weight.mul_(50.0)
     sentiment.save_pretrained(paths["sentiment-rm"])
     tokenizer.save_pretrained(paths["sentiment-rm"])
+
+    paths["code-model"] = build_code_model(folder / "code-model", hidden_size)
 
     rng = random.Random(seed)
     topics = list(TOPICS)
