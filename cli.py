@@ -63,6 +63,13 @@ class InputError(ValueError):
     """A user-facing problem with an input file, flag or environment variable."""
 
 
+def _own_signal(err: BaseException) -> int | None:
+    """In a caller's process: the signal an :class:`Interrupted` or KeyboardInterrupt stands for."""
+    if isinstance(err, Interrupted) and err.args:
+        return err.args[0]
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
+
+
 def _raise_interrupted(signum: int, _frame) -> None:
     # In-process callers (tests): one signal is enough, as in a script (interrupts.py).
     for other in interrupts.SIGNALS:
@@ -178,33 +185,34 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
         status = 0
-    except SystemExit as err:
-        status = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
-        raise
-    except InputError as err:
-        status = 2
-        print(f"error: {for_user(str(err))}", file=sys.stderr)
-        sys.exit(2)
-    except MemoryError as err:
-        status = 2
-        print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:
-        if err.filename is None:  # not about a file: a bug or the machine, worth its traceback
+    except BaseException as err:
+        signum = interrupts.signal_behind(err) if owns else _own_signal(err)
+        if signum is not None:
+            status = 128 + signum
+            if owns:
+                interrupts.exiting(status)
+            if not os.environ.get(RUN_ALL_ENV):
+                print(interrupts.message(signum), file=sys.stderr)
+            sys.exit(status)
+        if isinstance(err, SystemExit):
+            status = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
             raise
-        # A file or folder the run cannot use (an unwritable .run_state/, a full disk, a folder that
-        # vanished): the shared readers and writers name theirs; this names any other.
-        where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
-        print(f"error: {for_user(f'{where}: {err.strerror or err}')}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as err:
-        signum = err.args[0] if isinstance(err, Interrupted) and err.args else signal.SIGINT
-        status = 128 + signum
-        if owns:
-            interrupts.exiting(status)
-        if not os.environ.get(RUN_ALL_ENV):
-            print(interrupts.message(signum), file=sys.stderr)
-        sys.exit(status)
+        if isinstance(err, InputError):
+            status = 2
+            print(f"error: {for_user(str(err))}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(err, MemoryError):
+            status = 2
+            print(f"error: out of memory ({err or 'a size flag is too large for this machine'})", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(err, OSError) and err.filename is not None:  # without a file: a bug, worth its traceback
+            # A file or folder the run cannot use (an unwritable .run_state/, a full disk, a folder that
+            # vanished): the shared readers and writers name theirs; this names any other.
+            status = 2
+            where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+            print(f"error: {for_user(f'{where}: {err.strerror or err}')}", file=sys.stderr)
+            sys.exit(2)
+        raise
     finally:
         if owns:
             # From here a signal only sets the exit status (interrupts.py): one landing in an atexit

@@ -76,9 +76,21 @@ def _exit_now(signum: int) -> None:
     os._exit(128 + signum)
 
 
+def signal_behind(err: BaseException) -> int | None:
+    """The signal that ``err`` stands for: an :class:`Interrupted` or KeyboardInterrupt, or any error
+    raised while a signal is pending (an interrupted import of a C extension surfaces as ImportError,
+    an interrupted read as OSError); None for an error of its own."""
+    if isinstance(err, Interrupted) and err.args:
+        return err.args[0]
+    if received is not None:
+        return received
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
+
+
 def _excepthook(exc_type, exc, traceback) -> None:
-    if issubclass(exc_type, (Interrupted, KeyboardInterrupt)):  # before run_cli: in an import
-        _exit_now(exc.args[0] if isinstance(exc, Interrupted) and exc.args else received or signal.SIGINT)
+    signum = signal_behind(exc)  # before run_cli: in an import
+    if signum is not None:
+        _exit_now(signum)
     _previous_excepthook(exc_type, exc, traceback)
 
 

@@ -258,11 +258,12 @@ def test_a_step_interrupted_as_it_starts_stops_the_run(run_all_data, tmp_path):
         assert_no_leftovers(what, out)
 
 
-@pytest.mark.parametrize("where", ["import", "destructor", "exit"])
+@pytest.mark.parametrize("where", ["import", "destructor", "exit", "converted", "converted_import"])
 def test_a_signal_where_python_cannot_raise_it_still_counts(where, tmp_path):
     """A SIGTERM that lands in an import (before run_cli), in a destructor (where Python prints
-    "Exception ignored" and runs on) or in an atexit callback after the script finished: one line,
-    status 143, nothing after it runs."""
+    "Exception ignored" and runs on), in an atexit callback after the script finished, or where a
+    library turns it into another error (numpy's C extension import interrupted raises ImportError),
+    in main or in an import: one line, status 143, nothing after it runs."""
     script = tmp_path / "step.py"
     script.write_text(
         "import interrupts\n"
@@ -271,12 +272,21 @@ def test_a_signal_where_python_cannot_raise_it_still_counts(where, tmp_path):
         "def sigterm():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(0.2)\n"
+        "def converted():\n"
+        "    try:\n"
+        "        sigterm()\n"
+        "    except BaseException as exc:\n"
+        "        raise ImportError('PyCapsule_Import could not import module') from exc\n"
         "class Doomed:\n"
         "    def __del__(self):\n"
-        "        sigterm()\n" + ("sigterm()\n" if where == "import" else "") + "from cli import run_cli\n"
+        "        sigterm()\n"
+        + ("sigterm()\n" if where == "import" else "")
+        + ("converted()\n" if where == "converted_import" else "")
+        + "from cli import run_cli\n"
         "def main(argv):\n"
         + ("    Doomed()\n    gc.collect()\n" if where == "destructor" else "")
         + ("    atexit.register(sigterm)\n" if where == "exit" else "")
+        + ("    converted()\n" if where == "converted" else "")
         + "    time.sleep(0.1)\n"
         "    print('ran on')\n"
         "run_cli(main)\n"
