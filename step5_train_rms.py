@@ -100,8 +100,9 @@ def build_parser() -> ArgumentParser:
         "--rm_model",
         default=RM_MODELS[0],
         choices=RM_MODELS,
-        help="mlp: the D->1024->512->1 MLP; lgbm: a LightGBM gradient-boosted tree model per member "
-        "(its flags --lgbm_*; the MLP's training flags do not apply)",
+        help="mlp: the D->1024->512->1 MLP; lgbm: LightGBM gradient-boosted trees per member, a binary "
+        "classifier (clf) or on the pairwise BT loss (bt), set by step 5's --lgbm_* flags (docs/method.md); "
+        "the MLP's optimiser flags and --standardize do not apply to trees",
     )
     parser.add_argument(
         "--consider_first_n",
@@ -210,7 +211,7 @@ def build_parser() -> ArgumentParser:
         default=1,
         help="1: standardise inputs with the training responses' mean and std, folded into the checkpoint's "
         "first layer, so that training does not depend on the embedding's scale (docs/studies/defaults.md); "
-        "0: raw inputs",
+        "0: raw inputs (MLP members only: tree splits do not depend on a dimension's scale)",
     )
     add_lgbm_flags(parser)
     parser.add_argument(
