@@ -428,10 +428,12 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
         return splits, args.early_stopping, decision_pairs
     if args.early_stopping != "none":
         log.info(
-            "%d validation pairs < --min_val_pairs %d: no early stopping, %d epochs on every pair",
+            "%d validation pairs < --min_val_pairs %d: no early stopping, %s on every pair",
             decision_pairs,
             args.min_val_pairs,
-            args.training_epochs,
+            f"{args.lgbm_n_estimators} boosting rounds"
+            if getattr(args, "rm_model", "mlp") == "lgbm"
+            else f"{args.training_epochs} epochs",
         )
     no_val = torch.zeros(0, dtype=torch.int64)
     if args.bagging:
