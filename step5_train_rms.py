@@ -228,9 +228,9 @@ def add_lgbm_flags(parser: ArgumentParser) -> None:
     """The LightGBM members' flags (``--rm_model lgbm``; docs/method.md, "LightGBM members")."""
     group = parser.add_argument_group("LightGBM members (--rm_model lgbm)")
     group.add_argument("--lgbm_num_leaves", type=positive_int, default=15, help="leaves per tree at most")
-    group.add_argument("--lgbm_learning_rate", type=positive_float, default=0.05, help="shrinkage of each tree")
+    group.add_argument("--lgbm_learning_rate", type=positive_float, default=0.1, help="shrinkage of each tree")
     group.add_argument(
-        "--lgbm_n_estimators", type=positive_int, default=1000, help="boosting rounds at most (early stopping)"
+        "--lgbm_n_estimators", type=positive_int, default=300, help="boosting rounds at most (early stopping)"
     )
     group.add_argument(
         "--lgbm_min_child_samples", type=positive_int, default=10, help="training responses per leaf at least"

@@ -406,7 +406,7 @@ def test_lgbm_members_recorded_with_kind_and_hash_and_byte_identical_per_seed(lg
 
     manifest = json.loads((lgbm_run / run_folder.MANIFEST_FILE).read_text())
     assert manifest["checkpoints"][1] == (
-        "XPrompt_lgbm_clf_1_seed3_firstn_2_n_120_pair_1_replacement_False_trees60_lr0.05.txt"
+        "XPrompt_lgbm_clf_1_seed3_firstn_2_n_120_pair_1_replacement_False_trees60_lr0.1.txt"
     )
     for member in manifest["members"]:
         assert member["kind"] == "lgbm" and member["sha256"] == file_sha256(lgbm_run / member["checkpoint"])
