@@ -236,7 +236,10 @@ def add_lgbm_flags(parser: ArgumentParser) -> None:
         "--lgbm_min_child_samples", type=positive_int, default=10, help="training responses per leaf at least"
     )
     group.add_argument(
-        "--lgbm_feature_fraction", type=fraction, default=0.5, help="share of embedding dimensions each tree sees"
+        "--lgbm_feature_fraction",
+        type=fraction,
+        default=0.1,
+        help="share of embedding dimensions each tree sees (a round's cost grows with it)",
     )
     group.add_argument(
         "--lgbm_bagging_fraction",

@@ -42,8 +42,9 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
    ``--rm_objective clf`` and 10 members, ``--rm_model lgbm`` against ``mlp`` (runs interleaved), on the
    default demo (3000 prompts x 10 x 2048, N_SAMPLE 100) and at the published shape (10,000 prompts x
    10 x 2048, N_SAMPLE 7500 with the default evaluation pool of 2500, one pair per prompt): wall and
-   CPU time and peak memory of each step, and the ratios. Targets: a LightGBM member no slower than
-   an MLP member; every step under 2 GB peak.
+   CPU time and peak memory of each step, and the ratios (``--member_shapes`` picks the shapes,
+   ``--members`` the ensemble size). Targets: a LightGBM member no slower than an MLP member; every
+   step under 2 GB peak.
 
 Every run row also prints the CPU time (user + sys) of its processes, which a shared machine
 disturbs less than the wall time. The lead's command (rows 3-6, ~15 minutes on 2 idle cores):
@@ -779,18 +780,18 @@ MEMBER_SHAPES = {  # name -> (prompts, test prompts, N_SAMPLE); 10 responses x 2
 }
 
 
-def bench_members(repeats: int, quick: bool) -> None:
+def bench_members(repeats: int, quick: bool, shapes: list[str], members: int = 10) -> None:
     """Steps 5-8 with LightGBM members against the same steps with MLP members, step by step, each step's
     row printed once both kinds have run it (runs interleaved: a load change hits both)."""
-    shapes = {"quick": (1200, 0, 900)} if quick else MEMBER_SHAPES
-    for shape, (n_prompts, n_test, n_sample) in shapes.items():
+    chosen = {"quick": (1200, 0, 900)} if quick else {name: MEMBER_SHAPES[name] for name in shapes}
+    for shape, (n_prompts, n_test, n_sample) in chosen.items():
         with tempfile.TemporaryDirectory() as tmp:
             data = f"{tmp}/data"
             demo = ["generate_demo_data.py", "--output_dir", data, "--n_prompts", str(n_prompts)]
             run([sys.executable, *demo, "--n_test_prompts", str(n_test)], {})
             steps = {
                 "step 5": ["step5_train_rms.py", "--data_dir", data, "--rm_objective", "clf", "--n_sample",
-                           str(n_sample), "--ensemble_number", "10", "--rm_model"],
+                           str(n_sample), "--ensemble_number", str(members), "--rm_model"],
                 "step 6": ["step6_eval_rms.py"],
                 "step 7": ["step7_isotonic_distillation.py"],
                 "step 8": ["step8_validate_distillation.py"],
@@ -823,10 +824,11 @@ def bench_members(repeats: int, quick: bool) -> None:
             ]
             mlp5, lgbm5 = best["step 5"]
             report(
-                f"10. {shape}: step 5 per member (10 members)",
-                f"{lgbm5.wall / 10:.2f} s",
-                f"mlp {mlp5.wall / 10:.2f} s per member (process start and data included); CPU per member "
-                f"lgbm {lgbm5.cpu / 10:.2f} s, mlp {mlp5.cpu / 10:.2f} s; LightGBM rounds {min(rounds)}-{max(rounds)}, "
+                f"10. {shape}: step 5 per member ({members} members)",
+                f"{lgbm5.wall / members:.2f} s",
+                f"mlp {mlp5.wall / members:.2f} s per member (process start and data included); CPU per member "
+                f"lgbm {lgbm5.cpu / members:.2f} s, mlp {mlp5.cpu / members:.2f} s; "
+                f"LightGBM rounds {min(rounds)}-{max(rounds)}, "
                 f"MLP epochs {min(epochs)}-{max(epochs)}",
             )
 
@@ -848,6 +850,14 @@ def main() -> None:
         help="a checkout of the original authors' repository (holarissun/RewardModelingBeyondBradleyTerry) for "
         "row 9; their steps import datasets, transformers and lightgbm (pip install -r requirements-bench.txt)",
     )
+    parser.add_argument(
+        "--member_shapes",
+        nargs="+",
+        choices=list(MEMBER_SHAPES),
+        default=list(MEMBER_SHAPES),
+        help="row 10's data shapes",
+    )
+    parser.add_argument("--members", type=int, default=10, help="row 10's ensemble members")
     parser.add_argument(
         "--step6_scale",
         type=float,
@@ -871,7 +881,7 @@ def main() -> None:
             parser.error("--only reference needs --reference_dir")
         bench_reference(args.reference_dir, args.repeats, args.quick)
     if args.only == "lgbm":
-        bench_members(args.repeats, args.quick)
+        bench_members(args.repeats, args.quick, args.member_shapes, args.members)
     if args.only not in ("runs", "threads", "denormals", "reference", "lgbm"):
         bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
         bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
