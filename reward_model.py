@@ -39,7 +39,7 @@ from llm_models import (
     pick_dtype,
     scored_text,
 )
-from networks import StackedEnsemble, load_ensemble
+from members import load_members
 from rm_data import DEFAULT_CHUNK_ROWS, embedding_record
 from run_folder import (
     MANIFEST_FILE,
@@ -47,6 +47,7 @@ from run_folder import (
     TEACHER_MAP_FILE,
     checkpoint_paths,
     load_manifest,
+    member_hashes,
     student_checkpoint_name,
 )
 
@@ -99,7 +100,7 @@ class RewardModel:
         scorers, maps = {}, {}
         for model in ("teacher", "student"):
             if model in variants or f"{model}_iso" in variants:
-                scorers[model] = StackedEnsemble(load_ensemble(checkpoints[model], dim), checkpoints[model])
+                scorers[model] = load_members(checkpoints[model], dim, member_hashes(output_dir, manifest))
             if f"{model}_iso" in variants:
                 map_path = output_dir / map_files[model]
                 maps[model] = load_isotonic_map(map_path, f"{model} isotonic map (run step7_isotonic_distillation.py)")

@@ -57,6 +57,17 @@ def checkpoint_paths(output_dir: str | os.PathLike, manifest: dict) -> list[Path
     return [Path(output_dir) / name for name in manifest["checkpoints"]]
 
 
+def member_hashes(output_dir: str | os.PathLike, manifest: dict) -> dict[Path, str]:
+    """Resolved path -> sha256 of the member files whose manifest record lists one (``members.load_members``
+    checks a LightGBM model's against it)."""
+    records = manifest.get("members") or []
+    return {
+        (Path(output_dir) / record["checkpoint"]).resolve(): record["sha256"]
+        for record in records
+        if isinstance(record, dict) and isinstance(record.get("checkpoint"), str) and "sha256" in record
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # The manifest
 # --------------------------------------------------------------------------------------------
@@ -164,23 +175,23 @@ def score_cached(
 
 
 class LazyEnsemble:
-    """``networks.StackedEnsemble`` of the checkpoints ``paths`` as a scorer ((B, D) rows -> (M, B)),
-    loaded (and torch imported) on first use: step 8 takes the scores from the cache that steps 6 and
-    7 fill and then never imports torch. A cache hit means these very files were scored on this data,
-    so the checks loading does had passed."""
+    """``members.load_members`` of the member files ``paths`` (MLPs, LightGBM models) as a scorer ((B, D)
+    rows -> (M, B)), loaded (and torch or lightgbm imported) on first use: step 8 takes the scores from
+    the cache that steps 6 and 7 fill and then never imports them. A cache hit means these very files
+    were scored on this data, so the checks loading does had passed."""
 
-    def __init__(self, paths: Sequence[Path], expected_dim: int):
+    def __init__(self, paths: Sequence[Path], expected_dim: int, hashes: dict[Path, str] | None = None):
         for path in paths:
             if not Path(path).is_file():
                 raise InputError(f"checkpoint not found: {path}")
-        self.paths, self.expected_dim, self._ensemble = list(paths), expected_dim, None
+        self.paths, self.expected_dim, self.hashes, self._ensemble = list(paths), expected_dim, hashes, None
 
     def load(self) -> Callable[[np.ndarray], np.ndarray]:
-        """The ensemble, read from its checkpoints on the first call."""
+        """The ensemble, read from its member files on the first call."""
         if self._ensemble is None:
-            from networks import StackedEnsemble, load_ensemble
+            from members import load_members
 
-            self._ensemble = StackedEnsemble(load_ensemble(self.paths, self.expected_dim), self.paths)
+            self._ensemble = load_members(self.paths, self.expected_dim, self.hashes)
         return self._ensemble
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
@@ -208,6 +219,10 @@ class Run:
     data: EmbeddingSet
     checkpoints: list[Path]
     seed: int
+
+    def member_hashes(self) -> dict[Path, str]:
+        """:func:`member_hashes` of this run's manifest."""
+        return member_hashes(self.output_dir, self.manifest)
 
     def partition(self) -> dict[str, np.ndarray]:
         """:func:`rm_data.load_partition` of this run, read when the step asks for it (each step keeps its order)."""

@@ -35,6 +35,7 @@ case "$SWEEP" in
     annotation_quality) PRESET_GRID="RM_OBJECTIVE=bt,clf ANNOTATION_QUALITY=10,1,0.5,0.1" ;;
     n_sample) PRESET_GRID="RM_OBJECTIVE=bt,clf N_SAMPLE=100,500,1000,2000" ;;
     objective) PRESET_GRID="RM_OBJECTIVE=bt,clf" ;;
+    rm_model) PRESET_GRID="RM_OBJECTIVE=bt,clf RM_MODEL=mlp,lgbm" ;;  # MLP vs LightGBM members
     embedding)
         PRESET_GRID="RM_OBJECTIVE=bt,clf MODEL_NAME=gemma2b,gemma7b,llama38b"
         [[ "${USE_REPO_EMBD:-0}" == 1 ]] || die "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1 (demo data has no embedding model)" ;;
@@ -45,7 +46,7 @@ case "$SWEEP" in
         PRESET_GRID="EARLY_STOPPING=member,pooled STOP_METRIC=loss,accuracy ANNOTATION_QUALITY=10,1 N_SAMPLE=100,300,1000"
         export ENSEMBLE_NUMBER="${ENSEMBLE_NUMBER:-3}" TRAINING_EPOCHS="${TRAINING_EPOCHS:-30}" LAST_STEP="${LAST_STEP:-6}" ;;
     "") PRESET_GRID="" ;;
-    *) die "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget (or empty with GRID), got '$SWEEP'" ;;
+    *) die "SWEEP must be annotation_quality, n_sample, objective, rm_model, embedding, pairing or small_budget (or empty with GRID), got '$SWEEP'" ;;
 esac
 GRID_SET="${GRID:-}"
 GRID="${GRID:-$PRESET_GRID}"

@@ -158,6 +158,7 @@ COMMANDS = (
             "--sft_obj": "SFT_OBJ",
             "--gen_pref_model_name": "GEN_PREF_MODEL",
             "--rm_objective": "RM_OBJECTIVE",
+            "--rm_model": "RM_MODEL",
             "--consider_first_n": "CONSIDER_FIRST_N",
             "--n_sample": "N_SAMPLE",
             "--eval_prompts": "EVAL_PROMPTS",

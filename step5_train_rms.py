@@ -3,9 +3,10 @@
 Story: parse flags; open the data directory; draw the prompt partition from ``--split_seed`` (only
 ``orm_train`` prompts are read here); build preference pairs (cross-prompt by default, the paper's "XPrompt");
 label them with a simulated annotator p(first wins) = sigmoid(annotation_quality * (r1 - r2) / s);
-train ``--ensemble_number`` MLPs that differ by seed; write checkpoints, ``prompt_split.json`` and
-``orm_manifest.json`` (config, data fingerprint, checkpoint names, pair statistics), which later
-steps and run_all.sh read instead of rebuilding file names.
+train ``--ensemble_number`` members that differ by seed (MLPs, or with ``--rm_model lgbm`` LightGBM
+models, ``members.py``); write their files, ``prompt_split.json`` and ``orm_manifest.json`` (config, data
+fingerprint, member files with their kind and sha256, pair statistics), which later steps and run_all.sh
+read instead of rebuilding file names.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import ensure_writable_dir, write_json
+from artifacts import ensure_writable_dir, file_sha256, write_json
 from cli import (
     EARLY_STOPPING,
     ArgumentParser,
@@ -36,6 +37,7 @@ from cli import (
     setup_logging,
     zero_one,
 )
+from members import LGBM_SUFFIX, RM_MODELS, LgbmConfig, save_booster, train_lgbm_members
 from objectives import OBJECTIVES
 from progress import progress
 from random_streams import int_seed, seed_sequence
@@ -66,6 +68,7 @@ VALUES_BEFORE_FLAGS = {
     "bagging": 0,
     "standardize": 0,
     "min_epoch_steps": 1,
+    "rm_model": "mlp",
 }
 
 
@@ -96,6 +99,14 @@ def build_parser() -> ArgumentParser:
         default="bt",
         choices=OBJECTIVES,
         help="; ".join(f"{name}: {objective.help}" for name, objective in OBJECTIVES.items()),
+    )
+    parser.add_argument(
+        "--rm_model",
+        default=RM_MODELS[0],
+        choices=RM_MODELS,
+        help="mlp: the D->1024->512->1 MLP; lgbm: LightGBM gradient-boosted trees per member, a binary "
+        "classifier (clf) or on the pairwise BT loss (bt), set by step 5's --lgbm_* flags (docs/method.md); "
+        "the MLP's optimiser flags and --standardize do not apply to trees",
     )
     parser.add_argument(
         "--consider_first_n",
@@ -204,8 +215,9 @@ def build_parser() -> ArgumentParser:
         default=1,
         help="1: standardise inputs with the training responses' mean and std, folded into the checkpoint's "
         "first layer, so that training does not depend on the embedding's scale (docs/studies/defaults.md); "
-        "0: raw inputs",
+        "0: raw inputs (MLP members only: tree splits do not depend on a dimension's scale)",
     )
+    add_lgbm_flags(parser)
     parser.add_argument(
         "--seed",
         type=random_seed,
@@ -214,6 +226,41 @@ def build_parser() -> ArgumentParser:
         "not the prompt partition (--split_seed)",
     )
     return parser
+
+
+def add_lgbm_flags(parser: ArgumentParser) -> None:
+    """The LightGBM members' flags (``--rm_model lgbm``; docs/method.md, "LightGBM members")."""
+    group = parser.add_argument_group("LightGBM members (--rm_model lgbm)")
+    group.add_argument("--lgbm_num_leaves", type=positive_int, default=15, help="leaves per tree at most")
+    group.add_argument("--lgbm_learning_rate", type=positive_float, default=0.1, help="shrinkage of each tree")
+    group.add_argument(
+        "--lgbm_n_estimators", type=positive_int, default=300, help="boosting rounds at most (early stopping)"
+    )
+    group.add_argument(
+        "--lgbm_min_child_samples", type=positive_int, default=10, help="training responses per leaf at least"
+    )
+    group.add_argument(
+        "--lgbm_feature_fraction",
+        type=fraction,
+        default=0.1,
+        help="share of embedding dimensions each tree sees (a round's cost grows with it)",
+    )
+    group.add_argument(
+        "--lgbm_bagging_fraction",
+        type=fraction,
+        default=0.8,
+        help="share of training responses each round samples (1: all); with --lgbm_feature_fraction, what makes "
+        "members differ by seed",
+    )
+    group.add_argument(
+        "--lgbm_patience", type=positive_int, default=50, help="early-stopping patience in boosting rounds"
+    )
+
+
+# Runs from before the LightGBM members were trained with their flags' defaults: none (compared as those).
+VALUES_BEFORE_FLAGS.update(
+    {action.dest: action.default for action in build_parser()._actions if action.dest.startswith("lgbm_")}
+)
 
 
 def parse_args(argv=None):
@@ -226,13 +273,17 @@ def parse_args(argv=None):
 
 
 def checkpoint_name(args, member: int) -> str:
-    """The original authors' checkpoint naming, one file per ensemble member."""
+    """The original authors' checkpoint naming, one file per ensemble member; a LightGBM member's
+    names its rounds and learning rate and ends in ``.txt`` (``members.member_kind``)."""
     prefix = "XPrompt" if args.pair_mode == "xprompt" else "SamePrompt"
     replacement = args.replacement == "replacement_true"
+    if args.rm_model == "lgbm":
+        training = f"_trees{args.lgbm_n_estimators}_lr{args.lgbm_learning_rate}{LGBM_SUFFIX}"
+    else:
+        training = f"_epoch{args.training_epochs}_lr{args.learning_rate}.ckpt"
     return (
-        f"{prefix}_mlp_{args.rm_objective}_{member}_seed{args.seed}_firstn_{args.consider_first_n}"
-        f"_n_{args.n_sample}_pair_{args.n_pairs}_replacement_{replacement}"
-        f"_epoch{args.training_epochs}_lr{args.learning_rate}.ckpt"
+        f"{prefix}_{args.rm_model}_{args.rm_objective}_{member}_seed{args.seed}_firstn_{args.consider_first_n}"
+        f"_n_{args.n_sample}_pair_{args.n_pairs}_replacement_{replacement}{training}"
     )
 
 
@@ -391,10 +442,12 @@ def member_splits(n_pairs: int, generators: list, args, pair_rng: np.random.Gene
         return splits, args.early_stopping, decision_pairs
     if args.early_stopping != "none":
         log.info(
-            "%d validation pairs < --min_val_pairs %d: no early stopping, %d epochs on every pair",
+            "%d validation pairs < --min_val_pairs %d: no early stopping, %s on every pair",
             decision_pairs,
             args.min_val_pairs,
-            args.training_epochs,
+            f"{args.lgbm_n_estimators} boosting rounds"
+            if getattr(args, "rm_model", "mlp") == "lgbm"
+            else f"{args.training_epochs} epochs",
         )
     no_val = torch.zeros(0, dtype=torch.int64)
     if args.bagging:
@@ -464,6 +517,23 @@ def train_config(args):
     )
 
 
+def lgbm_config(args):
+    """The ``members.LgbmConfig`` of the flags; LightGBM's threads are torch's (THREADS)."""
+    import torch
+
+    return LgbmConfig(
+        args.lgbm_num_leaves,
+        args.lgbm_learning_rate,
+        args.lgbm_n_estimators,
+        args.lgbm_min_child_samples,
+        args.lgbm_feature_fraction,
+        args.lgbm_bagging_fraction,
+        args.lgbm_patience,
+        torch.get_num_threads(),
+        args.stop_metric,
+    )
+
+
 def train_members(members: list, config, scheme: str, learning_rate: float) -> list:
     """Train the members (``networks.OrmMember``) by the early-stopping scheme: (model, FitResult) each.
     Divergence is an InputError naming the member and --learning_rate."""
@@ -492,11 +562,13 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
     return trained
 
 
-def member_record(member: int, checkpoint: str, seed: int, result, train_pairs: int, val_pairs: int) -> dict:
-    """A member's entry in the manifest; ``result`` is its ``networks.FitResult``."""
+def member_record(member: int, checkpoint: str, kind: str, seed: int, result, train_pairs: int, val_pairs: int) -> dict:
+    """A member's entry in the manifest; ``result`` is its ``networks.FitResult`` (a LightGBM member's
+    epochs are boosting rounds). The file's sha256 is added once it is written."""
     return {
         "member": member,
         "checkpoint": checkpoint,
+        "kind": kind,
         "seed": seed,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
@@ -508,18 +580,20 @@ def member_record(member: int, checkpoint: str, seed: int, result, train_pairs: 
     }
 
 
-def log_member(member: int, result, responses_per_sample: int, flops_per_response: int) -> None:
-    """A member's line: its stopping epoch, validation loss and accuracy, training speed."""
+def log_member(member: int, result, responses_per_sample: int, flops_per_response: int | None) -> None:
+    """A member's line: its stopping epoch (boosting round), validation loss and accuracy, training speed
+    (and for an MLP its GFLOP/s; ``flops_per_response`` None for a tree model)."""
     responses_per_second = result.samples_per_second * responses_per_sample
     log.info(
-        "member %d: best epoch %d/%d, val loss %s, val acc %s, %.0f responses/s (%.1f GFLOP/s)",
+        "member %d: best %s %d/%d, val loss %s, val acc %s, %.0f responses/s%s",
         member,
+        "round" if flops_per_response is None else "epoch",
         result.best_epoch,
         result.epochs_run,
         "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}",
         "n/a" if result.val_pair_accuracy is None else f"{result.val_pair_accuracy:.4f}",
         responses_per_second,
-        responses_per_second * flops_per_response / 1e9,
+        "" if flops_per_response is None else f" ({responses_per_second * flops_per_response / 1e9:.1f} GFLOP/s)",
     )
 
 
@@ -609,20 +683,29 @@ def main(argv=None) -> dict:
 
     generators = [torch.Generator().manual_seed(member_seed) for member_seed in member_seeds]
     splits, scheme, decision_pairs = member_splits(len(winners), generators, args, pair_rng)
-    members = [
-        OrmMember(features, *own_pairs, args.rm_objective, generator, bool(args.standardize))
-        for own_pairs, generator in zip(member_pairs(winners, losers, splits), generators)
-    ]
-    trained = train_members(members, train_config(args), scheme, args.learning_rate)
+    own_pairs = member_pairs(winners, losers, splits)
+    if args.rm_model == "lgbm":
+        trained = train_lgbm_members(
+            features.numpy(), own_pairs, args.rm_objective, member_seeds, scheme, lgbm_config(args)
+        )
+        flops, save = None, save_booster
+    else:
+        members = [
+            OrmMember(features, *pairs, args.rm_objective, generator, bool(args.standardize))
+            for pairs, generator in zip(own_pairs, generators)
+        ]
+        trained = train_members(members, train_config(args), scheme, args.learning_rate)
+        flops, save = mlp_train_flops_per_sample(data.dim), save_checkpoint  # forward + backward per response
     records = []
-    flops = mlp_train_flops_per_sample(data.dim)  # forward + backward per response
     for member, ((_, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):
         log_member(member, result, OBJECTIVES[args.rm_objective].responses_per_sample, flops)
-        records.append(member_record(member, checkpoint_name(args, member), member_seed, result, len(train), len(val)))
+        name = checkpoint_name(args, member)
+        records.append(member_record(member, name, args.rm_model, member_seed, result, len(train), len(val)))
 
     # Saved once every member has trained: a diverged one leaves no files.
     for record, (model, _) in zip(records, trained):
-        save_checkpoint(model, output_dir / record["checkpoint"])
+        save(model, output_dir / record["checkpoint"])
+        record["sha256"] = file_sha256(output_dir / record["checkpoint"])  # steps 6-8 check a tree model's
     data_fingerprint = fingerprint(data)
     write_json(
         output_dir / PARTITION_FILE,
@@ -632,8 +715,9 @@ def main(argv=None) -> dict:
         args, data, data_fingerprint, partition, stats, scheme, decision_pairs, records, torch.get_num_threads()
     )
     write_json(output_dir / MANIFEST_FILE, manifest)  # written last: marks the run complete
+    kind = " LightGBM" if args.rm_model == "lgbm" else ""
     print(
-        f"step5: trained {len(records)} {args.rm_objective} members on {stats['n_pairs']} pairs "
+        f"step5: trained {len(records)} {args.rm_objective}{kind} members on {stats['n_pairs']} pairs "
         f"(flip rate {stats['label_flip_rate']:.3f}) -> {output_dir / MANIFEST_FILE}"
     )
     return manifest

@@ -127,19 +127,18 @@ def print_table(title: str, result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from networks import StackedEnsemble, load_ensemble  # torch: after the flags, so --help returns at once
+    from members import load_members  # torch, lightgbm: after the flags, so --help returns at once
 
     setup_logging()
     run = open_run(args, MANIFEST_FLAGS, seed=args.eval_seed)
     output_dir, manifest, data, member_paths, seed = run.output_dir, run.manifest, run.data, run.checkpoints, run.seed
-    models = load_ensemble(member_paths, data.dim)
+    scorer = load_members(member_paths, data.dim, run.member_hashes())
     partition = run.partition()
     sets = run.evaluation_sets(partition, run.test_set())
     objective = manifest["config"]["rm_objective"]
 
     start = time.perf_counter()
     cache_dir = output_dir / SCORE_CACHE_DIR  # step 8 reuses these ensemble scores
-    scorer = StackedEnsemble(models, member_paths)
     results = {"manifest": str(output_dir / MANIFEST_FILE), "eval_seed": seed}
     baselines = baseline_scores(data, partition["orm_train"], sets)
     for name, (eset, prompts) in sets.items():
@@ -147,7 +146,7 @@ def main(argv=None) -> dict:
         results[name] = evaluate(
             scores, eset.rewards[prompts], baselines[name], seed, args.n_cross_pairs, args.bon_draws
         )
-    log.info("evaluated %d members and the baselines in %.2fs", len(models), time.perf_counter() - start)
+    log.info("evaluated %d members and the baselines in %.2fs", len(scorer), time.perf_counter() - start)
 
     json_path = output_dir / eval_results_file(objective)
     plot_path, curves_path = (output_dir / name for name in eval_plot_files(objective))
@@ -157,7 +156,7 @@ def main(argv=None) -> dict:
     kept = {name: record.get("best_epoch") for name, record in records.items()}
     with atomic_paths(json_path, plot_path, curves_path) as (json_tmp, plot_tmp, curves_tmp):  # all or none
         json_tmp.write_text(json_text(results))
-        plot_best_of_n(panels, plot_tmp, title=f"ORM ensemble ({objective}, {len(models)} members)")
+        plot_best_of_n(panels, plot_tmp, title=f"ORM ensemble ({objective}, {len(scorer)} members)")
         plot_training_curves(
             curves, curves_tmp, title=f"ORM members ({objective}): step 5's training", kept_epochs=kept
         )

@@ -394,7 +394,8 @@ def main(argv=None) -> dict:
     # torch is imported once the flags are valid: --help and flag errors return at once.
     import torch
 
-    from networks import StackedEnsemble, TrainConfig, flush_denormals, load_ensemble, save_checkpoint
+    from members import load_members
+    from networks import StackedEnsemble, TrainConfig, flush_denormals, save_checkpoint
 
     flush_denormals()
     setup_logging()
@@ -403,8 +404,8 @@ def main(argv=None) -> dict:
     # The settings step 7 used: step 5's flags (checked equal where given) and seed where not given.
     identity = {flag: run.manifest["config"].get(flag) for flag in RUN_IDENTITY_FLAGS}
     settings = {**vars(args), **identity, "student_seed": seed}
-    teacher = load_ensemble(teacher_paths, data.dim)
-    teacher_scorer = StackedEnsemble(teacher, teacher_paths)  # scores calibration and student_train prompts
+    # MLP or LightGBM members: scores calibration and student_train prompts; the student is an MLP either way
+    teacher_scorer = load_members(teacher_paths, data.dim, run.member_hashes())
     partition = run.partition()
     calibration_prompts, student_prompts = partition["calibration"], partition["student_train"]
     check_cv_folds(args.cv_folds, len(calibration_prompts))
@@ -441,7 +442,7 @@ def main(argv=None) -> dict:
     # --- write: checkpoint, maps (+ JSON sidecars), then the config, which marks the run complete ---
     save_checkpoint(student, output_dir / student_name)
     save_maps(output_dir, teacher_map, student_map)
-    teacher_info = teacher_record(teacher_paths, len(teacher), bool(args.teacher_ckpt))
+    teacher_info = teacher_record(teacher_paths, len(teacher_scorer), bool(args.teacher_ckpt))
     fits, student_info = (teacher_fit, fit_prompts, stop_prompts), student_record(student_name, result)
     config = distillation_record(
         settings, run, partition, teacher_info, fits, teacher_check, teacher_map, comparison, student_info, student_map

@@ -206,7 +206,8 @@ def main(argv=None) -> dict:
     teacher_map_path = Path(args.isotonic_model or output_dir / TEACHER_MAP_FILE)
     student_map_path = Path(args.student_isotonic_model or output_dir / STUDENT_MAP_FILE)
     # Checkpoints are loaded (and torch imported) only for scores the cache lacks.
-    teacher, student = LazyEnsemble(teacher_paths, data.dim), LazyEnsemble([student_path], data.dim)
+    teacher = LazyEnsemble(teacher_paths, data.dim, run.member_hashes())
+    student = LazyEnsemble([student_path], data.dim)
     teacher_map = load_isotonic_map(teacher_map_path, "teacher isotonic map (run step7_isotonic_distillation.py)")
     student_map = load_isotonic_map(student_map_path, "student isotonic map (run step7_isotonic_distillation.py)")
     check_map_provenance(teacher_map, teacher_map_path, "teacher", teacher_paths)

@@ -51,6 +51,9 @@ VARIABLES = {
 RUN_ALL_VARIABLES = set(VARIABLES.values())
 FAILED_CELLS = Path("logs") / "failed_cells.txt"  # run_sweep.sh's list of the cells whose run_all.sh failed
 FIGURE_SETTINGS = ("N_SAMPLE", "ANNOTATION_QUALITY", "N_PAIRS")
+# The reward model's kind: the table's first columns (RM_OBJECTIVE always, RM_MODEL where it varies), and
+# in figure legends by value alone ("clf, lgbm").
+SHOWN_BY_VALUE = ("RM_OBJECTIVE", "RM_MODEL")
 EVAL_SETS = {"held_out": "held-out", "test": "test"}
 # Metric column -> label (read by read_metrics). The ensemble is the members' mean; "mean member"
 # is the average of the members' own values (what one member is worth).
@@ -315,11 +318,11 @@ def setting_value(runs: list[RunSummary], name: str):
 def summarize(runs: list[RunSummary]) -> tuple[list[str], list[str], list[dict], dict]:
     """Rows of the summary: (varied settings, metric columns, rows, common settings)."""
     all_names = sorted({name for run in runs for name in run.settings})
-    varied = ["RM_OBJECTIVE"] + [
-        name
-        for name in all_names
-        if name != "RM_OBJECTIVE" and len({json.dumps(r.settings[name]) for r in runs if name in r.settings}) > 1
-    ]
+    differs = {
+        name for name in all_names if len({json.dumps(r.settings[name]) for r in runs if name in r.settings}) > 1
+    }
+    varied = ["RM_OBJECTIVE", *(name for name in SHOWN_BY_VALUE[1:] if name in differs)]
+    varied += [name for name in all_names if name in differs and name not in varied]
     common = {name: setting_value(runs, name) for name in all_names if name not in varied}
     sets = [s for s in EVAL_SETS if any(run.metrics[f"{s}_spearman_per_prompt"] is not None for run in runs)]
     columns = [f"{s}_{metric}" for s in sets for metric in METRICS]
@@ -430,7 +433,7 @@ def figure_curves(rows: list[dict], varied: list[str]) -> dict[str, dict[str, li
         others = [name for name in varied if name != x_name]
         curves = defaultdict(list)
         for row in rows:
-            label = ", ".join(str(row[n]) if n == "RM_OBJECTIVE" else f"{n}={row[n]}" for n in others)
+            label = ", ".join(str(row[n]) if n in SHOWN_BY_VALUE else f"{n}={row[n]}" for n in others)
             curves[label or "ensemble mean"].append(row)
         try:
             for curve_rows in curves.values():

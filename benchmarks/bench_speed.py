@@ -38,6 +38,13 @@ Rows (each a ratio against a baseline timed in this process, so shared-machine n
    our run_all.sh (conversion and steps 5-6, then 5-8) on one synthetic repository (5000 prompts x
    10 x 2048, 20 test prompts x 500; N_SAMPLE 1000, 10 members, their 30 epochs and learning rate
    1e-3), runs interleaved, wall and CPU time and peak memory of each, with the FLOPs each does.
+10. LightGBM members against MLP members (``--only lgbm``): steps 5-8 run one by one with
+   ``--rm_objective clf`` and 10 members, ``--rm_model lgbm`` against ``mlp`` (runs interleaved), on the
+   default demo (3000 prompts x 10 x 2048, N_SAMPLE 100) and at the published shape (10,000 prompts x
+   10 x 2048, N_SAMPLE 7500 with the default evaluation pool of 2500, one pair per prompt): wall and
+   CPU time and peak memory of each step, and the ratios (``--member_shapes`` picks the shapes,
+   ``--members`` the ensemble size). Targets: a LightGBM member no slower than an MLP member; every
+   step under 2 GB peak.
 
 Every run row also prints the CPU time (user + sys) of its processes, which a shared machine
 disturbs less than the wall time. The lead's command (rows 3-6, ~15 minutes on 2 idle cores):
@@ -764,16 +771,78 @@ def bench_reference(reference_dir: Path, repeats: int, quick: bool) -> None:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# 10. LightGBM members against MLP members
+# --------------------------------------------------------------------------------------------
+MEMBER_SHAPES = {  # name -> (prompts, test prompts, N_SAMPLE); 10 responses x 2048 each
+    "demo": (3000, 20, 100),
+    "published": (10000, 0, 7500),
+}
+
+
+def bench_members(repeats: int, quick: bool, shapes: list[str], members: int = 10) -> None:
+    """Steps 5-8 with LightGBM members against the same steps with MLP members, step by step, each step's
+    row printed once both kinds have run it (runs interleaved: a load change hits both)."""
+    chosen = {"quick": (1200, 0, 900)} if quick else {name: MEMBER_SHAPES[name] for name in shapes}
+    for shape, (n_prompts, n_test, n_sample) in chosen.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            data = f"{tmp}/data"
+            demo = ["generate_demo_data.py", "--output_dir", data, "--n_prompts", str(n_prompts)]
+            run([sys.executable, *demo, "--n_test_prompts", str(n_test)], {})
+            steps = {
+                "step 5": ["step5_train_rms.py", "--data_dir", data, "--rm_objective", "clf", "--n_sample",
+                           str(n_sample), "--ensemble_number", str(members), "--rm_model"],
+                "step 6": ["step6_eval_rms.py"],
+                "step 7": ["step7_isotonic_distillation.py"],
+                "step 8": ["step8_validate_distillation.py"],
+            }  # fmt: skip
+            best = {}
+            for step, argv in steps.items():
+                timings: dict[str, list[Timing]] = {"mlp": [], "lgbm": []}
+                for _ in range(repeats):
+                    for model in timings:
+                        out = Path(tmp) / model
+                        if step in ("step 6", "step 7"):  # each repeat scores afresh (step 8 reads the cache)
+                            shutil.rmtree(out / run_folder.SCORE_CACHE_DIR, ignore_errors=True)
+                        model_flag = [model] if step == "step 5" else []
+                        command = [sys.executable, *argv, *model_flag, "--output_dir", str(out)]
+                        timings[model].append(run(command, {}))
+                mlp, lgbm = best[step] = min(timings["mlp"]), min(timings["lgbm"])
+                report(
+                    f"10. {shape} {n_prompts}x10x2048 N_SAMPLE {n_sample}: {step}",
+                    f"{lgbm.wall / mlp.wall:.2f}x wall",
+                    f"lgbm {lgbm.wall:.1f} s / {lgbm.cpu:.1f} s CPU / {lgbm.peak_mib:.0f} MiB; "
+                    f"mlp {mlp.wall:.1f} s / {mlp.cpu:.1f} s CPU / {mlp.peak_mib:.0f} MiB; "
+                    f"CPU {lgbm.cpu / mlp.cpu:.2f}x, peak {lgbm.peak_mib / mlp.peak_mib:.2f}x; "
+                    f"load average {os.getloadavg()[0]:.1f}",
+                )
+            rounds = [
+                m["epochs_run"] for m in json.loads((Path(tmp) / "lgbm" / "orm_manifest.json").read_text())["members"]
+            ]
+            epochs = [
+                m["epochs_run"] for m in json.loads((Path(tmp) / "mlp" / "orm_manifest.json").read_text())["members"]
+            ]
+            mlp5, lgbm5 = best["step 5"]
+            report(
+                f"10. {shape}: step 5 per member ({members} members)",
+                f"{lgbm5.wall / members:.2f} s",
+                f"mlp {mlp5.wall / members:.2f} s per member (process start and data included); CPU per member "
+                f"lgbm {lgbm5.cpu / members:.2f} s, mlp {mlp5.cpu / members:.2f} s; "
+                f"LightGBM rounds {min(rounds)}-{max(rounds)}, "
+                f"MLP epochs {min(epochs)}-{max(epochs)}",
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument(
         "--only",
-        choices=["throughput", "runs", "threads", "denormals", "reference"],
+        choices=["throughput", "runs", "threads", "denormals", "reference", "lgbm"],
         default=None,
         help="throughput: rows 1-2 only; runs: rows 3, 4 and 6 (and 5 with --step6_scale); threads: row 7; "
-        "denormals: row 8; reference: row 9 (needs --reference_dir)",
+        "denormals: row 8; reference: row 9 (needs --reference_dir); lgbm: row 10",
     )
     parser.add_argument(
         "--reference_dir",
@@ -781,6 +850,14 @@ def main() -> None:
         help="a checkout of the original authors' repository (holarissun/RewardModelingBeyondBradleyTerry) for "
         "row 9; their steps import datasets, transformers and lightgbm (pip install -r requirements-bench.txt)",
     )
+    parser.add_argument(
+        "--member_shapes",
+        nargs="+",
+        choices=list(MEMBER_SHAPES),
+        default=list(MEMBER_SHAPES),
+        help="row 10's data shapes",
+    )
+    parser.add_argument("--members", type=int, default=10, help="row 10's ensemble members")
     parser.add_argument(
         "--step6_scale",
         type=float,
@@ -803,10 +880,12 @@ def main() -> None:
         if args.reference_dir is None:
             parser.error("--only reference needs --reference_dir")
         bench_reference(args.reference_dir, args.repeats, args.quick)
-    if args.only not in ("runs", "threads", "denormals", "reference"):
+    if args.only == "lgbm":
+        bench_members(args.repeats, args.quick, args.member_shapes, args.members)
+    if args.only not in ("runs", "threads", "denormals", "reference", "lgbm"):
         bench_training(dim, batch=256, n_pairs=2000 if args.quick else 8000, epochs=2)
         bench_evaluation(dim, n_prompts=200 if args.quick else 1000, n_splits=10, members=10)
-    if args.only not in ("throughput", "threads", "denormals", "reference"):
+    if args.only not in ("throughput", "threads", "denormals", "reference", "lgbm"):
         machine = measure_machine(args.repeats)
         bench_run_all(machine, args.repeats)
         bench_real_shape(machine, args.repeats, args.quick)

@@ -97,6 +97,20 @@ def trained_run(demo_dir, tmp_path_factory) -> Path:
     return out
 
 
+# STEP5_FAST with LightGBM classifier members (a few boosting rounds).
+# Half the dimensions per tree: the default tenth of D=48 is 4 of them.
+STEP5_LGBM = ["--rm_model", "lgbm", "--rm_objective", "clf", "--lgbm_n_estimators", "60", "--lgbm_patience", "10",
+              "--lgbm_feature_fraction", "0.5"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def lgbm_run(demo_dir, tmp_path_factory) -> Path:
+    """Output directory of a small step-5 run with LightGBM members (do not modify; copy it)."""
+    out = tmp_path_factory.mktemp("lgbm_run") / "out"
+    step5_train_rms.main(["--data_dir", str(demo_dir), "--output_dir", str(out), *STEP5_LGBM, *STEP5_FAST])
+    return out
+
+
 @pytest.fixture(scope="session")
 def distilled_run(trained_run, tmp_path_factory) -> Path:
     """Step 7 on a copy of the shared step-5 run (for step 8's cases; do not modify, copy it)."""

@@ -67,8 +67,8 @@ class Case:
 class Workspace:
     """Private copies of the shared demo data and runs, and helpers to break them."""
 
-    def __init__(self, tmp: Path, demo: Path, run: Path, distilled: Path):
-        self.tmp, self.demo, self._run, self._distilled = tmp, demo, run, distilled
+    def __init__(self, tmp: Path, demo: Path, run: Path, distilled: Path, lgbm: Path):
+        self.tmp, self.demo, self._run, self._distilled, self._lgbm = tmp, demo, run, distilled, lgbm
 
     def data_copy(self) -> Path:
         return self._copy(self.demo, "data")
@@ -78,6 +78,10 @@ class Workspace:
 
     def distilled_copy(self) -> Path:
         return self._copy(self._distilled, "distilled")
+
+    def lgbm_copy(self) -> Path:
+        """A step-5 run with LightGBM members (conftest's lgbm_run)."""
+        return self._copy(self._lgbm, "lgbm")
 
     def _copy(self, source: Path, name: str) -> Path:
         target = self.tmp / name
@@ -1004,10 +1008,69 @@ def run_all_run_state_unwritable(w):
     )
 
 
+# --- LightGBM members (step 5 --rm_model lgbm) ---
+def step5_unknown_rm_model(w):
+    return step5(w, ["argument --rm_model: invalid choice: 'xgboost'"], "--rm_model", "xgboost")
+
+
+def step6_damaged_lgbm_member(w):
+    run = w.lgbm_copy()
+    path = w.member(run, 1)
+    text = path.read_text()
+    at = text.index("leaf_value=") + len("leaf_value=") + 1  # one digit of a leaf's value
+    path.write_text(text[:at] + ("7" if text[at] != "7" else "3") + text[at + 1 :])
+    return step6(w, [f"{path}: sha256 differs from the one step 5 recorded in the manifest"], run=run)
+
+
+def step6_truncated_lgbm_member_without_a_recorded_hash(w):
+    run = w.lgbm_copy()
+    path = w.member(run, 0)
+    edit_json(run / "orm_manifest.json", lambda m: [member.pop("sha256") for member in m["members"]])
+    text = path.read_text()
+    path.write_text(text[: text.index("Tree=1") + 40])  # cut inside a tree: LightGBM's parser would abort
+    return step6(w, [f"{path}: incomplete LightGBM model (truncated or damaged"], run=run, subprocess=True)
+
+
+def step7_lgbm_teacher_with_a_line_cut_out_of_a_tree(w):
+    run = w.lgbm_copy()
+    path = w.tmp / "teacher.txt"
+    text = w.member(run, 0).read_text()
+    start = text.index("Tree=0")
+    cut = text.index("\nshrinkage=", start)  # one line of tree 0 gone: the later trees move
+    path.write_text(text[:cut] + text[text.index("\n", cut + 1) :])
+    return step7(
+        w, [f"{path}: damaged LightGBM model (tree 1 is not where its header puts it)"], "--teacher_ckpt", str(path),
+        run=run, subprocess=True,
+    )  # fmt: skip
+
+
+def step7_foreign_lgbm_teacher(w):
+    path = w.checkpoint("foreign.txt", mlp_state(D))  # a torch checkpoint under a LightGBM model's suffix
+    return step7(w, [f"{path}: not a LightGBM text model"], "--teacher_ckpt", str(path))
+
+
+def step7_lgbm_teacher_of_other_embedding_size(w):
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(200, 16))
+    params = {"objective": "binary", "verbosity": -1, "num_threads": 1, "deterministic": True}
+    booster = lgb.train(params, lgb.Dataset(rows, (rows[:, 0] > 0).astype(float)), 3)
+    path = w.tmp / "teacher16.txt"
+    path.write_text(booster.model_to_string())
+    return step7(w, [f"{path}: model expects embeddings of size D=16, data has D={D}"], "--teacher_ckpt", str(path))
+
+
 NEW_CASES = [
     step5_every_pair_ties,
     step5_rewards_not_utf8,
     run_all_run_state_unwritable,
+    step5_unknown_rm_model,
+    step6_damaged_lgbm_member,
+    step6_truncated_lgbm_member_without_a_recorded_hash,
+    step7_lgbm_teacher_with_a_line_cut_out_of_a_tree,
+    step7_foreign_lgbm_teacher,
+    step7_lgbm_teacher_of_other_embedding_size,
     step6_test_set_out_of_order,
     step6_member_with_nan_weights,
     step6_member_whose_scores_overflow,
@@ -1151,9 +1214,9 @@ def run_subprocess(case: Case, cwd: Path) -> str:
 
 @pytest.mark.parametrize("make_case", CASES, ids=lambda make: make.__name__)
 def test_bad_input_exits_2_with_one_line_and_no_artifact(
-    make_case, demo_dir, trained_run, distilled_run, tmp_path, capsys
+    make_case, demo_dir, trained_run, distilled_run, lgbm_run, tmp_path, capsys
 ):
-    case = make_case(Workspace(tmp_path, demo_dir, trained_run, distilled_run))
+    case = make_case(Workspace(tmp_path, demo_dir, trained_run, distilled_run, lgbm_run))
     before = {folder: listing(folder) for folder in case.watched}
     lock = None
     if case.lock is not None:

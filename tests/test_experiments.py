@@ -194,6 +194,28 @@ def test_sweep_values_listed_twice_make_one_cell(tmp_path):
     assert (row["n_seeds"], row["seeds"]) == ("1", "1")
 
 
+def test_sweep_over_rm_model_runs_lightgbm_members_end_to_end_and_tables_them(tmp_path):
+    grid = {"GRID": "RM_MODEL=mlp,lgbm", "SEEDS": "1", "NAME": "models", "SWEEP_DIR": "sweeps"}
+    proc = run_script("run_sweep.sh", tmp_path, RM_OBJECTIVE="clf", THREADS="1", **grid)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    root = tmp_path / "sweeps" / "models"
+    for model in ("mlp", "lgbm"):
+        cell = root / f"RM_MODEL={model},SEED=1"
+        manifest = json.loads((cell / "orm_manifest.json").read_text())
+        assert {member["kind"] for member in manifest["members"]} == {model}
+        assert (cell / "validation_results.json").is_file()  # steps 6-8 ran on the members
+        student = json.loads((cell / "distillation_config.json").read_text())["student"]["checkpoint"]
+        assert student.endswith(".ckpt")  # the student is an MLP whatever the teacher
+    with open(root / "summary.csv") as handle:
+        rows = {(row["RM_OBJECTIVE"], row["RM_MODEL"]): row for row in csv.DictReader(handle)}
+    assert set(rows) == {("clf", "mlp"), ("clf", "lgbm")}
+    for (_, model), row in rows.items():
+        assert float(row["held_out_spearman_per_prompt_mean"]) == pytest.approx(
+            ensemble_metrics(root / f"RM_MODEL={model},SEED=1", "held_out")["spearman_per_prompt"], rel=1e-12
+        )
+    assert "| clf | lgbm |" in (root / "summary.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -203,7 +225,7 @@ def test_sweep_values_listed_twice_make_one_cell(tmp_path):
         ({"SWEEP": "embedding"}, "SWEEP=embedding compares embedding models: it needs USE_REPO_EMBD=1"),
         (
             {"SWEEP": "nope"},
-            "SWEEP must be annotation_quality, n_sample, objective, embedding, pairing or small_budget",
+            "SWEEP must be annotation_quality, n_sample, objective, rm_model, embedding, pairing or small_budget",
         ),
         (
             {"SWEEP": "objective", "SEEDS": "1 x"},

@@ -380,6 +380,48 @@ def test_cli_on_demo_run_needs_an_embedding_model_of_size_d(demo_run, tiny, tmp_
 
 
 # --------------------------------------------------------------------------------------------
+# LightGBM members
+# --------------------------------------------------------------------------------------------
+def test_lgbm_members_score_texts_through_every_interface(text_run, tmp_path, capsys):
+    """A run whose teacher is LightGBM classifiers: RewardModel, score_responses.py and the TRL reward
+    function score texts with it; the teacher is the mean of the boosters' raw scores; a damaged member
+    file is one line naming it."""
+    import lightgbm as lgb
+
+    out = tmp_path / "lgbm"
+    step5_train_rms.main(
+        ["--data_dir", str(text_run["data"]), "--output_dir", str(out), "--rm_model", "lgbm", "--rm_objective", "clf",
+         "--n_sample", "5", "--ensemble_number", "2", "--lgbm_min_child_samples", "2", "--lgbm_n_estimators", "20",
+         "--min_val_pairs", "0", "--seed", "3"]
+    )  # fmt: skip
+    step7.main(["--output_dir", str(out), "--distill_epochs", "2", "--batch_size", "16"])
+    reward_model = RewardModel.load(out)
+    reward_model.load_embedder(device="cpu")
+    prompts, responses = text_run["prompts"][:8], text_run["responses"][:8]
+    rows = reward_model.embed_texts(prompts, responses, progress=False)
+    members = [lgb.Booster(model_file=str(path)) for path in checkpoint_paths(out, load_manifest(out))]
+    expected = np.mean([booster.predict(rows, raw_score=True).astype(np.float32) for booster in members], axis=0)
+    np.testing.assert_array_equal(reward_model.score_embeddings(rows, "teacher"), expected.astype(np.float64))
+    rewards = reward_model.score_texts(prompts, responses)
+    assert np.isfinite(rewards).all()
+    reward_fn = reward_model.trl_reward_function()
+    assert reward_fn(prompts=prompts, completions=responses) == rewards.tolist()
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses)))
+    lines = score_responses.main(
+        ["--output_dir", str(out), "--input", str(requests), "--output", str(tmp_path / "o.jsonl"), "--device", "cpu"]
+    )
+    np.testing.assert_allclose([line["reward"] for line in lines], rewards, rtol=1e-6)  # batched as texts
+    member = checkpoint_paths(out, load_manifest(out))[1]
+    member.write_text(member.read_text().replace("leaf_value=", "leaf_value=1", 1))
+    argv = ["--output_dir", str(out), "--input", str(requests), "--output", str(tmp_path / "p.jsonl")]
+    argv += ["--variant", "teacher_iso"]  # the members are loaded only for the teacher's variants
+    err = run_failing(score_responses.main, argv, capsys)
+    assert err == f"error: {member}: sha256 differs from the one step 5 recorded in the manifest (damaged or replaced)"
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------
 # TRL
 # --------------------------------------------------------------------------------------------
 def test_trl_reward_function(text_run, tiny, tmp_path):

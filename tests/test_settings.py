@@ -48,7 +48,8 @@ def test_unset_variables_pass_no_flag_and_set_ones_pass_theirs(tmp_path):
     assert argvs["STEP7"][-1] == "--student_seed=3" and argvs["STEP8"][-1] == "--eval_seed=3"
     parsed = step5_train_rms.parse_args(argvs["STEP5"])
     assert (parsed.n_sample, parsed.replacement, parsed.annotation_quality) == (250, "replacement_true", -1.0)
-    assert "N_SAMPLE=250*" in "\n".join(text) and "N_PAIRS=1 " in "\n".join(text)
+    shown = " ".join(text).split()  # the lines wrap where the settings' widths put them
+    assert "N_SAMPLE=250*" in shown and "N_PAIRS=1" in shown and "RM_MODEL=mlp" in shown
 
 
 def test_fallbacks_and_the_data_folder_named_after_the_setup(tmp_path):

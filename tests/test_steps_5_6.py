@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import STEP5_FAST
+from conftest import STEP5_FAST, STEP5_LGBM
 from scipy.special import expit
 
 import networks
@@ -409,3 +409,85 @@ def test_step5_alternatives_are_deterministic_and_recorded(flags, demo_dir, tmp_
         assert all(record["val_loss"] is None for m in members for record in m["history"])
     for name in manifest["checkpoints"]:  # standardisation folded in: plain MLP checkpoints
         networks.load_checkpoint(runs[0] / name, expected_dim=48)
+
+
+# --------------------------------------------------------------------------------------------
+# LightGBM members (--rm_model lgbm)
+# --------------------------------------------------------------------------------------------
+
+
+def test_lgbm_members_recorded_with_kind_and_hash_and_byte_identical_per_seed(lgbm_run, demo_dir, tmp_path):
+    from artifacts import file_sha256
+
+    manifest = json.loads((lgbm_run / run_folder.MANIFEST_FILE).read_text())
+    assert manifest["checkpoints"][1] == (
+        "XPrompt_lgbm_clf_1_seed3_firstn_2_n_120_pair_1_replacement_False_trees60_lr0.1.txt"
+    )
+    for member in manifest["members"]:
+        assert member["kind"] == "lgbm" and member["sha256"] == file_sha256(lgbm_run / member["checkpoint"])
+        val_losses = [record["val_loss"] for record in member["history"]]  # kept: the best round
+        assert val_losses.index(min(val_losses)) + 1 == member["best_epoch"] < member["epochs_run"] <= 60
+        assert member["val_loss"] == min(val_losses)
+    step5.main(["--data_dir", str(demo_dir), "--output_dir", str(tmp_path), *STEP5_LGBM, *STEP5_FAST])
+    for path in sorted(lgbm_run.iterdir()):
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+    other = tmp_path / "other_seed"
+    step5.main(["--data_dir", str(demo_dir), "--output_dir", str(other), *STEP5_LGBM, *STEP5_FAST[:-1], "4"])
+    first, second = (next(folder.glob("*_0_seed*.txt")).read_text() for folder in (lgbm_run, other))
+    assert first.split("end of trees")[0] != second.split("end of trees")[0]
+
+
+def test_lgbm_members_train_on_the_mlp_members_pairs(lgbm_run, trained_run):
+    mlp, lgbm = (json.loads((run / run_folder.MANIFEST_FILE).read_text()) for run in (trained_run, lgbm_run))
+    assert mlp["pair_statistics"] == lgbm["pair_statistics"]  # the same pairs and labels
+    for a, b in zip(mlp["members"], lgbm["members"]):
+        assert (a["seed"], a["train_pairs"], a["val_pairs"]) == (b["seed"], b["train_pairs"], b["val_pairs"])
+
+
+def test_lgbm_scores_are_the_boosters_raw_scores_and_the_dimension_is_checked(lgbm_run, demo_dir):
+    import lightgbm as lgb
+
+    from members import load_members
+
+    manifest = json.loads((lgbm_run / run_folder.MANIFEST_FILE).read_text())
+    paths = run_folder.checkpoint_paths(lgbm_run, manifest)
+    ensemble = load_members(paths, 48, run_folder.member_hashes(lgbm_run, manifest))
+    rows = np.load(demo_dir / "EMBD-TRAIN-split_0.npy")[:50]
+    scores = ensemble(rows)
+    assert scores.shape == (2, 50) and scores.dtype == np.float32
+    for member_scores, path in zip(scores, paths):
+        expected = lgb.Booster(model_file=str(path)).predict(rows, raw_score=True)
+        np.testing.assert_array_equal(member_scores, expected.astype(np.float32))
+    with pytest.raises(rm_data.InputError, match="model expects embeddings of size D=48, data has D=2048"):
+        load_members(paths, 2048)
+
+
+def test_lgbm_bt_gradient_matches_autograd_of_the_bt_loss():
+    from members import bt_objective, pair_metrics
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=14) * 3
+    grad, hess = bt_objective(scores, 7)
+    tensor = torch.tensor(scores, requires_grad=True)
+    loss = objectives.bt_loss(tensor[:7], tensor[7:]) * 7  # summed over the pairs, as LightGBM's gradients
+    (autograd,) = torch.autograd.grad(loss, tensor, create_graph=True)
+    np.testing.assert_allclose(grad, autograd.detach().numpy(), rtol=1e-12, atol=1e-15)
+    (second,) = torch.autograd.grad(autograd[:7].sum(), tensor)  # pair p's gradient depends on pair p only
+    np.testing.assert_allclose(hess[:7], second.numpy()[:7], rtol=1e-12)  # d2 loss / d s_w^2
+    np.testing.assert_allclose(hess[7:], hess[:7])
+    assert pair_metrics(scores, "bt")[0] == pytest.approx(float(loss.detach()) / 7, rel=1e-12)
+    clf = objectives.OBJECTIVES["clf"].pair_loss(torch.tensor(scores[:7]), torch.tensor(scores[7:]))
+    assert pair_metrics(scores, "clf")[0] == pytest.approx(float(clf), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--rm_objective", "bt"], ["--early_stopping", "pooled", "--stop_metric", "accuracy"]]
+)
+def test_lgbm_bt_and_pooled_stopping_learn_and_stay_deterministic(flags, demo_dir, tmp_path):
+    argv = ["--data_dir", str(demo_dir), *STEP5_LGBM, *flags, *STEP5_FAST]
+    runs = [step5.main([*argv, "--output_dir", str(tmp_path / name)]) for name in ("a", "b")]
+    assert runs[0]["members"] == runs[1]["members"]
+    if "pooled" in flags:  # one stopping round for all members
+        assert len({member["best_epoch"] for member in runs[0]["members"]}) == 1
+    results = step6.main(["--output_dir", str(tmp_path / "a"), "--bon_draws", "5"])
+    assert results["held_out"]["ranking"]["ensemble_mean"]["spearman_per_prompt"]["mean"] > 0.1
