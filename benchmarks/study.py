@@ -376,23 +376,31 @@ def plot(study: Study, rows: list[dict], eval_set: str, path: Path) -> None:
 
 
 def cells_of(name: str, study: Study, data: dict, scales: dict, args) -> list[dict]:
+    """The study's cells, replicates outermost: a study stopped part-way has every setting at the
+    same number of runs."""
+    import itertools
+
+    def first_if_tiny(values):
+        return list(values)[:1] if args.tiny else list(values)
+
+    n_samples = {
+        (data_name, budget): min(n_sample_for(data_dir, share), 40) if args.tiny else n_sample_for(data_dir, share)
+        for data_name, data_dir in data.items()
+        for budget, (share, _) in study.budgets.items()
+    }
     cells = []
-    names = list(data)[:1] if args.tiny else list(data)
-    for data_name in names:
-        budgets = list(study.budgets)[:1] if args.tiny else (args.budgets or list(study.budgets))
-        for budget in budgets:
-            share, pairs = study.budgets[budget]
-            n_sample = (
-                min(n_sample_for(data[data_name], share), 40) if args.tiny else n_sample_for(data[data_name], share)
-            )
-            for quality in study.qualities[:1] if args.tiny else study.qualities:
-                for candidate in study.candidates:
-                    for split_seed in study.split_seeds[:1] if args.tiny else study.split_seeds:
-                        for seed in study.seeds[:1] if args.tiny else (args.seeds or study.seeds):
-                            cell = {"data": data_name, "data_dir": data[data_name], "budget": budget}
-                            cell |= {"n_sample": n_sample, "n_pairs": pairs, "quality": quality}
-                            cell |= {"candidate": candidate, "split_seed": split_seed, "seed": seed, "tiny": args.tiny}
-                            cells.append(cell | ({"reward_scale": scales[data_name]} if data_name in scales else {}))
+    for split_seed, seed, data_name, budget, quality, candidate in itertools.product(
+        first_if_tiny(study.split_seeds),
+        first_if_tiny(args.seeds or study.seeds),
+        first_if_tiny(data),
+        first_if_tiny(args.budgets or study.budgets),
+        first_if_tiny(study.qualities),
+        study.candidates,
+    ):
+        cell = {"data": data_name, "data_dir": data[data_name], "budget": budget}
+        cell |= {"n_sample": n_samples[(data_name, budget)], "n_pairs": study.budgets[budget][1], "quality": quality}
+        cell |= {"candidate": candidate, "split_seed": split_seed, "seed": seed, "tiny": args.tiny}
+        cells.append(cell | ({"reward_scale": scales[data_name]} if data_name in scales else {}))
     return cells
 
 
