@@ -123,6 +123,8 @@ def embedding_problem(rows: np.ndarray) -> tuple[int, str] | None:
     """The first row of ``rows`` (B, D) holding a value that is not finite or beyond
     :data:`MAX_ABS_EMBEDDING`, and what it holds; None when every value is fine (checked with one
     min and one max, no temporary, where all are)."""
+    if rows.size == 0:
+        return None
     if rows.dtype == np.float16:
         # numpy's float16 min/max are ~50x slower than float32's; inf and nan are exactly the
         # float16 values whose exponent bits are all set, and finite ones stay below 65504.

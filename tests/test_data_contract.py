@@ -78,6 +78,12 @@ def test_a_huge_finite_embedding_is_refused_naming_file_row_and_column(demo_copy
     assert (rm_data.load_embedding_set(demo_copy).read_rows(3, np.arange(260))[:, 5] == 1e6).all()
 
 
+def test_an_empty_chunk_of_rows_has_no_embedding_problem():
+    for dtype in (np.float32, np.float16):
+        assert rm_data.embedding_problem(np.empty((0, 4), dtype)) is None
+    assert rm_data.embedding_problem(np.array([[1.0, np.nan]], np.float16)) == (0, "non-finite embedding")
+
+
 def test_finite_number_is_a_json_number_a_float_holds():
     accepted = [0, -3, 1.5, 1e308, 10**308]
     refused = [True, False, None, "1", float("nan"), float("inf"), -float("inf"), 10**400, [1.0]]

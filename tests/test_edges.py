@@ -40,9 +40,17 @@ def strict_json(path: Path) -> dict:
 
 
 def test_undefined_metrics_are_null_with_a_reason_and_n_a_in_tables(demo_copy, tmp_path, capsys):
-    """All golden rewards equal and a one-prompt test set: no NaN anywhere, a reason beside each null."""
-    for path in demo_copy.glob("rewards*_split_*.json"):
-        write_rewards_jsonl(path, np.ones(len(path.read_text().splitlines())))
+    """Golden rewards all equal on every prompt the evaluation uses and a one-prompt test set: no NaN
+    anywhere, a reason beside each null. (The ORM's training prompts keep a spread: where every
+    training pair ties, step 5 refuses to train.)"""
+    from rm_data import make_partition
+
+    n_sample = int(STEP5_FAST[STEP5_FAST.index("--n_sample") + 1])
+    orm_train = make_partition(260, n_sample, 0)["orm_train"]
+    for k in range(10):
+        rewards = np.ones(260)
+        rewards[orm_train] = k  # ascending across splits, as the data contract wants
+        write_rewards_jsonl(demo_copy / f"rewards_split_{k}.json", rewards)
     for path in demo_copy.glob("*-TEST-split_*.npy"):
         np.save(path, np.load(path)[:1])
     for path in demo_copy.glob("rewards_test_split_*.json"):
