@@ -31,6 +31,7 @@ CI runs every study's command on a small stand-in data folder: the command canno
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -215,8 +216,9 @@ def run_cell(job: tuple[str, dict]) -> dict:
         out = str(Path(tmp) / "run")
         cell = {**cell, "output_dir": out}
         flags = resolved_flags(study, cell)
-        step5_train_rms.main(step5_argv(study, cell))
-        results = step6_eval_rms.main(["--output_dir", out, *study.step6])
+        with contextlib.redirect_stdout(sys.stderr):  # the steps' logs and tables: stdout is the report's
+            step5_train_rms.main(step5_argv(study, cell))
+            results = step6_eval_rms.main(["--output_dir", out, *study.step6])
         manifest = load_manifest(out)
     row = {k: v for k, v in cell.items() if k != "output_dir"} | {"flags": flags}
     for eval_set in EVAL_SETS:
