@@ -8,7 +8,7 @@ writers have removed their temporary files (interrupts.py). Flags are validated 
 
 Under run_all.sh (:data:`RUN_ALL_ENV` set), a step also stops as if by SIGTERM when the process
 that started it dies (:func:`watch_parent`), and an error's flags are named with the run_all.sh
-variables that set them (:func:`name_variables`).
+variables that set them (``run_variables.name_variables``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import gc
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import interrupts
 from interrupts import RUN_ALL_ENV, Interrupted
+from run_variables import name_variables
 
 # ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
 # default. Here, not in networks.py, so steps parse flags before importing torch.
@@ -111,51 +111,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def name_variables(message: str, script: str) -> str:
-    """``message`` with each ``--flag`` that a run_all.sh variable sets for ``script`` followed by
-    ``(VARIABLE)``, unless it already names it: under run_all.sh users set variables, not flags.
-    The map is settings.py's, the one run_all.sh's preflight builds the steps' arguments from."""
-    from settings import flag_variables  # settings.py imports this module
-
-    flags = flag_variables(script)
-
-    def name(match: re.Match) -> str:
-        variable = flags.get(match.group(1))
-        return f"{match.group(1)} ({variable})" if variable and variable != match.group(2) else match.group(0)
-
-    return re.sub(r"(--[a-z][a-z0-9_]*)(?![a-z0-9_])(?: \(([A-Z][A-Z0-9_]*)(?: in run_all\.sh)?\))?", name, message)
-
-
 def for_user(message: str) -> str:
     """``message`` as the user should read it: under run_all.sh, with the variables named."""
     return name_variables(message, sys.argv[0]) if os.environ.get(RUN_ALL_ENV) else message
-
-
-# Environment variables that are not run_all.sh settings but belong to the project or its tools.
-OTHER_VARIABLES = {"LOG_LEVEL", "SWEEP", "GRID", "SEEDS", "NAME", "SWEEP_DIR", "JOBS", "THREADS", "PRINT"}
-
-
-def setting_typos(environ: Mapping[str, str]) -> list[str]:
-    """One warning per environment variable that looks like a misspelt run_all.sh setting: a
-    lower-case spelling of one (``n_sample``) or a near miss (``NSAMPLE``, by difflib's ratio)."""
-    import difflib
-
-    from settings import variables  # settings.py imports this module
-
-    known = set(variables())
-    warnings = []
-    for name in sorted(environ):
-        if name in known or name in OTHER_VARIABLES or name.startswith("RUN_ALL_") or len(name) < 4:
-            continue
-        if name.upper() in known:
-            guess = name.upper()
-        else:
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.85)
-            if not close:
-                continue
-            guess = close[0]
-        warnings.append(f"{name} is not a run_all.sh setting and is ignored; did you mean {guess}?")
-    return warnings
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
