@@ -29,23 +29,14 @@ import interrupts
 from interrupts import RUN_ALL_ENV, Interrupted
 from run_variables import name_variables
 
-# ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
-# default. Here, not in networks.py, so steps parse flags before importing torch.
-EARLY_STOPPING = ("member", "pooled", "none")
 # Sizes (counts, dimensions) above this are refused: no array here can hold 2**31 rows, and
 # run_all.sh's bash arithmetic stays far from overflow.
 MAX_SIZE = 2**31 - 1
 # Seeds feed numpy's SeedSequence, torch.Generator.manual_seed and sklearn's random_state; the
 # range all of them accept (and that run_all.sh checks) is 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
-# Choices of flags whose values belong to torch-importing modules (reward_model.py's variants,
-# llm_models.py's dtypes), here so that their scripts answer --help and flag errors without torch.
-REWARD_VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
-DEFAULT_REWARD_VARIANT = "student_iso"
-# The variants as step 8 names them (validation_results.json's keys, its table's rows), and those meant
-# to be on the golden reward scale (their MSE is meaningful; raw teacher scores are not).
-VARIANT_TITLES = dict(zip(REWARD_VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
-GOLDEN_SCALE_VARIANTS = ("teacher_iso", "student", "student_iso")
+# --dtype's choices (add_dtype_arg), the dtypes llm_models.py loads models in: here, beside the flag,
+# so that steps 1-4 answer --help and flag errors without torch.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # True once run_cli runs a script that owns its process (argv None): process-wide settings (flushing
 # denormals, networks.flush_denormals) are then the step's to make; a caller's process (tests, a

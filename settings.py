@@ -1,8 +1,8 @@
-"""run_all.sh's settings: which environment variable sets which flag of which step.
+"""run_all.sh's settings: the steps' command lines built from the environment, and checked.
 
 A setting's default, type, choices and help live in one place, the argparse parser of the step that
-takes it (``python stepN_....py --help``). This module only says which run_all.sh variable sets
-which flag; run_all.sh passes a flag only when its variable is set (and not empty), so an unset
+takes it (``python stepN_....py --help``). Which run_all.sh variable sets which flag is
+run_variables.py's table; run_all.sh passes a flag only when its variable is set (and not empty), so an unset
 variable means the step's own default. Besides, run_all.sh has a few switches of its own that no
 step takes (:func:`driver_parser`).
 

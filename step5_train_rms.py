@@ -22,7 +22,6 @@ import numpy as np
 
 from artifacts import ensure_writable_dir, write_json
 from cli import (
-    EARLY_STOPPING,
     ArgumentParser,
     InputError,
     finite_float,
@@ -36,7 +35,7 @@ from cli import (
     setup_logging,
     zero_one,
 )
-from objectives import OBJECTIVES
+from objectives import EARLY_STOPPING, OBJECTIVES
 from progress import progress
 from random_streams import int_seed, seed_sequence
 from rm_data import (
