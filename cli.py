@@ -8,7 +8,7 @@ writers have removed their temporary files (interrupts.py). Flags are validated 
 
 Under run_all.sh (:data:`RUN_ALL_ENV` set), a step also stops as if by SIGTERM when the process
 that started it dies (:func:`watch_parent`), and an error's flags are named with the run_all.sh
-variables that set them (:func:`name_variables`).
+variables that set them (``run_variables.name_variables``).
 """
 
 from __future__ import annotations
@@ -19,33 +19,24 @@ import gc
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import interrupts
 from interrupts import RUN_ALL_ENV, Interrupted
+from run_variables import name_variables
 
-# ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"); the first is step 5's
-# default. Here, not in networks.py, so steps parse flags before importing torch.
-EARLY_STOPPING = ("member", "pooled", "none")
 # Sizes (counts, dimensions) above this are refused: no array here can hold 2**31 rows, and
 # run_all.sh's bash arithmetic stays far from overflow.
 MAX_SIZE = 2**31 - 1
 # Seeds feed numpy's SeedSequence, torch.Generator.manual_seed and sklearn's random_state; the
 # range all of them accept (and that run_all.sh checks) is 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
-# Choices of flags whose values belong to torch-importing modules (reward_model.py's variants,
-# llm_models.py's dtypes), here so that their scripts answer --help and flag errors without torch.
-REWARD_VARIANTS = ("teacher", "teacher_iso", "student", "student_iso")
-DEFAULT_REWARD_VARIANT = "student_iso"
-# The variants as step 8 names them (validation_results.json's keys, its table's rows), and those meant
-# to be on the golden reward scale (their MSE is meaningful; raw teacher scores are not).
-VARIANT_TITLES = dict(zip(REWARD_VARIANTS, ("Teacher", "Teacher+Isotonic", "Student", "Student+Isotonic")))
-GOLDEN_SCALE_VARIANTS = ("teacher_iso", "student", "student_iso")
+# --dtype's choices (add_dtype_arg), the dtypes llm_models.py loads models in: here, beside the flag,
+# so that steps 1-4 answer --help and flag errors without torch.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # True once run_cli runs a script that owns its process (argv None): process-wide settings (flushing
 # denormals, networks.flush_denormals) are then the step's to make; a caller's process (tests, a
@@ -111,51 +102,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def name_variables(message: str, script: str) -> str:
-    """``message`` with each ``--flag`` that a run_all.sh variable sets for ``script`` followed by
-    ``(VARIABLE)``, unless it already names it: under run_all.sh users set variables, not flags.
-    The map is settings.py's, the one run_all.sh's preflight builds the steps' arguments from."""
-    from settings import flag_variables  # settings.py imports this module
-
-    flags = flag_variables(script)
-
-    def name(match: re.Match) -> str:
-        variable = flags.get(match.group(1))
-        return f"{match.group(1)} ({variable})" if variable and variable != match.group(2) else match.group(0)
-
-    return re.sub(r"(--[a-z][a-z0-9_]*)(?![a-z0-9_])(?: \(([A-Z][A-Z0-9_]*)(?: in run_all\.sh)?\))?", name, message)
-
-
 def for_user(message: str) -> str:
     """``message`` as the user should read it: under run_all.sh, with the variables named."""
     return name_variables(message, sys.argv[0]) if os.environ.get(RUN_ALL_ENV) else message
-
-
-# Environment variables that are not run_all.sh settings but belong to the project or its tools.
-OTHER_VARIABLES = {"LOG_LEVEL", "SWEEP", "GRID", "SEEDS", "NAME", "SWEEP_DIR", "JOBS", "THREADS", "PRINT"}
-
-
-def setting_typos(environ: Mapping[str, str]) -> list[str]:
-    """One warning per environment variable that looks like a misspelt run_all.sh setting: a
-    lower-case spelling of one (``n_sample``) or a near miss (``NSAMPLE``, by difflib's ratio)."""
-    import difflib
-
-    from settings import variables  # settings.py imports this module
-
-    known = set(variables())
-    warnings = []
-    for name in sorted(environ):
-        if name in known or name in OTHER_VARIABLES or name.startswith("RUN_ALL_") or len(name) < 4:
-            continue
-        if name.upper() in known:
-            guess = name.upper()
-        else:
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.85)
-            if not close:
-                continue
-            guess = close[0]
-        warnings.append(f"{name} is not a run_all.sh setting and is ignored; did you mean {guess}?")
-    return warnings
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:

@@ -53,6 +53,10 @@ class Objective:
         )
 
 
+# ORM early-stopping schemes (docs/method.md, "Early stopping and ensemble options"), step 5's
+# --early_stopping choices; the first is its default. networks.py runs them.
+EARLY_STOPPING = ("member", "pooled", "none")
+
 OBJECTIVES = {
     "bt": Objective("-log sigmoid(r_w - r_l)", bt_loss, pointwise=False),
     "clf": Objective("pointwise BCE, winner 1, loser 0", clf_loss, pointwise=True),

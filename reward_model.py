@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from calibration import check_map_provenance, load_isotonic_map
-from cli import DEFAULT_REWARD_VARIANT, REWARD_VARIANTS, InputError
+from cli import InputError
 from llm_models import (
     ASSISTANT_TURN,
     HUMAN_TURN,
@@ -40,6 +40,7 @@ from llm_models import (
     scored_text,
 )
 from members import load_members
+from reward_variants import DEFAULT_REWARD_VARIANT, REWARD_VARIANTS
 from rm_data import DEFAULT_CHUNK_ROWS, embedding_record
 from run_folder import (
     MANIFEST_FILE,

@@ -309,7 +309,9 @@ def load_embedding_set(data_dir: str | os.PathLike, kind: str = "train", require
 
 
 def fingerprint(eset: EmbeddingSet) -> str:
-    """A sha256 over the set's file names, shapes, dtypes, all rewards and sampled embedding bytes.
+    """The data fingerprint: a sha256 over the set's file names, shapes, dtypes, all rewards and sampled
+    embedding bytes (orm_manifest.json's ``data.fingerprint``, prompt_split.json's ``data_fingerprint``).
+    run_state.py's ``data_stat_key``, which decides whether steps rerun, hashes stat information instead.
 
     Embedding files are sampled (blocks of 64 KiB evenly spaced, first and last included, plus the
     size) rather than hashed whole: hashing 10 GB would cost more than the step it guards. The set

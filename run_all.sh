@@ -207,7 +207,7 @@ share_data_dir
 
 # --- steps 5-8 on the CPU, resumable --------------------------------------------------------
 # run_state.py prints "[step N up to date]" instead of running a step whose record matches this
-# command line, the code and the previous step's outputs (step 5: the data's fingerprint), and whose
+# command line, the code and the previous step's outputs (step 5: the data's stat key), and whose
 # outputs are unchanged; otherwise it runs the step and prints "[step N took X s]".
 STEPS_STARTED="$(mktemp)"  # files the steps write from here on are newer than this marker
 TEMP_FILES+=("$STEPS_STARTED")

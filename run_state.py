@@ -61,8 +61,8 @@ def parse_args(argv=None):
     run.add_argument("--after", help="the step whose record this one depends on, e.g. 4")
     run.add_argument(
         "--data_dir",
-        help="data folder whose fingerprint goes into the key (the first step's; later steps "
-        "inherit it through --after)",
+        help="data folder whose stat key (its data files' stat information) goes into the key (the "
+        "first step's; later steps inherit it through --after)",
     )
     run.add_argument("--force", action="store_true", help="run even if the record says up to date")
     run.add_argument("command", nargs="+", help="the step's command line (after --)")
@@ -72,10 +72,11 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Hashes
 # --------------------------------------------------------------------------------------------
-def data_fingerprint(data_dir: str | os.PathLike) -> str:
+def data_stat_key(data_dir: str | os.PathLike) -> str:
     """sha256 over the stat info (size, mtime_ns, inode) of every embedding and reward file, as build
     tools do: any rewrite, copy, touch or in-place edit of a data file reruns the steps. Never fails
-    (an unreadable folder has an empty fingerprint; the step itself reports the problem)."""
+    (an unreadable folder has the key of no files; the step itself reports the problem). Not the
+    data fingerprint (``rm_data.fingerprint``), a hash of sampled content that step 5 records."""
     stats = {}
     try:
         entries = list(os.scandir(data_dir))
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
         "step": args.step,
         "argv": args.command,
         "code": code_hashes(args.command),
-        "data_fingerprint": data_fingerprint(args.data_dir) if args.data_dir else None,
+        # The data stat key, under the name records have always given it (renamed, every record would be stale).
+        "data_fingerprint": data_stat_key(args.data_dir) if args.data_dir else None,
         "after": chain_digest(previous) if args.after else None,
     }
     key = json_sha256(inputs)

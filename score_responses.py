@@ -22,9 +22,6 @@ import numpy as np
 
 from artifacts import STDOUT, ensure_writable_dir, output_target
 from cli import (
-    DEFAULT_REWARD_VARIANT,
-    GOLDEN_SCALE_VARIANTS,
-    REWARD_VARIANTS,
     ArgumentParser,
     InputError,
     add_dtype_arg,
@@ -32,6 +29,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
+from reward_variants import DEFAULT_REWARD_VARIANT, GOLDEN_SCALE_VARIANTS, REWARD_VARIANTS
 
 if TYPE_CHECKING:
     import torch

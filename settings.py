@@ -1,8 +1,8 @@
-"""run_all.sh's settings: which environment variable sets which flag of which step.
+"""run_all.sh's settings: the steps' command lines built from the environment, and checked.
 
 A setting's default, type, choices and help live in one place, the argparse parser of the step that
-takes it (``python stepN_....py --help``). This module only says which run_all.sh variable sets
-which flag; run_all.sh passes a flag only when its variable is set (and not empty), so an unset
+takes it (``python stepN_....py --help``). Which run_all.sh variable sets which flag is
+run_variables.py's table; run_all.sh passes a flag only when its variable is set (and not empty), so an unset
 variable means the step's own default. Besides, run_all.sh has a few switches of its own that no
 step takes (:func:`driver_parser`).
 
@@ -18,6 +18,7 @@ parsers' help.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import os
 import re
@@ -25,187 +26,15 @@ import shlex
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from cli import ArgumentParser, InputError, positive_int, setting_typos, zero_one
+from cli import ArgumentParser, InputError, positive_int, zero_one
+from run_variables import COMMANDS, FALLBACKS, Command, flag_variables
 
 REPO = Path(__file__).resolve().parent
 
 
-@dataclass(frozen=True)
-class Command:
-    """One command run_all.sh runs: its script, the flags its variables set, and the flags that are
-    the command's shape rather than settings (which data class, which parts)."""
-
-    name: str  # the bash array that receives its arguments: NAME_ARGS
-    script: str
-    flags: Mapping[str, str]  # flag -> variable
-    fixed: tuple[str, ...] = ()
-    stage: str = "cpu"  # gpu (steps 1-4), convert, demo, cpu (steps 5-8)
-    paths: Mapping[str, str] = field(default_factory=dict)  # folder flag -> variable: always passed
-
-
-OUT = {"--output_dir": "OUTPUT_DIR"}
-OUT_DATA = {"--output_dir": "OUTPUT_DIR", "--data_dir": "DATA_DIR"}
-_GENERATION = {
-    "--model_name": "MODEL_NAME",
-    "--dataset": "DATASET",
-    "--eval_dataset": "EVAL_DATASET",
-    "--max_len": "GEN_MAX_LEN",
-}
-_GOLDEN_RM = {"--reward_model": "GOLDEN_RM", "--rm_input_format": "RM_INPUT_FORMAT"}
-_SHARDS = {"--num_shards": "NUM_SHARDS"}
-_STEP2 = {
-    **_GENERATION,
-    **_SHARDS,
-    "--backend": "GEN_BACKEND",
-    "--tensor_parallel_size": "TP_SIZE",
-    "--seed": "SEED",
-}
-
-COMMANDS = (
-    Command(
-        "STEP1",
-        "step1_sft.py",
-        {
-            "--model_name": "MODEL_NAME",
-            "--dataset": "DATASET",
-            "--max_steps": "SFT_MAX_STEPS",
-            "--seed": "SEED",
-            "--train_file": "SFT_TRAIN_FILE",
-        },
-        stage="gpu",
-        paths=OUT,
-    ),
-    *(
-        Command(
-            f"STEP2_{data_class.upper()}",
-            "step2_gen_sample.py",
-            {
-                **_STEP2,
-                "--n_samples": f"N_{data_class.upper()}_SAMPLES",
-                "--max_prompts": max_prompts,
-                "--prompts_file": f"{data_class.upper()}_PROMPTS_FILE",
-            },
-            ("--adapter_name", "sft", "--data_class", data_class, "--shard_index", "all"),
-            stage="gpu",
-            paths=OUT,
-        )
-        for data_class, max_prompts in (("train", "GPU_MAX_PROMPTS"), ("test", "GPU_MAX_TEST_PROMPTS"))
-    ),
-    *(
-        Command(
-            f"STEP3_{data_class.upper()}",
-            "step3_reward_annotation.py",
-            {**_GENERATION, **_GOLDEN_RM, **_SHARDS},
-            ("--adapter_name", "sft", "--data_class", data_class, "--shard_index", "all"),
-            stage="gpu",
-            paths=OUT,
-        )
-        for data_class in ("train", "test")
-    ),
-    Command(
-        "STEP3_5",
-        "step3.5_processing_data.py",
-        {**_GENERATION, **_GOLDEN_RM},
-        ("--adapter_name", "sft", "--data_class", "both"),
-        stage="gpu",
-        paths=OUT,
-    ),
-    Command(
-        "STEP4",
-        "step4_gen_embeddings.py",
-        {**_GENERATION, **_GOLDEN_RM, "--embed_model_name": "EMBED_MODEL_NAME"},
-        ("--adapter_name", "sft", "--train_test", "both"),
-        stage="gpu",
-        paths=OUT_DATA,
-    ),
-    Command(
-        "CONVERT",
-        "convert_embeddings.py",
-        {
-            "--embd_dir": "EMBD_REPO_DIR",
-            "--task": "TASK",
-            "--sft_obj": "SFT_OBJ",
-            "--embed_model": "MODEL_NAME",
-            "--gen_model": "REPO_GEN_MODEL",
-            "--max_prompts": "MAX_PROMPTS",
-        },
-        stage="convert",
-        paths={"--output_dir": "DATA_DIR"},
-    ),
-    Command(
-        "DEMO",
-        "generate_demo_data.py",
-        {
-            "--n_prompts": "DEMO_PROMPTS",
-            "--n_splits": "DEMO_N_SPLITS",
-            "--emb_dim": "DEMO_EMB_DIM",
-            "--seed": "DEMO_SEED",
-            "--n_test_prompts": "DEMO_TEST_PROMPTS",
-            "--n_test_responses": "DEMO_TEST_RESPONSES",
-        },
-        stage="demo",
-        paths={"--output_dir": "DATA_DIR"},
-    ),
-    Command(
-        "STEP5",
-        "step5_train_rms.py",
-        {
-            "--embed_model_name": "EMBED_MODEL_NAME",
-            "--task": "TASK",
-            "--sft_obj": "SFT_OBJ",
-            "--gen_pref_model_name": "GEN_PREF_MODEL",
-            "--rm_objective": "RM_OBJECTIVE",
-            "--rm_model": "RM_MODEL",
-            "--consider_first_n": "CONSIDER_FIRST_N",
-            "--n_sample": "N_SAMPLE",
-            "--eval_prompts": "EVAL_PROMPTS",
-            "--split_seed": "SPLIT_SEED",
-            "--n_pairs": "N_PAIRS",
-            "--pair_mode": "PAIR_MODE",
-            "--replacement": "REPLACEMENT",
-            "--training_epochs": "TRAINING_EPOCHS",
-            "--learning_rate": "LEARNING_RATE",
-            "--seed": "SEED",
-            "--annotation_quality": "ANNOTATION_QUALITY",
-            "--ensemble_number": "ENSEMBLE_NUMBER",
-            "--early_stopping": "EARLY_STOPPING",
-            "--stop_metric": "STOP_METRIC",
-            "--min_val_pairs": "MIN_VAL_PAIRS",
-            "--min_epoch_steps": "MIN_EPOCH_STEPS",
-            "--reward_scale": "REWARD_SCALE",
-            "--weight_decay": "WEIGHT_DECAY",
-            "--bagging": "BAGGING",
-            "--standardize": "STANDARDIZE",
-        },
-        paths={"--data_dir": "DATA_DIR", "--output_dir": "OUTPUT_DIR"},
-    ),
-    Command(
-        "STEP7",
-        "step7_isotonic_distillation.py",
-        {
-            "--task": "TASK",
-            "--rm_objective": "RM_OBJECTIVE",
-            "--distill_epochs": "DISTILL_EPOCHS",
-            "--learning_rate": "DISTILL_LEARNING_RATE",
-            "--student_seed": "SEED",
-        },
-        paths=OUT_DATA,
-    ),
-    Command("STEP6", "step6_eval_rms.py", {"--eval_seed": "SEED"}, paths=OUT_DATA),
-    Command("STEP8", "step8_validate_distillation.py", {"--eval_seed": "SEED"}, paths=OUT_DATA),
-)
-
-# A variable left unset takes this other variable's value when that one is set (else the step's
-# default): the embedding model is the generation model unless named, the published files'
-# generator is the preference data's, and the test prompts are capped like the training prompts.
-FALLBACKS = {
-    "EMBED_MODEL_NAME": "MODEL_NAME",
-    "REPO_GEN_MODEL": "GEN_PREF_MODEL",
-    "GPU_MAX_TEST_PROMPTS": "GPU_MAX_PROMPTS",
-}
 # Variables naming files and folders: relative to the caller's directory, then made canonical
 # (os.path.realpath), so data/, ./data/ and the absolute path are one folder for the steps' command
 # lines, which key their up-to-date records (run_state.py).
@@ -301,17 +130,27 @@ def variables() -> list[str]:
     return sorted(names | {"PYTHON"})
 
 
-def flag_variables(script: str) -> dict[str, str]:
-    """{flag: variable} for ``script`` under run_all.sh ("" where two variables set it, as
-    step 2's --n_samples is set by N_TRAIN_SAMPLES for the training prompts and N_TEST_SAMPLES for
-    the test prompts)."""
-    found: dict[str, str] = {}
-    for command in COMMANDS:
-        if command.script != Path(script).name:
+# Environment variables that are not run_all.sh settings but belong to the project or its tools.
+OTHER_VARIABLES = {"LOG_LEVEL", "SWEEP", "GRID", "SEEDS", "NAME", "SWEEP_DIR", "JOBS", "THREADS", "PRINT"}
+
+
+def setting_typos(environ: Mapping[str, str]) -> list[str]:
+    """One warning per environment variable that looks like a misspelt run_all.sh setting: a
+    lower-case spelling of one (``n_sample``) or a near miss (``NSAMPLE``, by difflib's ratio)."""
+    known = set(variables())
+    warnings = []
+    for name in sorted(environ):
+        if name in known or name in OTHER_VARIABLES or name.startswith("RUN_ALL_") or len(name) < 4:
             continue
-        for flag, variable in {**command.flags, **command.paths}.items():
-            found[flag] = variable if found.get(flag, variable) == variable else ""
-    return found
+        if name.upper() in known:
+            guess = name.upper()
+        else:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.85)
+            if not close:
+                continue
+            guess = close[0]
+        warnings.append(f"{name} is not a run_all.sh setting and is ignored; did you mean {guess}?")
+    return warnings
 
 
 def load_script(script: str):

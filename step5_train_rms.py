@@ -23,7 +23,6 @@ import numpy as np
 
 from artifacts import ensure_writable_dir, file_sha256, write_json
 from cli import (
-    EARLY_STOPPING,
     ArgumentParser,
     InputError,
     finite_float,
@@ -38,7 +37,7 @@ from cli import (
     zero_one,
 )
 from members import LGBM_SUFFIX, RM_MODELS, LgbmConfig, save_booster, train_lgbm_members
-from objectives import OBJECTIVES
+from objectives import EARLY_STOPPING, OBJECTIVES
 from progress import progress
 from random_streams import int_seed, seed_sequence
 from rm_data import (

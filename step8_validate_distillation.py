@@ -27,7 +27,7 @@ from calibration import (
     load_isotonic_map,
     sidecar_path,
 )
-from cli import GOLDEN_SCALE_VARIANTS, VARIANT_TITLES, ArgumentParser, positive_int, random_seed, run_cli, setup_logging
+from cli import ArgumentParser, positive_int, random_seed, run_cli, setup_logging
 from metrics import (
     add_evaluation_draw_flags,
     best_of_n,
@@ -37,6 +37,7 @@ from metrics import (
     prediction_report,
 )
 from plots import plot_best_of_n, plot_calibration
+from reward_variants import GOLDEN_SCALE_VARIANTS, VARIANT_TITLES
 from rm_data import EmbeddingSet
 from run_folder import (
     ENSEMBLE_SCORES,

@@ -34,13 +34,13 @@ from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
 from rm_data import PARTITION_FILE
 from run_folder import DISTILLATION_CONFIG_FILE, MANIFEST_FILE, VALIDATION_RESULTS_FILE, eval_results_file
-from settings import flag_variables
+from run_variables import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
 
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
 PATHS = {"data_dir", "output_dir"}  # where a run's data and outputs were: not what it ran
 STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
-# Step-5/7 settings under the run_all.sh variable that sets them (settings.py); a setting without one
+# Step-5/7 settings under the run_all.sh variable that sets them (run_variables.py); a setting without one
 # is named as its flag (:func:`setting_text`).
 VARIABLES = {
     flag[2:]: variable

@@ -33,8 +33,9 @@ import run_folder  # noqa: E402
 import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
-from cli import VARIANT_TITLES, InputError  # noqa: E402
+from cli import InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
+from reward_variants import VARIANT_TITLES  # noqa: E402
 from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
 from run_folder import SCORE_CACHE_DIR  # noqa: E402
 

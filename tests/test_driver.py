@@ -24,7 +24,7 @@ import cli
 import convert_embeddings
 import generate_demo_data
 import rm_data
-import settings
+import run_variables
 
 needs_flock = pytest.mark.skipif(shutil.which("flock") is None, reason="run_all.sh locks folders with flock")
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="lists processes through /proc")
@@ -250,10 +250,10 @@ def test_errors_of_a_step_under_run_all_name_the_variables(tmp_path):
     proc = run_all(tmp_path, DATA_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(tmp_path / "out"), N_SAMPLE="1")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --pair_mode (PAIR_MODE) xprompt needs --n_sample (N_SAMPLE) >= 2"
-    assert settings.flag_variables("step7_isotonic_distillation.py")["--learning_rate"] == "DISTILL_LEARNING_RATE"
-    assert settings.flag_variables("step5_train_rms.py")["--learning_rate"] == "LEARNING_RATE"
-    assert settings.flag_variables("step2_gen_sample.py")["--n_samples"] == ""  # two variables set it: not named
-    assert cli.name_variables("--learning_rate (LEARNING_RATE) 3", "step7_isotonic_distillation.py") == (
+    assert run_variables.flag_variables("step7_isotonic_distillation.py")["--learning_rate"] == "DISTILL_LEARNING_RATE"
+    assert run_variables.flag_variables("step5_train_rms.py")["--learning_rate"] == "LEARNING_RATE"
+    assert run_variables.flag_variables("step2_gen_sample.py")["--n_samples"] == ""  # two variables set it: not named
+    assert run_variables.name_variables("--learning_rate (LEARNING_RATE) 3", "step7_isotonic_distillation.py") == (
         "--learning_rate (DISTILL_LEARNING_RATE) 3"
     )
 

@@ -1,10 +1,12 @@
-"""Steps 5-8 import only what their path uses (docs/performance.md): start-up is most of a demo step.
+"""Steps 5-8 import only what their path uses (docs/performance.md): start-up is most of a demo step;
+and the project's modules import each other without a cycle.
 
-Each check runs in a fresh interpreter, since this test process has imported everything already.
+Each step check runs in a fresh interpreter, since this test process has imported everything already.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -93,3 +95,37 @@ def test_score_responses_answers_help_and_flag_errors_without_torch():
     )
     assert help_status == 0 and error_status == 2
     assert help_loaded == error_loaded == set()
+
+
+def project_imports() -> dict[str, set[str]]:
+    """{module: the project's top-level modules it imports}, from every import statement of the
+    repository's top-level files, those inside functions included (a lazy import is still an arrow)."""
+    files = {path.stem: path for path in ROOT.glob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[module] = (imported & files.keys()) - {module}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = project_imports()
+    assert {"cli", "settings", "run_variables"} <= graph.keys() and "cli" in graph["settings"]
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(module) :], module]))
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

@@ -36,15 +36,12 @@ import step5_train_rms  # noqa: E402
 import step7_isotonic_distillation as step7  # noqa: E402
 import step8_validate_distillation as step8  # noqa: E402
 from calibration import load_isotonic_map  # noqa: E402
-from cli import (  # noqa: E402
-    REWARD_VARIANTS,
-    VARIANT_TITLES,
-    InputError,
-)
+from cli import InputError  # noqa: E402
 from llm_models import GenerationRun  # noqa: E402
 from metrics import calibration_errors  # noqa: E402
 from networks import StackedEnsemble, load_checkpoint  # noqa: E402
 from reward_model import RewardModel, hh_rlhf_prompt  # noqa: E402
+from reward_variants import REWARD_VARIANTS, VARIANT_TITLES  # noqa: E402
 from rm_data import load_embedding_set, load_partition  # noqa: E402
 from run_folder import (  # noqa: E402
     ENSEMBLE_SCORES,

@@ -244,20 +244,20 @@ def test_the_key_covers_the_step_script_and_the_modules_it_imports(tmp_path, ste
     assert "changed: its code" in stepper.run(command=command)[1]
 
 
-def test_data_fingerprint_follows_every_train_and_test_file(demo_copy):
-    first = run_state.data_fingerprint(demo_copy)
-    assert run_state.data_fingerprint(demo_copy) == first
+def test_data_stat_key_follows_every_train_and_test_file(demo_copy):
+    first = run_state.data_stat_key(demo_copy)
+    assert run_state.data_stat_key(demo_copy) == first
     (demo_copy / "demo_config.json").write_text("{}")  # not a data file
-    assert run_state.data_fingerprint(demo_copy) == first
+    assert run_state.data_stat_key(demo_copy) == first
     path = demo_copy / "rewards_test_split_0.json"
     path.write_text(path.read_text().replace("}", " }", 1))  # same values, rewritten: the steps rerun
-    second = run_state.data_fingerprint(demo_copy)
+    second = run_state.data_stat_key(demo_copy)
     assert second != first
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # touched
-    assert run_state.data_fingerprint(demo_copy) not in (first, second)
+    assert run_state.data_stat_key(demo_copy) not in (first, second)
 
 
-def test_an_in_place_edit_that_keeps_the_size_changes_the_fingerprint(tmp_path):
+def test_an_in_place_edit_that_keeps_the_size_changes_the_data_stat_key(tmp_path):
     """Negating rows of an embedding file in place through a memory map: same size and inode."""
     import numpy as np
 
@@ -265,13 +265,13 @@ def test_an_in_place_edit_that_keeps_the_size_changes_the_fingerprint(tmp_path):
     data.mkdir()
     path = data / "EMBD-TRAIN-split_0.npy"
     np.save(path, np.ones((1000, 8), dtype=np.float32))
-    before, inode = run_state.data_fingerprint(data), path.stat().st_ino
+    before, inode = run_state.data_stat_key(data), path.stat().st_ino
     time.sleep(0.01)  # a coarse file-system clock would otherwise keep the mtime
     embeddings = np.load(path, mmap_mode="r+")
     embeddings[500:520] = -embeddings[500:520]
     embeddings.flush()
     del embeddings
-    assert path.stat().st_ino == inode and run_state.data_fingerprint(data) != before
+    assert path.stat().st_ino == inode and run_state.data_stat_key(data) != before
 
 
 # --------------------------------------------------------------------------------------------

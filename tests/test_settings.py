@@ -10,13 +10,14 @@ import pytest
 from conftest import ROOT
 
 import cli
+import run_variables
 import settings
 import step5_train_rms
 import summarize_runs
 
 
 def test_every_variable_names_a_flag_of_its_steps_parser():
-    for command in settings.COMMANDS:
+    for command in run_variables.COMMANDS:
         options = {o for a in settings.step_parser(command.script)._actions for o in a.option_strings}
         missing = (set(command.flags) | set(command.paths)) - options
         assert not missing, (command.script, missing)
