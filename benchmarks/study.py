@@ -265,7 +265,7 @@ def report(study: Study, rows: list[dict], eval_set: str) -> str:
             f"split seeds {','.join(map(str, splits))} "
             f"({' / '.join(f'{p} prompts, {n} responses' for p, n in sizes)})\n",
             "| reward model | runs | " + " | ".join(METRICS.values()) + f" | {label} - {study.reference}'s (paired) "
-            "| beats it | beats length | mean best epoch |",
+            "| beats it | beats length | mean best epoch (LightGBM: round) |",
             "|---|---|" + "---|" * (len(METRICS) + 4),
         ]
         runs = {(r["candidate"], r["split_seed"], r["seed"]): r for r in group}
