@@ -89,6 +89,8 @@ class Study:
 
 
 RAW = ["--standardize", "0"]
+LGBM = ["--rm_model", "lgbm"]
+LGBM_RATE_01 = ["--lgbm_learning_rate", "0.1", "--lgbm_n_estimators", "300"]
 STUDIES = {
     # docs/studies/defaults.md: step 5's learning rate, validation floor, epoch length and standardisation.
     "defaults": Study(
@@ -125,6 +127,21 @@ STUDIES = {
         reference="BT-MLP",
         qualities=(10.0, 1.0, 0.5, 0.1),
         split_seeds=(0, 1, 2),
+    ),
+    # docs/method.md, "LightGBM members": the LightGBM members' defaults beside the clf MLP on the same pairs.
+    "lgbm_defaults": Study(
+        page="docs/method.md",
+        candidates={
+            "lgbm lr 0.1, 300 rounds, features 0.1": [*LGBM, *LGBM_RATE_01, "--lgbm_feature_fraction", "0.1"],
+            "mlp (clf)": ["--rm_model", "mlp"],
+            "lgbm features 0.5": [*LGBM, *LGBM_RATE_01, "--lgbm_feature_fraction", "0.5"],
+            "lgbm lr 0.05, 1000 rounds": [*LGBM, "--lgbm_learning_rate", "0.05", "--lgbm_n_estimators", "1000"]
+            + ["--lgbm_feature_fraction", "0.1"],
+        },
+        budgets={"n1000": (1000, 1)},
+        reference="lgbm lr 0.1, 300 rounds, features 0.1",
+        fixed=["--ensemble_number", "3", "--rm_objective", "clf"],
+        seeds=(1, 2, 3),
     ),
 }
 
