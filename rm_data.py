@@ -40,7 +40,6 @@ ROLE_SHARES = {"calibration": 0.6, "student_train": 0.2, "held_out": 0.2}
 # evaluation a few held-out prompts; a pool of 20 prompts gives 12/4/4.
 MIN_EVAL_PROMPTS = 20
 DEFAULT_SPLIT_SEED = 0
-PARTITION_FILE = "prompt_split.json"
 EMBEDDING_INFO_FILE = "embedding_info_{kind}.json"  # step 4's record of the model that embedded a set
 DEMO_CONFIG_FILE = "demo_config.json"  # marks synthetic demo data (generate_demo_data.py)
 # Rows scored per chunk: 2048 x 2048 float32 = 16 MiB in, 2048 x 1024 x M float32 first-layer
@@ -374,36 +373,6 @@ def make_partition(
         "orm_train": (pool, pool + n_sample),
     }
     return {role: sorted(int(p) for p in order[slice(*bounds[role])]) for role in PROMPT_ROLES}
-
-
-def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[str, np.ndarray]:
-    """Read ``prompt_split.json`` and check it belongs to ``eset`` and is a true partition."""
-    path = Path(output_dir) / PARTITION_FILE
-    record = read_json(path, "prompt partition (written by step5_train_rms.py)")
-    require_key(record, "n_prompts", int, path, "an integer")
-    require_key(record, "data_fingerprint", str, path, "a string")
-    roles = {
-        role: np.asarray(
-            require_key(
-                record,
-                role,
-                list,
-                path,
-                "a list of integer prompt ids",
-                lambda ids: all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
-            ),
-            dtype=np.int64,
-        )
-        for role in PROMPT_ROLES
-    }
-    if record["n_prompts"] != eset.n_prompts or record["data_fingerprint"] != fingerprint(eset):
-        raise InputError(
-            f"{path} was written for other data than {eset.data_dir} (rerun step5_train_rms.py on this --data_dir)"
-        )
-    merged = np.concatenate(list(roles.values()))
-    if len(np.unique(merged)) != len(merged) or merged.min(initial=0) < 0 or merged.max(initial=0) >= eset.n_prompts:
-        raise InputError(f"{path}: roles must be disjoint prompt ids in 0..{eset.n_prompts - 1}")
-    return roles
 
 
 def require_key(

@@ -16,7 +16,7 @@ import numpy as np
 
 from artifacts import ensure_writable_dir, read_json, write_npy
 from cli import InputError, finite_number
-from rm_data import EmbeddingSet, load_embedding_set, load_partition, require_key
+from rm_data import PROMPT_ROLES, EmbeddingSet, fingerprint, load_embedding_set, require_key
 
 # --------------------------------------------------------------------------------------------
 # File names (run_all.sh and run_sweep.sh spell some of them: tests/test_run_all.py checks them)
@@ -35,6 +35,7 @@ LEGACY_MAP_FILE = "isotonic_map.joblib"  # the original authors' name for the te
 # student's from step 7 (student_scores_*).
 SCORE_CACHE_DIR = "score_cache"
 ENSEMBLE_SCORES, STUDENT_SCORES = "scores", "student_scores"
+PARTITION_FILE = "prompt_split.json"  # step 5's prompt partition (README, "Who sees which prompts")
 
 
 def eval_results_file(objective: str) -> str:
@@ -206,6 +207,36 @@ class LazyEnsemble:
 RUN_IDENTITY_FLAGS = ("embed_model_name", "task", "sft_obj", "gen_pref_model_name", "rm_objective")
 
 
+def load_partition(output_dir: str | os.PathLike, eset: EmbeddingSet) -> dict[str, np.ndarray]:
+    """Read ``prompt_split.json`` and check it belongs to ``eset`` and is a true partition."""
+    path = Path(output_dir) / PARTITION_FILE
+    record = read_json(path, "prompt partition (written by step5_train_rms.py)")
+    require_key(record, "n_prompts", int, path, "an integer")
+    require_key(record, "data_fingerprint", str, path, "a string")
+    roles = {
+        role: np.asarray(
+            require_key(
+                record,
+                role,
+                list,
+                path,
+                "a list of integer prompt ids",
+                lambda ids: all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
+            ),
+            dtype=np.int64,
+        )
+        for role in PROMPT_ROLES
+    }
+    if record["n_prompts"] != eset.n_prompts or record["data_fingerprint"] != fingerprint(eset):
+        raise InputError(
+            f"{path} was written for other data than {eset.data_dir} (rerun step5_train_rms.py on this --data_dir)"
+        )
+    merged = np.concatenate(list(roles.values()))
+    if len(np.unique(merged)) != len(merged) or merged.min(initial=0) < 0 or merged.max(initial=0) >= eset.n_prompts:
+        raise InputError(f"{path}: roles must be disjoint prompt ids in 0..{eset.n_prompts - 1}")
+    return roles
+
+
 @dataclass
 class Run:
     """Step 5's run as steps 6-8 open it (:func:`open_run`).
@@ -225,7 +256,7 @@ class Run:
         return member_hashes(self.output_dir, self.manifest)
 
     def partition(self) -> dict[str, np.ndarray]:
-        """:func:`rm_data.load_partition` of this run, read when the step asks for it (each step keeps its order)."""
+        """:func:`load_partition` of this run, read when the step asks for it (each step keeps its order)."""
         return load_partition(self.output_dir, self.data)
 
     def test_set(self) -> EmbeddingSet | None:

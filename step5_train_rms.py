@@ -42,7 +42,6 @@ from progress import progress
 from random_streams import int_seed, seed_sequence
 from rm_data import (
     DEFAULT_SPLIT_SEED,
-    PARTITION_FILE,
     TASKS,
     default_eval_prompts,
     embedding_record,
@@ -50,7 +49,7 @@ from rm_data import (
     load_embedding_set,
     make_partition,
 )
-from run_folder import MANIFEST_FILE
+from run_folder import MANIFEST_FILE, PARTITION_FILE
 
 log = logging.getLogger("step5")
 PAIR_MODES = ("xprompt", "same")

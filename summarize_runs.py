@@ -32,8 +32,13 @@ import numpy as np
 from artifacts import ensure_writable_dir, json_sha256, read_json, write_text
 from cli import ArgumentParser, InputError, finite_number, run_cli
 from plots import plot_sweep
-from rm_data import PARTITION_FILE
-from run_folder import DISTILLATION_CONFIG_FILE, MANIFEST_FILE, VALIDATION_RESULTS_FILE, eval_results_file
+from run_folder import (
+    DISTILLATION_CONFIG_FILE,
+    MANIFEST_FILE,
+    PARTITION_FILE,
+    VALIDATION_RESULTS_FILE,
+    eval_results_file,
+)
 from run_variables import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
 

@@ -11,6 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 import baselines
 import rm_data
+import run_folder
 import step6_eval_rms as step6
 
 
@@ -48,7 +49,7 @@ def test_ridge_is_fitted_on_orm_train_and_lengths_follow_the_rows(trained_run, d
 
     results = step6.main(["--output_dir", str(out), "--data_dir", str(demo_copy), "--bon_draws", "5"])
 
-    partition = json.loads((out / rm_data.PARTITION_FILE).read_text())
+    partition = json.loads((out / run_folder.PARTITION_FILE).read_text())
     fit, held = np.array(partition["orm_train"]), np.array(partition["held_out"])
     features = np.concatenate([data.read_rows(k, fit) for k in range(data.n_splits)])
     scaler = StandardScaler().fit(features)

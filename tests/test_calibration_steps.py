@@ -36,8 +36,8 @@ import step8_validate_distillation as step8  # noqa: E402
 from cli import InputError  # noqa: E402
 from networks import load_checkpoint  # noqa: E402
 from reward_variants import VARIANT_TITLES  # noqa: E402
-from rm_data import EmbeddingSet, load_embedding_set, load_partition  # noqa: E402
-from run_folder import SCORE_CACHE_DIR  # noqa: E402
+from rm_data import EmbeddingSet, load_embedding_set  # noqa: E402
+from run_folder import SCORE_CACHE_DIR, load_partition  # noqa: E402
 
 DEMO = [
     "--n_prompts",

@@ -42,7 +42,7 @@ from metrics import calibration_errors  # noqa: E402
 from networks import StackedEnsemble, load_checkpoint  # noqa: E402
 from reward_model import RewardModel, hh_rlhf_prompt  # noqa: E402
 from reward_variants import REWARD_VARIANTS, VARIANT_TITLES  # noqa: E402
-from rm_data import load_embedding_set, load_partition  # noqa: E402
+from rm_data import load_embedding_set  # noqa: E402
 from run_folder import (  # noqa: E402
     ENSEMBLE_SCORES,
     SCORE_CACHE_DIR,
@@ -51,6 +51,7 @@ from run_folder import (  # noqa: E402
     LazyEnsemble,
     checkpoint_paths,
     load_manifest,
+    load_partition,
     student_checkpoint_name,
 )
 

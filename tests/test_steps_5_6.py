@@ -161,7 +161,7 @@ def test_step5_outputs_and_manifest(trained_run, demo_dir):
         # each epoch's validation pair accuracy; the kept epoch's is the member's (its weights restored)
         assert all(0 <= record["val_accuracy"] <= 1 for record in history)
         assert history[member["best_epoch"] - 1]["val_accuracy"] == member["val_pair_accuracy"]
-    partition = json.loads((trained_run / rm_data.PARTITION_FILE).read_text())
+    partition = json.loads((trained_run / run_folder.PARTITION_FILE).read_text())
     assert partition["orm_train"] == rm_data.make_partition(260, 120, split_seed=0)["orm_train"]
     assert (partition["split_seed"], partition["eval_prompts"], partition["n_prompts"]) == (0, 130, 260)
 
@@ -258,7 +258,7 @@ def test_step6_reads_only_held_out_test_and_the_baselines_fit_prompts(trained_ru
 
     monkeypatch.setattr(rm_data.EmbeddingSet, "read_rows", recording_read_rows)
     results = step6.main(["--output_dir", str(out), "--bon_draws", "5"])
-    partition = json.loads((out / rm_data.PARTITION_FILE).read_text())
+    partition = json.loads((out / run_folder.PARTITION_FILE).read_text())
     # held-out prompts are scored; the ridge baseline is fitted on the ORM's own training prompts
     assert read["train"] == set(partition["held_out"]) | set(partition["orm_train"])
     assert not read["train"] & (set(partition["calibration"]) | set(partition["student_train"]))
