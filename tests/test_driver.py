@@ -1,4 +1,4 @@
-"""run_all.sh and run_sweep.sh as drivers (issue 24): folder locks, a driver killed under its steps,
+"""run_all.sh and run_sweep.sh as drivers: folder locks, a driver killed under its steps,
 one folder spelled two ways, shared data, demo shapes, Ctrl-C at exit, variables named in errors,
 misspelt settings, duplicate sweep seeds. (Resuming: test_run_state.py; SIGTERM and waiting for
 DATA_DIR: test_edges.py; bad settings: test_bad_input_matrix.py.)"""
