@@ -44,6 +44,20 @@ SMALL_RUN_ALL = {
 }
 
 
+# The smallest run_all.sh setup (every step starts within seconds), for driver and signal tests.
+TINY_RUN_ALL = {
+    "N_SAMPLE": "40",
+    "ENSEMBLE_NUMBER": "1",
+    "TRAINING_EPOCHS": "1",
+    "DISTILL_EPOCHS": "1",
+    "DEMO_PROMPTS": "120",
+    "EVAL_PROMPTS": "60",
+    "DEMO_EMB_DIM": "8",
+    "DEMO_TEST_PROMPTS": "2",
+    "DEMO_TEST_RESPONSES": "6",
+}
+
+
 def run_failing(main, argv, capsys) -> str:
     """Run a step's CLI expecting bad input: exit status 2 and exactly one stderr line."""
     from cli import run_cli

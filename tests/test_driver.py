@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_failing
+from conftest import ROOT, TINY_RUN_ALL, run_failing
 from processes import tagged, tagged_pids
 
 import cli
@@ -30,15 +30,7 @@ needs_flock = pytest.mark.skipif(shutil.which("flock") is None, reason="run_all.
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="lists processes through /proc")
 # The smallest run_all.sh setup: step 5 takes a few seconds on a busy machine.
 QUICK = {
-    "N_SAMPLE": "40",
-    "ENSEMBLE_NUMBER": "1",
-    "TRAINING_EPOCHS": "1",
-    "DISTILL_EPOCHS": "1",
-    "DEMO_PROMPTS": "120",
-    "EVAL_PROMPTS": "60",
-    "DEMO_EMB_DIM": "8",
-    "DEMO_TEST_PROMPTS": "2",
-    "DEMO_TEST_RESPONSES": "6",
+    **TINY_RUN_ALL,
     "LAST_STEP": "5",
     "OMP_NUM_THREADS": "1",
 }

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, STEP5_FAST
+from conftest import ROOT, STEP5_FAST, TINY_RUN_ALL
 from processes import tagged, tagged_pids, wait_until_gone
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="watches processes through /proc")
@@ -152,18 +152,7 @@ def run_all_data(tmp_path_factory) -> Path:
 
 
 # A run_all.sh run of a few seconds: every step starts within the first seconds.
-QUICK_RUN_ALL = {
-    "N_SAMPLE": "40",
-    "ENSEMBLE_NUMBER": "1",
-    "TRAINING_EPOCHS": "1",
-    "DISTILL_EPOCHS": "1",
-    "DEMO_PROMPTS": "120",
-    "EVAL_PROMPTS": "60",
-    "DEMO_EMB_DIM": "8",
-    "DEMO_TEST_PROMPTS": "2",
-    "DEMO_TEST_RESPONSES": "6",
-    "THREADS": "1",
-}
+QUICK_RUN_ALL = {**TINY_RUN_ALL, "THREADS": "1"}
 
 
 def test_a_signal_at_any_moment_stops_run_all_with_one_line(run_all_data, tmp_path):
