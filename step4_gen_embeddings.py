@@ -19,9 +19,10 @@ an embedding does not depend on the other prompts of the run.
 Shards (docs/gpu_steps.md, "Shards on a cluster"): with ``--shard_index i --num_shards n`` (or a SLURM
 job array) the run embeds only prompts ``[N*i//n, N*(i+1)//n)`` of each ranked file into
 ``{gen_dir}/{kind}_embd_{model}.shard{i}of{n}.npy`` (rows, K, D) and its ``.json`` record, written
-last; ``--merge --num_shards n`` with the same flags checks that every shard is there, finished
-and made with these settings from this ranked file, and writes the data directory byte for byte as
-one unsharded run would.
+last (a shard whose record says it was made with these settings is kept, not embedded again, so a
+resubmitted array or an interrupted run resumes); ``--merge --num_shards n`` with the same flags
+checks that every shard is there, finished and made with these settings from this ranked file, and
+writes the data directory byte for byte as one unsharded run would.
 """
 
 from __future__ import annotations
@@ -249,9 +250,20 @@ def shard_only_settings(args, run: GenerationRun, rm_name: str, kind: str) -> di
     }
 
 
+def finished_shard(npy: Path, record_path: Path, settings: dict, compute_dtype: str) -> bool:
+    """Whether the shard's files are there and its record says it was made with ``settings`` in
+    ``compute_dtype`` (the merge still checks the array itself)."""
+    if not (npy.is_file() and record_path.is_file()):
+        return False
+    record = read_json(record_path, "step 4 shard record")
+    return record.get("compute_dtype") == compute_dtype and {key: record.get(key) for key in settings} == settings
+
+
 def embed_shard(run, kind, records, settings: dict, compute_dtype: str, model, tokenizer, args) -> str:
     """Embed this shard's prompts of ``kind`` into its own files; returns a summary line."""
     npy, record_path = shard_files(run, kind, args.embed_model_name, args.shard_index, args.num_shards)
+    if finished_shard(npy, record_path, settings, compute_dtype):  # a resubmitted array task, a resumed build
+        return f"{kind}: shard {args.shard_index} of {args.num_shards} was embedded with these settings (kept)"
     record_path.unlink(missing_ok=True)  # the record marks a finished shard: none until this one is
     remove_leftover_temps(run.folder, [npy.name, record_path.name])
     start, stop = part_bounds(len(records), args.num_shards, args.shard_index)
@@ -274,7 +286,8 @@ def embed_shard(run, kind, records, settings: dict, compute_dtype: str, model, t
         {**settings, "compute_dtype": compute_dtype, "shard_index": args.shard_index, "rows": [start, stop],
          "n_cut_at_max_length": n_cut},
     )  # fmt: skip
-    return f"{kind}: shard {args.shard_index} of {args.num_shards}, prompts {start}..{stop - 1} -> {npy.name}"
+    prompts = f"prompts {start}..{stop - 1}" if stop > start else "no prompts"
+    return f"{kind}: shard {args.shard_index} of {args.num_shards}, {prompts} -> {npy.name}"
 
 
 def check_shards(run, kind: str, settings: dict, args) -> tuple[list[tuple[Path, int, int]], str, int]:

@@ -48,7 +48,9 @@ this script writes under ``--cache_dir``): the text embedded is ``llm_models.sco
 hh-rlhf form "\\n\\nHuman: {instruction}\\n\\nAssistant:" and the stripped answer, cut to
 ``--max_length`` tokens (the count of cut texts is recorded). The embeddings are cached under
 ``--cache_dir`` by the content of the ranked files and the embedding settings, so a rerun with the
-same inputs copies them instead of embedding again. Everything is checked before the data directory
+same inputs copies them instead of embedding again; they are embedded in ``--parts`` parts (step 4's
+shards, merged into the same bytes as one run), so an interrupted build, rerun with the same flags,
+embeds only the parts it had not finished. Everything is checked before the data directory
 is touched, and its files appear together (written beside their targets, renamed at the end).
 """
 
@@ -115,6 +117,12 @@ def parse_args(argv=None):
     parser.add_argument("--max_length", type=positive_int, default=64, help="tokens per embedded text (step 4)")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="texts per forward pass (step 4)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--parts",
+        type=positive_int,
+        default=10,
+        help="embed in this many parts (step 4's shards, the same bytes); a rerun keeps the finished ones",
+    )
     parser.add_argument("--annotator", default=DEFAULT_ANNOTATOR, help="annotator folder under results/<model>/")
     parser.add_argument(
         "--exclude_models",
@@ -362,27 +370,15 @@ def embed_with_step4(sets: dict[str, ResponseSet], args, model_path: str) -> tup
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    step4_gen_embeddings.main(
-        [
-            *gen_args,
-            "--reward_model",
-            args.annotator,
-            "--embed_model_name",
-            args.embed_model_name,
-            "--train_test",
-            "both",
-            "--data_dir",
-            str(folder),
-            "--batch_size",
-            str(args.batch_size),
-            "--max_length",
-            str(args.max_length),
-            "--pooling",
-            args.pooling,
-            "--dtype",
-            "float32",
-        ]
-    )
+    step4_argv = [
+        *gen_args,
+        *("--reward_model", args.annotator, "--embed_model_name", args.embed_model_name, "--train_test", "both"),
+        *("--data_dir", str(folder), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length)),
+        *("--pooling", args.pooling, "--dtype", "float32", "--num_shards", str(args.parts)),
+    ]
+    for part in range(args.parts):  # a part finished by an interrupted build is kept (step 4's shards)
+        step4_gen_embeddings.main([*step4_argv, "--shard_index", str(part)])
+    step4_gen_embeddings.main([*step4_argv, "--merge"])
     seconds = time.perf_counter() - started
     n_texts = sum(s.rewards.size for s in sets.values())
     entry = {"settings": settings, "seconds": round(seconds, 1), "texts": n_texts, "threads": args.threads}

@@ -323,3 +323,28 @@ def test_a_gguf_file_is_a_model_name(tmp_path):
     assert resolve_model(str(path), "--embed_model_name") == str(path)
     assert gguf_source(str(path)) == (str(tmp_path), {"gguf_file": "model.Q4_1.gguf"})
     assert gguf_source(str(tmp_path)) == (str(tmp_path), {})
+
+
+def test_an_interrupted_build_resumes_from_its_finished_parts(built, tiny, tmp_path, monkeypatch, capsys):
+    """Killed after its first part, a rerun embeds only the parts left: the same bytes as one run."""
+    import step4_gen_embeddings
+
+    make_tree(tmp_path / "alpaca_eval")
+    data, real_main, calls = tmp_path / "data", step4_gen_embeddings.main, []
+
+    def killed_after_one_part(argv):
+        calls.append(argv)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_main(argv)
+
+    monkeypatch.setattr(step4_gen_embeddings, "main", killed_after_one_part)
+    with pytest.raises(KeyboardInterrupt):
+        builder.main(build_argv(tiny, tmp_path, data, "--parts", "3"))
+    assert not any(data.iterdir())  # checked writable at the start, written only at the end
+    monkeypatch.setattr(step4_gen_embeddings, "main", real_main)
+    capsys.readouterr()
+    builder.main(build_argv(tiny, tmp_path, data, "--parts", "3"))
+    assert capsys.readouterr().out.count("was embedded with these settings (kept)") == 2  # part 0: train, test
+    arrays = sorted(p.name for p in data.glob("EMBD-*.npy"))
+    assert arrays and all((data / n).read_bytes() == (built["data"] / n).read_bytes() for n in arrays)

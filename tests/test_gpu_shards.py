@@ -206,8 +206,13 @@ def test_step4_merge_refuses_missing_and_mismatched_shards(tiny, tmp_path, two_s
     err = run_failing(step4_gen_embeddings.main, merge, capsys)
     assert "step 4 train shard 1: train_embd_embed-left.shard1of2.json was made with other settings" in err
     assert "max_length 40 (this merge: 1024)" in err
-    step4_gen_embeddings.main(f["embed"] + shard_flags(1, 2))
-    step4_gen_embeddings.main(f["embed"] + shard_flags(1, 2))  # a rerun of a finished shard is harmless
+    step4_gen_embeddings.main(f["embed"] + shard_flags(1, 2))  # made with other settings: embedded again
+    npy = next(run.folder.glob("train_embd_*.shard1of2.npy"))
+    made = npy.stat().st_mtime_ns
+    capsys.readouterr()
+    step4_gen_embeddings.main(f["embed"] + shard_flags(1, 2))  # finished with these settings: kept
+    assert "train: shard 1 of 2 was embedded with these settings (kept)" in capsys.readouterr().out
+    assert npy.stat().st_mtime_ns == made
     step3_reward_annotation.main(f["rm"] + ["--data_class", "train"] + shard_flags(0, 2) + ["--max_length", "64"])
     err = run_failing(step35_main, f["rm"], capsys)
     assert "train shard 1: train_part1.scored_golden-rm.jsonl was scored with other settings" in err
