@@ -141,7 +141,6 @@ STUDIES = {
         budgets={"n1000": (1000, 1)},
         reference="lgbm lr 0.1, 300 rounds, features 0.1",
         fixed=["--ensemble_number", "3", "--rm_objective", "clf"],
-        seeds=(1, 2, 3),
     ),
 }
 
