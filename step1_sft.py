@@ -121,25 +121,13 @@ def load_sft_pairs(args) -> list[dict]:
     return [{"prompt": prompt, "completion": completion} for prompt, completion in split]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    setup_logging()
-
-    # ---- inputs, checked before any work (and before the slow trl/peft imports) -------------
-    resolve_model(args.model_name, "--model_name")
-    pairs = load_sft_pairs(args)
-    output_dir = ensure_writable_dir(args.output_dir)
+def sft_trainer(args, pairs: list[dict], trainer_dir: Path, device: torch.device, dtype: torch.dtype):
+    """trl's SFTTrainer for the LoRA adapter (``LORA_SETTINGS``) on ``pairs``, loss on the completion
+    only, checkpoints and logs in ``trainer_dir``. Imports trl, peft and datasets (slow) only here."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    adapter_dir = sft_adapter_dir(output_dir, args.model_name, args.dataset)
-    trainer_dir = adapter_dir.with_name(adapter_dir.name + "_trainer")
-    device = pick_device()
-    dtype = pick_dtype(device, training=True)
-    log.info("%d prompt/completion pairs; device %s, dtype %s", len(pairs), device, dtype)
-
-    # ---- model and trainer ------------------------------------------------------------------
     tokenizer = load_tokenizer(args.model_name, "--model_name", padding_side="right")
     model = load_causal_lm(args.model_name, "--model_name", device, dtype)
     config = SFTConfig(
@@ -162,7 +150,7 @@ def main(argv=None):
         use_cpu=device.type == "cpu",  # so that torchrun on CPUs trains data-parallel (gloo), not N copies
     )
     torch.manual_seed(args.seed)  # SFTTrainer initialises the LoRA weights before it seeds anything itself
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(pairs),
@@ -170,33 +158,32 @@ def main(argv=None):
         peft_config=LoraConfig(**LORA_SETTINGS),
     )
 
-    # ---- train ------------------------------------------------------------------------------
-    started = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - started
 
-    # ---- write: save beside the target, then swap it into place (process 0 of a torchrun) ----
-    if not trainer.is_world_process_zero():
-        return
+def sft_run_record(args, n_pairs: int, result, world_size: int, dtype: torch.dtype, seconds: float) -> dict:
+    """``sft_run.json``, saved with the adapter: the flags (but the work folder and checkpoint interval)
+    and what the training did."""
+    return {
+        **{flag: value for flag, value in vars(args).items() if flag not in ("output_dir", "save_steps")},
+        "model_path": resolve_model(args.model_name, "--model_name"),
+        "n_pairs": n_pairs,
+        "global_steps": int(result.global_step),
+        "world_size": world_size,  # processes that trained data-parallel (torchrun)
+        "train_loss": float(result.training_loss),
+        "dtype": dtype_name(dtype),
+        "lora": LORA_SETTINGS,
+        "train_seconds": round(seconds, 2),
+    }
+
+
+def write_adapter(trainer, adapter_dir: Path, record: dict) -> None:
+    """Save the trained adapter and ``record`` (``sft_run.json``) into a folder beside ``adapter_dir``,
+    then swap it into place: a run that fails on the way leaves the previous adapter intact."""
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}."))
     staging.chmod(0o755)  # mkdtemp creates it private; the adapter is a normal shared artifact
     try:
         trainer.save_model(str(staging))
-        write_json(
-            staging / "sft_run.json",
-            {
-                **{flag: value for flag, value in vars(args).items() if flag not in ("output_dir", "save_steps")},
-                "model_path": resolve_model(args.model_name, "--model_name"),
-                "n_pairs": len(pairs),
-                "global_steps": int(result.global_step),
-                "world_size": trainer.args.world_size,  # processes that trained data-parallel (torchrun)
-                "train_loss": float(result.training_loss),
-                "dtype": dtype_name(dtype),
-                "lora": LORA_SETTINGS,
-                "train_seconds": round(seconds, 2),
-            },
-        )
+        write_json(staging / "sft_run.json", record)
         old = adapter_dir.with_name(f".{adapter_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if adapter_dir.exists():
@@ -205,6 +192,32 @@ def main(argv=None):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+
+    # ---- inputs, checked before any work (and before the slow trl/peft imports) -------------
+    resolve_model(args.model_name, "--model_name")
+    pairs = load_sft_pairs(args)
+    output_dir = ensure_writable_dir(args.output_dir)
+    adapter_dir = sft_adapter_dir(output_dir, args.model_name, args.dataset)
+    device = pick_device()
+    dtype = pick_dtype(device, training=True)
+    log.info("%d prompt/completion pairs; device %s, dtype %s", len(pairs), device, dtype)
+
+    # ---- model, trainer and training --------------------------------------------------------
+    trainer = sft_trainer(args, pairs, adapter_dir.with_name(adapter_dir.name + "_trainer"), device, dtype)
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+
+    # ---- write (process 0 of a torchrun) ----------------------------------------------------
+    if not trainer.is_world_process_zero():
+        return
+    record = sft_run_record(args, len(pairs), result, trainer.args.world_size, dtype, seconds)
+    write_adapter(trainer, adapter_dir, record)
     print(
         f"step1: LoRA adapter -> {adapter_dir} ({result.global_step} steps, "
         f"loss {result.training_loss:.4f}, {seconds:.1f} s)"

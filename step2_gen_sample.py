@@ -274,73 +274,52 @@ def generate_transformers(
     return responses
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    setup_logging()
-    run = GenerationRun.from_args(args)
-
-    # ---- inputs, checked before any work ----------------------------------------------------
-    model_path = resolve_model(args.model_name, "--model_name")
-    adapter = resolve_adapter(args)
-    all_prompts = load_prompts(args)
-    parts = range(args.num_shards) if args.shard_index == "all" else [args.shard_index]
+def pick_backend(args) -> str:
+    """``--backend``, with auto resolved (vllm if installed and a GPU is present, else transformers);
+    what vllm needs is checked here, before any work."""
     backend = args.backend
     if backend == "auto":
         backend = "vllm" if torch.cuda.is_available() and vllm_imports() else "transformers"
     if backend == "vllm":
         check_vllm_settings(args)
-    device = pick_device()
-    dtype = pick_dtype(device, requested=args.dtype)
-    tokenizer = load_tokenizer(args.model_name, "--model_name", padding_side="left")
+    return backend
 
-    part_prompts = {}
-    skipped = {}
+
+def part_prompts(
+    all_prompts: list[tuple[int, str]], parts, tokenizer, num_shards: int, max_prompt_len: int
+) -> tuple[dict[int, list[tuple[int, str, list[int]]]], dict[int, list[int]]]:
+    """Each part's (id, prompt, token ids) to sample, and the ids of its prompts longer than
+    ``max_prompt_len`` tokens (skipped, and counted in the part's summary)."""
+    kept_by_part, skipped = {}, {}
     for part in parts:
-        start, stop = part_bounds(len(all_prompts), args.num_shards, part)
+        start, stop = part_bounds(len(all_prompts), num_shards, part)
         kept, too_long = [], []
         for prompt_id, prompt in all_prompts[start:stop]:
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            (kept if len(ids) <= args.max_prompt_len else too_long).append((prompt_id, prompt, ids))
-        part_prompts[part], skipped[part] = kept, [prompt_id for prompt_id, _, _ in too_long]
-    work = [item for part in parts for item in part_prompts[part]]
-    log.info(
-        "%s part(s) %s: %d prompts, %d skipped as longer than %d tokens; backend %s, device %s, %s",
-        args.data_class,
-        list(parts),
-        len(work),
-        sum(map(len, skipped.values())),
-        args.max_prompt_len,
-        backend,
-        device,
-        dtype,
-    )
-    if not work:
-        raise InputError(
-            f"no prompts to generate for --shard_index {args.shard_index} "
-            f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})"
-        )
-    ensure_writable_dir(run.folder, "--output_dir")
-    for part in parts:  # what a shard killed mid-write left behind
-        remove_leftover_temps(
-            run.folder, [run.samples_path(args.data_class, part).name, run.summary_path(args.data_class, part).name]
-        )
+            (kept if len(ids) <= max_prompt_len else too_long).append((prompt_id, prompt, ids))
+        kept_by_part[part], skipped[part] = kept, [prompt_id for prompt_id, _, _ in too_long]
+    return kept_by_part, skipped
 
-    # ---- generate ---------------------------------------------------------------------------
+
+def sample_responses(
+    backend: str, model_path: str, adapter: Path | None, work: list, tokenizer, args, device, dtype
+) -> list[list[str]]:
+    """``--n_samples`` responses for each (id, prompt, token ids) of ``work``, prompt i sampled with
+    the seed ``prompt_seed(--seed, id)``, by vllm or by the transformers model (adapter merged in)."""
     seeds = [prompt_seed(args.seed, prompt_id) for prompt_id, _, _ in work]
-    started = time.perf_counter()
     if backend == "vllm":
-        responses = generate_vllm(model_path, adapter, [prompt for _, prompt, _ in work], seeds, args, dtype)
-    else:
-        model = load_causal_lm(args.model_name, "--model_name", device, dtype)
-        if adapter is not None:
-            from peft import PeftModel
+        return generate_vllm(model_path, adapter, [prompt for _, prompt, _ in work], seeds, args, dtype)
+    model = load_causal_lm(args.model_name, "--model_name", device, dtype)
+    if adapter is not None:
+        from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        model.eval()
-        responses = generate_transformers(model, tokenizer, [ids for _, _, ids in work], seeds, args, device)
-    seconds = time.perf_counter() - started
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.eval()
+    return generate_transformers(model, tokenizer, [ids for _, _, ids in work], seeds, args, device)
 
-    # ---- write one file per part ------------------------------------------------------------
+
+def sample_settings(args, model_path: str, adapter: Path | None, backend: str, dtype, all_prompts: list) -> dict:
+    """What every record and summary of the run holds: the settings that made the samples."""
     settings = {
         "model_name": args.model_name,
         "model_path": model_path,
@@ -369,6 +348,12 @@ def main(argv=None):
     }
     if backend == "vllm":
         settings.update(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
+    return settings
+
+
+def write_parts(run: GenerationRun, args, parts, prompts: dict, skipped: dict, responses: list, settings: dict) -> None:
+    """One samples file and one summary per part, each written atomically; ``responses`` are in the
+    order of the parts' prompts."""
     responses_in_order = iter(responses)
     for part in parts:
         records = [
@@ -378,7 +363,7 @@ def main(argv=None):
                 **{f"response_{i}": text for i, text in enumerate(next(responses_in_order))},
                 "settings": {**settings, "shard_index": part},
             }
-            for prompt_id, prompt, _ in part_prompts[part]
+            for prompt_id, prompt, _ in prompts[part]
         ]
         cuts = [cut_response(r[f"response_{i}"]) for r in records for i in range(args.n_samples)]
         write_jsonl(run.samples_path(args.data_class, part), records)
@@ -395,14 +380,69 @@ def main(argv=None):
                 "n_empty_after_cut": sum(not cut for cut in cuts),
             },
         )
+
+
+def count_responses(responses: list[list[str]], tokenizer) -> tuple[int, int]:
+    """The responses' tokens and how many are empty once cut (logged as a warning when any are)."""
     texts = [text for row in responses for text in row]
     n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     n_empty = sum(not cut_response(text) for text in texts)
     if n_empty:
         log.warning('%d of %d responses are empty once cut at the first "\\n\\nHuman"', n_empty, len(texts))
+    return n_tokens, n_empty
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    run = GenerationRun.from_args(args)
+
+    # ---- inputs, checked before any work ----------------------------------------------------
+    model_path = resolve_model(args.model_name, "--model_name")
+    adapter = resolve_adapter(args)
+    all_prompts = load_prompts(args)
+    parts = range(args.num_shards) if args.shard_index == "all" else [args.shard_index]
+    backend = pick_backend(args)
+    device = pick_device()
+    dtype = pick_dtype(device, requested=args.dtype)
+    tokenizer = load_tokenizer(args.model_name, "--model_name", padding_side="left")
+    prompts, skipped = part_prompts(all_prompts, parts, tokenizer, args.num_shards, args.max_prompt_len)
+    work = [item for part in parts for item in prompts[part]]
+    n_skipped = sum(map(len, skipped.values()))
+    log.info(
+        "%s part(s) %s: %d prompts, %d skipped as longer than %d tokens; backend %s, device %s, %s",
+        args.data_class,
+        list(parts),
+        len(work),
+        n_skipped,
+        args.max_prompt_len,
+        backend,
+        device,
+        dtype,
+    )
+    if not work:
+        raise InputError(
+            f"no prompts to generate for --shard_index {args.shard_index} "
+            f"({len(all_prompts)} prompts in all, --max_prompt_len {args.max_prompt_len})"
+        )
+    ensure_writable_dir(run.folder, "--output_dir")
+    for part in parts:  # what a shard killed mid-write left behind
+        remove_leftover_temps(
+            run.folder, [run.samples_path(args.data_class, part).name, run.summary_path(args.data_class, part).name]
+        )
+
+    # ---- generate ---------------------------------------------------------------------------
+    started = time.perf_counter()
+    responses = sample_responses(backend, model_path, adapter, work, tokenizer, args, device, dtype)
+    seconds = time.perf_counter() - started
+
+    # ---- write one file per part ------------------------------------------------------------
+    settings = sample_settings(args, model_path, adapter, backend, dtype, all_prompts)
+    write_parts(run, args, parts, prompts, skipped, responses, settings)
+    n_tokens, n_empty = count_responses(responses, tokenizer)
     print(
         f"step2: {len(work)} prompts x {args.n_samples} responses ({args.data_class}, part(s) "
-        f"{','.join(map(str, parts))}) -> {run.folder}; {sum(map(len, skipped.values()))} over-length "
+        f"{','.join(map(str, parts))}) -> {run.folder}; {n_skipped} over-length "
         f"prompts skipped; {n_empty} responses empty after the cut; {n_tokens} tokens in {seconds:.1f} s = "
         f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s with {backend} ({dtype_name(dtype)})"
     )

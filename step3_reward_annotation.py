@@ -128,6 +128,80 @@ def check_num_shards(run: GenerationRun, data_class: str, parts: list[int], num_
             )
 
 
+def load_parts(run: GenerationRun, args, parts: list[int]) -> tuple[dict[int, tuple[list[dict], int]], int]:
+    """Step 2's records of each part with their response count, and the count all non-empty parts
+    share (InputError when no part holds responses or the parts' counts differ)."""
+    samples = {part: load_samples(run.samples_path(args.data_class, part), args.n_samples) for part in parts}
+    if not any(records for records, _ in samples.values()):
+        raise InputError(f"no generated responses in {run.folder} for --shard_index {args.shard_index}")
+    n_per_prompt = {n for records, n in samples.values() if records}
+    if len(n_per_prompt) > 1:
+        raise InputError(f"parts {parts} hold different response counts {sorted(n_per_prompt)}; score them one by one")
+    return samples, n_per_prompt.pop()
+
+
+def cut_samples(samples: dict[int, tuple[list[dict], int]]) -> tuple[list[str], dict[int, list[list[str]]]]:
+    """The query of every response (prompt-major, parts in order) and each part's responses cut at
+    their first "\\n\\nHuman", one row per record."""
+    queries, cut_rows = [], {}
+    for part, (records, n) in samples.items():
+        cut_rows[part] = [[cut_response(r[f"response_{i}"]) for i in range(n)] for r in records]
+        queries += [r["query"] for r in records for _ in range(n)]
+    return queries, cut_rows
+
+
+def rm_tokenizer(rm_name: str, rm_input_format: str):
+    """The reward model's tokenizer; ``--rm_input_format chat_template`` needs it to have a template."""
+    tokenizer = load_tokenizer(rm_name, "--reward_model")
+    if rm_input_format == "chat_template" and not tokenizer.chat_template:
+        raise InputError(
+            f"--rm_input_format chat_template: the tokenizer of {rm_name} has no chat template "
+            "(use --rm_input_format raw)"
+        )
+    return tokenizer
+
+
+def score(model, tokenizer, token_ids, label, batch_size: int, device, group_size: int) -> np.ndarray:
+    """float32 reward of each tokenized text, batched within groups of ``group_size`` (one prompt's
+    responses), longest first."""
+    rewards = np.empty(len(token_ids), dtype=np.float32)
+    with torch.inference_mode():
+        for rows, batch in iter_length_batches(
+            token_ids,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+            batch_size,
+            device,
+            desc="scoring",
+            group_size=group_size,
+        ):
+            rewards[rows] = rewards_from_logits(model(**batch).logits, label).cpu().numpy()
+    return rewards
+
+
+def write_scored(run, args, rm_name: str, samples: dict, cut_rows: dict, rm_fields: dict, rewards, truncated) -> None:
+    """One scored file per part: each record's cut responses, their rewards and counts, with
+    ``rm_fields`` (the reward model's settings); ``rewards`` and ``truncated`` are prompt-major."""
+    position = 0
+    for part, (records, n) in samples.items():
+        scored = []
+        for record, cut_row in zip(records, cut_rows[part]):
+            scored.append(
+                {
+                    "query": record["query"],
+                    "id": record["id"],
+                    "responses": cut_row,
+                    "rewards": rewards[position : position + n].tolist(),
+                    **rm_fields,
+                    "n_cut_at_max_length": int(truncated[position : position + n].sum()),
+                    "n_empty_after_cut": sum(not cut for cut in cut_row),
+                    "settings": record.get("settings", {}),
+                }
+            )
+            position += n
+        write_jsonl(run.scored_path(args.data_class, part, rm_name), scored)
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
@@ -141,26 +215,13 @@ def main(argv=None):
         raise InputError(f"no {args.data_class}_part*.jsonl in {run.folder} (run step2_gen_sample.py first)")
     ensure_writable_dir(run.folder, "--output_dir")
     check_num_shards(run, args.data_class, parts, args.num_shards)
-    samples = {part: load_samples(run.samples_path(args.data_class, part), args.n_samples) for part in parts}
-    if not any(records for records, _ in samples.values()):
-        raise InputError(f"no generated responses in {run.folder} for --shard_index {args.shard_index}")
-    n_per_prompt = {n for records, n in samples.values() if records}
-    if len(n_per_prompt) > 1:
-        raise InputError(f"parts {parts} hold different response counts {sorted(n_per_prompt)}; score them one by one")
+    samples, n_per_prompt = load_parts(run, args, parts)
     for part in parts:  # what a shard killed mid-write left behind
         remove_leftover_temps(run.folder, [run.scored_path(args.data_class, part, rm_name).name])
-    queries, cut_rows = [], {}
-    for part, (records, n) in samples.items():
-        cut_rows[part] = [[cut_response(r[f"response_{i}"]) for i in range(n)] for r in records]
-        queries += [r["query"] for r in records for _ in range(n)]
-    cuts = [cut for part in samples for row in cut_rows[part] for cut in row]
+    queries, cut_rows = cut_samples(samples)
+    cuts = [cut for rows in cut_rows.values() for row in rows for cut in row]
     label = reward_label_index(load_config(rm_name, "--reward_model"), rm_name, "--reward_model", args.reward_label)
-    tokenizer = load_tokenizer(rm_name, "--reward_model")
-    if args.rm_input_format == "chat_template" and not tokenizer.chat_template:
-        raise InputError(
-            f"--rm_input_format chat_template: the tokenizer of {rm_name} has no chat template "
-            "(use --rm_input_format raw)"
-        )
+    tokenizer = rm_tokenizer(rm_name, args.rm_input_format)
 
     # ---- score ------------------------------------------------------------------------------
     device = pick_device()
@@ -177,46 +238,21 @@ def main(argv=None):
             n_empty,
             len(cuts),
         )
-    rewards = np.empty(len(texts), dtype=np.float32)
     started = time.perf_counter()
-    with torch.inference_mode():
-        for rows, batch in iter_length_batches(
-            token_ids,
-            tokenizer.pad_token_id,
-            tokenizer.padding_side,
-            args.batch_size,
-            device,
-            desc="scoring",
-            group_size=n_per_prompt.pop(),
-        ):
-            rewards[rows] = rewards_from_logits(model(**batch).logits, label).cpu().numpy()
+    rewards = score(model, tokenizer, token_ids, label, args.batch_size, device, n_per_prompt)
     seconds = time.perf_counter() - started
     if not np.isfinite(rewards).all():
         raise RuntimeError(f"{rm_name} returned non-finite rewards; check the model and --max_length")
 
     # ---- write one scored file per part -----------------------------------------------------
-    position = 0
-    for part, (records, n) in samples.items():
-        scored = []
-        for record, cut_row in zip(records, cut_rows[part]):
-            scored.append(
-                {
-                    "query": record["query"],
-                    "id": record["id"],
-                    "responses": cut_row,
-                    "rewards": rewards[position : position + n].tolist(),
-                    "reward_model": rm_name,
-                    "rm_input_format": args.rm_input_format,
-                    "reward_label": label,
-                    "rm_dtype": dtype_name(dtype),
-                    "rm_max_length": args.max_length,
-                    "n_cut_at_max_length": int(truncated[position : position + n].sum()),
-                    "n_empty_after_cut": sum(not cut for cut in cut_row),
-                    "settings": record.get("settings", {}),
-                }
-            )
-            position += n
-        write_jsonl(run.scored_path(args.data_class, part, rm_name), scored)
+    rm_fields = {
+        "reward_model": rm_name,
+        "rm_input_format": args.rm_input_format,
+        "reward_label": label,
+        "rm_dtype": dtype_name(dtype),
+        "rm_max_length": args.max_length,
+    }
+    write_scored(run, args, rm_name, samples, cut_rows, rm_fields, rewards, truncated)
     print(
         f"step3: {len(texts)} responses of {sum(len(r) for r, _ in samples.values())} prompts scored by "
         f"{rm_name} ({args.data_class}, part(s) {','.join(map(str, parts))}, {args.rm_input_format} input, "

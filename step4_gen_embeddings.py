@@ -340,6 +340,84 @@ def copy_shards(splits: list[np.ndarray], shards: list[tuple[Path, int, int]]) -
             split[start:stop] = array[:, k]
 
 
+def kinds_to_embed(run: GenerationRun, rm_name: str, train_test: str) -> tuple[str, ...]:
+    """The kinds ``--train_test`` names; for both, train alone when step 3.5 ranked no test responses."""
+    if train_test != "both":
+        return (train_test,)
+    if not run.ranked_path("test", rm_name).is_file():
+        log.info("no ranked test responses in %s; embedding train only", run.folder)
+        return ("train",)
+    return ("train", "test")
+
+
+def load_embedder(args, tokenizer) -> tuple[object, str]:
+    """The embedding model on the device picked, and its compute dtype's name."""
+    device = pick_device()
+    dtype = pick_dtype(device, requested=args.dtype)
+    model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
+    log.info(
+        "embedding with %s on %s in %s (padding side %s, %s pooling)",
+        args.embed_model_name,
+        device,
+        dtype,
+        tokenizer.padding_side,
+        args.pooling,
+    )
+    return model, dtype_name(dtype)
+
+
+def write_kind(staging: Path, kind: str, records, settings: dict, compute_dtype, n_cut: int, how: str, args) -> str:
+    """The rewards of ``kind``'s K splits and its ``embedding_info_{kind}.json`` (the settings but
+    what only shards record); returns a summary line."""
+    _, reward_pattern = FILE_PATTERNS[kind]
+    n_splits = settings["n_splits"]
+    rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
+    for k in range(n_splits):
+        write_rewards_jsonl(staging / reward_pattern.format(k=k), rewards[:, k])
+    skipped = ("ranked_sha256", "batch_size", "num_shards")
+    info = {key: value for key, value in settings.items() if key not in skipped}
+    write_json(
+        staging / EMBEDDING_INFO_FILE.format(kind=kind),
+        {**info, "compute_dtype": compute_dtype, "n_cut_at_max_length": n_cut},
+    )
+    return (
+        f"{kind}: {len(records)} prompts x {n_splits} splits x D={settings['dim']}, {info['n_empty_after_cut']} "
+        f"responses empty after the cut ({how}, {compute_dtype} stored as {args.embedding_dtype})"
+    )
+
+
+def write_data_dir(data_dir: Path, ranked: dict, settings: dict, merged: dict, embedder, args) -> list[str]:
+    """README's data directory for each kind of ``ranked``: embedded by ``embedder`` (model,
+    tokenizer, compute dtype) or, with ``--merge``, copied from the checked shards of ``merged``.
+    Written into a folder swapped in whole at the end (data_folder.py); an earlier run's splits of
+    these kinds go, whatever their number. Returns a summary line per kind."""
+    model, tokenizer, compute_dtype = embedder
+    replaced = split_files(*ranked)
+    infos = [EMBEDDING_INFO_FILE.format(kind=kind) for kind in ranked]
+    summary = []
+    with exclusive_rewrite(data_dir, lambda name: replaced(name) or name in infos) as staging:
+        for kind, (records, n_splits) in ranked.items():
+            emb_pattern, _ = FILE_PATTERNS[kind]
+            started = time.perf_counter()
+            paths = [staging / emb_pattern.format(k=k) for k in range(n_splits)]
+            with open_splits(paths, len(records), settings[kind]["dim"], args.embedding_dtype) as splits:
+                if args.merge:
+                    shards, compute_dtype, n_cut = merged[kind]
+                    copy_shards(splits, shards)
+                else:
+                    texts = [scored_text(r["query"], answer) for r in records for answer in r["responses_sorted"]]
+                    n_cut = fill_embeddings(splits, model, tokenizer, texts, args)
+                del splits  # close the memory maps before the temporary files are renamed
+            seconds = time.perf_counter() - started
+            how = (
+                f"merged from {args.num_shards} shards"
+                if args.merge
+                else f"{len(records) * n_splits / max(seconds, 1e-9):.1f} embeddings/s"
+            )
+            summary.append(write_kind(staging, kind, records, settings[kind], compute_dtype, n_cut, how, args))
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
@@ -349,10 +427,7 @@ def main(argv=None):
 
     # ---- inputs, checked before the model loads and the data directory is created ------------
     resolve_model(args.embed_model_name, "--embed_model_name")
-    kinds = ("train", "test") if args.train_test == "both" else (args.train_test,)
-    if args.train_test == "both" and not run.ranked_path("test", rm_name).is_file():
-        log.info("no ranked test responses in %s; embedding train only", run.folder)
-        kinds = ("train",)
+    kinds = kinds_to_embed(run, rm_name, args.train_test)
     ranked = {kind: load_ranked(run.ranked_path(kind, rm_name), args.n_samples, args.rm_input_format) for kind in kinds}
     config = load_config(args.embed_model_name, "--embed_model_name")
     tokenizer = load_tokenizer(args.embed_model_name, "--embed_model_name")
@@ -368,65 +443,18 @@ def main(argv=None):
     )
 
     # ---- model (none for a merge) ------------------------------------------------------------
-    model, compute_dtype = None, None
-    if not args.merge:
-        device = pick_device()
-        dtype = pick_dtype(device, requested=args.dtype)
-        compute_dtype = dtype_name(dtype)
-        model = load_embedding_model(args.embed_model_name, "--embed_model_name", device, dtype)
-        log.info(
-            "embedding with %s on %s in %s (padding side %s, %s pooling)",
-            args.embed_model_name,
-            device,
-            dtype,
-            tokenizer.padding_side,
-            args.pooling,
-        )
+    model, compute_dtype = (None, None) if args.merge else load_embedder(args, tokenizer)
 
     # ---- embed (or merge) and write, one kind at a time ------------------------------------
-    # A data directory is written into a folder swapped in whole at the end (data_folder.py); a
-    # shard's part files go to the run folder, each atomically.
-    summary = []
+    # A data directory is written into a folder swapped in whole at the end; a shard's part files
+    # go to the run folder, each atomically.
     if sharded:
-        for kind, (records, _) in ranked.items():
-            summary.append(embed_shard(run, kind, records, settings[kind], compute_dtype, model, tokenizer, args))
-        print(f"step4: {'; '.join(summary)} -> {data_dir}")
-        return
-    replaced = split_files(*kinds)  # an earlier run's splits of these kinds go, whatever their number
-    infos = [EMBEDDING_INFO_FILE.format(kind=kind) for kind in kinds]
-    with exclusive_rewrite(data_dir, lambda name: replaced(name) or name in infos) as staging:
-        for kind, (records, n_splits) in ranked.items():
-            emb_pattern, reward_pattern = FILE_PATTERNS[kind]
-            started = time.perf_counter()
-            paths = [staging / emb_pattern.format(k=k) for k in range(n_splits)]
-            dim = settings[kind]["dim"]
-            with open_splits(paths, len(records), dim, args.embedding_dtype) as splits:
-                if args.merge:
-                    shards, compute_dtype, n_cut = merged[kind]
-                    copy_shards(splits, shards)
-                else:
-                    texts = [scored_text(r["query"], answer) for r in records for answer in r["responses_sorted"]]
-                    n_cut = fill_embeddings(splits, model, tokenizer, texts, args)
-                del splits  # close the memory maps before the temporary files are renamed
-            seconds = time.perf_counter() - started
-            rewards = np.array([r["rewards_sorted"] for r in records], dtype=np.float64)
-            for k in range(n_splits):
-                write_rewards_jsonl(staging / reward_pattern.format(k=k), rewards[:, k])
-            skipped = ("ranked_sha256", "batch_size", "num_shards")
-            info = {key: value for key, value in settings[kind].items() if key not in skipped}
-            write_json(
-                staging / EMBEDDING_INFO_FILE.format(kind=kind),
-                {**info, "compute_dtype": compute_dtype, "n_cut_at_max_length": n_cut},
-            )
-            how = (
-                f"merged from {args.num_shards} shards"
-                if args.merge
-                else f"{len(records) * n_splits / max(seconds, 1e-9):.1f} embeddings/s"
-            )
-            summary.append(
-                f"{kind}: {len(records)} prompts x {n_splits} splits x D={dim}, {info['n_empty_after_cut']} "
-                f"responses empty after the cut ({how}, {compute_dtype} stored as {args.embedding_dtype})"
-            )
+        summary = [
+            embed_shard(run, kind, records, settings[kind], compute_dtype, model, tokenizer, args)
+            for kind, (records, _) in ranked.items()
+        ]
+    else:
+        summary = write_data_dir(data_dir, ranked, settings, merged, (model, tokenizer, compute_dtype), args)
     print(f"step4: {'; '.join(summary)} -> {data_dir}")
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -165,33 +166,47 @@ def test_a_signal_at_any_moment_stops_run_all_with_one_line(run_all_data, tmp_pa
         delay, signum = DELAYS[index], SIGNALS[index % len(SIGNALS)]
         name = signal.Signals(signum).name
         what = f"run_all.sh, {name} after {delay} s"
-        out = tmp_path / f"trial{index}"
-        trial_env, tag = tagged({**env, "OUTPUT_DIR": str(out)})
-        process = subprocess.Popen(
-            ["bash", str(ROOT / "run_all.sh")],
-            cwd=tmp_path,
-            env=trial_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        time.sleep(delay)
-        trapped = signal_caught(process.pid, signum)
-        process.send_signal(signum)
-        stdout, err = process.communicate(timeout=120)
-        err = err.decode(errors="replace")
-        if process.returncode == -signum:
+
+        def interrupt(process: subprocess.Popen, _tag: str) -> bool:
+            time.sleep(delay)
+            trapped = signal_caught(process.pid, signum)
+            process.send_signal(signum)
+            return trapped
+
+        trapped, status, _, err = run_all_trial(what, env, tmp_path / f"trial{index}", interrupt)
+        if status == -signum:
             assert not trapped and err == "", f"{what}: killed although its trap was set: {err!r}"
         else:
-            assert process.returncode == 128 + signum, f"{what}: status {process.returncode}, {err[-2000:]!r}"
+            assert status == 128 + signum, f"{what}: status {status}, {err[-2000:]!r}"
             lines = err.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"run_all.sh: stopped by SIG{name[3:]} during "), what
             assert lines[0].endswith("; run the same command again to resume"), what
-        wait_until_gone(tag, timeout=30)
-        if out.exists():
-            assert_no_leftovers(what, out)
 
     with ThreadPoolExecutor(TRIAL_THREADS) as pool:
         list(pool.map(trial, range(len(DELAYS))))
+
+
+def run_all_trial(
+    what: str, env: dict, out: Path, interrupt: Callable[[subprocess.Popen, str], object], new_session: bool = False
+) -> tuple[object, int, bytes, str]:
+    """Start run_all.sh writing into ``out`` (its processes tagged) and signal it by ``interrupt(process,
+    tag)``; once it has ended, check that no process of its tree and no temporary file is left. Returns
+    what ``interrupt`` returned, run_all.sh's status, its stdout and its stderr."""
+    trial_env, tag = tagged({**env, "OUTPUT_DIR": str(out)})
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "run_all.sh")],
+        cwd=out.parent,
+        env=trial_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=new_session,
+    )
+    interrupted = interrupt(process, tag)
+    stdout, err = process.communicate(timeout=120)
+    wait_until_gone(tag, timeout=30)
+    if out.exists():
+        assert_no_leftovers(what, out)
+    return interrupted, process.returncode, stdout, err.decode(errors="replace")
 
 
 def signal_caught(pid: int, signum: int) -> bool:
@@ -210,41 +225,35 @@ def test_a_step_interrupted_as_it_starts_stops_the_run(run_all_data, tmp_path):
     the step, as ``pkill -f step6_eval_rms.py`` sends it). run_all.sh stops with the signal's status
     and one line; step 8 never runs."""
     env = {**os.environ, "PYTHON": sys.executable, **QUICK_RUN_ALL, "DATA_DIR": str(run_all_data), "LAST_STEP": "8"}
-    for index, delay in enumerate((0.0, 0.01, 0.03, 0.06, 0.1, 0.2)):
+
+    def trial(index: int, delay: float) -> None:
         signum = (signal.SIGINT, signal.SIGTERM)[index % 2]
         name = signal.Signals(signum).name
         what = f"step 6, {name} after {delay} s"
-        out = tmp_path / f"trial{index}"
-        trial_env, tag = tagged({**env, "OUTPUT_DIR": str(out)})
-        process = subprocess.Popen(
-            ["bash", str(ROOT / "run_all.sh")],
-            cwd=tmp_path,
-            env=trial_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 300
-        while not (targets := tagged_pids(tag, "step6_eval_rms.py")):
-            assert process.poll() is None and time.monotonic() < deadline, f"{what}: step 6 never started"
-            time.sleep(0.002)
-        time.sleep(delay)
-        if signum == signal.SIGINT:
-            os.killpg(process.pid, signum)
-        for pid in targets + tagged_pids(tag, "step6_eval_rms.py") if signum == signal.SIGTERM else []:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-        stdout, err = process.communicate(timeout=120)
-        err = err.decode(errors="replace")
-        assert process.returncode == 128 + signum, f"{what}: status {process.returncode}: {err[-2000:]!r}"
+
+        def interrupt(process: subprocess.Popen, tag: str) -> None:
+            deadline = time.monotonic() + 300
+            while not (targets := tagged_pids(tag, "step6_eval_rms.py")):
+                assert process.poll() is None and time.monotonic() < deadline, f"{what}: step 6 never started"
+                time.sleep(0.002)
+            time.sleep(delay)
+            if signum == signal.SIGINT:
+                os.killpg(process.pid, signum)
+            for pid in targets + tagged_pids(tag, "step6_eval_rms.py") if signum == signal.SIGTERM else []:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+        _, status, stdout, err = run_all_trial(what, env, tmp_path / f"trial{index}", interrupt, new_session=True)
+        assert status == 128 + signum, f"{what}: status {status}: {err[-2000:]!r}"
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("run_all.sh: ") and name in lines[0], f"{what}: {err!r}"
         assert lines[0].endswith("run the same command again to resume"), what
         assert b"=== Step 8" not in stdout, what
-        wait_until_gone(tag, timeout=30)
-        assert_no_leftovers(what, out)
+
+    for index, delay in enumerate((0.0, 0.01, 0.03, 0.06, 0.1, 0.2)):
+        trial(index, delay)
 
 
 @pytest.mark.parametrize("where", ["import", "destructor", "exit", "converted", "converted_import"])
