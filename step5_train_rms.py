@@ -27,6 +27,7 @@ from cli import (
     InputError,
     finite_float,
     fraction,
+    from_flags,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -504,35 +505,17 @@ def train_config(args):
     """The ``networks.TrainConfig`` of the flags."""
     from networks import TrainConfig
 
-    return TrainConfig(
-        args.training_epochs,
-        args.learning_rate,
-        args.batch_size,
-        args.patience,
-        args.weight_decay,
-        args.stop_metric,
-        args.min_epoch_steps,
-    )
+    return from_flags(TrainConfig, args, epochs=args.training_epochs)
 
 
 def lgbm_config(args):
     """The ``members.LgbmConfig`` of the flags; LightGBM's threads are torch's (THREADS)."""
     import torch
 
-    return LgbmConfig(
-        args.lgbm_num_leaves,
-        args.lgbm_learning_rate,
-        args.lgbm_n_estimators,
-        args.lgbm_min_child_samples,
-        args.lgbm_feature_fraction,
-        args.lgbm_bagging_fraction,
-        args.lgbm_patience,
-        torch.get_num_threads(),
-        args.stop_metric,
-    )
+    return from_flags(LgbmConfig, args, "lgbm_", threads=torch.get_num_threads(), stop_metric=args.stop_metric)
 
 
-def train_members(members: list, config, scheme: str, learning_rate: float) -> list:
+def train_members(members: list, config, scheme: str) -> list:
     """Train the members (``networks.OrmMember``) by the early-stopping scheme: (model, FitResult) each.
     Divergence is an InputError naming the member and --learning_rate."""
     from networks import TrainingDiverged, diverged_advice, train_orms
@@ -555,7 +538,7 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
     except TrainingDiverged as err:
         index = err.index if scheme == "pooled" else len(trained)
         who = "ORM members" if index < 0 else f"ORM member {index}"
-        advice = diverged_advice(err, "--learning_rate (LEARNING_RATE in run_all.sh)", learning_rate)
+        advice = diverged_advice(err, "--learning_rate (LEARNING_RATE in run_all.sh)", config.learning_rate)
         raise InputError(f"{who} diverged ({err}); {advice}") from None
     return trained
 
@@ -692,7 +675,7 @@ def main(argv=None) -> dict:
             OrmMember(features, *pairs, args.rm_objective, generator, bool(args.standardize))
             for pairs, generator in zip(own_pairs, generators)
         ]
-        trained = train_members(members, train_config(args), scheme, args.learning_rate)
+        trained = train_members(members, train_config(args), scheme)
         flops, save = mlp_train_flops_per_sample(data.dim), save_checkpoint  # forward + backward per response
     records = []
     for member, ((_, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):

@@ -41,6 +41,7 @@ from cli import (
     ArgumentParser,
     InputError,
     fraction,
+    from_flags,
     positive_float,
     positive_int,
     random_seed,
@@ -74,6 +75,9 @@ if TYPE_CHECKING:
     from networks import TrainConfig
 
 log = logging.getLogger("step7")
+# The student's training settings that step 7 takes no flag for: plain Adam (no weight decay), early
+# stopping on the validation MSE, an epoch one pass over the training responses.
+STUDENT_TRAINING = {"weight_decay": 0.0, "stop_metric": "loss", "min_epoch_steps": 1}
 
 
 def build_parser() -> ArgumentParser:
@@ -428,7 +432,7 @@ def main(argv=None) -> dict:
 
     # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
     targets = teacher_map.imap.predict(data.score(student_prompts, teacher_scorer).mean(axis=0))
-    train_config = TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size, args.patience)
+    train_config = from_flags(TrainConfig, args, epochs=args.distill_epochs, **STUDENT_TRAINING)
     student, result, fit_prompts, stop_prompts = distil(
         data, student_prompts, targets, args.val_fraction, train_config, split_rng, generator
     )
