@@ -48,7 +48,7 @@ from cli import (
     run_cli,
     setup_logging,
 )
-from metrics import global_spearman, per_prompt_spearman
+from metrics import add_cross_pairs_flag, global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
 from rm_data import TASKS, EmbeddingSet
@@ -120,12 +120,7 @@ def build_parser() -> ArgumentParser:
         default=0.1,
         help="share of student_train prompts (whole prompts) used for early stopping",
     )
-    parser.add_argument(
-        "--n_cross_pairs",
-        type=positive_int,
-        default=100_000,
-        help="cross-prompt pairs in the out-of-fold ranking report",
-    )
+    add_cross_pairs_flag(parser)  # of the out-of-fold ranking reports
     parser.add_argument(
         "--student_seed",
         type=random_seed,
