@@ -78,6 +78,9 @@ log = logging.getLogger("step7")
 # The student's training settings that step 7 takes no flag for: plain Adam (no weight decay), early
 # stopping on the validation MSE, an epoch one pass over the training responses.
 STUDENT_TRAINING = {"weight_decay": 0.0, "stop_metric": "loss", "min_epoch_steps": 1}
+# Flags renamed after runs had been made: the name an older run's distillation_config.json records
+# -> the flag's name now (summarize_runs.py reads an older run's settings under today's names).
+RENAMED_FLAGS = {"learning_rate": "student_learning_rate"}
 
 
 def build_parser() -> ArgumentParser:
@@ -111,7 +114,7 @@ def build_parser() -> ArgumentParser:
         help="folds over calibration prompts for the out-of-fold calibration error",
     )
     parser.add_argument("--distill_epochs", type=positive_int, default=20, help="maximum student epochs")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
+    parser.add_argument("--student_learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="responses per student step")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
     parser.add_argument(
@@ -280,8 +283,8 @@ def distil(
             generator,
         )
     except TrainingDiverged as err:
-        advice = diverged_advice(err, "--learning_rate (DISTILL_LEARNING_RATE in run_all.sh)", config.learning_rate)
-        raise InputError(f"student diverged ({err}); {advice}") from None
+        flag = "--student_learning_rate (DISTILL_LEARNING_RATE in run_all.sh)"
+        raise InputError(f"student diverged ({err}); {diverged_advice(err, flag, config.learning_rate)}") from None
     log.info(
         "student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
         "(%.1f GFLOP/s), %.2fs",
@@ -427,7 +430,9 @@ def main(argv=None) -> dict:
 
     # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
     targets = teacher_map.imap.predict(data.score(student_prompts, teacher_scorer).mean(axis=0))
-    train_config = from_flags(TrainConfig, args, epochs=args.distill_epochs, **STUDENT_TRAINING)
+    train_config = from_flags(
+        TrainConfig, args, epochs=args.distill_epochs, learning_rate=args.student_learning_rate, **STUDENT_TRAINING
+    )
     student, result, fit_prompts, stop_prompts = distil(
         data, student_prompts, targets, args.val_fraction, train_config, split_rng, generator
     )

@@ -306,7 +306,7 @@ def test_flushing_denormals_leaves_steps_5_and_7_byte_identical(demo_dir, tmp_pa
     alone. Their outputs are byte for byte the same either way, at both learning rates."""
     code = (
         "import sys, torch, step5_train_rms as s5, step7_isotonic_distillation as s7; from cli import run_cli\n"
-        "step7 = ['--output_dir', sys.argv[-1], '--distill_epochs', '2', '--learning_rate', sys.argv[-3]]\n"
+        "step7 = ['--output_dir', sys.argv[-1], '--distill_epochs', '2', '--student_learning_rate', sys.argv[-3]]\n"
         "if sys.argv.pop(1) == 'script':\n"
         "    run_cli(s5.main); sys.argv[1:] = step7; run_cli(s7.main)\n"
         "else:\n"
