@@ -168,17 +168,12 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
     parser.add_argument(
-        "--min_epoch_steps",
-        type=positive_int,
-        default=1,
-        help="optimizer steps an epoch takes at least: fewer mini-batches than this repeat their (reshuffled) "
-        "pass, so --training_epochs and --patience are budgets in steps at small N_SAMPLE too",
-    )
-    parser.add_argument(
         "--val_fraction", type=fraction, default=0.1, help="share of pairs held out (whole pairs) for early stopping"
     )
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument(
+    # A group of flags is a table in docs/method.md, under the group's title (settings.py writes it).
+    options = parser.add_argument_group("Early stopping and ensemble options")
+    options.add_argument(
         "--early_stopping",
         default=EARLY_STOPPING[0],
         choices=EARLY_STOPPING,
@@ -186,35 +181,42 @@ def build_parser() -> ArgumentParser:
         "slices are disjoint and one stopping epoch is chosen from their pooled "
         "validation loss; none: every pair trains, --training_epochs epochs",
     )
-    parser.add_argument(
+    options.add_argument(
         "--stop_metric",
         default="loss",
         choices=("loss", "accuracy"),
         help="early stopping on the validation loss, or on the validation pairwise accuracy (ties: lower loss)",
     )
-    parser.add_argument(
+    options.add_argument(
         "--min_val_pairs",
         type=non_negative_int,
         default=20,
         help="below this many validation pairs behind the stopping decision, train "
         "--training_epochs epochs on every pair instead (early stopping none); 0: always stop early",
     )
-    parser.add_argument(
+    options.add_argument(
         "--weight_decay", type=non_negative_float, default=0.0, help="decoupled (AdamW) weight decay; 0: plain Adam"
     )
-    parser.add_argument(
+    options.add_argument(
         "--bagging",
         type=zero_one,
         default=0,
         help="1: each member trains on a bootstrap resample of the pairs and validates on its out-of-bag pairs",
     )
-    parser.add_argument(
+    options.add_argument(
         "--standardize",
         type=zero_one,
         default=1,
         help="1: standardise inputs with the training responses' mean and std, folded into the checkpoint's "
         "first layer, so that training does not depend on the embedding's scale (docs/studies/defaults.md); "
         "0: raw inputs (MLP members only: tree splits do not depend on a dimension's scale)",
+    )
+    options.add_argument(
+        "--min_epoch_steps",
+        type=positive_int,
+        default=1,
+        help="optimizer steps an epoch takes at least: fewer mini-batches than this repeat their (reshuffled) "
+        "pass, so --training_epochs and --patience are budgets in steps at small N_SAMPLE too",
     )
     add_lgbm_flags(parser)
     parser.add_argument(
@@ -233,7 +235,10 @@ def add_lgbm_flags(parser: ArgumentParser) -> None:
     group.add_argument("--lgbm_num_leaves", type=positive_int, default=15, help="leaves per tree at most")
     group.add_argument("--lgbm_learning_rate", type=positive_float, default=0.1, help="shrinkage of each tree")
     group.add_argument(
-        "--lgbm_n_estimators", type=positive_int, default=300, help="boosting rounds at most (early stopping)"
+        "--lgbm_n_estimators",
+        type=positive_int,
+        default=300,
+        help="boosting rounds at most (early stopping usually ends sooner; without it, every round runs)",
     )
     group.add_argument(
         "--lgbm_min_child_samples", type=positive_int, default=10, help="training responses per leaf at least"
