@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import gc
 import logging
 import math
@@ -23,7 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import interrupts
 from interrupts import RUN_ALL_ENV, Interrupted
@@ -197,6 +198,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         raise InputError(f"{self.prog}: {message}")
+
+
+Config = TypeVar("Config")
+
+
+def from_flags(cls: type[Config], args: argparse.Namespace, prefix: str = "", **given) -> Config:
+    """The dataclass ``cls`` built by keyword from parsed flags: each field from the flag named
+    ``prefix`` + field (``--lgbm_num_leaves`` for ``num_leaves`` with prefix ``lgbm_``), or from ``given``
+    where the flag has another name or the value is no flag. The dataclass declares no defaults, so a
+    setting's default lives in its parser only; a field with neither is an AttributeError."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    return cls(**{name: getattr(args, prefix + name) for name in names if name not in given}, **given)
 
 
 def add_dtype_arg(parser) -> None:

@@ -45,7 +45,8 @@ def member_kind(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class LgbmConfig:
-    """Step 5's ``--lgbm_*`` flags and its threads (docs/method.md, "LightGBM members")."""
+    """Step 5's ``--lgbm_*`` flags, its ``--stop_metric`` and its threads (docs/method.md, "LightGBM
+    members"), built by ``cli.from_flags``; no defaults here, the parser holds them."""
 
     num_leaves: int
     learning_rate: float
@@ -55,7 +56,7 @@ class LgbmConfig:
     bagging_fraction: float
     patience: int  # rounds without a better validation value before stopping
     threads: int
-    stop_metric: str = "loss"  # "loss" or "accuracy" (ties: lower loss), as the MLP members'
+    stop_metric: str  # "loss" or "accuracy" (ties: lower loss), as the MLP members'
 
 
 def lgbm_params(config: LgbmConfig, objective: str, seed: int) -> dict:

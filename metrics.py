@@ -28,6 +28,11 @@ def add_evaluation_draw_flags(parser) -> None:
     parser.add_argument(
         "--bon_draws", type=positive_int, default=50, help="random subsets per prompt and N for best-of-N"
     )
+    add_cross_pairs_flag(parser)
+
+
+def add_cross_pairs_flag(parser) -> None:
+    """``--n_cross_pairs``: steps 6 and 8's, and step 7's for its out-of-fold ranking reports."""
     parser.add_argument(
         "--n_cross_pairs",
         type=positive_int,

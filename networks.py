@@ -76,15 +76,18 @@ def mlp_train_flops_per_sample(input_dim: int, hidden: Sequence[int] = (1024, 51
 
 @dataclass
 class TrainConfig:
+    """How a model trains: step 5's flags of the same names (``epochs`` is ``--training_epochs``), built
+    by ``cli.from_flags``; no defaults here, the parser holds them. Step 7's student takes its own."""
+
     epochs: int
     learning_rate: float
-    batch_size: int = 256
-    patience: int = 3  # epochs without validation improvement before stopping
-    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; 0 is plain Adam
-    stop_metric: str = "loss"  # early stopping on the validation "loss", or "accuracy" (ties: lower loss)
+    batch_size: int
+    patience: int  # epochs without validation improvement before stopping
+    weight_decay: float  # decoupled (AdamW) weight decay; 0 is plain Adam
+    stop_metric: str  # early stopping on the validation "loss", or "accuracy" (ties: lower loss)
     # An epoch of fewer mini-batches repeats its pass (freshly shuffled) until it has this many
     # optimizer steps, so the epoch cap and patience are budgets in steps at small data sizes too.
-    min_epoch_steps: int = 1
+    min_epoch_steps: int
 
 
 @dataclass

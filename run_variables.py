@@ -169,7 +169,7 @@ COMMANDS = (
             "--task": "TASK",
             "--rm_objective": "RM_OBJECTIVE",
             "--distill_epochs": "DISTILL_EPOCHS",
-            "--learning_rate": "DISTILL_LEARNING_RATE",
+            "--student_learning_rate": "DISTILL_LEARNING_RATE",
             "--student_seed": "SEED",
         },
         paths=OUT_DATA,

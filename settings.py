@@ -12,7 +12,7 @@ work starts (a bad value is one line and exit status 2), and prints bash assignm
 run_all.sh evaluates (the argument lists, the resolved folders, the interpreter's path, and the
 resolved settings to show once). ``python settings.py variables`` lists the variables (run_sweep.sh
 reads them), and ``python settings.py table`` writes the README's configuration table from the
-parsers' help.
+parsers' help (``--group TITLE``: docs/method.md's table of an argument group of steps 5-8).
 """
 
 from __future__ import annotations
@@ -447,10 +447,14 @@ def bash_assignments(bash: Mapping[str, str], argvs: Mapping[str, list[str]], te
 
 
 # --------------------------------------------------------------------------------------------
-# the README's configuration table
+# the README's configuration table, and docs/method.md's table of each argument group of steps 5-8
 # --------------------------------------------------------------------------------------------
 TABLE_BEGIN = "<!-- settings table: written by `python settings.py table`; tests/test_settings.py checks it -->"
 TABLE_END = "<!-- end of settings table -->"
+GROUP_TABLE_BEGIN = (
+    '<!-- flag table: written by `python settings.py table --group "{}"`; tests/test_settings.py checks it -->'
+)
+GROUP_TABLE_END = "<!-- end of flag table -->"
 
 
 def _help_text(action: argparse.Action) -> str:
@@ -508,6 +512,34 @@ def table(gpu: bool = False) -> str:
     return "\n".join(rows)
 
 
+def flag_groups() -> dict[str, tuple[str, argparse._ArgumentGroup]]:
+    """{title: (script, group)}: the argument groups of steps 5-8's parsers, beside argparse's own two."""
+    return {
+        group.title: (script, group)
+        for script in dict.fromkeys(command.script for command in COMMANDS if command.stage == "cpu")
+        for group in step_parser(script)._action_groups[2:]
+    }
+
+
+def group_table(title: str) -> str:
+    """Markdown: a row per flag of the argument group ``title``, its run_all.sh variable where one
+    sets it, and the parser's default and help."""
+    script, group = flag_groups()[title]
+    variables = flag_variables(script)
+    header = (
+        "flag (`run_all.sh` variable)"
+        if any(variables.get(a.option_strings[0]) for a in group._group_actions)
+        else "flag"
+    )
+    rows = [f"| {header} | default | what |", "|---|---|---|"]
+    for action in group._group_actions:
+        flag = action.option_strings[0]
+        variable = variables.get(flag)
+        name = f"`{flag}` (`{variable}`)" if variable else f"`{flag}`"
+        rows.append(f"| {name} | {_default_text(action, variable)} | {_help_text(action)} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = ArgumentParser(description="run_all.sh's settings (see the module docstring)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -516,9 +548,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("variables", help="the variables, one per line")
     table_parser = sub.add_parser("table", help="the README's configuration table (docs/gpu_steps.md's with --gpu)")
     table_parser.add_argument("--gpu", action="store_true", help="the variables of steps 1-4")
+    table_parser.add_argument("--group", help="docs/method.md's table of this argument group of steps 5-8")
     args = parser.parse_args(argv)
     if args.command == "variables":
         print("\n".join(variables()))
+    elif args.command == "table" and args.group:
+        groups = flag_groups()
+        if args.group not in groups:
+            print(
+                f"settings.py: error: no argument group {args.group!r}; steps 5-8 have {sorted(groups)}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        print(group_table(args.group))
     elif args.command == "table":
         print(table(args.gpu))
     else:

@@ -27,6 +27,7 @@ from cli import (
     InputError,
     finite_float,
     fraction,
+    from_flags,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -167,17 +168,12 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--batch_size", type=positive_int, default=256, help="pairs (bt) or responses (clf) per step")
     parser.add_argument(
-        "--min_epoch_steps",
-        type=positive_int,
-        default=1,
-        help="optimizer steps an epoch takes at least: fewer mini-batches than this repeat their (reshuffled) "
-        "pass, so --training_epochs and --patience are budgets in steps at small N_SAMPLE too",
-    )
-    parser.add_argument(
         "--val_fraction", type=fraction, default=0.1, help="share of pairs held out (whole pairs) for early stopping"
     )
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
-    parser.add_argument(
+    # A group of flags is a table in docs/method.md, under the group's title (settings.py writes it).
+    options = parser.add_argument_group("Early stopping and ensemble options")
+    options.add_argument(
         "--early_stopping",
         default=EARLY_STOPPING[0],
         choices=EARLY_STOPPING,
@@ -185,35 +181,42 @@ def build_parser() -> ArgumentParser:
         "slices are disjoint and one stopping epoch is chosen from their pooled "
         "validation loss; none: every pair trains, --training_epochs epochs",
     )
-    parser.add_argument(
+    options.add_argument(
         "--stop_metric",
         default="loss",
         choices=("loss", "accuracy"),
         help="early stopping on the validation loss, or on the validation pairwise accuracy (ties: lower loss)",
     )
-    parser.add_argument(
+    options.add_argument(
         "--min_val_pairs",
         type=non_negative_int,
         default=20,
         help="below this many validation pairs behind the stopping decision, train "
         "--training_epochs epochs on every pair instead (early stopping none); 0: always stop early",
     )
-    parser.add_argument(
+    options.add_argument(
         "--weight_decay", type=non_negative_float, default=0.0, help="decoupled (AdamW) weight decay; 0: plain Adam"
     )
-    parser.add_argument(
+    options.add_argument(
         "--bagging",
         type=zero_one,
         default=0,
         help="1: each member trains on a bootstrap resample of the pairs and validates on its out-of-bag pairs",
     )
-    parser.add_argument(
+    options.add_argument(
         "--standardize",
         type=zero_one,
         default=1,
         help="1: standardise inputs with the training responses' mean and std, folded into the checkpoint's "
         "first layer, so that training does not depend on the embedding's scale (docs/studies/defaults.md); "
         "0: raw inputs (MLP members only: tree splits do not depend on a dimension's scale)",
+    )
+    options.add_argument(
+        "--min_epoch_steps",
+        type=positive_int,
+        default=1,
+        help="optimizer steps an epoch takes at least: fewer mini-batches than this repeat their (reshuffled) "
+        "pass, so --training_epochs and --patience are budgets in steps at small N_SAMPLE too",
     )
     add_lgbm_flags(parser)
     parser.add_argument(
@@ -232,7 +235,10 @@ def add_lgbm_flags(parser: ArgumentParser) -> None:
     group.add_argument("--lgbm_num_leaves", type=positive_int, default=15, help="leaves per tree at most")
     group.add_argument("--lgbm_learning_rate", type=positive_float, default=0.1, help="shrinkage of each tree")
     group.add_argument(
-        "--lgbm_n_estimators", type=positive_int, default=300, help="boosting rounds at most (early stopping)"
+        "--lgbm_n_estimators",
+        type=positive_int,
+        default=300,
+        help="boosting rounds at most (early stopping usually ends sooner; without it, every round runs)",
     )
     group.add_argument(
         "--lgbm_min_child_samples", type=positive_int, default=10, help="training responses per leaf at least"
@@ -504,35 +510,17 @@ def train_config(args):
     """The ``networks.TrainConfig`` of the flags."""
     from networks import TrainConfig
 
-    return TrainConfig(
-        args.training_epochs,
-        args.learning_rate,
-        args.batch_size,
-        args.patience,
-        args.weight_decay,
-        args.stop_metric,
-        args.min_epoch_steps,
-    )
+    return from_flags(TrainConfig, args, epochs=args.training_epochs)
 
 
 def lgbm_config(args):
     """The ``members.LgbmConfig`` of the flags; LightGBM's threads are torch's (THREADS)."""
     import torch
 
-    return LgbmConfig(
-        args.lgbm_num_leaves,
-        args.lgbm_learning_rate,
-        args.lgbm_n_estimators,
-        args.lgbm_min_child_samples,
-        args.lgbm_feature_fraction,
-        args.lgbm_bagging_fraction,
-        args.lgbm_patience,
-        torch.get_num_threads(),
-        args.stop_metric,
-    )
+    return from_flags(LgbmConfig, args, "lgbm_", threads=torch.get_num_threads(), stop_metric=args.stop_metric)
 
 
-def train_members(members: list, config, scheme: str, learning_rate: float) -> list:
+def train_members(members: list, config, scheme: str) -> list:
     """Train the members (``networks.OrmMember``) by the early-stopping scheme: (model, FitResult) each.
     Divergence is an InputError naming the member and --learning_rate."""
     from networks import TrainingDiverged, diverged_advice, train_orms
@@ -555,7 +543,7 @@ def train_members(members: list, config, scheme: str, learning_rate: float) -> l
     except TrainingDiverged as err:
         index = err.index if scheme == "pooled" else len(trained)
         who = "ORM members" if index < 0 else f"ORM member {index}"
-        advice = diverged_advice(err, "--learning_rate (LEARNING_RATE in run_all.sh)", learning_rate)
+        advice = diverged_advice(err, "--learning_rate (LEARNING_RATE in run_all.sh)", config.learning_rate)
         raise InputError(f"{who} diverged ({err}); {advice}") from None
     return trained
 
@@ -692,7 +680,7 @@ def main(argv=None) -> dict:
             OrmMember(features, *pairs, args.rm_objective, generator, bool(args.standardize))
             for pairs, generator in zip(own_pairs, generators)
         ]
-        trained = train_members(members, train_config(args), scheme, args.learning_rate)
+        trained = train_members(members, train_config(args), scheme)
         flops, save = mlp_train_flops_per_sample(data.dim), save_checkpoint  # forward + backward per response
     records = []
     for member, ((_, result), (train, val), member_seed) in enumerate(zip(trained, splits, member_seeds)):

@@ -41,13 +41,14 @@ from cli import (
     ArgumentParser,
     InputError,
     fraction,
+    from_flags,
     positive_float,
     positive_int,
     random_seed,
     run_cli,
     setup_logging,
 )
-from metrics import global_spearman, per_prompt_spearman
+from metrics import add_cross_pairs_flag, global_spearman, per_prompt_spearman
 from objectives import OBJECTIVES
 from random_streams import int_seed, seed_sequence
 from rm_data import TASKS, EmbeddingSet
@@ -74,6 +75,12 @@ if TYPE_CHECKING:
     from networks import TrainConfig
 
 log = logging.getLogger("step7")
+# The student's training settings that step 7 takes no flag for: plain Adam (no weight decay), early
+# stopping on the validation MSE, an epoch one pass over the training responses.
+STUDENT_TRAINING = {"weight_decay": 0.0, "stop_metric": "loss", "min_epoch_steps": 1}
+# Flags renamed after runs had been made: the name an older run's distillation_config.json records
+# -> the flag's name now (summarize_runs.py reads an older run's settings under today's names).
+RENAMED_FLAGS = {"learning_rate": "student_learning_rate"}
 
 
 def build_parser() -> ArgumentParser:
@@ -107,7 +114,7 @@ def build_parser() -> ArgumentParser:
         help="folds over calibration prompts for the out-of-fold calibration error",
     )
     parser.add_argument("--distill_epochs", type=positive_int, default=20, help="maximum student epochs")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
+    parser.add_argument("--student_learning_rate", type=positive_float, default=1e-3, help="student Adam learning rate")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="responses per student step")
     parser.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience in epochs")
     parser.add_argument(
@@ -116,12 +123,7 @@ def build_parser() -> ArgumentParser:
         default=0.1,
         help="share of student_train prompts (whole prompts) used for early stopping",
     )
-    parser.add_argument(
-        "--n_cross_pairs",
-        type=positive_int,
-        default=100_000,
-        help="cross-prompt pairs in the out-of-fold ranking report",
-    )
+    add_cross_pairs_flag(parser)  # of the out-of-fold ranking reports
     parser.add_argument(
         "--student_seed",
         type=random_seed,
@@ -281,8 +283,8 @@ def distil(
             generator,
         )
     except TrainingDiverged as err:
-        advice = diverged_advice(err, "--learning_rate (DISTILL_LEARNING_RATE in run_all.sh)", config.learning_rate)
-        raise InputError(f"student diverged ({err}); {advice}") from None
+        flag = "--student_learning_rate (DISTILL_LEARNING_RATE in run_all.sh)"
+        raise InputError(f"student diverged ({err}); {diverged_advice(err, flag, config.learning_rate)}") from None
     log.info(
         "student: best epoch %d/%d, early-stopping MSE %.4f (target variance %.4f), %.0f responses/s "
         "(%.1f GFLOP/s), %.2fs",
@@ -428,7 +430,9 @@ def main(argv=None) -> dict:
 
     # --- 2. student: MSE towards isotonic(teacher) on student_train prompts ---
     targets = teacher_map.imap.predict(data.score(student_prompts, teacher_scorer).mean(axis=0))
-    train_config = TrainConfig(args.distill_epochs, args.learning_rate, args.batch_size, args.patience)
+    train_config = from_flags(
+        TrainConfig, args, epochs=args.distill_epochs, learning_rate=args.student_learning_rate, **STUDENT_TRAINING
+    )
     student, result, fit_prompts, stop_prompts = distil(
         data, student_prompts, targets, args.val_fraction, train_config, split_rng, generator
     )

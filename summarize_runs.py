@@ -41,10 +41,11 @@ from run_folder import (
 )
 from run_variables import flag_variables
 from step5_train_rms import VALUES_BEFORE_FLAGS
+from step7_isotonic_distillation import RENAMED_FLAGS
 
 NOT_SETTINGS = {"seed", "data_dir", "output_dir"}  # what varies between the runs of one row
 PATHS = {"data_dir", "output_dir"}  # where a run's data and outputs were: not what it ran
-STEP7_SETTINGS = ("distill_epochs", "isotonic_variant", "cv_folds")
+STEP7_SETTINGS = ("distill_epochs", "student_learning_rate", "isotonic_variant", "cv_folds")
 # Step-5/7 settings under the run_all.sh variable that sets them (run_variables.py); a setting without one
 # is named as its flag (:func:`setting_text`).
 VARIABLES = {
@@ -209,7 +210,8 @@ def load_run(path: Path) -> RunSummary:
     if "REPLACEMENT" in settings:  # run_all.sh's REPLACEMENT=1 is step 5's --replacement replacement_true
         settings["REPLACEMENT"] = int(settings["REPLACEMENT"] == "replacement_true")
     distillation = optional_json(path / DISTILLATION_CONFIG_FILE)
-    step7 = dig(distillation, "config") or {}
+    # An older run's step-7 settings under the flags' names of today.
+    step7 = {RENAMED_FLAGS.get(key, key): value for key, value in (dig(distillation, "config") or {}).items()}
     settings.update({VARIABLES.get(key, key.upper()): step7[key] for key in STEP7_SETTINGS if key in step7})
     data_fingerprint = dig(manifest, "data", "fingerprint")
     settings["DATA"] = str(data_fingerprint)[:12]  # runs on other data are other configurations
@@ -299,7 +301,7 @@ def settings_key(settings: dict, leave_out: set[str] = frozenset()) -> str:
 def group_runs(runs: list[RunSummary]) -> list[list[RunSummary]]:
     """The runs of each configuration (every setting but the seed). A run that stopped before step 7
     has no step-7 settings: it joins the one configuration whose other settings are its own."""
-    step7_names = {name.upper() for name in STEP7_SETTINGS}
+    step7_names = {VARIABLES.get(name, name.upper()) for name in STEP7_SETTINGS}
     groups: dict[str, list[RunSummary]] = defaultdict(list)
     for run in runs:
         if run.last_step >= 7:

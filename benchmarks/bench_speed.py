@@ -106,7 +106,15 @@ def bench_training(dim: int, batch: int, n_pairs: int, epochs: int) -> None:
     perm = torch.randperm(2 * n_pairs, generator=gen)
     winners, losers = perm[:n_pairs], perm[n_pairs:]
     val = n_pairs // 10
-    config = networks.TrainConfig(epochs=epochs, learning_rate=1e-3, batch_size=batch, patience=epochs)
+    config = networks.TrainConfig(
+        epochs=epochs,
+        learning_rate=1e-3,
+        batch_size=batch,
+        patience=epochs,
+        weight_decay=0.0,
+        stop_metric="loss",
+        min_epoch_steps=1,
+    )
     steps = -(-(n_pairs - val) // batch) * epochs
 
     def project():

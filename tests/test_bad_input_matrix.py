@@ -883,9 +883,9 @@ def step7_student_diverges(w):
         w,
         [
             "error: student diverged (best validation loss",
-            "lower --learning_rate (DISTILL_LEARNING_RATE in run_all.sh), now 10",
+            "lower --student_learning_rate (DISTILL_LEARNING_RATE in run_all.sh), now 10",
         ],
-        "--learning_rate",
+        "--student_learning_rate",
         "10",
         subprocess=True,
     )

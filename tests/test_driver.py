@@ -242,11 +242,12 @@ def test_errors_of_a_step_under_run_all_name_the_variables(tmp_path):
     proc = run_all(tmp_path, DATA_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(tmp_path / "out"), N_SAMPLE="1")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --pair_mode (PAIR_MODE) xprompt needs --n_sample (N_SAMPLE) >= 2"
-    assert run_variables.flag_variables("step7_isotonic_distillation.py")["--learning_rate"] == "DISTILL_LEARNING_RATE"
+    step7_flags = run_variables.flag_variables("step7_isotonic_distillation.py")
+    assert step7_flags["--student_learning_rate"] == "DISTILL_LEARNING_RATE" and "--learning_rate" not in step7_flags
     assert run_variables.flag_variables("step5_train_rms.py")["--learning_rate"] == "LEARNING_RATE"
     assert run_variables.flag_variables("step2_gen_sample.py")["--n_samples"] == ""  # two variables set it: not named
-    assert run_variables.name_variables("--learning_rate (LEARNING_RATE) 3", "step7_isotonic_distillation.py") == (
-        "--learning_rate (DISTILL_LEARNING_RATE) 3"
+    assert run_variables.name_variables("--distill_epochs (TRAINING_EPOCHS) 3", "step7_isotonic_distillation.py") == (
+        "--distill_epochs (DISTILL_EPOCHS) 3"
     )
 
 

@@ -450,6 +450,24 @@ def test_unfinished_runs_count_only_where_they_have_the_metric_and_are_named(tmp
     assert not (tmp_path / "none").exists()
 
 
+def test_an_older_runs_step_7_settings_are_read_under_todays_flag_names(tmp_path):
+    """Step 7's --student_learning_rate was --learning_rate: a run that records the old name and one
+    that records the new one, at the same rate, are one configuration."""
+    runs = tmp_path / "runs"
+    for name, seed, key in (("old", 1, "learning_rate"), ("new", 2, "student_learning_rate")):
+        path = fake_run(runs / name, seed, [1, 2], last_step=7) / "distillation_config.json"
+        record = json.loads(path.read_text())
+        record["config"][key] = 0.001
+        path.write_text(json.dumps(record))
+    summarize_runs.main([str(runs), "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["seeds"] == "1 2"
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    common = next(line for line in summary.splitlines() if line.startswith("Common settings: "))
+    assert "DISTILL_LEARNING_RATE=0.001" in common
+
+
 def test_summary_names_as_run_all_variables_only_what_run_all_sh_reads():
     known = set(settings.variables())
     assert summarize_runs.RUN_ALL_VARIABLES <= known

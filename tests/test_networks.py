@@ -18,6 +18,11 @@ import networks
 import step5_train_rms as step5
 
 
+def _config(**fields) -> networks.TrainConfig:
+    """Step 5's default training settings (its parser's) with ``fields`` changed."""
+    return dataclasses.replace(step5.train_config(step5.parse_args([])), **fields)
+
+
 def _train(make_optimizer, steps: int, batch: int = 32) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     model = networks.MLP(24, hidden=(16, 8), generator=gen)
@@ -90,7 +95,7 @@ def test_training_history_records_each_epoch_and_the_best_one():
         with torch.no_grad():
             return float(torch.nn.functional.mse_loss(model(features[:16]), targets[:16])), None
 
-    config = networks.TrainConfig(epochs=6, learning_rate=1e-2, batch_size=16, patience=10)
+    config = _config(epochs=6, learning_rate=1e-2, batch_size=16, patience=10)
     fit = networks.fit_models([networks.FitProblem(model, 64, batch_loss, validate, gen)], config)[0]
     assert [record["epoch"] for record in fit.history] == list(range(1, 7)) and fit.epochs_run == 6
     for epoch, record in enumerate(fit.history):
@@ -114,7 +119,7 @@ def test_min_epoch_steps_repeats_small_passes_each_with_every_item_once():
         batch_losses.append(float(loss.detach()))
         return loss
 
-    config = networks.TrainConfig(epochs=2, learning_rate=1e-2, batch_size=16, min_epoch_steps=5)
+    config = _config(epochs=2, learning_rate=1e-2, batch_size=16, min_epoch_steps=5)
     fit = networks.fit_models(
         [networks.FitProblem(model, 30, batch_loss, None, gen, constant_loss=10.0)], config, early_stopping=False
     )[0]
@@ -155,7 +160,7 @@ def _pair_members(n_val: list[int]) -> tuple[list[networks.OrmMember], list[tupl
 
 def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
     n_val = [4, 10, 30]
-    config = networks.TrainConfig(epochs=12, learning_rate=1e-2, batch_size=16, patience=12)
+    config = _config(epochs=12, learning_rate=1e-2, batch_size=16, patience=12)
     members, pair_sets = _pair_members(n_val)
     trained = networks.train_orms(members, config)
     histories = [result.history for _, result in trained]
@@ -171,11 +176,14 @@ def test_pooled_stopping_picks_one_epoch_by_the_weighted_validation_loss():
         assert loss == pytest.approx(result.best_val_loss, rel=1e-6)  # that epoch's weights were restored
     # A model's updates do not depend on the others: trained alone for that many epochs, it is the same.
     alone = networks.OrmMember(members[1].features, *pair_sets[1], "bt", torch.Generator().manual_seed(101))
-    [(model, _)] = networks.train_orms([alone], networks.TrainConfig(best, 1e-2, 16), early_stopping=False)
+    [(model, _)] = networks.train_orms(
+        [alone], _config(epochs=best, learning_rate=1e-2, batch_size=16), early_stopping=False
+    )
     assert torch.equal(model.fc1.weight, trained[1][0].fc1.weight)
     # "accuracy": the highest pooled validation accuracy, ties broken by the pooled loss
     trained = networks.train_orms(
-        _pair_members(n_val)[0], networks.TrainConfig(12, 1e-2, 16, 12, stop_metric="accuracy")
+        _pair_members(n_val)[0],
+        _config(epochs=12, learning_rate=1e-2, batch_size=16, patience=12, stop_metric="accuracy"),
     )
     histories = [result.history for _, result in trained]
     accuracy = [sum(n * h[e]["val_accuracy"] for n, h in zip(n_val, histories)) / sum(n_val) for e in range(12)]
@@ -209,7 +217,9 @@ def test_a_negligible_spread_leaves_the_checkpoint_usable_in_float16():
         features, winners, losers, winners[:0], losers[:0], "bt", torch.Generator().manual_seed(0), standardize=True
     )
     assert member.scale[2] == 1.0
-    fit = networks.fit_models([member.problem], networks.TrainConfig(2, 1e-2, 8, 2), early_stopping=False)[0]
+    fit = networks.fit_models(
+        [member.problem], _config(epochs=2, learning_rate=1e-2, batch_size=8, patience=2), early_stopping=False
+    )[0]
     model, _ = member.finish(fit)
     assert all(torch.isfinite(value.half()).all() for value in model.state_dict().values())
 
@@ -228,7 +238,7 @@ def test_standardised_training_is_folded_into_a_plain_first_layer():
     expected_scale = train_rows.std(0, correction=0).float()
     expected_scale[4] = 1.0
     torch.testing.assert_close(member.scale, expected_scale)
-    fit = networks.fit_models([member.problem], networks.TrainConfig(5, 1e-2, 8, 5))[0]
+    fit = networks.fit_models([member.problem], _config(epochs=5, learning_rate=1e-2, batch_size=8, patience=5))[0]
     with torch.no_grad():
         on_standardised = member.problem.model(member.inputs(torch.arange(50)))
     model, result = member.finish(fit)
@@ -266,7 +276,7 @@ def _noisy_slice_members() -> list[networks.OrmMember]:
 
 def test_a_tiny_noisy_validation_slice_no_longer_keeps_a_member_at_epoch_1():
     defaults = step5.parse_args([])  # step 5's defaults: learning rate, patience, --min_val_pairs
-    config = networks.TrainConfig(10, defaults.learning_rate, 16, defaults.patience)
+    config = dataclasses.replace(step5.train_config(defaults), epochs=10, batch_size=16)
     # Stopping on its own 4 pairs, 3 of them flipped (--min_val_pairs 0), member 0 keeps epoch 1:
     old = networks.fit_models([_noisy_slice_members()[0].problem], config)[0]
     assert old.best_epoch == 1 and old.epochs_run == 1 + defaults.patience
@@ -296,7 +306,7 @@ def test_flushing_denormals_leaves_steps_5_and_7_byte_identical(demo_dir, tmp_pa
     alone. Their outputs are byte for byte the same either way, at both learning rates."""
     code = (
         "import sys, torch, step5_train_rms as s5, step7_isotonic_distillation as s7; from cli import run_cli\n"
-        "step7 = ['--output_dir', sys.argv[-1], '--distill_epochs', '2', '--learning_rate', sys.argv[-3]]\n"
+        "step7 = ['--output_dir', sys.argv[-1], '--distill_epochs', '2', '--student_learning_rate', sys.argv[-3]]\n"
         "if sys.argv.pop(1) == 'script':\n"
         "    run_cli(s5.main); sys.argv[1:] = step7; run_cli(s7.main)\n"
         "else:\n"
@@ -330,7 +340,12 @@ def test_learning_rate_advice_only_where_a_lower_rate_can_help():
     for rate in (1e-3, 1e-7):
         with pytest.raises(networks.TrainingDiverged, match="untrained model's validation loss is already") as err:
             networks.train_student(
-                huge, targets, train_rows, val_rows, networks.TrainConfig(3, rate, 16, 3), torch.Generator()
+                huge,
+                targets,
+                train_rows,
+                val_rows,
+                _config(epochs=3, learning_rate=rate, batch_size=16, patience=3),
+                torch.Generator(),
             )
         assert not err.value.rate_may_help
         assert networks.diverged_advice(err.value, "--learning_rate", rate) == (
@@ -338,7 +353,12 @@ def test_learning_rate_advice_only_where_a_lower_rate_can_help():
         )
     with pytest.raises(networks.TrainingDiverged) as err:
         networks.train_student(
-            features * 100, targets, train_rows, val_rows, networks.TrainConfig(20, 10.0, 16, 20), torch.Generator()
+            features * 100,
+            targets,
+            train_rows,
+            val_rows,
+            _config(epochs=20, learning_rate=10.0, batch_size=16, patience=20),
+            torch.Generator(),
         )
     assert err.value.rate_may_help
     assert networks.diverged_advice(err.value, "--learning_rate", 10.0) == "lower --learning_rate, now 10"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,18 @@ def test_the_readme_and_gpu_tables_are_written_from_the_parsers():
         begin, end = text.index(settings.TABLE_BEGIN), text.index(settings.TABLE_END)
         assert text[begin + len(settings.TABLE_BEGIN) : end].strip() == settings.table(gpu), (
             f"{path.name}: run `python settings.py table{' --gpu' if gpu else ''}` and paste its output"
+        )
+
+
+def test_the_method_pages_flag_tables_are_written_from_the_parsers():
+    """docs/method.md has one table per argument group of steps 5-8, each as the parser says."""
+    begin = re.escape(settings.GROUP_TABLE_BEGIN).replace(re.escape("{}"), "(.+?)")
+    text = (ROOT / "docs" / "method.md").read_text()
+    tables = re.findall(f"{begin}\n(.*?)\n{re.escape(settings.GROUP_TABLE_END)}", text, re.S)
+    assert sorted(title for title, _ in tables) == sorted(settings.flag_groups())
+    for title, written in tables:
+        assert written.strip() == settings.group_table(title), (
+            f'docs/method.md: run `python settings.py table --group "{title}"` and paste its output'
         )
 
 
