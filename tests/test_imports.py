@@ -129,3 +129,26 @@ def test_the_import_graph_has_no_cycle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_no_arrow_points_up():
+    """Scripts (the steps and the tools that run them) import library modules; no library module
+    imports a script, and no step imports another step (what two steps share lives below them)."""
+    graph = project_imports()
+    scripts = {m for m in graph if m.startswith("step")} | {
+        "convert_embeddings",
+        "generate_demo_data",
+        "score_responses",
+        "summarize_runs",
+        "run_state",
+        "settings",
+    }
+    steps = {m for m in graph if m.startswith("step")}
+    upward = sorted(f"{m} -> {s}" for m in graph for s in graph[m] & scripts if m not in scripts)
+    assert not upward, f"library modules importing scripts: {upward}"
+    between_steps = sorted(f"{m} -> {s}" for m in steps for s in graph[m] & steps)
+    assert not between_steps, f"steps importing steps: {between_steps}"
+    # the foundations import nothing of the project's but each other
+    for module in ("interrupts", "run_variables", "random_streams", "objectives", "progress", "plots"):
+        assert graph[module] == set(), f"{module} imports {sorted(graph[module])}"
+    assert graph["cli"] <= {"interrupts", "run_variables"}
