@@ -158,6 +158,14 @@ def beats(differences: list[float]) -> bool:
     return bool(values.mean() > 2 * se)
 
 
+def verdict(differences: list[float], reference: str) -> str:
+    """Yes when the candidate beats the reference, "no" when neither beats the other, and
+    "no: REFERENCE beats it" when the reference does (the same rule, paired differences negated)."""
+    if beats(differences):
+        return "yes"
+    return f"no: {reference} beats it" if beats([-d for d in differences if d is not None]) else "no"
+
+
 def n_sample_for(data_dir: str, share_or_count: float) -> int:
     """A count (>= 2) capped at what the default evaluation pool leaves, or that share of all prompts."""
     from rm_data import default_eval_prompts, load_embedding_set
@@ -307,7 +315,7 @@ def report(study: Study, rows: list[dict], eval_set: str) -> str:
                 if "length" in r[eval_set]["baselines"]
             ]
             same = candidate == study.reference
-            cells += ["-" if same else mean_se(paired), "-" if same else ("yes" if beats(paired) else "no")]
+            cells += ["-" if same else mean_se(paired), "-" if same else verdict(paired, study.reference)]
             cells.append(("yes" if beats(versus_length) else "no") if versus_length else "-")
             epochs = [e for r in mine for e in r["best_epochs"] if e is not None]
             cells.append(f"{np.mean(epochs):.1f}" if epochs else "-")

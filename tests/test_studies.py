@@ -71,6 +71,9 @@ def test_beats_is_two_standard_errors_of_the_paired_differences():
     assert not study.beats([0.10, -0.08, 0.12, -0.05, 0.02])  # mean 0.022, SE 0.04
     assert not study.beats([0.5])  # one run has no standard error
     assert not study.beats([-0.1, -0.2, -0.15])
+    assert study.verdict([0.10, 0.12, 0.11, 0.09, 0.13], "BT") == "yes"
+    assert study.verdict([0.10, -0.08, 0.12, -0.05, 0.02], "BT") == "no"
+    assert study.verdict([-0.1, -0.2, -0.15], "BT") == "no: BT beats it"
 
 
 @pytest.mark.parametrize("name", sorted(study.STUDIES))
