@@ -159,8 +159,8 @@ def beats(differences: list[float]) -> bool:
 
 
 def verdict(differences: list[float], reference: str) -> str:
-    """Yes when the candidate beats the reference, "no" when neither beats the other, and
-    "no: REFERENCE beats it" when the reference does (the same rule, paired differences negated)."""
+    """``yes`` when the candidate beats the reference, ``no`` when neither beats the other, and
+    ``no: REFERENCE beats it`` when the reference does (the same rule, paired differences negated)."""
     if beats(differences):
         return "yes"
     return f"no: {reference} beats it" if beats([-d for d in differences if d is not None]) else "no"
