@@ -86,6 +86,7 @@ class Study:
     split_seeds: tuple[int, ...] = (0,)
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     decide_on: str = "spearman_per_prompt"  # the metric of the paired difference and of "beats"
+    only_at: dict[str, tuple[str, ...]] = field(default_factory=dict)  # candidate -> its budgets, if not all
 
 
 RAW = ["--standardize", "0"]
@@ -123,11 +124,12 @@ STUDIES = {
             "CLF-MLP": ["--rm_objective", "clf", "--rm_model", "mlp"],
             "CLF-LightGBM": ["--rm_objective", "clf", "--rm_model", "lgbm"],
             # Every boosting round on every pair: what CLF-LightGBM does at n100x1 anyway (10 validation
-            # pairs < --min_val_pairs), so the page runs it at n100x5 only (--budgets n100x5).
+            # pairs < --min_val_pairs), so it runs at n100x5 only.
             "CLF-LightGBM, no early stopping": ["--rm_objective", "clf", "--rm_model", "lgbm", "--early_stopping"]
             + ["none"],
         },
         budgets={"n100x1": (100, 1), "n100x5": (100, 5)},
+        only_at={"CLF-LightGBM, no early stopping": ("n100x5",)},
         reference="BT-MLP",
         qualities=(10.0, 1.0, 0.5, 0.1),
         split_seeds=(0, 1, 2),
@@ -423,10 +425,13 @@ def cells_of(name: str, study: Study, data: dict, scales: dict, args) -> list[di
         first_if_tiny(study.split_seeds),
         first_if_tiny(args.seeds or study.seeds),
         first_if_tiny(data),
-        first_if_tiny(args.budgets or study.budgets),
+        args.budgets or study.budgets,
         first_if_tiny(study.qualities),
         study.candidates,
     ):
+        allowed = [b for b in args.budgets or study.budgets if b in study.only_at.get(candidate, (b,))]
+        if budget not in first_if_tiny(allowed):  # tiny: each candidate at its first budget
+            continue
         cell = {"data": data_name, "data_dir": data[data_name], "budget": budget}
         cell |= {"n_sample": n_samples[(data_name, budget)], "n_pairs": study.budgets[budget][1], "quality": quality}
         cell |= {"candidate": candidate, "split_seed": split_seed, "seed": seed, "tiny": args.tiny}
