@@ -304,12 +304,7 @@ def report(study: Study, rows: list[dict], eval_set: str) -> str:
             if not mine:
                 continue
             cells = [mean_se([r[eval_set]["teacher"][m] for r in mine]) for m in METRICS]
-            paired = [
-                r[eval_set]["teacher"][metric]
-                - runs[(study.reference, r["split_seed"], r["seed"])][eval_set]["teacher"][metric]
-                for r in mine
-                if (study.reference, r["split_seed"], r["seed"]) in runs
-            ]
+            paired = paired_differences(mine, runs, study.reference, eval_set, metric)
             versus_length = [
                 r[eval_set]["teacher"]["spearman_per_prompt"]
                 - r[eval_set]["baselines"]["length"]["spearman_per_prompt"]
@@ -325,6 +320,47 @@ def report(study: Study, rows: list[dict], eval_set: str) -> str:
         for baseline in group[0][eval_set]["baselines"]:
             cells = [mean_se([r[eval_set]["baselines"][baseline][m] for r in group]) for m in METRICS]
             lines.append(f"| baseline: {baseline} | - | " + " | ".join(cells) + " | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def paired_differences(mine: list[dict], runs: dict, reference: str, eval_set: str, metric: str) -> list[float]:
+    """``metric`` of each of ``mine`` minus the reference's in the same run (seed and split seed);
+    ``runs``: (candidate, split seed, seed) -> row, of one data set, budget and quality."""
+    return [
+        r[eval_set]["teacher"][metric] - runs[(reference, r["split_seed"], r["seed"])][eval_set]["teacher"][metric]
+        for r in mine
+        if (reference, r["split_seed"], r["seed"]) in runs
+    ]
+
+
+def differences(study: Study, rows: list[dict], eval_set: str) -> str:
+    """One table: per data set and budget, each candidate's paired difference from the reference at
+    every quality, marked where one beats the other."""
+    rows = [r for r in rows if eval_set in r]
+    qualities = sorted({r["quality"] for r in rows}, reverse=True)
+    lines = [
+        "| data | budget | reward model - " + study.reference + " | " + " | ".join(f"quality {q:g}" for q in qualities),
+        "|---|---|---|" + "---|" * len(qualities),
+    ]
+    lines[0] += " |"
+    for data, budget in sorted({(r["data"], r["budget"]) for r in rows}):
+        for candidate in study.candidates:
+            if candidate == study.reference:
+                continue
+            cells = []
+            for quality in qualities:
+                group = [r for r in rows if (r["data"], r["budget"], r["quality"]) == (data, budget, quality)]
+                runs = {(r["candidate"], r["split_seed"], r["seed"]): r for r in group}
+                mine = [r for r in group if r["candidate"] == candidate]
+                paired = paired_differences(mine, runs, study.reference, eval_set, study.decide_on)
+                if not paired:
+                    cells.append("-")
+                    continue
+                said = verdict(paired, study.reference)
+                mark = " (beats it)" if said == "yes" else " (beaten)" if said != "no" else ""
+                cells.append(mean_se(paired) + mark)
+            if any(c != "-" for c in cells):
+                lines.append(f"| {data} | {budget} | {candidate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -500,6 +536,8 @@ def main(argv=None) -> None:
         if any(eval_set in r for r in rows):
             print(f"\n### {eval_set.replace('_', '-')} prompts: per-prompt Spearman\n")
             print(headline(study, rows, eval_set))
+            print(f"\n### {eval_set.replace('_', '-')} prompts: paired differences from {study.reference}\n")
+            print(differences(study, rows, eval_set))
             print(report(study, rows, eval_set))
     if args.figure and rows:
         eval_set = "test" if all("test" in r for r in rows) else "held_out"
