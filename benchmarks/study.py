@@ -101,6 +101,7 @@ RAW = ["--standardize", "0"]
 # Step 5's training when the demo studies were first made: learning rate 1e-3, members stopping on any
 # validation slice (--min_val_pairs 0), raw inputs (before --standardize existed).
 FIRST_DEMO_TRAINING = ["--learning_rate", "1e-3", "--min_val_pairs", "0", *RAW]
+LR_1E4 = ["--learning_rate", "1e-4"]
 
 
 def stopping(scheme: str, metric: str = "loss", bagging: int = 0) -> list[str]:
@@ -159,6 +160,25 @@ STUDIES = {
         + FIRST_DEMO_TRAINING,
         seeds=(1, 2, 3),
         step7=["--distill_epochs", "10", "--learning_rate", "1e-3"],
+    ),
+    # docs/studies/small_budget_demo.md: step 5's early-stopping schemes at the learning rate of the time
+    # (1e-3, members stopping on any validation slice), then the learning rate and validation floor that
+    # replaced it (1e-4, --min_val_pairs 20), at small budgets and two annotation qualities.
+    "small_budget": Study(
+        page="docs/studies/small_budget_demo.md",
+        candidates={
+            "member, lr 1e-3": [*stopping("member"), *FIRST_DEMO_TRAINING],
+            "pooled, lr 1e-3": [*stopping("pooled"), *FIRST_DEMO_TRAINING],
+            "member + bagging, lr 1e-3": [*stopping("member", bagging=1), *FIRST_DEMO_TRAINING],
+            "pooled on accuracy, lr 1e-3": [*stopping("pooled", "accuracy"), *FIRST_DEMO_TRAINING],
+            "member, lr 1e-4, min_val_pairs 20": [*stopping("member"), *LR_1E4, "--min_val_pairs", "20", *RAW],
+            "member, lr 1e-4, min_val_pairs 0": [*stopping("member"), *LR_1E4, "--min_val_pairs", "0", *RAW],
+            "pooled, lr 1e-4, min_val_pairs 0": [*stopping("pooled"), *LR_1E4, "--min_val_pairs", "0", *RAW],
+        },
+        budgets={"n100": (100, 1), "n300": (300, 1), "n1000": (1000, 1)},
+        reference="member, lr 1e-3",
+        qualities=(10.0, 1.0),
+        fixed=["--ensemble_number", "3", "--training_epochs", "30", "--rm_objective", "bt", "--rm_model", "mlp"],
     ),
     # docs/method.md, "LightGBM members": the LightGBM members' defaults beside the clf MLP on the same pairs.
     "lgbm_defaults": Study(
