@@ -1,4 +1,4 @@
-"""Run one study of docs/studies/ and print its tables: steps 5 and 6 per cell, every resolved flag recorded.
+"""Run one study of docs/studies/ and print its tables: steps 5 and 6 (7 and 8) per cell, every resolved flag recorded.
 
     python3 benchmarks/study.py objectives --data demo=DEMO_DIR minilm=MINILM_DIR smollm2=SMOLLM2_DIR \\
         --reward_scales minilm=1 smollm2=1 --results objectives.jsonl --jobs 2
@@ -6,13 +6,15 @@
     python3 benchmarks/study.py objectives --tiny --data demo=SMALL_DIR --results tiny.jsonl   # the CI check
 
 A study (``STUDIES`` below) is a grid: data sets x budgets x annotation qualities x candidates x
-split seeds x seeds. Each cell runs step 5 and step 6 in-process, in a temporary folder of its own,
-and appends one JSON line to ``--results`` holding the cell, **every resolved flag of both steps**
-and the metrics; cells already there are skipped, so an interrupted study resumes. Then it prints,
-per data set, budget and quality, each candidate's metrics as mean ± standard error over its runs
-beside the baselines step 6 scores on the same prompts (ridge on the golden rewards of the ORM's
-training prompts; response length where the data has lengths), and each candidate's difference from
-the study's reference candidate paired by run (same seed and split seed: the same pairs and labels).
+split seeds x seeds. Each cell runs step 5 and step 6 in-process, in a temporary folder of its own
+(and steps 7 and 8 after them where the study sets ``step7``: calibration, distillation and the
+held-out MSEs of the calibrated teacher and student), and appends one JSON line to ``--results``
+holding the cell, **every resolved flag of every step it ran** and the metrics; cells already there
+are skipped, so an interrupted study resumes. Then it prints, per data set, budget and quality, each
+candidate's metrics as mean ± standard error over its runs beside the baselines step 6 scores on the
+same prompts (ridge on the golden rewards of the ORM's training prompts; response length where the
+data has lengths), and each candidate's difference from the study's reference candidate paired by
+run (same seed and split seed: the same pairs and labels).
 
 A study pins what it compares. Each candidate's flags, together with the study's fixed flags, are
 resolved through the steps' own parsers and checked against ``study_flags.json`` (beside this file)
@@ -67,6 +69,9 @@ METRICS = {
     "acc_same_prompt": "pairwise acc.",
 }
 TINY_FLAGS = ["--ensemble_number", "2", "--training_epochs", "2", "--lgbm_n_estimators", "5"]
+TINY_STEP7 = ["--distill_epochs", "2"]
+# Step 8's variants whose error to the golden reward the calibration table shows, beside the constant floor.
+CALIBRATION = {"teacher_iso_mse": "Teacher+Isotonic", "student_iso_mse": "Student+Isotonic"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,9 @@ class Study:
     """A grid of step-5/6 cells. ``candidates``: name -> step-5 flags that define it (every flag the
     comparison depends on); ``budgets``: name -> (N_SAMPLE, or a share of all prompts capped at what
     the evaluation pool leaves; pairs per prompt); ``qualities``: annotation qualities (step 5's
-    --annotation_quality); ``fixed``: step-5 flags of every cell; ``step6``: step 6's flags."""
+    --annotation_quality); ``fixed``: step-5 flags of every cell; ``step6``: step 6's flags;
+    ``step7``: step 7's flags, or None for cells that stop after step 6; ``step8``: step 8's flags
+    (run after step 7)."""
 
     page: str
     candidates: dict[str, list[str]]
@@ -87,9 +94,22 @@ class Study:
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     decide_on: str = "spearman_per_prompt"  # the metric of the paired difference and of "beats"
     only_at: dict[str, tuple[str, ...]] = field(default_factory=dict)  # candidate -> its budgets, if not all
+    step7: list[str] | None = None
+    step8: list[str] = field(default_factory=lambda: ["--bon_draws", "10", "--n_cross_pairs", "10000"])
 
 
 RAW = ["--standardize", "0"]
+# Step 5's training when the demo studies were first made: learning rate 1e-3, members stopping on any
+# validation slice (--min_val_pairs 0), raw inputs (before --standardize existed).
+FIRST_DEMO_TRAINING = ["--learning_rate", "1e-3", "--min_val_pairs", "0", *RAW]
+LR_1E4 = ["--learning_rate", "1e-4"]
+
+
+def stopping(scheme: str, metric: str = "loss", bagging: int = 0) -> list[str]:
+    """Step 5's early-stopping flags, every one named."""
+    return ["--early_stopping", scheme, "--stop_metric", metric, "--bagging", str(bagging)]
+
+
 LGBM = ["--rm_model", "lgbm"]
 LGBM_RATE_01 = ["--lgbm_learning_rate", "0.1", "--lgbm_n_estimators", "300"]
 STUDIES = {
@@ -133,6 +153,38 @@ STUDIES = {
         reference="BT-MLP",
         qualities=(10.0, 1.0, 0.5, 0.1),
         split_seeds=(0, 1, 2),
+    ),
+    # docs/studies/annotation_quality_demo.md: ranking and calibration (steps 7-8) against annotation noise,
+    # bt and clf, as run_sweep.sh's annotation_quality preset ran them with the training of the time.
+    "annotation_quality": Study(
+        page="docs/studies/annotation_quality_demo.md",
+        candidates={"bt": ["--rm_objective", "bt"], "clf": ["--rm_objective", "clf"]},
+        budgets={"n1000": (1000, 1)},
+        reference="bt",
+        qualities=(10.0, 1.0, 0.5, 0.1),
+        fixed=["--ensemble_number", "3", "--training_epochs", "10", "--rm_model", "mlp", *stopping("member")]
+        + FIRST_DEMO_TRAINING,
+        seeds=(1, 2, 3),
+        step7=["--distill_epochs", "10", "--student_learning_rate", "1e-3"],
+    ),
+    # docs/studies/small_budget_demo.md: step 5's early-stopping schemes at the learning rate of the time
+    # (1e-3, members stopping on any validation slice), then the learning rate and validation floor that
+    # replaced it (1e-4, --min_val_pairs 20), at small budgets and two annotation qualities.
+    "small_budget": Study(
+        page="docs/studies/small_budget_demo.md",
+        candidates={
+            "member, lr 1e-3": [*stopping("member"), *FIRST_DEMO_TRAINING],
+            "pooled, lr 1e-3": [*stopping("pooled"), *FIRST_DEMO_TRAINING],
+            "member + bagging, lr 1e-3": [*stopping("member", bagging=1), *FIRST_DEMO_TRAINING],
+            "pooled on accuracy, lr 1e-3": [*stopping("pooled", "accuracy"), *FIRST_DEMO_TRAINING],
+            "member, lr 1e-4, min_val_pairs 20": [*stopping("member"), *LR_1E4, "--min_val_pairs", "20", *RAW],
+            "member, lr 1e-4, min_val_pairs 0": [*stopping("member"), *LR_1E4, "--min_val_pairs", "0", *RAW],
+            "pooled, lr 1e-4, min_val_pairs 0": [*stopping("pooled"), *LR_1E4, "--min_val_pairs", "0", *RAW],
+        },
+        budgets={"n100": (100, 1), "n300": (300, 1), "n1000": (1000, 1)},
+        reference="member, lr 1e-3",
+        qualities=(10.0, 1.0),
+        fixed=["--ensemble_number", "3", "--training_epochs", "30", "--rm_objective", "bt", "--rm_model", "mlp"],
     ),
     # docs/method.md, "LightGBM members": the LightGBM members' defaults beside the clf MLP on the same pairs.
     "lgbm_defaults": Study(
@@ -189,14 +241,29 @@ def step5_argv(study: Study, cell: dict) -> list[str]:
     return argv + study.fixed + study.candidates[cell["candidate"]] + (TINY_FLAGS if cell.get("tiny") else [])
 
 
-def resolved_flags(study: Study, cell: dict) -> dict[str, dict]:
-    """Every flag of steps 5 and 6 as their parsers resolve it for this cell."""
-    import step5_train_rms
-    import step6_eval_rms
+def later_argv(study: Study, cell: dict) -> dict[str, list[str]]:
+    """The argv of the steps after step 5 that the study's cells run."""
+    out = ["--output_dir", cell.get("output_dir", "OUT")]
+    argv = {"step6": out + study.step6}
+    if study.step7 is not None:
+        argv["step7"] = out + study.step7 + (TINY_STEP7 if cell.get("tiny") else [])
+        argv["step8"] = out + study.step8
+    return argv
 
-    step5 = vars(step5_train_rms.parse_args(step5_argv(study, cell)))
-    step6 = vars(step6_eval_rms.parse_args(["--output_dir", "OUT", *study.step6]))
-    return {"step5": step5, "step6": step6}
+
+def resolved_flags(study: Study, cell: dict) -> dict[str, dict]:
+    """Every flag of every step the cell runs, as that step's parser resolves it."""
+    import importlib
+
+    modules = {
+        "step6": "step6_eval_rms",
+        "step7": "step7_isotonic_distillation",
+        "step8": "step8_validate_distillation",
+    }
+    flags = {"step5": vars(importlib.import_module("step5_train_rms").parse_args(step5_argv(study, cell)))}
+    for step, argv in later_argv(study, cell).items():
+        flags[step] = vars(importlib.import_module(modules[step]).parse_args(argv))
+    return flags
 
 
 def lock_entry(flags: dict[str, dict]) -> dict[str, dict]:
@@ -214,6 +281,11 @@ def check_lock(name: str, study: Study, cell: dict, lock: dict) -> None:
             f"{LOCK_FILE.name} has no entry for study {name}, candidate {cell['candidate']!r}: run --write_lock"
         )
     now = lock_entry(resolved_flags(study, {**cell, "tiny": False}))
+    if set(now) != set(recorded):
+        raise InputError(
+            f"study {name}, candidate {cell['candidate']!r} now runs {', '.join(sorted(now))}, the study was made "
+            f"running {', '.join(sorted(recorded))}: rerun the page and record the flags with --write_lock"
+        )
     for step, values in recorded.items():
         for flag in sorted(set(values) | set(now[step])):
             if values.get(flag, "(absent)") != now[step].get(flag, "(absent)"):
@@ -239,16 +311,22 @@ def run_cell(job: tuple[str, dict]) -> dict:
     torch.set_num_threads(1)
     import step5_train_rms
     import step6_eval_rms
+    import step7_isotonic_distillation
+    import step8_validate_distillation
     from run_folder import load_manifest
 
     study = STUDIES[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "run")
         cell = {**cell, "output_dir": out}
-        flags = resolved_flags(study, cell)
+        flags, argv = resolved_flags(study, cell), later_argv(study, cell)
+        validation = {}
         with contextlib.redirect_stdout(sys.stderr):  # the steps' logs and tables: stdout is the report's
             step5_train_rms.main(step5_argv(study, cell))
-            results = step6_eval_rms.main(["--output_dir", out, *study.step6])
+            results = step6_eval_rms.main(argv["step6"])
+            if "step7" in argv:
+                step7_isotonic_distillation.main(argv["step7"])
+                validation = step8_validate_distillation.main(argv["step8"])
         manifest = load_manifest(out)
     row = {k: v for k, v in cell.items() if k != "output_dir"} | {"flags": flags}
     for eval_set in EVAL_SETS:
@@ -260,6 +338,11 @@ def run_cell(job: tuple[str, dict]) -> dict:
                 "teacher": metrics_of(report["ranking"]["ensemble_mean"]),
                 "baselines": {b: metrics_of(r) for b, r in report["baselines"].items()},
             }
+            if eval_set in validation:
+                variants = validation[eval_set]["variants"]
+                row[eval_set]["calibration"] = {
+                    key: variants[variant]["calibration"]["mse"] for key, variant in CALIBRATION.items()
+                } | {"constant_mse": validation[eval_set]["constant_predictor"]["mse"]}
     row["best_epochs"] = [member.get("best_epoch") for member in manifest["members"]]
     for step in row["flags"].values():
         step.pop("output_dir", None)  # a temporary folder
@@ -361,6 +444,35 @@ def differences(study: Study, rows: list[dict], eval_set: str) -> str:
                 cells.append(mean_se(paired) + mark)
             if any(c != "-" for c in cells):
                 lines.append(f"| {data} | {budget} | {candidate} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def by_quality(group: tuple) -> tuple:
+    """Data set, budget, then the best annotator first."""
+    data, budget, quality = group
+    return data, budget, -quality
+
+
+def calibration_table(study: Study, rows: list[dict], eval_set: str) -> str:
+    """Per data set, budget and quality: each candidate's calibrated error to the golden reward (step 8's
+    MSE of the isotonic teacher and student) beside the constant predictor's."""
+    rows = [r for r in rows if "calibration" in r.get(eval_set, {})]
+    lines = [
+        "| data | budget | quality | reward model | runs | "
+        + " | ".join(f"{v} MSE" for v in CALIBRATION.values())
+        + " | constant-predictor MSE |",
+        "|---|---|---|---|---|" + "---|" * (len(CALIBRATION) + 1),
+    ]
+    for data, budget, quality in sorted({(r["data"], r["budget"], r["quality"]) for r in rows}, key=by_quality):
+        for candidate in study.candidates:
+            setting = (data, budget, quality, candidate)
+            mine = [r for r in rows if (r["data"], r["budget"], r["quality"], r["candidate"]) == setting]
+            if mine:
+                keys = [*CALIBRATION, "constant_mse"]
+                cells = [mean_se([r[eval_set]["calibration"][key] for r in mine]) for key in keys]
+                lines.append(
+                    f"| {data} | {budget} | {quality:g} | {candidate} | {len(mine)} | " + " | ".join(cells) + " |"
+                )
     return "\n".join(lines)
 
 
@@ -538,6 +650,9 @@ def main(argv=None) -> None:
             print(headline(study, rows, eval_set))
             print(f"\n### {eval_set.replace('_', '-')} prompts: paired differences from {study.reference}\n")
             print(differences(study, rows, eval_set))
+            if any("calibration" in r.get(eval_set, {}) for r in rows):
+                print(f"\n### {eval_set.replace('_', '-')} prompts: calibrated error to the golden reward\n")
+                print(calibration_table(study, rows, eval_set))
             print(report(study, rows, eval_set))
     if args.figure and rows:
         eval_set = "test" if all("test" in r for r in rows) else "held_out"

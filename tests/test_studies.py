@@ -49,6 +49,28 @@ def test_lock_records_what_every_candidate_resolves_to_now(name):
 
         every_flag = {a.dest for a in step5_train_rms.build_parser()._actions if a.dest != "help"}
         assert set(entry) == every_flag - study.CELL_FLAGS
+        assert set(lock[name][candidate]) == ({"step5", "step6"} | ({"step7", "step8"} if spec.step7 else set()))
+
+
+def test_a_study_that_calibrates_locks_steps_7_and_8():
+    """The annotation-quality study's cells run steps 7-8: their flags are locked like step 5's."""
+    import step7_isotonic_distillation
+
+    lock = json.loads(study.LOCK_FILE.read_text())
+    spec = study.STUDIES["annotation_quality"]
+    every_flag = {a.dest for a in step7_isotonic_distillation.build_parser()._actions if a.dest != "help"}
+    for candidate in spec.candidates:
+        entry = lock["annotation_quality"][candidate]
+        assert set(entry["step7"]) == every_flag - study.CELL_FLAGS
+        assert (entry["step7"]["distill_epochs"], entry["step7"]["student_learning_rate"]) == (10, 1e-3)
+        assert (entry["step5"]["learning_rate"], entry["step5"]["standardize"]) == (1e-3, 0)
+    moved = copy.deepcopy(lock)
+    moved["annotation_quality"]["bt"]["step7"]["cv_folds"] = 3
+    with pytest.raises(InputError, match=r"step7's --cv_folds now resolves to 5, the study was made with 3"):
+        study.check_lock("annotation_quality", spec, a_cell("annotation_quality", "bt"), moved)
+    del moved["annotation_quality"]["bt"]["step7"]
+    with pytest.raises(InputError, match=r"now runs step5, step6, step7, step8, the study was made running step5"):
+        study.check_lock("annotation_quality", spec, a_cell("annotation_quality", "bt"), moved)
 
 
 def test_a_default_that_moved_stops_the_study_naming_the_flag():
@@ -94,8 +116,14 @@ def test_every_study_command_runs_in_tiny_mode(name, demo_dir, tmp_path):
         assert row["flags"]["step6"]["bon_draws"] == 10
         assert -1 <= row["held_out"]["teacher"]["spearman_per_prompt"] <= 1
         assert row["test"]["n_prompts"] == 6
+        if spec.step7 is not None:  # calibrated and distilled: step 8's held-out errors recorded
+            assert row["flags"]["step7"]["distill_epochs"] == 2  # the tiny override
+            calibration = row["held_out"]["calibration"]
+            assert set(calibration) == {"teacher_iso_mse", "student_iso_mse", "constant_mse"}
+            assert all(0 < value < 100 for value in calibration.values())
     assert f"| {spec.reference} | 1 |" in done.stdout
     assert "baseline: ridge" in done.stdout
+    assert ("Student+Isotonic MSE" in done.stdout) == (spec.step7 is not None)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A rerun finds every cell done and reports the same tables.
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
