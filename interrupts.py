@@ -9,7 +9,10 @@ their temporary files, and ``cli.run_cli`` prints the line. Later signals are on
 reaches a step from the terminal and again forwarded by its parents.
 
 A signal never goes astray:
-- one that lands before ``run_cli`` runs (in an import) is reported by :func:`sys.excepthook`;
+- one that lands in an import (torch's, say, at a script's start or inside a step) is raised once the
+  import is over: raised inside it, it could pass through a C extension's initialisation, which may
+  abort the process instead of unwinding;
+- one that lands before ``run_cli`` runs is reported by :func:`sys.excepthook`;
 - one whose exception Python cannot raise (it landed in a destructor or a callback, where Python prints
   "Exception ignored in ...") is raised again at the next opportunity, silently;
 - once ``run_cli`` has finished, signals are noted and the exit status becomes 128 + N at the end of
@@ -47,13 +50,42 @@ class Interrupted(BaseException):
     KeyboardInterrupt, so atomic writes clean up."""
 
 
-def _on_signal(signum: int, _frame) -> None:
-    global received
+_MAIN_THREAD = _thread.get_ident()  # scripts import this module first, in their main thread
+_deferred = False  # a signal that landed in an import waits for it to finish
+
+
+def _in_import(frame) -> bool:
+    """Whether ``frame`` runs inside an import (a module's code, or what its initialisation calls)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum: int, frame) -> None:
+    global received, _deferred
     if received is not None:
+        return
+    if _raising and _in_import(frame):
+        # An exception raised here could pass through a C extension's initialisation, which may abort
+        # the process rather than unwind (torch's does: std::terminate, status -6): raise it once the
+        # import is over, from a thread that watches the main thread's frames.
+        if not _deferred:
+            _deferred = True
+            _thread.start_new_thread(_send_after_import, (signum,))
         return
     received = signum
     if _raising:
         raise Interrupted(signum)
+
+
+def _send_after_import(signum: int) -> None:
+    global _deferred
+    while _in_import(sys._current_frames().get(_MAIN_THREAD)):
+        time.sleep(0.001)
+    _deferred = False
+    os.kill(os.getpid(), signum)
 
 
 def message(signum: int) -> str:

@@ -187,6 +187,15 @@ STUDIES = {
         fixed=["--ensemble_number", "3", "--training_epochs", "30", "--rm_objective", "bt", "--rm_model", "mlp"],
     ),
     # docs/method.md, "LightGBM members": the LightGBM members' defaults beside the clf MLP on the same pairs.
+    # docs/studies/real_n_sample.md: BT-MLP's ranking against the number of annotated prompts, with the
+    # prompt draw (split seed) in the error bars.
+    "n_sample": Study(
+        page="docs/studies/real_n_sample.md",
+        candidates={"BT-MLP": ["--rm_objective", "bt", "--rm_model", "mlp"]},
+        budgets={"n25": (25, 1), "n50": (50, 1), "n100": (100, 1)},
+        reference="BT-MLP",
+        split_seeds=(0, 1, 2),
+    ),
     "lgbm_defaults": Study(
         page="docs/method.md",
         candidates={

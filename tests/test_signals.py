@@ -36,6 +36,20 @@ STEPS = {
 TRIAL_THREADS = 2
 
 
+@pytest.fixture(autouse=True)
+def signals_as_on_a_terminal():
+    """A process inherits an ignored signal: under ``nohup`` SIGHUP is ignored (and interrupts.py rightly
+    leaves it so: test_nohup_keeps_sighup_ignored), and a shell without job control starts a background
+    command (``cmd &``) with SIGINT ignored, which bash then cannot trap. These tests send the signals a
+    terminal sends, so their children start from the default dispositions, however pytest was started
+    (a Python handler in this process is reset to the default in a child at exec)."""
+    previous = {signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_DFL)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 def step_argv(step: str, data: Path, out: Path) -> list[str]:
     if step == "5":
         return ["--data_dir", str(data), "--output_dir", str(out), *STEP5_FAST]
@@ -319,3 +333,21 @@ def test_the_handlers_are_in_place_before_numpy_loads():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.split() == ["True", "False"], proc.stderr
+
+
+def test_nohup_keeps_sighup_ignored():
+    """Started with SIGHUP ignored (nohup), a script keeps ignoring it; SIGINT and SIGTERM are still handled."""
+    code = (
+        "import interrupts, signal\n"
+        "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,\n"
+        "      signal.getsignal(signal.SIGTERM) is interrupts._on_signal)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert proc.stdout.split() == ["True", "True"], proc.stderr
