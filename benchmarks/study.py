@@ -94,6 +94,11 @@ class Study:
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     decide_on: str = "spearman_per_prompt"  # the metric of the paired difference and of "beats"
     only_at: dict[str, tuple[str, ...]] = field(default_factory=dict)  # candidate -> its budgets, if not all
+
+    def order(self, group: tuple) -> tuple:
+        """Sort key of (data, budget, ...) groups: data set, then the budgets in the study's order."""
+        return (group[0], list(self.budgets).index(group[1]), *group[2:])
+
     step7: list[str] | None = None
     step8: list[str] = field(default_factory=lambda: ["--bon_draws", "10", "--n_cross_pairs", "10000"])
 
@@ -377,7 +382,9 @@ def report(study: Study, rows: list[dict], eval_set: str) -> str:
     lines = []
     metric, label = study.decide_on, METRICS[study.decide_on]
     rows = [r for r in rows if eval_set in r]
-    groups = sorted({(r["data"], r["budget"], r["n_sample"], r["n_pairs"], r["quality"]) for r in rows})
+    groups = sorted(
+        {(r["data"], r["budget"], r["n_sample"], r["n_pairs"], r["quality"]) for r in rows}, key=study.order
+    )
     for data, budget, n_sample, n_pairs, quality in groups:
         group = [r for r in rows if (r["data"], r["budget"], r["quality"]) == (data, budget, quality)]
         sizes = sorted({(r[eval_set]["n_prompts"], r[eval_set]["n_responses"]) for r in group})
@@ -435,7 +442,7 @@ def differences(study: Study, rows: list[dict], eval_set: str) -> str:
         "|---|---|---|" + "---|" * len(qualities),
     ]
     lines[0] += " |"
-    for data, budget in sorted({(r["data"], r["budget"]) for r in rows}):
+    for data, budget in sorted({(r["data"], r["budget"]) for r in rows}, key=study.order):
         for candidate in study.candidates:
             if candidate == study.reference:
                 continue
@@ -456,12 +463,6 @@ def differences(study: Study, rows: list[dict], eval_set: str) -> str:
     return "\n".join(lines)
 
 
-def by_quality(group: tuple) -> tuple:
-    """Data set, budget, then the best annotator first."""
-    data, budget, quality = group
-    return data, budget, -quality
-
-
 def calibration_table(study: Study, rows: list[dict], eval_set: str) -> str:
     """Per data set, budget and quality: each candidate's calibrated error to the golden reward (step 8's
     MSE of the isotonic teacher and student) beside the constant predictor's."""
@@ -472,7 +473,9 @@ def calibration_table(study: Study, rows: list[dict], eval_set: str) -> str:
         + " | constant-predictor MSE |",
         "|---|---|---|---|---|" + "---|" * (len(CALIBRATION) + 1),
     ]
-    for data, budget, quality in sorted({(r["data"], r["budget"], r["quality"]) for r in rows}, key=by_quality):
+    for data, budget, quality in sorted(
+        {(r["data"], r["budget"], r["quality"]) for r in rows}, key=lambda g: study.order((*g[:2], -g[2]))
+    ):
         for candidate in study.candidates:
             setting = (data, budget, quality, candidate)
             mine = [r for r in rows if (r["data"], r["budget"], r["quality"], r["candidate"]) == setting]
@@ -493,7 +496,7 @@ def headline(study: Study, rows: list[dict], eval_set: str) -> str:
         "| data | budget | reward model | " + " | ".join(f"quality {q:g}" for q in qualities) + " |",
         "|---|---|---|" + "---|" * len(qualities),
     ]
-    for data, budget in sorted({(r["data"], r["budget"]) for r in rows}):
+    for data, budget in sorted({(r["data"], r["budget"]) for r in rows}, key=study.order):
         for candidate in [*study.candidates, "baseline: ridge", "baseline: length"]:
             cells = []
             for quality in qualities:
@@ -524,7 +527,7 @@ def plot(study: Study, rows: list[dict], eval_set: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if eval_set in r]
-    panels = sorted({(r["data"], r["budget"]) for r in rows})
+    panels = sorted({(r["data"], r["budget"]) for r in rows}, key=study.order)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=False)
     for ax, (data, budget) in zip(axes[0], panels):
         group = [r for r in rows if (r["data"], r["budget"]) == (data, budget)]
@@ -657,8 +660,9 @@ def main(argv=None) -> None:
         if any(eval_set in r for r in rows):
             print(f"\n### {eval_set.replace('_', '-')} prompts: per-prompt Spearman\n")
             print(headline(study, rows, eval_set))
-            print(f"\n### {eval_set.replace('_', '-')} prompts: paired differences from {study.reference}\n")
-            print(differences(study, rows, eval_set))
+            if len(study.candidates) > 1:
+                print(f"\n### {eval_set.replace('_', '-')} prompts: paired differences from {study.reference}\n")
+                print(differences(study, rows, eval_set))
             if any("calibration" in r.get(eval_set, {}) for r in rows):
                 print(f"\n### {eval_set.replace('_', '-')} prompts: calibrated error to the golden reward\n")
                 print(calibration_table(study, rows, eval_set))
