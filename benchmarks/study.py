@@ -438,10 +438,11 @@ def differences(study: Study, rows: list[dict], eval_set: str) -> str:
     rows = [r for r in rows if eval_set in r]
     qualities = sorted({r["quality"] for r in rows}, reverse=True)
     lines = [
-        "| data | budget | reward model - " + study.reference + " | " + " | ".join(f"quality {q:g}" for q in qualities),
+        f"| data | budget | reward model - {study.reference} | "
+        + " | ".join(f"quality {q:g}" for q in qualities)
+        + " |",
         "|---|---|---|" + "---|" * len(qualities),
     ]
-    lines[0] += " |"
     for data, budget in sorted({(r["data"], r["budget"]) for r in rows}, key=study.order):
         for candidate in study.candidates:
             if candidate == study.reference:
